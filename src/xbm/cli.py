@@ -1,0 +1,312 @@
+"""The ``xbm`` command.
+
+Sub-commands: ``demo`` (the main job), ``pretrain``, ``adapt``, ``eval``, ``map``, ``methods``, and
+those that other modules register (``cost``, ``simulate``). Every user error ends in one line
+``xbm: error: ...`` on stderr and exit status 2, with nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from xbm.errors import XbmError
+
+EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli", "xbm.report.cli")
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise XbmError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise XbmError(f"config file {path} is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise XbmError(f"config file {path} must hold a mapping of field: value")
+    return data
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """Crossbar-spec flags shared by every command that maps a model."""
+    p.add_argument("--preset", default="default", help="crossbar preset (see `xbm map --help`)")
+    p.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
+    p.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
+    p.add_argument("--weight-bits", type=int, help="weight precision (default 8)")
+    p.add_argument("--cell-bits", type=int, help="bits per cell (default 2)")
+
+
+def spec_from_args(args: argparse.Namespace):
+    from xbm.hardware import get_spec
+
+    return get_spec(args.preset, rows=args.rows, cols=args.cols, weight_bits=args.weight_bits,
+                    cell_bits=args.cell_bits)
+
+
+# -- demo ------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xbm.train.demo import DemoConfig, format_table, run_demo
+
+    fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
+    for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
+              "pretrain_epochs", "batch_size", "rows", "cols", "data_root", "benchmark"):
+        v = getattr(args, k, None)
+        if v is not None:
+            fields[k] = v
+    if isinstance(fields.get("methods"), str):
+        fields["methods"] = [m.strip() for m in fields["methods"].split(",") if m.strip()]
+    cfg = DemoConfig.from_dict(fields)
+    results = run_demo(cfg, args.out, progress=not args.no_progress)
+    print()
+    print(format_table(results))
+    print(f"\nresults: {Path(args.out) / 'results.json'}  ({results['wall_seconds']:.0f}s)")
+    return 0
+
+
+# -- pretrain --------------------------------------------------------------------------------
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from xbm.train import resolve_device
+    from xbm.train.pretrain import PretrainConfig, cache_dir, pretrain
+
+    cfg = PretrainConfig(model=args.model, width=args.width, dataset=args.dataset,
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed, train_subset=args.train_subset)
+    out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
+    _, meta = pretrain(cfg, resolve_device(args.device), out, root=args.data_root,
+                       progress=not args.no_progress)
+    print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
+    return 0
+
+
+# -- adapt / eval ----------------------------------------------------------------------------
+def _backbone(args: argparse.Namespace, device):
+    from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
+
+    if args.backbone:
+        model, meta = load_backbone(args.backbone)
+        return model, meta
+    cfg = PretrainConfig(model=args.model, width=args.width)
+    model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
+    return model, meta
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from xbm.data import load_dataset
+    from xbm.methods import get_method_class
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
+
+    cls = get_method_class(args.method)
+    method_cfg = _load_yaml(args.method_config) if args.method_config else {}
+    for kv in args.set or []:
+        k, _, v = kv.partition("=")
+        method_cfg[k.replace("-", "_")] = json.loads(v) if v[:1] in "0123456789-[{tfn." \
+            else v
+    cls.config_class.from_dict(method_cfg)  # validate before training
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, root=args.data_root)
+    data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
+    backbone, meta = _backbone(args, device)
+    seed_everything(args.seed)
+    mtm = MultiTaskModel(backbone, spec_from_args(args), arch=meta["arch"]).to(device)
+    if args.bundle and Path(args.bundle).exists():
+        mtm.load_bundle(args.bundle)
+    task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]
+    mtm.add_task(task, data.num_classes, args.method, method_cfg, dataset=args.dataset)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
+    acc = evaluate_task(mtm, task, test_loader, device)
+    out = args.out or args.bundle or f"{task}.safetensors"
+    mtm.save_bundle(out)
+    rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
+           "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
+           "trainable_params": mtm.trainable_params(task),
+           "train_seconds": round(tr.train_seconds, 3), "bundle": str(out)}
+    print(json.dumps(rec, indent=2) if args.json else
+          f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
+          f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from xbm.data import load_dataset
+    from xbm.io import load_safetensors
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, resolve_device
+
+    device = resolve_device(args.device)
+    _, meta = load_safetensors(args.bundle)
+    from xbm.hardware import CrossbarSpec
+
+    spec = CrossbarSpec.from_dict(meta["spec"]) if "spec" in meta else spec_from_args(args)
+    backbone, bmeta = _backbone(args, device)
+    mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
+    names = mtm.load_bundle(args.bundle)
+    out = []
+    for t in ([args.task] if args.task else names):
+        info = mtm.tasks.get(t)
+        ds = args.dataset or (info.dataset if info else None)
+        if ds is None:
+            raise XbmError(f"task {t!r} records no dataset; pass --dataset")
+        data = load_dataset(ds, root=args.data_root).subset(None, args.test_subset, seed=0)
+        _, test_loader = data.loaders(args.batch_size, seed=0)
+        acc = evaluate_task(mtm, t, test_loader, device)
+        out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
+                    "accuracy": round(acc, 4)})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in out:
+            print(f"{r['task']:<20} {r['method']:<13} {r['dataset']:<20} {r['accuracy']:.2f}%")
+    return 0
+
+
+# -- map / methods ---------------------------------------------------------------------------
+def cmd_map(args: argparse.Namespace) -> int:
+    import torch
+
+    from xbm.hardware import map_model
+    from xbm.models import create_model
+
+    spec = spec_from_args(args)
+    kw = {} if args.in_channels is None else {"in_channels": args.in_channels}
+    with torch.device("meta"):
+        model = create_model(args.model, **kw)
+    report = map_model(model, spec)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.table())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from xbm.methods import METHODS
+
+    for name, cls in METHODS.items():
+        flag = "re-programs cells" if cls.reprograms_cells else "no re-programming"
+        print(f"{name:<14} {flag:<18} {cls.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xbm.methods import list_methods
+
+    p = argparse.ArgumentParser(prog="xbm", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    d = sub.add_parser("demo", help="the main job: pretrain, adapt with every method, compare")
+    d.add_argument("--out", default="runs/demo", help="output folder (results.json)")
+    d.add_argument("--config", help="YAML file of demo fields (CLI flags override it)")
+    d.add_argument("--methods", help=f"comma list from: {', '.join(list_methods())}")
+    d.add_argument("--benchmark")
+    d.add_argument("--epochs", type=int)
+    d.add_argument("--pretrain-epochs", type=int)
+    d.add_argument("--train-subset", type=int, help="training images per task")
+    d.add_argument("--test-subset", type=int, help="test images per task")
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--width", type=int, help="backbone width")
+    d.add_argument("--rows", type=int)
+    d.add_argument("--cols", type=int)
+    d.add_argument("--device")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--data-root")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    pt = sub.add_parser("pretrain", help="pretrain and cache a backbone (safetensors)")
+    pt.add_argument("--model", default="resnet18_cifar")
+    pt.add_argument("--width", type=int, default=16)
+    pt.add_argument("--dataset", default="fashion-mnist")
+    pt.add_argument("--epochs", type=int, default=2)
+    pt.add_argument("--batch-size", type=int, default=128)
+    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument("--train-subset", type=int)
+    pt.add_argument("--out", help="output .safetensors (default: the cache)")
+    common(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
+    ad = sub.add_parser("adapt", help="learn one task with one method; save a task bundle")
+    ad.add_argument("--method", default="xbm", help=f"one of: {', '.join(list_methods())}")
+    ad.add_argument("--dataset", required=True, help="dataset name or folder:PATH")
+    ad.add_argument("--task", help="task name (default: from the dataset)")
+    ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
+    ad.add_argument("--model", default="resnet18_cifar")
+    ad.add_argument("--width", type=int, default=16)
+    ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
+    ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
+    ad.add_argument("--epochs", type=int, default=1)
+    ad.add_argument("--batch-size", type=int, default=128)
+    ad.add_argument("--train-subset", type=int)
+    ad.add_argument("--test-subset", type=int)
+    ad.add_argument("--method-config", help="YAML file of method config fields")
+    ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="method config field, e.g. --set lr=1e-3 (repeatable)")
+    ad.add_argument("--json", action="store_true")
+    add_spec_args(ad)
+    common(ad)
+    ad.set_defaults(func=cmd_adapt)
+
+    ev = sub.add_parser("eval", help="evaluate the tasks of a bundle")
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--task")
+    ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
+    ev.add_argument("--backbone")
+    ev.add_argument("--model", default="resnet18_cifar")
+    ev.add_argument("--width", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--test-subset", type=int)
+    ev.add_argument("--json", action="store_true")
+    add_spec_args(ev)
+    common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    mp = sub.add_parser("map", help="per-layer crossbar mapping report of a registered model")
+    mp.add_argument("--model", required=True)
+    mp.add_argument("--in-channels", type=int)
+    mp.add_argument("--json", action="store_true")
+    add_spec_args(mp)
+    mp.set_defaults(func=cmd_map)
+
+    me = sub.add_parser("methods", help="list the registered adaption methods")
+    me.set_defaults(func=cmd_methods)
+
+    for mod in EXTENSIONS:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(mod).register(sub, common=common, add_spec_args=add_spec_args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except XbmError as exc:
+        print(f"xbm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xbm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

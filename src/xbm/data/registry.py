@@ -1,0 +1,81 @@
+"""Dataset registry: names -> builder functions returning :class:`TaskData`.
+
+Builders are registered by name so configs and the CLI refer to datasets by a string, and so other
+modules (or user code) can add datasets without editing this package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from xbm.data.task import TaskData
+from xbm.errors import unknown
+
+#: A builder takes ``(root, seed)`` and returns the whole task in memory.
+Builder = Callable[[str | None, int], TaskData]
+
+_REGISTRY: dict[str, Builder] = {}
+
+FOLDER_PREFIX = "folder:"
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``fn(root, seed) -> TaskData`` under ``name``.
+
+    Raises:
+        ValueError: the name is taken or uses the reserved ``folder:`` prefix (a programming
+            error, not a user one).
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"dataset {name!r} is already registered")
+    if name.startswith(FOLDER_PREFIX):
+        raise ValueError(f"dataset names may not start with {FOLDER_PREFIX!r}")
+
+    def deco(fn: Builder) -> Builder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted (``folder:PATH`` is accepted in addition)."""
+    return sorted(_REGISTRY)
+
+
+def cache_dir() -> Path:
+    """Where generated data is cached: ``$XBM_CACHE``, else ``~/.cache/xbm``."""
+    env = os.environ.get("XBM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "xbm"
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
+    """Load a dataset by name into memory.
+
+    Args:
+        name: a registered name (see :func:`list_datasets`), ``folder:PATH``, or the path of an
+            existing directory laid out as an image folder (see ``load_image_folder``).
+        root: where to look for the dataset's files instead of its default location (for
+            ``letters``: the cache directory). Ignored for image folders.
+        seed: the *data* seed for datasets whose split or content is generated: ``digits``,
+            ``letters`` and image folders without ``train/``/``test/``. Keep it constant across
+            runs that should be compared (the default 0 is what benchmarks use); it is not the
+            training seed. ``animal-mnist`` ignores it and always uses its fixed split.
+
+    Raises:
+        UnknownNameError: the name is neither registered nor an existing directory.
+        DatasetNotFoundError: the dataset's files are not installed (message names the fix).
+    """
+    from xbm.data.folder import load_image_folder
+
+    if name.startswith(FOLDER_PREFIX):
+        return load_image_folder(name[len(FOLDER_PREFIX):], seed=seed)
+    if name not in _REGISTRY and os.path.isdir(name):
+        return load_image_folder(name, seed=seed)
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise unknown("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"]) from None
+    return builder(None if root is None else str(root), seed)

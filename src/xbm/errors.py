@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Every error a user can cause (bad names, bad configs, corrupt files, missing datasets) is raised as
+an :class:`XbmError`. The CLI prints its message as one line and exits non-zero, so the message must
+name the problem *and* the fix.
+"""
+
+from __future__ import annotations
+
+
+class XbmError(Exception):
+    """An error caused by user input; its message is shown to the user as one line."""
+
+
+class ConfigError(XbmError, ValueError):
+    """A configuration field holds an impossible value."""
+
+
+class UnknownNameError(XbmError, KeyError):
+    """A registry lookup failed (method, model, dataset, preset)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DatasetNotFoundError(XbmError, FileNotFoundError):
+    """A dataset is not installed; the message names the command that installs it."""
+
+
+class BundleError(XbmError):
+    """A saved backbone or task bundle is corrupt, truncated or belongs to another backbone/spec."""
+
+
+def unknown(kind: str, name: str, choices) -> UnknownNameError:
+    """Build the standard 'unknown X' error listing valid choices."""
+    listed = ", ".join(sorted(choices))
+    return UnknownNameError(f"unknown {kind} {name!r}; choose one of: {listed}")

@@ -1,0 +1,206 @@
+"""Mapping of torch layers onto crossbar tiles: the canonical tiled view.
+
+A Conv2d weight (Cout, Cin/groups, kh, kw) is the layer matrix with rows = Cin/groups*kh*kw inputs
+(wordlines) and cols = Cout outputs; a Linear weight (out, in) has rows = in, cols = out. Rows are
+zero-padded to a multiple of R and split into row tiles. Because torch stores weights output-major,
+the tiled view is a *reshape* of the (Cout, rows) matrix to (Cout, row_tiles, R): column masks and
+PE masks are then broadcasts over it, never per-weight tensors (the PytorX trick).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from xbm.hardware.spec import CrossbarSpec
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def layer_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(rows, cols) of a Conv2d/Linear layer matrix."""
+    w = module.weight
+    if isinstance(module, nn.Conv2d):
+        return int(w.shape[1] * w.shape[2] * w.shape[3]), int(w.shape[0])
+    if isinstance(module, nn.Linear):
+        return int(w.shape[1]), int(w.shape[0])
+    raise TypeError(f"{type(module).__name__} has no crossbar mapping (Conv2d or Linear only)")
+
+
+def num_row_tiles(rows: int, R: int) -> int:
+    """Row tiles (crossbars stacked along the inputs) for a layer matrix with ``rows`` rows."""
+    return math.ceil(rows / R)
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The (Cout, rows) view of a Conv2d or Linear weight (outputs x inputs)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def tile_view(weight: torch.Tensor, R: int) -> torch.Tensor:
+    """Zero-pad and view a weight as (Cout, row_tiles, R). A copy only when rows % R != 0."""
+    m = weight_matrix(weight)
+    cout, rows = m.shape
+    rt = num_row_tiles(rows, R)
+    pad = rt * R - rows
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    return m.reshape(cout, rt, R)
+
+
+def from_tile_view(tiled: torch.Tensor, weight_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`tile_view`: drop the padding and restore the torch weight shape."""
+    cout = tiled.shape[0]
+    rows = math.prod(weight_shape[1:])
+    return tiled.reshape(cout, -1)[:, :rows].reshape(weight_shape)
+
+
+def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
+    """Scale every crossbar column of ``weight`` by ``mask`` of shape (row_tiles, Cout).
+
+    Equivalent to ``from_tile_view(tile_view(w) * mask.T[..., None])`` but without padding:
+    the full row tiles are a pure view and only the last, ragged tile is handled apart. This is the
+    whole extra forward cost of a column mask: one multiply per weight, no per-weight mask tensor.
+    """
+    m = weight_matrix(weight)
+    cout, rows = m.shape
+    full = rows // R
+    mt = mask.t()  # (Cout, row_tiles)
+    parts = []
+    if full:
+        tiles = m[:, : full * R].reshape(cout, full, R)
+        parts.append((tiles * mt[:, :full, None]).reshape(cout, -1))
+    if rows % R:
+        parts.append(m[:, full * R:] * mt[:, full:full + 1])
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out.reshape(weight.shape)
+
+
+def column_sum_over_tiles(x: torch.Tensor, R: int) -> torch.Tensor:
+    """Sum a per-weight tensor over each crossbar column's rows: -> (row_tiles, Cout).
+
+    The adjoint of :func:`apply_column_mask`; used by reference checks and by methods that score
+    columns from per-weight quantities.
+    """
+    return tile_view(x, R).sum(dim=2).t()
+
+
+@dataclass(frozen=True)
+class LayerMapping:
+    """How one layer sits on crossbars."""
+
+    name: str
+    kind: str
+    rows: int
+    cols: int
+    row_tiles: int
+    col_tiles: int
+    weights: int
+    crossbars: int
+    pes: int
+    xbm_mask_bits: int
+    piggyback_mask_bits: int
+    cells: int
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, spec: CrossbarSpec) -> LayerMapping:
+        rows, cols = layer_matrix_shape(module)
+        rt = num_row_tiles(rows, spec.rows)
+        ct = math.ceil(cols * spec.physical_columns_per_weight / spec.cols)
+        pes = math.ceil(rt / spec.pe_rows) * math.ceil(ct / spec.pe_cols)
+        return cls(
+            name=name,
+            kind=type(module).__name__,
+            rows=rows,
+            cols=cols,
+            row_tiles=rt,
+            col_tiles=ct,
+            weights=rows * cols,
+            crossbars=rt * ct,
+            pes=pes,
+            xbm_mask_bits=rt * cols,
+            piggyback_mask_bits=rows * cols,
+            cells=rows * cols * spec.cells_per_weight,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MappingReport:
+    """Per-layer mapping of a model plus totals (the ``xbm map`` report)."""
+
+    spec: CrossbarSpec
+    layers: list[LayerMapping]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("weights", "crossbars", "pes", "xbm_mask_bits", "piggyback_mask_bits", "cells")
+        return {k: int(sum(getattr(lm, k) for lm in self.layers)) for k in keys} | {
+            "layers": len(self.layers)
+        }
+
+    def to_dict(self) -> dict:
+        t = self.totals()
+        return {
+            "spec": self.spec.to_dict(),
+            "layers": [lm.to_dict() for lm in self.layers],
+            "totals": t,
+            "xbm_mask_bits": t["xbm_mask_bits"],
+            "piggyback_mask_bits": t["piggyback_mask_bits"],
+            "xbm_vs_piggyback": t["xbm_mask_bits"] / max(t["piggyback_mask_bits"], 1),
+        }
+
+    def table(self) -> str:
+        head = f"{'layer':<28} {'kind':<7} {'rows':>6} {'cols':>6} {'row_tiles':>9} " \
+               f"{'col_tiles':>9} {'crossbars':>9} {'xbm_bits':>9} {'pb_bits':>10}"
+        lines = [head, "-" * len(head)]
+        for lm in self.layers:
+            lines.append(
+                f"{lm.name[:28]:<28} {lm.kind[:7]:<7} {lm.rows:>6} {lm.cols:>6} {lm.row_tiles:>9} "
+                f"{lm.col_tiles:>9} {lm.crossbars:>9} {lm.xbm_mask_bits:>9} "
+                f"{lm.piggyback_mask_bits:>10}"
+            )
+        t = self.totals()
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'total (' + str(t['layers']) + ' layers)':<28} {'':<7} {'':>6} {'':>6} {'':>9} "
+            f"{'':>9} {t['crossbars']:>9} {t['xbm_mask_bits']:>9} {t['piggyback_mask_bits']:>10}"
+        )
+        ratio = t["xbm_mask_bits"] / max(t["piggyback_mask_bits"], 1)
+        lines.append(
+            f"crossbar {self.spec.rows}x{self.spec.cols}, {self.spec.weight_bits}-bit weights on "
+            f"{self.spec.cell_bits}-bit cells ({self.spec.signed}); XBM mask = {ratio:.3%} of "
+            "Piggyback's"
+        )
+        return "\n".join(lines)
+
+
+def default_filter(head_name: str = "fc") -> FilterFn:
+    """Put every Conv2d and Linear on crossbars except the classifier head (kept per task)."""
+
+    def fn(name: str, module: nn.Module) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.Linear)) and name != head_name and \
+            not name.startswith(head_name + ".")
+
+    return fn
+
+
+def crossbar_modules(model: nn.Module, filter_fn: FilterFn | None = None,
+                     head_name: str = "fc") -> Iterable[tuple[str, nn.Module]]:
+    """(name, module) of the layers a filter puts on crossbars."""
+    fn = filter_fn or default_filter(head_name)
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)) and fn(name, mod):
+            yield name, mod
+
+
+def map_model(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
+              head_name: str = "fc") -> MappingReport:
+    """The mapping report of a model (works on the meta device: no weights needed)."""
+    layers = [LayerMapping.of(n, m, spec) for n, m in crossbar_modules(model, filter_fn, head_name)]
+    return MappingReport(spec=spec, layers=layers)

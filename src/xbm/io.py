@@ -1,0 +1,97 @@
+"""Atomic file writing and safetensors files with metadata.
+
+Files are written to a temporary sibling and renamed into place, so an interrupted or failed run
+never leaves a half-written results file, backbone or bundle behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from xbm.errors import BundleError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A content hash of named tensors (names, dtypes, shapes and bytes), order-independent."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, object]) -> None:
+    """Save tensors plus JSON-encoded metadata as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Load a safetensors file written by :func:`save_safetensors`.
+
+    Raises:
+        BundleError: the file is missing, truncated, corrupt or has no xbm metadata.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such file; check the path")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            for key in f:
+                tensors[key] = f.get_tensor(key)
+        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    except BundleError:
+        raise
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise BundleError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or truncated, re-create it"
+        ) from None
+    return tensors, meta

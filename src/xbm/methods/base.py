@@ -1,0 +1,186 @@
+"""Method registry and the interface every adaption method implements.
+
+One module per method (PEFT's layout): each defines a config dataclass and a method class, and
+registers both by name. The CLI choices, the docs table and the test matrix all come from
+:data:`METHODS`, so adding a method is one new module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from xbm.errors import ConfigError, unknown
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. Subclasses add their own, each with a docstring."""
+
+    lr: float = 1e-3
+    """Adam learning rate of the task state (scores, masks, weights). The reference recipes use
+    1e-4 (Piggyback) / 2e-4 (KSM) over 30 epochs; the offline demo trains ~100x fewer steps, so
+    defaults are raised per method (docs/assumptions.md)."""
+
+    head_lr: float = 1e-3
+    """Adam learning rate of the task's classifier head and of its per-task normalisation."""
+
+    per_task_bn: bool = True
+    """Give the task its own BatchNorm/LayerNorm (trained). On by default, as KSM (this lab's
+    predecessor) does; off reproduces Piggyback's frozen BN."""
+
+    weight_decay: float = 0.0
+    """Adam weight decay (0 in Piggyback and KSM)."""
+
+    def __post_init__(self) -> None:
+        for f in ("lr", "head_lr"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ConfigError(f"{type(self).__name__}.{f} must be > 0, got {v!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{type(self).__name__}.weight_decay must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ConfigError(
+                f"{cls.__name__} has no field(s) {', '.join(sorted(extra))}; valid: "
+                f"{', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+
+class AdaptionMethod:
+    """How one task adapts a crossbar layer.
+
+    A method creates per-layer task state, computes the effective weight the chip applies for the
+    task, and accounts for what the task costs: mask bits and re-programmed cells.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    reprograms_cells: ClassVar[bool] = False
+    """True if deploying a task rewrites programmed cells (fine-tuning, Piggyback, ...)."""
+    trains_backbone_weights: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise ConfigError(
+                f"method {self.name!r} takes a {self.config_class.__name__}, "
+                f"got {type(self.config).__name__}"
+            )
+
+    # -- per-layer state ---------------------------------------------------------------------
+    def create_layer_state(self, layer: nn.Module) -> nn.Module:
+        """Per-task parameters for one crossbar layer (an empty module when there are none)."""
+        return nn.Module()
+
+    def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        """The weight the chip computes with for this task."""
+        return layer.weight
+
+    def effective_bias(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        return layer.bias
+
+    # -- accounting -------------------------------------------------------------------------
+    def mask_bits(self, layer: nn.Module, state: nn.Module) -> int:
+        """Bits of mask memory the task needs in this layer."""
+        return 0
+
+    def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:
+        """Cells that must be rewritten to deploy this task on the programmed backbone."""
+        return 0
+
+    def masked_off_columns(self, layer: nn.Module, state: nn.Module) -> int:
+        """Crossbar columns (row tile x output) the task switches off (no ADC conversion)."""
+        return 0
+
+    # -- training hooks ---------------------------------------------------------------------
+    def param_groups(self, state_params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """Optimizer groups for the task state (head and norms are added by the trainer)."""
+        if not state_params:
+            return []
+        return [{"params": state_params, "lr": self.config.lr}]
+
+    def on_task_end(self, model: nn.Module, task: str) -> None:
+        """Called after training (PackNet-style methods prune or freeze here)."""
+
+
+METHODS: dict[str, type[AdaptionMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[AdaptionMethod]]:
+    """Class decorator: register a method under ``name``."""
+
+    def deco(cls: type[AdaptionMethod]) -> type[AdaptionMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method_class(name: str) -> type[AdaptionMethod]:
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    return METHODS[name]
+
+
+def create_method(name: str, config: MethodConfig | dict[str, Any] | None = None
+                  ) -> AdaptionMethod:
+    """Instantiate a registered method, with a config object, a dict of fields, or defaults."""
+    cls = get_method_class(name)
+    if isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    return cls(config)
+
+
+class BinarizeSTE(torch.autograd.Function):
+    """score > threshold -> {0, 1}; the backward is the identity (Piggyback's estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass
+class MaskConfig(MethodConfig):
+    """Shared fields of the score-based binary mask methods (Piggyback's recipe)."""
+
+    mask_init: float = 1e-2
+    """Initial real-valued score (Piggyback and KSM: 1e-2, so every mask starts on)."""
+
+    threshold: float = 5e-3
+    """Scores above this are 1 (Piggyback and KSM: 5e-3)."""
+
+    lr: float = field(default=1e-3)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask_init <= self.threshold:
+            raise ConfigError(
+                f"{type(self).__name__}.mask_init ({self.mask_init}) must exceed threshold "
+                f"({self.threshold}) so that every mask starts on"
+            )

@@ -1,0 +1,114 @@
+"""Loading a user's torchvision ResNet weights into an xbm backbone.
+
+``nn.Module.load_state_dict`` reports mismatches as a multi-line RuntimeError listing every key,
+which the CLI cannot show as one line and which does not say how to fix it. Here the comparison is
+done first, and a mismatch becomes one short :class:`~xbm.errors.XbmError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xbm.errors import XbmError
+
+_SHOWN = 3  # keys named per category; enough to spot a prefix or num_classes problem
+
+
+def _read(path: Path) -> Mapping[str, object]:
+    if not path.is_file():
+        raise XbmError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth, .pt "
+                       f"or .safetensors state dict")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        # weights_only: a .pth is a pickle, and an untrusted pickle can run arbitrary code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle of something other than tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise XbmError(f"cannot read checkpoint {str(path)!r}: {first}") from exc
+
+
+def _unwrap(obj: Mapping[str, object]) -> Mapping[str, object]:
+    # Training scripts often save {"state_dict": ..., "epoch": ...} or {"model": ...}; accepting
+    # those saves the user a conversion step.
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            return inner
+    return obj
+
+
+def _shorten(keys: list[str]) -> str:
+    more = f", ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def load_torchvision_state_dict(
+    model: nn.Module, path_or_dict: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """Load a torchvision-style state dict into ``model`` (strictly) and return ``model``.
+
+    A leading ``module.`` prefix (left by ``DataParallel``/DDP) is stripped, and a
+    ``{"state_dict": ...}`` or ``{"model": ...}`` training checkpoint is unwrapped. Loading is
+    strict because a silently skipped key would leave random weights in a "pretrained" backbone;
+    the only tolerated gap is BN ``num_batches_tracked``, which old checkpoints lack.
+
+    Args:
+        model: the backbone to fill, e.g. ``create_model("resnet50")``.
+        path_or_dict: a state dict, or a ``.pth``/``.pt`` (torch.save) or ``.safetensors`` file.
+
+    Raises:
+        XbmError: the file cannot be read, or its keys/shapes do not match ``model``.
+    """
+    if isinstance(path_or_dict, Mapping):
+        raw: Mapping[str, object] = path_or_dict
+        source = "state dict"
+    else:
+        path = Path(path_or_dict)
+        raw = _read(path)
+        source = f"checkpoint {str(path)!r}"
+    if not isinstance(raw, Mapping):
+        raise XbmError(f"{source} holds a {type(raw).__name__}, not a state dict")
+    raw = _unwrap(raw)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise XbmError(f"{source} is not a state dict: entry {key!r} is a "
+                           f"{type(value).__name__}, not a tensor")
+        state[key.removeprefix("module.")] = value
+
+    expected = model.state_dict()
+    for key, value in expected.items():
+        # Checkpoints saved before PyTorch 0.4.1 (including early torchvision downloads) have no
+        # BN step counter; it only matters for momentum=None, so start it at zero like torch does.
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_shorten(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_shorten(unexpected)}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatch(es): {_shorten(wrong_shape)}")
+        raise XbmError(
+            f"{source} does not match {type(model).__name__}: " + "; ".join(parts)
+            + "; build the model with the checkpoint's architecture, num_classes, in_channels "
+            "and width"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,101 @@
+"""Name -> factory registry for backbones.
+
+Configs, the CLI and saved bundles refer to a backbone by name only, so every backbone must be
+reachable through :func:`create_model`. A factory is a plain function decorated with
+:func:`register_model`; its docstring's first line doubles as the description shown in docs and CLI
+tables, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+from xbm.errors import ConfigError, unknown
+
+Factory = Callable[..., nn.Module]
+F = TypeVar("F", bound=Factory)
+
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Register a model factory under ``name``.
+
+    Duplicate names are a programming error (two modules fighting over one name would make the
+    backbone a config refers to depend on import order), so they raise immediately.
+    """
+
+    def decorator(fn: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def _factory(name: str) -> Factory:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown("model", name, _REGISTRY) from None
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted so tables and error messages are stable."""
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> str:
+    """One-line description of a model, taken from its factory's docstring."""
+    doc = inspect.getdoc(_factory(name)) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else name
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    width: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model.
+
+    ``None`` means "the model's own default", because the defaults differ per family: the
+    CIFAR-style models default to 10 classes and 1 channel (the project's 28x28 datasets) while
+    ``resnet18``/``resnet50`` default to 1000 classes and 3 channels so that a torchvision ImageNet
+    checkpoint loads without extra arguments.
+
+    Args:
+        name: a name from :func:`list_models`.
+        num_classes: output size of the ``fc`` head.
+        in_channels: channels of the input images.
+        width: base channel count (embedding dim for ViT); scales the whole network.
+        **kwargs: model-specific options (e.g. ``depth`` for ``vit_tiny``).
+
+    Raises:
+        UnknownNameError: ``name`` is not registered.
+        ConfigError: a size is not positive or an option is not accepted by this model.
+    """
+    factory = _factory(name)
+    params = dict(kwargs)
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                       ("width", width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
+        params[key] = value
+    # Check the options up front: a TypeError from deep inside a constructor would not tell the
+    # user which options *are* accepted.
+    sig = inspect.signature(factory)
+    try:
+        sig.bind(**params)
+    except TypeError as exc:
+        accepted = ", ".join(p for p in sig.parameters if p != "kwargs")
+        raise ConfigError(f"model {name!r}: {exc}; it accepts: {accepted}") from None
+    return factory(**params)

@@ -1,0 +1,255 @@
+"""The model users hold: one programmed backbone, many tasks.
+
+A :class:`MultiTaskModel` converts a pretrained backbone onto crossbars once, then adds tasks, each
+learned by a registered method. Selecting a task only changes which per-task state the layers read;
+the programmed backbone is shared and, for methods that claim so, never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xbm.errors import BundleError, XbmError
+from xbm.hardware.mapping import FilterFn, MappingReport, map_model
+from xbm.hardware.spec import CrossbarSpec
+from xbm.io import load_safetensors, save_safetensors, tensors_hash
+from xbm.methods import AdaptionMethod, MethodConfig, create_method
+from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
+from xbm.nn.layers import TASK_KEY
+
+BUNDLE_FORMAT = "xbm-task-bundle/1"
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass
+class TaskInfo:
+    """What a task is: its method, config, classes and where its data came from."""
+
+    name: str
+    method: str
+    config: dict[str, Any]
+    num_classes: int
+    dataset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The programmed backbone's tensors: every state-dict entry that is not task state."""
+    marker = f"{TASK_KEY}."
+    return {k: v for k, v in model.state_dict().items()
+            if not (k.startswith(marker) or f".{marker}" in k)}
+
+
+class MultiTaskModel(nn.Module):
+    """A backbone on crossbars plus per-task state, keyed by task name."""
+
+    def __init__(self, backbone: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
+                 head_name: str = "fc", arch: dict[str, Any] | None = None,
+                 base_task: str = BASE_TASK) -> None:
+        super().__init__()
+        self.spec = spec
+        self.arch = dict(arch or {})
+        self.head_name = head_name
+        self.base_task = base_task
+        self.model = apply(backbone, spec, filter_fn, head_name)
+        self.backbone_hash = tensors_hash(backbone_state(self.model))
+        self.tasks: dict[str, TaskInfo] = {}
+        self.methods: dict[str, AdaptionMethod] = {}
+        self._active = BASE_TASK
+
+    # -- tasks ------------------------------------------------------------------------------
+    @property
+    def active_task(self) -> str:
+        return self._active
+
+    def task_names(self, include_base: bool = False) -> list[str]:
+        return ([BASE_TASK] if include_base else []) + list(self.tasks)
+
+    def add_task(self, name: str, num_classes: int, method: str | AdaptionMethod = "xbm",
+                 config: MethodConfig | dict[str, Any] | None = None,
+                 dataset: str | None = None) -> AdaptionMethod:
+        """Add a task learned by ``method`` and make it active."""
+        if not _TASK_NAME.match(name or ""):
+            raise XbmError(f"task name {name!r} is invalid: use 1-64 letters, digits, '-' or '_'")
+        if name == BASE_TASK or name in self.tasks:
+            raise XbmError(f"task {name!r} already exists; pick another name or remove it first")
+        if num_classes < 1:
+            raise XbmError(f"task {name!r} needs at least one class, got {num_classes}")
+        m = method if isinstance(method, AdaptionMethod) else create_method(method, config)
+        device = next(self.model.parameters()).device
+        for _, mod in task_aware_modules(self.model):
+            if isinstance(mod, CrossbarLayer):
+                mod.add_task_state(name, m)
+            elif isinstance(mod, TaskHead):
+                mod.add_task_head(name, num_classes)
+            elif m.config.per_task_bn:
+                mod.add_task_bn(name)  # type: ignore[attr-defined]
+        self.model.to(device)
+        self.tasks[name] = TaskInfo(name, m.name, m.config.to_dict(), num_classes, dataset)
+        self.methods[name] = m
+        self.set_task(name)
+        return m
+
+    def remove_task(self, name: str) -> None:
+        self._require(name)
+        for _, mod in task_aware_modules(self.model):
+            mod.remove_task(name)
+        del self.tasks[name]
+        del self.methods[name]
+        if self._active == name:
+            self.set_task(BASE_TASK)
+
+    def set_task(self, name: str) -> None:
+        """Route every forward through `name` (`base` = the backbone as pretrained)."""
+        if name != BASE_TASK:
+            self._require(name)
+        for _, mod in task_aware_modules(self.model):
+            mod.active_task = name
+        self._active = name
+
+    @contextlib.contextmanager
+    def use_task(self, name: str) -> Iterator[None]:
+        prev = self._active
+        self.set_task(name)
+        try:
+            yield
+        finally:
+            self.set_task(prev)
+
+    def _require(self, name: str) -> None:
+        if name not in self.tasks:
+            raise XbmError(
+                f"unknown task {name!r}; this model has: {', '.join(self.task_names(True))}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- parameters -------------------------------------------------------------------------
+    def task_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
+        """The parameters a task trains, grouped as ``state`` (per-layer), ``head`` and ``norm``."""
+        self._require(name)
+        groups: dict[str, list[nn.Parameter]] = {"state": [], "head": [], "norm": []}
+        for _, mod in task_aware_modules(self.model):
+            if name not in mod.xbm_tasks:
+                continue
+            kind = ("state" if isinstance(mod, CrossbarLayer)
+                    else "head" if isinstance(mod, TaskHead) else "norm")
+            groups[kind].extend(mod.xbm_tasks[name].parameters())
+        return groups
+
+    def trainable_params(self, name: str) -> int:
+        return sum(p.numel() for ps in self.task_parameters(name).values() for p in ps)
+
+    def layer_states(self, name: str) -> Iterator[tuple[str, CrossbarLayer, nn.Module]]:
+        self._require(name)
+        for lname, mod in task_aware_modules(self.model):
+            if isinstance(mod, CrossbarLayer) and name in mod.xbm_tasks:
+                yield lname, mod, mod.xbm_tasks[name]
+
+    def mask_bits(self, name: str) -> int:
+        m = self.methods.get(name, None)
+        if m is None:
+            return 0
+        return sum(m.mask_bits(layer, st) for _, layer, st in self.layer_states(name))
+
+    def reprogrammed_cells(self, name: str) -> int:
+        if name not in self.methods:
+            return 0
+        m = self.methods[name]
+        return sum(m.reprogrammed_cells(layer, st) for _, layer, st in self.layer_states(name))
+
+    def masked_off_columns(self, name: str) -> int:
+        if name not in self.methods:
+            return 0
+        m = self.methods[name]
+        return sum(m.masked_off_columns(layer, st) for _, layer, st in self.layer_states(name))
+
+    def mapping(self) -> MappingReport:
+        return map_model(self.model, self.spec, lambda n, m: isinstance(m, CrossbarLayer),
+                         self.head_name)
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        return backbone_state(self.model)
+
+    def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        self._require(name)
+        mid = f"{TASK_KEY}.{name}."
+        return {k: v for k, v in self.model.state_dict().items()
+                if k.startswith(mid) or f".{mid}" in k}
+
+    # -- bundles ----------------------------------------------------------------------------
+    def save_bundle(self, path: str | Path, tasks: list[str] | None = None) -> None:
+        """Save the named tasks' state (all tasks by default) as one safetensors bundle.
+
+        The bundle records the backbone's content hash and the crossbar geometry, and refuses to
+        load onto anything else.
+        """
+        tasks = list(self.tasks) if tasks is None else tasks
+        tensors: dict[str, torch.Tensor] = {}
+        for t in tasks:
+            tensors.update(self.task_state_dict(t))
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "backbone_hash": self.backbone_hash,
+            "spec": self.spec.to_dict(),
+            "arch": self.arch,
+            "head_name": self.head_name,
+            "tasks": [asdict(self.tasks[t]) for t in tasks],
+        }
+        save_safetensors(path, tensors, meta)
+
+    def load_bundle(self, path: str | Path) -> list[str]:
+        """Add the tasks saved in a bundle; returns their names."""
+        tensors, meta = load_safetensors(path)
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r})")
+        if meta.get("backbone_hash") != self.backbone_hash:
+            raise BundleError(
+                f"{path}: bundle belongs to backbone {meta.get('backbone_hash')}, this model's "
+                f"backbone is {self.backbone_hash}; load it onto the backbone it was trained on"
+            )
+        try:
+            spec = CrossbarSpec.from_dict(meta["spec"])
+        except (XbmError, TypeError, KeyError) as exc:
+            raise BundleError(f"{path}: bundle has an unreadable crossbar spec ({exc})") from None
+        if spec.geometry_dict() != self.spec.geometry_dict():
+            diff = [k for k, v in spec.geometry_dict().items() if self.spec.geometry_dict()[k] != v]
+            raise BundleError(
+                f"{path}: bundle was learned on another crossbar spec (differs in "
+                f"{', '.join(diff)}); build the model with the bundle's spec"
+            )
+        added: list[str] = []
+        try:
+            for info in meta.get("tasks", []):
+                ti = TaskInfo(**info)
+                self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
+                added.append(ti.name)
+                own = self.task_state_dict(ti.name)
+                missing = sorted(set(own) - set(tensors))
+                if missing:
+                    raise BundleError(f"{path}: task {ti.name!r} lacks tensor {missing[0]}")
+                for k, v in own.items():
+                    if tuple(tensors[k].shape) != tuple(v.shape):
+                        raise BundleError(
+                            f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected "
+                            f"{tuple(v.shape)}"
+                        )
+                self.model.load_state_dict({k: tensors[k] for k in own}, strict=False)
+            known = {k for t in added for k in self.task_state_dict(t)}
+            stray = sorted(set(tensors) - known)
+            if stray:
+                raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}")
+        except Exception:
+            for t in added:  # leave the model as it was
+                self.remove_task(t)
+            raise
+        return added

