@@ -84,7 +84,7 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-            for key in f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 tensors[key] = f.get_tensor(key)
         meta = {k: json.loads(v) for k, v in raw_meta.items()}
     except BundleError:

@@ -95,6 +95,18 @@ class AdaptionMethod:
         return layer.bias
 
     # -- accounting -------------------------------------------------------------------------
+    def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        """The weight held in the cells while this task runs (what a faithful simulation reads).
+
+        Equals :meth:`effective_weight` unless the method scales columns after the ADC.
+        """
+        return self.effective_weight(layer, state)
+
+    def column_scale(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        """Per crossbar column factor (row_tiles, Cout) applied to the digitised partial sums, or
+        None. Column methods act here, on the ADC outputs, never on the cells."""
+        return None
+
     def mask_bits(self, layer: nn.Module, state: nn.Module) -> int:
         """Bits of mask memory the task needs in this layer."""
         return 0

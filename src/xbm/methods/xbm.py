@@ -46,6 +46,12 @@ class XBM(AdaptionMethod):
     def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return apply_column_mask(layer.weight, self.mask(state), layer.spec.rows)
 
+    def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        return layer.weight
+
+    def column_scale(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        return self.mask(state)
+
     def mask_bits(self, layer: nn.Module, state: nn.Module) -> int:
         return state.score.numel()
 

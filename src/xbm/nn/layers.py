@@ -9,6 +9,7 @@ everything else is the programmed backbone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +49,9 @@ class CrossbarLayer(TaskAware):
     weight: nn.Parameter
     spec: CrossbarSpec
     methods: dict[str, AdaptionMethod]
+    simulator: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None
+    """When set (by xbm.hardware.simulate), forward runs this crossbar-faithful path instead of
+    the ideal one-matmul path."""
     matrix_rows: int
     matrix_cols: int
 
@@ -55,6 +59,7 @@ class CrossbarLayer(TaskAware):
         self._init_task_aware()
         self.spec = spec
         self.methods = {}
+        self.simulator = None
         self.matrix_rows, self.matrix_cols = layer_matrix_shape(self)  # type: ignore[arg-type]
         self.weight.requires_grad_(False)
         if getattr(self, "bias", None) is not None:
@@ -82,11 +87,26 @@ class CrossbarLayer(TaskAware):
         state = self.xbm_tasks[task]
         return method.effective_weight(self, state), method.effective_bias(self, state)
 
+    def chip_view(self, task: str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight in the cells, per-column ADC-output scale (row_tiles, Cout) or None, bias) for
+        ``task``: what a crossbar-faithful simulation needs. The effective weight equals
+        ``apply_column_mask(weight, scale, R)`` when a scale is given."""
+        task = self.active_task if task is None else task
+        if task == BASE_TASK or task not in self.methods:
+            return self.weight, None, self.bias
+        method = self.methods[task]
+        state = self.xbm_tasks[task]
+        return (method.programmed_weight(self, state), method.column_scale(self, state),
+                method.effective_bias(self, state))
+
 
 class CrossbarConv2d(nn.Conv2d, CrossbarLayer):
     """A Conv2d whose weight is programmed into crossbars; tasks change only what they declare."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.simulator is not None:
+            return self.simulator(self, x)
         w, b = self.effective_weight_and_bias()
         return self._conv_forward(x, w, b)
 
@@ -95,6 +115,8 @@ class CrossbarLinear(nn.Linear, CrossbarLayer):
     """A Linear whose weight is programmed into crossbars."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.simulator is not None:
+            return self.simulator(self, x)
         w, b = self.effective_weight_and_bias()
         return F.linear(x, w, b)
 
