@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--model", default="resnet18_cifar")
     pt.add_argument("--width", type=int, default=16)
     pt.add_argument("--dataset", default="fashion-mnist")
-    pt.add_argument("--epochs", type=int, default=2)
+    pt.add_argument("--epochs", type=int, default=1)
     pt.add_argument("--batch-size", type=int, default=128)
     pt.add_argument("--lr", type=float, default=2e-3)
     pt.add_argument("--train-subset", type=int)
@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xbm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `xbm map ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Adaption methods, each registered by name with its config dataclass."""
 
-from xbm.methods import finetune, linear_probe, piggyback, xbm  # noqa: F401  (registration)
+from xbm.methods import finetune, linear_probe, piggyback, xbm, xma, xma2  # noqa: F401  (registration)
 from xbm.methods.base import (
     METHODS,
     AdaptionMethod,

@@ -155,11 +155,11 @@ def _bn_base_state(bn: nn.Module) -> dict[str, Any]:
     return out
 
 
-class TaskBatchNorm2d(nn.BatchNorm2d, TaskBatchNorm):
+class TaskBatchNorm2d(TaskBatchNorm, nn.BatchNorm2d):
     """Per-task BatchNorm2d (see :class:`TaskBatchNorm`)."""
 
 
-class TaskBatchNorm1d(nn.BatchNorm1d, TaskBatchNorm):
+class TaskBatchNorm1d(TaskBatchNorm, nn.BatchNorm1d):
     """Per-task BatchNorm1d (see :class:`TaskBatchNorm`)."""
 
 

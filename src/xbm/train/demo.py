@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from xbm.errors import ConfigError
+from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import write_json_atomic
 from xbm.methods import get_method_class
@@ -38,7 +39,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     model: str = "resnet18_cifar"
     width: int = 16
-    pretrain_epochs: int = 2
+    pretrain_epochs: int = 1
     pretrain_subset: int | None = None
     epochs: int = 1
     train_subset: int | None = 6000
@@ -50,6 +51,7 @@ class DemoConfig:
     cols: int | None = None
     weight_bits: int | None = None
     cell_bits: int | None = None
+    energy: str = "default"
     device: str = "auto"
     data_root: str | None = None
     method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -124,12 +126,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                 "train_seconds": round(tr.train_seconds, 3),
                 "train_steps": tr.steps,
             }
+            c = task_costs(mtm, d.name, cfg.energy)
+            per_task[d.name].update(adaption_energy_j=c["adaption_energy_j"],
+                                    switch_energy_j=c["switch_energy_j"],
+                                    inference_energy_j=c["inference_energy_j"])
             log(f"  {method:<13} {d.name:<14} acc {acc:6.2f}%  ({tr.train_seconds:.1f}s)")
         # Every task seen so far, once more, after the last task was learned.
         final_base = evaluate_task(mtm, "base", base_test, device)
         runs.append(_run_record(method, bench.base, True, final_base, mask_bits=0,
                                 reprogrammed_cells=0, masked_off_columns=0, trainable_params=0,
-                                train_seconds=0.0, accuracy_before=round(base_acc, 4)))
+                                train_seconds=0.0, adaption_energy_j=0.0, switch_energy_j=0.0,
+                                accuracy_before=round(base_acc, 4)))
         for d in tasks:
             _, test_loader = d.loaders(cfg.batch_size, seed=cfg.seed)
             final = evaluate_task(mtm, d.name, test_loader, device)
@@ -153,6 +160,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")} | {"path": str(bpath)},
         "mapping_totals": mapping["totals"] if mapping else {},
+        "energy_preset": cfg.energy,
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -172,13 +180,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for r in runs:
         s = out.setdefault(r["method"], {"new_task_accuracies": {}, "mask_bits": 0,
                                          "reprogrammed_cells": 0, "trainable_params": 0,
-                                         "train_seconds": 0.0})
+                                         "train_seconds": 0.0, "adaption_energy_j": 0.0,
+                                         "switch_energy_j": 0.0})
         if r["base_task"]:
             s["base_accuracy"] = r["accuracy"]
             continue
         s["new_task_accuracies"][r["task"]] = r["accuracy"]
-        for k in ("mask_bits", "reprogrammed_cells", "trainable_params"):
-            s[k] += r[k]
+        for k in ("mask_bits", "reprogrammed_cells", "trainable_params", "adaption_energy_j",
+                  "switch_energy_j"):
+            s[k] += r.get(k, 0)
         s["train_seconds"] = round(s["train_seconds"] + r["train_seconds"], 3)
     for s in out.values():
         accs = list(s["new_task_accuracies"].values())
@@ -194,14 +204,15 @@ def format_table(results: dict[str, Any]) -> str:
     base = next((r["task"] for r in results["runs"] if r["base_task"]), "base")
     pb_bits = summ.get("piggyback", {}).get("mask_bits")
     cols = ["method", f"{base}*"] + tasks + ["mean new", "mask bits", "vs PB", "reprog cells",
-                                              "trainable", "train s"]
+                                              "adapt J", "switch J", "trainable", "train s"]
     rows = []
     for m, s in summ.items():
         vs = f"{100 * s['mask_bits'] / pb_bits:.2f}%" if pb_bits else "-"
         rows.append([m, f"{s.get('base_accuracy', 0):.2f}"]
                     + [f"{s['new_task_accuracies'].get(t, float('nan')):.2f}" for t in tasks]
                     + [f"{s['mean_new_task_accuracy']:.2f}", f"{s['mask_bits']:,}", vs,
-                       f"{s['reprogrammed_cells']:,}", f"{s['trainable_params']:,}",
+                       f"{s['reprogrammed_cells']:,}", f"{s['adaption_energy_j']:.3g}",
+                       f"{s['switch_energy_j']:.3g}", f"{s['trainable_params']:,}",
                        f"{s['train_seconds']:.1f}"])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -212,7 +223,10 @@ def format_table(results: dict[str, Any]) -> str:
                              enumerate(zip(r, widths, strict=False))))
     out.append(f"* base task accuracy after all new tasks were learned (top-1 %); mask bits and "
                f"re-programmed cells summed over {len(tasks)} new tasks; vs PB = mask memory "
-               "relative to Piggyback")
+               "relative to Piggyback;\n  adapt J = energy to deploy the tasks trained off-chip "
+               "(re-programming + mask writes), switch J = base task -> each task, summed, "
+               f"under the '{results.get('energy_preset', 'default')}' energy preset "
+               "(docs/cost-model.md)")
     return "\n".join(out)
 
 

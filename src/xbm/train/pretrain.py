@@ -35,7 +35,7 @@ class PretrainConfig:
     model: str = "resnet18_cifar"
     width: int = 16
     dataset: str = "fashion-mnist"
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 128
     lr: float = 2e-3
     seed: int = 0

@@ -1,0 +1,286 @@
+"""Ablations of XMA (how many shift levels) and XMA2 (how many PEs to re-program).
+
+On the demo benchmark's backbone (the cached ``xbm demo`` ResNet-18, pretrained on Fashion-MNIST)
+and the demo's subset sizes, one multi-task model per configuration learns the chosen new tasks in
+sequence, as ``xbm demo`` does:
+
+* XBM and Piggyback: the references for "XMA >= XBM and >= Piggyback" and for mask memory.
+* XMA with 2, 3, 5 and 7 levels: {0, 1} (XBM-like), {0, 1/2, 1}, {0, 1/4, 1/2, 1, 2} (default),
+  {0, 1/8, 1/4, 1/2, 1, 2, 4}.
+* XMA2 at PE budgets 0, 5, 10 and 25% (default levels); budget 0 must reproduce XMA exactly.
+* Optionally (``--random-control``) XMA2 at 10% with a random PE ranking: does the gradient rule
+  matter?
+
+For every run it records accuracy, mask bits, re-programmed cells, the cost model's deploy
+(re-programming + mask write) energy, and for XMA2 the chip measurements: the accuracy the first
+task would have on a chip that never restores the PEs later tasks rewrote, and the cells a switch
+between the first two tasks rewrites. Writes ``ablation_xma.json`` and ``ablation_xma.png``
+(atomically) to ``--out``.
+
+    .venv/bin/python benchmarks/ablation_xma.py --out runs/ablation_xma
+
+Defaults take about 8 minutes on 2 free CPU cores (plus ~2 minutes the first time, to pretrain
+the backbone into the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xbm.data import load_dataset
+from xbm.hardware.cost import task_costs
+from xbm.io import atomic_path, write_json_atomic
+from xbm.methods.xma2 import chip_without_restore
+from xbm.multitask import MultiTaskModel
+from xbm.train.demo import DemoConfig
+from xbm.train.loop import evaluate_task, resolve_device, seed_everything, train_task
+from xbm.train.pretrain import PretrainConfig, get_backbone
+
+LEVEL_SETS: dict[int, list[float]] = {
+    2: [0, 1],
+    3: [0, 0.5, 1],
+    5: [0, 0.25, 0.5, 1, 2],
+    7: [0, 0.125, 0.25, 0.5, 1, 2, 4],
+}
+BUDGETS = [0.0, 0.05, 0.10, 0.25]
+
+
+def _task_cost(mtm: MultiTaskModel, task: str) -> dict[str, float]:
+    """Deploy energy (re-programming + mask write) from the cost model's default preset."""
+    c = task_costs(mtm, task, "default")
+    return {"adaption_energy_j": c["adaption_energy_j"]}
+
+
+def switch_cells(mtm: MultiTaskModel, from_task: str, to_task: str) -> int:
+    """Cells a restoring chip rewrites to switch tasks (the cost model's count)."""
+    return task_costs(mtm, to_task, "default", reference=from_task)["switch_reprogrammed_cells"]
+
+
+def run(label: str, method: str, config: dict[str, Any], backbone, bmeta, spec, tasks, args,
+        device: torch.device, log=print) -> dict[str, Any]:
+    """One multi-task model learning ``tasks`` in sequence with one method configuration."""
+    seed_everything(args.seed)
+    mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    loaders = {d.name: d.loaders(args.batch_size, seed=args.seed) for d in tasks}
+    out: dict[str, Any] = {"label": label, "method": method, "config": config, "tasks": {}}
+    for d in tasks:
+        m = mtm.add_task(d.name, d.num_classes, method, config, dataset=d.name)
+        tr = train_task(mtm, d.name, loaders[d.name][0], args.epochs, device, progress=False)
+        acc = evaluate_task(mtm, d.name, loaders[d.name][1], device)
+        rec: dict[str, Any] = {
+            "accuracy": round(acc, 4),
+            "mask_bits": mtm.mask_bits(d.name),
+            "reprogrammed_cells": mtm.reprogrammed_cells(d.name),
+            "masked_off_columns": mtm.masked_off_columns(d.name),
+            "train_seconds": round(tr.train_seconds, 2),
+            "steps": tr.steps,
+        }
+        rec.update(_task_cost(mtm, d.name))
+        states = list(mtm.layer_states(d.name))
+        if hasattr(m, "level_histogram"):
+            hist: dict[float, int] = {}
+            for _, layer, st in states:
+                for k, v in m.level_histogram(layer, st).items():
+                    hist[k] = hist.get(k, 0) + v
+            rec["level_histogram"] = {str(k): v for k, v in hist.items()}
+        if hasattr(m, "selected_pes"):
+            rec["selected_pes"] = sum(m.selected_pes(la, st) for _, la, st in states)
+            rec["total_pes"] = sum(st.pe_mask.numel() for _, _, st in states)
+        out["tasks"][d.name] = rec
+        log(f"  {label:<16} {d.name:<13} acc {acc:6.2f}%  reprog {rec['reprogrammed_cells']:>9,}"
+            f"  ({tr.train_seconds:.0f}s)")
+    # every task once more, after the last one was learned
+    for d in tasks:
+        again = evaluate_task(mtm, d.name, loaders[d.name][1], device)
+        out["tasks"][d.name]["accuracy_after_all"] = round(again, 4)
+    after = mtm.backbone_state()
+    out["backbone_bit_identical"] = all(torch.equal(before[k], after[k]) for k in before)
+    names = [d.name for d in tasks]
+    if method == "xma2" and len(names) >= 2 and mtm.reprogrammed_cells(names[0]) > 0:
+        first = names[0]
+        with chip_without_restore(mtm, names):
+            no_restore = evaluate_task(mtm, first, loaders[first][1], device)
+        out["chip"] = {
+            "first_task": first,
+            "accuracy_own_view": out["tasks"][first]["accuracy_after_all"],
+            "accuracy_no_restore": round(no_restore, 4),
+            "switch_cells_first_to_second": switch_cells(mtm, first, names[1]),
+            "switch_cells_second_to_first": switch_cells(mtm, names[1], first),
+        }
+        log(f"  {label:<16} chip without restore: {first} {no_restore:.2f}% (own view "
+            f"{out['chip']['accuracy_own_view']:.2f}%), switch cells "
+            f"{out['chip']['switch_cells_first_to_second']:,}")
+    recs = out["tasks"].values()
+    out["mean_accuracy"] = round(sum(r["accuracy"] for r in recs) / len(tasks), 4)
+    for k in ("mask_bits", "reprogrammed_cells", "masked_off_columns", "train_seconds",
+              "adaption_energy_j"):
+        if all(k in r for r in recs):
+            out[k] = sum(r[k] for r in recs)
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Two panels: XMA accuracy vs levels; XMA2 accuracy vs re-programming energy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {r["label"]: r for r in results["runs"]}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lv = [(n, runs[f"xma-{n}"]) for n in LEVEL_SETS if f"xma-{n}" in runs]
+    if lv:
+        ax1.plot([n for n, _ in lv], [r["mean_accuracy"] for _, r in lv], "o-", color="C0",
+                 label="XMA")
+        for n, r in lv:
+            bits = math.ceil(math.log2(n))
+            ax1.annotate(f"{bits} bit{'s' if bits > 1 else ''}/col", (n, r["mean_accuracy"]),
+                         textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        for name, color in (("xbm", "C1"), ("piggyback", "C2")):
+            if name in runs:
+                ax1.axhline(runs[name]["mean_accuracy"], ls="--", color=color, label=name.upper()
+                            if name == "xbm" else "Piggyback")
+        ax1.set_xticks(list(LEVEL_SETS))
+        ax1.set_xlabel("number of shift levels (incl. 0)")
+        ax1.set_ylabel("mean new-task accuracy (%)")
+        ax1.set_title("XMA: shift levels")
+        ax1.legend(fontsize=8)
+        ax1.grid(alpha=0.3)
+    bud = [(b, runs[f"xma2-{b:g}"]) for b in BUDGETS if f"xma2-{b:g}" in runs]
+    if bud:
+        key = "adaption_energy_j" if all("adaption_energy_j" in r for _, r in bud) \
+            else "reprogrammed_cells"
+        scale, unit = (1e6, "µJ") if key == "adaption_energy_j" else (1e-6, "M cells")
+        xs = [r[key] * scale for _, r in bud]
+        ys = [r["mean_accuracy"] for _, r in bud]
+        ax2.plot(xs, ys, "o-", color="C3", label="XMA2 (grad PE rule)")
+        for (b, _), x, y in zip(bud, xs, ys, strict=True):
+            ax2.annotate(f"{b:.0%}", (x, y), textcoords="offset points", xytext=(4, -12),
+                         fontsize=8)
+        if "xma2-random-0.1" in runs and key in runs["xma2-random-0.1"]:
+            r = runs["xma2-random-0.1"]
+            ax2.plot([r[key] * scale], [r["mean_accuracy"]], "x", color="C4", ms=9,
+                     label="XMA2 10%, random PEs")
+        if "xma-5" in runs:
+            ax2.axhline(runs["xma-5"]["mean_accuracy"], ls=":", color="C0", label="XMA (5 levels)")
+        if "piggyback" in runs and key in runs["piggyback"]:
+            r = runs["piggyback"]
+            ax2.plot([r[key] * scale], [r["mean_accuracy"]], "s", color="C2", label="Piggyback")
+        ax2.set_xlabel(("deploy energy: re-programming + mask write" if key ==
+                        "adaption_energy_j" else "re-programmed cells") + f" ({unit}, summed "
+                       "over tasks)")
+        ax2.set_ylabel("mean new-task accuracy (%)")
+        ax2.set_title("XMA2: PE budget")
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
+    tasks = ", ".join(results["tasks"])
+    fig.suptitle(f"{results['backbone']['arch']['name']} on {results['backbone']['dataset']} -> "
+                 f"{tasks}; {results['config']['epochs']} epoch(s), "
+                 f"{results['config']['train_subset']} train images per task", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/ablation_xma")
+    p.add_argument("--tasks", default="mnist,animal-mnist",
+                   help="comma list of new tasks (demo benchmark: mnist, animal-mnist, letters)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--train-subset", type=int, default=d.train_subset)
+    p.add_argument("--test-subset", type=int, default=d.test_subset)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--levels", default="2,3,5,7", help="XMA level-set sizes to run")
+    p.add_argument("--budgets", default="0,0.05,0.1,0.25", help="XMA2 PE budgets to run")
+    p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
+    p.add_argument("--random-control", action="store_true",
+                   help="also XMA2 at 10%% with a random PE ranking")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    spec = d.spec()
+    pcfg = PretrainConfig(model=d.model, width=d.width, dataset="fashion-mnist",
+                          epochs=d.pretrain_epochs, batch_size=d.batch_size, seed=args.seed,
+                          train_subset=d.pretrain_subset)
+    backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,
+                                                         seed=args.seed) for n in names]
+    plan: list[tuple[str, str, dict[str, Any]]] = []
+    if not args.no_baselines:
+        plan += [("xbm", "xbm", {}), ("piggyback", "piggyback", {})]
+    for n in (int(x) for x in args.levels.split(",") if x):
+        plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
+    for b in (float(x) for x in args.budgets.split(",") if x):
+        plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
+    if args.random_control:
+        plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random",
+                                                 "warmup_steps": 0}))
+    print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "
+          f"{len(plan)} runs x {len(tasks)} task(s) on {device}")
+    runs = []
+    for label, method, cfg in plan:
+        runs.append(run(label, method, cfg, backbone, bmeta, spec, tasks, args, device))
+    by = {r["label"]: r for r in runs}
+    derived: dict[str, Any] = {}
+    pb = by.get("piggyback")
+    for label, r in by.items():
+        if pb and label != "piggyback":
+            derived[label] = {
+                "mask_memory_vs_piggyback": round(r["mask_bits"] / pb["mask_bits"], 6),
+                "mask_memory_saving_vs_piggyback": round(1 - r["mask_bits"] / pb["mask_bits"], 6),
+                "accuracy_minus_piggyback": round(r["mean_accuracy"] - pb["mean_accuracy"], 4),
+            }
+    if "xma-5" in by and "xma2-0" in by:
+        derived["xma2_budget0_equals_xma"] = all(
+            by["xma-5"]["tasks"][t]["accuracy"] == by["xma2-0"]["tasks"][t]["accuracy"]
+            for t in names)
+    results = {
+        "schema": "xbm-ablation-xma/1",
+        "command": "benchmarks/ablation_xma.py " + " ".join(argv if argv is not None
+                                                             else sys.argv[1:]),
+        "config": vars(args),
+        "spec": spec.to_dict(),
+        "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash")},
+        "tasks": names,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+        "derived": derived,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    out = Path(args.out)
+    write_json_atomic(out / "ablation_xma.json", results)
+    plot(results, out / "ablation_xma.png")
+    print()
+    print(f"{'run':<16} {'mean acc':>8} {'mask bits':>10} {'vs PB':>7} {'reprog cells':>12} "
+          f"{'deploy J':>10}")
+    for r in runs:
+        vs = derived.get(r["label"], {}).get("mask_memory_vs_piggyback")
+        print(f"{r['label']:<16} {r['mean_accuracy']:>8.2f} {r['mask_bits']:>10,} "
+              f"{(f'{vs:.2%}' if vs is not None else '-'):>7} {r['reprogrammed_cells']:>12,} "
+              f"{r.get('adaption_energy_j', float('nan')):>10.3e}")
+    print(f"\nwrote {out / 'ablation_xma.json'} and {out / 'ablation_xma.png'} "
+          f"({results['wall_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

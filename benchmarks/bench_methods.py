@@ -1,0 +1,143 @@
+"""One training step of every method against the frozen-backbone step and the fine-tune step.
+
+Same model, same batch, one process; steps are interleaved round-robin and the median of many
+repetitions is reported, so machine noise hits every method alike. Ratios are what to read.
+
+    .venv/bin/python benchmarks/bench_methods.py [--width 16] [--batch 128] [--reps 15]
+
+Columns:
+  step ms / vs frozen / vs finetune: median wall time of forward + backward + Adam step.
+  state: the task's trainable state (parameters) in bytes; + Adam: plus Adam's two moments.
+  saved MB: tensors autograd keeps for the backward pass (the step's activation memory).
+The "frozen" step is linear-probe with per-task BN: only BN and the head train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from xbm.hardware import get_spec
+from xbm.methods import list_methods
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of tensors autograd saves for backward while running ``fn``."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18_cifar")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(list_methods()))
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    methods = args.methods.split(",")
+    bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
+    mtm = MultiTaskModel(bb, get_spec(rows=args.rows))
+    x = torch.randn(args.batch, 1, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    opts = {}
+    for m in methods:
+        name = m.replace("-", "_")
+        meth = mtm.add_task(name, 10, m)
+        groups = mtm.task_parameters(name)
+        pg = meth.param_groups(groups["state"]) + [
+            {"params": groups["head"] + groups["norm"], "lr": meth.config.head_lr}]
+        for g in pg:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        opts[m] = (name, torch.optim.Adam(pg))
+    mtm.train()
+
+    def step(m: str) -> None:
+        name, opt = opts[m]
+        mtm.set_task(name)
+        loss = F.cross_entropy(mtm(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for m in methods:  # warm-up (and Adam state allocation)
+        step(m)
+        step(m)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.reps):
+        for m in methods:
+            t0 = time.perf_counter()
+            step(m)
+            times[m].append(time.perf_counter() - t0)
+    rows = []
+    med = {m: statistics.median(v) for m, v in times.items()}
+    frozen = med.get("linear-probe")
+    ft = med.get("finetune")
+    pb_state = None
+    for m in methods:
+        name, opt = opts[m]
+        state = sum(p.numel() * p.element_size() for p in mtm.task_parameters(name)["state"])
+        adam = sum(t.numel() * t.element_size() for s in opt.state.values()
+                   for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        mtm.set_task(name)
+        saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
+        if m == "piggyback":
+            pb_state = state
+        rows.append({"method": m, "step_ms": med[m] * 1e3,
+                     "vs_frozen": med[m] / frozen if frozen else None,
+                     "vs_finetune": med[m] / ft if ft else None,
+                     "state_bytes": state,
+                     "state_plus_adam_bytes": state + adam - sum(
+                         t.numel() * t.element_size() for p in
+                         mtm.task_parameters(name)["head"] + mtm.task_parameters(name)["norm"]
+                         for t in [opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]
+                         if p in opt.state),
+                     "saved_mb": saved / 2**20})
+    for r in rows:
+        r["state_vs_piggyback"] = r["state_bytes"] / pb_state if pb_state else None
+    print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
+          f"R={args.rows}, {args.threads} threads, median of {args.reps}; torch "
+          f"{torch.__version__}")
+    print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
+          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}")
+    for r in rows:
+        print(f"{r['method']:<14}{r['step_ms']:>9.1f}{r['vs_frozen'] or 0:>11.2f}"
+              f"{r['vs_finetune'] or 0:>13.2f}{r['state_bytes']:>12,}"
+              f"{r['state_plus_adam_bytes']:>14,}"
+              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}")
+    if args.json:
+        from xbm.io import write_json_atomic
+
+        write_json_atomic(args.json, {"args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""``xbm cost``: mask memory, re-programmed cells, energy and latency of every method.
+
+Loaded by :mod:`xbm.cli` through its extension mechanism (:func:`register`). Two inputs:
+
+- ``--model NAME``: any registered backbone, no weights needed. Numbers that depend on learned
+  values (Piggyback's masked-off fraction, XBM's switched-off columns) come from documented
+  default flags, or are measured from a bundle with ``--fractions-from``.
+- ``--bundle PATH``: the learned tasks of a task bundle, costed exactly through each method's
+  accounting hooks, plus the switch energy between every pair of tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from xbm.errors import BundleError, ConfigError, XbmError
+
+DEFAULT_RESULTS = Path("runs/demo/results.json")
+_EXTRA_SPEC = ("adc_bits", "dac_bits", "input_bits")
+
+
+def _kv(values: list[str] | None, flag: str) -> dict[str, float]:
+    """Parse repeated NAME=FLOAT options."""
+    out: dict[str, float] = {}
+    for item in values or []:
+        name, sep, v = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{flag} takes METHOD=FRACTION, got {item!r}")
+        try:
+            out[name.strip()] = float(v)
+        except ValueError:
+            raise ConfigError(f"{flag} {name}: {v!r} is not a number") from None
+    return out
+
+
+def _overrides(values: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, v = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set-energy takes FIELD=VALUE (e.g. "
+                              f"device.write_pulses_per_cell=5), got {item!r}")
+        try:
+            out[key.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[key.strip()] = v
+    return out
+
+
+def _preset(args: argparse.Namespace):
+    from xbm.hardware.energy import get_preset, load_preset_file
+
+    preset = load_preset_file(args.preset_file) if args.preset_file else get_preset(args.energy)
+    changes = _overrides(args.set_energy)
+    return preset.with_overrides(changes) if changes else preset
+
+
+def _explicit_spec(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("rows", "cols", "weight_bits", "cell_bits", *_EXTRA_SPEC)
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _spec(args: argparse.Namespace, preset):
+    from xbm.hardware import get_spec
+
+    spec = get_spec(args.preset)
+    if args.energy_spec and preset.spec_overrides:
+        spec = spec.replace(**preset.spec_overrides)
+    explicit = _explicit_spec(args)
+    return spec.replace(**explicit) if explicit else spec
+
+
+def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = None):
+    from xbm.hardware.cost import Assumptions
+
+    rewrite: dict[str, float] = {}
+    off: dict[str, float] = {}
+    if measured:
+        rewrite |= measured[0]
+        off |= measured[1]
+    rewrite |= _kv(args.fraction, "--fraction")
+    off |= _kv(args.off_fraction, "--off-fraction")
+    if args.piggyback_off_fraction is not None:
+        rewrite["piggyback"] = args.piggyback_off_fraction
+    if args.finetune_changed_fraction is not None:
+        rewrite["finetune"] = args.finetune_changed_fraction
+    if args.xbm_off_fraction is not None:
+        off["xbm"] = args.xbm_off_fraction
+    return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
+                       iterations=args.iterations, batch_size=args.batch_size,
+                       backward_factor=args.backward_factor, churn=args.churn)
+
+
+def _find_cached_backbone(backbone_hash: str) -> Path | None:
+    """The cached backbone (``$XBM_CACHE/backbones``) whose content hash matches a bundle's."""
+    from safetensors import safe_open
+
+    from xbm.train.pretrain import cache_dir
+
+    folder = cache_dir() / "backbones"
+    for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # an unreadable cache entry is simply not a match
+            continue
+        if json.loads(meta.get("content_hash", "null")) == backbone_hash:
+            return p
+    return None
+
+
+def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespace | None = None):
+    """A MultiTaskModel holding a bundle's tasks, on the bundle's own crossbar spec.
+
+    Raises:
+        BundleError: unreadable bundle, no matching backbone, or a backbone of another
+            architecture or content.
+        ConfigError: an explicit spec flag contradicts the spec the bundle was learned on.
+    """
+    from xbm.hardware.spec import CrossbarSpec
+    from xbm.io import load_safetensors
+    from xbm.multitask import BUNDLE_FORMAT, MultiTaskModel
+    from xbm.train.pretrain import load_backbone
+
+    _, meta = load_safetensors(bundle)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{bundle}: not an xbm task bundle (format {meta.get('format')!r})")
+    try:
+        spec = CrossbarSpec.from_dict(meta["spec"])
+    except (XbmError, TypeError, KeyError) as exc:
+        raise BundleError(f"{bundle}: bundle has an unreadable crossbar spec ({exc})") from None
+    if args is not None:
+        for k, v in _explicit_spec(args).items():
+            if getattr(spec, k) != v:
+                raise ConfigError(f"--{k.replace('_', '-')} {v} contradicts the bundle, which was "
+                                  f"learned with {k}={getattr(spec, k)}; drop the flag")
+    path = backbone
+    if path is None:
+        found = _find_cached_backbone(str(meta.get("backbone_hash")))
+        if found is None:
+            raise BundleError(f"{bundle}: no cached backbone matches its backbone hash "
+                              f"{meta.get('backbone_hash')}; pass --backbone PATH")
+        path = str(found)
+    model, bmeta = load_backbone(path)
+    arch = meta.get("arch") or {}
+    if arch and bmeta.get("arch") and arch != bmeta["arch"]:
+        diff = sorted(k for k in set(arch) | set(bmeta["arch"])
+                      if arch.get(k) != bmeta["arch"].get(k))
+        raise BundleError(f"{bundle}: bundle belongs to another backbone (arch.{diff[0]} is "
+                          f"{arch.get(diff[0])!r}, {path} has {bmeta['arch'].get(diff[0])!r}); "
+                          "pass the backbone it was learned on with --backbone")
+    mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
+                         head_name=meta.get("head_name", "fc"))
+    mtm.load_bundle(bundle)
+    return mtm
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from xbm.hardware import cost as C
+
+    if args.dump_preset:
+        from xbm.hardware.energy import get_preset
+
+        sys.stdout.write(get_preset(args.dump_preset).to_yaml())
+        return 0
+    preset = _preset(args)
+    if args.bundle and args.model:
+        raise ConfigError("pass either --model (no weights) or --bundle (learned tasks), not both")
+    if not args.bundle and not args.model:
+        raise ConfigError("pass --model NAME (e.g. resnet50) or --bundle PATH")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if methods is not None:
+        from xbm.methods import get_method_class
+
+        for m in methods:
+            get_method_class(m)
+    sens = None
+    if args.bundle:
+        if args.sensitivity:
+            raise ConfigError("--sensitivity sweeps the no-weights defaults; use it with --model")
+        if args.energy_spec:
+            raise ConfigError("--energy-spec does not apply to --bundle: the bundle fixes the "
+                              "crossbar spec it was learned on")
+        mtm = load_bundle_model(args.bundle, args.backbone, args)
+        assumptions = _assumptions(args)
+        tasks = [t for t in mtm.tasks if methods is None or mtm.tasks[t].method in methods]
+        if not tasks:
+            raise XbmError(f"{args.bundle}: no task learned by {', '.join(methods or [])}")
+        report = C.bundle_report(mtm, preset, assumptions, tasks,
+                                 (mtm.arch or {}).get("name", "bundle"), args.input_size)
+    else:
+        measured = None
+        if args.fractions_from:
+            mtm = load_bundle_model(args.fractions_from, args.backbone)
+            measured = C.measured_fractions(mtm)
+        assumptions = _assumptions(args, measured)
+        spec = _spec(args, preset)
+        preset.check_spec(spec)
+        ctx = C.model_context(args.model, spec, width=args.width, in_channels=args.in_channels,
+                              input_size=args.input_size)
+        from xbm.methods import list_methods
+
+        report = C.cost_model(ctx, methods or list_methods(), preset, assumptions)
+        if measured:
+            report.notes.append(f"fractions measured from {args.fractions_from}: rewrite "
+                                f"{measured[0]}, column off {measured[1]}")
+        if args.sensitivity:
+            sens = C.sensitivity(ctx, preset, assumptions)
+    out = report.to_dict(per_layer=args.per_layer)
+    if sens is not None:
+        out["sensitivity"] = sens
+    written = _plots(args, out, preset) if args.plot else []
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.table(per_layer=args.per_layer))
+        if sens is not None:
+            print()
+            print(C.format_sensitivity(sens))
+    for p in written:
+        print(f"wrote {p}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Path]:
+    from xbm.report import plots
+
+    out = Path(args.plot)
+    written = [plots.plot_energy_breakdown(report, out / "energy_breakdown.png")]
+    results = Path(args.results) if args.results else (
+        DEFAULT_RESULTS if DEFAULT_RESULTS.is_file() else None)
+    if results is not None:
+        data = plots.load_results(results)
+        written.append(plots.plot_accuracy_vs_mask(data, out / "accuracy_vs_mask_memory.png"))
+        written.append(plots.plot_accuracy_vs_energy(data, out / "accuracy_vs_adaption_energy.png",
+                                                     preset))
+    return written
+
+
+def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args: Any = None
+             ) -> None:
+    """Add ``xbm cost`` to the ``xbm`` command (called by :func:`xbm.cli.build_parser`)."""
+    from xbm.hardware.cost import Assumptions
+    from xbm.hardware.energy import PRESETS
+
+    a = Assumptions()
+    p = sub.add_parser(
+        "cost", help="mask memory, re-programmed cells, energy and latency per method",
+        description="Hardware cost of adapting to and switching between tasks: every number is "
+                    "an event count times a cited constant (docs/cost-model.md).")
+    src = p.add_argument_group("what to cost")
+    src.add_argument("--model", help="registered backbone, e.g. resnet50 (no weights needed)")
+    src.add_argument("--bundle", help="task bundle (.safetensors): cost its learned tasks")
+    src.add_argument("--backbone", help="backbone .safetensors of --bundle/--fractions-from "
+                                        "(default: the cached backbone with the matching hash)")
+    src.add_argument("--methods", help="comma list (default: every registered method; with "
+                                       "--bundle: every task)")
+    src.add_argument("--width", type=int, help="backbone width (default: the model's)")
+    src.add_argument("--in-channels", type=int, help="input channels (default: the model's)")
+    src.add_argument("--input-size", type=int,
+                     help="image side for output positions (default 224 for ImageNet layouts, "
+                          "else 28)")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--energy", default="default",
+                    help=f"energy preset: {', '.join(sorted(PRESETS))} (default = neurosim)")
+    hw.add_argument("--preset-file", help="YAML energy preset (see --dump-preset)")
+    hw.add_argument("--dump-preset", metavar="NAME", help="print a preset as editable YAML, exit")
+    hw.add_argument("--set-energy", action="append", metavar="FIELD=VALUE",
+                    help="override one constant, e.g. device.write_pulses_per_cell=5")
+    hw.add_argument("--energy-spec", action="store_true",
+                    help="take the crossbar geometry the energy preset's source assumed "
+                         "(explicit --rows etc. still win)")
+    hw.add_argument("--adc-bits", type=int, help="ADC resolution (default 8)")
+    hw.add_argument("--dac-bits", type=int, help="input bits per wordline cycle (default 1)")
+    hw.add_argument("--input-bits", type=int, help="activation precision (default 8)")
+    if add_spec_args is not None:
+        add_spec_args(p)
+    fr = p.add_argument_group("defaults for learned values (no-weights mode)")
+    fr.add_argument("--piggyback-off-fraction", type=float,
+                    help="fraction of weights Piggyback masks off (re-programmed to zero); "
+                         "default 0.10")
+    fr.add_argument("--finetune-changed-fraction", type=float,
+                    help="fraction of weights fine-tuning changes; default 1.0")
+    fr.add_argument("--xbm-off-fraction", type=float,
+                    help="fraction of crossbar columns XBM switches off; default 0.10")
+    fr.add_argument("--fraction", action="append", metavar="METHOD=F",
+                    help="rewrite fraction of any method (repeatable)")
+    fr.add_argument("--off-fraction", action="append", metavar="METHOD=F",
+                    help="switched-off column fraction of any method (repeatable)")
+    fr.add_argument("--fractions-from", metavar="BUNDLE",
+                    help="measure both fractions per method from a bundle's tasks")
+    wl = p.add_argument_group("on-chip adaption workload")
+    wl.add_argument("--iterations", type=int, default=a.iterations,
+                    help=f"training iterations (default {a.iterations}: 30 epochs of Flowers-102 "
+                         "at batch 32)")
+    wl.add_argument("--batch-size", type=int, default=a.batch_size,
+                    help=f"images per iteration (default {a.batch_size})")
+    wl.add_argument("--backward-factor", type=float, default=a.backward_factor,
+                    help="crossbar passes per backward step (default 1: one transposed read)")
+    wl.add_argument("--churn", type=float, default=a.churn,
+                    help="mask flips per finally-masked weight during on-chip training "
+                         "(default 1, a lower bound)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the full report as JSON")
+    out.add_argument("--per-layer", action="store_true", help="add per-layer tables")
+    out.add_argument("--sensitivity", action="store_true",
+                     help="sweep the uncertain constants (XBM vs Piggyback savings)")
+    out.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib)")
+    out.add_argument("--results", help=f"demo results.json for accuracy plots (default "
+                                       f"{DEFAULT_RESULTS} if it exists)")
+    p.set_defaults(func=cmd_cost)
+
+
+__all__ = ["cmd_cost", "load_bundle_model", "register"]

@@ -1,0 +1,358 @@
+"""``xbm simulate``: accuracy of learned tasks on the crossbar-faithful path, and fault-aware XBM.
+
+Two modes (``docs/simulation.md`` has worked examples):
+
+* **sweep** (``--bundle B``): evaluate every task of a bundle on the faithful path over the
+  product of ``--adc-bits``, ``--fault-rates`` and ``--variation``; print a table (``--json``
+  for machines) and draw accuracy-vs-ADC-bits and accuracy-vs-fault-rate plots (``--plot DIR``).
+* **fault-aware** (``--fault-aware --dataset D``): learn the same task twice with XBM, once on the
+  ideal chip and once through a chip's fault map (``xbm.hardware.faults.fault_aware``), and
+  compare both masks deployed on that faulty chip; the clean task is also evaluated over
+  ``--adc-bits``. The programmed backbone is checked bit-identical afterwards.
+
+A fault rate ``r`` means ``r/2`` stuck-at-OFF plus ``r/2`` stuck-at-ON cells (MNSIM 2.0 also draws
+both kinds, at 0.1% each by default); ``--sa1-fraction`` changes the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xbm.errors import ConfigError, XbmError
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma list of numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma list of integers, got {s!r}") from None
+
+
+def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
+    """Add the ``simulate`` sub-command to the ``xbm`` parser."""
+    sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
+                        "faults); fault-aware XBM")
+    sp.add_argument("--bundle", help="task bundle to evaluate (sweep mode)")
+    sp.add_argument("--task", help="only this task of the bundle")
+    sp.add_argument("--fault-aware", action="store_true",
+                    help="train XBM with and without the chip's faults and compare")
+    sp.add_argument("--dataset", help="dataset (fault-aware mode; sweep: override the task's)")
+    sp.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
+    sp.add_argument("--model", default="resnet18_cifar")
+    sp.add_argument("--width", type=int, default=16)
+    sp.add_argument("--adc-bits", default="4,6,8", help="comma list of ADC resolutions")
+    sp.add_argument("--fault-rates", default="0", help="comma list of stuck-at cell rates")
+    sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
+    sp.add_argument("--sa1-fraction", type=float, default=0.5,
+                    help="share of faulty cells stuck ON (the rest stuck OFF)")
+    sp.add_argument("--variation", default="0", help="comma list of programming variations")
+    sp.add_argument("--read-noise", type=float, default=0.0)
+    sp.add_argument("--levels", type=int, help="conductance levels per cell")
+    sp.add_argument("--adc-mode", default="calibrate", choices=["calibrate", "fixed", "ideal"])
+    sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"])
+    sp.add_argument("--backend", default="auto", choices=["auto", "torch", "compile"])
+    sp.add_argument("--sim-input-bits", type=int, help="override the spec's input bits")
+    sp.add_argument("--sim-dac-bits", type=int, help="override the spec's DAC bits per cycle")
+    sp.add_argument("--sim-cell-bits", type=int, help="override the spec's cell bits")
+    sp.add_argument("--fault-map", help="use this saved fault map (sweep: instead of rates)")
+    sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
+    sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
+    sp.add_argument("--epochs", type=int, default=2, help="fault-aware mode: training epochs")
+    sp.add_argument("--train-subset", type=int, default=4000)
+    sp.add_argument("--test-subset", type=int, default=1000)
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument("--json-out", help="also write the JSON results to this file")
+    sp.add_argument("--plot", help="folder for accuracy-vs-ADC-bits / -fault-rate plots")
+    add_spec_args(sp)
+    common(sp)
+    sp.set_defaults(func=cmd_simulate)
+
+
+def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float):
+    from xbm.hardware.simulate import SimConfig
+
+    return SimConfig(adc_bits=adc_bits, adc_mode=args.adc_mode,
+                     adc_granularity=args.adc_granularity, variation=variation,
+                     read_noise=args.read_noise, levels=args.levels, seed=args.seed,
+                     backend=args.backend, input_bits=args.sim_input_bits,
+                     dac_bits=args.sim_dac_bits, cell_bits=args.sim_cell_bits)
+
+
+def _calibration_batches(data, args: argparse.Namespace, n: int = 2) -> list[torch.Tensor]:
+    """A few training batches (never test data) for input scales and ADC ranges."""
+    loader, _ = data.loaders(args.batch_size, seed=args.seed)
+    out = []
+    for x, _y in loader:
+        out.append(x)
+        if len(out) >= n:
+            break
+    return out
+
+
+def evaluate_faithful(mtm, task: str, config, loader, device, calibration,
+                      fault_map=None) -> dict[str, Any]:
+    """Accuracy of ``task`` on the faithful path, with ADC conversion counts."""
+    from xbm.hardware.simulate import faithful
+    from xbm.train import evaluate
+
+    t0 = time.perf_counter()
+    with mtm.use_task(task), faithful(mtm, config, fault_map, calibration=calibration) as sim:
+        acc = evaluate(mtm, loader, device)
+    return {"accuracy": round(acc, 4), "adc_conversions": sim.conversions,
+            "skipped_conversions": sim.skipped_conversions,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _fault_map(mtm, spec, rate: float, args: argparse.Namespace):
+    from xbm.hardware.faults import FaultMap
+
+    if not 0 <= args.sa1_fraction <= 1:
+        raise ConfigError("--sa1-fraction must be within [0, 1]")
+    return FaultMap.generate(mtm, spec, sa0_rate=rate * (1 - args.sa1_fraction),
+                             sa1_rate=rate * args.sa1_fraction, seed=args.seed)
+
+
+def _print(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    print("-" * (sum(widths) + 2 * (len(cols) - 1)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(cols, widths, strict=True)))
+
+
+# -- sweep -----------------------------------------------------------------------------------
+def _sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from xbm.cli import _backbone
+    from xbm.data import load_dataset
+    from xbm.hardware import CrossbarSpec
+    from xbm.hardware.faults import FaultMap, fault_aware
+    from xbm.io import load_safetensors
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, resolve_device
+
+    device = resolve_device(args.device)
+    _, meta = load_safetensors(args.bundle)
+    spec = CrossbarSpec.from_dict(meta["spec"])
+    backbone, bmeta = _backbone(args, device)
+    mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
+    names = mtm.load_bundle(args.bundle)
+    tasks = [args.task] if args.task else names
+    adc_bits, rates, variations = _ints(args.adc_bits), _floats(args.fault_rates), \
+        _floats(args.variation)
+    fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None
+    sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
+    maps = {r: (fixed_map if fixed_map is not None else
+                (_fault_map(mtm, sim_spec, r, args) if r > 0 else None)) for r in rates}
+    rows: list[dict[str, Any]] = []
+    for t in tasks:
+        info = mtm.tasks[t]
+        ds = args.dataset or info.dataset
+        if ds is None:
+            raise XbmError(f"task {t!r} records no dataset; pass --dataset")
+        data = load_dataset(ds, root=args.data_root).subset(args.train_subset, args.test_subset,
+                                                            seed=args.seed)
+        _, test_loader = data.loaders(args.batch_size, seed=args.seed)
+        calib = _calibration_batches(data, args)
+        ideal = evaluate_task(mtm, t, test_loader, device)
+        rows.append({"task": t, "path": "ideal", "adc_bits": "-", "fault_rate": 0.0,
+                     "variation": 0.0, "accuracy": round(ideal, 4), "delta": 0.0})
+        for r, fmap in maps.items():
+            if fmap is not None:
+                with mtm.use_task(t), fault_aware(mtm, fmap):
+                    acc = evaluate_task(mtm, t, test_loader, device)
+                rows.append({"task": t, "path": "ideal+faults", "adc_bits": "-",
+                             "fault_rate": r, "variation": 0.0, "accuracy": round(acc, 4),
+                             "delta": round(acc - ideal, 4)})
+            for v in variations:
+                for b in adc_bits:
+                    res = evaluate_faithful(mtm, t, _sim_config(args, b, v), test_loader, device,
+                                            calib, fmap)
+                    rows.append({"task": t, "path": "faithful", "adc_bits": b, "fault_rate": r,
+                                 "variation": v, **res,
+                                 "delta": round(res["accuracy"] - ideal, 4)})
+                    if not args.json:
+                        print(f"  {t} adc {b} fault {r} var {v}: {res['accuracy']:.2f}% "
+                              f"({res['seconds']:.0f}s)", flush=True)
+    return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
+            "simulated_spec": sim_spec.to_dict(), "rows": rows}
+
+
+# -- fault-aware -----------------------------------------------------------------------------
+def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
+    from xbm.cli import _backbone, spec_from_args
+    from xbm.data import load_dataset
+    from xbm.hardware.faults import fault_aware, fault_summary
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
+
+    if not args.dataset:
+        raise XbmError("--fault-aware needs --dataset (the task to learn)")
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, root=args.data_root).subset(
+        args.train_subset, args.test_subset, seed=args.seed)
+    backbone, bmeta = _backbone(args, device)
+    spec = spec_from_args(args)
+    mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
+    fmap = _fault_map(mtm, sim_spec, args.fault_rate, args)
+    if args.save_fault_map:
+        fmap.save(args.save_fault_map)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    progress = not args.no_progress
+    timings = {}
+    for task in ("unaware", "aware"):
+        seed_everything(args.seed)
+        mtm.add_task(task, data.num_classes, "xbm", dataset=args.dataset)
+        t0 = time.perf_counter()
+        if task == "aware":
+            with fault_aware(mtm, fmap):
+                train_task(mtm, task, train_loader, args.epochs, device, progress=progress)
+        else:
+            train_task(mtm, task, train_loader, args.epochs, device, progress=progress)
+        timings[task] = round(time.perf_counter() - t0, 2)
+    calib = _calibration_batches(data, args)
+    rows: list[dict[str, Any]] = []
+    cfg8 = _sim_config(args, None, 0.0)
+    for task in ("unaware", "aware"):
+        ideal = evaluate_task(mtm, task, test_loader, device)
+        with mtm.use_task(task), fault_aware(mtm, fmap):
+            faulty = evaluate_task(mtm, task, test_loader, device)
+        sim = evaluate_faithful(mtm, task, cfg8, test_loader, device, calib, fmap)
+        rows.append({"task": task, "trained_on": "faulty chip" if task == "aware" else
+                     "ideal chip", "ideal_clean": round(ideal, 4),
+                     "ideal_faulty": round(faulty, 4),
+                     f"faithful_faulty_adc{sim_spec.adc_bits}": sim["accuracy"],
+                     "masked_off_columns": mtm.masked_off_columns(task),
+                     "train_seconds": timings[task]})
+    adc_rows = []
+    clean_ideal = rows[0]["ideal_clean"]
+    for b in _ints(args.adc_bits):
+        res = evaluate_faithful(mtm, "unaware", _sim_config(args, b, 0.0), test_loader, device,
+                                calib)
+        adc_rows.append({"task": "unaware", "adc_bits": b, **res,
+                         "delta": round(res["accuracy"] - clean_ideal, 4)})
+        if not args.json:
+            print(f"  clean chip, adc {b}: {res['accuracy']:.2f}% ({res['seconds']:.0f}s)",
+                  flush=True)
+    after = mtm.backbone_state()
+    identical = set(before) == set(after) and all(torch.equal(before[k], after[k])
+                                                  for k in before)
+    if args.out:
+        mtm.save_bundle(args.out)
+    return {"mode": "fault-aware", "dataset": args.dataset, "spec": spec.to_dict(),
+            "simulated_spec": sim_spec.to_dict(), "fault_rate": args.fault_rate,
+            "sa1_fraction": args.sa1_fraction, "faults": fault_summary(fmap, mtm),
+            "backbone": bmeta.get("content_hash"), "rows": rows, "adc_sweep": adc_rows,
+            "backbone_bit_identical": identical, "train_subset": args.train_subset,
+            "test_subset": args.test_subset, "epochs": args.epochs, "seed": args.seed}
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _plots(res: dict[str, Any], folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if res["mode"] == "sweep":
+        fr = [r for r in res["rows"] if r["path"] == "faithful"]
+        ideal = {r["task"]: r["accuracy"] for r in res["rows"] if r["path"] == "ideal"}
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key in sorted({(r["task"], r["fault_rate"], r["variation"]) for r in fr}):
+            pts = sorted((r["adc_bits"], r["accuracy"]) for r in fr
+                         if (r["task"], r["fault_rate"], r["variation"]) == key)
+            ax.plot(*zip(*pts, strict=True), marker="o",
+                    label=f"{key[0]} faults {key[1]:g} var {key[2]:g}")
+        for t, a in ideal.items():
+            ax.axhline(a, ls="--", lw=0.8, color="gray", label=f"{t} ideal")
+        ax.set_xlabel("ADC bits")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        p = out / "accuracy_vs_adc_bits.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(str(p))
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key in sorted({(r["task"], r["adc_bits"], r["variation"]) for r in fr}):
+            pts = sorted((r["fault_rate"], r["accuracy"]) for r in fr
+                         if (r["task"], r["adc_bits"], r["variation"]) == key)
+            ax.plot(*zip(*pts, strict=True), marker="o",
+                    label=f"{key[0]} adc {key[1]} var {key[2]:g}")
+        ax.set_xlabel("stuck-at cell rate")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        p = out / "accuracy_vs_fault_rate.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(str(p))
+    else:
+        pts = sorted((r["adc_bits"], r["accuracy"]) for r in res["adc_sweep"])
+        if pts:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(*zip(*pts, strict=True), marker="o", label="faithful")
+            ax.axhline(res["rows"][0]["ideal_clean"], ls="--", color="gray", label="ideal")
+            ax.set_xlabel("ADC bits")
+            ax.set_ylabel("top-1 accuracy (%)")
+            ax.legend()
+            fig.tight_layout()
+            p = out / "accuracy_vs_adc_bits.png"
+            fig.savefig(p, dpi=120)
+            plt.close(fig)
+            written.append(str(p))
+    return written
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Entry point of ``xbm simulate``."""
+    from xbm.io import write_json_atomic
+
+    if args.fault_aware:
+        res = _fault_aware(args)
+    elif args.bundle:
+        res = _sweep(args)
+    else:
+        raise XbmError("pass --bundle B (sweep) or --fault-aware --dataset D")
+    if args.plot:
+        res["plots"] = _plots(res, args.plot)
+    if args.json_out:
+        write_json_atomic(args.json_out, res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    if res["mode"] == "sweep":
+        _print(res["rows"], ["task", "path", "adc_bits", "fault_rate", "variation", "accuracy",
+                             "delta"])
+    else:
+        f = res["faults"]
+        print(f"chip: {f['sa0']:.3%} stuck-OFF + {f['sa1']:.3%} stuck-ON cells; "
+              f"{f['faulty_weights'] / max(f['weights'], 1):.1%} of weights and "
+              f"{f['faulty_columns'] / max(f['crossbar_columns'], 1):.1%} of crossbar columns "
+              "hold a faulty cell")
+        _print(res["rows"], list(res["rows"][0]))
+        print()
+        _print(res["adc_sweep"], ["task", "adc_bits", "accuracy", "delta", "seconds"])
+        print(f"backbone bit-identical: {res['backbone_bit_identical']}")
+    for p in res.get("plots", []):
+        print(f"plot: {p}")
+    return 0

@@ -1,0 +1,214 @@
+"""XMA (Zhang et al., DAC 2022): a shift-based, multi-level mask per crossbar column.
+
+Each crossbar column (one logical output column inside one row tile, XBM's unit) gets a level from
+a small set of powers of two, plus 0. Scaling a digitised partial sum by 2^k is a change of the
+shift amount in the column's existing shift-and-add unit, and level 0 gates the column's ADC as in
+XBM, so no cell is rewritten and the mask is ceil(log2(len(levels))) bits per column.
+
+The paper's levels, bit count and quantiser are not public (papers.md section 6, open question 4).
+What this module assumes, and why:
+
+* **Levels** default to {0, 2^-2, 2^-1, 1, 2}: down-shifts by one or two bits, the identity, one
+  up-shift, and off. One up-shift only, because a left shift of an 8-bit ADC output needs one more
+  accumulator bit per step; more down-shifts than up-shifts because a mask that mostly removes
+  information is what XBM and Piggyback already found useful. 5 levels take 3 bits per column.
+* **Scores in log2 space.** Each column holds one real score s, initialised to 0, so every column
+  starts at level 2^0 = 1: the task starts as the pretrained backbone, as Piggyback and XBM start
+  with an all-ones mask. The forward rounds s to the nearest allowed exponent; level 0 sits one
+  step below the smallest non-zero exponent e_min in that ladder, i.e. s < e_min - 1/2 gives 0.
+* **Straight-through estimator with identity backward** (Piggyback's and XBM's estimator), so a
+  column at level 0 still receives gradient and can come back.
+* **Learning rate 0.05.** Adam moves a score by about lr per step whatever the gradient scale, and
+  a level change needs a move of 1/2 in log2 space (one level), against 5e-3 for XBM's threshold.
+  XBM's lr 1e-3 would need ~500 steps per level; 0.05 lets the demo's ~47 cosine-decayed steps
+  travel about one level (docs/benchmarks.md, "XMA and XMA2 ablations", has the sweep).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from xbm.errors import ConfigError
+from xbm.hardware.mapping import apply_column_mask
+from xbm.methods.base import AdaptionMethod, MethodConfig, register_method
+
+DEFAULT_LEVELS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def is_power_of_two(x: float) -> bool:
+    """True for 2^k with integer k (k may be negative): the values a shifter can apply."""
+    if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+        return False
+    mantissa, _ = math.frexp(float(x))
+    return mantissa == 0.5
+
+
+def validate_levels(levels: Any, owner: str = "XMAConfig") -> list[float]:
+    """Check a level set and return it as a list of floats.
+
+    A shift-and-add unit can only apply powers of two or gate a column, the quantiser needs an
+    ordered ladder, and the task must be able to start as the backbone (level 1), so each of
+    these is a configuration error rather than something to repair silently.
+
+    Raises:
+        ConfigError: not a non-empty list; an entry is neither 0 nor a power of two; not sorted
+            ascending without duplicates; or 1 is missing.
+    """
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)):
+        raise ConfigError(f"{owner}.levels must be a list such as [0, 0.25, 0.5, 1, 2], "
+                          f"got {levels!r}")
+    if not levels:
+        raise ConfigError(f"{owner}.levels must not be empty; e.g. [0, 0.25, 0.5, 1, 2]")
+    out: list[float] = []
+    for v in levels:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{owner}.levels holds {v!r}; every level must be a number")
+        if v != 0 and not is_power_of_two(v):
+            raise ConfigError(
+                f"{owner}.levels holds {v!r}; every level must be 0 or a power of two "
+                "(2^k, k an integer), the only scales a shift can apply"
+            )
+        out.append(float(v))
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise ConfigError(f"{owner}.levels must be sorted ascending without duplicates, "
+                          f"got {levels!r}")
+    if 1.0 not in out:
+        raise ConfigError(f"{owner}.levels must contain 1 so that the task starts as the "
+                          f"pretrained backbone, got {levels!r}")
+    return out
+
+
+def level_bits(num_levels: int) -> int:
+    """Mask bits per column for ``num_levels`` levels: ceil(log2(n)) (0 for a single level)."""
+    return math.ceil(math.log2(num_levels)) if num_levels > 1 else 0
+
+
+class ShiftQuantizeSTE(torch.autograd.Function):
+    """Log2-space score -> nearest allowed level; the backward is the identity.
+
+    ``exponents`` are the non-zero levels' log2 values, ascending; ``zero_below`` is the score
+    under which the level is 0 (``-inf`` when 0 is not a level).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, exponents: torch.Tensor,
+                zero_below: float) -> torch.Tensor:
+        # Bucket boundaries are the midpoints between consecutive exponents (nearest rounding in
+        # log2 space); ties go to the larger level, as round-half-up would.
+        mids = (exponents[1:] + exponents[:-1]) / 2
+        idx = torch.bucketize(scores.detach(), mids, right=True)
+        levels = torch.exp2(exponents)[idx]
+        if zero_below != -math.inf:
+            levels = torch.where(scores.detach() < zero_below, torch.zeros_like(levels), levels)
+        return levels.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
+@dataclass
+class XMAConfig(MethodConfig):
+    """XMA's shift levels and score recipe. Every default is an assumption: the paper does not
+    publish its levels, quantiser or training recipe (papers.md section 6)."""
+
+    levels: list[float] = field(default_factory=lambda: list(DEFAULT_LEVELS))
+    """Allowed column scales: 0 and/or powers of two, ascending, containing 1. Default
+    {0, 2^-2, 2^-1, 1, 2} (3 bits per column); see the module docstring for why."""
+
+    score_init: float = 0.0
+    """Initial log2-space score. 0 = level 1 everywhere, so the task starts as the backbone."""
+
+    lr: float = 0.05
+    """Adam learning rate of the log2 scores: one level is 1/2 away in score space (XBM's
+    threshold is 5e-3 away), so the rate is ~50x XBM's 1e-3 for a similar number of level flips in
+    the demo's short budget; the ablation in docs/benchmarks.md sweeps it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.levels = validate_levels(self.levels, type(self).__name__)
+        if not (isinstance(self.score_init, (int, float)) and math.isfinite(self.score_init)):
+            raise ConfigError(f"{type(self).__name__}.score_init must be a finite number")
+
+    # -- derived --------------------------------------------------------------------------
+    @property
+    def exponents(self) -> list[float]:
+        """log2 of the non-zero levels, ascending."""
+        return [math.log2(v) for v in self.levels if v > 0]
+
+    @property
+    def zero_below(self) -> float:
+        """Scores under this give level 0: half a step below the smallest non-zero exponent, as
+        if 0 took the place of 2^(e_min - 1) in the ladder. -inf when 0 is not a level."""
+        if self.levels[0] != 0.0:
+            return -math.inf
+        exps = self.exponents
+        return exps[0] - 0.5 if exps else math.inf
+
+    @property
+    def bits_per_column(self) -> int:
+        return level_bits(len(self.levels))
+
+
+@register_method("xma")
+class XMA(AdaptionMethod):
+    """Crossbar column-wise shift mask: each column's ADC output is scaled by a level 2^k or 0."""
+
+    config_class = XMAConfig
+    description = ("crossbar column-wise shift mask (levels 0/2^k, ceil(log2 L) bits per column); "
+                   "no rewrites")
+    config: XMAConfig
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__(config)
+        self._exponents: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def create_layer_state(self, layer: nn.Module) -> nn.Module:
+        state = nn.Module()
+        shape = (layer.row_tiles, layer.matrix_cols)
+        state.score = nn.Parameter(
+            torch.full(shape, float(self.config.score_init), dtype=layer.weight.dtype,
+                       device=layer.weight.device)
+        )
+        return state
+
+    def _exp_tensor(self, ref: torch.Tensor) -> torch.Tensor:
+        key = (str(ref.device), ref.dtype)
+        t = self._exponents.get(key)
+        if t is None:
+            exps = self.config.exponents or [0.0]  # a {0}-only set never reads it
+            t = torch.tensor(exps, dtype=ref.dtype, device=ref.device)
+            self._exponents[key] = t
+        return t
+
+    def levels(self, state: nn.Module) -> torch.Tensor:
+        """The (row_tiles, Cout) quantised column levels, differentiable through the STE."""
+        return ShiftQuantizeSTE.apply(state.score, self._exp_tensor(state.score),
+                                      self.config.zero_below)
+
+    def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        return apply_column_mask(layer.weight, self.levels(state), layer.spec.rows)
+
+    def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        return layer.weight
+
+    def column_scale(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        return self.levels(state)
+
+    def mask_bits(self, layer: nn.Module, state: nn.Module) -> int:
+        return self.config.bits_per_column * state.score.numel()
+
+    def masked_off_columns(self, layer: nn.Module, state: nn.Module) -> int:
+        with torch.no_grad():
+            return int((self.levels(state) == 0).sum())
+
+    def level_histogram(self, layer: nn.Module, state: nn.Module) -> dict[float, int]:
+        """How many of the layer's columns sit at each level (for reports and ablations)."""
+        with torch.no_grad():
+            lv = self.levels(state)
+            return {v: int((lv == v).sum()) for v in self.config.levels}

@@ -1,0 +1,226 @@
+"""Plots of the cost model and the demo's results (matplotlib, imported lazily).
+
+- :func:`plot_energy_breakdown`: stacked energy components per method, one panel per setting
+  (deploy, switch, inference per image, on-chip adaption), from an ``xbm cost --json`` report.
+- :func:`plot_accuracy_vs_mask`: new-task accuracy against mask memory, from a demo results.json.
+- :func:`plot_accuracy_vs_energy`: new-task accuracy against adaption (deploy) energy.
+
+PNG files are written atomically (temporary sibling, then rename), so an interrupted run never
+leaves a truncated image behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from xbm.errors import XbmError
+from xbm.io import atomic_path
+
+SETTINGS = (
+    ("deploy", "adapt (deploy)"),
+    ("switch", "switch task"),
+    ("inference", "inference / image"),
+    ("onchip", "on-chip adaption"),
+)
+COMPONENT_LABELS = {
+    "write_pulses": "cell write pulses",
+    "verify_reads": "verify reads",
+    "mask_bit_writes": "mask bit writes",
+    "cell_reads": "crossbar cell reads",
+    "dac_drives": "DAC drives",
+    "adc_conversions": "ADC conversions",
+    "shift_adds": "shift-and-add",
+}
+
+
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend, or a one-line error."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise XbmError("plots need matplotlib: pip install matplotlib (or the 'xbm' "
+                       "package's dependencies)") from None
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+        # mkstemp creates 0600 files; a plot is meant to be shared: honour the umask instead
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    _pyplot().close(fig)
+    return path
+
+
+def si_joules(x: float) -> str:
+    """6.3 mJ, 33 nJ, 731 J: short labels for bars that span ten orders of magnitude."""
+    if x == 0:
+        return "0 J"
+    for scale, prefix in ((1, ""), (1e-3, "m"), (1e-6, "\u00b5"), (1e-9, "n"), (1e-12, "p")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}J"
+    return f"{x:.2g} J"
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A demo results.json, checked for the fields the accuracy plots read."""
+    p = Path(path)
+    if not p.is_file():
+        raise XbmError(f"results file {path} does not exist; run `xbm demo` or pass --results")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise XbmError(f"results file {path} is not valid JSON ({exc.msg})") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list):
+        raise XbmError(f"results file {path} has no 'runs' list; is it a demo results.json?")
+    for r in runs:
+        for k in ("method", "task", "accuracy", "mask_bits"):
+            if k not in r:
+                raise XbmError(f"results file {path}: a run lacks field {k!r}")
+    return data
+
+
+def _component(name: str) -> str:
+    for prefix in ("compute_", "rewrite_"):
+        if name.startswith(prefix):
+            base = name[len(prefix):]
+            return COMPONENT_LABELS.get(base, base)
+    return COMPONENT_LABELS.get(name, name)
+
+
+def plot_energy_breakdown(report: dict[str, Any], path: str | Path) -> Path:
+    """Stacked bars of each method's energy components, one panel per setting.
+
+    Args:
+        report: an ``xbm cost --json`` object (``CostReport.to_dict()``); in bundle mode the
+            per-task entries are drawn.
+        path: the PNG to write.
+    """
+    plt = _pyplot()
+    entries = report.get("tasks") or report.get("methods") or {}
+    entries = {k: v for k, v in entries.items() if "breakdown" in v}
+    if not entries:
+        raise XbmError("the report has no per-method breakdown to plot")
+    names = list(entries)
+    comps: list[str] = []
+    for v in entries.values():
+        for s, _ in SETTINGS:
+            for k in v["breakdown"][s]:
+                if _component(k) not in comps:
+                    comps.append(_component(k))
+    cmap = plt.get_cmap("tab10")
+    colors = {c: cmap(i % 10) for i, c in enumerate(comps)}
+    fig, axes = plt.subplots(1, len(SETTINGS), figsize=(4.2 * len(SETTINGS), 4.4))
+    for ax, (setting, title) in zip(axes, SETTINGS, strict=True):
+        top = 0.0
+        for i, n in enumerate(names):
+            bottom = 0.0
+            acc: dict[str, float] = {}
+            for k, t in entries[n]["breakdown"][setting].items():
+                acc[_component(k)] = acc.get(_component(k), 0.0) + float(t["value"])
+            for c, v in acc.items():
+                ax.bar(i, v, bottom=bottom, color=colors[c], edgecolor="white", linewidth=0.5)
+                bottom += v
+            ax.annotate(si_joules(bottom), (i, bottom), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 2), textcoords="offset points")
+            top = max(top, bottom)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylabel("energy (J)")
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in comps]
+    fig.legend(handles, comps, loc="lower center", ncol=min(len(comps), 7), frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    s = report.get("spec", {})
+    a = report.get("assumptions", {})
+    fig.suptitle(f"{report.get('model', '')}: energy by component ({s.get('rows')}x{s.get('cols')}"
+                 f" crossbars, preset {report.get('energy_preset', {}).get('name')}, on-chip = "
+                 f"{a.get('iterations')} it. x batch {a.get('batch_size')})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _new_task_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["runs"] if not r.get("base_task")]
+
+
+def _scatter_by_method(ax: Any, runs: list[dict[str, Any]], xkey: Any, plt: Any) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(methods):
+        rs = [r for r in runs if r["method"] == m]
+        xs = [xkey(r) for r in rs]
+        ys = [float(r["accuracy"]) for r in rs]
+        ax.scatter(xs, ys, color=cmap(i % 10), alpha=0.45, s=22)
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        ax.scatter([mx], [my], color=cmap(i % 10), s=90, marker="D", edgecolor="black",
+                   label=f"{m} (mean)")
+        ax.annotate(m, (mx, my), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    ax.set_ylabel("new-task accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:
+    """New-task accuracy against mask memory per task (x on a symmetric log scale: 0 shows)."""
+    plt = _pyplot()
+    runs = _new_task_runs(results)
+    if not runs:
+        raise XbmError("results hold no new-task runs to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    _scatter_by_method(ax, runs, lambda r: float(r["mask_bits"]), plt)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("mask memory per task (bits, symlog)")
+    ax.set_title("accuracy vs mask memory")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def deploy_energy_of_run(run: dict[str, Any], preset: Any) -> float:
+    """Adaption (deploy) energy of a results.json run: its recorded ``adaption_energy_j``, else
+    re-programmed cells x write energy per cell + mask bits x mask-bit write energy."""
+    if run.get("adaption_energy_j") is not None:
+        return float(run["adaption_energy_j"])
+    return (float(run.get("reprogrammed_cells", 0)) * preset.write_energy_per_cell_j()
+            + float(run["mask_bits"]) * preset.periphery.mask_bit_write_energy_j)
+
+
+def plot_accuracy_vs_energy(results: dict[str, Any], path: str | Path, preset: Any = None
+                            ) -> Path:
+    """New-task accuracy against adaption (deploy) energy per task (symlog x)."""
+    from xbm.hardware.energy import get_preset
+
+    plt = _pyplot()
+    preset = preset or get_preset()
+    runs = _new_task_runs(results)
+    if not runs:
+        raise XbmError("results hold no new-task runs to plot")
+    energies = [deploy_energy_of_run(r, preset) for r in runs]
+    positive = [e for e in energies if e > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    _scatter_by_method(ax, runs, lambda r: deploy_energy_of_run(r, preset), plt)
+    ax.set_xscale("symlog", linthresh=min(positive) / 10 if positive else 1e-15)
+    ax.set_xlabel(f"adaption energy per task (J, symlog; preset {preset.name})")
+    ax.set_title("accuracy vs adaption energy (deploy)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = [
+    "deploy_energy_of_run",
+    "load_results",
+    "plot_accuracy_vs_energy",
+    "plot_accuracy_vs_mask",
+    "plot_energy_breakdown",
+    "si_joules",
+]

@@ -1,0 +1,122 @@
+"""Task bundles and backbone files: round trips, and refusals with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xbm.data import make_fixture_task
+from xbm.errors import BundleError
+from xbm.hardware import get_spec
+from xbm.io import save_safetensors
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.train import train_task
+from xbm.train.pretrain import PretrainConfig, load_backbone, pretrain
+
+ARCH = {"name": "small_cnn", "num_classes": 4, "in_channels": 1, "width": None}
+
+
+def build(seed=0, rows=16):
+    torch.manual_seed(seed)
+    return MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                          get_spec(rows=rows, cols=16), arch=ARCH)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    mtm = build()
+    data = make_fixture_task("a", num_classes=3, n_train=32, n_test=16, seed=0)
+    for method in ("xbm", "piggyback"):
+        mtm.add_task(method, 3, method, dataset="fixture")
+        loader, _ = data.loaders(16, seed=0)
+        train_task(mtm, method, loader, 1, torch.device("cpu"), progress=False)
+    path = tmp_path / "tasks.safetensors"
+    mtm.save_bundle(path)
+    return mtm, path
+
+
+def test_bundle_round_trip_restores_outputs(trained):
+    mtm, path = trained
+    x = torch.randn(3, 1, 28, 28)
+    other = build()
+    assert other.load_bundle(path) == ["xbm", "piggyback"]
+    other.eval()
+    mtm.eval()
+    for t in ("xbm", "piggyback", "base"):
+        with mtm.use_task(t), other.use_task(t):
+            assert torch.equal(mtm(x), other(x))
+    assert other.tasks["xbm"].method == "xbm" and other.tasks["xbm"].dataset == "fixture"
+
+
+def test_bundle_refuses_another_backbone(trained):
+    _, path = trained
+    with pytest.raises(BundleError, match="backbone"):
+        build(seed=1).load_bundle(path)
+
+
+def test_bundle_refuses_another_spec(trained):
+    _, path = trained
+    with pytest.raises(BundleError, match="rows"):
+        build(rows=8).load_bundle(path)
+
+
+def test_corrupt_and_truncated_bundles(trained, tmp_path):
+    _, path = trained
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a bundle at all")
+    for p in (trunc, junk, tmp_path / "missing.safetensors"):
+        fresh = build()
+        with pytest.raises(BundleError):
+            fresh.load_bundle(p)
+        assert fresh.tasks == {}  # nothing half-loaded
+
+
+def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_path):
+    mtm, _ = trained
+    tensors = mtm.task_state_dict("xbm")
+    key = next(k for k in tensors if k.endswith("score"))
+    tensors[key] = torch.zeros(2, 2)
+    from dataclasses import asdict
+
+    meta = {"format": "xbm-task-bundle/1", "backbone_hash": mtm.backbone_hash,
+            "spec": mtm.spec.to_dict(), "arch": ARCH, "head_name": "fc",
+            "tasks": [asdict(mtm.tasks["xbm"])]}
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(bad, tensors, meta)
+    fresh = build()
+    with pytest.raises(BundleError, match="shape"):
+        fresh.load_bundle(bad)
+    assert fresh.tasks == {}
+
+
+def test_not_a_bundle(tmp_path):
+    p = tmp_path / "x.safetensors"
+    save_safetensors(p, {"a": torch.zeros(1)}, {"format": "other"})
+    with pytest.raises(BundleError, match="not an xbm task bundle"):
+        build().load_bundle(p)
+
+
+def test_backbone_file_round_trip_and_corruption(tmp_path):
+    cfg = PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
+                         train_subset=128)
+    out = tmp_path / "bb.safetensors"
+    try:
+        model, meta = pretrain(cfg, torch.device("cpu"), out, progress=False, log=lambda *a: None)
+    except Exception as exc:  # dataset not installed
+        pytest.skip(str(exc))
+    loaded, meta2 = load_backbone(out)
+    assert meta2["content_hash"] == meta["content_hash"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    # flip one byte in the tensor data: the content hash catches it
+    raw = bytearray(out.read_bytes())
+    raw[-5] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="hash|corrupt"):
+        load_backbone(bad)
+    assert not list(tmp_path.glob("*.tmp"))

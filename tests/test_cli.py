@@ -1,0 +1,119 @@
+"""The command line: the demo end to end on a tiny subset, the mapping report, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xbm.cli import main
+from xbm.methods import list_methods
+
+TINY = ["--width", "4", "--pretrain-epochs", "1", "--train-subset", "96", "--test-subset", "64",
+        "--batch-size", "32", "--epochs", "1", "--no-progress", "--device", "cpu"]
+
+
+def _datasets_installed() -> bool:
+    from xbm.data import load_dataset
+    from xbm.errors import DatasetNotFoundError
+
+    try:
+        for name in ("fashion-mnist", "mnist", "animal-mnist"):
+            load_dataset(name)
+    except DatasetNotFoundError:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _datasets_installed(),
+                                reason="offline datasets not installed (bash scripts/setup.sh)")
+
+
+@needs_data
+def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("pretrain_subset: 256\n")
+    out = tmp_path / "run"
+    rc = main(["demo", "--out", str(out), "--config", str(cfg), *TINY])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    methods = res["config"]["methods"]
+    assert set(methods) <= set(list_methods())
+    for m in methods:
+        assert m in printed
+        assert res["checks"][m]["backbone_bit_identical"] is True
+        assert res["checks"][m]["base_accuracy_unchanged"] is True
+        assert res["checks"][m]["earlier_tasks_unchanged"] is True
+    for r in res["runs"]:
+        for k in ("method", "task", "base_task", "accuracy", "mask_bits", "reprogrammed_cells",
+                  "trainable_params", "train_seconds"):
+            assert k in r, k
+    xbm_runs = [r for r in res["runs"] if r["method"] == "xbm" and not r["base_task"]]
+    pb_runs = [r for r in res["runs"] if r["method"] == "piggyback" and not r["base_task"]]
+    assert all(r["reprogrammed_cells"] == 0 for r in xbm_runs)
+    tot = res["mapping_totals"]
+    assert sum(r["mask_bits"] for r in xbm_runs) == len(xbm_runs) * tot["xbm_mask_bits"]
+    assert sum(r["mask_bits"] for r in pb_runs) == len(pb_runs) * tot["piggyback_mask_bits"]
+    # the second run reuses the cached backbone and gives the same masks and accuracies (seeded)
+    out2 = tmp_path / "run2"
+    assert main(["demo", "--out", str(out2), "--config", str(cfg), "--methods", "xbm",
+                 *TINY]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    a = [r["accuracy"] for r in res["runs"] if r["method"] == "xbm"]
+    b = [r["accuracy"] for r in res2["runs"] if r["method"] == "xbm"]
+    assert a == b
+
+
+def test_map_json_totals(capsys):
+    assert main(["map", "--model", "resnet50", "--rows", "64", "--cols", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["xbm_mask_bits"] == 366_528 and d["piggyback_mask_bits"] == 23_454_912
+    assert isinstance(d["xbm_mask_bits"], int)
+    first = d["layers"][0]
+    for k in ("name", "rows", "cols", "row_tiles", "col_tiles"):
+        assert k in first
+    assert main(["map", "--model", "resnet18_cifar"]) == 0
+    assert "XBM mask" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["map", "--model", "nope"], "unknown model 'nope'"),
+    (["map", "--model", "resnet50", "--rows", "0"], "rows"),
+    (["map", "--model", "resnet50", "--cell-bits", "9"], "cell_bits"),
+    (["map", "--model", "resnet50", "--preset", "bogus"], "unknown crossbar preset"),
+    (["demo", "--methods", "xbm,bogus"], "unknown method 'bogus'"),
+    (["demo", "--benchmark", "bogus"], "unknown benchmark"),
+    (["adapt", "--dataset", "nope-data", "--method", "xbm"], "unknown dataset"),
+    (["adapt", "--dataset", "mnist", "--method", "bogus"], "unknown method"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    rc = main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "demo" else [])])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("xbm: error:") and needle in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_image_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    rc = main(["adapt", "--dataset", f"folder:{tmp_path / 'imgs'}", "--method", "xbm"])
+    assert rc == 2
+    assert "xbm: error:" in capsys.readouterr().err
+
+
+def test_corrupt_backbone_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bb.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    rc = main(["adapt", "--dataset", "animal-mnist", "--backbone", str(bad), "--method", "xbm",
+               "--train-subset", "10"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bb.safetensors" in err
+
+
+def test_methods_lists_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for m in list_methods():
+        assert m in out

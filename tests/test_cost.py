@@ -1,0 +1,487 @@
+"""Tests of the hardware cost model: every formula on a hand-computed case, the paper's mask-memory
+figures, XBM's zero re-programming in every setting, the ``xbm cost`` command and its bad inputs.
+
+The hand case: one 3x3 conv, Cin=4, Cout=5, on a 6x6 input (4x4 = 16 output positions), mapped on
+16x16 crossbars with 8-bit weights on 2-bit differential cells (4 slices, 8 cells per weight),
+4-bit inputs fed bit-serially (4 cycles), a 6-bit ADC. Layer matrix: rows = 4*3*3 = 36, cols = 5;
+row tiles = ceil(36/16) = 3; column tiles = ceil(5*8/16) = 3; 180 weights, 1440 cells.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from xbm.cli import main
+from xbm.errors import ConfigError, UnknownNameError
+from xbm.hardware import cost as C
+from xbm.hardware.energy import (
+    PRESETS,
+    DeviceParams,
+    EnergyPreset,
+    PeripheryParams,
+    get_preset,
+    load_preset_file,
+)
+from xbm.hardware.mapping import map_model
+from xbm.hardware.spec import CrossbarSpec
+from xbm.io import save_safetensors, tensors_hash
+
+# -- the hand case --------------------------------------------------------------------------------
+SPEC = CrossbarSpec(rows=16, cols=16, weight_bits=8, cell_bits=2, input_bits=4, dac_bits=1,
+                    adc_bits=6)
+PRESET = EnergyPreset(
+    name="hand",
+    device=DeviceParams(write_voltage_v=2.0, write_pulse_s=1e-8, r_on_ohm=1e4, on_off_ratio=4.0,
+                        read_voltage_v=0.2, read_pulse_s=1e-8, write_pulses_per_cell=10,
+                        verify_reads_per_pulse=1),
+    periphery=PeripheryParams(adc_energy_ref_j=1e-12, adc_ref_bits=8, adc_energy_bit_scaling=2.0,
+                              adc_latency_ref_s=8e-9, columns_per_adc=4, dac_energy_j=1e-13,
+                              shift_add_energy_j=1e-14, mask_bit_write_energy_j=1e-13,
+                              mask_write_bits_per_cycle=4, digital_cycle_s=1e-9,
+                              wordline_activity=0.5, parallel_write_crossbars=1),
+)
+# G_on = 1e-4 S, G_off = 2.5e-5 S, G_mean = 6.25e-5 S
+E_PULSE = 2.0 ** 2 * 6.25e-5 * 1e-8  # 2.5e-12 J
+E_READ = 0.2 ** 2 * 6.25e-5 * 1e-8  # 2.5e-14 J
+E_CELL = 10 * (E_PULSE + E_READ)  # write-and-verify, per cell
+E_ADC = 1e-12 * 2.0 ** (6 - 8)  # 6-bit ADC: 0.25 pJ
+T_ADC = 8e-9 * 6 / 8
+
+
+class Tiny(nn.Module):
+    head_name = "fc"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 5, 3, bias=False)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_mapping():
+    m = map_model(Tiny(), SPEC)
+    (lm,) = m.layers
+    assert (lm.rows, lm.cols, lm.row_tiles, lm.col_tiles, lm.weights, lm.cells) == \
+        (36, 5, 3, 3, 180, 1440)
+    return m
+
+
+def test_device_constants() -> None:
+    d = PRESET.device
+    assert d.g_on_s == pytest.approx(1e-4)
+    assert d.g_off_s == pytest.approx(2.5e-5)
+    assert d.write_pulse_energy_j == pytest.approx(E_PULSE)
+    assert d.cell_read_energy_j == pytest.approx(E_READ)
+    assert PRESET.write_energy_per_cell_j() == pytest.approx(2.525e-11)
+    assert PRESET.write_time_per_row_s() == pytest.approx(10 * (1e-8 + 1e-8))
+    worst = DeviceParams(write_voltage_v=2.0, write_pulse_s=1e-8, r_on_ohm=1e4, on_off_ratio=4.0,
+                         write_conductance="on")
+    assert worst.write_pulse_energy_j == pytest.approx(4 * 1e-4 * 1e-8)
+    p = PRESET.periphery
+    assert p.adc_energy_j(6) == pytest.approx(0.25e-12)
+    assert p.adc_energy_j(8) == pytest.approx(1e-12)
+    assert p.adc_latency_s(6) == pytest.approx(6e-9)
+    assert p.dac_drive_energy_j(1) == pytest.approx(1e-13)
+    assert p.dac_drive_energy_j(3) == pytest.approx(4e-13)
+
+
+def test_layer_events_hand_case(tiny_mapping) -> None:
+    (lm,) = tiny_mapping.layers
+    ev = C.layer_events(lm, SPEC, PRESET, positions=16, masked_off_columns=3)
+    per = 16 * 4  # positions x input cycles
+    assert ev.cell_reads == per * 1440 == 92160
+    assert ev.dac_drives == per * 36 * 3 == 6912
+    # 4 conversions (slices) per column, 3 x 5 = 15 columns, 3 switched off
+    assert ev.adc_conversions == per * 4 * 12 == 3072
+    assert ev.shift_adds == 3072
+    # busiest crossbar: 2 logical columns x 4 slices = 8 conversions over ceil(8/4) = 2 ADCs;
+    # 12/15 of them active: ceil(6.4 / 2) = 4 sequential conversions of 6 ns > 10 ns read pulse
+    assert ev.cycle_s == pytest.approx(4 * T_ADC)
+    assert ev.latency_s == pytest.approx(per * 4 * T_ADC)
+    none_off = C.layer_events(lm, SPEC, PRESET, positions=16, masked_off_columns=0)
+    assert none_off.adc_conversions == per * 4 * 15
+
+
+def test_positions_from_forward_hooks() -> None:
+    with torch.device("meta"):
+        model = Tiny()
+    assert C.output_positions(model, (1, 4, 6, 6), ["conv"]) == {"conv": 16}
+
+
+def test_touched_rows(tiny_mapping) -> None:
+    (lm,) = tiny_mapping.layers
+    slots = 36 * 3  # every matrix row once per column tile
+    assert C.touched_rows(lm, 0.0) == 0
+    assert C.touched_rows(lm, 1.0) == pytest.approx(slots)
+    assert C.touched_rows(lm, 0.1) == pytest.approx(slots * (1 - 0.9 ** (5 / 3)))
+    assert C.touched_rows(lm, 0.1, "packed") == pytest.approx(0.1 * slots)
+
+
+def _cost(method: str, mapping, bits: int, **a):
+    assumptions = C.Assumptions(**a)
+    facts = C.default_facts(method, mapping, {"conv": bits}, assumptions)
+    return C.method_cost(method, facts, mapping, {"conv": 16}, PRESET, assumptions), facts
+
+
+def test_piggyback_deploy_switch_onchip(tiny_mapping) -> None:
+    (lm,) = tiny_mapping.layers
+    c, (f,) = _cost("piggyback", tiny_mapping, 180, rewrite_fraction={"piggyback": 0.1},
+                    iterations=10, batch_size=2, backward_factor=1.0, churn=1.0)
+    # deploy: 10% of 180 weights = 18 weights x 8 cells re-programmed to zero, 180 mask bits
+    assert f.reprogrammed_cells == 144
+    assert c.deploy["write_pulses"].events == 1440
+    assert c.deploy["verify_reads"].events == 1440
+    assert c.energy("deploy") == pytest.approx(144 * E_CELL + 180 * 1e-13)
+    # switch between two tasks: independent masks differ on 2f(1-f) = 18% = round(32.4) weights
+    assert f.switch_cells == 32 * 8
+    assert c.energy("switch") == pytest.approx(256 * E_CELL + 180 * 1e-13)
+    # latency: touched rows x pulses x (write + verify) + ceil(180 bits / 4) digital cycles
+    rows = 108 * (1 - 0.9 ** (5 / 3))
+    assert c.time("deploy") == pytest.approx(rows * 10 * 2e-8 + 45 * 1e-9)
+    # inference per image: no column is switched off
+    infer = (16 * 4 * 1440 * E_READ * 0.5 + 6912 * 1e-13 + 16 * 4 * 4 * 15 * (E_ADC + 1e-14))
+    assert c.energy("inference") == pytest.approx(infer)
+    # on-chip: 10 iterations x 2 images x (1 forward + 1 backward) passes; flips: each masked
+    # weight rewritten once (churn 1); the mask is rewritten every iteration
+    assert c.energy("onchip") == pytest.approx(40 * infer + 144 * E_CELL + 10 * 180 * 1e-13)
+
+
+def test_finetune_rewrites_every_update(tiny_mapping) -> None:
+    c, (f,) = _cost("finetune", tiny_mapping, 0, iterations=10, batch_size=2)
+    assert f.reprogrammed_cells == 1440
+    assert f.switch_cells == 1440
+    assert f.onchip_cells == 10 * 1440
+    assert c.energy("deploy") == pytest.approx(1440 * E_CELL)
+
+
+def test_xbm_is_a_register_write(tiny_mapping) -> None:
+    c, (f,) = _cost("xbm", tiny_mapping, 15, column_off_fraction={"xbm": 0.2},
+                    iterations=10, batch_size=2)
+    assert f.mask_bits == 15 and f.masked_off_columns == 3
+    assert f.reprogrammed_cells == f.switch_cells == 0 and f.onchip_cells == 0
+    assert c.energy("deploy") == pytest.approx(15 * 1e-13)
+    assert c.energy("switch") == pytest.approx(15 * 1e-13)
+    assert c.time("switch") == pytest.approx(math.ceil(15 / 4) * 1e-9)
+    assert c.inference["adc_conversions"].events == 16 * 4 * 4 * 12
+
+
+def test_terms_are_traceable(tiny_mapping) -> None:
+    c, _ = _cost("piggyback", tiny_mapping, 180)
+    d = c.to_dict()
+    for setting in ("deploy", "switch", "inference", "onchip"):
+        for t in d["breakdown"][setting].values():
+            assert t["value"] == pytest.approx(t["events"] * t["per_event"])
+            assert t["constant"]
+    assert d["adaption_energy_j"] == pytest.approx(
+        sum(t["value"] for t in d["breakdown"]["deploy"].values()))
+
+
+# -- ResNet-50 mask memory (papers.md section 5) ------------------------------------------------
+@pytest.mark.parametrize("R,xbm_bits", [(64, 366_528), (128, 183_936)])
+def test_resnet50_mask_bits(R: int, xbm_bits: int) -> None:
+    spec = CrossbarSpec(rows=R, cols=R)
+    ctx = C.model_context("resnet50", spec)
+    report = C.cost_model(ctx, ["xbm", "piggyback"])
+    d = report.to_dict()
+    assert d["methods"]["xbm"]["mask_bits"] == xbm_bits
+    assert d["methods"]["piggyback"]["mask_bits"] == 23_454_912
+    assert d["mask_memory"]["column_bits"] == sum(math.ceil(lm.rows / R) * lm.cols
+                                                  for lm in ctx.mapping.layers) == xbm_bits
+    assert len(ctx.mapping.layers) == 53
+    assert ctx.positions["conv1"] == 112 * 112 and ctx.positions["layer4.2.conv3"] == 7 * 7
+    cmp = d["comparisons"]["xbm_vs_piggyback"]
+    assert cmp["mask_bits_ratio"] == pytest.approx(xbm_bits / 23_454_912)
+    assert d["methods"]["xbm"]["reprogrammed_cells"] == 0
+    assert d["methods"]["xbm"]["switch_reprogrammed_cells"] == 0
+
+
+# -- learned tasks --------------------------------------------------------------------------
+def _mtm(seed: int = 0, width: int = 4):
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    torch.manual_seed(seed)
+    arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "width": width}
+    backbone = create_model("small_cnn", num_classes=3, in_channels=1, width=width)
+    return MultiTaskModel(backbone, CrossbarSpec(rows=16, cols=16), arch=arch), backbone, arch
+
+
+def _mask_off(mtm, task: str, fraction: float, seed: int) -> None:
+    """Push a seeded random fraction of a mask method's scores below the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, st in mtm.layer_states(task):
+            off = torch.rand(st.score.shape, generator=g) < fraction
+            st.score[off] = -1.0
+
+
+@pytest.fixture(scope="module")
+def learned():
+    mtm, backbone, arch = _mtm()
+    mtm.add_task("pa", 3, "piggyback")
+    _mask_off(mtm, "pa", 0.2, 1)
+    mtm.add_task("pb", 3, "piggyback")
+    _mask_off(mtm, "pb", 0.2, 2)
+    mtm.add_task("xa", 3, "xbm")
+    _mask_off(mtm, "xa", 0.3, 3)
+    mtm.add_task("xb", 3, "xbm")
+    _mask_off(mtm, "xb", 0.3, 4)
+    mtm.add_task("ft", 3, "finetune")
+    with torch.no_grad():
+        for _, _layer, st in mtm.layer_states("ft"):
+            st.weight[0].add_(1.0)  # one changed output row per layer
+    return mtm, backbone, arch
+
+
+def test_task_costs_exact(learned) -> None:
+    mtm, _, _ = learned
+    preset = get_preset()
+    cpw = mtm.spec.cells_per_weight
+    for t in ("pa", "xa", "ft"):
+        d = C.task_costs(mtm, t, preset)
+        for k in ("adaption_energy_j", "switch_energy_j", "mask_bits", "reprogrammed_cells",
+                  "inference_energy_j", "onchip_adaption_energy_j"):
+            assert k in d
+        assert d["mask_bits"] == mtm.mask_bits(t)
+        assert d["reprogrammed_cells"] == mtm.reprogrammed_cells(t)
+    pa = C.task_costs(mtm, "pa", preset)
+    assert pa["adaption_energy_j"] == pytest.approx(
+        pa["reprogrammed_cells"] * preset.write_energy_per_cell_j()
+        + pa["mask_bits"] * preset.periphery.mask_bit_write_energy_j)
+    # from the base task the switch rewrites exactly what deployment rewrites
+    assert pa["switch_reprogrammed_cells"] == pa["reprogrammed_cells"]
+    # between two Piggyback tasks: the symmetric difference of their masks
+    masks = {t: [st.score.detach() > 5e-3 for _, _, st in mtm.layer_states(t)]
+             for t in ("pa", "pb")}
+    sym = sum(int((a ^ b).sum()) for a, b in zip(masks["pa"], masks["pb"], strict=True))
+    ab = C.task_cost(mtm, "pb", preset, reference="pa")
+    assert ab.switch_cells == sym * cpw
+    ft = C.task_costs(mtm, "ft", preset)
+    changed = sum(layer.matrix_rows for _, layer, _ in mtm.layer_states("ft"))
+    assert ft["reprogrammed_cells"] == changed * cpw
+
+
+def test_xbm_reprograms_nothing_in_any_setting(learned) -> None:
+    mtm, _, _ = learned
+    for ref in ("base", "pa", "xb", "ft"):
+        c = C.task_cost(mtm, "xa", get_preset(), reference=ref)
+        assert c.reprogrammed_cells == 0
+        assert all(f.onchip_cells == 0 for f in c.facts)
+        assert c.deploy["write_pulses"].events == 0 and c.onchip["rewrite_write_pulses"].events == 0
+        if ref in ("base", "xb"):
+            assert c.switch_cells == 0
+            assert c.energy("switch") == pytest.approx(
+                mtm.mask_bits("xa") * get_preset().periphery.mask_bit_write_energy_j)
+    # leaving a cell-changing task means restoring its cells, never writing XBM's
+    assert C.task_cost(mtm, "xa", get_preset(), reference="pa").switch_cells == \
+        mtm.reprogrammed_cells("pa")
+    assert C.task_cost(mtm, "xa", get_preset()).masked_off_columns == mtm.masked_off_columns("xa")
+    matrix = C.switch_matrix(mtm, get_preset(), ["xa", "xb"])
+    bit = get_preset().periphery.mask_bit_write_energy_j
+    assert matrix["xa"]["xb"] == pytest.approx(mtm.mask_bits("xb") * bit)
+
+
+def test_default_xbm_zero_in_every_setting() -> None:
+    ctx = C.model_context("small_cnn", CrossbarSpec(rows=16, cols=16))
+    for a in (C.Assumptions(), C.Assumptions(iterations=5, churn=50.0,
+                                             rewrite_fraction={"xbm": 1.0})):
+        c = C.cost_model(ctx, ["xbm"], assumptions=a).costs[0]
+        assert c.reprogrammed_cells == 0 and c.switch_cells == 0
+        assert sum(f.onchip_cells for f in c.facts) == 0
+
+
+# -- presets --------------------------------------------------------------------------------
+def test_presets_cite_and_roundtrip(tmp_path) -> None:
+    assert {"neurosim", "mnsim", "isaac", "default"} <= set(PRESETS)
+    ns = PRESETS["neurosim"].device
+    assert (ns.write_voltage_v, ns.write_pulse_s, ns.r_on_ohm, ns.on_off_ratio,
+            ns.read_voltage_v, ns.read_pulse_s) == (4.0, 50e-9, 240e3, 100.0, 0.5, 10e-9)
+    mn = PRESETS["mnsim"]
+    assert (mn.device.write_voltage_v, mn.device.write_pulse_s, mn.device.read_voltage_v,
+            mn.device.read_pulse_s, mn.spec_overrides["rows"]) == (3.0, 10e-9, 0.15, 3.16e-9, 256)
+    assert PRESETS["isaac"].spec_overrides["rows"] == 128
+    assert PRESETS["isaac"].spec_overrides["adc_bits"] == 8
+    for name, p in PRESETS.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(p.to_yaml())
+        assert load_preset_file(f) == p
+
+
+@pytest.mark.parametrize("field,value", [("device.write_voltage_v", 0),
+                                         ("device.r_on_ohm", -5.0),
+                                         ("periphery.adc_energy_ref_j", 0.0),
+                                         ("periphery.columns_per_adc", 0)])
+def test_bad_constant_names_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        get_preset().with_overrides({field: value})
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(UnknownNameError, match="energy preset"):
+        get_preset("nope")
+
+
+# -- the command ------------------------------------------------------------------------------
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["cost", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_resnet50_json(capsys) -> None:
+    rc, out, _ = _run(capsys, "--model", "resnet50", "--rows", "64", "--cols", "64", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    for m in ("finetune", "piggyback", "xbm"):
+        for k in ("mask_bits", "reprogrammed_cells", "adaption_energy_j", "switch_energy_j"):
+            assert isinstance(d["methods"][m][k], (int, float))
+    assert d["methods"]["xbm"]["mask_bits"] == 366_528
+    assert d["methods"]["piggyback"]["mask_bits"] == 23_454_912
+    assert d["methods"]["xbm"]["reprogrammed_cells"] == 0
+
+
+def test_cli_text_sensitivity_and_dump(capsys) -> None:
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm,piggyback",
+                      "--sensitivity", "--per-layer", "--piggyback-off-fraction", "0.2")
+    assert rc == 0
+    assert "xbm" in out and "| parameter |" in out and "per layer" in out
+    rc, out, _ = _run(capsys, "--dump-preset", "mnsim")
+    assert rc == 0 and "write_voltage_v: 3.0" in out
+
+
+def _one_line_error(capsys, *argv: str) -> str:
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xbm: error:")
+    return lines[0]
+
+
+def test_cli_bad_inputs(capsys, tmp_path) -> None:
+    assert "energy preset 'foo'" in _one_line_error(capsys, "--model", "small_cnn",
+                                                    "--energy", "foo")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(get_preset("neurosim").to_yaml().replace("write_voltage_v: 4.0",
+                                                            "write_voltage_v: -4.0"))
+    assert "device.write_voltage_v" in _one_line_error(capsys, "--model", "small_cnn",
+                                                       "--preset-file", str(bad))
+    bad.write_text("device:\n  write_pulses_per_cell: 0\n")
+    assert "device.write_pulses_per_cell" in _one_line_error(capsys, "--model", "small_cnn",
+                                                             "--preset-file", str(bad))
+    bad.write_text("device:\n  wrte_voltage_v: 3\n")
+    assert "device.wrte_voltage_v" in _one_line_error(capsys, "--model", "small_cnn",
+                                                      "--preset-file", str(bad))
+    assert "cell_bits" in _one_line_error(capsys, "--model", "small_cnn", "--weight-bits", "4",
+                                          "--cell-bits", "8")
+    assert "dac_bits" in _one_line_error(capsys, "--model", "small_cnn", "--input-bits", "4",
+                                         "--dac-bits", "8")
+    assert "adc_bits" in _one_line_error(capsys, "--model", "small_cnn", "--adc-bits", "20")
+    assert "piggyback" in _one_line_error(capsys, "--model", "small_cnn",
+                                          "--piggyback-off-fraction", "1.5")
+    assert "iterations" in _one_line_error(capsys, "--model", "small_cnn", "--iterations", "0")
+    assert "unknown model" in _one_line_error(capsys, "--model", "nonet")
+    assert "input_size" in _one_line_error(capsys, "--model", "small_cnn", "--input-size", "0")
+    assert "METHOD=FRACTION" in _one_line_error(capsys, "--model", "small_cnn",
+                                                "--fraction", "xbm")
+
+
+def test_cli_energy_spec_and_overrides(capsys) -> None:
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm", "--energy", "isaac",
+                      "--energy-spec", "--cols", "256", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    # the preset's geometry (128 rows, 16-bit weights on 2-bit cells), explicit --cols wins
+    assert (d["spec"]["rows"], d["spec"]["cols"], d["spec"]["weight_bits"]) == (128, 256, 16)
+    assert d["energy_preset"]["name"] == "isaac"
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback", "--set-energy",
+                      "device.write_pulses_per_cell=5", "--json")
+    d = json.loads(out)
+    assert d["constants"]["write_energy_per_cell_j"] == pytest.approx(
+        get_preset().with_overrides({"device.write_pulses_per_cell": 5}).write_energy_per_cell_j())
+
+
+def _save_backbone(path, backbone, arch) -> None:
+    state = backbone.state_dict()
+    save_safetensors(path, state, {"format": "xbm-backbone/1", "arch": arch, "dataset": "x",
+                                   "accuracy": 0.0, "content_hash": tensors_hash(state)})
+
+
+def test_cli_bundle(capsys, tmp_path) -> None:
+    mtm, backbone, arch = _mtm(seed=0)
+    bb = tmp_path / "bb.safetensors"
+    _save_backbone(bb, backbone, arch)
+    mtm.add_task("px", 3, "piggyback")
+    _mask_off(mtm, "px", 0.1, 5)
+    mtm.add_task("xx", 3, "xbm")
+    _mask_off(mtm, "xx", 0.1, 6)
+    bundle = tmp_path / "tasks.safetensors"
+    mtm.save_bundle(bundle)
+    rc, out, _ = _run(capsys, "--bundle", str(bundle), "--backbone", str(bb), "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["tasks"]["px"]["reprogrammed_cells"] == mtm.reprogrammed_cells("px")
+    assert d["tasks"]["xx"]["reprogrammed_cells"] == 0
+    assert d["methods"]["xbm"]["mask_bits"] == mtm.mask_bits("xx")
+    assert d["switch_energy_matrix_j"]["xx"]["px"] > d["switch_energy_matrix_j"]["px"]["xx"]
+    # without --backbone, the cached backbone whose content hash matches the bundle's is used
+    from xbm.train.pretrain import cache_dir
+
+    assert "--backbone" in _one_line_error(capsys, "--bundle", str(bundle))
+    cached = cache_dir() / "backbones" / "small.safetensors"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(bb.read_bytes())
+    rc, out, _ = _run(capsys, "--bundle", str(bundle), "--json")
+    assert rc == 0 and json.loads(out)["tasks"]["px"]["reprogrammed_cells"] > 0
+    cached.unlink()
+    # measured fractions calibrate the no-weights defaults
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm",
+                      "--fractions-from", str(bundle), "--backbone", str(bb), "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["methods"]["piggyback"]["info"]["rewrite_fraction"] == pytest.approx(
+        mtm.reprogrammed_cells("px") / sum(lm.cells for lm in mtm.mapping().layers))
+    # a bundle from another backbone: same architecture, other weights
+    other, backbone2, _ = _mtm(seed=1)
+    bb2 = tmp_path / "bb2.safetensors"
+    _save_backbone(bb2, backbone2, arch)
+    assert "backbone" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb2))
+    # ... or another architecture
+    _, backbone3, arch3 = _mtm(seed=0, width=8)
+    bb3 = tmp_path / "bb3.safetensors"
+    _save_backbone(bb3, backbone3, arch3)
+    assert "arch.width" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone",
+                                           str(bb3))
+    assert "rows" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb),
+                                     "--rows", "64")
+
+
+def test_plots(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from xbm.report import plots
+
+    ctx = C.model_context("small_cnn", CrossbarSpec(rows=16, cols=16))
+    report = C.cost_model(ctx, ["finetune", "piggyback", "xbm"]).to_dict()
+    p = plots.plot_energy_breakdown(report, tmp_path / "e.png")
+    assert p.read_bytes()[:4] == b"\x89PNG"
+    runs = [{"method": m, "task": t, "base_task": False, "accuracy": acc, "mask_bits": bits,
+             "reprogrammed_cells": cells}
+            for m, bits, cells, acc in (("xbm", 100, 0, 90.0), ("piggyback", 6400, 640, 92.0),
+                                        ("finetune", 0, 51200, 93.0))
+            for t in ("a", "b")]
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"runs": runs}))
+    data = plots.load_results(res)
+    assert plots.plot_accuracy_vs_mask(data, tmp_path / "m.png").is_file()
+    assert plots.plot_accuracy_vs_energy(data, tmp_path / "a.png").is_file()
+    assert plots.deploy_energy_of_run(runs[2], get_preset()) == pytest.approx(
+        640 * get_preset().write_energy_per_cell_j() + 6400 *
+        get_preset().periphery.mask_bit_write_energy_j)

@@ -1,0 +1,170 @@
+"""The tiled view and column masks against plain per-column reference loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xbm.errors import ConfigError, UnknownNameError
+from xbm.hardware import CrossbarSpec, get_spec, map_model
+from xbm.hardware.mapping import (
+    apply_column_mask,
+    column_sum_over_tiles,
+    from_tile_view,
+    layer_matrix_shape,
+    tile_view,
+)
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+
+# (module factory, R): rows divisible and not divisible by R, grouped, 1x1, Linear
+LAYERS = [
+    (lambda: nn.Conv2d(3, 5, 3, padding=1, bias=False), 8),  # rows 27, ragged tiles
+    (lambda: nn.Conv2d(4, 6, 3, bias=False), 12),  # rows 36 = 3 full tiles
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False), 5),  # grouped, rows 18
+    (lambda: nn.Conv2d(6, 7, 1, stride=2, bias=False), 4),  # 1x1, rows 6
+    (lambda: nn.Conv2d(3, 4, (3, 2), padding=(1, 0), bias=True), 7),  # bias, non-square kernel
+    (lambda: nn.Linear(19, 5), 8),
+    (lambda: nn.Linear(16, 3), 16),  # exactly one tile
+    (lambda: nn.Linear(5, 4), 64),  # R larger than rows
+]
+
+
+@pytest.mark.parametrize("make,R", LAYERS)
+def test_tile_view_round_trips(make, R):
+    torch.manual_seed(1)
+    w = make().weight.detach()
+    tv = tile_view(w, R)
+    rows, cols = layer_matrix_shape(make())
+    assert tv.shape == (cols, math.ceil(rows / R), R)
+    assert torch.equal(from_tile_view(tv, w.shape), w)
+    # padding is zero
+    assert torch.count_nonzero(tv.reshape(cols, -1)[:, rows:]) == 0
+
+
+def reference_masked_forward(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor, R: int):
+    """Per crossbar column, loop by loop: sum over each row tile's rows, scale, accumulate."""
+    w = mod.weight.detach()
+    cout = w.shape[0]
+    if isinstance(mod, nn.Linear):
+        cols_in = x  # (B, rows)
+        out = torch.zeros(x.shape[0], cout)
+        rows = w.shape[1]
+        for c in range(cout):
+            for t in range(math.ceil(rows / R)):
+                r0, r1 = t * R, min((t + 1) * R, rows)
+                out[:, c] += mask[t, c] * (cols_in[:, r0:r1] @ w[c, r0:r1])
+        return out + (mod.bias.detach() if mod.bias is not None else 0)
+    g = mod.groups
+    cin_g = w.shape[1]
+    cout_g = cout // g
+    xu = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                  stride=mod.stride)  # (B, Cin*kh*kw, L)
+    rows = cin_g * mod.kernel_size[0] * mod.kernel_size[1]
+    h = (x.shape[2] + 2 * mod.padding[0] - mod.kernel_size[0]) // mod.stride[0] + 1
+    wd = (x.shape[3] + 2 * mod.padding[1] - mod.kernel_size[1]) // mod.stride[1] + 1
+    out = torch.zeros(x.shape[0], cout, xu.shape[2])
+    for c in range(cout):
+        grp = c // cout_g
+        xg = xu[:, grp * rows:(grp + 1) * rows]
+        wc = w[c].reshape(-1)
+        for t in range(math.ceil(rows / R)):
+            r0, r1 = t * R, min((t + 1) * R, rows)
+            out[:, c] += mask[t, c] * torch.einsum("brl,r->bl", xg[:, r0:r1], wc[r0:r1])
+    out = out.reshape(x.shape[0], cout, h, wd)
+    if mod.bias is not None:
+        out = out + mod.bias.detach()[None, :, None, None]
+    return out
+
+
+@pytest.mark.parametrize("make,R", LAYERS)
+@pytest.mark.parametrize("binary", [True, False])
+def test_masked_crossbar_layer_equals_per_column_loop(make, R, binary):
+    torch.manual_seed(2)
+    mod = make()
+    rows, cols = layer_matrix_shape(mod)
+    rt = math.ceil(rows / R)
+    mask = (torch.rand(rt, cols) > 0.4).float() if binary else torch.rand(rt, cols) * 2
+    x = torch.randn(2, mod.in_features) if isinstance(mod, nn.Linear) else \
+        torch.randn(2, mod.in_channels, 7, 6)
+    ref = reference_masked_forward(mod, x, mask, R)
+
+    # the crossbar layer, through the XBM method with scores set to produce `mask`
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = mod
+            self.fc = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    mtm = MultiTaskModel(Wrap(), CrossbarSpec(rows=R, cols=max(64, 8)))
+    got_fn = apply_column_mask(mod.weight, mask, R)
+    if binary:
+        mtm.add_task("t", 2, "xbm")
+        st = mtm.model.layer.xbm_tasks["t"]
+        with torch.no_grad():
+            st.score.copy_(torch.where(mask > 0, torch.tensor(1e-2), torch.tensor(0.0)))
+        got = mtm(x).detach()
+    else:
+        w, b = got_fn, mod.bias
+        got = F.linear(x, w, b) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, b)
+        got = got.detach()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_column_sum_is_adjoint_of_column_mask():
+    torch.manual_seed(3)
+    w = torch.randn(6, 4, 3, 3)
+    R = 7
+    rt = math.ceil(36 / R)
+    m = torch.randn(rt, 6)
+    g = torch.randn_like(w)
+    lhs = (apply_column_mask(w, m, R) * g).sum()
+    rhs = (column_sum_over_tiles(w * g, R) * m).sum()
+    torch.testing.assert_close(lhs, rhs)
+
+
+def test_resnet50_mask_bits_match_papers_arithmetic():
+    with torch.device("meta"):
+        model = create_model("resnet50")
+    for R, xbm_bits in ((64, 366_528), (128, 183_936)):
+        rep = map_model(model, get_spec(rows=R))
+        t = rep.totals()
+        assert t["layers"] == 53
+        assert t["piggyback_mask_bits"] == 23_454_912
+        assert t["xbm_mask_bits"] == xbm_bits
+        expect = sum(math.ceil(lm.rows / R) * lm.cols for lm in rep.layers)
+        assert t["xbm_mask_bits"] == expect
+
+
+def test_mapping_counts_tiles_with_slices():
+    spec = CrossbarSpec(rows=64, cols=64, weight_bits=8, cell_bits=2)  # 4 slices x 2 = 8 columns
+    conv = nn.Conv2d(16, 20, 3, bias=False)  # rows 144 -> 3 row tiles; 20*8=160 cols -> 3 tiles
+    from xbm.hardware.mapping import LayerMapping
+
+    lm = LayerMapping.of("c", conv, spec)
+    assert (lm.row_tiles, lm.col_tiles, lm.crossbars) == (3, 3, 9)
+    assert lm.xbm_mask_bits == 60 and lm.piggyback_mask_bits == 2880
+    assert lm.cells == 2880 * 8
+    assert spec.logical_cols == 8
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"rows": 0}, "rows"), ({"cols": -1}, "cols"), ({"cell_bits": 9}, "cell_bits"),
+    ({"signed": "magic"}, "signed"), ({"dac_bits": 16}, "dac_bits"),
+    ({"cols": 4, "weight_bits": 8, "cell_bits": 1}, "cols"), ({"rows": 2.5}, "rows"),
+])
+def test_spec_rejects_impossible_values(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        CrossbarSpec(**bad)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(UnknownNameError, match="default"):
+        get_spec("nope")

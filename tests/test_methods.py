@@ -1,0 +1,178 @@
+"""Every registered method, table-driven over the registry, on toy models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xbm.data import make_fixture_task
+from xbm.errors import ConfigError, UnknownNameError, XbmError
+from xbm.hardware import get_spec
+from xbm.methods import METHODS, create_method, list_methods
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.nn import crossbar_layers
+from xbm.train import seed_everything, train_task
+
+ALL = list_methods()
+
+
+def make_mtm(seed: int = 0, model: str = "small_cnn") -> MultiTaskModel:
+    torch.manual_seed(seed)
+    bb = create_model(model, num_classes=4, in_channels=1)
+    return MultiTaskModel(bb, get_spec(rows=16, cols=16))
+
+
+def snapshot(mtm: MultiTaskModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in mtm.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def task_a():
+    return make_fixture_task("a", num_classes=3, n_train=64, n_test=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def task_b():
+    return make_fixture_task("b", num_classes=5, n_train=64, n_test=32, seed=2)
+
+
+def test_registry_has_the_issue_methods():
+    for name in ("finetune", "linear-probe", "piggyback", "xbm"):
+        assert name in METHODS
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_training_step_touches_only_the_task_state(method, task_a, task_b):
+    mtm = make_mtm()
+    x = torch.randn(4, 1, 28, 28)
+    base_out = mtm(x).detach()
+    mtm.add_task("a", task_a.num_classes, method)
+    seed_everything(0)
+    loader, test = task_a.loaders(16, seed=0)
+    train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False)
+    with mtm.use_task("a"):
+        out_a = mtm(x).detach()
+    before = snapshot(mtm)
+    backbone_before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+
+    mtm.add_task("b", task_b.num_classes, method)
+    b_init = {k: v.clone() for k, v in mtm.task_state_dict("b").items()}
+    loader_b, _ = task_b.loaders(16, seed=0)
+    train_task(mtm, "b", loader_b, 2, torch.device("cpu"), progress=False)
+    after = mtm.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Only task b's state may change; task a and the programmed backbone are bit-identical.
+    assert all(".xbm_tasks.b." in k or k.startswith("xbm_tasks.b.") for k in changed), changed
+    for k, v in backbone_before.items():
+        assert torch.equal(v, mtm.backbone_state()[k]), k
+    with mtm.use_task("a"):
+        assert torch.equal(mtm(x).detach(), out_a)
+    with mtm.use_task("base"):
+        assert torch.equal(mtm(x).detach(), base_out)
+    # task b trained something
+    b_now = mtm.task_state_dict("b")
+    assert any(not torch.equal(b_init[k], b_now[k]) for k in b_init)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_reports_costs(method):
+    mtm = make_mtm()
+    mtm.add_task("a", 3, method)
+    assert mtm.trainable_params("a") > 0
+    assert mtm.mask_bits("a") >= 0 and mtm.reprogrammed_cells("a") >= 0
+    if not METHODS[method].reprograms_cells:
+        assert mtm.reprogrammed_cells("a") == 0
+
+
+def test_xbm_mask_is_one_bit_per_crossbar_column_and_never_reprograms():
+    mtm = make_mtm()
+    mtm.add_task("x", 3, "xbm")
+    mtm.add_task("p", 3, "piggyback")
+    expect_x = sum(math.ceil(layer.matrix_rows / 16) * layer.matrix_cols
+                   for _, layer in crossbar_layers(mtm.model))
+    expect_p = sum(layer.weight.numel() for _, layer in crossbar_layers(mtm.model))
+    assert mtm.mask_bits("x") == expect_x
+    assert mtm.mask_bits("p") == expect_p
+    # switch some masks off: XBM still re-programs nothing, Piggyback counts masked cells
+    for _, _layer, st in mtm.layer_states("x"):
+        with torch.no_grad():
+            st.score[0].fill_(-1.0)
+    n_off = 0
+    for _, _layer, st in mtm.layer_states("p"):
+        with torch.no_grad():
+            st.score.view(-1)[:3] = -1.0
+        n_off += 3
+    assert mtm.reprogrammed_cells("x") == 0
+    assert mtm.masked_off_columns("x") == sum(layer.matrix_cols for _, layer, _ in
+                                              mtm.layer_states("x"))
+    assert mtm.reprogrammed_cells("p") == n_off * mtm.spec.cells_per_weight
+
+
+def test_finetune_counts_changed_weights(task_a):
+    mtm = make_mtm()
+    mtm.add_task("f", task_a.num_classes, "finetune")
+    assert mtm.reprogrammed_cells("f") == 0
+    loader, _ = task_a.loaders(16, seed=0)
+    train_task(mtm, "f", loader, 1, torch.device("cpu"), progress=False)
+    changed = sum(int((st.weight != layer.weight).sum()) for _, layer, st in mtm.layer_states("f"))
+    assert changed > 0
+    assert mtm.reprogrammed_cells("f") == changed * mtm.spec.cells_per_weight
+
+
+@pytest.mark.parametrize("method", ["xbm", "piggyback"])
+def test_same_seed_gives_same_masks(method, task_a):
+    scores = []
+    for _ in range(2):
+        mtm = make_mtm(seed=0)
+        seed_everything(5)
+        mtm.add_task("a", task_a.num_classes, method)
+        loader, _ = task_a.loaders(16, seed=0)
+        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False)
+        scores.append(torch.cat([st.score.flatten() for _, _, st in mtm.layer_states("a")]))
+    assert torch.equal(scores[0], scores[1])
+
+
+def test_bn_switch_off_uses_frozen_base_bn(task_a):
+    mtm = make_mtm()
+    mtm.add_task("a", task_a.num_classes, "xbm", {"per_task_bn": False})
+    groups = mtm.task_parameters("a")
+    assert groups["norm"] == []
+    mtm.add_task("b", task_a.num_classes, "xbm")
+    assert len(mtm.task_parameters("b")["norm"]) > 0
+
+
+def test_unknown_method_and_bad_config():
+    with pytest.raises(UnknownNameError, match="xbm"):
+        create_method("nope")
+    with pytest.raises(ConfigError, match="lr"):
+        create_method("xbm", {"lr": -1})
+    with pytest.raises(ConfigError, match="bogus"):
+        create_method("xbm", {"bogus": 1})
+    with pytest.raises(ConfigError, match="mask_init"):
+        create_method("piggyback", {"mask_init": 1e-3, "threshold": 5e-3})
+
+
+def test_task_names_are_validated(tiny_mtm):
+    with pytest.raises(XbmError, match="invalid"):
+        tiny_mtm.add_task("bad.name", 3)
+    tiny_mtm.add_task("ok", 3)
+    with pytest.raises(XbmError, match="already exists"):
+        tiny_mtm.add_task("ok", 3)
+    with pytest.raises(XbmError, match="unknown task"):
+        tiny_mtm.set_task("missing")
+
+
+@pytest.mark.parametrize("model", ["resnet18_cifar", "vit_tiny"])
+def test_methods_run_on_real_backbones(model):
+    torch.manual_seed(0)
+    kw = {"width": 4} if model == "resnet18_cifar" else {"width": 16}
+    bb = create_model(model, num_classes=4, in_channels=1, **kw)
+    mtm = MultiTaskModel(bb, get_spec(rows=32, cols=32))
+    for m in ALL:
+        mtm.add_task(m.replace("-", "_"), 3, m)
+        out = mtm(torch.randn(2, 1, 28, 28))
+        out.sum().backward()
+        assert out.shape == (2, 3)

@@ -1,0 +1,384 @@
+"""Crossbar-faithful simulation, fault maps and fault-aware adaption.
+
+The fast simulator is checked three ways: against the ideal path (every non-ideality off, bits
+high), against a slow reference that loops over tiles, slices and input cycles with an explicit
+im2col (ADC on), and for the properties the hardware implies (a masked column contributes
+nothing, more ADC bits never hurt, seeded noise repeats, the backbone is never written).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from xbm.errors import XbmError
+from xbm.hardware import get_spec
+from xbm.hardware.faults import (
+    STUCK_OFF,
+    STUCK_ON,
+    FaultMap,
+    apply_faults_to_backbone,
+    cells_to_slices,
+    encode_cells,
+    fault_aware,
+    faulted_weight,
+    quantize_weight,
+    slices_to_int,
+)
+from xbm.hardware.mapping import apply_column_mask, weight_matrix
+from xbm.hardware.simulate import SimConfig, faithful
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.nn import apply, crossbar_layers
+
+HIGH = dict(weight_bits=16, cell_bits=4, input_bits=16, dac_bits=4, adc_bits=8)
+EAGER = dict(backend="torch")
+
+
+def _one_layer_model(layer: nn.Module, feat: int, spec) -> nn.Module:
+    """layer -> pool -> Linear(feat, 3) head, converted onto crossbars."""
+    if isinstance(layer, nn.Conv2d):
+        m = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(feat, 3))
+        head = "3"
+    else:
+        m = nn.Sequential(layer, nn.Linear(feat, 3))
+        head = "1"
+    return apply(m, spec, head_name=head)
+
+
+def _xbm_model(spec, seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1), spec)
+    mtm.add_task("t", 3, "xbm")
+    for _, _, state in mtm.layer_states("t"):  # about half the crossbar columns off
+        state.score.data = 5e-3 + 1e-2 * torch.randn_like(state.score)
+    return mtm.eval()
+
+
+# -- faithful == ideal with every non-ideality off ------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(cin=st.integers(1, 9), cout=st.integers(1, 7), k=st.sampled_from([1, 2, 3]),
+       stride=st.integers(1, 2), pad=st.integers(0, 1), groups=st.sampled_from([1, 2]),
+       R=st.sampled_from([3, 5, 8, 16]), linear=st.booleans(), signed=st.booleans(),
+       scheme=st.sampled_from(["differential", "offset"]), seed=st.integers(0, 10_000))
+def test_faithful_equals_ideal_property(cin, cout, k, stride, pad, groups, R, linear, signed,
+                                        scheme, seed):
+    torch.manual_seed(seed)
+    spec = get_spec(rows=R, cols=64, signed=scheme, **HIGH)
+    if linear:
+        layer, feat = nn.Linear(cin * 3, cout, bias=True), cout
+        x = torch.randn(3, cin * 3)
+    else:
+        cin, cout = cin * groups, cout * groups
+        layer, feat = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=True), cout
+        x = torch.randn(2, cin, 6, 5)
+    if not signed:
+        x = x.relu()
+    model = _one_layer_model(layer, feat, spec).eval()
+    ref = model(x)
+    with torch.no_grad(), faithful(model, SimConfig(adc_mode="ideal", **EAGER),
+                                   calibration=[x]):
+        y = model(x)
+    # 16-bit weights and inputs: relative error ~ 2**-15 per product
+    tol = 2e-4 * (ref.abs().max().item() + 1e-3)
+    assert torch.allclose(y, ref, atol=tol, rtol=0), (y - ref).abs().max()
+
+
+def test_faithful_equals_ideal_with_xbm_mask_and_ragged_tiles():
+    spec = get_spec(rows=16, cols=64, **HIGH)  # 72-row layers: ragged last tile
+    mtm = _xbm_model(spec)
+    x = torch.randn(4, 1, 28, 28)
+    ref = mtm(x)
+    with torch.no_grad(), faithful(mtm, SimConfig(adc_bits=24, **EAGER), calibration=[x]) as sim:
+        y = mtm(x)
+    assert torch.allclose(y, ref, atol=1e-3 * ref.abs().max().item())
+    assert sim.skipped_conversions > 0 and sim.conversions > 0
+    assert mtm.active_task == "t"
+    assert all(layer.simulator is None for _, layer in crossbar_layers(mtm.model))
+
+
+def test_masked_column_contributes_nothing():
+    """A masked-off crossbar column == the same chip whose column holds zeros, ADC on."""
+    spec = get_spec(rows=8, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=2)
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    model = _one_layer_model(conv, 4, spec).eval()
+    layer = model[0]
+    mask = torch.ones(layer.row_tiles, 4)
+    mask[1, 2] = 0.0
+    mask[0, 0] = 0.0
+    w = layer.weight.detach().clone()
+    zeroed = apply_column_mask(w, mask, spec.rows)
+    x = torch.randn(2, 3, 7, 7)
+    cfg = SimConfig(adc_mode="fixed", **EAGER)
+    layer.chip_view = lambda task=None: (w, mask, None)
+    with torch.no_grad(), faithful(model, cfg, calibration=[x]) as sim:
+        masked = layer(x)
+    layer.chip_view = lambda task=None: (zeroed, None, None)
+    with torch.no_grad(), faithful(model, cfg, calibration=[x]) as sim2:
+        # same weight scale: the zeroed matrix keeps its largest weight in an unmasked column
+        assert quantize_weight(weight_matrix(zeroed), spec)[1] == quantize_weight(
+            weight_matrix(w), spec)[1]
+        direct = layer(x)
+    assert torch.allclose(masked, direct, atol=1e-5)
+    assert sim.skipped_conversions == 2 * sim.conversions // (mask.numel() - 2) \
+        and sim2.skipped_conversions == 0
+
+
+# -- against a slow reference (loops over tiles, slices, cycles) ---------------------------------
+def _reference(layer: nn.Module, x: torch.Tensor, ls, task: str) -> torch.Tensor:
+    """Explicit im2col + loops: the conventions of docs/simulation.md, written plainly."""
+    spec, cal = ls.spec, ls.calib[task]
+    w, scale, bias = layer.chip_view()
+    m = weight_matrix(w).float()
+    w_int, s_w = quantize_weight(m, spec)
+    slices = cells_to_slices(encode_cells(w_int, spec), spec).double()  # (Cout, rows, S)
+    step, lo, hi = ls._adc(cal, x.device)
+    cout, rows = m.shape
+    R = spec.rows
+    rt = math.ceil(rows / R)
+    cs = scale.double() if scale is not None else torch.ones(rt, cout, dtype=torch.float64)
+    top = 2 ** spec.input_bits - 1
+    u = torch.clamp(torch.round(x * (1.0 / cal.s_in)) + cal.zp, 0, top)
+    if isinstance(layer, nn.Conv2d):
+        ph, pw = layer.padding
+        up = F.pad(u, (pw, pw, ph, ph), value=cal.zp)
+        n, _, hh, ww = up.shape
+        g = layer.groups
+        cin_g = u.shape[1] // g
+        cols = [F.unfold(up[:, i * cin_g:(i + 1) * cin_g], layer.kernel_size,
+                         dilation=layer.dilation, stride=layer.stride) for i in range(g)]
+    else:
+        g, cols = 1, [u.unsqueeze(-1)]
+    cg = cout // g
+    db = min(spec.dac_bits, spec.input_bits)
+    out = []
+    for gi in range(g):
+        col = cols[gi]  # (N, rows, L)
+        y = torch.zeros(col.shape[0], cg, col.shape[2], dtype=torch.float64)
+        for t in range(rt):
+            r0, r1 = t * R, min((t + 1) * R, rows)
+            for c in range(spec.input_cycles):
+                dig = torch.remainder(torch.floor(col[:, r0:r1] / 2 ** (c * db)), 2 ** db)
+                for s in range(spec.slices):
+                    wts = slices[gi * cg:(gi + 1) * cg, r0:r1, s]
+                    p = torch.einsum("or,nrl->nol", wts, dig)
+                    if step is not None:
+                        stp = step[t, gi * cg:(gi + 1) * cg].double()[None, :, None]
+                        p = torch.clamp(torch.round(p * (1.0 / stp)), lo, hi) * stp
+                    y += 2 ** (c * db) * 2 ** (s * spec.cell_bits) * \
+                        cs[t, gi * cg:(gi + 1) * cg][None, :, None] * p
+            if spec.signed == "offset":
+                off = 2 ** (spec.weight_bits - 1)
+                y -= off * cs[t, gi * cg:(gi + 1) * cg][None, :, None] * \
+                    col[:, r0:r1].sum(1, keepdim=True)
+            rs = w_int[gi * cg:(gi + 1) * cg, r0:r1].double().sum(1)
+            y -= cal.zp * (cs[t, gi * cg:(gi + 1) * cg] * rs)[None, :, None]
+        out.append(y)
+    y = torch.cat(out, 1) * (cal.s_in * float(s_w))
+    if bias is not None:
+        y = y + bias.double()[None, :, None]
+    if isinstance(layer, nn.Conv2d):
+        ho = (hh - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) // layer.stride[0] + 1
+        wo = (ww - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) // layer.stride[1] + 1
+        return y.reshape(y.shape[0], cout, ho, wo)
+    return y.squeeze(-1)
+
+
+@pytest.mark.parametrize("mode,gran", [("calibrate", "tile"), ("calibrate", "layer"),
+                                       ("calibrate", "column"), ("fixed", "tile")])
+@pytest.mark.parametrize("case", [
+    dict(kind="conv", cin=5, cout=6, k=3, stride=1, pad=1, groups=1, R=8, scheme="differential"),
+    dict(kind="conv", cin=4, cout=4, k=3, stride=2, pad=1, groups=2, R=5, scheme="offset"),
+    dict(kind="conv", cin=6, cout=3, k=1, stride=1, pad=0, groups=1, R=4, scheme="differential"),
+    dict(kind="linear", cin=11, cout=5, R=4, scheme="offset"),
+])
+def test_fast_path_matches_reference_with_adc(case, mode, gran):
+    torch.manual_seed(3)
+    spec = get_spec(rows=case["R"], cols=16, weight_bits=6, cell_bits=2, input_bits=6,
+                    dac_bits=2, adc_bits=5, signed=case["scheme"])
+    if case["kind"] == "conv":
+        layer = nn.Conv2d(case["cin"], case["cout"], case["k"], case["stride"], case["pad"],
+                          groups=case["groups"], bias=True).double()
+        x = torch.randn(3, case["cin"], 6, 6, dtype=torch.float64)
+    else:
+        layer = nn.Linear(case["cin"], case["cout"]).double()
+        x = torch.randn(4, case["cin"], dtype=torch.float64)
+    model = _one_layer_model(layer, case["cout"], spec).double().eval()
+    lyr = model[0]
+    scale = (torch.rand(lyr.row_tiles, case["cout"]) > 0.3).double() * \
+        2.0 ** torch.randint(-1, 2, (lyr.row_tiles, case["cout"])).double()  # XMA-like shifts
+    w = lyr.weight.detach().clone()
+    lyr.chip_view = lambda task=None: (w, scale, lyr.bias)
+    cfg = SimConfig(adc_mode=mode, adc_granularity=gran, **EAGER)
+    with torch.no_grad(), faithful(model, cfg, calibration=[x]) as sim:
+        y = lyr(x)
+        ref = _reference(lyr, x, sim.layers[0][2], "base")
+    assert torch.allclose(y, ref, rtol=1e-9, atol=1e-9), (y - ref).abs().max()
+
+
+def test_quantisation_error_decreases_with_bits():
+    spec = get_spec(rows=16, cols=64, weight_bits=8, cell_bits=8, input_bits=8, dac_bits=8)
+    mtm = _xbm_model(spec, seed=2)
+    x = torch.randn(8, 1, 28, 28)
+    ref = mtm(x)
+    errs = []
+    for bits in (2, 4, 6, 8):
+        with torch.no_grad(), faithful(mtm, SimConfig(adc_bits=bits, **EAGER),
+                                       calibration=[x]):
+            errs.append(float((mtm(x) - ref).pow(2).mean()))
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    with torch.no_grad(), faithful(mtm, SimConfig(adc_mode="ideal", **EAGER), calibration=[x]):
+        floor = float((mtm(x) - ref).pow(2).mean())  # weight and input quantisation only
+    assert floor <= errs[-1]
+    errs = []
+    for wb in (3, 5, 8, 12):
+        cfg = SimConfig(adc_mode="ideal", weight_bits=wb, cell_bits=min(wb, 4), **EAGER)
+        with torch.no_grad(), faithful(mtm, cfg, calibration=[x]):
+            errs.append(float((mtm(x) - ref).pow(2).mean()))
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+
+
+def test_needs_calibration():
+    mtm = _xbm_model(get_spec())
+    with faithful(mtm, SimConfig(**EAGER)), pytest.raises(XbmError, match="calibrat"):
+        mtm(torch.randn(2, 1, 28, 28))
+    with torch.no_grad(), faithful(mtm, SimConfig(quantize_inputs=False, adc_mode="ideal",
+                                                  **EAGER)):
+        mtm(torch.randn(2, 1, 28, 28))
+
+
+# -- noise -----------------------------------------------------------------------------------
+def test_seeded_noise_is_reproducible():
+    mtm = _xbm_model(get_spec(rows=16))
+    x = torch.randn(4, 1, 28, 28)
+
+    def run(seed: int) -> list[torch.Tensor]:
+        cfg = SimConfig(variation=0.1, read_noise=0.05, levels=3, seed=seed, **EAGER)
+        with torch.no_grad(), faithful(mtm, cfg, calibration=[x]):
+            return [mtm(x), mtm(x)]
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1])  # read noise: a new draw every call
+    assert not torch.equal(a[0], c[0])
+
+
+# -- fault maps ------------------------------------------------------------------------------
+def test_cell_encoding_round_trip():
+    for scheme in ("differential", "offset"):
+        for wb, cb in ((8, 2), (8, 8), (5, 2), (6, 3)):
+            spec = get_spec(weight_bits=wb, cell_bits=cb, signed=scheme)
+            w_int, _ = quantize_weight(torch.randn(7, 33), spec)
+            cells = encode_cells(w_int, spec)
+            assert cells.shape == (7, 33, spec.slices, spec.cells_per_slice)
+            assert cells.min() >= 0 and cells.max() <= 2 ** cb - 1
+            assert torch.equal(slices_to_int(cells_to_slices(cells, spec), spec), w_int)
+
+
+def test_fault_map_rates_save_load(tmp_path):
+    mtm = _xbm_model(get_spec())
+    fm = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.02, seed=5)
+    r = fm.rates()
+    n = r["cells"]
+    for got, want in ((r["sa0"], 0.01), (r["sa1"], 0.02)):
+        assert abs(got - want) < 5 * math.sqrt(want * (1 - want) / n)
+    path = tmp_path / "chip.safetensors"
+    fm.save(path)
+    back = FaultMap.load(path)
+    assert back.codes.keys() == fm.codes.keys()
+    assert all(torch.equal(back.codes[k], fm.codes[k]) for k in fm.codes)
+    assert (back.sa0_rate, back.sa1_rate, back.seed, back.spec) == \
+        (fm.sa0_rate, fm.sa1_rate, fm.seed, fm.spec)
+    again = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.02, seed=5)
+    other = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.02, seed=6)
+    assert all(torch.equal(again.codes[k], fm.codes[k]) for k in fm.codes)
+    assert not all(torch.equal(other.codes[k], fm.codes[k]) for k in fm.codes)
+    with pytest.raises(XbmError):
+        fm.check(mtm, get_spec(cell_bits=4))
+
+
+def test_faulted_weight():
+    spec = get_spec(weight_bits=8, cell_bits=2)  # 4 slices, differential
+    w = torch.tensor([[0.5, -0.25, 1.0, 0.0]])
+    assert faulted_weight(w, torch.zeros(1, 4, 4, 2, dtype=torch.int8), spec) is w
+    codes = torch.zeros(1, 4, 4, 2, dtype=torch.int8)
+    codes[0, 0, 3, 1] = STUCK_ON  # negative cell, top slice: -3 * 64 levels
+    codes[0, 2, 0, 0] = STUCK_OFF  # positive cell, lowest slice of 127 (digit 3) -> 124
+    fw = faulted_weight(w, codes, spec)
+    s_w = 1.0 / 127
+    assert torch.allclose(fw, torch.tensor([[0.5 - 192 * s_w, -0.25, 1.0 - 3 * s_w, 0.0]]))
+    mtm = _xbm_model(spec)
+    fm = FaultMap.generate(mtm, sa0_rate=0.05, sa1_rate=0.05, seed=0)
+    state = apply_faults_to_backbone(mtm, fm)
+    before = mtm.backbone_state()
+    changed = [k for k in fm.codes if not torch.equal(state[f"{k}.weight"], before[f"{k}.weight"])]
+    assert changed == list(fm.codes)
+
+
+def test_fault_aware_ideal_path_matches_faithful_with_faults():
+    spec = get_spec(rows=16, cols=64, **HIGH)
+    mtm = _xbm_model(spec)
+    fm = FaultMap.generate(mtm, sa0_rate=0.002, sa1_rate=0.002, seed=1)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad(), fault_aware(mtm, fm):
+        ideal_faulty = mtm(x)
+    with torch.no_grad(), faithful(mtm, SimConfig(adc_mode="ideal", **EAGER), fm,
+                                   calibration=[x]):
+        sim_faulty = mtm(x)
+    clean = mtm(x)
+    assert not torch.allclose(ideal_faulty, clean, atol=1e-3)
+    scale = ideal_faulty.abs().max().item()
+    assert torch.allclose(ideal_faulty, sim_faulty, atol=2e-3 * scale)
+
+
+def test_backbone_untouched_by_simulation_and_fault_aware_training():
+    from xbm.data import make_fixture_task
+    from xbm.train import train_task
+
+    spec = get_spec(rows=16)
+    mtm = _xbm_model(spec)
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    fm = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.01, seed=0)
+    data = make_fixture_task(num_classes=3, n_train=32, n_test=8)
+    train_loader, _ = data.loaders(16, seed=0)
+    scores = {n: s.score.detach().clone() for n, _, s in mtm.layer_states("t")}
+    with fault_aware(mtm, fm):
+        train_task(mtm, "t", train_loader, 1, torch.device("cpu"), progress=False)
+    assert any(not torch.equal(s.score, scores[n]) for n, _, s in mtm.layer_states("t"))
+    x = next(iter(train_loader))[0]
+    with torch.no_grad(), faithful(mtm, SimConfig(variation=0.1, **EAGER), fm,
+                                   calibration=[x]):
+        mtm(x)
+    after = mtm.backbone_state()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(layer.simulator is None for _, layer in crossbar_layers(mtm.model))
+
+
+def test_cli_registers_simulate():
+    from xbm.cli import build_parser
+
+    args = build_parser().parse_args(["simulate", "--bundle", "b.safetensors", "--adc-bits",
+                                      "4,8"])
+    assert args.func.__name__ == "cmd_simulate"
+
+
+@pytest.mark.slow
+def test_compile_backend_matches_eager():
+    spec = get_spec(rows=16, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=2)
+    mtm = _xbm_model(spec)
+    x = torch.randn(4, 1, 28, 28)
+    outs = []
+    for be in ("torch", "compile"):
+        with torch.no_grad(), faithful(copy.deepcopy(mtm), SimConfig(backend=be),
+                                       calibration=[x]) as sim:
+            outs.append(sim.model(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4 * outs[0].abs().max().item())

@@ -1,0 +1,416 @@
+"""Tests for XMA (shift-based multi-level column masks) and XMA2 (PE re-programming + XMA).
+
+Toy setting: ``small_cnn`` on the synthetic fixture task, a few optimiser steps. The XMA2 tests use
+a 16x16 crossbar with 4-bit cells and 1x1 PEs so that the three convs hold 94 PEs, enough for a
+budget to mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from xbm.data import make_fixture_task
+from xbm.errors import ConfigError, XbmError
+from xbm.hardware.cost import task_facts
+from xbm.hardware.mapping import apply_column_mask
+from xbm.hardware.spec import CrossbarSpec
+from xbm.methods import METHODS, create_method
+from xbm.methods.xma import XMA, ShiftQuantizeSTE, XMAConfig, level_bits
+from xbm.methods.xma2 import XMA2, XMA2Config, chip_without_restore, pe_grid
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.train import seed_everything, train_task
+
+SMALL_SPEC = CrossbarSpec(rows=16, cols=16, weight_bits=8, cell_bits=4, pe_rows=1, pe_cols=1)
+DEV = torch.device("cpu")
+
+
+def _mtm(spec: CrossbarSpec | None = None, seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    backbone = create_model("small_cnn", num_classes=4, in_channels=1)
+    return MultiTaskModel(backbone, spec or CrossbarSpec()).eval()
+
+
+def _loaders(seed: int = 0, name: str = "fixture"):
+    data = make_fixture_task(name, num_classes=4, n_train=64, n_test=32, seed=seed)
+    return data.loaders(16, seed=seed)
+
+
+def _train(mtm: MultiTaskModel, task: str, method: str, config: dict, epochs: int = 2,
+           data_seed: int = 0):
+    seed_everything(0)
+    mtm.add_task(task, 4, method, config)
+    train, test = _loaders(data_seed, task)
+    train_task(mtm, task, train, epochs, DEV, progress=False)
+    return test
+
+
+def _outputs(mtm: MultiTaskModel, task: str, x: torch.Tensor) -> torch.Tensor:
+    mtm.eval()
+    with torch.no_grad(), mtm.use_task(task):
+        return mtm(x)
+
+
+def switch_cells(mtm: MultiTaskModel, from_task: str, to_task: str) -> int:
+    """Cells a chip rewrites switching tasks (the cost model's count, from backbone_cells)."""
+    return sum(f.switch_cells for f in task_facts(mtm, to_task, reference=from_task))
+
+
+def _x(n: int = 8) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+# -- config ----------------------------------------------------------------------------------
+def test_registered_with_configs():
+    assert METHODS["xma"] is XMA and METHODS["xma2"] is XMA2
+    assert XMAConfig().levels == [0.0, 0.25, 0.5, 1.0, 2.0]
+    assert XMA2Config().pe_budget == 0.10
+
+
+@pytest.mark.parametrize("levels", [[], [0, 0.3, 1], [0, 1, 3], [1, 0.5], [0, 1, 1], [0, 0.5],
+                                    [-1, 1], "0,1", [0, True], [0, float("inf"), 1]])
+def test_bad_levels_rejected(levels):
+    with pytest.raises(ConfigError):
+        XMAConfig(levels=levels)
+
+
+def test_cli_style_levels_parse():
+    # `xbm adapt --set levels=[0,0.25,0.5,1,2]` json-decodes the value and calls from_dict.
+    cfg = create_method("xma", {"levels": json.loads("[0,0.125,1,4]")}).config
+    assert cfg.levels == [0.0, 0.125, 1.0, 4.0] and cfg.bits_per_column == 2
+    assert create_method("xma2", {"pe_budget": 0.25}).config.pe_budget == 0.25
+
+
+@pytest.mark.parametrize("bad", [{"pe_budget": -0.1}, {"pe_budget": 1.5}, {"pe_budget": True},
+                                 {"warmup_steps": -1}, {"warmup_steps": 2.5},
+                                 {"warmup_steps": 0}, {"weight_lr": 0},
+                                 {"pe_score": "magic"}, {"spare_pes": "yes"}])
+def test_bad_xma2_config_rejected(bad):
+    with pytest.raises(ConfigError):
+        XMA2Config(**bad)
+
+
+def test_random_score_needs_no_warmup():
+    assert XMA2Config(pe_score="random", warmup_steps=0).warmup_steps == 0
+
+
+# -- the quantiser ---------------------------------------------------------------------------
+def _quant(cfg: XMAConfig, s: torch.Tensor) -> torch.Tensor:
+    exps = torch.tensor(cfg.exponents, dtype=s.dtype)
+    return ShiftQuantizeSTE.apply(s, exps, cfg.zero_below)
+
+
+@pytest.mark.parametrize("levels", [[0, 1], [0, 0.5, 1], [0, 0.25, 0.5, 1, 2],
+                                    [0, 0.125, 0.25, 0.5, 1, 2, 4], [0.5, 1, 2], [1]])
+def test_levels_always_from_the_set(levels):
+    cfg = XMAConfig(levels=levels)
+    s = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 4
+    q = _quant(cfg, s)
+    assert set(q.unique().tolist()) <= set(cfg.levels)
+    # monotone in the score, and score 0 (the init) is level 1
+    order = torch.argsort(s)
+    assert torch.all(q[order][1:] >= q[order][:-1])
+    assert _quant(cfg, torch.zeros(1)).item() == 1.0
+
+
+def test_quantiser_boundaries():
+    cfg = XMAConfig()  # {0, 1/4, 1/2, 1, 2}: exponents -2..1, zero below -2.5
+    s = torch.tensor([0.0, 0.49, 0.5, 100.0, -0.51, -1.6, -2.49, -2.51, -50.0])
+    assert _quant(cfg, s).tolist() == [1, 1, 2, 2, 0.5, 0.25, 0.25, 0, 0]
+    binary = XMAConfig(levels=[0, 1])
+    assert _quant(binary, torch.tensor([-0.49, -0.51, 3.0])).tolist() == [1, 0, 1]
+    gap = XMAConfig(levels=[0, 0.125, 1])  # exponents -3, 0: midpoint -1.5; zero below -3.5
+    assert _quant(gap, torch.tensor([-1.4, -1.6, -3.4, -3.6])).tolist() == [1, 0.125, 0.125, 0]
+
+
+def test_ste_gradient_is_identity_even_at_level_zero():
+    cfg = XMAConfig()
+    s = torch.tensor([0.0, -1.0, -9.0, 2.0], requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    (_quant(cfg, s) * g).sum().backward()
+    assert torch.equal(s.grad, g)  # a level-0 column (s=-9) still gets its gradient
+
+
+def test_gradient_reaches_scores_through_a_layer():
+    mtm = _mtm()
+    mtm.add_task("t", 4, "xma")
+    mtm.train()
+    mtm(_x()).sum().backward()
+    grads = [st.score.grad for _, _, st in mtm.layer_states("t")]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# -- XMA -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,bits", [(1, 0), (2, 1), (3, 2), (4, 2), (5, 3), (7, 3), (8, 3),
+                                    (9, 4)])
+def test_level_bits(n, bits):
+    assert level_bits(n) == bits
+
+
+@pytest.mark.parametrize("levels", [[0, 1], [0, 0.5, 1], [0, 0.25, 0.5, 1, 2]])
+def test_mask_bits_formula(levels):
+    mtm = _mtm()
+    mtm.add_task("t", 4, "xma", {"levels": levels})
+    expect = 0
+    for _, layer, st in mtm.layer_states("t"):
+        cols = math.ceil(layer.matrix_rows / layer.spec.rows) * layer.matrix_cols
+        assert st.score.shape == (layer.row_tiles, layer.matrix_cols)
+        assert mtm.methods["t"].mask_bits(layer, st) == math.ceil(math.log2(len(levels))) * cols
+        expect += math.ceil(math.log2(len(levels))) * cols
+    assert mtm.mask_bits("t") == expect
+    assert mtm.reprogrammed_cells("t") == 0 and mtm.masked_off_columns("t") == 0
+
+
+def test_xma_starts_as_the_backbone():
+    mtm = _mtm()
+    x = _x()
+    base = _outputs(mtm, "base", x)
+    mtm.add_task("t", 4, "xma")
+    head = mtm.model.fc
+    head.xbm_tasks["t"].load_state_dict({"weight": head.weight, "bias": head.bias})
+    assert torch.allclose(_outputs(mtm, "t", x), base, atol=1e-6)
+
+
+def test_xma_trains_keeps_backbone_and_chip_view_contract():
+    mtm = _mtm()
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    _train(mtm, "t", "xma", {"lr": 0.2}, epochs=3)
+    after = mtm.backbone_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    method = mtm.methods["t"]
+    moved = 0
+    for _, layer, st in mtm.layer_states("t"):
+        lv = method.column_scale(layer, st)
+        assert set(lv.unique().tolist()) <= set(method.config.levels)
+        moved += int((lv != 1).sum())
+        assert method.programmed_weight(layer, st) is layer.weight
+        assert torch.equal(method.effective_weight(layer, st),
+                           apply_column_mask(layer.weight, lv, layer.spec.rows))
+        hist = method.level_histogram(layer, st)
+        assert sum(hist.values()) == st.score.numel()
+        assert method.masked_off_columns(layer, st) == hist[0.0]
+    assert moved > 0  # lr 0.2 over 12 steps moves some columns off level 1
+
+
+# -- XMA2: geometry and budget 0 -------------------------------------------------------------
+def test_pe_grid_matches_mapping():
+    mtm = _mtm(SMALL_SPEC)
+    mapping = {lm.name: lm for lm in mtm.mapping().layers}
+    assert sum(lm.pes for lm in mapping.values()) == 94
+    for name, layer, _ in _states_after_add(mtm):
+        npr, npc, col_pe = pe_grid(layer)
+        assert npr * npc == mapping[name].pes
+        assert col_pe.shape == (layer.row_tiles, layer.matrix_cols)
+        assert col_pe.unique().numel() == npr * npc  # no empty PE in this geometry
+
+
+def _states_after_add(mtm: MultiTaskModel):
+    mtm.add_task("probe", 4, "xma2")
+    out = list(mtm.layer_states("probe"))
+    mtm.remove_task("probe")
+    return out
+
+
+def test_budget_zero_is_xma_exactly():
+    runs = {}
+    for method, cfg in (("xma", {}), ("xma2", {"pe_budget": 0.0})):
+        mtm = _mtm(SMALL_SPEC)
+        _train(mtm, "t", method, cfg, epochs=2)
+        runs[method] = mtm
+    a, b = runs["xma"], runs["xma2"]
+    x = _x()
+    assert torch.equal(_outputs(a, "t", x), _outputs(b, "t", x))
+    for (_, _, sa), (_, _, sb) in zip(a.layer_states("t"), b.layer_states("t"), strict=True):
+        assert torch.equal(sa.score, sb.score)
+        assert not hasattr(sb, "weight")  # no weight copy at budget 0
+    assert b.reprogrammed_cells("t") == 0
+    assert b.mask_bits("t") == a.mask_bits("t")
+    assert b.masked_off_columns("t") == a.masked_off_columns("t")
+
+
+# -- XMA2: selection -------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [0.05, 0.10, 0.25])
+def test_selection_respects_budget_and_picks_top_scores(budget):
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": budget, "warmup_steps": 2}, epochs=2)
+    states = list(mtm.layer_states("t"))
+    method = mtm.methods["t"]
+    k = math.floor(budget * 94)
+    scores = torch.cat([st.pe_score.reshape(-1) for _, _, st in states])
+    chosen = torch.cat([st.pe_mask.reshape(-1) for _, _, st in states])
+    assert int(chosen.sum()) == k == sum(method.selected_pes(la, st) for _, la, st in states)
+    assert scores[chosen].min() >= scores[~chosen].max()
+    assert (scores >= 0).all()
+
+
+def test_random_selection_respects_budget():
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": 0.1, "pe_score": "random", "warmup_steps": 0})
+    assert sum(int(st.pe_mask.sum()) for _, _, st in mtm.layer_states("t")) == 9
+
+
+def _weight_pe_mask(layer, st) -> torch.Tensor:
+    """Independent reference: per weight, is it inside a selected PE? (explicit index maths)"""
+    spec = layer.spec
+    w = layer.weight
+    cout = w.shape[0]
+    rows = w[0].numel()
+    r = torch.arange(rows)
+    o = torch.arange(cout)
+    pe_r = (r // spec.rows) // spec.pe_rows
+    pe_c = (o * spec.physical_columns_per_weight // spec.cols) // spec.pe_cols
+    m = st.pe_mask[pe_r[None, :], pe_c[:, None]]  # (Cout, rows)
+    return m.reshape(w.shape)
+
+
+def test_cells_outside_selected_pes_bit_identical_and_reprogram_count():
+    mtm = _mtm(SMALL_SPEC)
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    _train(mtm, "t", "xma2", {"pe_budget": 0.25, "warmup_steps": 2}, epochs=2)
+    after = mtm.backbone_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    method = mtm.methods["t"]
+    expect = 0
+    for _, layer, st in mtm.layer_states("t"):
+        inside = _weight_pe_mask(layer, st)
+        prog = method.programmed_weight(layer, st)
+        assert torch.equal(prog[~inside], layer.weight[~inside])
+        assert torch.equal(st.weight[~inside], layer.weight[~inside])
+        changed = int((prog != layer.weight).sum())
+        assert changed == int((prog[inside] != layer.weight[inside]).sum())
+        assert method.reprogrammed_cells(layer, st) == changed * layer.spec.cells_per_weight
+        expect += changed * layer.spec.cells_per_weight
+        # chip-view contract: effective = column scale applied to the programmed cells
+        scale = method.column_scale(layer, st)
+        assert torch.allclose(method.effective_weight(layer, st),
+                              apply_column_mask(prog, scale, layer.spec.rows))
+        sel = method.selected_columns(st)
+        assert (scale[sel] == 1).all()
+        frozen = st.score.numel() - int(sel.sum())
+        assert method.mask_bits(layer, st) == st.pe_mask.numel() + 3 * frozen
+    assert expect == mtm.reprogrammed_cells("t") > 0
+    assert switch_cells(mtm, "base", "t") == expect
+
+
+@pytest.mark.filterwarnings("ignore:xma2 task:UserWarning")
+def test_selection_is_continuous():
+    # Folding the warm-up's column levels into the chosen PEs keeps the function unchanged.
+    mtm = _mtm(SMALL_SPEC)
+    seed_everything(0)
+    mtm.add_task("t", 4, "xma2", {"pe_budget": 0.25, "warmup_steps": 50, "lr": 0.3})
+    train, _ = _loaders()
+    train_task(mtm, "t", train, 3, DEV, progress=False)  # 12 steps: still in warm-up
+    method = mtm.methods["t"]
+    assert not any(st.pe_mask.any() for _, _, st in mtm.layer_states("t"))
+    x = _x()
+    y0 = _outputs(mtm, "t", x)
+    method._selected = False  # on_task_end closed it; reopen to select by hand
+    for _, _, st in mtm.layer_states("t"):
+        st.phase.zero_()
+        st._grad_acc = torch.ones_like(st.weight)
+    method.select()
+    assert sum(int(st.pe_mask.sum()) for _, _, st in mtm.layer_states("t")) == 23
+    assert torch.allclose(_outputs(mtm, "t", x), y0, atol=1e-5)
+
+
+def test_short_training_warns_and_selects_nothing():
+    mtm = _mtm(SMALL_SPEC)
+    with pytest.warns(UserWarning, match="no PE was re-programmed"):
+        _train(mtm, "t", "xma2", {"warmup_steps": 100}, epochs=1)
+    assert mtm.reprogrammed_cells("t") == 0
+
+
+def test_param_groups_split_scores_and_weights():
+    mtm = _mtm(SMALL_SPEC)
+    m = mtm.add_task("t", 4, "xma2", {"lr": 0.07, "weight_lr": 3e-4})
+    groups = m.param_groups(mtm.task_parameters("t")["state"])
+    assert [g["lr"] for g in groups] == [0.07, 3e-4]
+    assert all(p.dim() == 2 for p in groups[0]["params"])  # (row_tiles, Cout) scores
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(
+        la.weight.numel() for _, la, _ in mtm.layer_states("t"))
+
+
+def test_method_object_is_per_task():
+    mtm = _mtm(SMALL_SPEC)
+    m = create_method("xma2", {"pe_budget": 0.1, "warmup_steps": 1})
+    mtm.add_task("a", 4, m)
+    train, _ = _loaders()
+    train_task(mtm, "a", train, 1, DEV, progress=False)
+    with pytest.raises(XbmError, match="one per task"):
+        mtm.add_task("b", 4, m)
+
+
+# -- XMA2: earlier tasks, the shared chip, bundles -------------------------------------------
+def test_earlier_tasks_unaffected_and_chip_measurements():
+    mtm = _mtm(SMALL_SPEC)
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    x = _x()
+    _train(mtm, "a", "xma2", {"pe_budget": 0.25, "warmup_steps": 2}, data_seed=0)
+    ya = _outputs(mtm, "a", x)
+    _train(mtm, "b", "xma2", {"pe_budget": 0.25, "warmup_steps": 2}, data_seed=1)
+    # Software keeps every task's own view: task a reads exactly what it did before b existed.
+    assert torch.equal(_outputs(mtm, "a", x), ya)
+    after = mtm.backbone_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # A chip that never restores shows task a task b's PEs: its outputs change, then come back.
+    with chip_without_restore(mtm, ["a", "b"]):
+        assert not torch.equal(_outputs(mtm, "a", x), ya)
+    assert torch.equal(_outputs(mtm, "a", x), ya)
+    assert all(torch.equal(before[k], v) for k, v in mtm.backbone_state().items())
+    # Switching a -> b restores a's PEs and writes b's: at most both tasks' writes, at least b's.
+    ra, rb = mtm.reprogrammed_cells("a"), mtm.reprogrammed_cells("b")
+    assert max(ra, rb) <= switch_cells(mtm, "a", "b") <= ra + rb
+    assert switch_cells(mtm, "a", "b") == switch_cells(mtm, "b", "a")
+
+
+def test_spare_pes_leave_the_backbone_cells_alone():
+    mtm = _mtm(SMALL_SPEC)
+    x = _x()
+    cfg = {"pe_budget": 0.25, "warmup_steps": 2, "spare_pes": True}
+    _train(mtm, "a", "xma2", cfg, data_seed=0)
+    ya = _outputs(mtm, "a", x)
+    _train(mtm, "b", "xma2", cfg, data_seed=1)
+    assert switch_cells(mtm, "a", "b") == 0
+    with chip_without_restore(mtm, ["a", "b"]):
+        assert torch.equal(_outputs(mtm, "a", x), ya)
+    # a spare PE is written in full: every weight of the selected PEs, not only changed ones
+    method = mtm.methods["a"]
+    total = sum(int(_weight_pe_mask(la, st).sum()) * la.spec.cells_per_weight
+                for _, la, st in mtm.layer_states("a"))
+    assert mtm.reprogrammed_cells("a") == total == sum(
+        method.reprogrammed_cells(la, st) for _, la, st in mtm.layer_states("a"))
+
+
+def test_mixed_with_column_methods_switch_cost_zero():
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "a", "xma", {}, epochs=1)
+    _train(mtm, "b", "xbm", {}, epochs=1)
+    assert switch_cells(mtm, "a", "b") == 0 == switch_cells(mtm, "base", "a")
+
+
+def test_xma2_bundle_roundtrip(tmp_path):
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": 0.1, "warmup_steps": 2})
+    x = _x()
+    y = _outputs(mtm, "t", x)
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    fresh = _mtm(SMALL_SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.load_bundle(path) == ["t"]
+    assert torch.equal(_outputs(fresh, "t", x), y)
+    assert fresh.reprogrammed_cells("t") == mtm.reprogrammed_cells("t") > 0
+    assert fresh.mask_bits("t") == mtm.mask_bits("t")
+    # A loaded task's selection is final: a training forward does not select again.
+    fresh.train()
+    fresh.set_task("t")
+    fresh(x)
+    for (_, _, s1), (_, _, s2) in zip(mtm.layer_states("t"), fresh.layer_states("t"),
+                                      strict=True):
+        assert torch.equal(s1.pe_mask, s2.pe_mask)
