@@ -5,11 +5,11 @@ and the demo's subset sizes, one multi-task model per configuration learns the c
 sequence, as ``xbm demo`` does:
 
 * XBM and Piggyback: the references for "XMA >= XBM and >= Piggyback" and for mask memory.
-* XMA with 2, 3, 5 and 7 levels: {0, 1} (XBM-like), {0, 1/2, 1}, {0, 1/4, 1/2, 1, 2} (default),
-  {0, 1/8, 1/4, 1/2, 1, 2, 4}.
+* XMA with 2, 3, 5 and 7 levels: {0, 1} (XBM-like), {0, 1/2, 1}, {0, 1/8, 1/4, 1/2, 1} (the
+  default) and {0, 1/32, ..., 1/2, 1}; and {0, 1/4, 1/2, 1, 2}, 5 levels with an up-shift.
 * XMA2 at PE budgets 0, 5, 10 and 25% (default levels); budget 0 must reproduce XMA exactly.
-* Optionally (``--random-control``) XMA2 at 10% with a random PE ranking: does the gradient rule
-  matter?
+* Optionally (``--random-control``) XMA2 at 10% with a random PE ranking (same warm-up and
+  schedule): does the gradient rule matter?
 
 For every run it records accuracy, mask bits, re-programmed cells, the cost model's deploy
 (re-programming + mask write) energy, and for XMA2 the chip measurements: the accuracy the first
@@ -44,12 +44,14 @@ from xbm.train.demo import DemoConfig
 from xbm.train.loop import evaluate_task, resolve_device, seed_everything, train_task
 from xbm.train.pretrain import PretrainConfig, get_backbone
 
-LEVEL_SETS: dict[int, list[float]] = {
-    2: [0, 1],
-    3: [0, 0.5, 1],
-    5: [0, 0.25, 0.5, 1, 2],
-    7: [0, 0.125, 0.25, 0.5, 1, 2, 4],
+LEVEL_SETS: dict[str, list[float]] = {
+    "2": [0, 1],
+    "3": [0, 0.5, 1],
+    "5": [0, 0.125, 0.25, 0.5, 1],
+    "7": [0, 1 / 32, 1 / 16, 0.125, 0.25, 0.5, 1],
+    "5up": [0, 0.25, 0.5, 1, 2],
 }
+"""Down-shift-only ladders of 2, 3, 5 (the default) and 7 levels, and one with an up-shift."""
 BUDGETS = [0.0, 0.05, 0.10, 0.25]
 
 
@@ -137,19 +139,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     runs = {r["label"]: r for r in results["runs"]}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lv = [(n, runs[f"xma-{n}"]) for n in LEVEL_SETS if f"xma-{n}" in runs]
+    lv = [(int(n), runs[f"xma-{n}"]) for n in LEVEL_SETS if n.isdigit() and f"xma-{n}" in runs]
     if lv:
         ax1.plot([n for n, _ in lv], [r["mean_accuracy"] for _, r in lv], "o-", color="C0",
-                 label="XMA")
+                 label="XMA, right shifts only")
         for n, r in lv:
             bits = math.ceil(math.log2(n))
             ax1.annotate(f"{bits} bit{'s' if bits > 1 else ''}/col", (n, r["mean_accuracy"]),
                          textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        if "xma-5up" in runs:
+            ax1.plot([5], [runs["xma-5up"]["mean_accuracy"]], "^", color="C5",
+                     label="XMA {0, 1/4, 1/2, 1, 2}")
         for name, color in (("xbm", "C1"), ("piggyback", "C2")):
             if name in runs:
                 ax1.axhline(runs[name]["mean_accuracy"], ls="--", color=color, label=name.upper()
                             if name == "xbm" else "Piggyback")
-        ax1.set_xticks(list(LEVEL_SETS))
+        ax1.set_xticks([n for n, _ in lv])
         ax1.set_xlabel("number of shift levels (incl. 0)")
         ax1.set_ylabel("mean new-task accuracy (%)")
         ax1.set_title("XMA: shift levels")
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-subset", type=int, default=d.train_subset)
     p.add_argument("--test-subset", type=int, default=d.test_subset)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--levels", default="2,3,5,7", help="XMA level-set sizes to run")
+    p.add_argument("--levels", default="2,3,5,7,5up",
+                   help=f"XMA level sets to run, from {', '.join(LEVEL_SETS)}")
     p.add_argument("--budgets", default="0,0.05,0.1,0.25", help="XMA2 PE budgets to run")
     p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
     p.add_argument("--random-control", action="store_true",
@@ -225,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[str, str, dict[str, Any]]] = []
     if not args.no_baselines:
         plan += [("xbm", "xbm", {}), ("piggyback", "piggyback", {})]
-    for n in (int(x) for x in args.levels.split(",") if x):
+    for n in (x.strip() for x in args.levels.split(",") if x.strip()):
+        if n not in LEVEL_SETS:
+            p.error(f"--levels: unknown set {n!r}; choose from {', '.join(LEVEL_SETS)}")
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
         plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
     if args.random_control:
-        plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random",
-                                                 "warmup_steps": 0}))
+        plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random"}))
     print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "
           f"{len(plan)} runs x {len(tasks)} task(s) on {device}")
     runs = []

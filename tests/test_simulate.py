@@ -227,7 +227,7 @@ def test_fast_path_matches_reference_with_adc(case, mode, gran):
 def test_quantisation_error_decreases_with_bits():
     spec = get_spec(rows=16, cols=64, weight_bits=8, cell_bits=8, input_bits=8, dac_bits=8)
     mtm = _xbm_model(spec, seed=2)
-    x = torch.randn(8, 1, 28, 28)
+    x = torch.randn(4, 1, 16, 16)
     ref = mtm(x)
     errs = []
     for bits in (2, 4, 6, 8):
@@ -249,16 +249,16 @@ def test_quantisation_error_decreases_with_bits():
 def test_needs_calibration():
     mtm = _xbm_model(get_spec())
     with faithful(mtm, SimConfig(**EAGER)), pytest.raises(XbmError, match="calibrat"):
-        mtm(torch.randn(2, 1, 28, 28))
+        mtm(torch.randn(2, 1, 16, 16))
     with torch.no_grad(), faithful(mtm, SimConfig(quantize_inputs=False, adc_mode="ideal",
                                                   **EAGER)):
-        mtm(torch.randn(2, 1, 28, 28))
+        mtm(torch.randn(2, 1, 16, 16))
 
 
 # -- noise -----------------------------------------------------------------------------------
 def test_seeded_noise_is_reproducible():
     mtm = _xbm_model(get_spec(rows=16))
-    x = torch.randn(4, 1, 28, 28)
+    x = torch.randn(2, 1, 16, 16)
 
     def run(seed: int) -> list[torch.Tensor]:
         cfg = SimConfig(variation=0.1, read_noise=0.05, levels=3, seed=seed, **EAGER)
@@ -327,7 +327,7 @@ def test_fault_aware_ideal_path_matches_faithful_with_faults():
     spec = get_spec(rows=16, cols=64, **HIGH)
     mtm = _xbm_model(spec)
     fm = FaultMap.generate(mtm, sa0_rate=0.002, sa1_rate=0.002, seed=1)
-    x = torch.randn(4, 1, 28, 28)
+    x = torch.randn(2, 1, 16, 16)
     with torch.no_grad(), fault_aware(mtm, fm):
         ideal_faulty = mtm(x)
     with torch.no_grad(), faithful(mtm, SimConfig(adc_mode="ideal", **EAGER), fm,
@@ -347,8 +347,8 @@ def test_backbone_untouched_by_simulation_and_fault_aware_training():
     mtm = _xbm_model(spec)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
     fm = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.01, seed=0)
-    data = make_fixture_task(num_classes=3, n_train=32, n_test=8)
-    train_loader, _ = data.loaders(16, seed=0)
+    data = make_fixture_task(num_classes=3, n_train=32, n_test=8, image_size=16)
+    train_loader, _ = data.loaders(16, seed=0, size=16)
     scores = {n: s.score.detach().clone() for n, _, s in mtm.layer_states("t")}
     with fault_aware(mtm, fm):
         train_task(mtm, "t", train_loader, 1, torch.device("cpu"), progress=False)
@@ -371,6 +371,47 @@ def test_cli_registers_simulate():
     assert args.func.__name__ == "cmd_simulate"
 
 
+_TRITON_CHECK = """
+import torch
+from torch import nn
+from xbm.hardware import get_spec
+from xbm.hardware.simulate import SimConfig, faithful
+from xbm.nn import apply
+torch.manual_seed(0)
+worst = 0.0
+for scheme, signed, groups in (("differential", True, 1), ("offset", False, 2)):
+    spec = get_spec(rows=16, cols=64, weight_bits=6, cell_bits=2, input_bits=6, dac_bits=2,
+                    adc_bits=5, signed=scheme)
+    m = nn.Sequential(nn.Conv2d(6, 6, 3, 2, 1, groups=groups), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(6, 5), nn.Linear(5, 3))
+    apply(m, spec, head_name="4")
+    x = torch.randn(1, 6, 5, 5)
+    x = x if signed else x.relu()
+    outs = []
+    for be in ("torch", "triton"):
+        with torch.no_grad(), faithful(m.eval(), SimConfig(backend=be), calibration=[x]):
+            outs.append(m(x))
+    worst = max(worst, float((outs[0] - outs[1]).abs().max() / outs[0].abs().max()))
+print(worst)
+"""
+
+
+def test_triton_kernel_matches_torch_in_interpreter():
+    """The fused Triton kernel, run by Triton's CPU interpreter, equals the torch path.
+
+    A subprocess, because the interpreter must be chosen before Triton is first imported."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
 @pytest.mark.slow
 def test_compile_backend_matches_eager():
     spec = get_spec(rows=16, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=2)
@@ -382,3 +423,43 @@ def test_compile_backend_matches_eager():
                                        calibration=[x]) as sim:
             outs.append(sim.model(x))
     assert torch.allclose(outs[0], outs[1], atol=1e-4 * outs[0].abs().max().item())
+
+
+@pytest.mark.slow
+def test_cli_fault_aware_then_sweep(tmp_path, capsys):
+    """`xbm simulate` end to end on a tiny backbone: both modes, JSON and plots (~1-2 min on 2
+    shared cores, mostly loading MNIST three times; run with ``-m slow``)."""
+    import json
+
+    from xbm.cli import main
+    from xbm.data import load_dataset
+    from xbm.errors import DatasetNotFoundError
+    from xbm.train.pretrain import PretrainConfig, pretrain
+
+    try:
+        load_dataset("mnist")
+    except DatasetNotFoundError:
+        pytest.skip("offline datasets not installed (bash scripts/setup.sh)")
+    bb = tmp_path / "bb.safetensors"
+    pretrain(PretrainConfig(model="small_cnn", width=2, dataset="mnist", epochs=1,
+                            train_subset=64, batch_size=32), torch.device("cpu"), bb,
+             progress=False, log=lambda *a: None)
+    common = ["--backbone", str(bb), "--model", "small_cnn", "--train-subset", "64",
+              "--test-subset", "32", "--batch-size", "32", "--backend", "torch",
+              "--device", "cpu", "--no-progress"]
+    bundle, chip = tmp_path / "tasks.safetensors", tmp_path / "chip.safetensors"
+    assert main(["simulate", "--fault-aware", "--dataset", "mnist", "--fault-rate", "0.02",
+                 "--epochs", "1", "--adc-bits", "8", "--rows", "16", "--cols", "16",
+                 "--out", str(bundle), "--save-fault-map", str(chip), "--json",
+                 *common]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["backbone_bit_identical"] is True
+    assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
+    assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)
+    assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip), "--fault-rates",
+                 "0.02", "--adc-bits", "4,8", "--plot", str(tmp_path / "plots"),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "faithful" in out and "ideal+faults" in out
+    assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
+    assert (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()

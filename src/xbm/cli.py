@@ -116,7 +116,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     backbone, meta = _backbone(args, device)
     seed_everything(args.seed)
-    mtm = MultiTaskModel(backbone, spec_from_args(args), arch=meta["arch"]).to(device)
+    spec = spec_from_args(args)
+    if args.bundle and Path(args.bundle).exists():  # a bundle fixes the crossbar spec
+        from xbm.hardware import CrossbarSpec
+        from xbm.io import load_safetensors
+
+        spec = CrossbarSpec.from_dict(load_safetensors(args.bundle)[1].get("spec", spec.to_dict()))
+    mtm = MultiTaskModel(backbone, spec, arch=meta["arch"]).to(device)
     if args.bundle and Path(args.bundle).exists():
         mtm.load_bundle(args.bundle)
     task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]

@@ -320,9 +320,10 @@ class FaultyIdealPath:
         self._cache: tuple[Any, torch.Tensor] | None = None
 
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
-        if w.requires_grad:  # a method that trains the programmed weight: no caching
+        if w.requires_grad or not isinstance(w, nn.Parameter):
+            # a trained or per-call weight (its address may be reused): no caching
             return faulted_weight(w, self.codes, self.spec)
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        key = (id(w), w.data_ptr(), w._version, w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, faulted_weight(w, self.codes, self.spec))
         return self._cache[1]

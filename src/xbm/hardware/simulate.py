@@ -57,13 +57,14 @@ from xbm.hardware.faults import (
     encode_cells,
     quantize_weight,
     slice_weights,
+    slices_to_int,
 )
 from xbm.hardware.mapping import num_row_tiles, weight_matrix
 from xbm.hardware.spec import CrossbarSpec
 
 ADC_MODES = ("calibrate", "fixed", "ideal")
 ADC_GRANULARITIES = ("layer", "tile", "column")
-BACKENDS = ("auto", "torch", "compile")
+BACKENDS = ("auto", "torch", "compile", "triton")
 VARIATION_DISTS = ("lognormal", "gaussian")
 
 
@@ -129,10 +130,14 @@ class SimConfig:
     """Seed of programming variation and read noise."""
 
     backend: str = "auto"
-    """Input quantiser and ADC reduction: ``torch`` (eager, always available) or ``compile``
-    (``torch.compile``: fused C++ loops on CPU, needs a C++ compiler; Triton kernels on CUDA,
-    needs Triton). ``auto`` picks ``compile`` where its toolchain exists, else ``torch``; a
-    failing compile falls back to eager with a warning."""
+    """``torch`` (eager, always available), ``compile`` (``torch.compile`` fuses the input
+    quantiser and the ADC reduction: C++ loops on CPU, needs a C++ compiler; Triton on CUDA) or
+    ``triton`` (one hand-written kernel per layer that steps the GEMM's K loop one crossbar tile
+    at a time and never writes partial sums; CUDA, or Triton's interpreter with
+    ``TRITON_INTERPRET=1``; verified against the torch path in the interpreter, not yet timed on a
+    GPU). ``auto``: ``compile`` where its toolchain exists (Triton on CUDA, a C++ compiler on
+    CPU), else ``torch``. A failing compile falls back to eager with a
+    warning. Calibration always runs the grouped-conv path (it needs the partial sums)."""
 
     chunk_elements: int = 1 << 24
     """Batch chunking: partial sums of at most this many elements are live at once, so they stay
@@ -185,7 +190,7 @@ class SimConfig:
 
 # -- the fused ADC reduction ------------------------------------------------------------------
 def _adc_reduce(out: torch.Tensor, inv: torch.Tensor, mult: torch.Tensor, bias: torch.Tensor,
-                lo: float, hi: float, quantize: bool) -> torch.Tensor:
+                lo: torch.Tensor, hi: torch.Tensor, quantize: bool) -> torch.Tensor:
     """ADC + column scale + shift-and-add + tile accumulation + bias, functional form.
 
     ``out``: partial sums (C, n, M, g, K, Cg) (cycles, samples, pixels, conv groups, row tiles x
@@ -199,7 +204,8 @@ def _adc_reduce(out: torch.Tensor, inv: torch.Tensor, mult: torch.Tensor, bias: 
 
 
 def _adc_reduce_eager(out: torch.Tensor, inv: torch.Tensor, mult: torch.Tensor,
-                      bias: torch.Tensor, lo: float, hi: float, quantize: bool) -> torch.Tensor:
+                      bias: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      quantize: bool) -> torch.Tensor:
     """Same as :func:`_adc_reduce`, in place on ``out`` (no temporaries) for eager mode."""
     if quantize:
         out.mul_(inv).round_().clamp_(lo, hi)
@@ -217,10 +223,11 @@ def _gather(x: torch.Tensor, win: torch.Tensor | None, G: int) -> torch.Tensor:
     return x.unfold(3, G, 1)[:, :, :, win].flatten(3)
 
 
-def _quant_input(x: torch.Tensor, win: torch.Tensor | None, G: int, inv_s: float, zp: float,
-                 top: float, cycles: int, dac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_input(x: torch.Tensor, win: torch.Tensor | None, G: int, inv_s: torch.Tensor,
+                 zp: torch.Tensor, top: torch.Tensor, cycles: int, dac_bits: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gathered input levels ``u`` and their DAC digits, least significant first: (C, ...)."""
-    u = torch.clamp(torch.round(_gather(x, win, G) * inv_s) + zp, 0.0, top)
+    u = torch.clamp(torch.round(_gather(x, win, G) * inv_s) + zp, torch.zeros_like(top), top)
     if cycles == 1:
         return u.unsqueeze(0), u
     base = float(2 ** dac_bits)
@@ -239,7 +246,7 @@ def _have_cxx() -> bool:
 def _resolve_backend(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    if device.type == "cuda":
+    if device.type == "cuda":  # the hand-written kernel is verified in the interpreter only
         return "compile" if importlib.util.find_spec("triton") is not None else "torch"
     return "compile" if _have_cxx() else "torch"
 
@@ -340,6 +347,13 @@ class _Plan:
         pad = self.rt * self.R - self.rows
         return F.pad(m, (0, pad)).reshape(self.cout, self.rt, self.R).sum(-1).t()
 
+    def row_mask_full(self) -> torch.Tensor:
+        """(rt, Cin/g, kh, kw): 1 where a row of the layer matrix belongs to tile t."""
+        r = torch.arange(self.rows)
+        t = torch.arange(self.rt)[:, None]
+        m = (r[None, :] >= t * self.R) & (r[None, :] < (t + 1) * self.R)
+        return m.float().reshape(self.rt, self.cin_g, self.kh, self.kw)
+
     def ones_weights(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Grouped-conv weight that sums each tile's inputs (g*rt, G, kh, kw)."""
         w = self.row_mask.to(device=device, dtype=dtype).reshape(self.rt, self.G, self.kh,
@@ -419,25 +433,36 @@ class LayerSim:
             else:
                 cells = torch.clamp(cells * (1 + cfg.variation * eps), min=0.0)
         cells = apply_fault_codes(cells, self.codes, spec)
+        # zero-point correction: each column's programmed sum as a calibration read after
+        # programming measures it (faults and variation included, read noise not)
+        actual = slices_to_int(cells_to_slices(cells, spec), spec)
         out = {"w_int": w_int, "s_w": s_w, "cells": cells,
-               "rowsum": self.plan.tile_sums(w_int)}
+               "rowsum": self.plan.tile_sums(actual)}
         if cfg.read_noise == 0:
-            out["wst"] = self.plan.stack_weights(cells_to_slices(cells, spec)).to(dtype)
+            sl = cells_to_slices(cells, spec)
+            out["slices"] = sl
+            out["wst"] = self.plan.stack_weights(sl).to(dtype)
         return out
 
     def _prepared(self, w: torch.Tensor, device: torch.device,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        key = (w.data_ptr(), w._version, tuple(w.shape), device, dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._program(w, device, dtype))
-        prep = self._cache[1]
+        # Only a parameter (the programmed backbone weight) is cached: a tensor a method builds
+        # per call may reuse a freed address with version 0 and different contents.
+        if isinstance(w, nn.Parameter):
+            key = (id(w), w.data_ptr(), w._version, tuple(w.shape), device, dtype)
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self._program(w, device, dtype))
+            prep = self._cache[1]
+        else:
+            prep = self._program(w, device, dtype)
         if self.config.read_noise > 0:
             g = torch.Generator().manual_seed(_seed(self.config.seed, self.name, "read",
                                                     self._calls))
             eps = torch.randn(prep["cells"].shape, generator=g).to(device)
             cells = prep["cells"] * (1 + self.config.read_noise * eps)
             prep = dict(prep)
-            prep["wst"] = self.plan.stack_weights(cells_to_slices(cells, self.spec)).to(dtype)
+            prep["slices"] = cells_to_slices(cells, self.spec)
+            prep["wst"] = self.plan.stack_weights(prep["slices"]).to(dtype)
         return prep
 
     # -- ADC steps --------------------------------------------------------------------------
@@ -544,12 +569,19 @@ class LayerSim:
         inv = inv.contiguous()
         b = bias.detach().to(dev, dtype) if bias is not None else torch.zeros(
             plan.cout, device=dev, dtype=dtype)
-        if zp:  # digital zero-point correction with the known (ideal) integer weights
+        if zp:  # digital zero-point correction with each column's measured programmed sum
             b = b - out_scale * zp * (cs * prep["rowsum"].to(dtype)).sum(0)
         bias_g = b.reshape(g, cg).contiguous()
         offset = float(2 ** (spec.weight_bits - 1)) if spec.signed == "offset" else 0.0
+        if backend == "triton" and self.mode == "run":
+            return self._forward_triton(xh, prep, cal, quantize_inputs, C, db, s_in, zp, top,
+                                        step, lo, hi, cs, st, out_scale, b, offset)
         reduce = _reducer(backend)
         quant = _quantizer(backend)
+        # scalars as 0-d tensors: a compiled function would otherwise specialise (and recompile)
+        # on every layer's float input scale
+        qparams = torch.tensor([1.0 / s_in, zp, top], device=dev, dtype=dtype).unbind()
+        adc_lo, adc_hi = torch.tensor([lo, hi], device=dev, dtype=dtype).unbind()
         wst = prep["wst"]
         win = plan.win_start.to(dev) if plan.in_idx is not None else None
         # -- batch chunks bound the live partial sums whatever the slices and cycles
@@ -567,7 +599,8 @@ class LayerSim:
                 xc = F.pad(xc.permute(0, 3, 1, 2), pre_pad, mode=mode).permute(0, 2, 3, 1)
             n = xc.shape[0]
             if quantize_inputs:
-                dig, u = quant(xc.to(dtype), win, plan.G, 1.0 / s_in, zp, top, C, db)
+                dig, u = quant(xc.to(dtype), win, plan.G, qparams[0], qparams[1], qparams[2],
+                               C, db)
             else:
                 u = _gather(xc.to(dtype), win, plan.G)
                 dig = u.unsqueeze(0)
@@ -579,7 +612,7 @@ class LayerSim:
             oh = oh.view(C, n, ho * wo, g, rt * S, cg)
             if self.mode == "calib_adc":
                 self._record(cal, oh)
-            y = reduce(oh, inv, mult, bias_g, lo, hi, quantize)  # (n, M, g, Cg)
+            y = reduce(oh, inv, mult, bias_g, adc_lo, adc_hi, quantize)  # (n, M, g, Cg)
             y = y.reshape(n, ho, wo, plan.cout)
             if offset:  # digital removal of the weight offset: off * sum of each tile's inputs
                 ones = plan.ones_weights(dtype, dev).contiguous(memory_format=torch.channels_last)
@@ -597,6 +630,64 @@ class LayerSim:
             y_all[i:i + n] = y
         assert y_all is not None
         return y_all
+
+    def _forward_triton(self, xh: torch.Tensor, prep: dict[str, torch.Tensor], cal: _Calib,
+                        quantize_inputs: bool, C: int, db: int, s_in: float, zp: float,
+                        top: float, step: torch.Tensor | None, lo: float, hi: float,
+                        cs: torch.Tensor, st: torch.Tensor, out_scale: torch.Tensor,
+                        b: torch.Tensor, offset: float) -> torch.Tensor:
+        """The fused Triton kernel (``xbm.hardware.kernels.conv_adc``), NHWC in and out."""
+        import os
+
+        from xbm.hardware.kernels.conv_adc import conv_adc
+
+        cfg, spec, plan = self.config, self.spec, self.plan
+        dev = xh.device
+        if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise XbmError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run "
+                           "the kernel in Triton's interpreter); use backend='compile' on CPU")
+        f32 = torch.float32
+        x = xh.to(f32)
+        pads = plan.pads
+        if plan.padding_mode != "zeros" or pads[0] != pads[1] or pads[2] != pads[3]:
+            mode = "constant" if plan.padding_mode == "zeros" else plan.padding_mode
+            x = F.pad(x.permute(0, 3, 1, 2), pads, mode=mode).permute(0, 2, 3, 1)
+            kpad = (0, 0)
+        else:
+            kpad = (pads[2], pads[0])
+        if quantize_inputs:
+            u = torch.clamp(torch.round(x * (1.0 / s_in)) + zp, 0.0, top).contiguous()
+        else:
+            u = x.contiguous()
+        g, rt, cg, S = plan.groups, plan.rt, plan.cout_g, spec.slices
+        key = "wtri"
+        if key not in prep:
+            sl = F.pad(prep["slices"].to(f32), (0, 0, 0, rt * plan.R - plan.rows))
+            prep[key] = sl.reshape(g, cg, rt * plan.R, S).permute(0, 3, 2, 1).contiguous()
+        sw = slice_weights(spec, f32, dev)
+        cyc = (2.0 ** (db * torch.arange(C, device=dev))).to(f32)
+        mult = cyc.view(C, 1, 1, 1) * (st * cs).to(f32).view(1, rt, 1, plan.cout) * \
+            sw.view(1, 1, S, 1) * out_scale.to(f32)
+        exact_ints = quantize_inputs and cfg.variation == 0 and cfg.read_noise == 0 and \
+            cfg.levels is None and spec.cell_bits <= 11 and db <= 11
+        y = conv_adc(u, prep[key], kh=plan.kh, kw=plan.kw, stride=plan.stride, pads=kpad,
+                     dilation=plan.dilation, groups=g, rows=plan.rows, R=plan.R, cycles=C,
+                     dac_bits=max(db, 1), zp=zp, inv=(1.0 / st).to(f32), mult=mult,
+                     bias=b.to(f32), lo=lo, hi=hi, quantize=step is not None,
+                     ieee=not exact_ints)
+        n, ho, wo = y.shape[:3]
+        if offset:  # digital removal of the weight offset, from each tile's input sum
+            mask = plan.row_mask_full().to(dev, f32)  # (rt, Cin_g, kh, kw)
+            un = u.permute(0, 3, 1, 2)
+            if any(kpad):
+                un = F.pad(un, (kpad[1], kpad[1], kpad[0], kpad[0]), value=zp)
+            tsum = F.conv2d(un, mask.repeat(g, 1, 1, 1), None, plan.stride, 0, plan.dilation, g)
+            tsum = tsum.permute(0, 2, 3, 1).reshape(n, ho, wo, g, rt)
+            csg = cs.to(f32).reshape(rt, g, cg).permute(1, 0, 2)
+            corr = torch.einsum("nhwgt,gto->nhwgo", tsum, csg).reshape(n, ho, wo, plan.cout)
+            y = y - out_scale.to(f32) * offset * corr
+        self.sim._count(self, n * ho * wo * C * S, cs)
+        return y.to(xh.dtype if xh.dtype in (torch.float32, torch.float64) else f32)
 
     def _record(self, cal: _Calib, oh: torch.Tensor) -> None:
         """Running max of |partial sum| per (row tile, column) over cycles, slices, pixels."""

@@ -27,7 +27,7 @@ from xbm.multitask import MultiTaskModel
 from xbm.train.loop import evaluate, evaluate_task, resolve_device, seed_everything, train_task
 from xbm.train.pretrain import PretrainConfig, get_backbone
 
-DEFAULT_METHODS = ["finetune", "linear-probe", "piggyback", "xbm"]
+DEFAULT_METHODS = ["finetune", "linear-probe", "piggyback", "xbm", "xma", "xma2"]
 RESULTS_SCHEMA = "xbm-results/1"
 
 
@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     t_start = time.perf_counter()
     pcfg = PretrainConfig(model=cfg.model, width=cfg.width, dataset=bench.base,
                           epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                          train_subset=cfg.pretrain_subset)
+                          train_subset=cfg.pretrain_subset, test_subset=cfg.test_subset)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=cfg.data_root, progress=progress,
                                           log=log)
     base_data = load_dataset(bench.base, root=cfg.data_root).subset(None, cfg.test_subset,

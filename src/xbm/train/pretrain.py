@@ -41,6 +41,8 @@ class PretrainConfig:
     seed: int = 0
     train_subset: int | None = None
     image_size: int = 28
+    test_subset: int | None = None
+    """Test images for the reported accuracy (does not change the weights, so not in the key)."""
 
     def cache_name(self) -> str:
         sub = f"-n{self.train_subset}" if self.train_subset else ""
@@ -62,8 +64,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     from xbm.data import load_dataset
 
     data = load_dataset(cfg.dataset, root=root)
-    if cfg.train_subset:
-        data = data.subset(cfg.train_subset, None, seed=cfg.seed)
+    if cfg.train_subset or cfg.test_subset:
+        data = data.subset(cfg.train_subset, cfg.test_subset, seed=cfg.seed)
     seed_everything(cfg.seed)
     arch = {"name": cfg.model, "num_classes": data.num_classes,
             "in_channels": data.in_channels, "width": cfg.width}
