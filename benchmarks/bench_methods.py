@@ -15,7 +15,6 @@ The "frozen" step is linear-probe with per-task BN: only BN and the head train.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
