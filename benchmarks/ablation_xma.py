@@ -15,7 +15,8 @@ For every run it records accuracy, mask bits, re-programmed cells, the cost mode
 (re-programming + mask write) energy, and for XMA2 the chip measurements: the accuracy the first
 task would have on a chip that never restores the PEs later tasks rewrote, and the cells a switch
 between the first two tasks rewrites. Writes ``ablation_xma.json`` and ``ablation_xma.png``
-(atomically) to ``--out``.
+(atomically) to ``--out``; finished runs are kept in ``ablation_xma.partial.json`` so that
+``--resume`` continues an interrupted call.
 
     .venv/bin/python benchmarks/ablation_xma.py --out runs/ablation_xma
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -69,6 +71,7 @@ def switch_cells(mtm: MultiTaskModel, from_task: str, to_task: str) -> int:
 def run(label: str, method: str, config: dict[str, Any], backbone, bmeta, spec, tasks, args,
         device: torch.device, log=print) -> dict[str, Any]:
     """One multi-task model learning ``tasks`` in sequence with one method configuration."""
+    t0 = time.perf_counter()
     seed_everything(args.seed)
     mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
@@ -127,6 +130,7 @@ def run(label: str, method: str, config: dict[str, Any], backbone, bmeta, spec, 
               "adaption_energy_j"):
         if all(k in r for r in recs):
             out[k] = sum(r[k] for r in recs)
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also XMA2 at 10%% with a random PE ranking")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs of an interrupted call with the same options")
     p.add_argument("--data-root")
     args = p.parse_args(argv)
 
@@ -241,9 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random"}))
     print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "
           f"{len(plan)} runs x {len(tasks)} task(s) on {device}")
+    out = Path(args.out)
+    partial = out / "ablation_xma.partial.json"
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
+    done: dict[str, Any] = {}
+    if args.resume and partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key and saved.get("backbone") == bmeta["content_hash"]:
+            done = {r["label"]: r for r in saved["runs"]}
+            print(f"resuming: {len(done)} run(s) from {partial}")
     runs = []
     for label, method, cfg in plan:
+        if label in done and done[label]["config"] == cfg:
+            runs.append(done[label])
+            continue
         runs.append(run(label, method, cfg, backbone, bmeta, spec, tasks, args, device))
+        write_json_atomic(partial, {"key": key, "backbone": bmeta["content_hash"], "runs": runs})
     by = {r["label"]: r for r in runs}
     derived: dict[str, Any] = {}
     pb = by.get("piggyback")
@@ -272,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "derived": derived,
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "run_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
     }
-    out = Path(args.out)
     write_json_atomic(out / "ablation_xma.json", results)
     plot(results, out / "ablation_xma.png")
     print()
