@@ -9,7 +9,8 @@ sequence, as ``xbm demo`` does:
   default) and {0, 1/32, ..., 1/2, 1}; and {0, 1/4, 1/2, 1, 2}, 5 levels with an up-shift.
 * XMA2 at PE budgets 0, 5, 10 and 25% (default levels); budget 0 must reproduce XMA exactly.
 * Optionally (``--random-control``) XMA2 at 10% with a random PE ranking (same warm-up and
-  schedule): does the gradient rule matter?
+  schedule): does the gradient rule matter? And (``--lr-sweep``) the learning rates behind the
+  defaults: XMA's score lr and XMA2's re-programmed-weight lr.
 
 For every run it records accuracy, mask bits, re-programmed cells, the cost model's deploy
 (re-programming + mask write) energy, and for XMA2 the chip measurements: the accuracy the first
@@ -18,10 +19,10 @@ between the first two tasks rewrites. Writes ``ablation_xma.json`` and ``ablatio
 (atomically) to ``--out``; finished runs are kept in ``ablation_xma.partial.json`` so that
 ``--resume`` continues an interrupted call.
 
-    .venv/bin/python benchmarks/ablation_xma.py --out runs/ablation_xma
+    .venv/bin/python benchmarks/ablation_xma.py --out runs/ablation_xma --random-control --lr-sweep
 
-Defaults take about 8 minutes on 2 free CPU cores (plus ~2 minutes the first time, to pretrain
-the backbone into the cache).
+On 2 quiet CPU cores the 11 default runs take about 5 minutes, 8 with both options (plus ~2 the
+first time, to pretrain the backbone into the cache); shared cores make it several times slower.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ LEVEL_SETS: dict[str, list[float]] = {
 }
 """Down-shift-only ladders of 2, 3, 5 (the default) and 7 levels, and one with an up-shift."""
 BUDGETS = [0.0, 0.05, 0.10, 0.25]
+LR_SWEEP = [0.1, 0.3, 3.0]
+"""``--lr-sweep``: XMA score learning rates around the default 1.0 (default levels)."""
+WEIGHT_LR_SWEEP = [1e-3, 2e-2]
+"""``--lr-sweep``: XMA2 re-programmed-weight learning rates around the default 5e-3 (10%)."""
 
 
 def _task_cost(mtm: MultiTaskModel, task: str) -> dict[str, float]:
@@ -159,6 +164,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ax1.axhline(runs[name]["mean_accuracy"], ls="--", color=color, label=name.upper()
                             if name == "xbm" else "Piggyback")
         ax1.set_xticks([n for n, _ in lv])
+        ax1.margins(y=0.12)
         ax1.set_xlabel("number of shift levels (incl. 0)")
         ax1.set_ylabel("mean new-task accuracy (%)")
         ax1.set_title("XMA: shift levels")
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"XMA level sets to run, from {', '.join(LEVEL_SETS)}")
     p.add_argument("--budgets", default="0,0.05,0.1,0.25", help="XMA2 PE budgets to run")
     p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
     p.add_argument("--random-control", action="store_true",
                    help="also XMA2 at 10%% with a random PE ranking")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -243,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
         plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
+    if args.lr_sweep:
+        plan += [(f"xma-5-lr{lr:g}", "xma", {"lr": lr}) for lr in LR_SWEEP]
+        plan += [(f"xma2-0.1-wlr{w:g}", "xma2", {"pe_budget": 0.1, "weight_lr": w})
+                 for w in WEIGHT_LR_SWEEP]
     if args.random_control:
         plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random"}))
     print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "

@@ -293,6 +293,9 @@ def test_cells_outside_selected_pes_bit_identical_and_reprogram_count():
         assert (scale[sel] == 1).all()
         frozen = st.score.numel() - int(sel.sum())
         assert method.mask_bits(layer, st) == st.pe_mask.numel() + 3 * frozen
+        hist = method.level_histogram(layer, st)  # selected columns count at level 1
+        assert hist[1.0] >= int(sel.sum()) and sum(hist.values()) == st.score.numel()
+        assert method.masked_off_columns(layer, st) == hist[0.0] == int((scale == 0).sum())
     assert expect == mtm.reprogrammed_cells("t") > 0
     assert switch_cells(mtm, "base", "t") == expect
 

@@ -998,8 +998,8 @@ def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str
             layouts, else 28).
         assumptions: on-chip workload (iterations, batch) for ``onchip_adaption_energy_j``.
     """
-    preset = get_preset(energy_preset) if isinstance(energy_preset, str) or energy_preset is None \
-        else energy_preset
+    preset = (get_preset(energy_preset or "default")
+              if isinstance(energy_preset, str) or energy_preset is None else energy_preset)
     c = task_cost(mtm, task, preset, reference=reference, assumptions=assumptions,
                   input_size=input_size)
     return c.summary() | {"energy_preset": preset.name, "switch_from": reference}

@@ -31,6 +31,9 @@ frozen PE. The paper's tier-1 rule, PE quota, PE size and training order are not
   free weights adds nothing, and the paper applies tier 2 to the frozen PEs only.
 * **pe_budget = 0** selects nothing, creates no weight copy and gathers no statistics, so it is
   XMA exactly (same outputs, same scores, tested).
+* Steps and statistics are counted in :meth:`XMA2.effective_weight`, i.e. on the ideal path the
+  toolkit trains with; training through the faithful simulator (which reads ``chip_view``) gathers
+  none, and such a task re-programs nothing (with a warning).
 
 **Earlier tasks and the shared chip.** In software every task keeps its own view: the backbone
 tensors never change and a task reads the backbone weights outside its own selected PEs, so earlier
@@ -88,8 +91,8 @@ class XMA2Config(XMAConfig):
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
-    a tenth of the PEs trained for the ~37 steps after the warm-up need a larger step: on the demo's
-    MNIST task 1e-3 gave 91.7% and 5e-3 94.4% (docs/benchmarks.md)."""
+    a tenth of the PEs trained for the ~37 steps after the warm-up need a larger step: at a 10%
+    budget 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation, docs/benchmarks.md)."""
 
     pe_score: str = "grad"
     """Tier-1 PE ranking: ``grad`` (accumulated gradient saliency, see the module docstring) or
@@ -267,12 +270,12 @@ class XMA2(XMA):
             start += n
             st.phase.fill_(1)
             st._grad_acc = None
-            if st.pe_mask.any():
+            selection = self._selection(layer, st)
+            if selection is not None:
                 # Inside the chosen PEs the column scale becomes 1 and the weights take over
                 # what the warm-up's levels did: W * level, the same function.
-                wmask = self._weight_mask(layer, self.selected_columns(st))
                 scaled = apply_column_mask(layer.weight, self.levels(st), layer.spec.rows)
-                st.weight.copy_(torch.where(wmask, scaled, layer.weight))
+                st.weight.copy_(torch.where(selection[1], scaled, layer.weight))
         self._selected = True
 
     # -- forward ----------------------------------------------------------------------------
@@ -326,10 +329,6 @@ class XMA2(XMA):
             n = int(((state.weight.detach() != layer.weight) & wmask).sum())
         return n * layer.spec.cells_per_weight
 
-    def masked_off_columns(self, layer: nn.Module, state: nn.Module) -> int:
-        with torch.no_grad():
-            return int((self.column_scale(layer, state) == 0).sum())
-
     def selected_pes(self, layer: nn.Module, state: nn.Module) -> int:
         """PEs this task re-programs in the layer (spare PEs used, when ``spare_pes``)."""
         return int(state.pe_mask.sum())
@@ -354,7 +353,8 @@ class XMA2(XMA):
             if self.config.pe_budget > 0 and steps <= self.config.warmup_steps:
                 warnings.warn(
                     f"xma2 task {task!r} trained {steps} step(s), not more than warmup_steps="
-                    f"{self.config.warmup_steps}: no PE was re-programmed (the task is plain XMA)",
+                    f"{self.config.warmup_steps}: no PE was re-programmed (the task is plain XMA); "
+                    "steps are counted on the ideal training path (effective_weight)",
                     stacklevel=2)
             with torch.no_grad():
                 for _, st in self._layers:
