@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xbm.config import from_fields
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.faults import (
     FaultMap,
@@ -181,11 +182,7 @@ class SimConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SimConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ConfigError(f"SimConfig has no field(s) {', '.join(sorted(extra))}")
-        return cls(**d)
+        return from_fields(cls, d)
 
 
 # -- the fused ADC reduction ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from xbm.config import from_fields
 from xbm.errors import ConfigError, unknown
 
 SIGNED_SCHEMES = ("differential", "offset")
@@ -138,11 +139,7 @@ class CrossbarSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CrossbarSpec:
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ConfigError(f"CrossbarSpec has no field(s) {', '.join(sorted(extra))}")
-        return cls(**d)
+        return from_fields(cls, d)
 
 
 SPEC_PRESETS: dict[str, CrossbarSpec] = {

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from xbm.config import from_fields
 from xbm.errors import ConfigError, unknown
 
 
@@ -51,14 +52,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ConfigError(
-                f"{cls.__name__} has no field(s) {', '.join(sorted(extra))}; valid: "
-                f"{', '.join(sorted(names))}"
-            )
-        return cls(**d)
+        return from_fields(cls, d)
 
 
 class AdaptionMethod:

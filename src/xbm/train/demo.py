@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xbm.errors import ConfigError
+from xbm.config import from_fields
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import write_json_atomic
@@ -62,12 +62,7 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DemoConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names
-        if extra:
-            raise ConfigError(f"demo config has no field(s) {', '.join(sorted(extra))}; valid: "
-                              f"{', '.join(sorted(names))}")
-        return cls(**d)
+        return from_fields(cls, d, owner="demo config")
 
 
 def _run_record(method: str, task: str, base: bool, acc: float, **kw: Any) -> dict[str, Any]:
