@@ -89,7 +89,10 @@ def test_cli_style_levels_parse():
 @pytest.mark.parametrize("bad", [{"pe_budget": -0.1}, {"pe_budget": 1.5}, {"pe_budget": True},
                                  {"warmup_steps": -1}, {"warmup_steps": 2.5},
                                  {"warmup_steps": 0}, {"weight_lr": 0},
-                                 {"pe_score": "magic"}, {"spare_pes": "yes"}])
+                                 {"pe_score": "magic"}, {"spare_pes": "yes"},
+                                 {"energy_budget_j": -1.0}, {"energy_budget_j": "1uJ"},
+                                 {"energy_budget_j": float("nan")},
+                                 {"energy_budget_j": 1e-6, "energy_preset": "nope"}])
 def test_bad_xma2_config_rejected(bad):
     with pytest.raises(ConfigError):
         XMA2Config(**bad)
@@ -246,6 +249,66 @@ def test_selection_respects_budget_and_picks_top_scores(budget):
     assert int(chosen.sum()) == k == sum(method.selected_pes(la, st) for _, la, st in states)
     assert scores[chosen].min() >= scores[~chosen].max()
     assert (scores >= 0).all()
+
+
+def _pe_cells_reference(layer, st) -> torch.Tensor:
+    """Independent reference: cells per PE by counting the weights of each PE one by one."""
+    inside = torch.zeros(st.pe_mask.numel(), dtype=torch.long)
+    spec = layer.spec
+    w = layer.weight
+    for o in range(w.shape[0]):
+        pc = (o * spec.physical_columns_per_weight // spec.cols) // spec.pe_cols
+        for r in range(w[0].numel()):
+            pr = (r // spec.rows) // spec.pe_rows
+            inside[pr * st.pe_mask.shape[1] + pc] += 1
+    return inside * spec.cells_per_weight
+
+
+@pytest.mark.parametrize("budget_uj", [0.0, 0.05, 0.2])
+def test_energy_budget_bounds_reprogramming_energy(budget_uj):
+    from xbm.hardware.energy import get_preset
+
+    per_cell = get_preset("default").write_energy_per_cell_j()
+    budget = budget_uj * 1e-6
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": 1.0, "warmup_steps": 2, "energy_budget_j": budget})
+    method = mtm.methods["t"]
+    states = list(mtm.layer_states("t"))
+    for _, layer, st in states:
+        assert torch.equal(method.pe_cells(layer, st), _pe_cells_reference(layer, st))
+    cells = torch.cat([method.pe_cells(la, st) for _, la, st in states])
+    chosen = torch.cat([st.pe_mask.reshape(-1) for _, _, st in states])
+    scores = torch.cat([st.pe_score.reshape(-1) for _, _, st in states])
+    spent = int(cells[chosen].sum())
+    assert spent * per_cell <= budget + 1e-18
+    assert mtm.reprogrammed_cells("t") * per_cell <= budget + 1e-18
+    # reference greedy walk down the ranking, skipping PEs that would overrun
+    left = math.floor(budget / per_cell + 1e-9)
+    ref = torch.zeros_like(chosen)
+    for i in sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j)):
+        if scores[i] > 0 and int(cells[i]) <= left:
+            ref[i] = True
+            left -= int(cells[i])
+    assert torch.equal(ref, chosen)
+    if budget_uj == 0.0:
+        assert not chosen.any() and mtm.reprogrammed_cells("t") == 0
+    else:
+        assert chosen.any()
+
+
+def test_trainable_params_count_selected_weights_not_the_copy():
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": 0.10, "warmup_steps": 2})
+    method = mtm.methods["t"]
+    groups = mtm.task_parameters("t")
+    dense = sum(p.numel() for ps in groups.values() for p in ps)
+    selected = sum(int(_weight_pe_mask(la, st).sum()) for _, la, st in mtm.layer_states("t"))
+    scores = sum(st.score.numel() for _, _, st in mtm.layer_states("t"))
+    head_norm = sum(p.numel() for p in groups["head"] + groups["norm"])
+    assert selected > 0
+    assert mtm.trainable_params("t") == head_norm + scores + selected < dense
+    assert all(method.trainable_count(la, st) >= st.score.numel()
+               for _, la, st in mtm.layer_states("t"))
 
 
 def test_random_selection_respects_budget():

@@ -127,7 +127,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         mtm.load_bundle(args.bundle)
     task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]
     mtm.add_task(task, data.num_classes, args.method, method_cfg, dataset=args.dataset)
-    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
+                                             test_batch_size=max(args.batch_size, 256))
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
     acc = evaluate_task(mtm, task, test_loader, device)
     out = args.out or args.bundle or f"{task}.safetensors"
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-epochs", type=int)
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
-    d.add_argument("--batch-size", type=int)
+    d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
     d.add_argument("--width", type=int, help="backbone width")
     d.add_argument("--rows", type=int)
     d.add_argument("--cols", type=int)
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--epochs", type=int, default=1)
-    ad.add_argument("--batch-size", type=int, default=128)
+    ad.add_argument("--batch-size", type=int, default=32,
+                    help="training batch (32, as the demo, Piggyback and KSM)")
     ad.add_argument("--train-subset", type=int)
     ad.add_argument("--test-subset", type=int)
     ad.add_argument("--method-config", help="YAML file of method config fields")

@@ -147,7 +147,12 @@ class MultiTaskModel(nn.Module):
         return groups
 
     def trainable_params(self, name: str) -> int:
-        return sum(p.numel() for ps in self.task_parameters(name).values() for p in ps)
+        """Parameters the task learns: head, per-task norms and each layer's
+        :meth:`~xbm.methods.AdaptionMethod.trainable_count` (not the storage it allocates)."""
+        groups = self.task_parameters(name)
+        n = sum(p.numel() for p in groups["head"] + groups["norm"])
+        m = self.methods[name]
+        return n + sum(m.trainable_count(layer, st) for _, layer, st in self.layer_states(name))
 
     def layer_states(self, name: str) -> Iterator[tuple[str, CrossbarLayer, nn.Module]]:
         self._require(name)

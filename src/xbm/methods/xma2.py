@@ -19,8 +19,10 @@ frozen PE. The paper's tier-1 rule, PE quota, PE size and training order are not
   penalty (the abstract's "PE-wise mask") would need a penalty weight and threshold whose scale is
   unknown, and under a fixed budget a top-K of a statistic is simpler and deterministic.
 * **Selection = global top-K** over every PE of the model, K = floor(pe_budget x PEs); PEs with a
-  zero score are never picked. The budget is a fraction of PEs because re-programming energy is
-  proportional to the rewritten cells, and a PE's cells are fixed by its shape.
+  zero score are never picked. With ``energy_budget_j`` the walk down the ranking also skips any
+  PE whose cells would overrun the re-programming energy left (priced by the energy preset).
+  The budget is a fraction of PEs because re-programming energy is proportional to the
+  rewritten cells, and a PE's cells are fixed by its shape.
 * **Training order**: (1) warm-up: tier-2 column scores train on all columns (exactly XMA) while
   the statistics accumulate; (2) at the first training forward after the warm-up, the method
   selects the PEs for the whole model at once (the method object is shared by every layer of the
@@ -86,13 +88,25 @@ class XMA2Config(XMAConfig):
 
     warmup_steps: int = 10
     """Training steps of tier 2 alone, while tier-1 statistics accumulate, before the PEs are
-    chosen. 10 is ~20% of the demo's 47 steps per task: enough batches for a stable gradient sum,
-    and leaves most steps for fine-tuning the chosen PEs."""
+    chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and leave
+    178 of the demo's 188 steps per task to fine-tuning the chosen PEs."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
-    a tenth of the PEs trained for the ~37 steps after the warm-up need a larger step: at a 10%
-    budget 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation, docs/benchmarks.md)."""
+    a tenth of the PEs trained for a few dozen steps need a larger step: at a 10% budget and 37
+    steps after the warm-up (batch 128), 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation,
+    docs/benchmarks.md)."""
+
+    energy_budget_j: float | None = None
+    """Re-programming energy budget in joules (None: no energy limit). PEs are taken in tier-1
+    score order, skipping any that would overrun, while the cells they hold times the energy
+    preset's ``write_energy_per_cell_j`` (write pulses plus verify reads, the cost model's
+    per-cell adaption energy) fit. A bound on every cell of a chosen PE, so the task's measured
+    re-programming energy (changed weights only) is at most this. ``pe_budget`` still caps the
+    count: set it to 1.0 to budget by energy alone."""
+
+    energy_preset: str = "default"
+    """Energy preset (``xbm cost --list-presets``) that prices ``energy_budget_j``."""
 
     pe_score: str = "grad"
     """Tier-1 PE ranking: ``grad`` (accumulated gradient saliency, see the module docstring) or
@@ -115,6 +129,18 @@ class XMA2Config(XMAConfig):
             raise ConfigError(f"{name}.warmup_steps must be an integer >= 0, got {w!r}")
         if not (isinstance(self.weight_lr, (int, float)) and self.weight_lr > 0):
             raise ConfigError(f"{name}.weight_lr must be > 0, got {self.weight_lr!r}")
+        e = self.energy_budget_j
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float))
+                              or not math.isfinite(e) or e < 0):
+            raise ConfigError(f"{name}.energy_budget_j must be a number of joules >= 0 or null, "
+                              f"got {e!r}")
+        if e is not None:
+            from xbm.hardware.energy import get_preset
+
+            try:  # an unknown preset fails at config time, not mid-task
+                get_preset(self.energy_preset)
+            except XbmError as e:
+                raise ConfigError(f"{name}.energy_preset: {e}") from None
         if self.pe_score not in PE_SCORES:
             raise ConfigError(f"{name}.pe_score must be one of {', '.join(PE_SCORES)}, "
                               f"got {self.pe_score!r}")
@@ -211,6 +237,44 @@ class XMA2(XMA):
     def _collecting(self) -> bool:
         return self.config.pe_budget > 0 and self.config.pe_score == "grad"
 
+    @staticmethod
+    def pe_cells(layer: nn.Module, state: nn.Module) -> torch.Tensor:
+        """Flat per-PE count of the cells that hold this layer's weights (ragged tiles count only
+        their real rows)."""
+        spec = layer.spec
+        starts = torch.arange(layer.row_tiles) * spec.rows
+        per_tile = (layer.matrix_rows - starts).clamp(max=spec.rows)
+        per_col = per_tile[:, None].expand(layer.row_tiles, layer.matrix_cols)
+        out = torch.zeros(state.pe_mask.numel(), dtype=torch.long)
+        out.index_add_(0, state.column_pe.reshape(-1).cpu(), per_col.reshape(-1))
+        return out * spec.cells_per_weight
+
+    def _choose(self, flat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Global top-K by score (K from ``pe_budget``), then the energy budget if one is set."""
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        k = math.floor(self.config.pe_budget * flat.numel() + 1e-9)
+        if k <= 0:
+            return chosen
+        order = torch.argsort(flat, descending=True, stable=True)
+        order = order[flat[order] > 0]
+        if self.config.energy_budget_j is None:
+            chosen[order[:k]] = True
+            return chosen
+        from xbm.hardware.energy import get_preset
+
+        per_cell = get_preset(self.config.energy_preset).write_energy_per_cell_j()
+        left = int(math.floor(self.config.energy_budget_j / per_cell + 1e-9))
+        taken = 0
+        for i in order.tolist():
+            if taken >= k:
+                break
+            c = int(cells[i])
+            if c <= left:
+                chosen[i] = True
+                left -= c
+                taken += 1
+        return chosen
+
     def _tick(self, layer: nn.Module, state: nn.Module) -> bool:
         """Count a training forward; select PEs once the warm-up is over. Returns True when this
         forward's gradient feeds the tier-1 statistics."""
@@ -257,11 +321,9 @@ class XMA2(XMA):
             sizes = torch.cat([torch.bincount(st.column_pe.reshape(-1).cpu(),
                                               minlength=st.pe_mask.numel()) for _, st in layers])
             flat = torch.rand(flat.numel(), generator=gen) * (sizes > 0)
-        k = math.floor(self.config.pe_budget * flat.numel() + 1e-9)
-        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-        if k > 0:
-            order = torch.argsort(flat, descending=True, stable=True)[:k]
-            chosen[order[flat[order] > 0]] = True
+        cells = (torch.cat([self.pe_cells(layer, st) for layer, st in layers]) if layers
+                 else torch.zeros(0, dtype=torch.long))
+        chosen = self._choose(flat, cells)
         start = 0
         for layer, st in layers:
             n = st.pe_mask.numel()
@@ -328,6 +390,11 @@ class XMA2(XMA):
         else:
             n = int(((state.weight.detach() != layer.weight) & wmask).sum())
         return n * layer.spec.cells_per_weight
+
+    def trainable_count(self, layer: nn.Module, state: nn.Module) -> int:
+        """Column scores plus only the selected PEs' weights (the dense copy is storage)."""
+        selection = self._selection(layer, state)
+        return state.score.numel() + (0 if selection is None else int(selection[1].sum()))
 
     def selected_pes(self, layer: nn.Module, state: nn.Module) -> int:
         """PEs this task re-programs in the layer (spare PEs used, when ``spare_pes``)."""
