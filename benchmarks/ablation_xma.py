@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     spec = d.spec()
     pcfg = PretrainConfig(model=d.model, width=d.width, dataset="fashion-mnist",
-                          epochs=d.pretrain_epochs, batch_size=d.batch_size, seed=args.seed,
+                          epochs=d.pretrain_epochs, batch_size=d.pretrain_batch_size,
+                          seed=args.seed,
                           train_subset=d.pretrain_subset)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]

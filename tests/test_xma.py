@@ -452,6 +452,25 @@ def test_spare_pes_leave_the_backbone_cells_alone():
         method.reprogrammed_cells(la, st) for _, la, st in mtm.layer_states("a"))
 
 
+def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
+    from xbm.errors import BundleError
+    from xbm.io import load_safetensors, save_safetensors
+
+    mtm = _mtm(SMALL_SPEC)
+    _train(mtm, "t", "xma2", {"pe_budget": 0.1, "warmup_steps": 2})
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    tensors, meta = load_safetensors(path)
+    key = next(k for k, v in tensors.items() if k.endswith("weight_selected") and v.numel())
+    tensors[key] = tensors[key][:-1].clone()
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(bad, tensors, meta)
+    fresh = _mtm(SMALL_SPEC)
+    with pytest.raises(BundleError, match="weight_selected"):
+        fresh.load_bundle(bad)
+    assert fresh.task_names() == []  # rolled back
+
+
 def test_mixed_with_column_methods_switch_cost_zero():
     mtm = _mtm(SMALL_SPEC)
     _train(mtm, "a", "xma", {}, epochs=1)
@@ -471,6 +490,18 @@ def test_xma2_bundle_roundtrip(tmp_path):
         warnings.simplefilter("error")
         assert fresh.load_bundle(path) == ["t"]
     assert torch.equal(_outputs(fresh, "t", x), y)
+    for (_, _, s1), (_, _, s2) in zip(mtm.layer_states("t"), fresh.layer_states("t"),
+                                      strict=True):
+        assert torch.equal(s1.weight, s2.weight)
+    # the bundle holds the selected PEs' weights, not the dense copy
+    from xbm.io import load_safetensors
+
+    tensors, _ = load_safetensors(path)
+    assert not any(k.endswith(".weight") and ".xbm_tasks.t." in k and "fc" not in k
+                   and tensors[k].dim() == 4 for k in tensors)
+    stored = sum(v.numel() for k, v in tensors.items() if k.endswith("weight_selected"))
+    selected = sum(int(_weight_pe_mask(la, st).sum()) for _, la, st in mtm.layer_states("t"))
+    assert stored == selected > 0
     assert fresh.reprogrammed_cells("t") == mtm.reprogrammed_cells("t") > 0
     assert fresh.mask_bits("t") == mtm.mask_bits("t")
     # A loaded task's selection is final: a training forward does not select again.

@@ -191,6 +191,11 @@ class MultiTaskModel(nn.Module):
         return {k: v for k, v in self.model.state_dict().items()
                 if k.startswith(mid) or f".{mid}" in k}
 
+    @staticmethod
+    def _state_prefix(layer_name: str, task: str) -> str:
+        """State-dict prefix of one layer's task state."""
+        return f"{layer_name}.{TASK_KEY}.{task}." if layer_name else f"{TASK_KEY}.{task}."
+
     # -- bundles ----------------------------------------------------------------------------
     def save_bundle(self, path: str | Path, tasks: list[str] | None = None) -> None:
         """Save the named tasks' state (all tasks by default) as one safetensors bundle.
@@ -201,7 +206,13 @@ class MultiTaskModel(nn.Module):
         tasks = list(self.tasks) if tasks is None else tasks
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
-            tensors.update(self.task_state_dict(t))
+            sd = self.task_state_dict(t)
+            method = self.methods[t]
+            for lname, layer, st in self.layer_states(t):
+                pre = self._state_prefix(lname, t)
+                local = {k[len(pre):]: sd.pop(k) for k in list(sd) if k.startswith(pre)}
+                sd.update({pre + k: v for k, v in method.pack_state(layer, st, local).items()})
+            tensors.update(sd)
         meta = {
             "format": BUNDLE_FORMAT,
             "backbone_hash": self.backbone_hash,
@@ -238,6 +249,17 @@ class MultiTaskModel(nn.Module):
                 ti = TaskInfo(**info)
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
                 added.append(ti.name)
+                method = self.methods[ti.name]
+                for lname, layer, st in self.layer_states(ti.name):
+                    pre = self._state_prefix(lname, ti.name)
+                    local = {k[len(pre):]: tensors.pop(k) for k in list(tensors)
+                             if k.startswith(pre)}
+                    try:
+                        unpacked = method.unpack_state(layer, st, local)
+                    except BundleError as exc:
+                        raise BundleError(f"{path}: task {ti.name!r}, layer {lname}: {exc}"
+                                          ) from None
+                    tensors.update({pre + k: v for k, v in unpacked.items()})
                 own = self.task_state_dict(ti.name)
                 missing = sorted(set(own) - set(tensors))
                 if missing:

@@ -122,6 +122,21 @@ class AdaptionMethod:
         PEs) counts that part, so the demo's trainable column is not inflated by storage."""
         return sum(p.numel() for p in state.parameters())
 
+    # -- bundles ----------------------------------------------------------------------------
+    def pack_state(self, layer: nn.Module, state: nn.Module, tensors: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        """The bundle form of one layer's task tensors (keys relative to ``state``).
+
+        Identity by default. A method that allocates dense storage but learns only part of it
+        (XMA2's weight copy) stores the part, so a bundle's size follows what the task learned.
+        """
+        return tensors
+
+    def unpack_state(self, layer: nn.Module, state: nn.Module, tensors: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`pack_state`; raise :class:`~xbm.errors.BundleError` on bad input."""
+        return tensors
+
     # -- training hooks ---------------------------------------------------------------------
     def param_groups(self, state_params: list[nn.Parameter]) -> list[dict[str, Any]]:
         """Optimizer groups for the task state (head and norms are added by the trainer)."""

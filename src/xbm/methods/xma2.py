@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import BundleError, ConfigError, XbmError
 from xbm.hardware.mapping import apply_column_mask, column_sum_over_tiles
 from xbm.methods.base import MethodConfig, register_method
 from xbm.methods.xma import XMA, XMAConfig
@@ -399,6 +399,40 @@ class XMA2(XMA):
     def selected_pes(self, layer: nn.Module, state: nn.Module) -> int:
         """PEs this task re-programs in the layer (spare PEs used, when ``spare_pes``)."""
         return int(state.pe_mask.sum())
+
+    # -- bundles ----------------------------------------------------------------------------
+    def pack_state(self, layer: nn.Module, state: nn.Module, tensors: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        """Store only the selected PEs' weights (``weight_selected``, in weight order); the rest of
+        the dense copy is the backbone, which the bundle's backbone hash already pins."""
+        if "weight" not in tensors:
+            return tensors
+        out = dict(tensors)
+        weight = out.pop("weight")
+        selection = self._selection(layer, state)
+        out["weight_selected"] = (weight.new_zeros(0) if selection is None
+                                  else weight[selection[1]].contiguous())
+        return out
+
+    def unpack_state(self, layer: nn.Module, state: nn.Module, tensors: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+        if "weight_selected" not in tensors:
+            return tensors
+        out = dict(tensors)
+        sel_w = out.pop("weight_selected")
+        pe_mask = out.get("pe_mask")
+        if pe_mask is None or tuple(pe_mask.shape) != tuple(state.pe_mask.shape):
+            raise BundleError("XMA2 state lacks a pe_mask of shape "
+                              f"{tuple(state.pe_mask.shape)}")
+        cols = pe_mask.to(torch.bool).reshape(-1).to(state.column_pe.device)[state.column_pe]
+        wmask = self._weight_mask(layer, cols)
+        if sel_w.dim() != 1 or sel_w.numel() != int(wmask.sum()):
+            raise BundleError(f"weight_selected holds {sel_w.numel()} values, the pe_mask selects "
+                              f"{int(wmask.sum())} weights")
+        weight = layer.weight.detach().clone()
+        weight[wmask] = sel_w.to(weight.dtype).to(weight.device)
+        out["weight"] = weight
+        return out
 
     # -- training hooks ---------------------------------------------------------------------
     def param_groups(self, state_params: list[nn.Parameter]) -> list[dict]:
