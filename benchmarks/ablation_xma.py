@@ -56,8 +56,8 @@ LEVEL_SETS: dict[str, list[float]] = {
 }
 """Down-shift-only ladders of 2, 3, 5 (the default) and 7 levels, and one with an up-shift."""
 BUDGETS = [0.0, 0.05, 0.10, 0.25]
-LR_SWEEP = [0.1, 0.3, 3.0]
-"""``--lr-sweep``: XMA score learning rates around the default 1.0 (default levels)."""
+LR_SWEEP = [0.1, 1.0, 3.0]
+"""``--lr-sweep``: XMA score learning rates around the default 0.3 (default levels)."""
 WEIGHT_LR_SWEEP = [1e-3, 2e-2]
 """``--lr-sweep``: XMA2 re-programmed-weight learning rates around the default 5e-3 (10%)."""
 
@@ -181,6 +181,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for (b, _), x, y in zip(bud, xs, ys, strict=True):
             ax2.annotate(f"{b:.0%}", (x, y), textcoords="offset points", xytext=(4, -12),
                          fontsize=8)
+        eb = sorted(((r["config"]["energy_budget_j"], r) for label, r in runs.items()
+                     if label.startswith("xma2-E") and key in r), key=lambda t: t[0])
+        if eb:
+            ax2.plot([r[key] * scale for _, r in eb], [r["mean_accuracy"] for _, r in eb], "D",
+                     color="C6", label="XMA2, energy budget per task")
         if "xma2-random-0.1" in runs and key in runs["xma2-random-0.1"]:
             r = runs["xma2-random-0.1"]
             ax2.plot([r[key] * scale], [r["mean_accuracy"]], "x", color="C4", ms=9,
@@ -220,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="2,3,5,7,5up",
                    help=f"XMA level sets to run, from {', '.join(LEVEL_SETS)}")
     p.add_argument("--budgets", default="0,0.05,0.1,0.25", help="XMA2 PE budgets to run")
+    p.add_argument("--energy-budgets", default="",
+                   help="XMA2 re-programming energy budgets per task in µJ (comma list; "
+                        "pe_budget 1.0, so energy alone limits the PEs)")
     p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
     p.add_argument("--lr-sweep", action="store_true",
                    help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
         plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
+    for e in (float(x) for x in args.energy_budgets.split(",") if x.strip()):
+        plan.append((f"xma2-E{e:g}uJ", "xma2", {"pe_budget": 1.0, "energy_budget_j": e * 1e-6}))
     if args.lr_sweep:
         plan += [(f"xma-5-lr{lr:g}", "xma", {"lr": lr}) for lr in LR_SWEEP]
         plan += [(f"xma2-0.1-wlr{w:g}", "xma2", {"pe_budget": 0.1, "weight_lr": w})

@@ -98,12 +98,13 @@ class XMA2Config(XMAConfig):
     docs/benchmarks.md)."""
 
     energy_budget_j: float | None = None
-    """Re-programming energy budget in joules (None: no energy limit). PEs are taken in tier-1
-    score order, skipping any that would overrun, while the cells they hold times the energy
-    preset's ``write_energy_per_cell_j`` (write pulses plus verify reads, the cost model's
-    per-cell adaption energy) fit. A bound on every cell of a chosen PE, so the task's measured
-    re-programming energy (changed weights only) is at most this. ``pe_budget`` still caps the
-    count: set it to 1.0 to budget by energy alone."""
+    """Deploy-energy budget in joules (None: no energy limit). PEs are taken in tier-1 score
+    order, skipping any that would overrun, while the cells they hold times the energy preset's
+    ``write_energy_per_cell_j`` (write pulses plus verify reads) fit in the budget left after
+    the task's largest mask write (tier-1 and tier-2 bits x ``mask_bit_write_energy_j``). Both
+    are upper bounds, so the cost model's ``adaption_energy_j`` of the task (changed weights
+    only, plus its mask bits) is at most this. ``pe_budget`` still caps the count: set it to
+    1.0 to budget by energy alone."""
 
     energy_preset: str = "default"
     """Energy preset (``xbm cost --list-presets``) that prices ``energy_budget_j``."""
@@ -262,8 +263,13 @@ class XMA2(XMA):
             return chosen
         from xbm.hardware.energy import get_preset
 
-        per_cell = get_preset(self.config.energy_preset).write_energy_per_cell_j()
-        left = int(math.floor(self.config.energy_budget_j / per_cell + 1e-9))
+        preset = get_preset(self.config.energy_preset)
+        per_cell = preset.write_energy_per_cell_j()
+        # reserve the mask write at its largest (no PE selected), so deploy energy fits too
+        bits = sum(st.pe_mask.numel() + self.config.bits_per_column * st.score.numel()
+                   for _, st in self._layers)
+        spare = self.config.energy_budget_j - bits * preset.periphery.mask_bit_write_energy_j
+        left = int(math.floor(spare / per_cell + 1e-9)) if spare > 0 else 0
         taken = 0
         for i in order.tolist():
             if taken >= k:
