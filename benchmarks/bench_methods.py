@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         step(m)
         step(m)
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.reps):
-        for m in methods:
+    for rep in range(args.reps):
+        # rotate the order every repetition, so no method always follows the same one (the
+        # caches and allocator state a step inherits depend on what ran just before it)
+        for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
             t0 = time.perf_counter()
             step(m)
             times[m].append(time.perf_counter() - t0)
