@@ -463,3 +463,14 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert "faithful" in out and "ideal+faults" in out
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
     assert (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
+
+
+def test_hardware_package_exports_simulator_names():
+    import xbm.hardware as hw
+    from xbm.hardware import faults, simulate
+
+    assert hw.SimConfig is simulate.SimConfig and hw.faithful is simulate.faithful
+    assert hw.FaultMap is faults.FaultMap and hw.fault_aware is faults.fault_aware
+    assert set(hw.__all__) >= {"SimConfig", "faithful", "FaultMap", "fault_aware"}
+    with pytest.raises(AttributeError, match="no attribute"):
+        hw.not_a_name  # noqa: B018
