@@ -22,9 +22,9 @@ What this module assumes, and why:
 * **Learning rate 0.3.** Adam moves a score by about lr per step whatever the gradient scale, and
   a level change needs a move of 1/2 in log2 space (one level), against 5e-3 for XBM's threshold
   at lr 1e-3 (5 steps per flip). With the demo's 188 cosine-decayed steps per task (batch 32)
-  lr 0.3 beat 1.0 (91.97 vs 90.38%, three tasks); with 47 steps (batch 128) a column needed lr 1
-  to cross the ladder: lr 0.1 / 0.3 / 1 / 3 gave 68.9 / 80.9 / 82.6 / 81.4% (ablation, mean of
-  two tasks).
+  lr 0.1 / 0.3 / 0.5 / 1.0 gave 90.68 / 91.97 / 91.63 / 90.38% (three tasks); with 47 steps
+  (batch 128) a column needed lr 1 to cross the ladder: lr 0.1 / 0.3 / 1 / 3 gave 68.9 / 80.9 /
+  82.6 / 81.4% (ablation, mean of two tasks).
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ class XMAConfig(MethodConfig):
     lr: float = 0.3
     """Adam learning rate of the log2 scores. One level is 1/2 away in score space (XBM's threshold
     is 5e-3 away at lr 1e-3), and Adam steps are ~lr whatever the gradient scale. At the demo's
-    188 steps per task (batch 32) 0.3 / 1.0 gave 91.97 / 90.38% mean new-task accuracy; at 47
-    steps (batch 128) 1.0 had been best of 0.1-3 (docs/benchmarks.md, "XMA and XMA2 ablations")."""
+    188 steps per task (batch 32) 0.1 / 0.3 / 0.5 / 1.0 gave 90.68 / 91.97 / 91.63 / 90.38% mean
+    new-task accuracy; at 47 steps (batch 128) 1.0 had been best of 0.1-3 (docs/benchmarks.md,
+    "XMA and XMA2 ablations")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
