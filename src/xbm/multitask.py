@@ -191,10 +191,14 @@ class MultiTaskModel(nn.Module):
         return {k: v for k, v in self.model.state_dict().items()
                 if k.startswith(mid) or f".{mid}" in k}
 
-    @staticmethod
-    def _state_prefix(layer_name: str, task: str) -> str:
-        """State-dict prefix of one layer's task state."""
-        return f"{layer_name}.{TASK_KEY}.{task}." if layer_name else f"{TASK_KEY}.{task}."
+    def _map_layer_states(self, task: str, tensors: dict[str, torch.Tensor], fn) -> None:
+        """Replace, in place, each crossbar layer's ``task`` tensors in ``tensors`` by
+        ``fn(layer_name, layer, state, tensors with keys relative to the state)`` (the method's
+        bundle packing or unpacking)."""
+        for lname, layer, st in self.layer_states(task):
+            pre = f"{lname}.{TASK_KEY}.{task}." if lname else f"{TASK_KEY}.{task}."
+            local = {k[len(pre):]: tensors.pop(k) for k in list(tensors) if k.startswith(pre)}
+            tensors.update({pre + k: v for k, v in fn(lname, layer, st, local).items()})
 
     # -- bundles ----------------------------------------------------------------------------
     def save_bundle(self, path: str | Path, tasks: list[str] | None = None) -> None:
@@ -207,11 +211,9 @@ class MultiTaskModel(nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)
-            method = self.methods[t]
-            for lname, layer, st in self.layer_states(t):
-                pre = self._state_prefix(lname, t)
-                local = {k[len(pre):]: sd.pop(k) for k in list(sd) if k.startswith(pre)}
-                sd.update({pre + k: v for k, v in method.pack_state(layer, st, local).items()})
+            pack = self.methods[t].pack_state
+            self._map_layer_states(t, sd, lambda _n, layer, st, local, pack=pack:
+                                   pack(layer, st, local))
             tensors.update(sd)
         meta = {
             "format": BUNDLE_FORMAT,
@@ -249,17 +251,16 @@ class MultiTaskModel(nn.Module):
                 ti = TaskInfo(**info)
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
                 added.append(ti.name)
-                method = self.methods[ti.name]
-                for lname, layer, st in self.layer_states(ti.name):
-                    pre = self._state_prefix(lname, ti.name)
-                    local = {k[len(pre):]: tensors.pop(k) for k in list(tensors)
-                             if k.startswith(pre)}
+                unpack = self.methods[ti.name].unpack_state
+
+                def _unpack(lname, layer, st, local, task=ti.name, unpack=unpack):
                     try:
-                        unpacked = method.unpack_state(layer, st, local)
+                        return unpack(layer, st, local)
                     except BundleError as exc:
-                        raise BundleError(f"{path}: task {ti.name!r}, layer {lname}: {exc}"
+                        raise BundleError(f"{path}: task {task!r}, layer {lname}: {exc}"
                                           ) from None
-                    tensors.update({pre + k: v for k, v in unpacked.items()})
+
+                self._map_layer_states(ti.name, tensors, _unpack)
                 own = self.task_state_dict(ti.name)
                 missing = sorted(set(own) - set(tensors))
                 if missing:

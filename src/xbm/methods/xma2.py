@@ -140,8 +140,8 @@ class XMA2Config(XMAConfig):
 
             try:  # an unknown preset fails at config time, not mid-task
                 get_preset(self.energy_preset)
-            except XbmError as e:
-                raise ConfigError(f"{name}.energy_preset: {e}") from None
+            except XbmError as exc:
+                raise ConfigError(f"{name}.energy_preset: {exc}") from None
         if self.pe_score not in PE_SCORES:
             raise ConfigError(f"{name}.pe_score must be one of {', '.join(PE_SCORES)}, "
                               f"got {self.pe_score!r}")
@@ -205,9 +205,18 @@ class XMA2(XMA):
         self._layers.append((layer, state))
         return state
 
-    def selected_columns(self, state: nn.Module) -> torch.Tensor:
-        """(row_tiles, Cout) bool: crossbar columns inside this task's selected PEs."""
-        return state.pe_mask.reshape(-1)[state.column_pe]
+    def selected_columns(self, state: nn.Module, pe_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """(row_tiles, Cout) bool: crossbar columns inside the selected PEs (this task's, or those
+        of ``pe_mask``)."""
+        pm = state.pe_mask if pe_mask is None else pe_mask.to(torch.bool)
+        return pm.reshape(-1).to(state.column_pe.device)[state.column_pe]
+
+    @staticmethod
+    def _per_pe(state: nn.Module, per_col: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Sum a (row_tiles, Cout) per-column quantity into a flat per-PE vector."""
+        out = torch.zeros(state.pe_mask.numel(), dtype=dtype, device=state.column_pe.device)
+        return out.index_add_(0, state.column_pe.reshape(-1), per_col.reshape(-1).to(dtype))
 
     def _weight_mask(self, layer: nn.Module, sel_cols: torch.Tensor) -> torch.Tensor:
         ones = torch.ones_like(layer.weight)
@@ -242,13 +251,8 @@ class XMA2(XMA):
     def pe_cells(layer: nn.Module, state: nn.Module) -> torch.Tensor:
         """Flat per-PE count of the cells that hold this layer's weights (ragged tiles count only
         their real rows)."""
-        spec = layer.spec
-        starts = torch.arange(layer.row_tiles) * spec.rows
-        per_tile = (layer.matrix_rows - starts).clamp(max=spec.rows)
-        per_col = per_tile[:, None].expand(layer.row_tiles, layer.matrix_cols)
-        out = torch.zeros(state.pe_mask.numel(), dtype=torch.long)
-        out.index_add_(0, state.column_pe.reshape(-1).cpu(), per_col.reshape(-1))
-        return out * spec.cells_per_weight
+        per_col = column_sum_over_tiles(torch.ones_like(layer.weight), layer.spec.rows)
+        return XMA2._per_pe(state, per_col, torch.long).cpu() * layer.spec.cells_per_weight
 
     def _choose(self, flat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Global top-K by score (K from ``pe_budget``), then the energy budget if one is set."""
@@ -305,12 +309,10 @@ class XMA2(XMA):
 
     def _importance(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         """Flat per-PE tier-1 score from the accumulated gradients (zeros without any)."""
-        n = state.pe_mask.numel()
-        out = torch.zeros(n, dtype=state.pe_score.dtype, device=state.pe_score.device)
         if state._grad_acc is None:
-            return out
+            return torch.zeros_like(state.pe_score).reshape(-1)
         per_col = column_sum_over_tiles(state._grad_acc.abs(), layer.spec.rows)
-        return out.index_add_(0, state.column_pe.reshape(-1), per_col.reshape(-1).to(out.dtype))
+        return self._per_pe(state, per_col, state.pe_score.dtype)
 
     @torch.no_grad()
     def select(self) -> None:
@@ -430,8 +432,7 @@ class XMA2(XMA):
         if pe_mask is None or tuple(pe_mask.shape) != tuple(state.pe_mask.shape):
             raise BundleError("XMA2 state lacks a pe_mask of shape "
                               f"{tuple(state.pe_mask.shape)}")
-        cols = pe_mask.to(torch.bool).reshape(-1).to(state.column_pe.device)[state.column_pe]
-        wmask = self._weight_mask(layer, cols)
+        wmask = self._weight_mask(layer, self.selected_columns(state, pe_mask))
         if sel_w.dim() != 1 or sel_w.numel() != int(wmask.sum()):
             raise BundleError(f"weight_selected holds {sel_w.numel()} values, the pe_mask selects "
                               f"{int(wmask.sum())} weights")
