@@ -181,11 +181,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for (b, _), x, y in zip(bud, xs, ys, strict=True):
             ax2.annotate(f"{b:.0%}", (x, y), textcoords="offset points", xytext=(4, -12),
                          fontsize=8)
-        eb = sorted(((r["config"]["energy_budget_j"], r) for label, r in runs.items()
-                     if label.startswith("xma2-E") and key in r), key=lambda t: t[0])
-        if eb:
-            ax2.plot([r[key] * scale for _, r in eb], [r["mean_accuracy"] for _, r in eb], "D",
-                     color="C6", label="XMA2, energy budget per task")
+        for suffix, color, what in (("uJ", "C6", "score order"),
+                                    ("uJ-density", "C8", "score-per-cell order")):
+            eb = sorted(((r["config"]["energy_budget_j"], r) for label, r in runs.items()
+                         if label.startswith("xma2-E") and label.endswith(suffix) and key in r),
+                        key=lambda t: t[0])
+            if eb:
+                ax2.plot([r[key] * scale for _, r in eb], [r["mean_accuracy"] for _, r in eb],
+                         "D", color=color, label=f"XMA2, energy budget per task ({what})")
         if "xma2-random-0.1" in runs and key in runs["xma2-random-0.1"]:
             r = runs["xma2-random-0.1"]
             ax2.plot([r[key] * scale], [r["mean_accuracy"]], "x", color="C4", ms=9,
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--energy-budgets", default="",
                    help="XMA2 re-programming energy budgets per task in µJ (comma list; "
                         "pe_budget 1.0, so energy alone limits the PEs)")
+    p.add_argument("--energy-rank", default="score",
+                   help="walk order(s) under an energy budget: score, density or both "
+                        "(comma list)")
     p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
     p.add_argument("--lr-sweep", action="store_true",
                    help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
@@ -260,8 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
         plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
+    ranks = [r.strip() for r in args.energy_rank.split(",") if r.strip()]
+    for r in ranks:
+        if r not in ("score", "density"):
+            p.error(f"--energy-rank: unknown order {r!r}; choose score or density")
     for e in (float(x) for x in args.energy_budgets.split(",") if x.strip()):
-        plan.append((f"xma2-E{e:g}uJ", "xma2", {"pe_budget": 1.0, "energy_budget_j": e * 1e-6}))
+        for r in ranks:
+            suffix = "" if r == "score" else "-density"
+            plan.append((f"xma2-E{e:g}uJ{suffix}", "xma2",
+                         {"pe_budget": 1.0, "energy_budget_j": e * 1e-6, "energy_rank": r}))
     if args.lr_sweep:
         plan += [(f"xma-5-lr{lr:g}", "xma", {"lr": lr}) for lr in LR_SWEEP]
         plan += [(f"xma2-0.1-wlr{w:g}", "xma2", {"pe_budget": 0.1, "weight_lr": w})

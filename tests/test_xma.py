@@ -90,6 +90,7 @@ def test_cli_style_levels_parse():
                                  {"warmup_steps": -1}, {"warmup_steps": 2.5},
                                  {"warmup_steps": 0}, {"weight_lr": 0},
                                  {"pe_score": "magic"}, {"spare_pes": "yes"},
+                                 {"energy_rank": "cheapest"},
                                  {"energy_budget_j": -1.0}, {"energy_budget_j": "1uJ"},
                                  {"energy_budget_j": float("nan")},
                                  {"energy_budget_j": 1e-6, "energy_preset": "nope"}])
@@ -264,8 +265,9 @@ def _pe_cells_reference(layer, st) -> torch.Tensor:
     return inside * spec.cells_per_weight
 
 
+@pytest.mark.parametrize("rank", ["score", "density"])
 @pytest.mark.parametrize("budget_uj", [0.0, 0.05, 0.2])
-def test_energy_budget_bounds_reprogramming_energy(budget_uj):
+def test_energy_budget_bounds_reprogramming_energy(budget_uj, rank):
     from xbm.hardware.cost import task_costs
     from xbm.hardware.energy import get_preset
 
@@ -273,7 +275,8 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj):
     per_cell = preset.write_energy_per_cell_j()
     budget = budget_uj * 1e-6
     mtm = _mtm(SMALL_SPEC)
-    _train(mtm, "t", "xma2", {"pe_budget": 1.0, "warmup_steps": 2, "energy_budget_j": budget})
+    _train(mtm, "t", "xma2", {"pe_budget": 1.0, "warmup_steps": 2, "energy_budget_j": budget,
+                              "energy_rank": rank})
     method = mtm.methods["t"]
     states = list(mtm.layer_states("t"))
     for _, layer, st in states:
@@ -290,7 +293,14 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj):
     # reference greedy walk down the ranking, skipping PEs that would overrun
     left = max(0, math.floor((budget - reserve) / per_cell + 1e-9))
     ref = torch.zeros_like(chosen)
-    for i in sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j)):
+
+    density = scores / cells.clamp(min=1).to(scores.dtype)  # same float32 rounding as the method
+    value = density if rank == "density" else scores
+
+    def key(j: int) -> tuple[float, int]:
+        return (-float(value[j]), j)
+
+    for i in sorted(range(scores.numel()), key=key):
         if scores[i] > 0 and int(cells[i]) <= left:
             ref[i] = True
             left -= int(cells[i])

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from xbm.multitask import MultiTaskModel
 
 PE_SCORES = ("grad", "random")
+ENERGY_RANKS = ("score", "density")
 
 
 @dataclass
@@ -89,16 +90,17 @@ class XMA2Config(XMAConfig):
     warmup_steps: int = 10
     """Training steps of tier 2 alone, while tier-1 statistics accumulate, before the PEs are
     chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and leave
-    178 of the demo's 188 steps per task to fine-tuning the chosen PEs."""
+    178 of the demo's 188 steps per task to fine-tuning the chosen PEs; 3 and 30 were within
+    0.3 points on the demo (docs/benchmarks.md)."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
     a tenth of the PEs trained for a few dozen steps need a larger step: at a 10% budget and 37
     steps after the warm-up (batch 128), 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation,
-    docs/benchmarks.md)."""
+    docs/benchmarks.md). At the demo's 188 steps 2e-3 / 5e-3 / 1e-2 are within 0.3 points."""
 
     energy_budget_j: float | None = None
-    """Deploy-energy budget in joules (None: no energy limit). PEs are taken in tier-1 score
+    """Deploy-energy budget in joules (None: no energy limit). PEs are taken in ``energy_rank``
     order, skipping any that would overrun, while the cells they hold times the energy preset's
     ``write_energy_per_cell_j`` (write pulses plus verify reads) fit in the budget left after
     the task's largest mask write (tier-1 and tier-2 bits x ``mask_bit_write_energy_j``). Both
@@ -108,6 +110,12 @@ class XMA2Config(XMAConfig):
 
     energy_preset: str = "default"
     """Energy preset (``xbm cost --list-presets``) that prices ``energy_budget_j``."""
+
+    energy_rank: str = "score"
+    """Walk order under ``energy_budget_j``: ``score`` (tier-1 score, largest first) or
+    ``density`` (tier-1 score per cell, i.e. per joule of re-programming: the greedy rule for a
+    knapsack). Ignored without an energy budget. ``score`` is the default because it was
+    measured first; docs/benchmarks.md compares both at equal energy."""
 
     pe_score: str = "grad"
     """Tier-1 PE ranking: ``grad`` (accumulated gradient saliency, see the module docstring) or
@@ -142,6 +150,9 @@ class XMA2Config(XMAConfig):
                 get_preset(self.energy_preset)
             except XbmError as exc:
                 raise ConfigError(f"{name}.energy_preset: {exc}") from None
+        if self.energy_rank not in ENERGY_RANKS:
+            raise ConfigError(f"{name}.energy_rank must be one of {', '.join(ENERGY_RANKS)}, "
+                              f"got {self.energy_rank!r}")
         if self.pe_score not in PE_SCORES:
             raise ConfigError(f"{name}.pe_score must be one of {', '.join(PE_SCORES)}, "
                               f"got {self.pe_score!r}")
@@ -255,16 +266,22 @@ class XMA2(XMA):
         return XMA2._per_pe(state, per_col, torch.long).cpu() * layer.spec.cells_per_weight
 
     def _choose(self, flat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """Global top-K by score (K from ``pe_budget``), then the energy budget if one is set."""
+        """Global top-K by score (K from ``pe_budget``), then the energy budget if one is set,
+        walked in ``energy_rank`` order."""
         chosen = torch.zeros(flat.numel(), dtype=torch.bool)
         k = math.floor(self.config.pe_budget * flat.numel() + 1e-9)
         if k <= 0:
             return chosen
-        order = torch.argsort(flat, descending=True, stable=True)
-        order = order[flat[order] > 0]
         if self.config.energy_budget_j is None:
+            order = torch.argsort(flat, descending=True, stable=True)
+            order = order[flat[order] > 0]
             chosen[order[:k]] = True
             return chosen
+        key = flat
+        if self.config.energy_rank == "density":
+            key = flat / cells.clamp(min=1).to(flat.dtype)
+        order = torch.argsort(key, descending=True, stable=True)
+        order = order[flat[order] > 0]
         from xbm.hardware.energy import get_preset
 
         preset = get_preset(self.config.energy_preset)
