@@ -326,6 +326,20 @@ def test_trainable_params_count_selected_weights_not_the_copy():
                for _, la, st in mtm.layer_states("t"))
 
 
+@pytest.mark.parametrize(("rank", "expected"), [("score", [True, False, False]),
+                                                 ("density", [False, True, True])])
+def test_energy_rank_orders_the_walk(rank, expected):
+    """Scores 10/6/5 on PEs of 100/40/40 cells and room for 100 cells: the score order takes the
+    big PE alone (10), the per-cell order the two small ones (11)."""
+    from xbm.hardware.energy import get_preset
+
+    per_cell = get_preset("default").write_energy_per_cell_j()
+    method = create_method("xma2", {"pe_budget": 1.0, "energy_budget_j": 100.5 * per_cell,
+                                    "energy_rank": rank})
+    chosen = method._choose(torch.tensor([10.0, 6.0, 5.0]), torch.tensor([100, 40, 40]))
+    assert chosen.tolist() == expected
+
+
 def test_random_selection_respects_budget():
     mtm = _mtm(SMALL_SPEC)
     _train(mtm, "t", "xma2", {"pe_budget": 0.1, "pe_score": "random", "warmup_steps": 0})

@@ -272,16 +272,15 @@ class XMA2(XMA):
         k = math.floor(self.config.pe_budget * flat.numel() + 1e-9)
         if k <= 0:
             return chosen
-        if self.config.energy_budget_j is None:
-            order = torch.argsort(flat, descending=True, stable=True)
-            order = order[flat[order] > 0]
-            chosen[order[:k]] = True
-            return chosen
+        budgeted = self.config.energy_budget_j is not None
         key = flat
-        if self.config.energy_rank == "density":
+        if budgeted and self.config.energy_rank == "density":
             key = flat / cells.clamp(min=1).to(flat.dtype)
         order = torch.argsort(key, descending=True, stable=True)
         order = order[flat[order] > 0]
+        if not budgeted:
+            chosen[order[:k]] = True
+            return chosen
         from xbm.hardware.energy import get_preset
 
         preset = get_preset(self.config.energy_preset)
