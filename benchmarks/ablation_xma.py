@@ -41,7 +41,7 @@ import torch
 from xbm.data import load_dataset
 from xbm.hardware.cost import task_costs
 from xbm.io import atomic_path, write_json_atomic
-from xbm.methods.xma2 import chip_without_restore
+from xbm.methods.xma2 import ENERGY_RANKS, chip_without_restore
 from xbm.multitask import MultiTaskModel
 from xbm.train.demo import DemoConfig
 from xbm.train.loop import evaluate_task, resolve_device, seed_everything, train_task
@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse the finished runs of an interrupted call with the same options")
     p.add_argument("--data-root")
     args = p.parse_args(argv)
+    ranks = [r.strip() for r in args.energy_rank.split(",") if r.strip()]
+    for r in ranks:
+        if r not in ENERGY_RANKS:
+            p.error(f"--energy-rank: unknown order {r!r}; choose from {', '.join(ENERGY_RANKS)}")
 
     t0 = time.perf_counter()
     device = resolve_device(args.device)
@@ -266,10 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
         plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
-    ranks = [r.strip() for r in args.energy_rank.split(",") if r.strip()]
-    for r in ranks:
-        if r not in ("score", "density"):
-            p.error(f"--energy-rank: unknown order {r!r}; choose score or density")
     for e in (float(x) for x in args.energy_budgets.split(",") if x.strip()):
         for r in ranks:
             suffix = "" if r == "score" else "-density"
