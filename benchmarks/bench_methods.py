@@ -4,11 +4,13 @@ Same model, same batch, one process; steps are interleaved round-robin and the m
 repetitions is reported, so machine noise hits every method alike. Ratios are what to read.
 
     .venv/bin/python benchmarks/bench_methods.py [--width 16] [--batch 128] [--reps 15]
+    python benchmarks/bench_methods.py --device cuda     # on a GPU machine
 
 Columns:
   step ms / vs frozen / vs finetune: median wall time of forward + backward + Adam step.
   state: the task's trainable state (parameters) in bytes; + Adam: plus Adam's two moments.
   saved MB: tensors autograd keeps for the backward pass (the step's activation memory).
+  peak MB (CUDA only): the allocator's peak during one step, above what was held before it.
 The "frozen" step is linear-probe with per-task BN: only BN and the head train.
 """
 
@@ -56,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(list_methods()))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     methods = args.methods.split(",")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
     mtm = MultiTaskModel(bb, get_spec(rows=args.rows))
     x = torch.randn(args.batch, 1, args.size, args.size)
@@ -75,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         for g in pg:
             for p in g["params"]:
                 p.requires_grad_(True)
-        opts[m] = (name, torch.optim.Adam(pg))
-    mtm.train()
+        opts[m] = (name, pg)
+    mtm.to(dev).train()
+    x, y = x.to(dev), y.to(dev)
+    # the optimisers are built after the move, so they hold the device's parameters
+    opts = {m: (name, torch.optim.Adam(pg)) for m, (name, pg) in opts.items()}
 
     def step(m: str) -> None:
         name, opt = opts[m]
@@ -86,16 +94,31 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
     for m in methods:  # warm-up (and Adam state allocation)
         step(m)
         step(m)
+    sync()
+    peak: dict[str, float] = {}
+    if cuda:
+        for m in methods:
+            held = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            step(m)
+            sync()
+            peak[m] = (torch.cuda.max_memory_allocated(dev) - held) / 2**20
     times: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(args.reps):
         # rotate the order every repetition, so no method always follows the same one (the
         # caches and allocator state a step inherits depend on what ran just before it)
         for m in methods[rep % len(methods):] + methods[:rep % len(methods)]:
+            sync()
             t0 = time.perf_counter()
             step(m)
+            sync()
             times[m].append(time.perf_counter() - t0)
     rows = []
     med = {m: statistics.median(v) for m, v in times.items()}
@@ -120,19 +143,20 @@ def main(argv: list[str] | None = None) -> int:
                          mtm.task_parameters(name)["head"] + mtm.task_parameters(name)["norm"]
                          for t in [opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]
                          if p in opt.state),
-                     "saved_mb": saved / 2**20})
+                     "saved_mb": saved / 2**20, "peak_mb": peak.get(m)})
     for r in rows:
         r["state_vs_piggyback"] = r["state_bytes"] / pb_state if pb_state else None
+    where = torch.cuda.get_device_name(dev) if cuda else f"{args.threads} CPU threads"
     print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
-          f"R={args.rows}, {args.threads} threads, median of {args.reps}; torch "
-          f"{torch.__version__}")
+          f"R={args.rows}, {where}, median of {args.reps}; torch {torch.__version__}")
     print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
-          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}")
+          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}" + (f"{'peak MB':>9}" if cuda else ""))
     for r in rows:
         print(f"{r['method']:<14}{r['step_ms']:>9.1f}{r['vs_frozen'] or 0:>11.2f}"
               f"{r['vs_finetune'] or 0:>13.2f}{r['state_bytes']:>12,}"
               f"{r['state_plus_adam_bytes']:>14,}"
-              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}")
+              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}"
+              + (f"{r['peak_mb']:>9.1f}" if cuda else ""))
     if args.json:
         from xbm.io import write_json_atomic
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from xbm.cli import main
 from xbm.methods import list_methods
@@ -40,6 +41,8 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     methods = res["config"]["methods"]
     assert set(methods) <= set(list_methods())
+    # the width used (given, or picked by device) is recorded, and is the backbone's
+    assert res["config"]["width"] == res["backbone"]["arch"]["width"]
     for m in methods:
         assert m in printed
         assert res["checks"][m]["backbone_bit_identical"] is True
@@ -63,6 +66,15 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     a = [r["accuracy"] for r in res["runs"] if r["method"] == "xbm"]
     b = [r["accuracy"] for r in res2["runs"] if r["method"] == "xbm"]
     assert a == b
+
+
+def test_default_width_by_device():
+    from xbm.train.demo import DemoConfig
+    from xbm.train.pretrain import CPU_WIDTH, GPU_WIDTH, default_width
+
+    assert DemoConfig().width is None
+    assert default_width("cpu") == CPU_WIDTH == 16
+    assert default_width(torch.device("cuda")) == GPU_WIDTH == 64
 
 
 def test_map_json_totals(capsys):

@@ -122,15 +122,21 @@ def test_finetune_counts_changed_weights(task_a):
     assert mtm.reprogrammed_cells("f") == changed * mtm.spec.cells_per_weight
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("method", ["xbm", "piggyback"])
-def test_same_seed_gives_same_masks(method, task_a):
+def test_same_seed_gives_same_masks(method, device, task_a):
+    dev = torch.device(device)
     scores = []
     for _ in range(2):
-        mtm = make_mtm(seed=0)
+        mtm = make_mtm(seed=0, model="resnet18_cifar" if device == "cuda" else "small_cnn")
         seed_everything(5)
         mtm.add_task("a", task_a.num_classes, method)
+        mtm.to(dev)
         loader, _ = task_a.loaders(16, seed=0)
-        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False)
+        train_task(mtm, "a", loader, 1, dev, progress=False)
         scores.append(torch.cat([st.score.flatten() for _, _, st in mtm.layer_states("a")]))
     assert torch.equal(scores[0], scores[1])
 

@@ -372,7 +372,9 @@ def test_cli_registers_simulate():
 
 
 _TRITON_CHECK = """
+import sys
 import torch
+DEVICE = sys.argv[1]
 from torch import nn
 from xbm.hardware import get_spec
 from xbm.hardware.simulate import SimConfig, faithful
@@ -385,7 +387,8 @@ for scheme, signed, groups in (("differential", True, 1), ("offset", False, 2)):
     m = nn.Sequential(nn.Conv2d(6, 6, 3, 2, 1, groups=groups), nn.AdaptiveAvgPool2d(1),
                       nn.Flatten(), nn.Linear(6, 5), nn.Linear(5, 3))
     apply(m, spec, head_name="4")
-    x = torch.randn(1, 6, 5, 5)
+    m = m.to(DEVICE)
+    x = torch.randn(1, 6, 5, 5, device=DEVICE)
     x = x if signed else x.relu()
     outs = []
     for be in ("torch", "triton"):
@@ -406,7 +409,54 @@ def test_triton_kernel_matches_torch_in_interpreter():
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK, "cpu"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def _kernel_ptx(**options) -> str:
+    """PTX of the fused kernel for an sm_90 GPU, compiled here: no GPU needed."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:  # pragma: no cover - older Triton
+        pytest.skip("this Triton has no ASTSource/GPUTarget")
+    from xbm.hardware.kernels.conv_adc import _conv_adc_kernel as k
+
+    const = dict(RT=4, S=3, C=3, KH=3, KW=3, R=16, SPLIT=True, QUANT=True, IEEE=False,
+                 BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+    sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr") else
+           "fp32" if n in ("ZP", "DAC_BASE", "LO", "HI") else "i32" for n in k.arg_names}
+    src = ASTSource(fn=k, signature=sig,
+                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    except Exception as exc:  # pragma: no cover - a Triton without its CUDA backend
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+
+
+def test_triton_kernel_compiles_without_fma_contraction():
+    """The ADC rounds fl(acc * 1/step) half to even; an FMA-contracted multiply is never rounded
+    and turns exact ties into round-half-up (seen on an H200). The launch options must keep
+    the compiled kernel free of fused multiply-adds; with fusion on, the same source has them
+    (so this check can fail)."""
+    from xbm.hardware.kernels.conv_adc import LAUNCH_OPTIONS
+
+    assert "fma.rn.f32" in _kernel_ptx(**{**LAUNCH_OPTIONS, "enable_fp_fusion": True})
+    assert "fma.rn.f32" not in _kernel_ptx(**LAUNCH_OPTIONS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_matches_torch_on_cuda():
+    """The same check compiled for a real GPU (the interpreter does not catch layout, masking
+    or dtype errors that only the compiled kernel makes)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK, "cuda"], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
@@ -474,3 +524,20 @@ def test_hardware_package_exports_simulator_names():
     assert set(hw.__all__) >= {"SimConfig", "faithful", "FaultMap", "fault_aware"}
     with pytest.raises(AttributeError, match="no attribute"):
         hw.not_a_name  # noqa: B018
+
+
+def test_simulation_turns_tf32_off_and_restores_it():
+    """TF32 would move the calibration's float passes on a GPU; the switches come back after."""
+    spec = get_spec(rows=16, cols=64)
+    mtm = _xbm_model(spec)
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with faithful(mtm, SimConfig(quantize_inputs=False, adc_mode="ideal")):
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with faithful(mtm, SimConfig(quantize_inputs=False, adc_mode="ideal", allow_tf32=True)):
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

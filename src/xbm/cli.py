@@ -74,9 +74,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.train import resolve_device
-    from xbm.train.pretrain import PretrainConfig, cache_dir, pretrain
+    from xbm.train.pretrain import PretrainConfig, cache_dir, default_width, pretrain
 
-    cfg = PretrainConfig(model=args.model, width=args.width, dataset=args.dataset,
+    width = args.width if args.width is not None else default_width(resolve_device(args.device))
+    cfg = PretrainConfig(model=args.model, width=width, dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, train_subset=args.train_subset)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
@@ -88,12 +89,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- adapt / eval ----------------------------------------------------------------------------
 def _backbone(args: argparse.Namespace, device):
-    from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
+    from xbm.train.pretrain import PretrainConfig, default_width, get_backbone, load_backbone
 
     if args.backbone:
         model, meta = load_backbone(args.backbone)
         return model, meta
-    cfg = PretrainConfig(model=args.model, width=args.width)
+    width = args.width if args.width is not None else default_width(device)
+    cfg = PretrainConfig(model=args.model, width=width)
     model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
     return model, meta
 
@@ -112,9 +114,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             else v
     cls.config_class.from_dict(method_cfg)  # validate before training
     device = resolve_device(args.device)
+    # A given backbone file is checked before the dataset loads (a cheap check first); the
+    # default backbone may need pretraining, so then the dataset's availability comes first.
+    loaded = _backbone(args, device) if args.backbone else None
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
-    backbone, meta = _backbone(args, device)
+    backbone, meta = loaded if loaded is not None else _backbone(args, device)
     seed_everything(args.seed)
     spec = spec_from_args(args)
     if args.bundle and Path(args.bundle).exists():  # a bundle fixes the crossbar spec
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
-    d.add_argument("--width", type=int, help="backbone width")
+    d.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
     d.add_argument("--rows", type=int)
     d.add_argument("--cols", type=int)
     d.add_argument("--device")
@@ -237,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain and cache a backbone (safetensors)")
     pt.add_argument("--model", default="resnet18_cifar")
-    pt.add_argument("--width", type=int, default=16)
+    pt.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
     pt.add_argument("--dataset", default="fashion-mnist")
     pt.add_argument("--epochs", type=int, default=1)
     pt.add_argument("--batch-size", type=int, default=128)
@@ -253,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--task", help="task name (default: from the dataset)")
     ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
     ad.add_argument("--model", default="resnet18_cifar")
-    ad.add_argument("--width", type=int, default=16)
+    ad.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
     ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--epochs", type=int, default=1)
@@ -275,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
     ev.add_argument("--backbone")
     ev.add_argument("--model", default="resnet18_cifar")
-    ev.add_argument("--width", type=int, default=16)
+    ev.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--test-subset", type=int)
     ev.add_argument("--json", action="store_true")

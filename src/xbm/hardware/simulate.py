@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import math
 import shutil
 import warnings
@@ -135,10 +134,19 @@ class SimConfig:
     quantiser and the ADC reduction: C++ loops on CPU, needs a C++ compiler; Triton on CUDA) or
     ``triton`` (one hand-written kernel per layer that steps the GEMM's K loop one crossbar tile
     at a time and never writes partial sums; CUDA, or Triton's interpreter with
-    ``TRITON_INTERPRET=1``; verified against the torch path in the interpreter, not yet timed on a
-    GPU). ``auto``: ``compile`` where its toolchain exists (Triton on CUDA, a C++ compiler on
-    CPU), else ``torch``. A failing compile falls back to eager with a
-    warning. Calibration always runs the grouped-conv path (it needs the partial sums)."""
+    ``TRITON_INTERPRET=1``). ``auto``: on CUDA ``torch`` (on an H200 it was the fastest of the
+    three: 0.95x ``compile`` and 0.64x ``triton`` on the default spec, docs/benchmarks.md); on
+    CPU ``compile`` where a C++ compiler exists, else ``torch``. A failing compile falls back to
+    eager with a warning. Calibration always runs the grouped-conv path (it needs the partial
+    sums)."""
+
+    allow_tf32: bool = False
+    """Let CUDA convolutions and matmuls use TF32 while the simulation is installed. Off (the
+    default) because TF32 rounds float operands to 10 mantissa bits: the calibration passes
+    (float inputs through the cells) and the float head then differ from the CPU's by ~1e-3,
+    enough to move quantisation steps (measured on an H200: 3.6e-4 relative output error with
+    an ideal ADC, 1e-7 without TF32). The integer digit-by-level products are exact either
+    way. No effect on CPU."""
 
     chunk_elements: int = 1 << 24
     """Batch chunking: partial sums of at most this many elements are live at once, so they stay
@@ -221,15 +229,17 @@ def _gather(x: torch.Tensor, win: torch.Tensor | None, G: int) -> torch.Tensor:
 
 
 def _quant_input(x: torch.Tensor, win: torch.Tensor | None, G: int, inv_s: torch.Tensor,
-                 zp: torch.Tensor, top: torch.Tensor, cycles: int, dac_bits: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gathered input levels ``u`` and their DAC digits, least significant first: (C, ...)."""
+                 zp: torch.Tensor, top: torch.Tensor, pw: torch.Tensor | None,
+                 base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered input levels ``u`` and their DAC digits, least significant first: (C, ...).
+
+    ``pw`` holds the cycles' place values ``base**c`` (C,) and ``base`` the DAC's 2**bits as
+    tensors, None for one cycle: computed by the caller, because a Python float derived from a
+    symbolic int inside ``torch.compile(dynamic=True)`` breaks inductor in torch 2.11."""
     u = torch.clamp(torch.round(_gather(x, win, G) * inv_s) + zp, torch.zeros_like(top), top)
-    if cycles == 1:
+    if pw is None or base is None:
         return u.unsqueeze(0), u
-    base = float(2 ** dac_bits)
-    pw = base ** torch.arange(cycles, device=x.device, dtype=x.dtype)
-    pw = pw.view(cycles, *([1] * x.dim()))
+    pw = pw.view(-1, *([1] * u.dim()))
     return torch.remainder(torch.floor(u.unsqueeze(0) / pw), base), u
 
 
@@ -243,8 +253,8 @@ def _have_cxx() -> bool:
 def _resolve_backend(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
-    if device.type == "cuda":  # the hand-written kernel is verified in the interpreter only
-        return "compile" if importlib.util.find_spec("triton") is not None else "torch"
+    if device.type == "cuda":  # eager cuDNN beat both fused paths on an H200 (benchmarks.md)
+        return "torch"
     return "compile" if _have_cxx() else "torch"
 
 
@@ -578,6 +588,11 @@ class LayerSim:
         # scalars as 0-d tensors: a compiled function would otherwise specialise (and recompile)
         # on every layer's float input scale
         qparams = torch.tensor([1.0 / s_in, zp, top], device=dev, dtype=dtype).unbind()
+        if C > 1:
+            dac_base = torch.tensor(float(2 ** db), device=dev, dtype=dtype)
+            place = dac_base ** torch.arange(C, device=dev, dtype=dtype)
+        else:
+            dac_base = place = None
         adc_lo, adc_hi = torch.tensor([lo, hi], device=dev, dtype=dtype).unbind()
         wst = prep["wst"]
         win = plan.win_start.to(dev) if plan.in_idx is not None else None
@@ -597,7 +612,7 @@ class LayerSim:
             n = xc.shape[0]
             if quantize_inputs:
                 dig, u = quant(xc.to(dtype), win, plan.G, qparams[0], qparams[1], qparams[2],
-                               C, db)
+                               place, dac_base)
             else:
                 u = _gather(xc.to(dtype), win, plan.G)
                 dig = u.unsqueeze(0)
@@ -735,6 +750,7 @@ class Simulation:
             codes = fault_map.codes[name] if fault_map is not None else None
             self.layers.append((name, layer, LayerSim(name, layer, self.config, codes, self)))
         self._saved: list[tuple[nn.Module, Any]] = []
+        self._tf32: tuple[bool, bool] | None = None  # the switches before install()
         self.conversions = 0
         self.skipped_conversions = 0
 
@@ -752,17 +768,25 @@ class Simulation:
     def install(self) -> None:
         """Set every crossbar layer's ``simulator``; the previous ones are kept for
         :meth:`remove`."""
-        if self._saved:
+        if self._tf32 is not None:  # installed already
             return
         self._saved = [(layer, layer.simulator) for _, layer, _ in self.layers]
         for _, layer, ls in self.layers:
             layer.simulator = ls
+        self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        if not self.config.allow_tf32:
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
 
     def remove(self) -> None:
-        """Restore the simulators that were set before :meth:`install`."""
+        """Restore the simulators (and TF32 switches) that were set before :meth:`install`."""
+        if self._tf32 is None:  # not installed
+            return
         for layer, sim in self._saved:
             layer.simulator = sim
         self._saved = []
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
+        self._tf32 = None
 
     def _set_mode(self, mode: str) -> None:
         for _, _, ls in self.layers:

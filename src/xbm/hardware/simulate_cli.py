@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from xbm.errors import ConfigError, XbmError
+from xbm.hardware.simulate import BACKENDS
 
 
 def _floats(s: str) -> list[float]:
@@ -53,7 +54,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--dataset", help="dataset (fault-aware mode; sweep: override the task's)")
     sp.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
     sp.add_argument("--model", default="resnet18_cifar")
-    sp.add_argument("--width", type=int, default=16)
+    sp.add_argument("--width", type=int,
+                    help="backbone width (default: 16 on CPU, 64 on CUDA)")
     sp.add_argument("--adc-bits", default="4,6,8", help="comma list of ADC resolutions")
     sp.add_argument("--fault-rates", default="0", help="comma list of stuck-at cell rates")
     sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
@@ -64,7 +66,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--levels", type=int, help="conductance levels per cell")
     sp.add_argument("--adc-mode", default="calibrate", choices=["calibrate", "fixed", "ideal"])
     sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"])
-    sp.add_argument("--backend", default="auto", choices=["auto", "torch", "compile"])
+    sp.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                    help="simulation kernels (SimConfig.backend)")
     sp.add_argument("--sim-input-bits", type=int, help="override the spec's input bits")
     sp.add_argument("--sim-dac-bits", type=int, help="override the spec's DAC bits per cycle")
     sp.add_argument("--sim-cell-bits", type=int, help="override the spec's cell bits")

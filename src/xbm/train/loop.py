@@ -19,10 +19,22 @@ from xbm.multitask import MultiTaskModel
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, torch (CPU and CUDA): the same seed on the same device gives the same masks."""
+    """Seed Python, torch (CPU and CUDA): the same seed on the same device gives the same masks.
+
+    On CUDA, seeds alone are not enough: cuDNN's autotuner and its fastest backward kernels
+    (and atomics-based ops such as ``index_add``) reorder floating-point sums from run to run.
+    So where CUDA is present this also turns off cuDNN benchmarking, asks for cuDNN's
+    deterministic kernels and PyTorch's deterministic algorithms (``warn_only``: an op without
+    a deterministic version warns rather than fails), and sets ``CUBLAS_WORKSPACE_CONFIG`` if
+    the user has not. CPU runs are deterministic as they are and are left alone.
+    """
     random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.cuda.manual_seed_all(seed)
 
 

@@ -28,6 +28,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XBM_CACHE", Path.home() / ".cache" / "xbm"))
 
 
+#: The default backbone width on CPU: what the demo's 10-minute budget on 2 cores allows.
+CPU_WIDTH = 16
+#: The default backbone width on a GPU. The column masks' capacity grows with width: at 64 XBM
+#: came within 0.8 points of Piggyback and XMA above it on three seeds, against 5.7 and 3.3
+#: points below at 16 (docs/benchmarks.md, "GPU session"); the demo then takes ~2 minutes on
+#: an H200.
+GPU_WIDTH = 64
+
+
+def default_width(device: torch.device | str) -> int:
+    """The backbone width to use where the user gave none: ``GPU_WIDTH`` on CUDA, else
+    ``CPU_WIDTH``. One rule for ``demo``, ``pretrain``, ``adapt`` and ``eval``, so their
+    default backbone is the same cached one on a given machine."""
+    return GPU_WIDTH if torch.device(device).type == "cuda" else CPU_WIDTH
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that decides the pretrained weights (and so the cache key)."""
