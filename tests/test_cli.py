@@ -77,6 +77,28 @@ def test_default_width_by_device():
     assert default_width(torch.device("cuda")) == GPU_WIDTH == 64
 
 
+def test_default_width_follows_an_existing_bundle(tmp_path):
+    """A bundle made at one width finds its backbone at that width on any device."""
+    import argparse
+
+    from xbm.cli import _width
+    from xbm.hardware import get_spec
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    bb = create_model("resnet18_cifar", num_classes=10, in_channels=1, width=8)
+    mtm = MultiTaskModel(bb, get_spec(), arch={"name": "resnet18_cifar", "num_classes": 10,
+                                                "in_channels": 1, "width": 8})
+    mtm.add_task("t", 3, "xbm")
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    cuda = torch.device("cuda")
+    assert _width(argparse.Namespace(width=None, bundle=str(path)), cuda) == 8
+    assert _width(argparse.Namespace(width=32, bundle=str(path)), cuda) == 32
+    assert _width(argparse.Namespace(width=None, bundle=None), cuda) == 64
+    assert _width(argparse.Namespace(width=None), torch.device("cpu")) == 16
+
+
 def test_map_json_totals(capsys):
     assert main(["map", "--model", "resnet50", "--rows", "64", "--cols", "64", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -88,14 +88,31 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # -- adapt / eval ----------------------------------------------------------------------------
+def _width(args: argparse.Namespace, device) -> int:
+    """``--width``; else the width of the backbone an existing ``--bundle`` was trained on (so a
+    bundle made on a CPU finds its backbone on a GPU machine, whose default width differs);
+    else the device's default."""
+    from xbm.train.pretrain import default_width
+
+    if getattr(args, "width", None) is not None:
+        return int(args.width)
+    bundle = getattr(args, "bundle", None)
+    if bundle and Path(bundle).is_file():
+        from xbm.io import load_safetensors
+
+        arch = load_safetensors(bundle)[1].get("arch")
+        if isinstance(arch, dict) and isinstance(arch.get("width"), int):
+            return arch["width"]
+    return default_width(device)
+
+
 def _backbone(args: argparse.Namespace, device):
-    from xbm.train.pretrain import PretrainConfig, default_width, get_backbone, load_backbone
+    from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
 
     if args.backbone:
         model, meta = load_backbone(args.backbone)
         return model, meta
-    width = args.width if args.width is not None else default_width(device)
-    cfg = PretrainConfig(model=args.model, width=width)
+    cfg = PretrainConfig(model=args.model, width=_width(args, device))
     model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
     return model, meta
 
