@@ -11,6 +11,8 @@ Columns:
   state: the task's trainable state (parameters) in bytes; + Adam: plus Adam's two moments.
   saved MB: tensors autograd keeps for the backward pass (the step's activation memory).
   peak MB (CUDA only): the allocator's peak during one step, above what was held before it.
+  ops (--count-ops): aten ops one step dispatches at top level, and how many of them compute
+      (not views): a proxy for kernel launches, which bound a GPU step at small batches.
 The "frozen" step is linear-probe with per-task BN: only BN and the head train.
 """
 
@@ -48,6 +50,25 @@ def saved_bytes(fn) -> int:
     return total
 
 
+#: aten ops that only make views (no kernel)
+VIEW_OPS = {"aten::reshape", "aten::view", "aten::t", "aten::transpose", "aten::slice",
+            "aten::select", "aten::narrow", "aten::squeeze", "aten::unsqueeze", "aten::expand",
+            "aten::permute", "aten::alias", "aten::detach", "aten::as_strided",
+            "aten::_unsafe_view", "aten::flatten", "aten::view_as", "aten::expand_as",
+            "aten::unflatten"}
+
+
+def count_ops(fn) -> tuple[int, int]:
+    """(top-level aten ops, those that are not views) that ``fn`` dispatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [e.name for e in prof.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top), sum(n not in VIEW_OPS for n in top)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18_cifar")
@@ -59,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(list_methods()))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the aten ops of one step (torch.profiler)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             step(m)
             sync()
             peak[m] = (torch.cuda.max_memory_allocated(dev) - held) / 2**20
+    ops: dict[str, tuple[int, int]] = {}
+    if args.count_ops:
+        for m in methods:
+            ops[m] = count_ops(lambda m=m: step(m))
     times: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(args.reps):
         # rotate the order every repetition, so no method always follows the same one (the
@@ -143,20 +170,24 @@ def main(argv: list[str] | None = None) -> int:
                          mtm.task_parameters(name)["head"] + mtm.task_parameters(name)["norm"]
                          for t in [opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]
                          if p in opt.state),
-                     "saved_mb": saved / 2**20, "peak_mb": peak.get(m)})
+                     "saved_mb": saved / 2**20, "peak_mb": peak.get(m),
+                     "ops": ops.get(m, (None, None))[0],
+                     "compute_ops": ops.get(m, (None, None))[1]})
     for r in rows:
         r["state_vs_piggyback"] = r["state_bytes"] / pb_state if pb_state else None
     where = torch.cuda.get_device_name(dev) if cuda else f"{args.threads} CPU threads"
     print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
           f"R={args.rows}, {where}, median of {args.reps}; torch {torch.__version__}")
     print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
-          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}" + (f"{'peak MB':>9}" if cuda else ""))
+          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}" + (f"{'peak MB':>9}" if cuda else "")
+          + (f"{'ops':>7}{'compute':>9}" if ops else ""))
     for r in rows:
         print(f"{r['method']:<14}{r['step_ms']:>9.1f}{r['vs_frozen'] or 0:>11.2f}"
               f"{r['vs_finetune'] or 0:>13.2f}{r['state_bytes']:>12,}"
               f"{r['state_plus_adam_bytes']:>14,}"
               f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}"
-              + (f"{r['peak_mb']:>9.1f}" if cuda else ""))
+              + (f"{r['peak_mb']:>9.1f}" if cuda else "")
+              + (f"{r['ops']:>7}{r['compute_ops']:>9}" if ops else ""))
     if args.json:
         from xbm.io import write_json_atomic
 

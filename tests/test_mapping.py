@@ -185,3 +185,11 @@ def test_column_mask_gradients_match_autograd_reference(shape, R):
     got_w, got_m = torch.autograd.grad((apply_column_mask(w, mask, R) * g).sum(), (w, mask))
     assert torch.allclose(got_w, ref_w) and torch.allclose(got_m, ref_m)
 
+
+
+def test_column_mask_of_the_wrong_shape_is_a_clear_error():
+    w = torch.randn(4, 3, 3, 3)  # 27 rows: 4 row tiles at R = 8
+    with pytest.raises(ValueError, match=r"expected \(4, 4\)"):
+        apply_column_mask(w, torch.ones(3, 4), 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_column_mask(w, torch.ones(4, 5), 8)
