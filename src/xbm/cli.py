@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from xbm.train import distributed as xdist
     from xbm.train import resolve_device
     from xbm.train.pretrain import PretrainConfig, cache_dir, default_width, pretrain
 
@@ -81,8 +83,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, train_subset=args.train_subset)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
+    if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
+        xdist.barrier()
+        return 0
     _, meta = pretrain(cfg, resolve_device(args.device), out, root=args.data_root,
                        progress=not args.no_progress)
+    xdist.barrier()
     print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
     return 0
 
@@ -121,6 +127,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.data import load_dataset
     from xbm.methods import get_method_class
     from xbm.multitask import MultiTaskModel
+    from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
 
     cls = get_method_class(args.method)
@@ -136,7 +143,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     loaded = _backbone(args, device) if args.backbone else None
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
-    backbone, meta = loaded if loaded is not None else _backbone(args, device)
+    backbone, meta = loaded if loaded is not None else \
+        xdist.main_first(lambda: _backbone(args, device))
     seed_everything(args.seed)
     spec = spec_from_args(args)
     if args.bundle and Path(args.bundle).exists():  # a bundle fixes the crossbar spec
@@ -154,7 +162,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
     acc = evaluate_task(mtm, task, test_loader, device)
     out = args.out or args.bundle or f"{task}.safetensors"
-    mtm.save_bundle(out)
+    if xdist.is_main():
+        mtm.save_bundle(out)
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
@@ -328,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from xbm.train import distributed as xdist
+
+    if xdist.launched():  # under torchrun: join the group; only rank 0 prints
+        xdist.init_from_env()
+        if not xdist.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     try:
         return int(args.func(args) or 0)
     except XbmError as exc:

@@ -24,6 +24,7 @@ from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import write_json_atomic
 from xbm.methods import get_method_class
 from xbm.multitask import MultiTaskModel
+from xbm.train import distributed as xdist
 from xbm.train.loop import evaluate, evaluate_task, resolve_device, seed_everything, train_task
 from xbm.train.pretrain import PretrainConfig, default_width, get_backbone
 
@@ -98,8 +99,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                           epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                           seed=cfg.seed,
                           train_subset=cfg.pretrain_subset, test_subset=cfg.test_subset)
-    backbone, bmeta, bpath = get_backbone(pcfg, device, root=cfg.data_root, progress=progress,
-                                          log=log)
+    backbone, bmeta, bpath = xdist.main_first(lambda: get_backbone(
+        pcfg, device, root=cfg.data_root, progress=progress and xdist.is_main(), log=log))
     base_data = load_dataset(bench.base, root=cfg.data_root).subset(None, cfg.test_subset,
                                                                      seed=cfg.seed)
     _, base_test = base_data.loaders(cfg.eval_batch_size, seed=cfg.seed)
@@ -179,7 +180,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
     out = Path(out_dir)
-    write_json_atomic(out / "results.json", results)
+    if xdist.is_main():
+        write_json_atomic(out / "results.json", results)
     return results
 
 

@@ -41,7 +41,11 @@ def seed_everything(seed: int) -> None:
 def resolve_device(device: str | None = "auto") -> torch.device:
     """'auto' picks CUDA when present; an unavailable device is a clear error."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this process's GPU
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -58,6 +62,18 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
                 disable=not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1")
+
+
+def _shard(loader, world: int, rank: int, per_rank: int):
+    """This rank's batches: every ``world``-th of the loader's order, ``per_rank`` of them."""
+    if world == 1:
+        yield from loader
+        return
+    for i, batch in enumerate(loader):
+        if i >= per_rank * world:
+            return
+        if i % world == rank:
+            yield batch
 
 
 @dataclass
@@ -78,7 +94,15 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
 
     The optimizer sees only the task's parameters: the programmed backbone gets no gradient and no
     update, whatever the method does in its forward.
+
+    Under ``torchrun`` (``xbm.train.distributed``) each rank takes every ``world``-th batch of
+    the same seeded order, gradients are averaged after every backward, and the task's state is
+    made identical on all ranks at the end.
     """
+    from xbm.train import distributed as xdist
+
+    world, rank = xdist.world_size(), xdist.rank()
+    progress = progress and xdist.is_main()
     method = mtm.methods[task]
     cfg = method.config
     mtm.set_task(task)
@@ -91,7 +115,12 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         for p in g["params"]:
             p.requires_grad_(True)
     opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
-    total = epochs * len(loader)
+    trainable = [p for g in param_groups for p in g["params"]]
+    per_epoch = len(loader) // world  # every rank takes the same number of steps
+    if per_epoch == 0:
+        raise XbmError(f"{len(loader)} batches cannot feed {world} ranks; use a smaller "
+                       "--batch-size or more training images")
+    total = epochs * per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
@@ -99,13 +128,14 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     step, loss_v = 0, float("nan")
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        it = _progress(loader, len(loader), f"{task} [{method.name}] ep {epoch + 1}/{epochs}",
-                       progress)
+        it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
+                       f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress)
         for x, y in it:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(mtm(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            xdist.all_reduce_grads(trainable)
             opt.step()
             sched.step()
             step += 1
@@ -119,6 +149,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
+    xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
     method.on_task_end(mtm, task)
     for g in param_groups:
         for p in g["params"]:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Data-parallel xbm over N processes on this machine (one per GPU, or gloo on CPU).
+#
+#   bash scripts/distributed.sh N demo --out runs/demo_ddp
+#   bash scripts/distributed.sh N adapt --dataset mnist --method xbm
+#
+# Each rank trains on every N-th batch of the same seeded order and the task gradients are
+# averaged (src/xbm/train/distributed.py); rank 0 pretrains, prints and writes files. The
+# per-process batch size stays --batch-size, so the effective batch is N times larger and a
+# task takes 1/N of the steps; learning rates are not rescaled. PYTHON picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:?usage: bash scripts/distributed.sh N COMMAND [ARGS...]}
+shift
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$N" -m xbm "$@"

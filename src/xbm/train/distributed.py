@@ -1,0 +1,113 @@
+"""Data-parallel adaption over several processes (``torchrun``), without DDP's wrapper.
+
+A task's trainable state is small (XBM: one score per crossbar column) and the backbone is frozen,
+so each rank keeps a full replica and only the task's gradients are averaged after every backward
+(one flattened all-reduce). Every rank walks the same seeded batch order and takes every
+``world``-th batch, so a step sees ``world`` batches at once (the per-process batch size stays
+``--batch-size``; the learning rates are not rescaled). At the end of a task its per-task BatchNorm
+statistics are averaged and rank 0's task state is broadcast, so all ranks hold bit-identical
+state and every later evaluation agrees. Pretraining is not distributed: rank 0 pretrains and
+caches the backbone while the others wait, then they load it.
+
+Launch: ``torchrun --standalone --nproc_per_node=N -m xbm demo ...`` (or
+``bash scripts/distributed.sh N demo ...``). NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """True in a process that ``torchrun`` started with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> None:
+    """Join the process group ``torchrun`` describes (once); a no-op in a single process."""
+    if not launched() or dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that prints and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 first (it may pretrain and cache), then on the others (they load)."""
+    if not active():
+        return fn()
+    if is_main():
+        out = fn()
+        barrier()
+        return out
+    barrier()
+    return fn()
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks, in one flattened all-reduce."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def sync_task_state(module: nn.Module, prefix: str) -> None:
+    """Average the floating buffers (BatchNorm statistics) under ``prefix`` over ranks, then
+    broadcast rank 0's parameters and buffers under it, so every rank holds identical state."""
+    if not active():
+        return
+    named = [(k, t) for k, t in list(module.named_parameters()) + list(module.named_buffers())
+             if prefix in k]
+    world = world_size()
+    with torch.no_grad():
+        for k, t in named:
+            if k.endswith(("running_mean", "running_var")) and t.is_floating_point():
+                dist.all_reduce(t)
+                t /= world
+        for _, t in named:
+            dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, src=0)
+
+
+__all__ = ["active", "all_reduce_grads", "barrier", "init_from_env", "is_main", "launched",
+           "main_first", "rank", "sync_task_state", "world_size"]

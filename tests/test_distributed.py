@@ -1,0 +1,102 @@
+"""Data-parallel adaption under torchrun (gloo on CPU, two ranks, loopback rendezvous)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from xbm.data import make_fixture_task
+from xbm.hardware import get_spec
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.train import seed_everything, train_task
+from xbm.train import distributed as xdist
+
+out, method, per_task_bn, batch = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+torch.set_num_threads(1)
+xdist.init_from_env()
+torch.manual_seed(0)
+mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                     get_spec(rows=16, cols=16))
+task = make_fixture_task("a", num_classes=3, n_train=64, n_test=32, seed=1)
+seed_everything(5)
+mtm.add_task("a", 3, method, {"per_task_bn": per_task_bn})
+loader, _ = task.loaders(batch, seed=0)
+res = train_task(mtm, "a", loader, 2, torch.device("cpu"), progress=False)
+torch.save({"state": mtm.task_state_dict("a"), "steps": res.steps,
+            "world": xdist.world_size()}, f"{out}/rank{xdist.rank()}.pt")
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *args], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _train(tmp_path: Path, method: str, bn: bool, batch: int, nproc: int) -> list[dict]:
+    out = tmp_path / f"{method}-{bn}-{batch}-{nproc}"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    args = [str(script), str(out), method, "1" if bn else "0", str(batch)]
+    if nproc == 1:
+        res = subprocess.run([sys.executable, *args], env=_env(), capture_output=True,
+                             text=True, timeout=240)
+    else:
+        res = _torchrun(tmp_path, args, nproc)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("method", ["xbm", "xma2"])
+def test_ranks_end_with_identical_task_state(tmp_path, method):
+    """Per-task BN trains on each rank's own batches; the end-of-task sync (BN statistics
+    averaged, rank 0's state broadcast) and the averaged gradients leave the ranks identical,
+    and each rank took half the steps."""
+    r0, r1 = _train(tmp_path, method, True, 8, 2)
+    assert r0["world"] == 2 and r0["steps"] == r1["steps"] == 2 * (64 // 8 // 2)
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def test_two_ranks_equal_one_process_with_the_joint_batch(tmp_path):
+    """Without batch statistics (frozen base BN), rank 0's batch i and rank 1's batch i+1 of
+    the shared order together are the single process's batch at twice the size: the averaged
+    gradient is the same, so the scores agree up to float summation order."""
+    two = _train(tmp_path, "xbm", False, 8, 2)[0]["state"]
+    one = _train(tmp_path, "xbm", False, 16, 1)[0]["state"]
+    scores = [k for k in one if k.endswith("score")]
+    assert scores
+    for k in scores:
+        assert torch.allclose(two[k], one[k], atol=1e-6), k
+    assert not all(torch.equal(one[k], torch.full_like(one[k], 1e-2)) for k in scores)
+
+
+def test_cli_under_torchrun_prints_once(tmp_path):
+    res = _torchrun(tmp_path, ["-m", "xbm", "map", "--model", "resnet18_cifar", "--json"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    json.loads(res.stdout)  # one JSON document: rank 1's stdout is silenced
