@@ -182,3 +182,27 @@ def test_methods_run_on_real_backbones(model):
         out = mtm(torch.randn(2, 1, 28, 28))
         out.sum().backward()
         assert out.shape == (2, 3)
+
+
+def test_mixed_task_batch_equals_per_task_forward(task_a, task_b):
+    mtm = make_mtm()
+    mtm.add_task("a", task_a.num_classes, "xbm")
+    mtm.add_task("b", task_b.num_classes, "xma")
+    for t, data in (("a", task_a), ("b", task_b)):
+        loader, _ = data.loaders(16, seed=0)
+        train_task(mtm, t, loader, 1, torch.device("cpu"), progress=False)
+    mtm.set_task("a")
+    x = torch.randn(7, 1, 28, 28)
+    tasks = ["b", "a", "base", "b", "a", "a", "b"]
+    out = mtm.forward_mixed(x, tasks)
+    mtm.eval()
+    for i, t in enumerate(tasks):
+        with mtm.use_task(t):
+            ref = mtm(x[i:i + 1])[0]
+        assert out[i].shape == ref.shape and torch.allclose(out[i], ref, atol=1e-5), (i, t)
+    assert [int(v) for v in mtm.predict_mixed(x, tasks)] == [int(o.argmax()) for o in out]
+    assert mtm.active_task == "a"
+    with pytest.raises(XbmError, match="one task per sample"):
+        mtm.forward_mixed(x, tasks[:3])
+    with pytest.raises(XbmError, match="unknown task"):
+        mtm.forward_mixed(x[:1], ["nope"])

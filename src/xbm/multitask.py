@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,42 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    @torch.no_grad()
+    def forward_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
+        """Logits for a batch whose samples belong to different tasks (``tasks[i]`` is sample
+        i's task; ``base`` allowed), in input order.
+
+        The samples of one task run together, one task after another, as a chip would switch
+        its column masks between groups: one mask switch per task in the batch, not per sample.
+        Tasks have their own heads and so their own number of classes, hence a list of 1-D
+        tensors. Inference only (eval mode, no gradient); the active task and the training
+        flag are restored afterwards.
+        """
+        if len(tasks) != x.shape[0]:
+            raise XbmError(f"forward_mixed: {x.shape[0]} samples but {len(tasks)} task names; "
+                           "give one task per sample")
+        for t in dict.fromkeys(tasks):
+            if t != BASE_TASK:
+                self._require(t)
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        was = self.training
+        self.eval()  # inference: BatchNorm uses each task's running statistics
+        try:
+            for t in dict.fromkeys(tasks):  # first-seen order: deterministic
+                idx = [i for i, ti in enumerate(tasks) if ti == t]
+                with self.use_task(t):
+                    logits = self.model(x[idx])
+                for j, i in enumerate(idx):
+                    out[i] = logits[j]
+        finally:
+            self.train(was)
+        return out  # type: ignore[return-value]
+
+    def predict_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """Top-1 class of every sample under its own task (see :meth:`forward_mixed`)."""
+        return torch.stack([lg.argmax() for lg in self.forward_mixed(x, tasks)]) if len(tasks) \
+            else torch.zeros(0, dtype=torch.long)
 
     # -- parameters -------------------------------------------------------------------------
     def task_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
