@@ -13,7 +13,8 @@
 #   1. `xbm demo --width WIDTH --device cuda` for seeds 0, 1, 2, and seed 0 of Piggyback, XBM
 #      and XMA at XBM_LONG_EPOCHS (default 2) epochs, run at once on the one GPU (at batch 32 a
 #      step is launch-bound, so the processes share it well); meanwhile the test suite runs on
-#      the CPU cores under the machine's torch (CUDA tests included);
+#      the CPU cores under the machine's torch (CUDA tests included; 4 xdist workers with 4
+#      threads each: unlimited threads per worker oversubscribed the 16 cores and never finished);
 #   2. benchmarks/bench_methods.py --device cuda at widths 16 and WIDTH;
 #   3. benchmarks/bench_simulate.py --device cuda with the compile, torch and triton backends.
 # Everything lands in OUT_DIR/session.log and OUT_DIR/gpu.tgz (re-packed after each step, so a
@@ -73,6 +74,7 @@ $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
 OMP_NUM_THREADS=4 timeout "$(upto 200)" $PY -m pytest -q -p no:cacheprovider $XDIST \
   >"$WORK/pytest.log" 2>&1
 say "tests: $(tail -1 "$WORK/pytest.log")"
+grep -E "^FAILED" "$WORK/pytest.log" >>"$LOG"
 for i in "${!pids[@]}"; do
   r=${runs[$i]}
   wait "${pids[$i]}"; say "demo $r exit $?"

@@ -14,6 +14,7 @@ import torch
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 WORKER = """
+import json
 import sys
 import torch
 import torch.distributed as dist
@@ -24,27 +25,43 @@ from xbm.multitask import MultiTaskModel
 from xbm.train import seed_everything, train_task
 from xbm.train import distributed as xdist
 
-out, method, per_task_bn, batch = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+out, method, batch, cfg = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 torch.set_num_threads(1)
 xdist.init_from_env()
+pre_sync = {}
+_sync = xdist.sync_task_state
+
+
+def recording_sync(module, prefix):  # what each rank holds before the end-of-task sync
+    pre_sync.update({k: v.clone() for k, v in module.state_dict().items()
+                     if prefix in k and k.endswith("pe_mask")})
+    _sync(module, prefix)
+
+
+xdist.sync_task_state = recording_sync
 torch.manual_seed(0)
 mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
                      get_spec(rows=16, cols=16))
 task = make_fixture_task("a", num_classes=3, n_train=64, n_test=32, seed=1)
 seed_everything(5)
-mtm.add_task("a", 3, method, {"per_task_bn": per_task_bn})
+mtm.add_task("a", 3, method, cfg)
 loader, _ = task.loaders(batch, seed=0)
 res = train_task(mtm, "a", loader, 2, torch.device("cpu"), progress=False)
-torch.save({"state": mtm.task_state_dict("a"), "steps": res.steps,
-            "world": xdist.world_size()}, f"{out}/rank{xdist.rank()}.pt")
+x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+mtm.eval()
+with torch.no_grad(), mtm.use_task("a"):
+    logits = mtm(x)
+torch.save({"state": mtm.task_state_dict("a"), "steps": res.steps, "logits": logits,
+            "pre_sync": pre_sync, "world": xdist.world_size()}, f"{out}/rank{xdist.rank()}.pt")
 if dist.is_initialized():
     dist.destroy_process_group()
 """
 
 
 def _env() -> dict[str, str]:
+    # CPU ranks even on a GPU machine (it may have fewer GPUs than ranks)
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -56,12 +73,12 @@ def _torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Com
                           capture_output=True, text=True, timeout=240)
 
 
-def _train(tmp_path: Path, method: str, bn: bool, batch: int, nproc: int) -> list[dict]:
-    out = tmp_path / f"{method}-{bn}-{batch}-{nproc}"
+def _train(tmp_path: Path, method: str, cfg: dict, batch: int, nproc: int) -> list[dict]:
+    out = tmp_path / f"{method}-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    args = [str(script), str(out), method, "1" if bn else "0", str(batch)]
+    args = [str(script), str(out), method, str(batch), json.dumps(cfg)]
     if nproc == 1:
         res = subprocess.run([sys.executable, *args], env=_env(), capture_output=True,
                              text=True, timeout=240)
@@ -71,24 +88,36 @@ def _train(tmp_path: Path, method: str, bn: bool, batch: int, nproc: int) -> lis
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("method", ["xbm", "xma2"])
-def test_ranks_end_with_identical_task_state(tmp_path, method):
+@pytest.mark.parametrize("method,cfg", [
+    ("xbm", {}),
+    # a short warm-up, so PE selection happens during training (8 steps per rank)
+    ("xma2", {"warmup_steps": 2, "pe_budget": 0.3}),
+])
+def test_ranks_end_with_identical_task_state(tmp_path, method, cfg):
     """Per-task BN trains on each rank's own batches; the end-of-task sync (BN statistics
     averaged, rank 0's state broadcast) and the averaged gradients leave the ranks identical,
-    and each rank took half the steps."""
-    r0, r1 = _train(tmp_path, method, True, 8, 2)
+    outputs included, and each rank took half the steps. XMA2's PEs, chosen from warm-up
+    gradients that each rank's hooks see only locally, are the same on both ranks before the
+    sync too."""
+    r0, r1 = _train(tmp_path, method, {"per_task_bn": True, **cfg}, 8, 2)
     assert r0["world"] == 2 and r0["steps"] == r1["steps"] == 2 * (64 // 8 // 2)
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert torch.equal(r0["logits"], r1["logits"])
+    if method == "xma2":
+        assert r0["pre_sync"] and r0["pre_sync"].keys() == r1["pre_sync"].keys()
+        assert sum(int(v.sum()) for v in r0["pre_sync"].values()) > 0  # some PE was chosen
+        for k in r0["pre_sync"]:
+            assert torch.equal(r0["pre_sync"][k], r1["pre_sync"][k]), k
 
 
 def test_two_ranks_equal_one_process_with_the_joint_batch(tmp_path):
     """Without batch statistics (frozen base BN), rank 0's batch i and rank 1's batch i+1 of
     the shared order together are the single process's batch at twice the size: the averaged
     gradient is the same, so the scores agree up to float summation order."""
-    two = _train(tmp_path, "xbm", False, 8, 2)[0]["state"]
-    one = _train(tmp_path, "xbm", False, 16, 1)[0]["state"]
+    two = _train(tmp_path, "xbm", {"per_task_bn": False}, 8, 2)[0]["state"]
+    one = _train(tmp_path, "xbm", {"per_task_bn": False}, 16, 1)[0]["state"]
     scores = [k for k in one if k.endswith("score")]
     assert scores
     for k in scores:

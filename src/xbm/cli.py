@@ -52,6 +52,10 @@ def spec_from_args(args: argparse.Namespace):
                     cell_bits=args.cell_bits)
 
 
+WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
+WIDTH_HELP_BUNDLE = "backbone width (default: an existing --bundle's, else 16 on CPU, 64 on CUDA)"
+
+
 # -- demo ------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from xbm.train.demo import DemoConfig, format_table, run_demo
@@ -178,6 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xbm.data import load_dataset
     from xbm.io import load_safetensors
     from xbm.multitask import MultiTaskModel
+    from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device
 
     device = resolve_device(args.device)
@@ -185,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xbm.hardware import CrossbarSpec
 
     spec = CrossbarSpec.from_dict(meta["spec"]) if "spec" in meta else spec_from_args(args)
-    backbone, bmeta = _backbone(args, device)
+    backbone, bmeta = xdist.main_first(lambda: _backbone(args, device))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
     out = []
@@ -257,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
-    d.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
+    d.add_argument("--width", type=int, help=WIDTH_HELP)
     d.add_argument("--rows", type=int)
     d.add_argument("--cols", type=int)
     d.add_argument("--device")
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain and cache a backbone (safetensors)")
     pt.add_argument("--model", default="resnet18_cifar")
-    pt.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
+    pt.add_argument("--width", type=int, help=WIDTH_HELP)
     pt.add_argument("--dataset", default="fashion-mnist")
     pt.add_argument("--epochs", type=int, default=1)
     pt.add_argument("--batch-size", type=int, default=128)
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--task", help="task name (default: from the dataset)")
     ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
     ad.add_argument("--model", default="resnet18_cifar")
-    ad.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
+    ad.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
     ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--epochs", type=int, default=1)
@@ -306,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
     ev.add_argument("--backbone")
     ev.add_argument("--model", default="resnet18_cifar")
-    ev.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA)")
+    ev.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--test-subset", type=int)
     ev.add_argument("--json", action="store_true")
@@ -354,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `xbm map ... | head`
         sys.stderr.close()
         return 0
+    finally:
+        xdist.shutdown()
 
 
 if __name__ == "__main__":

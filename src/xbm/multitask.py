@@ -167,7 +167,7 @@ class MultiTaskModel(nn.Module):
     def predict_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Top-1 class of every sample under its own task (see :meth:`forward_mixed`)."""
         return torch.stack([lg.argmax() for lg in self.forward_mixed(x, tasks)]) if len(tasks) \
-            else torch.zeros(0, dtype=torch.long)
+            else torch.zeros(0, dtype=torch.long, device=x.device)
 
     # -- parameters -------------------------------------------------------------------------
     def task_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:

@@ -808,7 +808,7 @@ class Simulation:
                 break
         if not xs:
             raise XbmError("calibration needs at least one batch")
-        installed = bool(self._saved)
+        installed = self._tf32 is not None
         self.install()
         was = self.model.training
         self.model.eval()

@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
     sp.add_argument("--model", default="resnet18_cifar")
     sp.add_argument("--width", type=int,
-                    help="backbone width (default: 16 on CPU, 64 on CUDA)")
+                    help="backbone width (default: the --bundle's, else 16 on CPU, 64 on CUDA)")
     sp.add_argument("--adc-bits", default="4,6,8", help="comma list of ADC resolutions")
     sp.add_argument("--fault-rates", default="0", help="comma list of stuck-at cell rates")
     sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
@@ -329,7 +329,11 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Entry point of ``xbm simulate``."""
     from xbm.io import write_json_atomic
+    from xbm.train import distributed as xdist
 
+    if xdist.launched():
+        raise XbmError("xbm simulate is not data-parallel: run it as one process, without "
+                       "torchrun / scripts/distributed.sh")
     if args.fault_aware:
         res = _fault_aware(args)
     elif args.bundle:

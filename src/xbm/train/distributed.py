@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -31,14 +32,38 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+#: How long ranks wait at a barrier (rank 0 may be pretraining the backbone meanwhile).
+TIMEOUT = timedelta(hours=4)
+
+
+def local_gpu() -> int | None:
+    """This rank's GPU index under torchrun (``LOCAL_RANK``), or None without a GPU for it."""
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return local if local < torch.cuda.device_count() else None
+
+
 def init_from_env() -> None:
-    """Join the process group ``torchrun`` describes (once); a no-op in a single process."""
+    """Join the process group ``torchrun`` describes (once); a no-op in a single process.
+
+    Gloo carries CPU tensors and NCCL CUDA ones (``cpu:gloo,cuda:nccl``), so ``--device cpu``
+    works on a GPU host too. A rank with no GPU of its own (more processes than GPUs) runs on
+    CPU when asked to, and gets a clear error from ``resolve_device`` otherwise.
+    """
     if not launched() or dist.is_initialized():
         return
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    gpu = local_gpu()
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=TIMEOUT)
+
+
+def shutdown() -> None:
+    """Leave the process group (NCCL warns if a process exits without this)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -76,7 +101,10 @@ def main_first(fn: Callable[[], T]) -> T:
 
 
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over ranks, in one flattened all-reduce."""
+    """Average the gradients of ``params`` over ranks, in one flattened all-reduce.
+
+    Assumes every rank has gradients for the same parameters, which holds because every rank
+    runs the same model, method and task on same-shaped batches."""
     if not active():
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -106,8 +134,12 @@ def sync_task_state(module: nn.Module, prefix: str) -> None:
                 dist.all_reduce(t)
                 t /= world
         for _, t in named:
-            dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, src=0)
+            # through a copy_, so the tensor's version counter moves and caches keyed on it
+            # (XMA2's PE selection) see the new values
+            tmp = t.detach().clone()
+            dist.broadcast(tmp, src=0)
+            t.detach().copy_(tmp)
 
 
 __all__ = ["active", "all_reduce_grads", "barrier", "init_from_env", "is_main", "launched",
-           "main_first", "rank", "sync_task_state", "world_size"]
+           "local_gpu", "main_first", "rank", "shutdown", "sync_task_state", "world_size"]

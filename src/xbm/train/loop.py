@@ -44,7 +44,15 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this process's GPU
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            from xbm.train.distributed import local_gpu
+
+            gpu = local_gpu()
+            if gpu is None:
+                raise XbmError(
+                    f"torchrun rank with LOCAL_RANK={os.environ.get('LOCAL_RANK')} has no GPU of "
+                    f"its own ({torch.cuda.device_count()} visible); start at most that many "
+                    "processes per node, or pass --device cpu")
+            return torch.device("cuda", gpu)
         return torch.device("cuda")
     try:
         dev = torch.device(device)
@@ -111,15 +119,15 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     head_norm = groups["head"] + groups["norm"]
     if head_norm:
         param_groups.append({"params": head_norm, "lr": cfg.head_lr})
+    per_epoch = len(loader) // world  # every rank takes the same number of steps
+    if per_epoch == 0:
+        raise XbmError(f"{len(loader)} batches cannot feed {world} ranks; use a smaller "
+                       "--batch-size or more training images")
     for g in param_groups:
         for p in g["params"]:
             p.requires_grad_(True)
     opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
     trainable = [p for g in param_groups for p in g["params"]]
-    per_epoch = len(loader) // world  # every rank takes the same number of steps
-    if per_epoch == 0:
-        raise XbmError(f"{len(loader)} batches cannot feed {world} ranks; use a smaller "
-                       "--batch-size or more training images")
     total = epochs * per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
