@@ -80,18 +80,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.train import distributed as xdist
     from xbm.train import resolve_device
-    from xbm.train.pretrain import PretrainConfig, cache_dir, default_width, pretrain
+    from xbm.train.pretrain import PretrainConfig, cache_dir, pretrain
 
-    width = args.width if args.width is not None else default_width(resolve_device(args.device))
-    cfg = PretrainConfig(model=args.model, width=width, dataset=args.dataset,
+    device = resolve_device(args.device)
+    cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, train_subset=args.train_subset)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
-    _, meta = pretrain(cfg, resolve_device(args.device), out, root=args.data_root,
-                       progress=not args.no_progress)
+    _, meta = pretrain(cfg, device, out, root=args.data_root, progress=not args.no_progress)
     xdist.barrier()
     print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
     return 0

@@ -16,6 +16,7 @@ from torch import nn
 
 from xbm.errors import XbmError
 from xbm.multitask import MultiTaskModel
+from xbm.train import distributed as xdist
 
 
 def seed_everything(seed: int) -> None:
@@ -43,10 +44,8 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this process's GPU
-            from xbm.train.distributed import local_gpu
-
-            gpu = local_gpu()
+        if xdist.launched():  # under torchrun: this process's GPU
+            gpu = xdist.local_gpu()
             if gpu is None:
                 raise XbmError(
                     f"torchrun rank with LOCAL_RANK={os.environ.get('LOCAL_RANK')} has no GPU of "
@@ -107,8 +106,6 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     the same seeded order, gradients are averaged after every backward, and the task's state is
     made identical on all ranks at the end.
     """
-    from xbm.train import distributed as xdist
-
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
     method = mtm.methods[task]
