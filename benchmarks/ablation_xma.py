@@ -45,7 +45,7 @@ from xbm.methods.xma2 import ENERGY_RANKS, chip_without_restore
 from xbm.multitask import MultiTaskModel
 from xbm.train.demo import DemoConfig
 from xbm.train.loop import evaluate_task, resolve_device, seed_everything, train_task
-from xbm.train.pretrain import PretrainConfig, default_width, get_backbone
+from xbm.train.pretrain import PretrainConfig, get_backbone
 
 LEVEL_SETS: dict[str, list[float]] = {
     "2": [0, 1],
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     spec = d.spec()
-    width = d.width if d.width is not None else default_width(device)
-    pcfg = PretrainConfig(model=d.model, width=width, dataset="fashion-mnist",
+    pcfg = PretrainConfig(model=d.model, width=d.width_for(device), dataset="fashion-mnist",
                           epochs=d.pretrain_epochs, batch_size=d.pretrain_batch_size,
                           seed=args.seed,
                           train_subset=d.pretrain_subset)

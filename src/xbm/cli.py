@@ -97,31 +97,32 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # -- adapt / eval ----------------------------------------------------------------------------
-def _width(args: argparse.Namespace, device) -> int:
+def _width(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None) -> int:
     """``--width``; else the width of the backbone an existing ``--bundle`` was trained on (so a
     bundle made on a CPU finds its backbone on a GPU machine, whose default width differs);
-    else the device's default."""
+    else the device's default. ``bundle_meta``: the bundle's metadata, if already read."""
     from xbm.train.pretrain import default_width
 
     if getattr(args, "width", None) is not None:
         return int(args.width)
     bundle = getattr(args, "bundle", None)
-    if bundle and Path(bundle).is_file():
+    if bundle_meta is None and bundle and Path(bundle).is_file():
         from xbm.io import load_safetensors
 
-        arch = load_safetensors(bundle)[1].get("arch")
-        if isinstance(arch, dict) and isinstance(arch.get("width"), int):
-            return arch["width"]
+        bundle_meta = load_safetensors(bundle)[1]
+    arch = (bundle_meta or {}).get("arch")
+    if isinstance(arch, dict) and isinstance(arch.get("width"), int):
+        return arch["width"]
     return default_width(device)
 
 
-def _backbone(args: argparse.Namespace, device):
+def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
     from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
 
     if args.backbone:
         model, meta = load_backbone(args.backbone)
         return model, meta
-    cfg = PretrainConfig(model=args.model, width=_width(args, device))
+    cfg = PretrainConfig(model=args.model, width=_width(args, device, bundle_meta))
     model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
     return model, meta
 
@@ -189,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xbm.hardware import CrossbarSpec
 
     spec = CrossbarSpec.from_dict(meta["spec"]) if "spec" in meta else spec_from_args(args)
-    backbone, bmeta = xdist.main_first(lambda: _backbone(args, device))
+    backbone, bmeta = xdist.main_first(lambda: _backbone(args, device, meta))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
     out = []

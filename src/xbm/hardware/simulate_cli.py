@@ -151,7 +151,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     _, meta = load_safetensors(args.bundle)
     spec = CrossbarSpec.from_dict(meta["spec"])
-    backbone, bmeta = _backbone(args, device)
+    backbone, bmeta = _backbone(args, device, meta)
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
     names = mtm.load_bundle(args.bundle)
     tasks = [args.task] if args.task else names

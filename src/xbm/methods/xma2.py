@@ -179,16 +179,6 @@ def pe_grid(layer: nn.Module) -> tuple[int, int, torch.Tensor]:
     return npr, npc, row_pe[:, None] * npc + col_pe[None, :]
 
 
-def _sum_over_ranks(tensors: list[torch.Tensor]) -> None:
-    """Under torchrun, sum each rank's warm-up gradients: the hooks see this rank's batches
-    only, and every rank must choose the same PEs."""
-    from xbm.train import distributed as xdist
-
-    if xdist.active():
-        for t in tensors:
-            torch.distributed.all_reduce(t)
-
-
 @register_method("xma2")
 class XMA2(XMA):
     """Tier 1: fine-tune and re-program the top PEs under a budget; tier 2: XMA on the rest."""
@@ -348,7 +338,10 @@ class XMA2(XMA):
         if self._selected:
             return
         layers = self._layers
-        _sum_over_ranks([st._grad_acc for _, st in layers if st._grad_acc is not None])
+        # under torchrun the hooks saw this rank's batches only; every rank must choose alike
+        from xbm.train.distributed import sum_over_ranks
+
+        sum_over_ranks(st._grad_acc for _, st in layers if st._grad_acc is not None)
         scores = [self._importance(layer, st) for layer, st in layers]
         flat = torch.cat([s.cpu() for s in scores]) if scores else torch.zeros(0)
         if self.config.pe_score == "random" and flat.numel():

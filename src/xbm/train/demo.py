@@ -68,6 +68,10 @@ class DemoConfig:
     data_root: str | None = None
     method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def width_for(self, device: torch.device) -> int:
+        """The backbone width this config runs at on ``device``."""
+        return self.width if self.width is not None else default_width(device)
+
     def spec(self) -> CrossbarSpec:
         return get_spec(self.preset, rows=self.rows, cols=self.cols,
                         weight_bits=self.weight_bits, cell_bits=self.cell_bits)
@@ -94,7 +98,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     spec = cfg.spec()
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
-    width = cfg.width if cfg.width is not None else default_width(device)
+    width = cfg.width_for(device)
     pcfg = PretrainConfig(model=cfg.model, width=width, dataset=bench.base,
                           epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size,
                           seed=cfg.seed,

@@ -100,6 +100,13 @@ def main_first(fn: Callable[[], T]) -> T:
     return fn()
 
 
+def sum_over_ranks(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over ranks, in place (state a method gathers from its own batches)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over ranks, in one flattened all-reduce.
 
@@ -142,4 +149,5 @@ def sync_task_state(module: nn.Module, prefix: str) -> None:
 
 
 __all__ = ["active", "all_reduce_grads", "barrier", "init_from_env", "is_main", "launched",
-           "local_gpu", "main_first", "rank", "shutdown", "sync_task_state", "world_size"]
+           "local_gpu", "main_first", "rank", "shutdown", "sum_over_ranks", "sync_task_state",
+           "world_size"]
