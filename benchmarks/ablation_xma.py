@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -45,7 +46,7 @@ from xbm.methods.xma2 import ENERGY_RANKS, chip_without_restore
 from xbm.multitask import MultiTaskModel
 from xbm.train.demo import DemoConfig
 from xbm.train.loop import evaluate_task, resolve_device, seed_everything, train_task
-from xbm.train.pretrain import PretrainConfig, get_backbone
+from xbm.train.pretrain import get_backbone
 
 LEVEL_SETS: dict[str, list[float]] = {
     "2": [0, 1],
@@ -239,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
     p.add_argument("--random-control", action="store_true",
                    help="also XMA2 at 10%% with a random PE ranking")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help="the backbone's pretraining epochs (as xbm demo)")
+    p.add_argument("--pretrain-augment", default=d.pretrain_augment,
+                   help="the backbone's pretraining augmentation (as xbm demo)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
@@ -253,10 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     spec = d.spec()
-    pcfg = PretrainConfig(model=d.model, width=d.width_for(device), dataset="fashion-mnist",
-                          epochs=d.pretrain_epochs, batch_size=d.pretrain_batch_size,
-                          seed=args.seed,
-                          train_subset=d.pretrain_subset)
+    d = dataclasses.replace(d, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+                            pretrain_augment=args.pretrain_augment)
+    pcfg = d.pretrain_config(device)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,

@@ -62,7 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "batch_size", "rows", "cols", "data_root", "benchmark"):
+              "pretrain_epochs", "pretrain_augment", "batch_size", "rows", "cols", "data_root",
+              "benchmark"):
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
@@ -85,7 +86,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, train_subset=args.train_subset)
+                         seed=args.seed, train_subset=args.train_subset, augment=args.augment)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
@@ -241,7 +242,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xbm.data.augment import AUGMENTATIONS
     from xbm.methods import list_methods
+    from xbm.train.pretrain import PretrainConfig
 
     p = argparse.ArgumentParser(prog="xbm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -258,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", help=f"comma list from: {', '.join(list_methods())}")
     d.add_argument("--benchmark")
     d.add_argument("--epochs", type=int)
-    d.add_argument("--pretrain-epochs", type=int)
+    d.add_argument("--pretrain-epochs", type=int,
+                   help=f"backbone pretraining epochs (default {PretrainConfig.epochs})")
+    d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
+                   help=f"backbone pretraining augmentation (default {PretrainConfig.augment})")
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -275,10 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--model", default="resnet18_cifar")
     pt.add_argument("--width", type=int, help=WIDTH_HELP)
     pt.add_argument("--dataset", default="fashion-mnist")
-    pt.add_argument("--epochs", type=int, default=1)
+    pt.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     pt.add_argument("--batch-size", type=int, default=128)
     pt.add_argument("--lr", type=float, default=2e-3)
     pt.add_argument("--train-subset", type=int)
+    pt.add_argument("--augment", default=PretrainConfig.augment, choices=list(AUGMENTATIONS),
+                    help="random affine augmentation of the base task (default: %(default)s; "
+                    "'affine' does not mirror, for classes that are not mirror-symmetric)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)

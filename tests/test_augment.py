@@ -1,0 +1,105 @@
+"""Pretraining augmentation: seeded, shape-preserving, background-filling, and in the cache key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xbm.data.augment import AUGMENTATIONS, AffineAugment, get_augment
+from xbm.errors import ConfigError
+from xbm.train.pretrain import PretrainConfig
+
+
+def _batch(n: int = 16, side: int = 28) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, side, side, generator=g) * 2 - 1
+
+
+def test_identity_when_every_strength_is_zero():
+    x = _batch()
+    aug = AffineAugment(rotate_deg=0, scale=0, shift_px=0, hflip=False)
+    out = aug(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_flip_alone_mirrors_some_images_and_keeps_the_rest():
+    x = _batch(64)
+    aug = AffineAugment(rotate_deg=0, scale=0, shift_px=0, hflip=True)
+    out = aug(x, torch.Generator().manual_seed(1))
+    same = [(out[i] - x[i]).abs().max() < 1e-5 for i in range(64)]
+    mirrored = [(out[i] - x[i].flip(-1)).abs().max() < 1e-5 for i in range(64)]
+    assert all(a or b for a, b in zip(same, mirrored, strict=True))
+    assert 10 < sum(mirrored) < 54  # about half of them
+
+
+def test_seeded_and_shape_preserving():
+    x = _batch()
+    aug = get_augment("affine-flip")
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.allclose(a, x, atol=1e-3)  # it does change the images
+
+
+def test_pixels_from_outside_are_background():
+    # an all-background image stays all background under any warp
+    x = torch.full((8, 1, 28, 28), -1.0)
+    out = AffineAugment(rotate_deg=30, scale=0.3, shift_px=6)(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
+    # a shifted bright image brings background in, never zeros (the normalised mid-grey)
+    y = torch.ones(8, 1, 28, 28)
+    out = AffineAugment(rotate_deg=0, scale=0, shift_px=6, hflip=False)(
+        y, torch.Generator().manual_seed(0))
+    assert out.min() < -0.9
+
+
+@pytest.mark.parametrize("kw", [{"rotate_deg": -1}, {"scale": 1.0}, {"scale": -0.1},
+                                {"shift_px": -2}])
+def test_bad_strength_is_a_clear_error(kw):
+    with pytest.raises(ConfigError, match="augmentation"):
+        AffineAugment(**kw)
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ConfigError, match="affine-flip"):
+        get_augment("mixup")
+    assert get_augment("none") is None
+    assert set(AUGMENTATIONS) >= {"none", "affine", "affine-flip"}
+
+
+def test_augmentation_is_part_of_the_cache_key():
+    plain = PretrainConfig(augment="none").cache_name()
+    assert "affine" not in plain  # backbones cached before augmentation keep their names
+    names = {PretrainConfig(augment=a).cache_name() for a in AUGMENTATIONS}
+    assert len(names) == len(AUGMENTATIONS)
+
+
+def test_pretraining_uses_the_augmentation():
+    from xbm.train.pretrain import pretrain
+
+    hashes = {}
+    for aug in ("none", "affine-flip"):
+        cfg = PretrainConfig(model="small_cnn", width=4, dataset="digits", epochs=1,
+                             train_subset=128, augment=aug)
+        try:
+            _, meta = pretrain(cfg, torch.device("cpu"), None, progress=False,
+                               log=lambda *a: None)
+        except Exception as exc:  # dataset not installed
+            pytest.skip(str(exc))
+        assert meta["config"]["augment"] == aug
+        hashes[aug] = meta["content_hash"]
+    assert hashes["none"] != hashes["affine-flip"]
+
+
+def test_unknown_augmentation_fails_before_any_work(tmp_path):
+    from xbm.train.demo import DemoConfig, run_demo
+
+    with pytest.raises(ConfigError, match="unknown augmentation 'blur'"):
+        PretrainConfig(augment="blur")
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        run_demo(DemoConfig(pretrain_augment="blur", width=4), tmp_path / "out",
+                 progress=False, log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
