@@ -161,6 +161,24 @@ def test_unknown_method_and_bad_config():
         create_method("piggyback", {"mask_init": 1e-3, "threshold": 5e-3})
 
 
+def test_yaml_exponent_floats_are_read_as_numbers():
+    """PyYAML (YAML 1.1) reads ``lr: 5e-4`` as the string '5e-4'; a float field takes it."""
+    import yaml
+
+    from xbm.train.demo import DemoConfig
+
+    fields = yaml.safe_load("lr: 5e-4\nthreshold: 4e-3\n")
+    assert fields["lr"] == "5e-4"  # the YAML quirk this guards against
+    cfg = create_method("xbm", fields).config
+    assert cfg.lr == 5e-4 and cfg.threshold == 4e-3
+    with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
+        create_method("xbm", {"lr": "fast"})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        create_method("xbm", {"lr": "-1e-3"})
+    # only float fields are converted: a str field keeps its text
+    assert DemoConfig.from_dict({"pretrain_augment": "none"}).pretrain_augment == "none"
+
+
 def test_task_names_are_validated(tiny_mtm):
     with pytest.raises(XbmError, match="invalid"):
         tiny_mtm.add_task("bad.name", 3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, TypeVar
 
 from xbm.errors import ConfigError
@@ -22,4 +24,35 @@ def from_fields(cls: type[T], d: dict[str, Any], owner: str | None = None) -> T:
             f"{owner or cls.__name__} has no field(s) {', '.join(sorted(extra))}; valid: "
             f"{', '.join(sorted(names))}"
         )
-    return cls(**d)
+    return cls(**_numbers_from_text(cls, d, owner))
+
+
+def _float_fields(cls: type) -> set[str]:
+    """Names of the fields typed ``float`` (or ``float | None``)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation: leave the values alone
+        return set()
+    out = set()
+    for name, hint in hints.items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+            typing.get_origin(hint) is typing.Union else (hint,)
+        if float in args:
+            out.add(name)
+    return out
+
+
+def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    """Read numbers that YAML left as text. PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is
+    a string, not a float; a float field given such a string gets its number, and a string that
+    is no number at all is a clear error rather than a confusing comparison later."""
+    floats = _float_fields(cls)
+    out = dict(d)
+    for k, v in d.items():
+        if k in floats and isinstance(v, str):
+            try:
+                out[k] = float(v)
+            except ValueError:
+                raise ConfigError(f"{owner or cls.__name__}.{k} must be a number, got {v!r}"
+                                  ) from None
+    return out
