@@ -43,6 +43,9 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     assert set(methods) <= set(list_methods())
     # the width used (given, or picked by device) is recorded, and is the backbone's
     assert res["config"]["width"] == res["backbone"]["arch"]["width"]
+    # the default pretraining recipe is recorded with the backbone and named in its cache file
+    assert res["backbone"]["augment"] == res["config"]["pretrain_augment"] == "affine-flip"
+    assert res["backbone"]["path"].endswith("-affine-flip.safetensors")
     for m in methods:
         assert m in printed
         assert res["checks"][m]["backbone_bit_identical"] is True
@@ -127,6 +130,15 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     assert rc == 2
     assert err.startswith("xbm: error:") and needle in err
     assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_augmentation_in_yaml_is_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("pretrain_augment: blur\nwidth: 4\n")
+    rc = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "unknown augmentation 'blur'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
