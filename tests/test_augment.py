@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xbm.data.augment import AUGMENTATIONS, AffineAugment, get_augment
-from xbm.errors import ConfigError
+from xbm.errors import ConfigError, DatasetNotFoundError
 from xbm.train.pretrain import PretrainConfig
 
 
@@ -87,7 +87,7 @@ def test_pretraining_uses_the_augmentation():
         try:
             _, meta = pretrain(cfg, torch.device("cpu"), None, progress=False,
                                log=lambda *a: None)
-        except Exception as exc:  # dataset not installed
+        except DatasetNotFoundError as exc:
             pytest.skip(str(exc))
         assert meta["config"]["augment"] == aug
         hashes[aug] = meta["content_hash"]
@@ -103,3 +103,25 @@ def test_unknown_augmentation_fails_before_any_work(tmp_path):
         run_demo(DemoConfig(pretrain_augment="blur", width=4), tmp_path / "out",
                  progress=False, log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_mixup_is_validated_keyed_and_used():
+    from xbm.train.pretrain import pretrain
+
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ConfigError, match="mixup must be >= 0"):
+            PretrainConfig(mixup=bad)
+    assert "mixup" not in PretrainConfig().cache_name()
+    assert PretrainConfig(mixup=0.4).cache_name().endswith("-affine-flip-mixup0.4.safetensors")
+    hashes = {}
+    for alpha in (0.0, 0.4):
+        cfg = PretrainConfig(model="small_cnn", width=4, dataset="digits", epochs=1,
+                             train_subset=128, mixup=alpha)
+        try:
+            _, meta = pretrain(cfg, torch.device("cpu"), None, progress=False,
+                               log=lambda *a: None)
+        except DatasetNotFoundError as exc:
+            pytest.skip(str(exc))
+        assert meta["config"]["mixup"] == alpha
+        hashes[alpha] = meta["content_hash"]
+    assert hashes[0.0] != hashes[0.4]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xbm.data import make_fixture_task
-from xbm.errors import BundleError
+from xbm.errors import BundleError, DatasetNotFoundError
 from xbm.hardware import get_spec
 from xbm.io import save_safetensors
 from xbm.models import create_model
@@ -106,7 +106,7 @@ def test_backbone_file_round_trip_and_corruption(tmp_path):
     out = tmp_path / "bb.safetensors"
     try:
         model, meta = pretrain(cfg, torch.device("cpu"), out, progress=False, log=lambda *a: None)
-    except Exception as exc:  # dataset not installed
+    except DatasetNotFoundError as exc:
         pytest.skip(str(exc))
     loaded, meta2 = load_backbone(out)
     assert meta2["content_hash"] == meta["content_hash"]

@@ -62,8 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "pretrain_augment", "batch_size", "rows", "cols", "data_root",
-              "benchmark"):
+              "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "batch_size", "rows",
+              "cols", "data_root", "benchmark"):
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
@@ -86,7 +86,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, train_subset=args.train_subset, augment=args.augment)
+                         seed=args.seed, train_subset=args.train_subset, augment=args.augment,
+                         mixup=args.mixup)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backbone pretraining epochs (default {PretrainConfig.epochs})")
     d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
                    help=f"backbone pretraining augmentation (default {PretrainConfig.augment})")
+    d.add_argument("--pretrain-mixup", type=float, metavar="ALPHA",
+                   help="backbone pretraining mixup alpha (default 0 = off)")
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -288,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--augment", default=PretrainConfig.augment, choices=list(AUGMENTATIONS),
                     help="random affine augmentation of the base task (default: %(default)s; "
                     "'affine' does not mirror, for classes that are not mirror-symmetric)")
+    pt.add_argument("--mixup", type=float, default=PretrainConfig.mixup, metavar="ALPHA",
+                    help="mixup alpha while pretraining (default 0 = off)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)

@@ -58,6 +58,8 @@ class DemoConfig:
     """Batch size of the backbone's pretraining (part of the cache key)."""
     pretrain_augment: str = PretrainConfig.augment
     """Pretraining augmentation (``xbm.data.augment``; part of the cache key)."""
+    pretrain_mixup: float = PretrainConfig.mixup
+    """Pretraining mixup α, 0 = off (``PretrainConfig.mixup``; part of the cache key)."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"
@@ -81,6 +83,7 @@ class DemoConfig:
         return PretrainConfig(model=self.model, width=self.width_for(device), dataset=base,
                               epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
                               seed=self.seed, augment=self.pretrain_augment,
+                              mixup=self.pretrain_mixup,
                               train_subset=self.pretrain_subset, test_subset=self.test_subset)
 
     def spec(self) -> CrossbarSpec:
@@ -181,7 +184,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "spec": spec.to_dict(),
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
-        | {"augment": bmeta.get("config", {}).get("augment", "none"), "path": str(bpath)},
+        | {"augment": bmeta.get("config", {}).get("augment", "none"),
+           "mixup": bmeta.get("config", {}).get("mixup", 0.0), "path": str(bpath)},
         "mapping_totals": mapping["totals"] if mapping else {},
         "energy_preset": cfg.energy,
         "device": str(device),
