@@ -111,8 +111,8 @@ def test_mixup_is_validated_keyed_and_used():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ConfigError, match="mixup must be >= 0"):
             PretrainConfig(mixup=bad)
-    assert "mixup" not in PretrainConfig().cache_name()
-    assert PretrainConfig(mixup=0.4).cache_name().endswith("-affine-flip-mixup0.4.safetensors")
+    assert "mixup" not in PretrainConfig(mixup=0).cache_name()
+    assert PretrainConfig().cache_name().endswith("-affine-flip-mixup0.4.safetensors")
     hashes = {}
     for alpha in (0.0, 0.4):
         cfg = PretrainConfig(model="small_cnn", width=4, dataset="digits", epochs=1,

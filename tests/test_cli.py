@@ -45,7 +45,8 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     assert res["config"]["width"] == res["backbone"]["arch"]["width"]
     # the default pretraining recipe is recorded with the backbone and named in its cache file
     assert res["backbone"]["augment"] == res["config"]["pretrain_augment"] == "affine-flip"
-    assert res["backbone"]["path"].endswith("-affine-flip.safetensors")
+    assert res["backbone"]["mixup"] == res["config"]["pretrain_mixup"] == 0.4
+    assert res["backbone"]["path"].endswith("-affine-flip-mixup0.4.safetensors")
     for m in methods:
         assert m in printed
         assert res["checks"][m]["backbone_bit_identical"] is True
