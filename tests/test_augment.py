@@ -82,7 +82,7 @@ def test_pretraining_uses_the_augmentation():
 
     hashes = {}
     for aug in ("none", "affine-flip"):
-        cfg = PretrainConfig(model="small_cnn", width=4, dataset="digits", epochs=1,
+        cfg = PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
                              train_subset=128, augment=aug)
         try:
             _, meta = pretrain(cfg, torch.device("cpu"), None, progress=False,
@@ -115,7 +115,7 @@ def test_mixup_is_validated_keyed_and_used():
     assert PretrainConfig().cache_name().endswith("-affine-flip-mixup0.4.safetensors")
     hashes = {}
     for alpha in (0.0, 0.4):
-        cfg = PretrainConfig(model="small_cnn", width=4, dataset="digits", epochs=1,
+        cfg = PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
                              train_subset=128, mixup=alpha)
         try:
             _, meta = pretrain(cfg, torch.device("cpu"), None, progress=False,
