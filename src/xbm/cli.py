@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
                    help=f"backbone pretraining augmentation (default {PretrainConfig.augment})")
     d.add_argument("--pretrain-mixup", type=float, metavar="ALPHA",
-                   help="backbone pretraining mixup alpha (default 0 = off)")
+                   help="backbone pretraining mixup alpha, 0 = off "
+                   f"(default {PretrainConfig.mixup:g})")
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random affine augmentation of the base task (default: %(default)s; "
                     "'affine' does not mirror, for classes that are not mirror-symmetric)")
     pt.add_argument("--mixup", type=float, default=PretrainConfig.mixup, metavar="ALPHA",
-                    help="mixup alpha while pretraining (default 0 = off)")
+                    help="mixup alpha while pretraining, 0 = off (default: %(default)g)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)

@@ -112,7 +112,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     spec = cfg.spec()
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
-    width = cfg.width_for(device)
     pcfg = cfg.pretrain_config(device, bench.base)
     backbone, bmeta, bpath = xdist.main_first(lambda: get_backbone(
         pcfg, device, root=cfg.data_root, progress=progress and xdist.is_main(), log=log))
@@ -178,14 +177,15 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                 r["accuracy"] == r["accuracy_after_training"]
                 for r in runs if r["method"] == method and not r["base_task"]),
         }
+    brecipe = bmeta.get("config", {})  # backbones cached before a field existed lack it
     results = {
         "schema": RESULTS_SCHEMA,
-        "config": dataclasses.asdict(cfg) | {"width": width},  # as resolved for the device
+        "config": dataclasses.asdict(cfg) | {"width": pcfg.width},  # as resolved for the device
         "spec": spec.to_dict(),
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
-        | {"augment": bmeta.get("config", {}).get("augment", "none"),
-           "mixup": bmeta.get("config", {}).get("mixup", 0.0), "path": str(bpath)},
+        | {"augment": brecipe.get("augment", "none"), "mixup": brecipe.get("mixup", 0.0),
+           "path": str(bpath)},
         "mapping_totals": mapping["totals"] if mapping else {},
         "energy_preset": cfg.energy,
         "device": str(device),

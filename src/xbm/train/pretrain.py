@@ -103,7 +103,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     from xbm.data import load_dataset
     from xbm.data.augment import get_augment
 
-    augment = get_augment(cfg.augment)  # fails on a bad name before any data is read
+    augment = get_augment(cfg.augment)
     data = load_dataset(cfg.dataset, root=root)
     if cfg.train_subset or cfg.test_subset:
         data = data.subset(cfg.train_subset, cfg.test_subset, seed=cfg.seed)
