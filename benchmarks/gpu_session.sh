@@ -17,7 +17,7 @@
 #      threads each: unlimited threads per worker oversubscribed the 16 cores and never finished);
 #   2. benchmarks/bench_methods.py --device cuda at widths 16 and WIDTH;
 #   3. benchmarks/bench_simulate.py --device cuda with the compile, torch and triton backends.
-# The demos use the current default backbone recipe (2 epochs, `affine-flip` + mixup 0.4). The
+# The demos use the current default backbone recipe (3 epochs, `affine-flip` + mixup 0.4). The
 # width-64 figures in docs/benchmarks.md were made with the previous one; to repeat those, set
 # XBM_DEMO_ARGS="--pretrain-epochs 1 --pretrain-augment none --pretrain-mixup 0".
 # Everything lands in OUT_DIR/session.log and OUT_DIR/gpu.tgz (re-packed after each step, so a

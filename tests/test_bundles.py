@@ -112,6 +112,9 @@ def test_backbone_file_round_trip_and_corruption(tmp_path):
     assert meta2["content_hash"] == meta["content_hash"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+        # pretraining runs channels-last on the CPU; what it returns must be laid out as what
+        # loads from the cache, or a fresh and a cached backbone would compute differently
+        assert v.stride() == loaded.state_dict()[k].stride(), k
     # flip one byte in the tensor data: the content hash catches it
     raw = bytearray(out.read_bytes())
     raw[-5] ^= 0xFF

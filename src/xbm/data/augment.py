@@ -7,7 +7,7 @@ specialises to centred clothing and left XBM 5.7 points behind Piggyback on the 
 Fashion-MNIST, it left XBM 3.6 behind (docs/benchmarks.md, "Pretraining augmentation").
 Piggyback's element-wise masks can carve new features out of any backbone, so they gain less.
 Mixup on top (``PretrainConfig.mixup``, in the pretraining loop since it mixes labels too)
-narrows the gap further.
+narrows the gap further, and a third epoch further still.
 
 The whole batch is warped in one ``affine_grid`` / ``grid_sample`` call, on the batch's device;
 the random draws come from a CPU generator, so a seed gives the same augmented batches on every

@@ -1,0 +1,84 @@
+"""One pretraining step in the standard (NCHW) layout against channels-last (NHWC), on the CPU.
+
+``xbm.train.pretrain`` runs channels-last on the CPU because oneDNN's x86 convolutions are faster
+on NHWC activations. This measures by how much, as a ratio in one process: both layouts get the
+same initial weights and the same augmented, mixed-up batch, and their steps are interleaved
+round-robin, so machine noise hits both alike. The median of ``--reps`` rounds is reported.
+
+    .venv/bin/python benchmarks/bench_pretrain.py [--width 16] [--batch 128] [--reps 20]
+
+``--bf16`` adds a channels-last step under bfloat16 autocast, for reference only: pretraining
+does not use it (its speed depends on the CPU having AMX/AVX512-BF16, and its backbone would
+differ from machine to machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from xbm.data.augment import get_augment
+from xbm.models import create_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18_cifar")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--bf16", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    base = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
+    x = torch.rand(args.batch, 1, 28, 28) * 2 - 1
+    y = torch.randint(0, 10, (args.batch,))
+    perm = torch.randperm(args.batch)
+    augment = get_augment("affine-flip")
+    layouts = {"nchw": (torch.contiguous_format, False),
+               "channels-last": (torch.channels_last, False)}
+    if args.bf16:
+        layouts["channels-last bf16"] = (torch.channels_last, True)
+    models, opts = {}, {}
+    for name, (fmt, _) in layouts.items():
+        models[name] = copy.deepcopy(base).to(memory_format=fmt).train()
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=2e-3)
+
+    def step(name: str) -> float:
+        fmt, bf16 = layouts[name]
+        t0 = time.perf_counter()
+        xa = augment(x, torch.Generator().manual_seed(0))
+        xa = (0.7 * xa + 0.3 * xa[perm]).contiguous(memory_format=fmt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = models[name](xa)
+        loss = 0.7 * F.cross_entropy(logits.float(), y) + 0.3 * F.cross_entropy(logits.float(),
+                                                                               y[perm])
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        return time.perf_counter() - t0
+
+    for name in layouts:  # warm-up: oneDNN picks and caches its kernels
+        for _ in range(3):
+            step(name)
+    times: dict[str, list[float]] = {n: [] for n in layouts}
+    for _ in range(args.reps):
+        for name in layouts:
+            times[name].append(step(name))
+    ref = statistics.median(times["nchw"])
+    print(f"{args.model} width {args.width}, batch {args.batch}, {torch.get_num_threads()} "
+          f"threads, median of {args.reps} interleaved steps (torch {torch.__version__})")
+    print(f"{'layout':<20} {'step ms':>8} {'img/s':>7} {'vs nchw':>8}")
+    for name in layouts:
+        med = statistics.median(times[name])
+        print(f"{name:<20} {med * 1e3:8.1f} {args.batch / med:7.0f} {med / ref:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
