@@ -55,7 +55,7 @@ class PretrainConfig:
     epochs: int = 3
     """Three epochs. With augmentation one epoch cost the base task 4 points (86.5% against
     90.7% on the demo's test subset); with augmentation and mixup a third epoch narrowed XBM's
-    gap to Piggyback from 2.5 to 1.6 points on three seeds (docs/benchmarks.md, "Pretraining
+    gap to Piggyback from 2.5 to 1.6-1.8 points on three seeds (docs/benchmarks.md, "Pretraining
     epochs"). Channels-last on the CPU pays for most of the extra epoch."""
     batch_size: int = 128
     lr: float = 2e-3
@@ -113,9 +113,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     arch = {"name": cfg.model, "num_classes": data.num_classes,
             "in_channels": data.in_channels, "width": cfg.width}
     model = build_model(arch).to(device)
-    # oneDNN's convolutions on x86 are ~25% faster on NHWC activations (docs/benchmarks.md,
-    # "Pretraining epochs"); the weights go back to the standard layout before they are returned
-    # or saved, so a fresh and a cached backbone are the same tensors.
+    # oneDNN's x86 convolutions are faster on NHWC activations: a step takes 0.83x the time
+    # (benchmarks/bench_pretrain.py). The weights go back to the standard layout before they
+    # are returned or saved, so a fresh and a cached backbone are the same tensors.
     channels_last = device.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
