@@ -56,9 +56,8 @@ def main() -> None:
         xa = augment(x, torch.Generator().manual_seed(0))
         xa = (0.7 * xa + 0.3 * xa[perm]).contiguous(memory_format=fmt)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = models[name](xa)
-        loss = 0.7 * F.cross_entropy(logits.float(), y) + 0.3 * F.cross_entropy(logits.float(),
-                                                                               y[perm])
+            logits = models[name](xa).float()
+        loss = 0.7 * F.cross_entropy(logits, y) + 0.3 * F.cross_entropy(logits, y[perm])
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
         opts[name].step()
