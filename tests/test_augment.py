@@ -115,3 +115,24 @@ def test_mixup_is_validated_keyed_and_used():
     metas = {alpha: _tiny_pretrain_meta(mixup=alpha) for alpha in (0.0, 0.4)}
     assert [m["config"]["mixup"] for m in metas.values()] == [0.0, 0.4]
     assert metas[0.0]["content_hash"] != metas[0.4]["content_hash"]
+
+
+def test_precision_is_validated_keyed_and_used():
+    with pytest.raises(ConfigError, match="unknown pretraining precision 'fp16'"):
+        PretrainConfig(precision="fp16")
+    assert PretrainConfig().cache_name() == PretrainConfig(precision="fp32").cache_name()
+    assert PretrainConfig(precision="bf16").cache_name().endswith("-mixup0.4-bf16.safetensors")
+    from xbm.train.pretrain import pretrain
+
+    cfgs = {p: PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
+                              train_subset=128, precision=p) for p in ("fp32", "bf16")}
+    try:
+        out = {p: pretrain(c, torch.device("cpu"), None, progress=False, log=lambda *a: None)
+               for p, c in cfgs.items()}
+    except DatasetNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert [m["config"]["precision"] for _, m in out.values()] == ["fp32", "bf16"]
+    assert out["fp32"][1]["content_hash"] != out["bf16"][1]["content_hash"]
+    # mixed precision trains in bf16 but keeps (and saves) float32 weights
+    assert {t.dtype for t in out["bf16"][0].state_dict().values() if t.is_floating_point()} \
+        == {torch.float32}

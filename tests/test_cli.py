@@ -124,8 +124,16 @@ def test_map_json_totals(capsys):
     (["demo", "--benchmark", "bogus"], "unknown benchmark"),
     (["adapt", "--dataset", "nope-data", "--method", "xbm"], "unknown dataset"),
     (["adapt", "--dataset", "mnist", "--method", "bogus"], "unknown method"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "foo"],
+     "--set takes FIELD=VALUE"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "lr=fast"], "lr must be a number"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "energy_preset=nvm"],
+     "has no field(s) energy_preset"),
+    # a bad spec fails before the default backbone would be pretrained (minutes)
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--rows", "0"], "rows"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))  # nothing cached: fail fast or hang
     rc = main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "demo" else [])])
     err = capsys.readouterr().err.strip()
     assert rc == 2
@@ -164,3 +172,91 @@ def test_methods_lists_registry(capsys):
     out = capsys.readouterr().out
     for m in list_methods():
         assert m in out
+
+
+def _bundle(tmp_path, tiny_mtm, **meta_changes):
+    """A real task bundle of the tiny model, with some metadata replaced."""
+    from xbm.io import load_safetensors, save_safetensors
+
+    tiny_mtm.add_task("t", 3, "xbm")
+    path = tmp_path / "b.safetensors"
+    tiny_mtm.save_bundle(path)
+    tensors, meta = load_safetensors(path)
+    save_safetensors(path, tensors, meta | meta_changes)
+    return path
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"spec": [64, 64]}, "unreadable crossbar spec"),
+    ({"spec": "64x64"}, "unreadable crossbar spec"),
+    ({"tasks": {"t": 1}}, "task list is a dict"),
+    ({"tasks": [{"name": "t"}]}, "task record 0 is unreadable"),
+    ({"tasks": [{"name": "t", "method": "nope", "config": {}, "num_classes": 3}]},
+     "unknown method 'nope'"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {"lr": -1}, "num_classes": 3}]},
+     "lr must be > 0"),
+    ({"format": "other/1"}, "not an xbm task bundle"),
+])
+@pytest.mark.parametrize("command", ["eval", "adapt"])
+def test_corrupt_bundle_metadata_is_one_line_before_any_backbone(
+        command, changes, needle, tmp_path, tiny_mtm, capsys, monkeypatch):
+    """Checked before the default backbone is looked up: with an empty cache it would be
+    pretrained first otherwise (minutes), and a broken spec used to end in a traceback."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    path = _bundle(tmp_path, tiny_mtm, **changes)
+    argv = ["eval", "--bundle", str(path)] if command == "eval" else \
+        ["adapt", "--dataset", "mnist", "--method", "xbm", "--bundle", str(path)]
+    rc = main([*argv, "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("xbm: error:") and needle in err, err
+    assert len(err.splitlines()) == 1
+    assert not (Path(os.environ["XBM_CACHE"]) / "backbones").exists()
+
+
+def test_eval_names_a_missing_task(tmp_path, tiny_mtm, capsys):
+    path = _bundle(tmp_path, tiny_mtm)
+    assert main(["eval", "--bundle", str(path), "--task", "u", "--device", "cpu"]) == 2
+    assert "no task 'u'; it holds t" in capsys.readouterr().err
+
+
+def test_unreadable_image_folder_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """chmod cannot make a folder unreadable to root (CI may be root), so listing it fails by
+    patching; the error must be one line, not a PermissionError traceback."""
+    from pathlib import Path
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == root / "a":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    rc = main(["adapt", "--dataset", f"folder:{root}", "--method", "xbm"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot read the folder (Permission denied)" in err, err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("method_configs: {xma2: {pe_budget: 2}}\n", "pe_budget"),
+    ("method_configs: {xmb: {lr: 0.001}}\n", "method_configs: unknown method 'xmb'"),
+    ("method_configs: {xbm: 0.001}\n", "method_configs.xbm must be a mapping"),
+    ("method_configs: [xbm]\n", "method_configs must map method names"),
+])
+def test_bad_method_configs_fail_before_any_training(yaml_text, needle, tmp_path, capsys,
+                                                     monkeypatch):
+    """At the defaults xma2 trains last, ~8 minutes in: its config is checked first."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml_text)
+    rc = main(["demo", "--config", str(cfg), "--methods", "xbm,xma2", "--out",
+               str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()

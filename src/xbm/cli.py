@@ -62,7 +62,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "batch_size", "rows",
+              "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "pretrain_precision",
+              "batch_size", "rows",
               "cols", "data_root", "benchmark"):
         v = getattr(args, k, None)
         if v is not None:
@@ -87,7 +88,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, train_subset=args.train_subset, augment=args.augment,
-                         mixup=args.mixup)
+                         mixup=args.mixup, precision=args.precision)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
@@ -139,11 +140,23 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
     for kv in args.set or []:
-        k, _, v = kv.partition("=")
-        method_cfg[k.replace("-", "_")] = json.loads(v) if v[:1] in "0123456789-[{tfn." \
-            else v
+        k, eq, v = kv.partition("=")
+        if not eq or not k.strip():
+            raise XbmError(f"--set takes FIELD=VALUE (e.g. --set lr=1e-3), got {kv!r}")
+        try:  # numbers, booleans, lists and null as JSON; anything else stays a string
+            value = json.loads(v)
+        except json.JSONDecodeError:
+            value = v
+        method_cfg[k.strip().replace("-", "_")] = value
     cls.config_class.from_dict(method_cfg)  # validate before training
     device = resolve_device(args.device)
+    # Everything cheap is checked before the backbone, which may need minutes of pretraining:
+    # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.
+    spec = spec_from_args(args)
+    if args.bundle and Path(args.bundle).exists():
+        from xbm.multitask import read_bundle_meta
+
+        spec = read_bundle_meta(args.bundle)[1]
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device) if args.backbone else None
@@ -152,12 +165,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     seed_everything(args.seed)
-    spec = spec_from_args(args)
-    if args.bundle and Path(args.bundle).exists():  # a bundle fixes the crossbar spec
-        from xbm.hardware import CrossbarSpec
-        from xbm.io import load_safetensors
-
-        spec = CrossbarSpec.from_dict(load_safetensors(args.bundle)[1].get("spec", spec.to_dict()))
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"]).to(device)
     if args.bundle and Path(args.bundle).exists():
         mtm.load_bundle(args.bundle)
@@ -182,16 +189,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from xbm.data import load_dataset
-    from xbm.io import load_safetensors
-    from xbm.multitask import MultiTaskModel
+    from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device
 
     device = resolve_device(args.device)
-    _, meta = load_safetensors(args.bundle)
-    from xbm.hardware import CrossbarSpec
-
-    spec = CrossbarSpec.from_dict(meta["spec"]) if "spec" in meta else spec_from_args(args)
+    meta, spec, infos = read_bundle_meta(args.bundle)  # before the backbone: cheap checks first
+    if args.task and args.task not in {t.name for t in infos}:
+        raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
+                       f"{', '.join(t.name for t in infos) or 'no tasks'}")
     backbone, bmeta = xdist.main_first(lambda: _backbone(args, device, meta))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
@@ -245,7 +251,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from xbm.data.augment import AUGMENTATIONS
     from xbm.methods import list_methods
-    from xbm.train.pretrain import PretrainConfig
+    from xbm.train.pretrain import PRECISIONS, PretrainConfig
 
     p = argparse.ArgumentParser(prog="xbm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -269,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-mixup", type=float, metavar="ALPHA",
                    help="backbone pretraining mixup alpha, 0 = off "
                    f"(default {PretrainConfig.mixup:g})")
+    d.add_argument("--pretrain-precision", choices=list(PRECISIONS),
+                   help="backbone pretraining precision (default fp32; bf16 is faster on CPUs "
+                   "with AMX and on GPUs, and gives another backbone)")
     d.add_argument("--train-subset", type=int, help="training images per task")
     d.add_argument("--test-subset", type=int, help="test images per task")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -294,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "'affine' does not mirror, for classes that are not mirror-symmetric)")
     pt.add_argument("--mixup", type=float, default=PretrainConfig.mixup, metavar="ALPHA",
                     help="mixup alpha while pretraining, 0 = off (default: %(default)g)")
+    pt.add_argument("--precision", default=PretrainConfig.precision, choices=list(PRECISIONS),
+                    help="bf16 runs forward and loss under bfloat16 autocast: faster on CPUs "
+                    "with AMX and on GPUs, slower elsewhere; a separate cached backbone "
+                    "(default: %(default)s)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
@@ -330,7 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--test-subset", type=int)
     ev.add_argument("--json", action="store_true")
-    add_spec_args(ev)
     common(ev)
     ev.set_defaults(func=cmd_eval)
 

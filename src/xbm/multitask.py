@@ -41,6 +41,51 @@ class TaskInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, list[TaskInfo]]:
+    """A task bundle's metadata, crossbar spec and task records, checked without a backbone.
+
+    Cheap (the tensors are read but not used), so commands call it before any pretraining:
+    a corrupt bundle then fails in a second, not after minutes of work.
+
+    Raises:
+        BundleError: unreadable file, not a bundle, or metadata that does not parse (spec,
+            task records, an unknown method or an invalid method config).
+    """
+    meta = load_safetensors(path)[1]
+    spec, tasks = _check_bundle_meta(path, meta)
+    return meta, spec, tasks
+
+
+def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
+                       ) -> tuple[CrossbarSpec, list[TaskInfo]]:
+    from xbm.methods import get_method_class
+
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r})")
+    try:
+        spec = CrossbarSpec.from_dict(meta["spec"])
+    except (XbmError, TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise BundleError(f"{path}: bundle has an unreadable crossbar spec ({exc})") from None
+    records = meta.get("tasks", [])
+    if not isinstance(records, list):
+        raise BundleError(f"{path}: bundle's task list is a {type(records).__name__}, not a "
+                          "list; the file is corrupt, re-create it with xbm adapt")
+    tasks: list[TaskInfo] = []
+    for i, info in enumerate(records):
+        try:
+            ti = TaskInfo(**info)
+            if not isinstance(ti.name, str) or not isinstance(ti.config, dict) \
+                    or isinstance(ti.num_classes, bool) or not isinstance(ti.num_classes, int) \
+                    or ti.num_classes < 1:
+                raise TypeError("name, config or num_classes has the wrong type")
+            get_method_class(ti.method).config_class.from_dict(dict(ti.config))
+        except (XbmError, TypeError, AttributeError, ValueError) as exc:
+            raise BundleError(f"{path}: task record {i} is unreadable ({exc}); the file is "
+                              "corrupt or from another xbm version") from None
+        tasks.append(ti)
+    return spec, tasks
+
+
 def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The programmed backbone's tensors: every state-dict entry that is not task state."""
     marker = f"{TASK_KEY}."
@@ -264,17 +309,12 @@ class MultiTaskModel(nn.Module):
     def load_bundle(self, path: str | Path) -> list[str]:
         """Add the tasks saved in a bundle; returns their names."""
         tensors, meta = load_safetensors(path)
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r})")
+        spec, infos = _check_bundle_meta(path, meta)
         if meta.get("backbone_hash") != self.backbone_hash:
             raise BundleError(
                 f"{path}: bundle belongs to backbone {meta.get('backbone_hash')}, this model's "
                 f"backbone is {self.backbone_hash}; load it onto the backbone it was trained on"
             )
-        try:
-            spec = CrossbarSpec.from_dict(meta["spec"])
-        except (XbmError, TypeError, KeyError) as exc:
-            raise BundleError(f"{path}: bundle has an unreadable crossbar spec ({exc})") from None
         if spec.geometry_dict() != self.spec.geometry_dict():
             diff = [k for k, v in spec.geometry_dict().items() if self.spec.geometry_dict()[k] != v]
             raise BundleError(
@@ -283,8 +323,7 @@ class MultiTaskModel(nn.Module):
             )
         added: list[str] = []
         try:
-            for info in meta.get("tasks", []):
-                ti = TaskInfo(**info)
+            for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
                 added.append(ti.name)
                 unpack = self.methods[ti.name].unpack_state

@@ -27,13 +27,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _LAYOUT_HINT = "expected PATH/<class>/*.png (or PATH/train/<class>/ and PATH/test/<class>/)"
 
 
+def _listdir(folder: Path) -> list[Path]:
+    """The folder's entries; a folder that cannot be listed is a one-line error."""
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:
+        raise XbmError(f"{folder}: cannot read the folder ({exc.strerror or exc}); check that "
+                       "it exists and that you may read it") from None
+
+
 def _class_dirs(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")),
+    return sorted((p for p in _listdir(path) if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
+    return sorted(p for p in _listdir(folder)
                   if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -101,6 +110,18 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
         raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}; "
                           "set it to e.g. 0.2")
     root = Path(path).expanduser()
+    try:
+        return _load(root, image_size, channels, test_fraction, seed)
+    except XbmError:
+        raise
+    except OSError as exc:  # e.g. a sub-folder without read or search permission
+        where = exc.filename or root
+        raise XbmError(f"{where}: cannot read ({exc.strerror or exc}); check the permissions "
+                       "of the image folder") from None
+
+
+def _load(root: Path, image_size: int, channels: int, test_fraction: float,
+          seed: int) -> TaskData:
     if not root.exists():
         raise DatasetNotFoundError(f"{root}: image folder does not exist; check the path "
                                    f"({_LAYOUT_HINT})")

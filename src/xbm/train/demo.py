@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from xbm.config import from_fields
+from xbm.errors import ConfigError, XbmError
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import write_json_atomic
@@ -60,6 +61,8 @@ class DemoConfig:
     """Pretraining augmentation (``xbm.data.augment``; part of the cache key)."""
     pretrain_mixup: float = PretrainConfig.mixup
     """Pretraining mixup α, 0 = off (``PretrainConfig.mixup``; part of the cache key)."""
+    pretrain_precision: str = PretrainConfig.precision
+    """``fp32`` or ``bf16`` (``PretrainConfig.precision``; part of the cache key)."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"
@@ -83,7 +86,7 @@ class DemoConfig:
         return PretrainConfig(model=self.model, width=self.width_for(device), dataset=base,
                               epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
                               seed=self.seed, augment=self.pretrain_augment,
-                              mixup=self.pretrain_mixup,
+                              mixup=self.pretrain_mixup, precision=self.pretrain_precision,
                               train_subset=self.pretrain_subset, test_subset=self.test_subset)
 
     def spec(self) -> CrossbarSpec:
@@ -106,8 +109,20 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     """Run the main job and write ``out_dir/results.json``; returns the results object."""
     from xbm.data import get_benchmark, load_dataset
 
+    # fail fast on unknown names and bad method configs, before minutes of training
     for m in cfg.methods:
-        get_method_class(m)  # fail fast on unknown names, before any training
+        get_method_class(m)
+    if not isinstance(cfg.method_configs, dict):
+        raise ConfigError("demo config method_configs must map method names to their fields, "
+                          f"e.g. {{xbm: {{lr: 1e-3}}}}; got {cfg.method_configs!r}")
+    for m, fields in cfg.method_configs.items():  # a registered method not run is fine
+        try:  # a misspelt name is not silently ignored
+            cls = get_method_class(m)
+        except XbmError as exc:
+            raise ConfigError(f"method_configs: {exc}") from None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"method_configs.{m} must be a mapping of fields, got {fields!r}")
+        cls.config_class.from_dict(dict(fields))
     bench = get_benchmark(cfg.benchmark)
     spec = cfg.spec()
     device = resolve_device(cfg.device)
@@ -185,6 +200,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
         | {"augment": brecipe.get("augment", "none"), "mixup": brecipe.get("mixup", 0.0),
+           "precision": brecipe.get("precision", "fp32"),
            "path": str(bpath)},
         "mapping_totals": mapping["totals"] if mapping else {},
         "energy_preset": cfg.energy,
