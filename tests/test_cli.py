@@ -107,7 +107,7 @@ def test_map_json_totals(capsys):
     assert main(["map", "--model", "resnet50", "--rows", "64", "--cols", "64", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["xbm_mask_bits"] == 366_528 and d["piggyback_mask_bits"] == 23_454_912
-    assert isinstance(d["xbm_mask_bits"], int)
+    assert isinstance(d["xbm_mask_bits"], int) and isinstance(d["piggyback_mask_bits"], int)
     first = d["layers"][0]
     for k in ("name", "rows", "cols", "row_tiles", "col_tiles"):
         assert k in first

@@ -109,7 +109,8 @@ class XMA2Config(XMAConfig):
     1.0 to budget by energy alone."""
 
     energy_preset: str = "default"
-    """Energy preset (``xbm cost --list-presets``) that prices ``energy_budget_j``."""
+    """Energy preset that prices ``energy_budget_j`` (``xbm cost --help`` lists them under
+    ``--energy``)."""
 
     energy_rank: str = "score"
     """Walk order under ``energy_budget_j``: ``score`` (tier-1 score, largest first) or
