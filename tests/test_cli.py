@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
         for k in ("method", "task", "base_task", "accuracy", "mask_bits", "reprogrammed_cells",
                   "trainable_params", "train_seconds"):
             assert k in r, k
+    _check_documented_schema(res)
     xbm_runs = [r for r in res["runs"] if r["method"] == "xbm" and not r["base_task"]]
     pb_runs = [r for r in res["runs"] if r["method"] == "piggyback" and not r["base_task"]]
     assert all(r["reprogrammed_cells"] == 0 for r in xbm_runs)
@@ -70,6 +72,41 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     a = [r["accuracy"] for r in res["runs"] if r["method"] == "xbm"]
     b = [r["accuracy"] for r in res2["runs"] if r["method"] == "xbm"]
     assert a == b
+
+
+def _readme_table(first_header: str) -> list[tuple[list[str], list[str]]]:
+    """Rows of the README table whose header starts with ``first_header``: the backticked names
+    of the first cell, and the remaining cells."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.append((re.findall(r"`([^`]+)`", cells[0]), cells[1:]))
+    return rows
+
+
+def _check_documented_schema(res: dict) -> None:
+    """The README's results-file tables name exactly the keys the demo writes."""
+    top = {k for names, _ in _readme_table("top-level key") for k in names}
+    assert top == set(res), (top ^ set(res))
+    backbone_cell = next(c for names, c in _readme_table("top-level key") if names == ["backbone"])
+    assert set(re.findall(r"`([^`]+)`", backbone_cell[0])) == set(res["backbone"])
+    summary_cell = next(c for names, c in _readme_table("top-level key") if names == ["summary"])
+    for s in res["summary"].values():
+        assert set(re.findall(r"`([^`]+)`", summary_cell[0])) == set(s)
+    checks_cell = next(c for names, c in _readme_table("top-level key") if names == ["checks"])
+    for c in res["checks"].values():
+        assert set(re.findall(r"`([^`]+)`", checks_cell[0])) == set(c)
+    where = {k: cells[0] for names, cells in _readme_table("record field") for k in names}
+    for r in res["runs"]:
+        kind = "base task" if r["base_task"] else "new tasks"
+        documented = {k for k, w in where.items() if w in ("all", kind)}
+        assert set(r) == documented, (kind, set(r) ^ documented)
 
 
 def test_default_width_by_device():
