@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from xbm.errors import ConfigError, UnknownNameError
@@ -115,6 +117,48 @@ def test_masked_crossbar_layer_equals_per_column_loop(make, R, binary):
         w, b = got_fn, mod.bias
         got = F.linear(x, w, b) if isinstance(mod, nn.Linear) else mod._conv_forward(x, w, b)
         got = got.detach()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cin=st.integers(1, 7), cout=st.integers(1, 6), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       stride=st.integers(1, 2), pad=st.integers(0, 1), groups=st.sampled_from([1, 2, 3]),
+       R=st.integers(1, 20), linear=st.booleans(), binary=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_masked_layer_equals_per_column_loop_property(cin, cout, kh, kw, stride, pad, groups, R,
+                                                      linear, binary, seed):
+    """Random shapes (ragged and exact tiles, grouped, 1x1 and non-square kernels, Linear), a
+    random mask: the XBM crossbar layer (binary) and the column-mask function (real levels, as
+    XMA uses) both equal the per-column loop."""
+    torch.manual_seed(seed)
+    if linear:
+        mod: nn.Module = nn.Linear(cin * groups + 1, cout, bias=seed % 2 == 0)
+        x = torch.randn(2, mod.in_features)
+    else:
+        mod = nn.Conv2d(cin * groups, cout * groups, (kh, kw), stride, pad, groups=groups,
+                        bias=seed % 2 == 0)
+        x = torch.randn(2, cin * groups, 6, 5)
+    rows, cols = layer_matrix_shape(mod)
+    mask = (torch.rand(math.ceil(rows / R), cols) > 0.4).float() if binary else \
+        torch.rand(math.ceil(rows / R), cols) * 2
+    ref = reference_masked_forward(mod, x, mask, R)
+    if binary:
+        class Wrap(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer, self.fc = mod, nn.Linear(1, 1)
+
+            def forward(self, x):
+                return self.layer(x)
+
+        mtm = MultiTaskModel(Wrap(), CrossbarSpec(rows=R, cols=64))
+        mtm.add_task("t", 2, "xbm")
+        with torch.no_grad():
+            mtm.model.layer.xbm_tasks["t"].score.copy_(torch.where(mask > 0, 1e-2, 0.0))
+        got = mtm(x).detach()
+    else:
+        w = apply_column_mask(mod.weight, mask, R)
+        got = (F.linear(x, w, mod.bias) if linear else mod._conv_forward(x, w, mod.bias)).detach()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
