@@ -10,10 +10,15 @@ Columns:
   step ms / vs frozen / vs finetune: median wall time of forward + backward + Adam step.
   state: the task's trainable state (parameters) in bytes; + Adam: plus Adam's two moments.
   saved MB: tensors autograd keeps for the backward pass (the step's activation memory).
-  peak MB (CUDA only): the allocator's peak during one step, above what was held before it.
+  peak MB: memory allocated during one step at its highest, above what was held before it. On
+      CUDA the allocator's peak; on the CPU the peak of the running sum of every op's own
+      allocations minus frees in start order (torch.profiler, profile_memory), so a transient
+      buffer an op frees before it returns is not counted: a slight underestimate.
   ops (--count-ops): aten ops one step dispatches at top level, and how many of them compute
       (not views): a proxy for kernel launches, which bound a GPU step at small batches.
-The "frozen" step is linear-probe with per-task BN: only BN and the head train.
+The "frozen" step is linear-probe with per-task BN: only BN and the head train. XMA2 runs with a
+one-step warm-up, so the warm-up steps below select its PEs and the timed steps train them
+(re-programmed weights' gradient and Adam state included), as most of its training does.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from xbm.hardware import get_spec
 from xbm.methods import list_methods
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
+from xbm.nn import layers
 
 
 def saved_bytes(fn) -> int:
@@ -69,6 +75,26 @@ def count_ops(fn) -> tuple[int, int]:
     return len(top), sum(n not in VIEW_OPS for n in top)
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the bytes allocated while ``fn`` runs, above the start, from the profiler's
+    per-op memory records (see the module docstring for what it misses)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    run = peak = 0
+    for _, d in deltas:
+        run += d
+        peak = max(peak, run)
+    return peak
+
+
+#: Per-method configs of the benchmark (see the module docstring).
+BENCH_CONFIGS = {"xma2": {"warmup_steps": 1}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18_cifar")
@@ -82,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--count-ops", action="store_true",
                     help="also count the aten ops of one step (torch.profiler)")
+    ap.add_argument("--fast-path", action="store_true",
+                    help="also time xbm and xma with the single-tile fast path on (rows "
+                    "'xbm+fast', 'xma+fast'; xbm.nn.layers.SINGLE_TILE_FAST_PATH)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     methods = args.methods.split(",")
+    if args.fast_path:
+        methods += [f"{m}+fast" for m in ("xbm", "xma") if m in methods]
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
@@ -95,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (args.batch,))
     opts = {}
     for m in methods:
-        name = m.replace("-", "_")
-        meth = mtm.add_task(name, 10, m)
+        name = m.replace("-", "_").replace("+", "_")
+        base = m.removesuffix("+fast")
+        meth = mtm.add_task(name, 10, base, BENCH_CONFIGS.get(base))
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
             {"params": groups["head"] + groups["norm"], "lr": meth.config.head_lr}]
@@ -111,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(m: str) -> None:
         name, opt = opts[m]
+        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         mtm.set_task(name)
         loss = F.cross_entropy(mtm(x), y)
         opt.zero_grad(set_to_none=True)
@@ -133,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             step(m)
             sync()
             peak[m] = (torch.cuda.max_memory_allocated(dev) - held) / 2**20
+    else:
+        for m in methods:
+            peak[m] = cpu_peak_bytes(lambda m=m: step(m)) / 2**20
     ops: dict[str, tuple[int, int]] = {}
     if args.count_ops:
         for m in methods:
@@ -158,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         adam = sum(t.numel() * t.element_size() for s in opt.state.values()
                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         mtm.set_task(name)
+        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
         if m == "piggyback":
             pb_state = state
@@ -179,14 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
           f"R={args.rows}, {where}, median of {args.reps}; torch {torch.__version__}")
     print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
-          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}" + (f"{'peak MB':>9}" if cuda else "")
+          f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}{'peak MB':>9}"
           + (f"{'ops':>7}{'compute':>9}" if ops else ""))
     for r in rows:
         print(f"{r['method']:<14}{r['step_ms']:>9.1f}{r['vs_frozen'] or 0:>11.2f}"
               f"{r['vs_finetune'] or 0:>13.2f}{r['state_bytes']:>12,}"
               f"{r['state_plus_adam_bytes']:>14,}"
-              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}"
-              + (f"{r['peak_mb']:>9.1f}" if cuda else "")
+              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}{r['peak_mb']:>9.1f}"
               + (f"{r['ops']:>7}{r['compute_ops']:>9}" if ops else ""))
     if args.json:
         from xbm.io import write_json_atomic

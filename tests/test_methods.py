@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from xbm.data import make_fixture_task
 from xbm.errors import ConfigError, UnknownNameError, XbmError
@@ -234,3 +235,52 @@ def test_mixed_task_batch_equals_per_task_forward(task_a, task_b):
         mtm.forward_mixed(x, tasks[:3])
     with pytest.raises(XbmError, match="unknown task"):
         mtm.forward_mixed(x[:1], ["nope"])
+
+
+@pytest.mark.parametrize("method", ["xbm", "xma"])
+def test_single_tile_fast_path_matches_the_general_path(method, monkeypatch):
+    """Scaling a single-tile layer's output instead of its weight gives the same forward and
+    the same gradients (up to summation order), and never touches the backbone."""
+    import xbm.nn.layers as layers
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3, padding=1, bias=True)  # 9 rows: one tile
+            self.c2 = nn.Conv2d(4, 6, 1, groups=2)  # 2 rows: one tile, grouped
+            self.c3 = nn.Conv2d(6, 5, 3)  # 54 rows: four tiles (general path)
+            self.l1 = nn.Linear(5, 7)  # 5 rows: one tile
+            self.fc = nn.Linear(7, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+            return self.fc(torch.relu(self.l1(x.mean((2, 3)))))
+
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(Net(), get_spec(rows=16, cols=16))
+    mtm.add_task("t", 3, method)
+    for _, _, st in mtm.layer_states("t"):  # a mix of levels, some columns off
+        st.score.data = (torch.randn_like(st.score) * (1e-2 if method == "xbm" else 1.5))
+    mtm.set_task("t")
+    mtm.train()
+    backbone = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    params = [p for g in mtm.task_parameters("t").values() for p in g]
+
+    def run(fast: bool):
+        monkeypatch.setattr(layers, "SINGLE_TILE_FAST_PATH", fast)
+        assert (mtm.model.c1.output_scale() is not None) == fast
+        assert mtm.model.c3.output_scale() is None  # several tiles: never
+        out = mtm(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params], allow_unused=True)
+        return out.detach(), grads
+
+    out0, g0 = run(False)
+    out1, g1 = run(True)
+    # 0, 1 and powers of two scale exactly; only the bias may be added in another place
+    torch.testing.assert_close(out0, out1, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g0, g1, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, mtm.backbone_state()[k]) for k, v in backbone.items())

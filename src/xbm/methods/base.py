@@ -70,6 +70,10 @@ class AdaptionMethod:
     """True if deploying a task rewrites programmed cells (fine-tuning, Piggyback, ...)."""
     trains_backbone_weights: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    pure_column_scale: ClassVar[bool] = False
+    """True if :meth:`effective_weight` is exactly ``apply_column_mask(programmed_weight,
+    column_scale)`` with no side effects, so a single-row-tile layer may scale its output
+    instead (``CrossbarLayer.output_scale``). Off where the forward also gathers statistics."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

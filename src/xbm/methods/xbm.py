@@ -27,6 +27,7 @@ class XBMConfig(MaskConfig):
 class XBM(AdaptionMethod):
     """Crossbar column-wise binary mask on a frozen backbone."""
 
+    pure_column_scale = True
     config_class = XBMConfig
     description = "crossbar column-wise binary mask (1 bit per row tile x output); no rewrites"
 

@@ -167,6 +167,7 @@ class XMAConfig(MethodConfig):
 class XMA(AdaptionMethod):
     """Crossbar column-wise shift mask: each column's ADC output is scaled by a level 2^k or 0."""
 
+    pure_column_scale = True
     config_class = XMAConfig
     description = ("crossbar column-wise shift mask (levels 0/2^k, ceil(log2 L) bits per column); "
                    "no rewrites")

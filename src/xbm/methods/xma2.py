@@ -184,6 +184,7 @@ def pe_grid(layer: nn.Module) -> tuple[int, int, torch.Tensor]:
 class XMA2(XMA):
     """Tier 1: fine-tune and re-program the top PEs under a budget; tier 2: XMA on the rest."""
 
+    pure_column_scale = False  # its forward counts steps and hooks the gradient (tier 1)
     config_class = XMA2Config
     reprograms_cells = True
     trains_backbone_weights = True

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 BASE_TASK = "base"
 TASK_KEY = "xbm_tasks"
 
+#: Scale the output instead of the weight where a task's column scale acts on a single row tile
+#: (``CrossbarLayer.output_scale``), sparing the backward those layers' weight gradient. Off by
+#: default: the forward is the same, but the mask gradient is summed in another order, so
+#: training takes another floating-point path and every recorded figure would move by noise
+#: (and XMA2 at budget 0, which keeps the general path, would no longer equal XMA bit for bit),
+#: for a saving measured in docs/benchmarks.md ("Single-tile fast path").
+#: ``benchmarks/bench_methods.py --fast-path`` times it.
+SINGLE_TILE_FAST_PATH = False
+
 
 class TaskAware:
     """Mixin: holds per-task sub-modules and the name of the active task."""
@@ -87,6 +96,30 @@ class CrossbarLayer(TaskAware):
         state = self.xbm_tasks[task]
         return method.effective_weight(self, state), method.effective_bias(self, state)
 
+    def output_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(programmed weight, per-output scale (Cout,), bias) when the active task's column
+        scale can be applied to the layer's output, else None.
+
+        With one row tile a crossbar column is a whole output, so conv(x, W ⊙ m) equals
+        conv(x, W) · m[c] (exactly: the scales are 0, 1 or powers of two). Autograd then needs
+        no gradient of the frozen W: the mask's gradient is Σ ∂L/∂y · conv(x, W), which costs
+        one multiply and a reduction instead of a weight gradient. This is the cheap exact
+        gradient the column masks have wherever rows <= R (the stem and 1x1 shortcuts of a
+        CIFAR ResNet); for more tiles the per-tile partial sums would have to be kept.
+        """
+        task = self.active_task
+        if (not SINGLE_TILE_FAST_PATH or self.row_tiles != 1 or self.simulator is not None
+                or task == BASE_TASK or task not in self.methods):
+            return None
+        method, state = self.methods[task], self.xbm_tasks[task]
+        if not method.pure_column_scale:
+            return None
+        scale = method.column_scale(self, state)
+        if scale is None:
+            return None
+        return (method.programmed_weight(self, state), scale.reshape(-1),
+                method.effective_bias(self, state))
+
     def chip_view(self, task: str | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(weight in the cells, per-column ADC-output scale (row_tiles, Cout) or None, bias) for
@@ -107,6 +140,11 @@ class CrossbarConv2d(nn.Conv2d, CrossbarLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.simulator is not None:
             return self.simulator(self, x)
+        fast = self.output_scale()
+        if fast is not None:
+            w, scale, b = fast
+            y = self._conv_forward(x, w, None) * scale[:, None, None]
+            return y if b is None else y + b[:, None, None]
         w, b = self.effective_weight_and_bias()
         return self._conv_forward(x, w, b)
 
@@ -117,6 +155,11 @@ class CrossbarLinear(nn.Linear, CrossbarLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.simulator is not None:
             return self.simulator(self, x)
+        fast = self.output_scale()
+        if fast is not None:
+            w, scale, b = fast
+            y = F.linear(x, w) * scale
+            return y if b is None else y + b
         w, b = self.effective_weight_and_bias()
         return F.linear(x, w, b)
 
