@@ -266,6 +266,7 @@ def test_unreadable_image_folder_is_a_clear_error(tmp_path, capsys, monkeypatch)
 
     root = tmp_path / "imgs"
     (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
     real = Path.iterdir
 
     def iterdir(self):
@@ -297,3 +298,103 @@ def test_bad_method_configs_fail_before_any_training(yaml_text, needle, tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xbm: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("epochs: two\n", "epochs must be an integer >= 1"),
+    ("epochs: -1\n", "epochs must be an integer >= 1"),
+    ("methods: 5\n", "methods must be a non-empty list"),
+    ("methods: [xbm, xbm]\n", "lists xbm twice"),
+    ("energy: nope\n", "unknown energy preset 'nope'"),
+    ("train_subset: 0\n", "train_subset must be an integer >= 1"),
+])
+def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml_text)
+    rc = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and needle in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pretrain", "--epochs", "0"], "epochs must be an integer >= 1"),
+    (["pretrain", "--lr", "-1"], "lr must be a number > 0"),
+    (["pretrain", "--train-subset", "0"], "train_subset must be an integer >= 1"),
+    (["pretrain", "--out", "{tmp}"], "is a folder"),
+    (["demo", "--out", "{tmp}/file"], "is an existing file"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--out", "{tmp}"], "is a folder"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--out", "{tmp}/file"],
+     "already exists; pass --bundle"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--device", "mps"], "not supported"),
+    (["adapt", "--dataset", "folder:", "--method", "xbm"], "folder: needs a path"),
+    (["cost", "--model", "small_cnn", "--plot", "{tmp}/file"], "is an existing file"),
+])
+def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, capsys,
+                                                     monkeypatch):
+    """Before pretraining, loading data or training: an unwritable output used to surface as a
+    traceback at the very end, after all the work."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("not a bundle")
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--no-progress"] *
+              (argv[0] != "cost"))
+    assert rc == 2 and needle in _one_line_error(capsys)
+    assert not (tmp_path / "cache").exists()
+    assert (tmp_path / "file").read_text() == "not a bundle"  # never overwritten
+
+
+def test_set_values_parse_as_json_then_yaml():
+    from xbm.cli import _parse_value
+
+    assert [_parse_value(v) for v in ("1e-3", ".001", "False", "neurosim", "[0, 0.5]", "")] == \
+        [1e-3, 1e-3, False, "neurosim", [0, 0.5], ""]
+
+
+def test_bundle_is_checked_against_its_content_hash_and_its_spec(tmp_path, tiny_mtm, capsys,
+                                                                 monkeypatch):
+    from xbm.io import load_safetensors, save_safetensors
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    path = _bundle(tmp_path, tiny_mtm)
+    # a spec flag that contradicts the bundle is refused, not silently ignored
+    assert main(["adapt", "--dataset", "mnist", "--method", "xbm", "--bundle", str(path),
+                 "--rows", "32", "--device", "cpu"]) == 2
+    assert "--rows 32 contradicts the bundle" in _one_line_error(capsys)
+    # no cached backbone with the bundle's hash: an error at once, not a pretraining
+    assert main(["eval", "--bundle", str(path), "--device", "cpu"]) == 2
+    assert "no cached backbone matches its backbone hash" in _one_line_error(capsys)
+    assert not (tmp_path / "cache").exists()
+    # flipped bytes in a score
+    tensors, meta = load_safetensors(path)
+    key = next(k for k in tensors if k.endswith(".score"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1
+    save_safetensors(path, tensors, meta)
+    assert main(["eval", "--bundle", str(path), "--device", "cpu"]) == 2
+    assert "content hash mismatch" in _one_line_error(capsys)
+
+
+def test_image_folder_needs_two_classes_and_a_test_split(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from xbm.data.folder import load_image_folder
+    from xbm.errors import XbmError
+
+    def img(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(p)
+
+    img(tmp_path / "one" / "a" / "0.png")
+    with pytest.raises(XbmError, match="only one class folder"):
+        load_image_folder(tmp_path / "one")
+    for c in "ab":
+        img(tmp_path / "tiny" / c / "0.png")
+    with pytest.raises(XbmError, match="leave no test images"):
+        load_image_folder(tmp_path / "tiny")

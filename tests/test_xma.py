@@ -483,7 +483,7 @@ def test_spare_pes_leave_the_backbone_cells_alone():
 
 def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
     from xbm.errors import BundleError
-    from xbm.io import load_safetensors, save_safetensors
+    from xbm.io import load_safetensors, save_safetensors, tensors_hash
 
     mtm = _mtm(SMALL_SPEC)
     _train(mtm, "t", "xma2", {"pe_budget": 0.1, "warmup_steps": 2})
@@ -493,7 +493,8 @@ def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
     key = next(k for k, v in tensors.items() if k.endswith("weight_selected") and v.numel())
     tensors[key] = tensors[key][:-1].clone()
     bad = tmp_path / "bad.safetensors"
-    save_safetensors(bad, tensors, meta)
+    # a consistent content hash, so the structural check is what refuses it
+    save_safetensors(bad, tensors, meta | {"content_hash": tensors_hash(tensors)})
     fresh = _mtm(SMALL_SPEC)
     with pytest.raises(BundleError, match="weight_selected"):
         fresh.load_bundle(bad)

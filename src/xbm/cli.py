@@ -25,12 +25,19 @@ def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise XbmError(f"config file {path} is a folder; pass the YAML file in it")
     if not p.is_file():
         raise XbmError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise XbmError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        raise XbmError(f"config file {path} is not valid YAML ({exc.__class__.__name__})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise XbmError(f"config file {path} is not valid YAML{where} "
+                       f"({getattr(exc, 'problem', None) or exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise XbmError(f"config file {path} must hold a mapping of field: value")
     return data
@@ -38,7 +45,11 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Crossbar-spec flags shared by every command that maps a model."""
-    p.add_argument("--preset", default="default", help="crossbar preset (see `xbm map --help`)")
+    from xbm.hardware.spec import SPEC_PRESETS
+
+    p.add_argument("--preset", default="default",
+                   help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} (default: "
+                   "%(default)s = pytorx, 64x64)")
     p.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
     p.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
     p.add_argument("--weight-bits", type=int, help="weight precision (default 8)")
@@ -90,6 +101,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          seed=args.seed, train_subset=args.train_subset, augment=args.augment,
                          mixup=args.mixup, precision=args.precision)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
+    from xbm.io import check_output
+
+    check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)")
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
@@ -120,14 +134,69 @@ def _width(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None 
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
+    """``--backbone``; else, for an existing bundle, the cached backbone whose content hash the
+    bundle records (never a fresh pretraining, which could only end in a mismatch); else the
+    default backbone of the width, pretrained if it is not cached."""
     from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
 
     if args.backbone:
         model, meta = load_backbone(args.backbone)
         return model, meta
+    if bundle_meta is not None and bundle_meta.get("backbone_hash"):
+        from xbm.errors import BundleError
+        from xbm.hardware.cost_cli import _find_cached_backbone
+
+        found = _find_cached_backbone(str(bundle_meta["backbone_hash"]))
+        if found is None:
+            raise BundleError(
+                f"{args.bundle}: no cached backbone matches its backbone hash "
+                f"{bundle_meta['backbone_hash']}; pass the backbone it was learned on with "
+                "--backbone PATH (or re-create it with the same xbm pretrain command)")
+        return load_backbone(found)
     cfg = PretrainConfig(model=args.model, width=_width(args, device, bundle_meta))
     model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
     return model, meta
+
+
+def _parse_value(v: str) -> Any:
+    """A ``--set`` value: JSON (numbers such as 1e-3, lists, true/false), else YAML (True,
+    .001, [0, 0.5]), else the text itself; the config's own validation judges the result."""
+    import yaml
+
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        pass
+    try:
+        out = yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+    return v if out is None else out
+
+
+def _check_spec_flags(args: argparse.Namespace, spec, bundle: str) -> None:
+    """A spec flag given with an existing bundle must agree with the bundle's spec."""
+    from xbm.errors import ConfigError
+
+    if getattr(args, "preset", "default") != "default":
+        raise ConfigError(f"--preset {args.preset} contradicts the bundle {bundle}, which fixes "
+                          "the crossbar spec; drop the flag")
+    for k in ("rows", "cols", "weight_bits", "cell_bits"):
+        v = getattr(args, k, None)
+        if v is not None and getattr(spec, k) != v:
+            raise ConfigError(f"--{k.replace('_', '-')} {v} contradicts the bundle {bundle}, which "
+                              f"was learned with {k}={getattr(spec, k)}; drop the flag")
+
+
+def _check_bundle_out(out: str, bundle: str | None) -> None:
+    """The bundle ``adapt`` writes: a writable path, and no existing file other than the bundle
+    being extended (that would lose its tasks, or clobber an unrelated file)."""
+    from xbm.io import check_output
+
+    p = check_output(out, "file", "--out")
+    if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
+        raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "
+                       "--out, or remove the file")
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -143,38 +212,42 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         k, eq, v = kv.partition("=")
         if not eq or not k.strip():
             raise XbmError(f"--set takes FIELD=VALUE (e.g. --set lr=1e-3), got {kv!r}")
-        try:  # numbers, booleans, lists and null as JSON; anything else stays a string
-            value = json.loads(v)
-        except json.JSONDecodeError:
-            value = v
+        value = _parse_value(v)
         method_cfg[k.strip().replace("-", "_")] = value
     cls.config_class.from_dict(method_cfg)  # validate before training
     device = resolve_device(args.device)
     # Everything cheap is checked before the backbone, which may need minutes of pretraining:
     # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.
     spec = spec_from_args(args)
+    bundle_meta = None
     if args.bundle and Path(args.bundle).exists():
         from xbm.multitask import read_bundle_meta
 
-        spec = read_bundle_meta(args.bundle)[1]
+        bundle_meta, spec = read_bundle_meta(args.bundle)[:2]
+        _check_spec_flags(args, spec, args.bundle)
+    out = args.out or args.bundle
+    if out is not None:
+        _check_bundle_out(out, args.bundle)
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
-    loaded = _backbone(args, device) if args.backbone else None
+    loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
+    task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]
+    if out is None:
+        out = f"{task}.safetensors"
+        _check_bundle_out(out, None)
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     seed_everything(args.seed)
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"]).to(device)
     if args.bundle and Path(args.bundle).exists():
         mtm.load_bundle(args.bundle)
-    task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]
     mtm.add_task(task, data.num_classes, args.method, method_cfg, dataset=args.dataset)
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
                                              test_batch_size=max(args.batch_size, 256))
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
     acc = evaluate_task(mtm, task, test_loader, device)
-    out = args.out or args.bundle or f"{task}.safetensors"
     if xdist.is_main():
         mtm.save_bundle(out)
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
@@ -386,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `xbm map ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file the checks up front could not foresee (disk full, ...)
+        where = exc.filename or ""
+        print(f"xbm: error: {where}{': ' if where else ''}{exc.strerror or exc}; check the path "
+              "and free space, then run again", file=sys.stderr)
+        return 2
     finally:
         xdist.shutdown()
 

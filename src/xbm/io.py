@@ -44,6 +44,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out") -> Path:
+    """Fail now, not after minutes of work, if ``path`` cannot be written.
+
+    ``kind`` is ``"file"`` (written atomically next to itself, so its folder must be writable
+    and it must not be a folder) or ``"dir"`` (created if missing; must not be a file). Nothing
+    is created: a missing folder only has to be creatable.
+
+    Raises:
+        XbmError: naming the path, the problem and the flag to change.
+    """
+    from xbm.errors import XbmError
+
+    p = Path(path).expanduser()
+    if kind == "dir":
+        if p.exists() and not p.is_dir():
+            raise XbmError(f"{flag} {p} is an existing file, not a folder; pass a folder")
+        target = p
+    else:
+        if p.is_dir():
+            raise XbmError(f"{flag} {p} is a folder; pass a file path such as {p / 'out'}")
+        target = p.parent
+    probe = target
+    while not probe.exists():  # the nearest existing ancestor must let us create the rest
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise XbmError(f"{flag} {p}: {probe} is a file, so the folder cannot be created; "
+                       "pass another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise XbmError(f"{flag} {p}: {probe} is not writable; pass a writable path")
+    return p
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -51,9 +51,21 @@ def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, li
         BundleError: unreadable file, not a bundle, or metadata that does not parse (spec,
             task records, an unknown method or an invalid method config).
     """
-    meta = load_safetensors(path)[1]
+    tensors, meta = load_safetensors(path)
     spec, tasks = _check_bundle_meta(path, meta)
+    _check_bundle_hash(path, tensors, meta)
     return meta, spec, tasks
+
+
+def _check_bundle_hash(path: str | Path, tensors: dict[str, torch.Tensor],
+                       meta: dict[str, Any]) -> None:
+    """Bundles record a content hash of their tensors (as backbones do): flipped bytes in a
+    score or weight would otherwise load silently and change results. Bundles written before
+    the hash was recorded have none and are not checked."""
+    want = meta.get("content_hash")
+    if want is not None and tensors_hash(tensors) != want:
+        raise BundleError(f"{path}: content hash mismatch; the bundle is corrupt, re-create it "
+                          "with xbm adapt")
 
 
 def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
@@ -303,6 +315,7 @@ class MultiTaskModel(nn.Module):
             "arch": self.arch,
             "head_name": self.head_name,
             "tasks": [asdict(self.tasks[t]) for t in tasks],
+            "content_hash": tensors_hash(tensors),
         }
         save_safetensors(path, tensors, meta)
 
@@ -310,6 +323,7 @@ class MultiTaskModel(nn.Module):
         """Add the tasks saved in a bundle; returns their names."""
         tensors, meta = load_safetensors(path)
         spec, infos = _check_bundle_meta(path, meta)
+        _check_bundle_hash(path, tensors, meta)
         if meta.get("backbone_hash") != self.backbone_hash:
             raise BundleError(
                 f"{path}: bundle belongs to backbone {meta.get('backbone_hash')}, this model's "

@@ -109,6 +109,8 @@ def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: i
     if not 0.0 <= test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}; "
                           "set it to e.g. 0.2")
+    if not str(path).strip():
+        raise XbmError("folder: needs a path, e.g. --dataset folder:./my_images")
     root = Path(path).expanduser()
     try:
         return _load(root, image_size, channels, test_fraction, seed)
@@ -138,13 +140,27 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
         if extra:
             raise XbmError(f"{root / 'test'}: classes {extra} are not in {root / 'train'}; "
                            "add them to train/ or remove them from test/")
+        _need_two(root / "train", classes)
         train_x, train_y = _load_split(root / "train", classes, mode, image_size)
         test_x, test_y = _load_split(root / "test", classes, mode, image_size)
+        if test_y.numel() == 0:
+            raise XbmError(f"{root / 'test'}: no test images; add images to test/<class>/ or "
+                           "remove test/ to split the training images")
         return TaskData(name, train_x, train_y, test_x, test_y, classes)
     classes = [p.name for p in _class_dirs(root)]
     if not classes:
         raise DatasetNotFoundError(f"{root}: no class sub-folders; {_LAYOUT_HINT}")
+    _need_two(root, classes)
     x, y = _load_split(root, classes, mode, image_size)
     n_test = round(y.numel() * test_fraction)
     test_idx, train_idx = stratified_pick(y, n_test, seed, keep_one=True)
+    if test_idx.numel() == 0:
+        raise XbmError(f"{root}: {y.numel()} images leave no test images at test_fraction "
+                       f"{test_fraction}; add images, or a train/ and test/ split")
     return TaskData(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)
+
+
+def _need_two(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise XbmError(f"{root}: only one class folder ({classes[0]!r}); a classification task "
+                       "needs at least 2, one sub-folder per class")

@@ -161,6 +161,13 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from xbm.hardware import cost as C
+    from xbm.io import check_output
+
+    if args.plot:
+        check_output(args.plot, "dir", "--plot")
+        if args.results and not Path(args.results).is_file():
+            raise XbmError(f"--results {args.results}: no such file; pass the demo's "
+                           "results.json")
 
     if args.dump_preset:
         from xbm.hardware.energy import get_preset
@@ -230,11 +237,11 @@ def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Pat
     from xbm.report import plots
 
     out = Path(args.plot)
-    written = [plots.plot_energy_breakdown(report, out / "energy_breakdown.png")]
     results = Path(args.results) if args.results else (
         DEFAULT_RESULTS if DEFAULT_RESULTS.is_file() else None)
-    if results is not None:
-        data = plots.load_results(results)
+    data = plots.load_results(results) if results is not None else None  # fails before writing
+    written = [plots.plot_energy_breakdown(report, out / "energy_breakdown.png")]
+    if data is not None:
         written.append(plots.plot_accuracy_vs_mask(data, out / "accuracy_vs_mask_memory.png"))
         written.append(plots.plot_accuracy_vs_energy(data, out / "accuracy_vs_adaption_energy.png",
                                                      preset))

@@ -140,17 +140,18 @@ def _print(rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 # -- sweep -----------------------------------------------------------------------------------
 def _sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone
+    from xbm.cli import _backbone, _check_spec_flags
     from xbm.data import load_dataset
-    from xbm.hardware import CrossbarSpec
     from xbm.hardware.faults import FaultMap, fault_aware
-    from xbm.io import load_safetensors
-    from xbm.multitask import MultiTaskModel
+    from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import evaluate_task, resolve_device
 
     device = resolve_device(args.device)
-    _, meta = load_safetensors(args.bundle)
-    spec = CrossbarSpec.from_dict(meta["spec"])
+    meta, spec, infos = read_bundle_meta(args.bundle)  # cheap checks before the backbone
+    _check_spec_flags(args, spec, args.bundle)
+    if args.task and args.task not in {t.name for t in infos}:
+        raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
+                       f"{', '.join(t.name for t in infos) or 'no tasks'}")
     backbone, bmeta = _backbone(args, device, meta)
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
     names = mtm.load_bundle(args.bundle)
@@ -334,6 +335,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if xdist.launched():
         raise XbmError("xbm simulate is not data-parallel: run it as one process, without "
                        "torchrun / scripts/distributed.sh")
+    from xbm.io import check_output
+
+    for flag, path, kind in (("--json-out", args.json_out, "file"), ("--plot", args.plot, "dir"),
+                             ("--out", getattr(args, "out", None), "file"),
+                             ("--save-fault-map", getattr(args, "save_fault_map", None), "file")):
+        if path:  # checked before the sweep, not after it
+            check_output(path, kind, flag)
     if args.fault_aware:
         res = _fault_aware(args)
     elif args.bundle:

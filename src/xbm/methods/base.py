@@ -8,6 +8,7 @@ registers both by name. The CLI choices, the docs table and the test matrix all 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -42,12 +43,19 @@ class MethodConfig:
     """Adam weight decay (0 in Piggyback and KSM)."""
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         for f in ("lr", "head_lr"):
             v = getattr(self, f)
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise ConfigError(f"{type(self).__name__}.{f} must be > 0, got {v!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{type(self).__name__}.weight_decay must be >= 0")
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)
+                                           and v > 0):
+                raise ConfigError(f"{name}.{f} must be > 0, got {v!r}")
+        if isinstance(self.weight_decay, bool) or not (
+                isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"{name}.weight_decay must be a number >= 0, got "
+                              f"{self.weight_decay!r}")
+        if not isinstance(self.per_task_bn, bool):
+            raise ConfigError(f"{name}.per_task_bn must be true or false, got "
+                              f"{self.per_task_bn!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

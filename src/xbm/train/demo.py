@@ -22,7 +22,7 @@ from xbm.config import from_fields
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
-from xbm.io import write_json_atomic
+from xbm.io import check_output, write_json_atomic
 from xbm.methods import get_method_class
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
@@ -75,6 +75,35 @@ class DemoConfig:
     data_root: str | None = None
     method_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Types and ranges, so a bad YAML value fails in a second rather than as a traceback
+        or minutes into the run. (Names are checked where they are looked up: the methods,
+        benchmark, presets and pretraining recipe all fail before any training.)"""
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if not isinstance(self.methods, list) or not self.methods or \
+                not all(isinstance(m, str) for m in self.methods):
+            raise ConfigError(f"demo methods must be a non-empty list of method names, e.g. "
+                              f"[xbm, piggyback]; got {self.methods!r}")
+        dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dup:
+            raise ConfigError(f"demo methods lists {', '.join(dup)} twice; list each once")
+        for f in ("epochs", "batch_size", "eval_batch_size", "pretrain_epochs",
+                  "pretrain_batch_size"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"demo {f} must be an integer >= 1, got {v!r}")
+        for f in ("width", "train_subset", "test_subset", "pretrain_subset", "rows", "cols",
+                  "weight_bits", "cell_bits"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"demo {f} must be an integer >= 1 (or left out), got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"demo seed must be an integer, got {self.seed!r}")
+        from xbm.hardware.energy import get_preset
+
+        get_preset(self.energy)
+
     def width_for(self, device: torch.device) -> int:
         """The backbone width this config runs at on ``device``."""
         return self.width if self.width is not None else default_width(device)
@@ -109,7 +138,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     """Run the main job and write ``out_dir/results.json``; returns the results object."""
     from xbm.data import get_benchmark, load_dataset
 
-    # fail fast on unknown names and bad method configs, before minutes of training
+    # fail fast on unknown names, bad method configs and an unwritable output, before minutes
+    # of training
+    check_output(out_dir, "dir", "--out")
     for m in cfg.methods:
         get_method_class(m)
     if not isinstance(cfg.method_configs, dict):

@@ -57,6 +57,9 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise XbmError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise XbmError(f"device {device!r} is not supported (xbm runs on cpu and cuda); use "
+                       "--device cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise XbmError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev

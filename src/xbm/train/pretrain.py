@@ -6,6 +6,7 @@ base task and caches it; the cache key holds everything that changes the weights
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -90,6 +91,19 @@ class PretrainConfig:
         from xbm.data.augment import get_augment
 
         get_augment(self.augment)  # an unknown name fails here, before any cache lookup
+        for f in ("epochs", "batch_size", "width", "image_size"):
+            v = getattr(self, f)
+            if f == "width" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"pretraining {f} must be an integer >= 1, got {v!r}")
+        for f in ("train_subset", "test_subset"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"pretraining {f} must be an integer >= 1 (leave it out for "
+                                  f"the whole split), got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"pretraining lr must be a number > 0, got {self.lr!r}")
         if not self.mixup >= 0:
             raise ConfigError(f"PretrainConfig.mixup must be >= 0 (0 = off), got {self.mixup!r}")
         if self.precision not in PRECISIONS:
