@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,24 @@ from xbm.errors import ConfigError, XbmError
 from xbm.hardware.simulate import BACKENDS
 
 
-def _floats(s: str) -> list[float]:
+def _floats(s: str, flag: str = "", lo: float = 0.0, hi: float = math.inf) -> list[float]:
+    """A comma list of numbers in [lo, hi]; an empty entry is an error, not skipped."""
+    items = s.split(",")
     try:
-        return [float(v) for v in s.split(",") if v.strip()]
+        out = [float(v) for v in items]
     except ValueError:
-        raise ConfigError(f"expected a comma list of numbers, got {s!r}") from None
+        raise ConfigError(f"{flag} expected a comma list of numbers, got {s!r}") from None
+    bad = [v for v in out if not (lo <= v <= hi)]
+    if bad:
+        raise ConfigError(f"{flag} values must lie in [{lo:g}, {hi:g}], got {bad[0]:g}")
+    return out
 
 
-def _ints(s: str) -> list[int]:
+def _ints(s: str, flag: str = "") -> list[int]:
     try:
-        return [int(v) for v in s.split(",") if v.strip()]
+        return [int(v) for v in s.split(",")]
     except ValueError:
-        raise ConfigError(f"expected a comma list of integers, got {s!r}") from None
+        raise ConfigError(f"{flag} expected a comma list of integers, got {s!r}") from None
 
 
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
@@ -156,8 +163,10 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
     names = mtm.load_bundle(args.bundle)
     tasks = [args.task] if args.task else names
-    adc_bits, rates, variations = _ints(args.adc_bits), _floats(args.fault_rates), \
-        _floats(args.variation)
+    adc_bits, rates, variations = _ints(args.adc_bits, "--adc-bits"), \
+        _floats(args.fault_rates, "--fault-rates", 0, 1), _floats(args.variation, "--variation")
+    if not 0 <= args.sa1_fraction <= 1:
+        raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
     fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
     maps = {r: (fixed_map if fixed_map is not None else
@@ -246,7 +255,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
                      "train_seconds": timings[task]})
     adc_rows = []
     clean_ideal = rows[0]["ideal_clean"]
-    for b in _ints(args.adc_bits):
+    for b in _ints(args.adc_bits, "--adc-bits"):
         res = evaluate_faithful(mtm, "unaware", _sim_config(args, b, 0.0), test_loader, device,
                                 calib)
         adc_rows.append({"task": "unaware", "adc_bits": b, **res,
