@@ -82,10 +82,11 @@ class PretrainConfig:
     """Test images for the reported accuracy (does not change the weights, so not in the key)."""
     precision: str = "fp32"
     """``fp32`` or ``bf16``: run the forward and loss under bfloat16 autocast (weights and
-    optimizer stay float32, and the saved backbone is float32). Opt-in: on a CPU with AMX it
-    took 0.48x the step time of fp32 (docs/benchmarks.md, "Pretraining in bfloat16"), but
-    without native bf16 units it is slower, and its backbone differs from the fp32 one, so it
-    is part of the cache key. On CUDA it is the usual mixed-precision training."""
+    optimizer stay float32, and the saved backbone is float32). Opt-in: on a CPU with AMX a step
+    took 0.48-0.54x the time of an fp32 one and the mask methods' accuracy was unchanged over
+    three seeds (docs/benchmarks.md, "Pretraining in bfloat16"), but without native bf16 units
+    it is slower, and its backbone differs from the fp32 one, so it is part of the cache key.
+    On CUDA it is the usual mixed-precision training."""
 
     def __post_init__(self) -> None:
         from xbm.data.augment import get_augment
