@@ -7,9 +7,9 @@ round-robin, so machine noise hits both alike. The median of ``--reps`` rounds i
 
     .venv/bin/python benchmarks/bench_pretrain.py [--width 16] [--batch 128] [--reps 20]
 
-``--bf16`` adds a channels-last step under bfloat16 autocast, for reference only: pretraining
-does not use it (its speed depends on the CPU having AMX/AVX512-BF16, and its backbone would
-differ from machine to machine).
+``--bf16`` adds a channels-last step under bfloat16 autocast: what ``xbm pretrain --precision
+bf16`` runs. It is opt-in, not the default, because its speed depends on the CPU having
+AMX/AVX512-BF16 and its backbone differs from the fp32 one.
 """
 
 from __future__ import annotations
