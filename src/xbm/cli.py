@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
-        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--seed", type=int, default=0,
+                        help="default 0. pretrain: the backbone's seed; adapt and simulate: "
+                        "subsets and training, on the seed-0 default backbone unless "
+                        "--backbone; eval: test subsets are always drawn with seed 0")
         sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -339,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (results.json)")
     d.add_argument("--config", help="YAML file of demo fields (CLI flags override it)")
     d.add_argument("--methods", help=f"comma list from: {', '.join(list_methods())}")
-    d.add_argument("--benchmark")
-    d.add_argument("--epochs", type=int)
+    d.add_argument("--benchmark", help="task set (default mnist-family: Fashion-MNIST base; "
+                   "MNIST, Animal-MNIST, letters)")
+    d.add_argument("--epochs", type=int, help="adaption epochs per task (default 1)")
     d.add_argument("--pretrain-epochs", type=int,
                    help=f"backbone pretraining epochs (default {PretrainConfig.epochs})")
     d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
@@ -351,14 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-precision", choices=list(PRECISIONS),
                    help="backbone pretraining precision (default fp32; bf16 is faster on CPUs "
                    "with AMX and on GPUs, and gives another backbone)")
-    d.add_argument("--train-subset", type=int, help="training images per task")
-    d.add_argument("--test-subset", type=int, help="test images per task")
+    d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
+    d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
     d.add_argument("--width", type=int, help=WIDTH_HELP)
-    d.add_argument("--rows", type=int)
-    d.add_argument("--cols", type=int)
-    d.add_argument("--device")
-    d.add_argument("--seed", type=int)
+    d.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
+    d.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
+    d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")
+    d.add_argument("--seed", type=int, help="seed of the backbone, the subsets and the masks "
+                   "(default 0; each seed pretrains its own backbone)")
     d.add_argument("--data-root")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -367,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--model", default="resnet18_cifar")
     pt.add_argument("--width", type=int, help=WIDTH_HELP)
     pt.add_argument("--dataset", default="fashion-mnist")
-    pt.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
-    pt.add_argument("--batch-size", type=int, default=128)
-    pt.add_argument("--lr", type=float, default=2e-3)
-    pt.add_argument("--train-subset", type=int)
+    pt.add_argument("--epochs", type=int, default=PretrainConfig.epochs,
+                    help="default: %(default)s")
+    pt.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
+    pt.add_argument("--lr", type=float, default=2e-3, help="Adam, cosine (default: %(default)g)")
+    pt.add_argument("--train-subset", type=int, help="seeded subset of the training images "
+                    "(default: all)")
     pt.add_argument("--augment", default=PretrainConfig.augment, choices=list(AUGMENTATIONS),
                     help="random affine augmentation of the base task (default: %(default)s; "
                     "'affine' does not mirror, for classes that are not mirror-symmetric)")

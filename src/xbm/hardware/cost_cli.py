@@ -30,10 +30,18 @@ def _kv(values: list[str] | None, flag: str) -> dict[str, float]:
         name, sep, v = item.partition("=")
         if not sep or not name:
             raise ConfigError(f"{flag} takes METHOD=FRACTION, got {item!r}")
+        from xbm.methods import METHODS
+
+        name = name.strip()
+        if name not in METHODS:
+            raise ConfigError(f"{flag} {name}: unknown method; choose one of "
+                              f"{', '.join(METHODS)}")
         try:
-            out[name.strip()] = float(v)
+            out[name] = float(v)
         except ValueError:
             raise ConfigError(f"{flag} {name}: {v!r} is not a number") from None
+        if not 0 <= out[name] <= 1:
+            raise ConfigError(f"{flag} {name}: a fraction must lie in [0, 1], got {v}")
     return out
 
 
