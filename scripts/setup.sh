@@ -8,6 +8,8 @@
 # then the project with a torch *range*, so pip never swaps in a multi-GB CUDA build. Where a
 # torch >= 2.4 is already importable (e.g. a GPU machine's 2.11 + CUDA), it is kept: the venv sees
 # the system site-packages. Set PYTHON=... to pick the interpreter, XBM_VENV=... the venv folder.
+# On a machine whose pip finds only stock PyPI (where torch==2.13.0 is the CUDA build), set
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to get the CPU wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +35,7 @@ PYCODE
   say "keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 else
   say "installing torch==2.13.0 (CPU wheel)"
-  "${PIP[@]}" torch==2.13.0
+  "${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 fi
 
 say "installing xbm$EXTRAS"
