@@ -129,18 +129,10 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
             architecture or content.
         ConfigError: an explicit spec flag contradicts the spec the bundle was learned on.
     """
-    from xbm.hardware.spec import CrossbarSpec
-    from xbm.io import load_safetensors
-    from xbm.multitask import BUNDLE_FORMAT, MultiTaskModel
+    from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train.pretrain import load_backbone
 
-    _, meta = load_safetensors(bundle)
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{bundle}: not an xbm task bundle (format {meta.get('format')!r})")
-    try:
-        spec = CrossbarSpec.from_dict(meta["spec"])
-    except (XbmError, TypeError, KeyError) as exc:
-        raise BundleError(f"{bundle}: bundle has an unreadable crossbar spec ({exc})") from None
+    meta, spec, _ = read_bundle_meta(bundle)
     if args is not None:
         for k, v in _explicit_spec(args).items():
             if getattr(spec, k) != v:
