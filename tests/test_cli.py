@@ -398,3 +398,31 @@ def test_image_folder_needs_two_classes_and_a_test_split(tmp_path):
         img(tmp_path / "tiny" / c / "0.png")
     with pytest.raises(XbmError, match="leave no test images"):
         load_image_folder(tmp_path / "tiny")
+
+
+@needs_data
+def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
+    """No --backbone, no --width: the cached backbone with the bundle's content hash is used,
+    whatever its width, and the accuracy printed is the task's."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "width": 4}
+    backbone = create_model("small_cnn", num_classes=3, in_channels=1, width=4)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    (tmp_path / "cache" / "backbones").mkdir(parents=True)
+    save_safetensors(tmp_path / "cache" / "backbones" / "any-name.safetensors", state,
+                     {"format": "xbm-backbone/1", "arch": arch, "dataset": "x", "accuracy": 0.0,
+                      "content_hash": tensors_hash(state)})
+    mtm = MultiTaskModel(backbone, CrossbarSpec(rows=16, cols=16), arch=arch)
+    mtm.add_task("t", 10, "xbm", dataset="animal-mnist")
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--json",
+                 "--device", "cpu", "--no-progress"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100

@@ -64,7 +64,8 @@ def spec_from_args(args: argparse.Namespace):
 
 
 WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
-WIDTH_HELP_BUNDLE = "backbone width (default: an existing --bundle's, else 16 on CPU, 64 on CUDA)"
+WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); unused with an existing "
+                     "--bundle, whose backbone is found by its hash")
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -142,10 +143,13 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
     if args.backbone:
         model, meta = load_backbone(args.backbone)
         return model, meta
-    if bundle_meta is not None and bundle_meta.get("backbone_hash"):
+    if bundle_meta is not None:
         from xbm.errors import BundleError
         from xbm.hardware.cost_cli import _find_cached_backbone
 
+        if not bundle_meta.get("backbone_hash"):
+            raise BundleError(f"{args.bundle}: bundle records no backbone hash; it is corrupt, "
+                              "re-create it with xbm adapt")
         found = _find_cached_backbone(str(bundle_meta["backbone_hash"]))
         if found is None:
             raise BundleError(
@@ -417,9 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bundle", required=True)
     ev.add_argument("--task")
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
-    ev.add_argument("--backbone")
-    ev.add_argument("--model", default="resnet18_cifar")
-    ev.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
+    ev.add_argument("--backbone", help="backbone .safetensors (default: the cached one whose "
+                    "hash the bundle records)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--test-subset", type=int)
     ev.add_argument("--json", action="store_true")
