@@ -334,6 +334,11 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
      "already exists; pass --bundle"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--device", "mps"], "not supported"),
     (["adapt", "--dataset", "folder:", "--method", "xbm"], "folder: needs a path"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--epochs", "0"],
+     "--epochs must be >= 1"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--method-config", "{tmp}/binary"],
+     "is not UTF-8 text"),
+    (["demo", "--config", "{tmp}", "--out", "{tmp}/o"], "is a folder"),
     (["cost", "--model", "small_cnn", "--plot", "{tmp}/file"], "is an existing file"),
 ])
 def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, capsys,
@@ -342,6 +347,7 @@ def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, cap
     traceback at the very end, after all the work."""
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
     (tmp_path / "file").write_text("not a bundle")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00bad")
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--no-progress"] *
               (argv[0] != "cost"))
     assert rc == 2 and needle in _one_line_error(capsys)

@@ -219,6 +219,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         value = _parse_value(v)
         method_cfg[k.strip().replace("-", "_")] = value
     cls.config_class.from_dict(method_cfg)  # validate before training
+    for f in ("epochs", "batch_size", "train_subset", "test_subset"):
+        v = getattr(args, f)
+        if v is not None and v < 1:
+            raise XbmError(f"--{f.replace('_', '-')} must be >= 1, got {v}")
     device = resolve_device(args.device)
     # Everything cheap is checked before the backbone, which may need minutes of pretraining:
     # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.

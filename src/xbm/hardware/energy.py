@@ -517,7 +517,10 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
     if not p.is_file():
         raise ConfigError(f"energy preset file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"energy preset file {path} is not UTF-8 text; save it as UTF-8 "
+                          "YAML") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"energy preset file {path} is not valid YAML "
                           f"({exc.__class__.__name__})") from None

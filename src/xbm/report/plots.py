@@ -77,7 +77,10 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise XbmError(f"results file {path} does not exist; run `xbm demo` or pass --results")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise XbmError(f"results file {path} is not UTF-8 text; is it a demo results.json?"
+                       ) from None
     except json.JSONDecodeError as exc:
         raise XbmError(f"results file {path} is not valid JSON ({exc.msg})") from None
     runs = data.get("runs") if isinstance(data, dict) else None
