@@ -118,25 +118,16 @@ def test_default_width_by_device():
     assert default_width(torch.device("cuda")) == GPU_WIDTH == 64
 
 
-def test_default_width_follows_an_existing_bundle(tmp_path):
-    """A bundle made at one width finds its backbone at that width on any device."""
+def test_default_width_is_the_flag_or_the_devices():
+    """Commands without a bundle share one default backbone per machine; a bundle's own backbone
+    is found by hash whatever its width (test_eval_finds_the_bundles_backbone_by_hash)."""
     import argparse
 
     from xbm.cli import _width
-    from xbm.hardware import get_spec
-    from xbm.models import create_model
-    from xbm.multitask import MultiTaskModel
 
-    bb = create_model("resnet18_cifar", num_classes=10, in_channels=1, width=8)
-    mtm = MultiTaskModel(bb, get_spec(), arch={"name": "resnet18_cifar", "num_classes": 10,
-                                                "in_channels": 1, "width": 8})
-    mtm.add_task("t", 3, "xbm")
-    path = tmp_path / "b.safetensors"
-    mtm.save_bundle(path)
     cuda = torch.device("cuda")
-    assert _width(argparse.Namespace(width=None, bundle=str(path)), cuda) == 8
-    assert _width(argparse.Namespace(width=32, bundle=str(path)), cuda) == 32
-    assert _width(argparse.Namespace(width=None, bundle=None), cuda) == 64
+    assert _width(argparse.Namespace(width=32), cuda) == 32
+    assert _width(argparse.Namespace(width=None), cuda) == 64
     assert _width(argparse.Namespace(width=None), torch.device("cpu")) == 16
 
 

@@ -115,22 +115,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 # -- adapt / eval ----------------------------------------------------------------------------
-def _width(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None) -> int:
-    """``--width``; else the width of the backbone an existing ``--bundle`` was trained on (so a
-    bundle made on a CPU finds its backbone on a GPU machine, whose default width differs);
-    else the device's default. ``bundle_meta``: the bundle's metadata, if already read."""
+def _width(args: argparse.Namespace, device) -> int:
+    """``--width``, else the device's default: one rule for ``demo``, ``pretrain`` and ``adapt``,
+    so their default backbone is the same cached one on a given machine. (A command on an
+    existing bundle finds the bundle's own backbone by its hash instead: ``_backbone``.)"""
     from xbm.train.pretrain import default_width
 
     if getattr(args, "width", None) is not None:
         return int(args.width)
-    bundle = getattr(args, "bundle", None)
-    if bundle_meta is None and bundle and Path(bundle).is_file():
-        from xbm.io import load_safetensors
-
-        bundle_meta = load_safetensors(bundle)[1]
-    arch = (bundle_meta or {}).get("arch")
-    if isinstance(arch, dict) and isinstance(arch.get("width"), int):
-        return arch["width"]
     return default_width(device)
 
 
@@ -157,7 +149,7 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
                 f"{bundle_meta['backbone_hash']}; pass the backbone it was learned on with "
                 "--backbone PATH (or re-create it with the same xbm pretrain command)")
         return load_backbone(found)
-    cfg = PretrainConfig(model=args.model, width=_width(args, device, bundle_meta))
+    cfg = PretrainConfig(model=args.model, width=_width(args, device))
     model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
     return model, meta
 
