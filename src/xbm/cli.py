@@ -170,14 +170,16 @@ def _parse_value(v: str) -> Any:
     return v if out is None else out
 
 
-def _check_spec_flags(args: argparse.Namespace, spec, bundle: str) -> None:
-    """A spec flag given with an existing bundle must agree with the bundle's spec."""
+def _check_spec_flags(args: argparse.Namespace, spec, bundle: str, extra: tuple[str, ...] = (),
+                      check_preset: bool = True) -> None:
+    """A spec flag given with an existing bundle must agree with the bundle's spec (``extra``:
+    more spec fields that the command has flags for)."""
     from xbm.errors import ConfigError
 
-    if getattr(args, "preset", "default") != "default":
+    if check_preset and getattr(args, "preset", "default") != "default":
         raise ConfigError(f"--preset {args.preset} contradicts the bundle {bundle}, which fixes "
                           "the crossbar spec; drop the flag")
-    for k in ("rows", "cols", "weight_bits", "cell_bits"):
+    for k in ("rows", "cols", "weight_bits", "cell_bits", *extra):
         v = getattr(args, k, None)
         if v is not None and getattr(spec, k) != v:
             raise ConfigError(f"--{k.replace('_', '-')} {v} contradicts the bundle {bundle}, which "

@@ -133,11 +133,10 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
     from xbm.train.pretrain import load_backbone
 
     meta, spec, _ = read_bundle_meta(bundle)
-    if args is not None:
-        for k, v in _explicit_spec(args).items():
-            if getattr(spec, k) != v:
-                raise ConfigError(f"--{k.replace('_', '-')} {v} contradicts the bundle, which was "
-                                  f"learned with {k}={getattr(spec, k)}; drop the flag")
+    if args is not None:  # cost's --preset names the model-mode spec, so it is not checked
+        from xbm.cli import _check_spec_flags
+
+        _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC, check_preset=False)
     path = backbone
     if path is None:
         found = _find_cached_backbone(str(meta.get("backbone_hash")))
