@@ -172,12 +172,16 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     runs: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     mapping = None
+    base_acc: float | None = None
     for method in cfg.methods:
         seed_everything(cfg.seed)
         mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
         mapping = mapping or mtm.mapping().to_dict()
         before = {k: v.clone() for k, v in mtm.backbone_state().items()}
-        base_acc = evaluate(mtm, base_test, device)
+        if base_acc is None:  # every method starts from a copy of the same backbone, and the
+            # base task reads only the backbone: one evaluation serves all (each method's final
+            # base evaluation, the check, stays its own)
+            base_acc = evaluate(mtm, base_test, device)
         after_train: dict[str, float] = {}
         per_task: dict[str, dict[str, Any]] = {}
         for d in tasks:
