@@ -423,3 +423,11 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
                  "--device", "cpu", "--no-progress"]) == 0
     (rec,) = json.loads(capsys.readouterr().out)
     assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["map", "--model", "resnet50", "--rows", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("xbm: error: argument --rows: invalid int value: 'x'; see `xbm map --help`")

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from xbm.errors import XbmError
 
@@ -323,12 +323,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (as every other xbm error) instead of the whole
+    usage block, naming the sub-command's --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"xbm: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xbm.data.augment import AUGMENTATIONS
     from xbm.methods import list_methods
     from xbm.train.pretrain import PRECISIONS, PretrainConfig
 
-    p = argparse.ArgumentParser(prog="xbm", description=__doc__.splitlines()[0])
+    p = _Parser(prog="xbm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
