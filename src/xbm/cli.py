@@ -80,8 +80,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
-    if isinstance(fields.get("methods"), str):
-        fields["methods"] = [m.strip() for m in fields["methods"].split(",") if m.strip()]
     cfg = DemoConfig.from_dict(fields)
     results = run_demo(cfg, args.out, progress=not args.no_progress)
     print()

@@ -44,8 +44,8 @@ class TaskInfo:
 def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, list[TaskInfo]]:
     """A task bundle's metadata, crossbar spec and task records, checked without a backbone.
 
-    Cheap (the tensors are read but not used), so commands call it before any pretraining:
-    a corrupt bundle then fails in a second, not after minutes of work.
+    Cheap (the tensors are read only to check the content hash), so commands call it before
+    any pretraining: a corrupt bundle then fails in a second, not after minutes of work.
 
     Raises:
         BundleError: unreadable file, not a bundle, or metadata that does not parse (spec,
