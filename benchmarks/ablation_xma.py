@@ -246,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the backbone's pretraining augmentation (as xbm demo)")
     p.add_argument("--pretrain-mixup", type=float, default=d.pretrain_mixup,
                    help="the backbone's pretraining mixup alpha (as xbm demo)")
+    p.add_argument("--pretrain-precision", default=d.pretrain_precision,
+                   choices=["auto", "fp32", "bf16"],
+                   help="the backbone's pretraining precision (as xbm demo; auto = bf16 on CPUs "
+                   "with native bf16 units)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = d.spec()
     d = dataclasses.replace(d, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
                             pretrain_augment=args.pretrain_augment,
-                            pretrain_mixup=args.pretrain_mixup)
+                            pretrain_mixup=args.pretrain_mixup,
+                            pretrain_precision=args.pretrain_precision)
     pcfg = d.pretrain_config(device)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,9 +73,9 @@ def test_unknown_name_lists_the_choices():
 
 
 def test_augmentation_is_part_of_the_cache_key():
-    plain = PretrainConfig(augment="none").cache_name()
+    plain = PretrainConfig(augment="none", precision="fp32").cache_name()
     assert "affine" not in plain  # backbones cached before augmentation keep their names
-    names = {PretrainConfig(augment=a).cache_name() for a in AUGMENTATIONS}
+    names = {PretrainConfig(augment=a, precision="fp32").cache_name() for a in AUGMENTATIONS}
     assert len(names) == len(AUGMENTATIONS)
 
 
@@ -110,8 +112,9 @@ def test_mixup_is_validated_keyed_and_used():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ConfigError, match="mixup must be >= 0"):
             PretrainConfig(mixup=bad)
-    assert "mixup" not in PretrainConfig(mixup=0).cache_name()
-    assert PretrainConfig().cache_name().endswith("-affine-flip-mixup0.4.safetensors")
+    fp32 = PretrainConfig(precision="fp32")
+    assert "mixup" not in dataclasses.replace(fp32, mixup=0).cache_name()
+    assert fp32.cache_name().endswith("-affine-flip-mixup0.4.safetensors")
     metas = {alpha: _tiny_pretrain_meta(mixup=alpha) for alpha in (0.0, 0.4)}
     assert [m["config"]["mixup"] for m in metas.values()] == [0.0, 0.4]
     assert metas[0.0]["content_hash"] != metas[0.4]["content_hash"]
@@ -120,7 +123,8 @@ def test_mixup_is_validated_keyed_and_used():
 def test_precision_is_validated_keyed_and_used():
     with pytest.raises(ConfigError, match="unknown pretraining precision 'fp16'"):
         PretrainConfig(precision="fp16")
-    assert PretrainConfig().cache_name() == PretrainConfig(precision="fp32").cache_name()
+    # fp32 backbones cached before precision existed keep their names
+    assert "fp32" not in PretrainConfig(precision="fp32").cache_name()
     assert PretrainConfig(precision="bf16").cache_name().endswith("-mixup0.4-bf16.safetensors")
     from xbm.train.pretrain import pretrain
 
@@ -136,3 +140,31 @@ def test_precision_is_validated_keyed_and_used():
     # mixed precision trains in bf16 but keeps (and saves) float32 weights
     assert {t.dtype for t in out["bf16"][0].state_dict().values() if t.is_floating_point()} \
         == {torch.float32}
+
+
+def test_auto_precision_resolves_per_device_before_the_cache_key(monkeypatch):
+    """``auto`` (the default) is bf16 only on a CPU with native bf16 units: elsewhere bf16 would
+    be slower, and the GPU figures are fp32. The cache key never holds ``auto``, which would
+    name different backbones on different machines."""
+    import xbm.train.pretrain as pt
+
+    cfg = PretrainConfig()
+    assert cfg.precision == "auto"
+    with pytest.raises(ValueError, match="for_device"):
+        cfg.cache_name()
+    assert isinstance(pt.native_bf16_cpu(), bool)  # the real probe runs on any torch
+    monkeypatch.setattr(pt, "native_bf16_cpu", lambda: True)
+    assert cfg.for_device("cpu").precision == "bf16"
+    assert cfg.for_device(torch.device("cuda")).precision == "fp32"
+    monkeypatch.setattr(pt, "native_bf16_cpu", lambda: False)
+    assert cfg.for_device("cpu").precision == "fp32"
+    assert cfg.for_device("cpu").cache_name() == PretrainConfig(precision="fp32").cache_name()
+    forced = PretrainConfig(precision="bf16")
+    assert forced.for_device("cpu") is forced  # an explicit choice is kept everywhere
+
+
+def test_auto_precision_is_resolved_in_the_saved_metadata(monkeypatch):
+    import xbm.train.pretrain as pt
+
+    monkeypatch.setattr(pt, "native_bf16_cpu", lambda: False)
+    assert _tiny_pretrain_meta()["config"]["precision"] == "fp32"

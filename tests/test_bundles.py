@@ -123,3 +123,27 @@ def test_backbone_file_round_trip_and_corruption(tmp_path):
     with pytest.raises(BundleError, match="hash|corrupt"):
         load_backbone(bad)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_cached_backbone_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    """A damaged cache entry is not pretrained over silently (minutes) nor loaded: the error names
+    the file to delete."""
+    from xbm.train.pretrain import get_backbone
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
+                         train_subset=128)
+    try:
+        _, _, path = get_backbone(cfg, torch.device("cpu"), progress=False, log=lambda *a: None)
+    except DatasetNotFoundError as exc:
+        pytest.skip(str(exc))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"cached backbone is unusable: .*hash.*Delete .*"
+                       + path.name):
+        get_backbone(cfg, torch.device("cpu"), progress=False, log=lambda *a: None)
+    # a backbone the user names keeps the plain message (it is theirs, not the cache's)
+    with pytest.raises(BundleError, match="content hash mismatch") as exc:
+        get_backbone(cfg, torch.device("cpu"), progress=False, log=lambda *a: None, path=path)
+    assert "Delete" not in str(exc.value)

@@ -47,7 +47,13 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     # the default pretraining recipe is recorded with the backbone and named in its cache file
     assert res["backbone"]["augment"] == res["config"]["pretrain_augment"] == "affine-flip"
     assert res["backbone"]["mixup"] == res["config"]["pretrain_mixup"] == 0.4
-    assert res["backbone"]["path"].endswith("-affine-flip-mixup0.4.safetensors")
+    # the precision as resolved for this machine (auto: bf16 only with native bf16 units)
+    from xbm.train.pretrain import default_precision
+
+    prec = default_precision("cpu")
+    assert res["backbone"]["precision"] == res["config"]["pretrain_precision"] == prec
+    suffix = "" if prec == "fp32" else f"-{prec}"
+    assert res["backbone"]["path"].endswith(f"-affine-flip-mixup0.4{suffix}.safetensors")
     for m in methods:
         assert m in printed
         assert res["checks"][m]["backbone_bit_identical"] is True
@@ -141,6 +147,17 @@ def test_map_json_totals(capsys):
         assert k in first
     assert main(["map", "--model", "resnet18_cifar"]) == 0
     assert "XBM mask" in capsys.readouterr().out
+
+
+def test_map_width_gives_the_demo_backbones_mapping(capsys):
+    """``--width 16`` maps the CPU demo's backbone: its XBM bits per task are the demo's."""
+    assert main(["map", "--model", "resnet18_cifar", "--width", "16", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    first = d["layers"][0]
+    assert (first["rows"], first["cols"]) == (9, 16)  # 3x3 conv on 1 channel, 16 filters
+    assert d["xbm_mask_bits"] == 11_120  # the CPU demo's 33,360 bits over 3 tasks, per task
+    assert main(["map", "--model", "resnet18_cifar", "--width", "0"]) == 2
+    assert "width must be a positive integer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -431,3 +448,40 @@ def test_usage_errors_are_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == ("xbm: error: argument --rows: invalid int value: 'x'; see `xbm map --help`")
+
+
+def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monkeypatch):
+    """``adapt --dataset imgs`` (relative) then ``eval`` from another directory: the bundle holds
+    the folder's absolute path, so eval reads the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+    from xbm.multitask import read_bundle_meta
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for i in range(6):
+            p = tmp_path / "work" / "imgs" / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(p)
+    torch.manual_seed(0)
+    arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "width": 4}
+    state = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
+    bb = tmp_path / "bb.safetensors"
+    save_safetensors(bb, state, {"format": "xbm-backbone/1", "arch": arch, "dataset": "x",
+                                 "accuracy": 0.0, "content_hash": tensors_hash(state)})
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["adapt", "--dataset", "imgs", "--method", "xbm", "--backbone", str(bb),
+                 "--rows", "16", "--cols", "16", "--batch-size", "4", "--out", "b.safetensors",
+                 "--device", "cpu", "--no-progress"]) == 0
+    bundle = tmp_path / "work" / "b.safetensors"
+    (record,) = read_bundle_meta(bundle)[2]
+    assert record.dataset == f"folder:{(tmp_path / 'work' / 'imgs').resolve()}"
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
+                 "--device", "cpu", "--no-progress"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert rec["dataset"] == record.dataset and 0 <= rec["accuracy"] <= 100

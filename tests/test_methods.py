@@ -196,6 +196,8 @@ def test_task_names_are_validated(tiny_mtm):
     tiny_mtm.add_task("ok", 3)
     with pytest.raises(XbmError, match="already exists"):
         tiny_mtm.add_task("ok", 3)
+    with pytest.raises(XbmError, match="'base' is reserved for the pretrained backbone"):
+        tiny_mtm.add_task("base", 3)
     with pytest.raises(XbmError, match="unknown task"):
         tiny_mtm.set_task("missing")
 

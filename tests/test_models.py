@@ -120,6 +120,48 @@ def test_resnet50_state_dict_keys_match_torchvision_layout():
     assert not any(k.startswith("layer1.1.downsample") for k in keys)
 
 
+def _torchvision_resnet50_shapes() -> dict[str, tuple[int, ...]]:
+    """torchvision's ResNet-50 state dict (v1.5: stride on the 3x3 conv), key -> shape, written
+    out from the architecture (He et al. 2016, table 1: bottleneck blocks [3, 4, 6, 3], width
+    64 * 2^i, expansion 4) independently of xbm's model code, so a renamed or reshaped
+    parameter fails here even where the key count still matches."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def bn(prefix: str, c: int) -> None:
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{prefix}.{k}"] = (c,)
+        out[f"{prefix}.num_batches_tracked"] = ()
+
+    out["conv1.weight"] = (64, 3, 7, 7)
+    bn("bn1", 64)
+    inplanes = 64
+    for i, blocks in enumerate((3, 4, 6, 3)):
+        planes = 64 * 2 ** i
+        for b in range(blocks):
+            pre = f"layer{i + 1}.{b}"
+            out[f"{pre}.conv1.weight"] = (planes, inplanes, 1, 1)
+            bn(f"{pre}.bn1", planes)
+            out[f"{pre}.conv2.weight"] = (planes, planes, 3, 3)
+            bn(f"{pre}.bn2", planes)
+            out[f"{pre}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            bn(f"{pre}.bn3", planes * 4)
+            if b == 0:
+                out[f"{pre}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{pre}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    out["fc.weight"] = (1000, 2048)
+    out["fc.bias"] = (1000,)
+    return out
+
+
+def test_resnet50_state_dict_matches_torchvision_key_for_key():
+    with torch.device("meta"):
+        state = create_model("resnet50").state_dict()
+    expected = _torchvision_resnet50_shapes()
+    assert list(state) == list(expected)  # same keys, in torchvision's order
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+
+
 def test_resnet50_stride_on_3x3_conv():
     with torch.device("meta"):
         block = create_model("resnet50").layer2[0]

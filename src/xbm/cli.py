@@ -98,7 +98,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed, train_subset=args.train_subset, augment=args.augment,
-                         mixup=args.mixup, precision=args.precision)
+                         mixup=args.mixup, precision=args.precision).for_device(device)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
     from xbm.io import check_output
 
@@ -196,7 +196,7 @@ def _check_bundle_out(out: str, bundle: str | None) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from xbm.data import load_dataset
+    from xbm.data import dataset_reference, load_dataset
     from xbm.methods import get_method_class
     from xbm.multitask import MultiTaskModel
     from xbm.train import distributed as xdist
@@ -243,7 +243,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"]).to(device)
     if args.bundle and Path(args.bundle).exists():
         mtm.load_bundle(args.bundle)
-    mtm.add_task(task, data.num_classes, args.method, method_cfg, dataset=args.dataset)
+    # an image folder is recorded by its absolute path, so eval finds it from anywhere
+    mtm.add_task(task, data.num_classes, args.method, method_cfg,
+                 dataset=dataset_reference(args.dataset))
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
                                              test_batch_size=max(args.batch_size, 256))
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
@@ -301,7 +303,8 @@ def cmd_map(args: argparse.Namespace) -> int:
     from xbm.models import create_model
 
     spec = spec_from_args(args)
-    kw = {} if args.in_channels is None else {"in_channels": args.in_channels}
+    kw = {k: v for k, v in (("in_channels", args.in_channels), ("width", args.width))
+          if v is not None}
     with torch.device("meta"):
         model = create_model(args.model, **kw)
     report = map_model(model, spec)
@@ -361,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone pretraining mixup alpha, 0 = off "
                    f"(default {PretrainConfig.mixup:g})")
     d.add_argument("--pretrain-precision", choices=list(PRECISIONS),
-                   help="backbone pretraining precision (default fp32; bf16 is faster on CPUs "
-                   "with AMX and on GPUs, and gives another backbone)")
+                   help="backbone pretraining precision (default auto: bf16 on CPUs with "
+                   "native bf16 units, where it takes about half the time, else fp32; each "
+                   "gives its own backbone)")
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -393,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mixup alpha while pretraining, 0 = off (default: %(default)g)")
     pt.add_argument("--precision", default=PretrainConfig.precision, choices=list(PRECISIONS),
                     help="bf16 runs forward and loss under bfloat16 autocast: faster on CPUs "
-                    "with AMX and on GPUs, slower elsewhere; a separate cached backbone "
+                    "with AMX or AVX512-BF16 and on GPUs, slower elsewhere; a separate cached "
+                    "backbone. auto = bf16 on such CPUs, fp32 otherwise and on CUDA "
                     "(default: %(default)s)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     common(pt)
@@ -434,8 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     mp = sub.add_parser("map", help="per-layer crossbar mapping report of a registered model")
-    mp.add_argument("--model", required=True)
-    mp.add_argument("--in-channels", type=int)
+    mp.add_argument("--model", required=True, help="a registered model, e.g. resnet18_cifar "
+                    "(the demo's backbone) or resnet50")
+    mp.add_argument("--width", type=int, help="base width of models that take one (default: the "
+                    "model's own; the demo's backbone is 16 on CPU, 64 on CUDA)")
+    mp.add_argument("--in-channels", type=int, help="input channels (default: the model's own)")
     mp.add_argument("--json", action="store_true")
     add_spec_args(mp)
     mp.set_defaults(func=cmd_map)

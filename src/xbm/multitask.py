@@ -136,7 +136,10 @@ class MultiTaskModel(nn.Module):
         """Add a task learned by ``method`` and make it active."""
         if not _TASK_NAME.match(name or ""):
             raise XbmError(f"task name {name!r} is invalid: use 1-64 letters, digits, '-' or '_'")
-        if name == BASE_TASK or name in self.tasks:
+        if name == BASE_TASK:
+            raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
+                           "task; pick another name (xbm adapt --task NAME)")
+        if name in self.tasks:
             raise XbmError(f"task {name!r} already exists; pick another name or remove it first")
         if num_classes < 1:
             raise XbmError(f"task {name!r} needs at least one class, got {num_classes}")

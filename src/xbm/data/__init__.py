@@ -22,7 +22,13 @@ from xbm.data.fixture import make_fixture_task
 from xbm.data.folder import IMAGE_EXTENSIONS, load_image_folder
 from xbm.data.idx import parse_idx, read_idx, write_idx
 from xbm.data.letters import LETTERS_CLASSES, LETTERS_FONTS, make_letters
-from xbm.data.registry import cache_dir, list_datasets, load_dataset, register_dataset
+from xbm.data.registry import (
+    cache_dir,
+    dataset_reference,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from xbm.data.splits import stratified_pick
 from xbm.data.task import MEAN, STD, BatchLoader, TaskData, normalise
 
@@ -41,6 +47,7 @@ __all__ = [
     "Benchmark",
     "TaskData",
     "cache_dir",
+    "dataset_reference",
     "get_benchmark",
     "list_datasets",
     "load_animal_mnist",

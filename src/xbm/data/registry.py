@@ -51,6 +51,18 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xbm"
 
 
+def dataset_reference(name: str) -> str:
+    """How a bundle records the dataset ``name`` names: an image folder as ``folder:`` plus its
+    absolute path, so that ``xbm eval`` finds it from any working directory; a registered name
+    as it is."""
+    if name.startswith(FOLDER_PREFIX):
+        path = name[len(FOLDER_PREFIX):]
+        return FOLDER_PREFIX + str(Path(path).expanduser().resolve()) if path.strip() else name
+    if name not in _REGISTRY and os.path.isdir(name):
+        return FOLDER_PREFIX + str(Path(name).expanduser().resolve())
+    return name
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
     """Load a dataset by name into memory.
 

@@ -62,7 +62,8 @@ class DemoConfig:
     pretrain_mixup: float = PretrainConfig.mixup
     """Pretraining mixup α, 0 = off (``PretrainConfig.mixup``; part of the cache key)."""
     pretrain_precision: str = PretrainConfig.precision
-    """``fp32`` or ``bf16`` (``PretrainConfig.precision``; part of the cache key)."""
+    """``auto`` (bf16 on CPUs with native bf16 units, else fp32), ``fp32`` or ``bf16``
+    (``PretrainConfig.precision``; the resolved value is part of the cache key)."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"
@@ -116,7 +117,8 @@ class DemoConfig:
                               epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
                               seed=self.seed, augment=self.pretrain_augment,
                               mixup=self.pretrain_mixup, precision=self.pretrain_precision,
-                              train_subset=self.pretrain_subset, test_subset=self.test_subset)
+                              train_subset=self.pretrain_subset, test_subset=self.test_subset
+                              ).for_device(device)
 
     def spec(self) -> CrossbarSpec:
         return get_spec(self.preset, rows=self.rows, cols=self.cols,
@@ -230,7 +232,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     brecipe = bmeta.get("config", {})  # backbones cached before a field existed lack it
     results = {
         "schema": RESULTS_SCHEMA,
-        "config": dataclasses.asdict(cfg) | {"width": pcfg.width},  # as resolved for the device
+        # width and precision as resolved for the device
+        "config": dataclasses.asdict(cfg) | {"width": pcfg.width,
+                                             "pretrain_precision": pcfg.precision},
         "spec": spec.to_dict(),
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}

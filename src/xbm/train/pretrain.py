@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,38 @@ def default_width(device: torch.device | str) -> int:
     return GPU_WIDTH if torch.device(device).type == "cuda" else CPU_WIDTH
 
 
-#: Pretraining precisions (``PretrainConfig.precision``; ``xbm pretrain --precision``).
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: Pretraining precisions (``PretrainConfig.precision``; ``xbm pretrain --precision``). ``auto``
+#: resolves per device: :func:`default_precision`.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def native_bf16_cpu() -> bool:
+    """True where this CPU has bfloat16 arithmetic units (AMX tiles or AVX512-BF16), on which
+    oneDNN runs bf16 convolutions natively; elsewhere autocast emulates bf16, which is expected
+    to be slower than fp32 (not measured: every box this project ran on has AMX). The probes
+    are private torch helpers; a torch without them counts as no."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except (RuntimeError, AttributeError):
+            continue
+    return False
+
+
+def default_precision(device: torch.device | str) -> str:
+    """What ``precision="auto"`` means on ``device``: ``bf16`` on a CPU with native bf16 units,
+    else ``fp32``.
+
+    Why: pretraining is half of the demo's 10-minute budget on 2 CPU cores, and on such a CPU a
+    bf16 step takes 0.48-0.54x the time of an fp32 one while the mask methods' accuracy was the
+    same over three seeds (docs/benchmarks.md, "Pretraining in bfloat16"). Without native units
+    bf16 is emulated and expected to be slower, and on CUDA pretraining takes seconds and the
+    recorded GPU figures are fp32, so both stay fp32. ``fp32``/``bf16`` force one everywhere.
+    """
+    dev = torch.device(device)
+    return "bf16" if dev.type == "cpu" and native_bf16_cpu() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -80,13 +110,14 @@ class PretrainConfig:
     (docs/benchmarks.md, "Pretraining augmentation")."""
     test_subset: int | None = None
     """Test images for the reported accuracy (does not change the weights, so not in the key)."""
-    precision: str = "fp32"
-    """``fp32`` or ``bf16``: run the forward and loss under bfloat16 autocast (weights and
-    optimizer stay float32, and the saved backbone is float32). Opt-in: on a CPU with AMX a step
-    took 0.48-0.54x the time of an fp32 one and the mask methods' accuracy was unchanged over
-    three seeds (docs/benchmarks.md, "Pretraining in bfloat16"), but without native bf16 units
-    it is slower, and its backbone differs from the fp32 one, so it is part of the cache key.
-    On CUDA it is the usual mixed-precision training."""
+    precision: str = "auto"
+    """``auto``, ``fp32`` or ``bf16``. ``bf16`` runs the forward and loss under bfloat16 autocast
+    (weights and optimizer stay float32, and the saved backbone is float32); on a CPU with AMX a
+    step took 0.48-0.54x the time of an fp32 one and the mask methods' accuracy was unchanged
+    over three seeds (docs/benchmarks.md, "Pretraining in bfloat16"). ``auto`` (default) is
+    bf16 on CPUs with native bf16 units and fp32 elsewhere (:func:`default_precision`); it is
+    resolved by :meth:`for_device` before the cache key is formed, and a bf16 backbone is a
+    different cache entry from an fp32 one."""
 
     def __post_init__(self) -> None:
         from xbm.data.augment import get_augment
@@ -111,7 +142,19 @@ class PretrainConfig:
             raise ConfigError(f"unknown pretraining precision {self.precision!r}; choose one of "
                               f"{', '.join(PRECISIONS)}")
 
+    def for_device(self, device: torch.device | str) -> PretrainConfig:
+        """This config with ``precision="auto"`` resolved for ``device`` (itself otherwise)."""
+        if self.precision != "auto":
+            return self
+        return replace(self, precision=default_precision(device))
+
     def cache_name(self) -> str:
+        """The cache file name: every field that changes the weights. Needs a resolved
+        precision (:meth:`for_device`), since ``auto`` names different backbones on different
+        machines."""
+        if self.precision == "auto":
+            raise ValueError("PretrainConfig.cache_name() needs a resolved precision; call "
+                             "for_device(device) first")
         sub = f"-n{self.train_subset}" if self.train_subset else ""
         aug = "" if self.augment == "none" else f"-{self.augment}"
         aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
@@ -134,6 +177,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     from xbm.data import load_dataset
     from xbm.data.augment import get_augment
 
+    cfg = cfg.for_device(device)
     augment = get_augment(cfg.augment)
     data = load_dataset(cfg.dataset, root=root)
     if cfg.train_subset or cfg.test_subset:
@@ -236,9 +280,18 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
                  progress: bool = True, log=print, path: str | Path | None = None
                  ) -> tuple[nn.Module, dict[str, Any], Path]:
     """Load the cached backbone for ``cfg`` or pretrain and cache it."""
+    cfg = cfg.for_device(device)
     p = Path(path) if path else cache_dir() / "backbones" / cfg.cache_name()
     if p.exists():
-        model, meta = load_backbone(p)
+        try:
+            model, meta = load_backbone(p)
+        except BundleError as exc:
+            if path:
+                raise
+            # a damaged cache entry: say which file and how to rebuild it, rather than
+            # silently spending minutes on a new pretraining
+            raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
+                              "pretrain it anew") from None
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {meta['accuracy']:.2f}%)")
         return model, meta, p
     model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
