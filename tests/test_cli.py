@@ -485,3 +485,24 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--device", "cpu", "--no-progress"]) == 0
     (rec,) = json.loads(capsys.readouterr().out)
     assert rec["dataset"] == record.dataset and 0 <= rec["accuracy"] <= 100
+
+
+def test_default_backbone_pretrains_from_the_given_data_root(monkeypatch, tmp_path):
+    """``adapt``/``simulate`` without ``--backbone`` may pretrain the default backbone: it must
+    read the base task from ``--data-root`` like everything else."""
+    import argparse
+
+    import xbm.train.pretrain as pt
+    from xbm.cli import _backbone
+
+    seen = {}
+
+    def fake_get_backbone(cfg, device, root=None, **kw):
+        seen["root"] = root
+        return None, {}, None
+
+    monkeypatch.setattr(pt, "get_backbone", fake_get_backbone)
+    args = argparse.Namespace(backbone=None, model="resnet18_cifar", width=4,
+                              data_root=str(tmp_path), no_progress=True)
+    _backbone(args, torch.device("cpu"))
+    assert seen["root"] == str(tmp_path)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from xbm.errors import XbmError
 
-EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli", "xbm.report.cli")
+EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
@@ -148,7 +148,8 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
                 "--backbone PATH (or re-create it with the same xbm pretrain command)")
         return load_backbone(found)
     cfg = PretrainConfig(model=args.model, width=_width(args, device))
-    model, meta, _ = get_backbone(cfg, device, progress=not args.no_progress)
+    model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
+                                  progress=not args.no_progress)
     return model, meta
 
 

@@ -3,8 +3,11 @@
 A Conv2d weight (Cout, Cin/groups, kh, kw) is the layer matrix with rows = Cin/groups*kh*kw inputs
 (wordlines) and cols = Cout outputs; a Linear weight (out, in) has rows = in, cols = out. Rows are
 zero-padded to a multiple of R and split into row tiles. Because torch stores weights output-major,
-the tiled view is a *reshape* of the (Cout, rows) matrix to (Cout, row_tiles, R): column masks and
-PE masks are then broadcasts over it, never per-weight tensors (the PytorX trick).
+the tiled view is a *reshape* of the (Cout, rows) matrix to (Cout, row_tiles, R). A column mask is
+stored and learned per crossbar column, (row_tiles, Cout); to apply it, :func:`apply_column_mask`
+expands it over each column's rows into a transient (Cout, rows) tensor, the size of the weight,
+which lives for one forward (and is rebuilt in the backward): one expansion and one multiply,
+fewer kernels than broadcasting over the padded tile view (see :class:`_ColumnMask`).
 """
 
 from __future__ import annotations
