@@ -134,19 +134,9 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
         model, meta = load_backbone(args.backbone)
         return model, meta
     if bundle_meta is not None:
-        from xbm.errors import BundleError
-        from xbm.hardware.cost_cli import _find_cached_backbone
+        from xbm.train.pretrain import bundle_backbone_path
 
-        if not bundle_meta.get("backbone_hash"):
-            raise BundleError(f"{args.bundle}: bundle records no backbone hash; it is corrupt, "
-                              "re-create it with xbm adapt")
-        found = _find_cached_backbone(str(bundle_meta["backbone_hash"]))
-        if found is None:
-            raise BundleError(
-                f"{args.bundle}: no cached backbone matches its backbone hash "
-                f"{bundle_meta['backbone_hash']}; pass the backbone it was learned on with "
-                "--backbone PATH (or re-create it with the same xbm pretrain command)")
-        return load_backbone(found)
+        return load_backbone(bundle_backbone_path(args.bundle, bundle_meta))
     cfg = PretrainConfig(model=args.model, width=_width(args, device))
     model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
                                   progress=not args.no_progress)

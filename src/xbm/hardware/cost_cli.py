@@ -103,24 +103,6 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
                        backward_factor=args.backward_factor, churn=args.churn)
 
 
-def _find_cached_backbone(backbone_hash: str) -> Path | None:
-    """The cached backbone (``$XBM_CACHE/backbones``) whose content hash matches a bundle's."""
-    from safetensors import safe_open
-
-    from xbm.train.pretrain import cache_dir
-
-    folder = cache_dir() / "backbones"
-    for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # an unreadable cache entry is simply not a match
-            continue
-        if json.loads(meta.get("content_hash", "null")) == backbone_hash:
-            return p
-    return None
-
-
 def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespace | None = None):
     """A MultiTaskModel holding a bundle's tasks, on the bundle's own crossbar spec.
 
@@ -130,20 +112,14 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         ConfigError: an explicit spec flag contradicts the spec the bundle was learned on.
     """
     from xbm.multitask import MultiTaskModel, read_bundle_meta
-    from xbm.train.pretrain import load_backbone
+    from xbm.train.pretrain import bundle_backbone_path, load_backbone
 
     meta, spec, _ = read_bundle_meta(bundle)
     if args is not None:  # cost's --preset names the model-mode spec, so it is not checked
         from xbm.cli import _check_spec_flags
 
         _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC, check_preset=False)
-    path = backbone
-    if path is None:
-        found = _find_cached_backbone(str(meta.get("backbone_hash")))
-        if found is None:
-            raise BundleError(f"{bundle}: no cached backbone matches its backbone hash "
-                              f"{meta.get('backbone_hash')}; pass --backbone PATH")
-        path = str(found)
+    path = backbone if backbone is not None else str(bundle_backbone_path(bundle, meta))
     model, bmeta = load_backbone(path)
     arch = meta.get("arch") or {}
     if arch and bmeta.get("arch") and arch != bmeta["arch"]:

@@ -276,6 +276,44 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def find_cached_backbone(backbone_hash: str) -> Path | None:
+    """The cached backbone (``$XBM_CACHE/backbones``) whose content hash is ``backbone_hash``."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = cache_dir() / "backbones"
+    for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                found = json.loads((f.metadata() or {}).get("content_hash", "null"))
+        except Exception:  # an unreadable cache entry is simply not a match
+            continue
+        if found == backbone_hash:
+            return p
+    return None
+
+
+def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Path:
+    """The cached backbone a bundle was learned on, found by the content hash it records; never
+    a fresh pretraining, which could only end in a mismatch.
+
+    Raises:
+        BundleError: the bundle records no hash, or no cached backbone has it.
+    """
+    h = bundle_meta.get("backbone_hash")
+    if not h:
+        raise BundleError(f"{bundle}: bundle records no backbone hash; it is corrupt, re-create "
+                          "it with xbm adapt")
+    found = find_cached_backbone(str(h))
+    if found is None:
+        raise BundleError(
+            f"{bundle}: no cached backbone matches its backbone hash {h}; pass the backbone it "
+            "was learned on with --backbone PATH (or re-create it with the same xbm pretrain "
+            "command)")
+    return found
+
+
 def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = None,
                  progress: bool = True, log=print, path: str | Path | None = None
                  ) -> tuple[nn.Module, dict[str, Any], Path]:
