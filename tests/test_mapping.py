@@ -199,6 +199,34 @@ def test_mapping_counts_tiles_with_slices():
     assert spec.logical_cols == 8
 
 
+def test_weights_never_straddle_crossbars_when_slices_do_not_divide_cols():
+    """8-bit weights in 3-bit cells, differential: 3 slices x 2 = 6 bitlines per weight, so a
+    64-column crossbar holds 10 whole weights and 4 bitlines stay unused. 64 outputs then need
+    7 column tiles (not ceil(384 / 64) = 6), and the mapping, XMA2's PE grid and the simulator
+    must agree on which crossbar holds each output."""
+    from xbm.hardware.mapping import LayerMapping, column_tile_index
+    from xbm.hardware.simulate import _Plan
+    from xbm.methods.xma2 import pe_grid
+    from xbm.nn import CrossbarLayer, apply
+
+    spec = CrossbarSpec(rows=64, cols=64, weight_bits=8, cell_bits=3, pe_rows=1, pe_cols=2)
+    assert (spec.physical_columns_per_weight, spec.logical_cols) == (6, 10)
+    conv = nn.Conv2d(8, 64, 3, bias=False)
+    lm = LayerMapping.of("c", conv, spec)
+    assert (lm.row_tiles, lm.col_tiles, lm.crossbars) == (2, 7, 14)
+    tiles = column_tile_index(64, spec)
+    assert tiles.tolist() == [o // 10 for o in range(64)]  # outputs 60-63 share crossbar 6
+    model = nn.Sequential()
+    model.add_module("conv", conv)
+    model.add_module("fc", nn.Linear(4, 2))
+    apply(model, spec)
+    layer = next(m for m in model.modules() if isinstance(m, CrossbarLayer))
+    npr, npc, pe_idx = pe_grid(layer)
+    assert (npr, npc) == (2, 4) and npr * npc == lm.pes
+    assert torch.equal(pe_idx[0], tiles // 2)  # PE column = crossbar column tile // pe_cols
+    assert torch.equal(_Plan(layer, spec).col_tile, tiles)  # the simulator's per-tile ADCs
+
+
 @pytest.mark.parametrize("bad,field", [
     ({"rows": 0}, "rows"), ({"cols": -1}, "cols"), ({"cell_bits": 9}, "cell_bits"),
     ({"signed": "magic"}, "signed"), ({"dac_bits": 16}, "dac_bits"),

@@ -258,7 +258,7 @@ def _pe_cells_reference(layer, st) -> torch.Tensor:
     spec = layer.spec
     w = layer.weight
     for o in range(w.shape[0]):
-        pc = (o * spec.physical_columns_per_weight // spec.cols) // spec.pe_cols
+        pc = (o // (spec.cols // spec.physical_columns_per_weight)) // spec.pe_cols
         for r in range(w[0].numel()):
             pr = (r // spec.rows) // spec.pe_rows
             inside[pr * st.pe_mask.shape[1] + pc] += 1
@@ -355,7 +355,7 @@ def _weight_pe_mask(layer, st) -> torch.Tensor:
     r = torch.arange(rows)
     o = torch.arange(cout)
     pe_r = (r // spec.rows) // spec.pe_rows
-    pe_c = (o * spec.physical_columns_per_weight // spec.cols) // spec.pe_cols
+    pe_c = (o // (spec.cols // spec.physical_columns_per_weight)) // spec.pe_cols
     m = st.pe_mask[pe_r[None, :], pe_c[:, None]]  # (Cout, rows)
     return m.reshape(w.shape)
 

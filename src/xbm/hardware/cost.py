@@ -35,7 +35,13 @@ from torch import nn
 
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.energy import EnergyPreset, get_preset
-from xbm.hardware.mapping import LayerMapping, MappingReport, map_model, weight_matrix
+from xbm.hardware.mapping import (
+    LayerMapping,
+    MappingReport,
+    column_tile_index,
+    map_model,
+    weight_matrix,
+)
 from xbm.hardware.spec import CrossbarSpec
 
 if TYPE_CHECKING:
@@ -310,13 +316,12 @@ def default_facts(name: str, mapping: MappingReport, mask_bits: dict[str, int],
 def _diff_rows(diff: torch.Tensor, spec: CrossbarSpec) -> int:
     """Crossbar rows holding at least one differing weight; ``diff`` is (Cout, rows) bool.
 
-    Output c's cells sit in column tile (c * cells_per_weight) // C; every matrix row appears once
-    per column tile.
+    Output c's cells sit in column tile c // logical_cols (whole weights per crossbar); every
+    matrix row appears once per column tile.
     """
     if not bool(diff.any()):
         return 0
-    cout = diff.shape[0]
-    tile = torch.arange(cout, device=diff.device) * spec.physical_columns_per_weight // spec.cols
+    tile = column_tile_index(diff.shape[0], spec, device=diff.device)
     touched = 0
     for t in torch.unique(tile).tolist():
         touched += int(diff[tile == t].any(dim=0).sum())

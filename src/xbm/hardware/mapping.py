@@ -39,6 +39,22 @@ def num_row_tiles(rows: int, R: int) -> int:
     return math.ceil(rows / R)
 
 
+def num_col_tiles(cols: int, spec: CrossbarSpec) -> int:
+    """Column tiles (crossbars side by side) for ``cols`` logical output columns.
+
+    A crossbar holds ``spec.logical_cols`` whole weights; a weight's slices never straddle two
+    crossbars, so the bitlines left over when the physical columns per weight do not divide
+    ``spec.cols`` stay unused (as in the simulator, ``xbm.hardware.simulate``).
+    """
+    return math.ceil(cols / spec.logical_cols)
+
+
+def column_tile_index(cols: int, spec: CrossbarSpec,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The column tile (crossbar) holding each of ``cols`` logical output columns."""
+    return torch.arange(cols, device=device) // spec.logical_cols
+
+
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     """The (Cout, rows) view of a Conv2d or Linear weight (outputs x inputs)."""
     return weight.reshape(weight.shape[0], -1)
@@ -152,7 +168,7 @@ class LayerMapping:
     def of(cls, name: str, module: nn.Module, spec: CrossbarSpec) -> LayerMapping:
         rows, cols = layer_matrix_shape(module)
         rt = num_row_tiles(rows, spec.rows)
-        ct = math.ceil(cols * spec.physical_columns_per_weight / spec.cols)
+        ct = num_col_tiles(cols, spec)
         pes = math.ceil(rt / spec.pe_rows) * math.ceil(ct / spec.pe_cols)
         return cls(
             name=name,

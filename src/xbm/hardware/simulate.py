@@ -59,7 +59,7 @@ from xbm.hardware.faults import (
     slice_weights,
     slices_to_int,
 )
-from xbm.hardware.mapping import num_row_tiles, weight_matrix
+from xbm.hardware.mapping import column_tile_index, num_row_tiles, weight_matrix
 from xbm.hardware.spec import CrossbarSpec
 
 ADC_MODES = ("calibrate", "fixed", "ideal")
@@ -337,7 +337,7 @@ class _Plan:
         self.win_start = (torch.arange(self.groups)[:, None] * self.cin_g
                           + torch.tensor(c0)[None, :]).reshape(-1)
         # logical column -> column tile (crossbar) index, for per-tile ADC ranges
-        self.col_tile = torch.arange(self.cout) // spec.logical_cols
+        self.col_tile = column_tile_index(self.cout, spec)
 
     def stack_weights(self, slices: torch.Tensor) -> torch.Tensor:
         """(Cout, rows, S) slice values -> grouped-conv weight (g*rt*S*Cg, G, kh, kw)."""

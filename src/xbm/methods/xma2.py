@@ -66,7 +66,12 @@ import torch
 from torch import nn
 
 from xbm.errors import BundleError, ConfigError, XbmError
-from xbm.hardware.mapping import apply_column_mask, column_sum_over_tiles
+from xbm.hardware.mapping import (
+    apply_column_mask,
+    column_sum_over_tiles,
+    column_tile_index,
+    num_col_tiles,
+)
 from xbm.methods.base import MethodConfig, register_method
 from xbm.methods.xma import XMA, XMAConfig
 
@@ -167,16 +172,16 @@ class XMA2Config(XMAConfig):
 def pe_grid(layer: nn.Module) -> tuple[int, int, torch.Tensor]:
     """(PE rows, PE cols, (row_tiles, Cout) tensor of each crossbar column's flat PE index).
 
-    A logical output column j sits in column tile ``j * physical_columns_per_weight // C`` (the
-    crossbar holding its first slice); the grid's size matches ``LayerMapping.pes``.
+    A logical output column j sits in column tile ``j // spec.logical_cols`` (a crossbar holds
+    whole weights, ``xbm.hardware.mapping.column_tile_index``); the grid's size matches
+    ``LayerMapping.pes``.
     """
     spec = layer.spec
     rt, cout = layer.row_tiles, layer.matrix_cols
-    phys = spec.physical_columns_per_weight
-    ct = math.ceil(cout * phys / spec.cols)
+    ct = num_col_tiles(cout, spec)
     npr, npc = math.ceil(rt / spec.pe_rows), math.ceil(ct / spec.pe_cols)
     row_pe = torch.arange(rt) // spec.pe_rows
-    col_pe = (torch.arange(cout) * phys // spec.cols) // spec.pe_cols
+    col_pe = column_tile_index(cout, spec) // spec.pe_cols
     return npr, npc, row_pe[:, None] * npc + col_pe[None, :]
 
 
