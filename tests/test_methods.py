@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -286,3 +287,14 @@ def test_single_tile_fast_path_matches_the_general_path(method, monkeypatch):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(v, mtm.backbone_state()[k]) for k, v in backbone.items())
+
+
+def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn():
+    from xbm.methods.piggyback import PiggybackConfig
+
+    with pytest.warns(UserWarning, match="per_task_bn false and lr 0.001"):
+        PiggybackConfig(per_task_bn=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PiggybackConfig(per_task_bn=False, lr=3e-4)
+        PiggybackConfig()  # per-task BN: the default lr is right

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,19 @@ from xbm.methods.base import AdaptionMethod, BinarizeSTE, MaskConfig, register_m
 @dataclass
 class PiggybackConfig(MaskConfig):
     """Piggyback's recipe: scores init 1e-2, threshold 5e-3, identity straight-through gradient."""
+
+    #: Above this mask lr with frozen BN, Piggyback collapsed on the demo (docs/benchmarks.md,
+    #: "Frozen BatchNorm": 15% at 1e-3, 91.5% at 3e-4).
+    FROZEN_BN_MAX_LR = 3e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.per_task_bn and self.lr > self.FROZEN_BN_MAX_LR:
+            warnings.warn(
+                f"piggyback with per_task_bn false and lr {self.lr:g}: with frozen BatchNorm a "
+                f"mask lr above {self.FROZEN_BN_MAX_LR:g} switched off too many weights at once "
+                "and collapsed to chance on the demo; set lr to 3e-4 or lower "
+                "(docs/benchmarks.md, 'Frozen BatchNorm')", UserWarning, stacklevel=2)
 
 
 @register_method("piggyback")
