@@ -218,11 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
           f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}{'peak MB':>9}"
           + (f"{'ops':>7}{'compute':>9}" if ops else ""))
+    def ratio(v: float | None, width: int, digits: int) -> str:
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"  # baseline not run
+
     for r in rows:
-        print(f"{r['method']:<14}{r['step_ms']:>9.1f}{r['vs_frozen'] or 0:>11.2f}"
-              f"{r['vs_finetune'] or 0:>13.2f}{r['state_bytes']:>12,}"
+        print(f"{r['method']:<14}{r['step_ms']:>9.1f}{ratio(r['vs_frozen'], 11, 2)}"
+              f"{ratio(r['vs_finetune'], 13, 2)}{r['state_bytes']:>12,}"
               f"{r['state_plus_adam_bytes']:>14,}"
-              f"{(r['state_vs_piggyback'] or 0):>9.4f}{r['saved_mb']:>10.1f}{r['peak_mb']:>9.1f}"
+              f"{ratio(r['state_vs_piggyback'], 9, 4)}{r['saved_mb']:>10.1f}{r['peak_mb']:>9.1f}"
               + (f"{r['ops']:>7}{r['compute_ops']:>9}" if ops else ""))
     if args.json:
         from xbm.io import write_json_atomic

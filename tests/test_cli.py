@@ -506,3 +506,155 @@ def test_default_backbone_pretrains_from_the_given_data_root(monkeypatch, tmp_pa
                               data_root=str(tmp_path), no_progress=True)
     _backbone(args, torch.device("cpu"))
     assert seen["root"] == str(tmp_path)
+
+
+def _folder(root, classes=("cat", "dog"), n=6, size=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        for i in range(n):
+            p = root / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(p)
+    return root
+
+
+def _tiny_backbone_file(path):
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+
+    torch.manual_seed(0)
+    arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "width": 4}
+    backbone = create_model("small_cnn", num_classes=3, in_channels=1, width=4)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    save_safetensors(path, state, {"format": "xbm-backbone/1", "arch": arch, "dataset": "x",
+                                   "accuracy": 0.0, "content_hash": tensors_hash(state)})
+    return backbone, arch
+
+
+def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    bb = tmp_path / "bb.safetensors"
+    backbone, arch = _tiny_backbone_file(bb)
+    mtm = MultiTaskModel(backbone, CrossbarSpec(rows=16, cols=16), arch=arch)
+    mtm.add_task("t", num_classes, "xbm", dataset=dataset)
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    return path, bb
+
+
+def test_eval_refuses_a_dataset_whose_classes_differ_from_the_tasks(tmp_path, capsys):
+    """A 10-class task read on a 2-class folder used to print a plausible accuracy, exit 0."""
+    imgs = _folder(tmp_path / "imgs")
+    path, bb = _folder_task_bundle(tmp_path, 10, f"folder:{imgs}")
+    for command in ("eval", "simulate"):
+        argv = [command, "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+                "--no-progress"]
+        if command == "simulate":
+            argv += ["--adc-bits", "8", "--backend", "torch"]
+        assert main(argv) == 2
+        err = _one_line_error(capsys)
+        assert "task 't' has 10 classes but dataset folder:" in err and "has 2" in err, err
+
+
+def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{tmp_path / 'gone'}")
+    assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "image folder does not exist" in err and "--dataset NAME (or folder:PATH" in err
+    imgs = _folder(tmp_path / "imgs")  # pointing at where the images are now works
+    assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+                 "--dataset", f"folder:{imgs}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["task", "method", "dataset", "accuracy"] and out[1].startswith("t ")
+
+
+@pytest.mark.parametrize("command", ["eval", "simulate"])
+def test_eval_and_simulate_check_their_counts_by_flag(command, tmp_path, tiny_mtm, capsys):
+    path = _bundle(tmp_path, tiny_mtm)
+    assert main([command, "--bundle", str(path), "--test-subset", "-1", "--device", "cpu"]) == 2
+    assert _one_line_error(capsys) == "xbm: error: --test-subset must be >= 1, got -1"
+
+
+def test_simulate_refuses_a_fault_map_with_fault_rates(tmp_path, tiny_mtm, capsys, monkeypatch):
+    """A saved chip has its own rate: it used to be evaluated once per --fault-rates value and
+    labelled with each (0 by default)."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    path = _bundle(tmp_path, tiny_mtm)
+    assert main(["simulate", "--bundle", str(path), "--fault-map", str(tmp_path / "chip"),
+                 "--fault-rates", "0,0.02", "--device", "cpu"]) == 2
+    assert "--fault-map replaces --fault-rates" in _one_line_error(capsys)
+    assert not (tmp_path / "cache" / "backbones").exists()  # before any backbone
+
+
+def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypatch):
+    """Bundles pin their backbone by hash: an --out that exists is refused without --force, a
+    cached recipe is reused, and only .safetensors names are written."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _folder(tmp_path / "imgs", n=8)
+    tiny = ["--model", "small_cnn", "--width", "2", "--dataset", f"folder:{imgs}", "--epochs",
+            "1", "--batch-size", "4", "--augment", "none", "--mixup", "0", "--device", "cpu",
+            "--no-progress"]
+    out = tmp_path / "bb.safetensors"
+    assert main(["pretrain", *tiny, "--out", str(out)]) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", *tiny, "--seed", "1", "--out", str(out)]) == 2
+    assert "already exists" in _one_line_error(capsys) and out.read_bytes() == first
+    assert main(["pretrain", *tiny, "--seed", "1", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != first
+    assert main(["pretrain", *tiny, "--out", str(tmp_path / "bb.pt")]) == 2
+    assert "name it *.safetensors" in _one_line_error(capsys)
+    assert not (tmp_path / "bb.pt").exists()
+    assert main(["pretrain", *tiny]) == 0  # into the cache
+    capsys.readouterr()
+    assert main(["pretrain", *tiny]) == 0
+    assert capsys.readouterr().out.startswith("already cached: ")
+
+
+def test_cli_warnings_are_one_line(capsys, monkeypatch):
+    import warnings
+
+    import xbm.cli as cli
+
+    def warn(args):
+        warnings.warn("something to know", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_methods", warn)  # the parser binds it when built
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        assert cli.main(["methods"]) == 0
+        assert warnings.showwarning is before  # main() puts the caller's formatter back
+    assert capsys.readouterr().err == "xbm: warning: something to know\n"
+
+
+def test_missing_backbone_error_gives_the_pretrain_command(tmp_path, capsys, monkeypatch):
+    """A bundle records its backbone's pretraining config, so when the backbone is not cached
+    the error names the exact `xbm pretrain` command that rebuilds it."""
+    imgs = _folder(tmp_path / "imgs", n=8)
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    bb = tmp_path / "bb.safetensors"
+    assert main(["pretrain", "--model", "small_cnn", "--width", "2", "--dataset",
+                 f"folder:{imgs}", "--epochs", "1", "--batch-size", "4", "--augment", "none",
+                 "--mixup", "0", "--seed", "3", "--device", "cpu", "--no-progress",
+                 "--out", str(bb)]) == 0
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone", str(bb),
+                 "--model", "small_cnn", "--rows", "16", "--cols", "16", "--batch-size", "4",
+                 "--out", str(bundle), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--device", "cpu"]) == 2  # empty cache
+    err = _one_line_error(capsys)
+    assert "no cached backbone matches" in err
+    cmd = err.split("`")[1]
+    assert cmd.startswith("xbm pretrain --model small_cnn --width 2 --dataset folder:")
+    assert "--epochs 1 --batch-size 4" in cmd and "--seed 3" in cmd and "--augment none" in cmd
+    # running that command (into the cache) makes the bundle's backbone findable again
+    assert main([*cmd.split()[1:], "--device", "cpu", "--no-progress"]) == 0
+    assert main(["eval", "--bundle", str(bundle), "--device", "cpu"]) == 0

@@ -337,6 +337,29 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25])
+def test_xma2_model_estimate_drops_the_column_bits_of_its_reprogrammed_pes(fraction) -> None:
+    """``xbm cost --model``: XMA2's mask bits and its re-programmed cells assume the same PE
+    fraction (the bits used to count every column as frozen while the cells counted 10%)."""
+    from xbm.methods.xma import level_bits
+    from xbm.methods.xma2 import XMA2Config, pe_grid
+
+    spec = CrossbarSpec()
+    ctx = C.model_context("resnet18_cifar", spec, width=16)
+    a = C.Assumptions(rewrite_fraction={"xma2": fraction})
+    d = C.cost_model(ctx, ["xma", "xma2"], assumptions=a).to_dict()["methods"]
+    bits = level_bits(len(XMA2Config().levels))
+    want = 0
+    for layer in ctx.layers().values():
+        npr, npc, _ = pe_grid(layer)
+        want += npr * npc + bits * round(layer.row_tiles * layer.matrix_cols * (1 - fraction))
+    assert d["xma2"]["mask_bits"] == want
+    if fraction == 0:  # no PE re-programmed: XMA's column bits plus one bit per PE
+        assert want == d["xma"]["mask_bits"] + sum(lm.pes for lm in ctx.mapping.layers)
+    cells = sum(lm.weights for lm in ctx.mapping.layers) * spec.cells_per_weight
+    assert d["xma2"]["reprogrammed_cells"] == pytest.approx(fraction * cells, rel=1e-3)
+
+
 def test_cli_resnet50_json(capsys) -> None:
     rc, out, _ = _run(capsys, "--model", "resnet50", "--rows", "64", "--cols", "64", "--json")
     assert rc == 0

@@ -507,11 +507,15 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert res["backbone_bit_identical"] is True
     assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
     assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)
-    assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip), "--fault-rates",
-                 "0.02", "--adc-bits", "4,8", "--plot", str(tmp_path / "plots"),
-                 *common]) == 0
+    assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),
+                 "--adc-bits", "4,8", "--plot", str(tmp_path / "plots"),
+                 "--json-out", str(tmp_path / "sweep.json"), *common]) == 0
     out = capsys.readouterr().out
     assert "faithful" in out and "ideal+faults" in out
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    # the saved chip's rows carry its own rate (it was labelled with --fault-rates' 0 before)
+    rates = [r["fault_rate"] for r in rows if r["path"] != "ideal"]
+    assert rates and rates == pytest.approx([0.02] * len(rates))
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
     assert (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
 

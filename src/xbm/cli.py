@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.train import distributed as xdist
     from xbm.train import resolve_device
-    from xbm.train.pretrain import PretrainConfig, cache_dir, pretrain
+    from xbm.train.pretrain import PretrainConfig, cache_dir, load_backbone, pretrain
 
     device = resolve_device(args.device)
     cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
@@ -103,6 +103,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.io import check_output
 
     check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)")
+    if args.out and out.suffix != ".safetensors":
+        raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+    if args.out and out.exists() and not args.force:
+        raise XbmError(f"{out} already exists; bundles made on it would stop loading if it were "
+                       "replaced. Pass another --out, or --force to overwrite it")
+    if not args.out and out.exists() and not args.force:
+        try:  # the recipe is cached already: training again would give the same backbone
+            _, meta = load_backbone(out)
+        except XbmError as exc:
+            raise XbmError(f"cached backbone is unusable: {exc}. Pass --force to pretrain it "
+                           "anew") from None
+        print(f"already cached: {out} (accuracy {meta['accuracy']:.2f}%, hash "
+              f"{meta['content_hash']}); pass --force to pretrain it again")
+        return 0
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
@@ -122,6 +136,46 @@ def _width(args: argparse.Namespace, device) -> int:
     if getattr(args, "width", None) is not None:
         return int(args.width)
     return default_width(device)
+
+
+def _check_counts(args: argparse.Namespace, flags: tuple[str, ...]) -> None:
+    """Subset, epoch and batch flags must be >= 1 (None = the default); checked up front, so the
+    message names the flag rather than a library argument."""
+    for f in flags:
+        v = getattr(args, f, None)
+        if v is not None and v < 1:
+            raise XbmError(f"--{f.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
+               test_subset: int | None, seed: int):
+    """The data to evaluate a bundle's task on: ``--dataset`` or the one the task recorded.
+
+    A dataset whose class count differs from the task's head would give a plausible-looking
+    accuracy for the wrong labels, so it is refused; a recorded image folder that has moved
+    gets an error naming the flag that points at its new place.
+
+    Returns:
+        (dataset name, TaskData subset).
+    """
+    from xbm.data import load_dataset
+    from xbm.errors import DatasetNotFoundError
+
+    ds = args.dataset or task.dataset
+    if ds is None:
+        raise XbmError(f"task {task.name!r} records no dataset; pass --dataset")
+    try:
+        data = load_dataset(ds, root=args.data_root)
+    except DatasetNotFoundError as exc:
+        if args.dataset:
+            raise
+        raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on it: pass "
+                                   "--dataset NAME (or folder:PATH where its images are now)"
+                                   ) from None
+    if data.num_classes != task.num_classes:
+        raise XbmError(f"task {task.name!r} has {task.num_classes} classes but dataset {ds} has "
+                       f"{data.num_classes}; pass the --dataset it was trained on")
+    return ds, data.subset(train_subset, test_subset, seed=seed)
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
@@ -202,10 +256,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         value = _parse_value(v)
         method_cfg[k.strip().replace("-", "_")] = value
     cls.config_class.from_dict(method_cfg)  # validate before training
-    for f in ("epochs", "batch_size", "train_subset", "test_subset"):
-        v = getattr(args, f)
-        if v is not None and v < 1:
-            raise XbmError(f"--{f.replace('_', '-')} must be >= 1, got {v}")
+    _check_counts(args, ("epochs", "batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
     # Everything cheap is checked before the backbone, which may need minutes of pretraining:
     # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.
@@ -231,7 +282,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     seed_everything(args.seed)
-    mtm = MultiTaskModel(backbone, spec, arch=meta["arch"]).to(device)
+    mtm = MultiTaskModel(backbone, spec, arch=meta["arch"],
+                         backbone_recipe=meta.get("config")).to(device)
     if args.bundle and Path(args.bundle).exists():
         mtm.load_bundle(args.bundle)
     # an image folder is recorded by its absolute path, so eval finds it from anywhere
@@ -254,11 +306,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from xbm.data import load_dataset
     from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device
 
+    _check_counts(args, ("batch_size", "test_subset"))
     device = resolve_device(args.device)
     meta, spec, infos = read_bundle_meta(args.bundle)  # before the backbone: cheap checks first
     if args.task and args.task not in {t.name for t in infos}:
@@ -269,11 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = mtm.load_bundle(args.bundle)
     out = []
     for t in ([args.task] if args.task else names):
-        info = mtm.tasks.get(t)
-        ds = args.dataset or (info.dataset if info else None)
-        if ds is None:
-            raise XbmError(f"task {t!r} records no dataset; pass --dataset")
-        data = load_dataset(ds, root=args.data_root).subset(None, args.test_subset, seed=0)
+        ds, data = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=0)
         _, test_loader = data.loaders(args.batch_size, seed=0)
         acc = evaluate_task(mtm, t, test_loader, device)
         out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
@@ -281,8 +329,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
+        wt = max([4, *(len(r["task"]) for r in out)])
+        wd = max([7, *(len(r["dataset"]) for r in out)])
+        print(f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy")
         for r in out:
-            print(f"{r['task']:<20} {r['method']:<13} {r['dataset']:<20} {r['accuracy']:.2f}%")
+            print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
+                  f"{r['accuracy']:.2f}%")
     return 0
 
 
@@ -341,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     d = sub.add_parser("demo", help="the main job: pretrain, adapt with every method, compare")
-    d.add_argument("--out", default="runs/demo", help="output folder (results.json)")
+    d.add_argument("--out", default="runs/demo",
+                   help="output folder for results.json (default: %(default)s)")
     d.add_argument("--config", help="YAML file of demo fields (CLI flags override it)")
     d.add_argument("--methods", help=f"comma list from: {', '.join(list_methods())}")
     d.add_argument("--benchmark", help="task set (default mnist-family: Fashion-MNIST base; "
@@ -392,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbone. auto = bf16 on such CPUs, fp32 otherwise and on CUDA "
                     "(default: %(default)s)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
+    pt.add_argument("--force", action="store_true",
+                    help="pretrain even when the recipe is cached; overwrite an existing --out")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
 
@@ -404,11 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
     ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
-    ad.add_argument("--epochs", type=int, default=1)
+    ad.add_argument("--epochs", type=int, default=1, help="default: %(default)s")
     ad.add_argument("--batch-size", type=int, default=32,
-                    help="training batch (32, as the demo, Piggyback and KSM)")
-    ad.add_argument("--train-subset", type=int)
-    ad.add_argument("--test-subset", type=int)
+                    help="training batch (default 32, as the demo, Piggyback and KSM)")
+    ad.add_argument("--train-subset", type=int, help="seeded subset of the training images "
+                    "(default: all; the demo uses 6000)")
+    ad.add_argument("--test-subset", type=int, help="seeded subset of the test images "
+                    "(default: all; the demo uses 2000)")
     ad.add_argument("--method-config", help="YAML file of method config fields")
     ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="method config field, e.g. --set lr=1e-3 (repeatable)")
@@ -423,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
     ev.add_argument("--backbone", help="backbone .safetensors (default: the cached one whose "
                     "hash the bundle records)")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--test-subset", type=int)
+    ev.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
+    ev.add_argument("--test-subset", type=int, help="seeded subset of the test images "
+                    "(default: all)")
     ev.add_argument("--json", action="store_true")
     common(ev)
     ev.set_defaults(func=cmd_eval)
@@ -461,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         xdist.init_from_env()
         if not xdist.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    import warnings
+
+    def _warn(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"xbm: warning: {message}", file=sys.stderr)  # one line, as errors are
+
+    shown, warnings.showwarning = warnings.showwarning, _warn
     try:
         return int(args.func(args) or 0)
     except XbmError as exc:
@@ -478,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
               "and free space, then run again", file=sys.stderr)
         return 2
     finally:
+        warnings.showwarning = shown
         xdist.shutdown()
 
 

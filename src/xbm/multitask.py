@@ -110,10 +110,14 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
                  head_name: str = "fc", arch: dict[str, Any] | None = None,
-                 base_task: str = BASE_TASK) -> None:
+                 base_task: str = BASE_TASK,
+                 backbone_recipe: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.arch = dict(arch or {})
+        #: the pretraining config of the backbone (its metadata's ``config``), saved with
+        #: bundles so that a missing backbone can be named by the command that rebuilds it
+        self.backbone_recipe = dict(backbone_recipe) if backbone_recipe else None
         self.head_name = head_name
         self.base_task = base_task
         self.model = apply(backbone, spec, filter_fn, head_name)
@@ -140,7 +144,8 @@ class MultiTaskModel(nn.Module):
             raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
                            "task; pick another name (xbm adapt --task NAME)")
         if name in self.tasks:
-            raise XbmError(f"task {name!r} already exists; pick another name or remove it first")
+            raise XbmError(f"task {name!r} already exists; give the new task another name "
+                           "(xbm adapt: --task NAME)")
         if num_classes < 1:
             raise XbmError(f"task {name!r} needs at least one class, got {num_classes}")
         m = method if isinstance(method, AdaptionMethod) else create_method(method, config)
@@ -320,6 +325,8 @@ class MultiTaskModel(nn.Module):
             "tasks": [asdict(self.tasks[t]) for t in tasks],
             "content_hash": tensors_hash(tensors),
         }
+        if self.backbone_recipe:
+            meta["backbone_recipe"] = self.backbone_recipe
         save_safetensors(path, tensors, meta)
 
     def load_bundle(self, path: str | Path) -> list[str]:
@@ -372,4 +379,6 @@ class MultiTaskModel(nn.Module):
             for t in added:  # leave the model as it was
                 self.remove_task(t)
             raise
+        if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
+            self.backbone_recipe = dict(meta["backbone_recipe"])  # kept when saved again
         return added

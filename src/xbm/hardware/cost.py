@@ -484,8 +484,11 @@ def model_context(model_name: str, spec: CrossbarSpec, *, width: int | None = No
     return ModelContext(model_name, shape, mapping, positions, model)
 
 
-def meta_mask_bits(name: str, ctx: ModelContext) -> dict[str, int]:
-    """Per layer, the method's ``mask_bits`` on a freshly created (untrained) task state.
+def meta_mask_bits(name: str, ctx: ModelContext, rewrite_fraction: float = 0.0
+                   ) -> dict[str, int]:
+    """Per layer, the method's ``planned_mask_bits`` on a freshly created (untrained) task state,
+    for a task that re-programs ``rewrite_fraction`` of the weights (XMA2 drops the column bits
+    of the PEs it re-programs).
 
     Most methods count mask bits from state shapes, which works on the weightless meta device. A
     method that reads values while counting (XMA2 reads its PE selection) gets, one layer at a
@@ -501,7 +504,8 @@ def meta_mask_bits(name: str, ctx: ModelContext) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
         for lname, layer in layers.items():
-            out[lname] = int(method.mask_bits(layer, method.create_layer_state(layer)))
+            out[lname] = int(method.planned_mask_bits(layer, method.create_layer_state(layer),
+                                                      rewrite_fraction))
         return out
     except Exception:  # value-dependent counting: fall back to materialised twins
         out.clear()
@@ -512,7 +516,8 @@ def meta_mask_bits(name: str, ctx: ModelContext) -> dict[str, int]:
                 for t in list(twin.parameters()) + list(twin.buffers()):
                     t.zero_()
             m = create_method(name)
-            out[lname] = int(m.mask_bits(twin, m.create_layer_state(twin)))
+            out[lname] = int(m.planned_mask_bits(twin, m.create_layer_state(twin),
+                                                 rewrite_fraction))
         except Exception as exc:
             raise XbmError(f"method {name!r} cannot count its mask bits without weights "
                            f"({type(exc).__name__}: {exc}); cost it from a bundle instead"
@@ -911,13 +916,13 @@ def cost_model(ctx: ModelContext, methods: Iterable[str], preset: EnergyPreset |
     a = assumptions or Assumptions()
     costs = []
     notes = []
+    from xbm.methods import get_method_class
+
     for m in methods:
         d, known = method_defaults(m)
-        bits = meta_mask_bits(m, ctx)
-        facts = default_facts(m, ctx.mapping, bits, a)
-        from xbm.methods import get_method_class
-
         cls = get_method_class(m)
+        bits = meta_mask_bits(m, ctx, a.rewrite(m) if cls.reprograms_cells else 0.0)
+        facts = default_facts(m, ctx.mapping, bits, a)
         info = {"rewrite_fraction": a.rewrite(m) if cls.reprograms_cells else 0.0,
                 "rewrite_flag": d.rewrite_flag, "column_off_fraction": a.column_off(m),
                 "switch_model": d.switch, "onchip_model": d.onchip, "pattern": d.pattern,
@@ -1096,7 +1101,11 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
     crossbar columns ``method`` switches off (their ADC conversions are skipped).
     """
     grid = grid or SENSITIVITY_GRID
-    bits = {m: meta_mask_bits(m, ctx) for m in (method, baseline)}
+    from xbm.methods import get_method_class
+
+    bits = {m: meta_mask_bits(m, ctx, assumptions.rewrite(m)
+                              if get_method_class(m).reprograms_cells else 0.0)
+            for m in (method, baseline)}
     rows = []
     for key, values in grid.items():
         for v in values:

@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--width", type=int,
                     help="backbone width (default: the --bundle's, else 16 on CPU, 64 on CUDA)")
     sp.add_argument("--adc-bits", default="4,6,8", help="comma list of ADC resolutions")
-    sp.add_argument("--fault-rates", default="0", help="comma list of stuck-at cell rates")
+    sp.add_argument("--fault-rates",
+                    help="comma list of stuck-at cell rates (default: 0, a fault-free chip)")
     sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
     sp.add_argument("--sa1-fraction", type=float, default=0.5,
                     help="share of faulty cells stuck ON (the rest stuck OFF)")
@@ -78,7 +79,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--sim-input-bits", type=int, help="override the spec's input bits")
     sp.add_argument("--sim-dac-bits", type=int, help="override the spec's DAC bits per cycle")
     sp.add_argument("--sim-cell-bits", type=int, help="override the spec's cell bits")
-    sp.add_argument("--fault-map", help="use this saved fault map (sweep: instead of rates)")
+    sp.add_argument("--fault-map", help="use this saved fault map (sweep: instead of "
+                    "--fault-rates; its rows carry the map's own rate)")
     sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
     sp.add_argument("--epochs", type=int, default=2, help="fault-aware mode: training epochs")
@@ -147,38 +149,41 @@ def _print(rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 # -- sweep -----------------------------------------------------------------------------------
 def _sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone, _check_spec_flags
-    from xbm.data import load_dataset
+    from xbm.cli import _backbone, _check_counts, _check_spec_flags, _task_data
     from xbm.hardware.faults import FaultMap, fault_aware
     from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import evaluate_task, resolve_device
 
+    _check_counts(args, ("batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
     meta, spec, infos = read_bundle_meta(args.bundle)  # cheap checks before the backbone
     _check_spec_flags(args, spec, args.bundle)
     if args.task and args.task not in {t.name for t in infos}:
         raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
                        f"{', '.join(t.name for t in infos) or 'no tasks'}")
+    if args.fault_map and args.fault_rates is not None:
+        raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
+                          "rate); pass one of them")
+    adc_bits, variations = _ints(args.adc_bits, "--adc-bits"), _floats(args.variation,
+                                                                        "--variation")
+    rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
+    if not 0 <= args.sa1_fraction <= 1:
+        raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
     backbone, bmeta = _backbone(args, device, meta)
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
     names = mtm.load_bundle(args.bundle)
     tasks = [args.task] if args.task else names
-    adc_bits, rates, variations = _ints(args.adc_bits, "--adc-bits"), \
-        _floats(args.fault_rates, "--fault-rates", 0, 1), _floats(args.variation, "--variation")
-    if not 0 <= args.sa1_fraction <= 1:
-        raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
-    fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
-    maps = {r: (fixed_map if fixed_map is not None else
-                (_fault_map(mtm, sim_spec, r, args) if r > 0 else None)) for r in rates}
+    if args.fault_map:
+        # a saved chip has its own rate: its rows carry it, never another rate's label
+        fixed_map = FaultMap.load(args.fault_map)
+        maps = {fixed_map.sa0_rate + fixed_map.sa1_rate: fixed_map}
+    else:
+        maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []
     for t in tasks:
-        info = mtm.tasks[t]
-        ds = args.dataset or info.dataset
-        if ds is None:
-            raise XbmError(f"task {t!r} records no dataset; pass --dataset")
-        data = load_dataset(ds, root=args.data_root).subset(args.train_subset, args.test_subset,
-                                                            seed=args.seed)
+        _, data = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
+                             seed=args.seed)
         _, test_loader = data.loaders(args.batch_size, seed=args.seed)
         calib = _calibration_batches(data, args)
         ideal = evaluate_task(mtm, t, test_loader, device)
@@ -207,7 +212,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- fault-aware -----------------------------------------------------------------------------
 def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone, spec_from_args
+    from xbm.cli import _backbone, _check_counts, spec_from_args
     from xbm.data import load_dataset
     from xbm.hardware.faults import fault_aware, fault_summary
     from xbm.multitask import MultiTaskModel
@@ -215,12 +220,14 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.dataset:
         raise XbmError("--fault-aware needs --dataset (the task to learn)")
+    _check_counts(args, ("epochs", "batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
     data = load_dataset(args.dataset, root=args.data_root).subset(
         args.train_subset, args.test_subset, seed=args.seed)
     backbone, bmeta = _backbone(args, device)
     spec = spec_from_args(args)
-    mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"]).to(device)
+    mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"],
+                         backbone_recipe=bmeta.get("config")).to(device)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
     fmap = _fault_map(mtm, sim_spec, args.fault_rate, args)

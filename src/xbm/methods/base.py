@@ -123,6 +123,13 @@ class AdaptionMethod:
         """Bits of mask memory the task needs in this layer."""
         return 0
 
+    def planned_mask_bits(self, layer: nn.Module, state: nn.Module,
+                          rewrite_fraction: float) -> int:
+        """Mask bits of a task that will re-program ``rewrite_fraction`` of the layer's weights,
+        estimated from a fresh state (``xbm cost --model`` has no trained task, and no weights).
+        Default: :meth:`mask_bits` of that state."""
+        return self.mask_bits(layer, state)
+
     def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:
         """Cells that must be rewritten to deploy this task on the programmed backbone."""
         return 0

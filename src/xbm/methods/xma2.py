@@ -415,6 +415,15 @@ class XMA2(XMA):
         tier1 = state.pe_mask.numel() if self.config.pe_budget > 0 else 0
         return tier1 + self.config.bits_per_column * frozen
 
+    def planned_mask_bits(self, layer: nn.Module, state: nn.Module,
+                          rewrite_fraction: float) -> int:
+        """Tier 1's bit per PE, plus tier 2's bits on the columns left frozen when
+        ``rewrite_fraction`` of the weights (whole PEs) are re-programmed: a fresh state has no
+        selection yet, so :meth:`mask_bits` would count every column as frozen."""
+        tier1 = state.pe_mask.numel() if self.config.pe_budget > 0 else 0
+        frozen = round(state.score.numel() * (1 - rewrite_fraction))
+        return tier1 + self.config.bits_per_column * frozen
+
     def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:
         selection = self._selection(layer, state)
         if selection is None:

@@ -6,9 +6,11 @@ base task and caches it; the cache key holds everything that changes the weights
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,6 +80,17 @@ def default_precision(device: torch.device | str) -> str:
     """
     dev = torch.device(device)
     return "bf16" if dev.type == "cpu" and native_bf16_cpu() else "fp32"
+
+
+def _file_safe(name: str) -> str:
+    """``name`` as one file-name component: a dataset such as ``folder:/data/cats`` would
+    otherwise put the cache entry in sub-folders, where no lookup finds it. Names that are safe
+    already (every built-in dataset) stay as they are, so existing cache entries keep their
+    names; others get a short hash of the full name, so two folders never share an entry."""
+    if re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')[-40:]}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,8 @@ class PretrainConfig:
         aug = "" if self.augment == "none" else f"-{self.augment}"
         aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
-        return (f"{self.model}-w{self.width}-{self.dataset}-e{self.epochs}-b{self.batch_size}"
+        return (f"{self.model}-w{self.width}-{_file_safe(self.dataset)}-e{self.epochs}"
+                f"-b{self.batch_size}"
                 f"-lr{self.lr:g}-s{self.seed}{sub}-{self.image_size}px{aug}.safetensors")
 
 
@@ -294,6 +308,23 @@ def find_cached_backbone(backbone_hash: str) -> Path | None:
     return None
 
 
+def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
+    """The ``xbm pretrain`` command that rebuilds a backbone from its recorded config (the
+    ``config`` of its metadata); None when nothing usable is recorded."""
+    if not isinstance(recipe, dict) or not recipe.get("model") or not recipe.get("dataset"):
+        return None
+    flags = [("--model", "model"), ("--width", "width"), ("--dataset", "dataset"),
+             ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
+             ("--seed", "seed"), ("--train-subset", "train_subset"), ("--augment", "augment"),
+             ("--mixup", "mixup"), ("--precision", "precision")]
+    parts = ["xbm pretrain"]
+    for flag, key in flags:
+        v = recipe.get(key)
+        if v is not None:
+            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(parts)
+
+
 def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Path:
     """The cached backbone a bundle was learned on, found by the content hash it records; never
     a fresh pretraining, which could only end in a mismatch.
@@ -307,10 +338,13 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
                           "it with xbm adapt")
     found = find_cached_backbone(str(h))
     if found is None:
+        cmd = pretrain_command(bundle_meta.get("backbone_recipe"))
+        rebuild = (f"or rebuild it with `{cmd}`, which gives the same hash with the same torch "
+                   "on the same kind of machine" if cmd else
+                   "or re-create it with the xbm pretrain command that made it")
         raise BundleError(
             f"{bundle}: no cached backbone matches its backbone hash {h}; pass the backbone it "
-            "was learned on with --backbone PATH (or re-create it with the same xbm pretrain "
-            "command)")
+            f"was learned on with --backbone PATH ({rebuild})")
     return found
 
 
