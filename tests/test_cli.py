@@ -44,6 +44,8 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     assert set(methods) <= set(list_methods())
     # the width used (given, or picked by device) is recorded, and is the backbone's
     assert res["config"]["width"] == res["backbone"]["arch"]["width"]
+    assert [res["config"][k] for k in ("rows", "cols", "weight_bits", "cell_bits")] == \
+        [res["spec"][k] for k in ("rows", "cols", "weight_bits", "cell_bits")]  # resolved
     # the default pretraining recipe is recorded with the backbone and named in its cache file
     assert res["backbone"]["augment"] == res["config"]["pretrain_augment"] == "affine-flip"
     assert res["backbone"]["mixup"] == res["config"]["pretrain_mixup"] == 0.4

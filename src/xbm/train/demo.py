@@ -233,9 +233,12 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     brecipe = bmeta.get("config", {})  # backbones cached before a field existed lack it
     results = {
         "schema": RESULTS_SCHEMA,
-        # width and precision as resolved for the device
+        # width, precision and crossbar geometry as resolved (None meant "the default")
         "config": dataclasses.asdict(cfg) | {"width": pcfg.width,
-                                             "pretrain_precision": pcfg.precision},
+                                             "pretrain_precision": pcfg.precision,
+                                             "rows": spec.rows, "cols": spec.cols,
+                                             "weight_bits": spec.weight_bits,
+                                             "cell_bits": spec.cell_bits},
         "spec": spec.to_dict(),
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
