@@ -53,11 +53,22 @@ def default_width(device: torch.device | str) -> int:
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
+#: oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) below AVX512_CORE_BF16: under them oneDNN has no
+#: native bf16 kernels, whatever the CPU has.
+_ISA_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE",
+                               "AVX512_CORE_VNNI"})
+
+
 def native_bf16_cpu() -> bool:
     """True where this CPU has bfloat16 arithmetic units (AMX tiles or AVX512-BF16), on which
     oneDNN runs bf16 convolutions natively; elsewhere autocast emulates bf16, which is expected
     to be slower than fp32 (not measured: every box this project ran on has AMX). The probes
-    are private torch helpers; a torch without them counts as no."""
+    are private torch helpers; a torch without them counts as no. A ``ONEDNN_MAX_CPU_ISA`` (or
+    ``DNNL_MAX_CPU_ISA``) cap below AVX512_CORE_BF16 counts as no too: oneDNN then uses none of
+    those units (this is also how the project emulates an AVX2-only CPU on its AMX box)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in _ISA_WITHOUT_BF16:
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(torch.cpu, probe, None)
         try:
