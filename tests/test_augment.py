@@ -171,16 +171,15 @@ def test_auto_precision_is_resolved_in_the_saved_metadata(monkeypatch):
 
 
 @pytest.mark.parametrize("cap,expect_native", [("AVX2", False), ("avx512_core", False),
-                                               ("SSE41", False)])
+                                               ("SSE41", False), ("AVX512_CORE_BF16", True),
+                                               ("AVX512_CORE_AMX", True), ("ALL", True)])
 def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(cap, expect_native, monkeypatch):
     """Under ONEDNN_MAX_CPU_ISA=AVX2 oneDNN has no bf16 kernels on any CPU, so ``auto`` must
-    pretrain in fp32 there; above the cap the hardware probe decides as before."""
+    pretrain in fp32 there; at or above AVX512_CORE_BF16 the hardware probe decides."""
     import xbm.train.pretrain as pt
 
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert pt.native_bf16_cpu() is expect_native
-    assert pt.default_precision("cpu") == "fp32"
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert pt.native_bf16_cpu() is True
+    assert pt.default_precision("cpu") == ("bf16" if expect_native else "fp32")

@@ -334,9 +334,9 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["pretrain", "--epochs", "0"], "epochs must be an integer >= 1"),
+    (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["pretrain", "--lr", "-1"], "lr must be a number > 0"),
-    (["pretrain", "--train-subset", "0"], "train_subset must be an integer >= 1"),
+    (["pretrain", "--train-subset", "0"], "--train-subset must be >= 1, got 0"),
     (["pretrain", "--out", "{tmp}"], "is a folder"),
     (["demo", "--out", "{tmp}/file"], "is an existing file"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--out", "{tmp}"], "is a folder"),
@@ -567,7 +567,7 @@ def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
     path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{tmp_path / 'gone'}")
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu"]) == 2
     err = _one_line_error(capsys)
-    assert "image folder does not exist" in err and "--dataset NAME (or folder:PATH" in err
+    assert "image folder does not exist" in err and "pass --dataset folder:PATH" in err
     imgs = _folder(tmp_path / "imgs")  # pointing at where the images are now works
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
                  "--dataset", f"folder:{imgs}"]) == 0
@@ -638,25 +638,93 @@ def test_cli_warnings_are_one_line(capsys, monkeypatch):
 
 def test_missing_backbone_error_gives_the_pretrain_command(tmp_path, capsys, monkeypatch):
     """A bundle records its backbone's pretraining config, so when the backbone is not cached
-    the error names the exact `xbm pretrain` command that rebuilds it."""
-    imgs = _folder(tmp_path / "imgs", n=8)
+    the error names the exact `xbm pretrain` command that rebuilds it: from any directory (the
+    folder is recorded by its absolute path) and quoted (a folder name with a space)."""
+    import shlex
+
+    _folder(tmp_path / "my imgs", n=8)
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     bb = tmp_path / "bb.safetensors"
     assert main(["pretrain", "--model", "small_cnn", "--width", "2", "--dataset",
-                 f"folder:{imgs}", "--epochs", "1", "--batch-size", "4", "--augment", "none",
-                 "--mixup", "0", "--seed", "3", "--device", "cpu", "--no-progress",
-                 "--out", str(bb)]) == 0
+                 "folder:my imgs", "--epochs", "1", "--batch-size", "4", "--augment", "none",
+                 "--mixup", "0", "--seed", "3", "--lr", "0.00123456789", "--device", "cpu",
+                 "--no-progress", "--out", str(bb)]) == 0
     bundle = tmp_path / "b.safetensors"
-    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone", str(bb),
-                 "--model", "small_cnn", "--rows", "16", "--cols", "16", "--batch-size", "4",
-                 "--out", str(bundle), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["adapt", "--dataset", "folder:my imgs", "--method", "xbm", "--backbone",
+                 str(bb), "--model", "small_cnn", "--rows", "16", "--cols", "16",
+                 "--batch-size", "4", "--out", str(bundle), "--device", "cpu",
+                 "--no-progress"]) == 0
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "my imgs")  # somewhere else
     assert main(["eval", "--bundle", str(bundle), "--device", "cpu"]) == 2  # empty cache
     err = _one_line_error(capsys)
     assert "no cached backbone matches" in err
-    cmd = err.split("`")[1]
-    assert cmd.startswith("xbm pretrain --model small_cnn --width 2 --dataset folder:")
-    assert "--epochs 1 --batch-size 4" in cmd and "--seed 3" in cmd and "--augment none" in cmd
+    argv = shlex.split(err.split("`")[1])
+    assert argv[:2] == ["xbm", "pretrain"]
+    flags = dict(zip(argv[2::2], argv[3::2], strict=True))
+    assert flags["--dataset"] == f"folder:{tmp_path / 'my imgs'}"
+    assert flags["--lr"] == "0.00123456789" and flags["--seed"] == "3"
+    assert flags["--augment"] == "none" and flags["--epochs"] == "1"
     # running that command (into the cache) makes the bundle's backbone findable again
-    assert main([*cmd.split()[1:], "--device", "cpu", "--no-progress"]) == 0
+    assert main([*argv[1:], "--device", "cpu", "--no-progress"]) == 0
     assert main(["eval", "--bundle", str(bundle), "--device", "cpu"]) == 0
+
+
+def test_pretrain_force_on_the_cache_keeps_the_backbone_bundles_were_made_on(
+        tmp_path, capsys, monkeypatch):
+    """Re-pretraining a cached recipe with --force must not strand the bundles made on the
+    previous backbone: it stays in the cache under its hash; and a bundle whose recipe is cached
+    with another hash is told to pass its own backbone, not to run a command that cannot help."""
+    import json
+
+    from xbm.io import load_safetensors, save_safetensors, tensors_hash
+    from xbm.train.pretrain import find_cached_backbone
+
+    imgs = _folder(tmp_path / "imgs", n=8)
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    tiny = ["--model", "small_cnn", "--width", "2", "--dataset", f"folder:{imgs}", "--epochs",
+            "1", "--batch-size", "4", "--augment", "none", "--mixup", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main(["pretrain", *tiny]) == 0
+    (cached,) = (tmp_path / "cache" / "backbones").glob("*.safetensors")
+    tensors, meta = load_safetensors(cached)
+    # stand-in for a backbone another machine made: same recipe, other weights
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_safetensors(cached, other, meta | {"content_hash": tensors_hash(other)})
+    old_hash = tensors_hash(other)
+    capsys.readouterr()
+    assert main(["pretrain", *tiny, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept the previous backbone as {cached.with_name(cached.stem + '-' + old_hash)}" \
+        in out
+    assert find_cached_backbone(old_hash) is not None
+    assert json.loads(json.dumps(load_safetensors(cached)[1]))["content_hash"] == meta[
+        "content_hash"]  # the recipe's entry is the retrained (deterministic) backbone again
+    # a bundle learned on a third backbone of this recipe: the cache has the recipe, not its hash
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+    from xbm.train.pretrain import load_backbone
+
+    model, bmeta = load_backbone(cached)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    mtm = MultiTaskModel(model, CrossbarSpec(rows=16, cols=16), arch=bmeta["arch"],
+                         backbone_recipe=bmeta["config"])
+    mtm.add_task("t", 2, "xbm", dataset=f"folder:{imgs}")
+    mtm.save_bundle(tmp_path / "b.safetensors")
+    assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "the cache holds another backbone of the same recipe" in err and "--backbone" in err
+
+
+def test_pretrain_command_fills_fields_older_backbones_lacked():
+    from xbm.train.pretrain import pretrain_command
+
+    old = {"model": "resnet18_cifar", "width": 16, "dataset": "fashion-mnist", "epochs": 1,
+           "batch_size": 128, "lr": 0.002, "seed": 0, "train_subset": None, "image_size": 28,
+           "test_subset": None}  # before augment, mixup and precision existed
+    cmd = pretrain_command(old)
+    assert cmd.endswith("--augment none --mixup 0.0 --precision fp32")
+    assert pretrain_command(old | {"image_size": 32}) is None  # no flag could rebuild it
+    assert pretrain_command({"model": "x"}) is None and pretrain_command(None) is None

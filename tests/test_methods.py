@@ -289,12 +289,21 @@ def test_single_tile_fast_path_matches_the_general_path(method, monkeypatch):
     assert all(torch.equal(v, mtm.backbone_state()[k]) for k, v in backbone.items())
 
 
-def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn():
-    from xbm.methods.piggyback import PiggybackConfig
-
-    with pytest.warns(UserWarning, match="per_task_bn false and lr 0.001"):
-        PiggybackConfig(per_task_bn=False)
+@pytest.mark.parametrize("cfg,warns", [({"per_task_bn": False}, True),
+                                         ({"per_task_bn": False, "lr": 3e-4}, False),
+                                         ({}, False)])
+def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn_when_training(cfg, warns, task_a):
+    """At training, not when the config is built: loading a trained task builds it too, and
+    advice about its lr could not be acted on there."""
+    mtm = make_mtm()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        PiggybackConfig(per_task_bn=False, lr=3e-4)
-        PiggybackConfig()  # per-task BN: the default lr is right
+        mtm.add_task("a", task_a.num_classes, "piggyback", cfg)
+    loader, _ = task_a.loaders(16, seed=0)
+    if warns:
+        with pytest.warns(UserWarning, match="per_task_bn false and lr 0.001"):
+            train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, max_steps=1)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, max_steps=1)

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,38 +91,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
+    from xbm.data import dataset_reference
+    from xbm.io import check_output
     from xbm.train import distributed as xdist
     from xbm.train import resolve_device
     from xbm.train.pretrain import PretrainConfig, cache_dir, load_backbone, pretrain
 
+    _check_counts(args, ("epochs", "batch_size", "train_subset"))
     device = resolve_device(args.device)
-    cfg = PretrainConfig(model=args.model, width=_width(args, device), dataset=args.dataset,
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         seed=args.seed, train_subset=args.train_subset, augment=args.augment,
+    # an image folder by its absolute path: `folder:imgs` run from two directories is two
+    # datasets, and the recipe that bundles record must rebuild from anywhere
+    cfg = PretrainConfig(model=args.model, width=_width(args, device),
+                         dataset=dataset_reference(args.dataset), epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         train_subset=args.train_subset, augment=args.augment,
                          mixup=args.mixup, precision=args.precision).for_device(device)
     out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
-    from xbm.io import check_output
-
+    old_hash = None
+    if not args.out and out.exists():
+        try:  # the recipe is cached already: training again would give the same backbone
+            _, old = load_backbone(out)
+            old_hash = old["content_hash"]
+        except XbmError as exc:
+            if not args.force:
+                raise XbmError(f"cached backbone is unusable ({exc}); pass --force to pretrain "
+                               "it anew") from None
+        if not args.force:
+            print(f"already cached: {out} (accuracy {old['accuracy']:.2f}%, hash {old_hash}); "
+                  "pass --force to pretrain it again")
+            return 0
     check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)")
     if args.out and out.suffix != ".safetensors":
         raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
     if args.out and out.exists() and not args.force:
         raise XbmError(f"{out} already exists; bundles made on it would stop loading if it were "
                        "replaced. Pass another --out, or --force to overwrite it")
-    if not args.out and out.exists() and not args.force:
-        try:  # the recipe is cached already: training again would give the same backbone
-            _, meta = load_backbone(out)
-        except XbmError as exc:
-            raise XbmError(f"cached backbone is unusable: {exc}. Pass --force to pretrain it "
-                           "anew") from None
-        print(f"already cached: {out} (accuracy {meta['accuracy']:.2f}%, hash "
-              f"{meta['content_hash']}); pass --force to pretrain it again")
-        return 0
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
-    _, meta = pretrain(cfg, device, out, root=args.data_root, progress=not args.no_progress)
+    kept = None
+    if old_hash:  # --force on a cached recipe: bundles made on the old backbone find it by hash
+        kept = out.with_name(f"{out.stem}-{old_hash}.safetensors")
+        os.replace(out, kept)
+    try:
+        _, meta = pretrain(cfg, device, out, root=args.data_root, progress=not args.no_progress)
+    except BaseException:
+        if kept is not None and not out.exists():
+            os.replace(kept, out)  # nothing new was written: the cache stays as it was
+        raise
     xdist.barrier()
+    if kept is not None:
+        if meta["content_hash"] == old_hash:
+            kept.unlink()
+        else:
+            print(f"kept the previous backbone as {kept} (hash {old_hash}), so bundles made on "
+                  "it still load")
     print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
     return 0
 
@@ -159,6 +185,7 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         (dataset name, TaskData subset).
     """
     from xbm.data import load_dataset
+    from xbm.data.registry import FOLDER_PREFIX
     from xbm.errors import DatasetNotFoundError
 
     ds = args.dataset or task.dataset
@@ -167,14 +194,15 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     try:
         data = load_dataset(ds, root=args.data_root)
     except DatasetNotFoundError as exc:
-        if args.dataset:
-            raise
-        raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on it: pass "
-                                   "--dataset NAME (or folder:PATH where its images are now)"
-                                   ) from None
+        if args.dataset or not ds.startswith(FOLDER_PREFIX):
+            raise  # a built-in dataset's error already says how to install it
+        raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "
+                                   "pass --dataset folder:PATH where they are now") from None
     if data.num_classes != task.num_classes:
+        fix = ("evaluate it on its own data (leave out --dataset) or pick the task it belongs "
+               "to with --task NAME" if args.dataset else "pass the --dataset it was trained on")
         raise XbmError(f"task {task.name!r} has {task.num_classes} classes but dataset {ds} has "
-                       f"{data.num_classes}; pass the --dataset it was trained on")
+                       f"{data.num_classes}; {fix}")
     return ds, data.subset(train_subset, test_subset, seed=seed)
 
 
@@ -275,7 +303,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
-    task = args.task or data.name.replace(":", "_").replace("/", "_")[-64:]
+    # a name derived from a folder path keeps only what task names allow (letters, digits, -, _)
+    task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", data.name).strip("_")[-64:]
     if out is None:
         out = f"{task}.safetensors"
         _check_bundle_out(out, None)
@@ -446,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: %(default)s)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     pt.add_argument("--force", action="store_true",
-                    help="pretrain even when the recipe is cached; overwrite an existing --out")
+                    help="pretrain even when the recipe is cached (a folder dataset is cached "
+                    "by its path, not its images: force after changing them); overwrite an "
+                    "existing --out. The previous cached backbone is kept under its hash")
     common(pt)
     pt.set_defaults(func=cmd_pretrain)
 
@@ -522,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     def _warn(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"xbm: warning: {message}", file=sys.stderr)  # one line, as errors are
+        if xdist.is_main():  # one line, as errors are, and once per run, not per rank
+            text = str(message).strip().splitlines() or [""]
+            print(f"xbm: warning: {text[0]}", file=sys.stderr)
 
     shown, warnings.showwarning = warnings.showwarning, _warn
     try:

@@ -491,9 +491,8 @@ def meta_mask_bits(name: str, ctx: ModelContext, rewrite_fraction: float = 0.0
     of the PEs it re-programs).
 
     Most methods count mask bits from state shapes, which works on the weightless meta device. A
-    method that reads values while counting (XMA2 reads its PE selection) gets, one layer at a
-    time, a zero-weight CPU twin of the layer instead, so memory stays bounded by the largest
-    layer.
+    method that reads values while counting gets, one layer at a time, a zero-weight CPU twin of
+    the layer instead, so memory stays bounded by the largest layer.
     """
     import copy
 

@@ -169,15 +169,15 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
+    fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None  # before the backbone
     backbone, bmeta = _backbone(args, device, meta)
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
     names = mtm.load_bundle(args.bundle)
     tasks = [args.task] if args.task else names
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
-    if args.fault_map:
+    if fixed_map is not None:
         # a saved chip has its own rate: its rows carry it, never another rate's label
-        fixed_map = FaultMap.load(args.fault_map)
-        maps = {fixed_map.sa0_rate + fixed_map.sa1_rate: fixed_map}
+        maps = {round(fixed_map.sa0_rate + fixed_map.sa1_rate, 12): fixed_map}
     else:
         maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []

@@ -37,10 +37,10 @@ class MethodConfig:
 
     per_task_bn: bool = True
     """Give the task its own BatchNorm/LayerNorm (trained). On by default, as KSM (this lab's
-    predecessor) does; off reproduces Piggyback's frozen BN. Off, lower ``lr``: every mask then
-    shifts activations that the frozen statistics no longer normalise, and at the demo's mask lr
-    1e-3 Piggyback collapsed to 15% (3e-4: 91.5%, against 96.1% with per-task BN;
-    docs/benchmarks.md, "Frozen BatchNorm")."""
+    predecessor) does; off reproduces Piggyback's frozen BN. Off, every method loses 5-11 points
+    on the demo, and Piggyback needs a lower ``lr``: its masks then shift activations that the
+    frozen statistics no longer normalise, and at the demo's mask lr 1e-3 it collapsed to 15%
+    (3e-4: 91.5%, against 96.1% with per-task BN; docs/benchmarks.md, "Frozen BatchNorm")."""
 
     weight_decay: float = 0.0
     """Adam weight decay (0 in Piggyback and KSM)."""
@@ -165,6 +165,10 @@ class AdaptionMethod:
         if not state_params:
             return []
         return [{"params": state_params, "lr": self.config.lr}]
+
+    def on_task_start(self, model: nn.Module, task: str) -> None:
+        """Called before training (warnings about a training recipe belong here, not in the
+        config, which is also built when a trained task is loaded)."""
 
     def on_task_end(self, model: nn.Module, task: str) -> None:
         """Called after training (PackNet-style methods prune or freeze here)."""

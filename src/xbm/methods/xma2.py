@@ -465,9 +465,15 @@ class XMA2(XMA):
         out = dict(tensors)
         sel_w = out.pop("weight_selected")
         pe_mask = out.get("pe_mask")
-        if pe_mask is None or tuple(pe_mask.shape) != tuple(state.pe_mask.shape):
+        if pe_mask is None:
             raise BundleError("XMA2 state lacks a pe_mask of shape "
                               f"{tuple(state.pe_mask.shape)}")
+        if tuple(pe_mask.shape) != tuple(state.pe_mask.shape):
+            raise BundleError(
+                f"XMA2 pe_mask has shape {tuple(pe_mask.shape)}, this spec's PE grid is "
+                f"{tuple(state.pe_mask.shape)}; a bundle saved before column tiles held whole "
+                "weights (xbm before 2026-11-27, on a spec whose weight columns do not divide "
+                "cols) must be adapted again")
         wmask = self._weight_mask(layer, self.selected_columns(state, pe_mask))
         if sel_w.dim() != 1 or sel_w.numel() != int(wmask.sum()):
             raise BundleError(f"weight_selected holds {sel_w.numel()} values, the pe_mask selects "

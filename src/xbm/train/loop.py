@@ -114,6 +114,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     method = mtm.methods[task]
     cfg = method.config
     mtm.set_task(task)
+    method.on_task_start(mtm, task)
     groups = mtm.task_parameters(task)
     param_groups = method.param_groups(groups["state"])
     head_norm = groups["head"] + groups["norm"]

@@ -319,20 +319,43 @@ def find_cached_backbone(backbone_hash: str) -> Path | None:
     return None
 
 
-def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
-    """The ``xbm pretrain`` command that rebuilds a backbone from its recorded config (the
-    ``config`` of its metadata); None when nothing usable is recorded."""
-    if not isinstance(recipe, dict) or not recipe.get("model") or not recipe.get("dataset"):
+#: What a backbone's recorded ``config`` lacked before a field existed meant: no augmentation,
+#: no mixup, fp32 (the recipes of the time).
+LEGACY_RECIPE = {"augment": "none", "mixup": 0.0, "precision": "fp32"}
+#: Fields every recorded recipe has had: without one, no command can rebuild the backbone.
+RECIPE_CORE = ("model", "width", "dataset", "epochs", "batch_size", "lr", "seed")
+
+
+def recipe_config(recipe: dict[str, Any] | None) -> PretrainConfig | None:
+    """The :class:`PretrainConfig` of a recorded recipe (a backbone's ``config``), fields that
+    did not exist yet filled with what their absence meant; None if it is unusable."""
+    import dataclasses
+
+    if not isinstance(recipe, dict) or any(recipe.get(k) is None for k in RECIPE_CORE):
         return None
-    flags = [("--model", "model"), ("--width", "width"), ("--dataset", "dataset"),
-             ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"),
-             ("--seed", "seed"), ("--train-subset", "train_subset"), ("--augment", "augment"),
-             ("--mixup", "mixup"), ("--precision", "precision")]
-    parts = ["xbm pretrain"]
-    for flag, key in flags:
-        v = recipe.get(key)
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    try:
+        return PretrainConfig(**(LEGACY_RECIPE | {k: v for k, v in recipe.items() if k in names}))
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
+    """The ``xbm pretrain`` command that rebuilds a backbone from its recorded recipe, quoted for
+    a POSIX shell; None when the recipe is unusable or needs a setting the CLI has no flag for."""
+    import shlex
+
+    cfg = recipe_config(recipe)
+    if cfg is None or cfg.image_size != PretrainConfig.image_size:
+        return None
+    parts = ["xbm", "pretrain"]
+    for flag, v in (("--model", cfg.model), ("--width", cfg.width), ("--dataset", cfg.dataset),
+                    ("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size),
+                    ("--lr", cfg.lr), ("--seed", cfg.seed), ("--train-subset", cfg.train_subset),
+                    ("--augment", cfg.augment), ("--mixup", cfg.mixup),
+                    ("--precision", cfg.precision)):
         if v is not None:
-            parts.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+            parts += [flag, shlex.quote(repr(v) if isinstance(v, float) else str(v))]
     return " ".join(parts)
 
 
@@ -349,7 +372,14 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
                           "it with xbm adapt")
     found = find_cached_backbone(str(h))
     if found is None:
-        cmd = pretrain_command(bundle_meta.get("backbone_recipe"))
+        recipe = bundle_meta.get("backbone_recipe")
+        cfg, cmd = recipe_config(recipe), pretrain_command(recipe)
+        if cfg is not None and cfg.precision != "auto" and \
+                (cache_dir() / "backbones" / cfg.cache_name()).exists():
+            raise BundleError(
+                f"{bundle}: its backbone (hash {h}) is not cached; the cache holds another "
+                f"backbone of the same recipe ({cfg.cache_name()}: another torch or machine "
+                "trained it). Pass the bundle's own backbone file with --backbone PATH")
         rebuild = (f"or rebuild it with `{cmd}`, which gives the same hash with the same torch "
                    "on the same kind of machine" if cmd else
                    "or re-create it with the xbm pretrain command that made it")
