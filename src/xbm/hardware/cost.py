@@ -889,9 +889,11 @@ class CostReport:
             dst = list(next(iter(self.switch_matrix.values())))
             lines.append("")
             lines.append("switch energy (J), from row task to column task:")
-            lines.append(f"{'from / to':<14}" + "".join(f"{t[:11]:>12}" for t in dst))
+            wr = max([9, *(len(t) for t in self.switch_matrix)])  # names in full
+            wc = max([10, *(len(t) for t in dst)]) + 2
+            lines.append(f"{'from / to':<{wr}}" + "".join(f"{t:>{wc}}" for t in dst))
             for src_task, row in self.switch_matrix.items():
-                lines.append(f"{src_task[:14]:<14}" + "".join(f"{row[t]:>12.3e}" for t in dst))
+                lines.append(f"{src_task:<{wr}}" + "".join(f"{row[t]:>{wc}.3e}" for t in dst))
         if per_layer:
             for c in self.costs:
                 lines.append("")
