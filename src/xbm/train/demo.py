@@ -27,7 +27,7 @@ from xbm.methods import get_method_class
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
 from xbm.train.loop import evaluate, evaluate_task, resolve_device, seed_everything, train_task
-from xbm.train.pretrain import PretrainConfig, default_width, get_backbone
+from xbm.train.pretrain import LEGACY_RECIPE, PretrainConfig, default_width, get_backbone
 
 DEFAULT_METHODS = ["finetune", "linear-probe", "piggyback", "xbm", "xma", "xma2"]
 RESULTS_SCHEMA = "xbm-results/1"
@@ -242,9 +242,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "spec": spec.to_dict(),
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
-        | {"augment": brecipe.get("augment", "none"), "mixup": brecipe.get("mixup", 0.0),
-           "precision": brecipe.get("precision", "fp32"),
-           "path": str(bpath)},
+        | {k: brecipe.get(k, v) for k, v in LEGACY_RECIPE.items()} | {"path": str(bpath)},
         "mapping_totals": mapping["totals"] if mapping else {},
         "energy_preset": cfg.energy,
         "device": str(device),

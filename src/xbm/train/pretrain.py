@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -329,11 +329,9 @@ RECIPE_CORE = ("model", "width", "dataset", "epochs", "batch_size", "lr", "seed"
 def recipe_config(recipe: dict[str, Any] | None) -> PretrainConfig | None:
     """The :class:`PretrainConfig` of a recorded recipe (a backbone's ``config``), fields that
     did not exist yet filled with what their absence meant; None if it is unusable."""
-    import dataclasses
-
     if not isinstance(recipe, dict) or any(recipe.get(k) is None for k in RECIPE_CORE):
         return None
-    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    names = {f.name for f in fields(PretrainConfig)}
     try:
         return PretrainConfig(**(LEGACY_RECIPE | {k: v for k, v in recipe.items() if k in names}))
     except (ConfigError, TypeError, ValueError):
