@@ -508,3 +508,30 @@ def test_plots(tmp_path) -> None:
     assert plots.deploy_energy_of_run(runs[2], get_preset()) == pytest.approx(
         640 * get_preset().write_energy_per_cell_j() + 6400 *
         get_preset().periphery.mask_bit_write_energy_j)
+
+
+def test_xma2_model_estimate_tracks_a_real_selection() -> None:
+    """Independent of the estimate's formula: on a model whose PEs all hold the same number of
+    crossbar columns, a real XMA2 task at ``pe_budget`` f has the mask bits the weightless
+    estimate predicts, to within one PE's column bits plus per-layer rounding."""
+    from xbm.data import make_fixture_task
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import seed_everything, train_task
+
+    # 9-row crossbars and 16 weights per crossbar: every 3x3 conv tile is a full 9 x 16 crossbar
+    spec = CrossbarSpec(rows=9, cols=32, weight_bits=8, cell_bits=8, pe_rows=1, pe_cols=1)
+    seed_everything(0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1, width=16), spec)
+    f = 0.25
+    mtm.add_task("t", 4, "xma2", {"pe_budget": f, "warmup_steps": 1})
+    data = make_fixture_task("t", num_classes=4, n_train=32, n_test=8, seed=0)
+    train_task(mtm, "t", data.loaders(16, seed=0)[0], 1, torch.device("cpu"), progress=False)
+    states = list(mtm.layer_states("t"))
+    assert all(st.score.numel() == 16 * st.pe_mask.numel() for _, _, st in states)  # equal PEs
+    actual = mtm.mask_bits("t")
+    ctx = C.model_context("small_cnn", spec, width=16)
+    d = C.cost_model(ctx, ["xma2"], assumptions=C.Assumptions(rewrite_fraction={"xma2": f}))
+    planned = d.to_dict()["methods"]["xma2"]["mask_bits"]
+    assert actual != sum(st.pe_mask.numel() + 3 * st.score.numel() for _, _, st in states)
+    assert abs(planned - actual) <= 3 * 16 + 3 * len(states)
