@@ -91,8 +91,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- pretrain --------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import os
-
     from xbm.data import dataset_reference
     from xbm.io import check_output
     from xbm.train import distributed as xdist

@@ -212,6 +212,13 @@ class Assumptions:
                 return float(v)
         return d.rewrite_fraction
 
+    def applied_rewrite(self, name: str) -> float:
+        """The fraction of weights a task of ``name`` re-programs: :meth:`rewrite`, or 0 for a
+        method that never re-programs cells, whatever fraction is configured for it."""
+        from xbm.methods import get_method_class
+
+        return self.rewrite(name) if get_method_class(name).reprograms_cells else 0.0
+
     def column_off(self, name: str) -> float:
         return self.column_off_fraction.get(name, method_defaults(name)[0].column_off_fraction)
 
@@ -278,11 +285,8 @@ def default_facts(name: str, mapping: MappingReport, mask_bits: dict[str, int],
         mask_bits: per layer, the method's ``mask_bits`` (from :func:`meta_mask_bits`).
         assumptions: fractions and workload.
     """
-    from xbm.methods import get_method_class
-
-    cls = get_method_class(name)
     d, _ = method_defaults(name)
-    f = assumptions.rewrite(name) if cls.reprograms_cells else 0.0
+    f = assumptions.applied_rewrite(name)
     off = assumptions.column_off(name)
     cpw = mapping.spec.cells_per_weight
     sf = 2 * f * (1 - f) if d.switch == "mask" else 1 - (1 - f) ** 2
@@ -917,14 +921,11 @@ def cost_model(ctx: ModelContext, methods: Iterable[str], preset: EnergyPreset |
     a = assumptions or Assumptions()
     costs = []
     notes = []
-    from xbm.methods import get_method_class
-
     for m in methods:
         d, known = method_defaults(m)
-        cls = get_method_class(m)
-        bits = meta_mask_bits(m, ctx, a.rewrite(m) if cls.reprograms_cells else 0.0)
+        bits = meta_mask_bits(m, ctx, a.applied_rewrite(m))
         facts = default_facts(m, ctx.mapping, bits, a)
-        info = {"rewrite_fraction": a.rewrite(m) if cls.reprograms_cells else 0.0,
+        info = {"rewrite_fraction": a.applied_rewrite(m),
                 "rewrite_flag": d.rewrite_flag, "column_off_fraction": a.column_off(m),
                 "switch_model": d.switch, "onchip_model": d.onchip, "pattern": d.pattern,
                 "switch_from": "another task of the same method", "note": d.note,
@@ -1102,11 +1103,7 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
     crossbar columns ``method`` switches off (their ADC conversions are skipped).
     """
     grid = grid or SENSITIVITY_GRID
-    from xbm.methods import get_method_class
-
-    bits = {m: meta_mask_bits(m, ctx, assumptions.rewrite(m)
-                              if get_method_class(m).reprograms_cells else 0.0)
-            for m in (method, baseline)}
+    bits = {m: meta_mask_bits(m, ctx, assumptions.applied_rewrite(m)) for m in (method, baseline)}
     rows = []
     for key, values in grid.items():
         for v in values:
