@@ -619,12 +619,15 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
 
 
 def test_cli_warnings_are_one_line(capsys, monkeypatch):
+    """xbm's own warnings read as xbm's words; another library's say where they come from."""
     import warnings
 
     import xbm.cli as cli
 
     def warn(args):
-        warnings.warn("something to know", UserWarning, stacklevel=1)
+        warnings.warn_explicit("something to know\nand more", UserWarning,
+                               filename=cli.__file__, lineno=1)
+        warnings.warn("a library's notice", DeprecationWarning, stacklevel=1)
         return 0
 
     monkeypatch.setattr(cli, "cmd_methods", warn)  # the parser binds it when built
@@ -633,7 +636,12 @@ def test_cli_warnings_are_one_line(capsys, monkeypatch):
         before = warnings.showwarning
         assert cli.main(["methods"]) == 0
         assert warnings.showwarning is before  # main() puts the caller's formatter back
-    assert capsys.readouterr().err == "xbm: warning: something to know\n"
+    line = warn.__code__.co_firstlineno + 3
+    assert capsys.readouterr().err == (
+        "xbm: warning: something to know\n"
+        f"xbm: warning: a library's notice (DeprecationWarning from test_cli.py:{line})\n")
+    assert cli._warning_origin(UserWarning, "/x/lib/python3.11/site-packages/torch/nn/f.py",
+                               7) == " (UserWarning from torch/nn/f.py:7)"
 
 
 def test_missing_backbone_error_gives_the_pretrain_command(tmp_path, capsys, monkeypatch):
@@ -728,3 +736,52 @@ def test_pretrain_command_fills_fields_older_backbones_lacked():
     assert cmd.endswith("--augment none --mixup 0.0 --precision fp32")
     assert pretrain_command(old | {"image_size": 32}) is None  # no flag could rebuild it
     assert pretrain_command({"model": "x"}) is None and pretrain_command(None) is None
+
+
+def test_simulate_with_an_ideal_adc_runs_once_and_says_so(tmp_path, capsys):
+    """An ideal ADC has no resolution: the sweep used to repeat one evaluation under 4, 6 and 8
+    'ADC bits'; now it runs once, labelled 'ideal', and an --adc-bits list is refused."""
+    import json
+
+    imgs = _folder(tmp_path / "imgs")
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{imgs}")
+    argv = ["simulate", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+            "--no-progress", "--backend", "torch", "--adc-mode", "ideal"]
+    assert main([*argv, "--adc-bits", "4,8"]) == 2
+    assert "--adc-bits has no effect with --adc-mode ideal" in _one_line_error(capsys)
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["path"], r["adc_bits"]) for r in rows] == [("ideal", "-"), ("faithful", "ideal")]
+
+
+def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, monkeypatch):
+    """eval's --seed used to be ignored (its test subset was always drawn with seed 0), so a
+    bundle adapted with --seed 3 --test-subset N could not be re-scored on the same images."""
+    import json
+
+    import xbm.train
+
+    seen = []
+    real = xbm.train.evaluate_task
+
+    def spy(mtm, task, loader, device, *a, **kw):
+        seen.append(torch.cat([x for x, _ in loader]))
+        return real(mtm, task, loader, device, *a, **kw)
+
+    monkeypatch.setattr(xbm.train, "evaluate_task", spy)
+    imgs = _folder(tmp_path / "imgs", n=20)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--device", "cpu", "--no-progress", "--test-subset", "4", "--seed", "3"]
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone",
+                 str(bb), "--model", "small_cnn", "--rows", "16", "--cols", "16",
+                 "--batch-size", "4", "--out", str(bundle), "--json", *common]) == 0
+    adapted = json.loads(capsys.readouterr().out)["accuracy"]
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
+                 *common]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["accuracy"] == adapted
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the same images, same order
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
+                 *common[:-1], "0"]) == 0
+    assert not torch.equal(seen[2], seen[0])  # another seed, another subset

@@ -348,8 +348,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = mtm.load_bundle(args.bundle)
     out = []
     for t in ([args.task] if args.task else names):
-        ds, data = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=0)
-        _, test_loader = data.loaders(args.batch_size, seed=0)
+        # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
+        ds, data = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=args.seed)
+        _, test_loader = data.loaders(args.batch_size, seed=args.seed)
         acc = evaluate_task(mtm, t, test_loader, device)
         out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
                     "accuracy": round(acc, 4)})
@@ -415,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0,
                         help="default 0. pretrain: the backbone's seed; adapt and simulate: "
                         "subsets and training, on the seed-0 default backbone unless "
-                        "--backbone; eval: test subsets are always drawn with seed 0")
+                        "--backbone; eval: the test subset, drawn as adapt with the same "
+                        "seed drew it")
         sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -553,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     def _warn(message, category, filename, lineno, file=None, line=None) -> None:
         if xdist.is_main():  # one line, as errors are, and once per run, not per rank
             text = str(message).strip().splitlines() or [""]
-            print(f"xbm: warning: {text[0]}", file=sys.stderr)
+            print(f"xbm: warning: {text[0]}{_warning_origin(category, filename, lineno)}",
+                  file=sys.stderr)
 
     shown, warnings.showwarning = warnings.showwarning, _warn
     try:
@@ -575,6 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.showwarning = shown
         xdist.shutdown()
+
+
+def _warning_origin(category: type, filename: str, lineno: int) -> str:
+    """Where a warning that another library raised comes from (torch, numpy, ...): empty for
+    xbm's own, which read as xbm's words, so a library's notice is not taken for xbm's."""
+    path = Path(filename).resolve()
+    if path.is_relative_to(Path(__file__).resolve().parent):
+        return ""
+    parts = path.parts
+    where = next((Path(*parts[i + 1:]) for i in range(len(parts) - 1, -1, -1)
+                  if parts[i] in ("site-packages", "dist-packages")), Path(path.name))
+    return f" ({category.__name__} from {where}:{lineno})"
 
 
 if __name__ == "__main__":

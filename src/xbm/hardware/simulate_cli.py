@@ -50,6 +50,25 @@ def _ints(s: str, flag: str = "") -> list[int]:
         raise ConfigError(f"{flag} expected a comma list of integers, got {s!r}") from None
 
 
+def _adc_bits(args: argparse.Namespace) -> list[int | None]:
+    """The ADC resolutions to sweep; ``[None]`` (one run, no ADC) under ``--adc-mode ideal``.
+
+    An ideal ADC ignores its resolution, so sweeping one would repeat the same evaluation and
+    label identical rows with different bit counts.
+    """
+    if args.adc_mode == "ideal":
+        if args.adc_bits is not None:
+            raise ConfigError("--adc-bits has no effect with --adc-mode ideal (no ADC); drop "
+                              "--adc-bits, or pick --adc-mode calibrate or fixed")
+        return [None]
+    return _ints(args.adc_bits or "4,6,8", "--adc-bits")
+
+
+def _adc_label(bits: int | None) -> int | str:
+    """How a row names its ADC: its bits, or ``'ideal'`` for no ADC."""
+    return "ideal" if bits is None else bits
+
+
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
@@ -63,7 +82,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--model", default="resnet18_cifar")
     sp.add_argument("--width", type=int,
                     help="backbone width (default: the --bundle's, else 16 on CPU, 64 on CUDA)")
-    sp.add_argument("--adc-bits", default="4,6,8", help="comma list of ADC resolutions")
+    sp.add_argument("--adc-bits", help="comma list of ADC resolutions (default 4,6,8; none "
+                    "with --adc-mode ideal, which has no ADC)")
     sp.add_argument("--fault-rates",
                     help="comma list of stuck-at cell rates (default: 0, a fault-free chip)")
     sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
@@ -164,8 +184,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
-    adc_bits, variations = _ints(args.adc_bits, "--adc-bits"), _floats(args.variation,
-                                                                        "--variation")
+    adc_bits, variations = _adc_bits(args), _floats(args.variation, "--variation")
     rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
@@ -200,12 +219,13 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                 for b in adc_bits:
                     res = evaluate_faithful(mtm, t, _sim_config(args, b, v), test_loader, device,
                                             calib, fmap)
-                    rows.append({"task": t, "path": "faithful", "adc_bits": b, "fault_rate": r,
+                    rows.append({"task": t, "path": "faithful", "adc_bits": _adc_label(b),
+                                 "fault_rate": r,
                                  "variation": v, **res,
                                  "delta": round(res["accuracy"] - ideal, 4)})
                     if not args.json:
-                        print(f"  {t} adc {b} fault {r} var {v}: {res['accuracy']:.2f}% "
-                              f"({res['seconds']:.0f}s)", flush=True)
+                        print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
+                              f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
     return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
             "simulated_spec": sim_spec.to_dict(), "rows": rows}
 
@@ -257,19 +277,20 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"task": task, "trained_on": "faulty chip" if task == "aware" else
                      "ideal chip", "ideal_clean": round(ideal, 4),
                      "ideal_faulty": round(faulty, 4),
-                     f"faithful_faulty_adc{sim_spec.adc_bits}": sim["accuracy"],
+                     ("faithful_faulty_no_adc" if args.adc_mode == "ideal" else
+                      f"faithful_faulty_adc{sim_spec.adc_bits}"): sim["accuracy"],
                      "masked_off_columns": mtm.masked_off_columns(task),
                      "train_seconds": timings[task]})
     adc_rows = []
     clean_ideal = rows[0]["ideal_clean"]
-    for b in _ints(args.adc_bits, "--adc-bits"):
+    for b in _adc_bits(args):
         res = evaluate_faithful(mtm, "unaware", _sim_config(args, b, 0.0), test_loader, device,
                                 calib)
-        adc_rows.append({"task": "unaware", "adc_bits": b, **res,
+        adc_rows.append({"task": "unaware", "adc_bits": _adc_label(b), **res,
                          "delta": round(res["accuracy"] - clean_ideal, 4)})
         if not args.json:
-            print(f"  clean chip, adc {b}: {res['accuracy']:.2f}% ({res['seconds']:.0f}s)",
-                  flush=True)
+            print(f"  clean chip, adc {_adc_label(b)}: {res['accuracy']:.2f}% "
+                  f"({res['seconds']:.0f}s)", flush=True)
     after = mtm.backbone_state()
     identical = set(before) == set(after) and all(torch.equal(before[k], after[k])
                                                   for k in before)
@@ -284,6 +305,26 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- plots -----------------------------------------------------------------------------------
+def _adc_plot(plt: Any, out: Path, fr: list[dict[str, Any]], ideal: dict[str, float]) -> str:
+    """Sweep mode's accuracy-vs-ADC-bits plot, one line per (task, fault rate, variation)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key in sorted({(r["task"], r["fault_rate"], r["variation"]) for r in fr}):
+        pts = sorted((r["adc_bits"], r["accuracy"]) for r in fr
+                     if (r["task"], r["fault_rate"], r["variation"]) == key)
+        ax.plot(*zip(*pts, strict=True), marker="o",
+                label=f"{key[0]} faults {key[1]:g} var {key[2]:g}")
+    for t, a in ideal.items():
+        ax.axhline(a, ls="--", lw=0.8, color="gray", label=f"{t} ideal")
+    ax.set_xlabel("ADC bits")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    p = out / "accuracy_vs_adc_bits.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return str(p)
+
+
 def _plots(res: dict[str, Any], folder: str) -> list[str]:
     import matplotlib
 
@@ -296,22 +337,8 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
     if res["mode"] == "sweep":
         fr = [r for r in res["rows"] if r["path"] == "faithful"]
         ideal = {r["task"]: r["accuracy"] for r in res["rows"] if r["path"] == "ideal"}
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key in sorted({(r["task"], r["fault_rate"], r["variation"]) for r in fr}):
-            pts = sorted((r["adc_bits"], r["accuracy"]) for r in fr
-                         if (r["task"], r["fault_rate"], r["variation"]) == key)
-            ax.plot(*zip(*pts, strict=True), marker="o",
-                    label=f"{key[0]} faults {key[1]:g} var {key[2]:g}")
-        for t, a in ideal.items():
-            ax.axhline(a, ls="--", lw=0.8, color="gray", label=f"{t} ideal")
-        ax.set_xlabel("ADC bits")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        p = out / "accuracy_vs_adc_bits.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        written.append(str(p))
+        if all(isinstance(r["adc_bits"], int) for r in fr):  # no ADC axis under adc-mode ideal
+            written.append(_adc_plot(plt, out, fr, ideal))
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for key in sorted({(r["task"], r["adc_bits"], r["variation"]) for r in fr}):
             pts = sorted((r["fault_rate"], r["accuracy"]) for r in fr
@@ -327,7 +354,8 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
         plt.close(fig)
         written.append(str(p))
     else:
-        pts = sorted((r["adc_bits"], r["accuracy"]) for r in res["adc_sweep"])
+        pts = sorted((r["adc_bits"], r["accuracy"]) for r in res["adc_sweep"]
+                     if isinstance(r["adc_bits"], int))
         if pts:
             fig, ax = plt.subplots(figsize=(5, 3.5))
             ax.plot(*zip(*pts, strict=True), marker="o", label="faithful")

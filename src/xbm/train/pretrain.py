@@ -405,5 +405,8 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
                               "pretrain it anew") from None
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {meta['accuracy']:.2f}%)")
         return model, meta, p
+    if not path:
+        log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
+            "load it)")
     model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
     return model, meta, p
