@@ -42,6 +42,7 @@ import torch
 from xbm.data import load_dataset
 from xbm.hardware.cost import task_costs
 from xbm.io import atomic_path, write_json_atomic
+from xbm.methods.xma import XMAConfig
 from xbm.methods.xma2 import ENERGY_RANKS, chip_without_restore
 from xbm.multitask import MultiTaskModel
 from xbm.train.demo import DemoConfig
@@ -281,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--levels: unknown set {n!r}; choose from {', '.join(LEVEL_SETS)}")
         plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
     for b in (float(x) for x in args.budgets.split(",") if x):
-        plan.append((f"xma2-{b:g}", "xma2", {"pe_budget": b}))
+        # at budget 0 XMA2 is XMA, so it runs with XMA's score lr (XMA2's own default is tuned
+        # for training beside re-programmed PEs); xma2_budget0_equals_xma then checks identity
+        plan.append((f"xma2-{b:g}", "xma2",
+                     {"pe_budget": b, **({"lr": XMAConfig().lr} if b == 0 else {})}))
     for e in (float(x) for x in args.energy_budgets.split(",") if x.strip()):
         for r in ranks:
             suffix = "" if r == "score" else "-density"
