@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -546,3 +547,29 @@ def test_simulation_turns_tf32_off_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_simulate_plots_from_results(tmp_path):
+    """Both modes' plots from result rows; under an ideal ADC there is no ADC-bits axis."""
+    from xbm.hardware.simulate_cli import _plots
+
+    def rows(adc):
+        out = [{"task": "t", "path": "ideal", "adc_bits": "-", "fault_rate": 0.0,
+                "variation": 0.0, "accuracy": 90.0}]
+        for b in adc:
+            for r in (0.0, 0.01):
+                out.append({"task": "t", "path": "faithful", "adc_bits": b, "fault_rate": r,
+                            "variation": 0.0, "accuracy": 80.0 + (b if b != "ideal" else 9)})
+        return out
+
+    names = [Path(p).name for p in _plots({"mode": "sweep", "rows": rows([4, 8])}, tmp_path / "a")]
+    assert names == ["accuracy_vs_adc_bits.png", "accuracy_vs_fault_rate.png"]
+    names = [Path(p).name for p in _plots({"mode": "sweep", "rows": rows(["ideal"])},
+                                          tmp_path / "b")]
+    assert names == ["accuracy_vs_fault_rate.png"]
+    fa = {"mode": "fault-aware", "rows": [{"ideal_clean": 90.0}],
+          "adc_sweep": [{"adc_bits": 4, "accuracy": 70.0}, {"adc_bits": 8, "accuracy": 89.0}]}
+    assert [Path(p).name for p in _plots(fa, tmp_path / "c")] == ["accuracy_vs_adc_bits.png"]
+    fa["adc_sweep"] = [{"adc_bits": "ideal", "accuracy": 90.0}]
+    assert _plots(fa, tmp_path / "d") == []
+    assert all((tmp_path / d).is_dir() for d in "abcd")

@@ -305,24 +305,26 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- plots -----------------------------------------------------------------------------------
-def _adc_plot(plt: Any, out: Path, fr: list[dict[str, Any]], ideal: dict[str, float]) -> str:
-    """Sweep mode's accuracy-vs-ADC-bits plot, one line per (task, fault rate, variation)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key in sorted({(r["task"], r["fault_rate"], r["variation"]) for r in fr}):
-        pts = sorted((r["adc_bits"], r["accuracy"]) for r in fr
-                     if (r["task"], r["fault_rate"], r["variation"]) == key)
-        ax.plot(*zip(*pts, strict=True), marker="o",
-                label=f"{key[0]} faults {key[1]:g} var {key[2]:g}")
-    for t, a in ideal.items():
-        ax.axhline(a, ls="--", lw=0.8, color="gray", label=f"{t} ideal")
-    ax.set_xlabel("ADC bits")
+def _save_plot(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str,
+               legend_size: int | None = 6) -> str:
+    """Label the accuracy axis, add the legend, write ``path`` and free the figure."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    p = out / "accuracy_vs_adc_bits.png"
-    fig.savefig(p, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return str(p)
+    return str(path)
+
+
+def _line_plot(plt: Any, rows: list[dict[str, Any]], x: str, key: tuple[str, ...],
+               label: Any) -> tuple[Any, Any]:
+    """Accuracy against ``x``, one line per distinct ``key`` (labelled by ``label(key)``)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in sorted({tuple(r[f] for f in key) for r in rows}):
+        pts = sorted((r[x], r["accuracy"]) for r in rows if tuple(r[f] for f in key) == k)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label(k))
+    return fig, ax
 
 
 def _plots(res: dict[str, Any], folder: str) -> list[str]:
@@ -336,38 +338,26 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
     written = []
     if res["mode"] == "sweep":
         fr = [r for r in res["rows"] if r["path"] == "faithful"]
-        ideal = {r["task"]: r["accuracy"] for r in res["rows"] if r["path"] == "ideal"}
         if all(isinstance(r["adc_bits"], int) for r in fr):  # no ADC axis under adc-mode ideal
-            written.append(_adc_plot(plt, out, fr, ideal))
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key in sorted({(r["task"], r["adc_bits"], r["variation"]) for r in fr}):
-            pts = sorted((r["fault_rate"], r["accuracy"]) for r in fr
-                         if (r["task"], r["adc_bits"], r["variation"]) == key)
-            ax.plot(*zip(*pts, strict=True), marker="o",
-                    label=f"{key[0]} adc {key[1]} var {key[2]:g}")
-        ax.set_xlabel("stuck-at cell rate")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        p = out / "accuracy_vs_fault_rate.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        written.append(str(p))
+            fig, ax = _line_plot(plt, fr, "adc_bits", ("task", "fault_rate", "variation"),
+                                 lambda k: f"{k[0]} faults {k[1]:g} var {k[2]:g}")
+            for r in res["rows"]:
+                if r["path"] == "ideal":
+                    ax.axhline(r["accuracy"], ls="--", lw=0.8, color="gray",
+                               label=f"{r['task']} ideal")
+            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_adc_bits.png",
+                                      "ADC bits"))
+        fig, ax = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
+                             lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
+        written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_fault_rate.png",
+                                  "stuck-at cell rate"))
     else:
-        pts = sorted((r["adc_bits"], r["accuracy"]) for r in res["adc_sweep"]
-                     if isinstance(r["adc_bits"], int))
-        if pts:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot(*zip(*pts, strict=True), marker="o", label="faithful")
+        rows = [r for r in res["adc_sweep"] if isinstance(r["adc_bits"], int)]
+        if rows:
+            fig, ax = _line_plot(plt, rows, "adc_bits", (), lambda k: "faithful")
             ax.axhline(res["rows"][0]["ideal_clean"], ls="--", color="gray", label="ideal")
-            ax.set_xlabel("ADC bits")
-            ax.set_ylabel("top-1 accuracy (%)")
-            ax.legend()
-            fig.tight_layout()
-            p = out / "accuracy_vs_adc_bits.png"
-            fig.savefig(p, dpi=120)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_adc_bits.png",
+                                      "ADC bits", legend_size=None))
     return written
 
 
