@@ -220,8 +220,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                     res = evaluate_faithful(mtm, t, _sim_config(args, b, v), test_loader, device,
                                             calib, fmap)
                     rows.append({"task": t, "path": "faithful", "adc_bits": _adc_label(b),
-                                 "fault_rate": r,
-                                 "variation": v, **res,
+                                 "fault_rate": r, "variation": v, **res,
                                  "delta": round(res["accuracy"] - ideal, 4)})
                     if not args.json:
                         print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
