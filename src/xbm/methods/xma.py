@@ -136,8 +136,10 @@ class XMAConfig(MethodConfig):
     """Adam learning rate of the log2 scores. One level is 1/2 away in score space (XBM's threshold
     is 5e-3 away at lr 1e-3), and Adam steps are ~lr whatever the gradient scale. On the default
     backbones (three seeds, mean new-task accuracy) 0.15 / 0.3 / **0.6** gave 94.68 / 95.07 /
-    **95.52** (1.0: 94.75, seed 0); 0.3, the default until session 11, had been best on earlier
-    backbones (docs/benchmarks.md, "Learning rates, re-tuned")."""
+    **95.52** (1.0: 94.75, seed 0). The best rate depends on the backbone: on fp32 backbones
+    (CPUs without native bf16, session 7's and an emulated AVX2 CPU's) 0.3, the default until
+    session 11, scored 0.29 and 0.43 higher (docs/benchmarks.md, "Learning rates, re-tuned" and
+    "An AVX2-only CPU, emulated")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
