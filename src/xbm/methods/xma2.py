@@ -418,18 +418,19 @@ class XMA2(XMA):
         """Tier 1: one bit per PE (re-programmed or not); tier 2: XMA's bits per column of the
         frozen PEs. The re-programmed weights themselves are cells, counted by
         :meth:`reprogrammed_cells`, not mask memory. At ``pe_budget`` 0 there is no tier 1."""
-        frozen = state.score.numel() - int(self.selected_columns(state).sum())
-        tier1 = state.pe_mask.numel() if self.config.pe_budget > 0 else 0
-        return tier1 + self.config.bits_per_column * frozen
+        return self._bits(state, state.score.numel() - int(self.selected_columns(state).sum()))
 
     def planned_mask_bits(self, layer: nn.Module, state: nn.Module,
                           rewrite_fraction: float) -> int:
         """Tier 1's bit per PE, plus tier 2's bits on the columns left frozen when
         ``rewrite_fraction`` of the weights (whole PEs) are re-programmed: a fresh state has no
         selection yet, so :meth:`mask_bits` would count every column as frozen."""
+        return self._bits(state, round(state.score.numel() * (1 - rewrite_fraction)))
+
+    def _bits(self, state: nn.Module, frozen_columns: int) -> int:
+        """Tier 1 (one bit per PE, none at budget 0) plus tier 2 on ``frozen_columns``."""
         tier1 = state.pe_mask.numel() if self.config.pe_budget > 0 else 0
-        frozen = round(state.score.numel() * (1 - rewrite_fraction))
-        return tier1 + self.config.bits_per_column * frozen
+        return tier1 + self.config.bits_per_column * frozen_columns
 
     def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:
         selection = self._selection(layer, state)
