@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-path", action="store_true",
                     help="also time xbm and xma with the single-tile fast path on (rows "
                     "'xbm+fast', 'xma+fast'; xbm.nn.layers.SINGLE_TILE_FAST_PATH)")
+    ap.add_argument("--profile", default="",
+                    help="comma list of methods (as named in the table) to profile for 3 steps "
+                         "each after the timing: the top ops by self device time (CPU time on a "
+                         "CPU), and the step's totals")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for m in methods:
         name = m.replace("-", "_").replace("+", "_")
-        base = m.removesuffix("+fast")
+        base = m.split("+")[0]
         meth = mtm.add_task(name, 10, base, BENCH_CONFIGS.get(base))
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
@@ -141,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     # the optimisers are built after the move, so they hold the device's parameters
     opts = {m: (name, torch.optim.Adam(pg)) for m, (name, pg) in opts.items()}
 
+    def variant(m: str) -> None:
+        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
+
     def step(m: str) -> None:
         name, opt = opts[m]
-        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
+        variant(m)
         mtm.set_task(name)
         loss = F.cross_entropy(mtm(x), y)
         opt.zero_grad(set_to_none=True)
@@ -183,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
             step(m)
             sync()
             times[m].append(time.perf_counter() - t0)
+    for m in filter(None, args.profile.split(",")):
+        if m not in opts:
+            raise SystemExit(f"--profile {m}: not a method of this run ({', '.join(methods)})")
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step(m)
+            sync()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"--- profile of 3 steps of {m}, by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
     rows = []
     med = {m: statistics.median(v) for m, v in times.items()}
     frozen = med.get("linear-probe")
@@ -194,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         adam = sum(t.numel() * t.element_size() for s in opt.state.values()
                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         mtm.set_task(name)
-        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
+        variant(m)
         saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
         if m == "piggyback":
             pb_state = state

@@ -10,16 +10,19 @@
 #
 # In order, each step time-boxed so the whole ends inside BUDGET_SECONDS (default 540):
 #   0. a tiny demo of every method on the GPU; the session stops there if it fails;
-#   1. `xbm demo --width WIDTH --device cuda` for seeds 0, 1, 2, and seed 0 of Piggyback, XBM
-#      and XMA at XBM_LONG_EPOCHS (default 2) epochs, run at once on the one GPU (at batch 32 a
-#      step is launch-bound, so the processes share it well); meanwhile the test suite runs on
-#      the CPU cores under the machine's torch (CUDA tests included; 4 xdist workers with 4
-#      threads each: unlimited threads per worker oversubscribed the 16 cores and never finished);
-#   2. benchmarks/bench_methods.py --device cuda at widths 16 and WIDTH;
+#   1. `xbm demo --device cuda` at the device's default width (64 on CUDA; the flag is not
+#      passed, so the default itself is what runs) for seeds 0, 1, 2, and on the same three
+#      backbones Piggyback, XBM and XMA at other lrs (Piggyback 1e-3 and 3e-4, XBM 2e-3 and 5e-4,
+#      XMA 0.3), all at once on the one GPU (at batch 32 a step is launch-bound, so the processes
+#      share it well); meanwhile the test suite runs on the CPU cores under the machine's torch
+#      (CUDA tests included; 4 xdist workers with 1 thread each: unlimited threads per worker
+#      oversubscribed the 16 cores and never finished);
+#   2. benchmarks/bench_methods.py --device cuda at widths 16 and WIDTH, batches 32 and 128,
+#      with the single-tile fast path as extra rows, and a
+#      profile of Piggyback's and XBM's steps (width WIDTH, batch 32);
 #   3. benchmarks/bench_simulate.py --device cuda with the compile, torch and triton backends.
-# The demos use the current default backbone recipe (3 epochs, `affine-flip` + mixup 0.4). The
-# width-64 figures in docs/benchmarks.md were made with the previous one; to repeat those, set
-# XBM_DEMO_ARGS="--pretrain-epochs 1 --pretrain-augment none --pretrain-mixup 0".
+# XBM_DEMO_YAML names a file of extra demo fields for every demo (a tiny config dry-runs the
+# script on a CPU: XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python).
 # Everything lands in OUT_DIR/session.log and OUT_DIR/gpu.tgz (re-packed after each step, so a
 # cut-off run still returns what finished).
 set -u
@@ -40,7 +43,7 @@ left() { echo $((BUDGET - ($(date +%s) - T0))); }
 # seconds a step may run so that RESERVE seconds of the budget stay for what follows (at least 5)
 upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
 say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/gpu.tgz.tmp" -C "$WORK" --exclude=cache . && mv "$OUT/gpu.tgz.tmp" "$OUT/gpu.tgz"; }
+pack() { tar -czf "$OUT/gpu.tgz.tmp" -C "$WORK" --exclude=cache --exclude=smoke_cache . && mv "$OUT/gpu.tgz.tmp" "$OUT/gpu.tgz"; }
 
 say "env"
 { nvidia-smi 2>&1 | head -15
@@ -55,42 +58,84 @@ $PY -c "from xbm.data import load_dataset; load_dataset('letters', root='$DATA')
 
 say "0. smoke: a tiny demo of every method on $DEV (stops the session early if it fails)"
 printf 'pretrain_subset: 512\ntrain_subset: 64\ntest_subset: 64\nwidth: 8\n' >"$WORK/smoke.yaml"
-if ! timeout 120 $PY -m xbm demo --config "$WORK/smoke.yaml" --device "$DEV" --data-root "$DATA" \
+# its own cache, so its backbone is not taken for a demo's below
+if ! XBM_CACHE="$WORK/smoke_cache" timeout 120 $PY -m xbm demo --config "$WORK/smoke.yaml" --device "$DEV" --data-root "$DATA" \
     --out "$WORK/smoke" --no-progress >"$WORK/smoke.log" 2>&1; then
   tail -30 "$WORK/smoke.log" >>"$LOG"; pack; say "smoke failed"; exit 3
 fi
 
-say "1. demos at width $WIDTH, seeds 0 1 2 (and seed 0 at ${XBM_LONG_EPOCHS:=2} epochs), on $DEV;"\
-  "tests on the CPU meanwhile"
-runs=(s0 s1 s2 long)
+say "1. demos on $DEV at the device's default width, seeds 0 1 2, and the same backbones with"\
+  "other lrs; tests on the CPU meanwhile"
+# Every demo gets this base config; XBM_DEMO_YAML (a file of demo fields) is prepended, e.g. a
+# tiny one to dry-run the script on a CPU.
+: >"$WORK/base.yaml"
+[ -n "${XBM_DEMO_YAML:-}" ] && cat "$XBM_DEMO_YAML" >"$WORK/base.yaml"
+# lr alternatives either side of the defaults (tuned at width 16 on the CPU): are the defaults
+# still each method's best at the GPU's width?
+{ cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 1.0e-3}\n'
+  printf '  xbm: {lr: 2.0e-3}\n  xma: {lr: 0.3}\n'; } >"$WORK/lr_hi.yaml"
+{ cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 3.0e-4}\n'
+  printf '  xbm: {lr: 5.0e-4}\n'; } >"$WORK/lr_lo.yaml"
+runs=(s0 s1 s2 hi0 hi1 hi2 lo0 lo1 lo2)
 pids=()
 for r in "${runs[@]}"; do
-  if [ "$r" = long ]; then args=(--seed 0 --epochs "$XBM_LONG_EPOCHS" --methods piggyback,xbm,xma)
-  else args=(--seed "${r#s}"); fi
-  OMP_NUM_THREADS=3 timeout "$(upto 120)" $PY -m xbm demo --width "$WIDTH" --device "$DEV" \
-    "${args[@]}" --data-root "$DATA" --out "$WORK/w$WIDTH$r" --no-progress ${XBM_DEMO_ARGS:-} \
-    >"$WORK/w$WIDTH$r.log" 2>&1 &
+  seed=${r: -1}
+  case $r in
+    s*) args=(--config "$WORK/base.yaml") ;;
+    hi*) args=(--config "$WORK/lr_hi.yaml" --methods piggyback,xbm,xma) ;;
+    lo*) args=(--config "$WORK/lr_lo.yaml" --methods piggyback,xbm) ;;
+  esac
+  (
+    # the lr runs reuse the seed's backbone once the default run has cached it (written
+    # atomically, so the file appears whole)
+    if [ "${r:0:1}" != s ]; then
+      until compgen -G "$XBM_CACHE/backbones/*-s$seed-*.safetensors" >/dev/null; do
+        sleep 2; [ "$(left)" -lt 60 ] && exit 9
+      done
+    fi
+    OMP_NUM_THREADS=1 exec timeout "$(upto 120)" $PY -m xbm demo --device "$DEV" --seed "$seed" \
+      "${args[@]}" --data-root "$DATA" --out "$WORK/demo_$r" --no-progress ${XBM_DEMO_ARGS:-}
+  ) >"$WORK/demo_$r.log" 2>&1 &
   pids+=($!)
 done
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-OMP_NUM_THREADS=4 timeout "$(upto 200)" $PY -m pytest -q -p no:cacheprovider $XDIST \
+OMP_NUM_THREADS=1 timeout "$(upto 180)" $PY -m pytest -q -p no:cacheprovider $XDIST \
   >"$WORK/pytest.log" 2>&1
 say "tests: $(tail -1 "$WORK/pytest.log")"
-grep -E "^FAILED" "$WORK/pytest.log" >>"$LOG"
+grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" >>"$LOG"
 for i in "${!pids[@]}"; do
   r=${runs[$i]}
   wait "${pids[$i]}"; say "demo $r exit $?"
-  grep -E "^ *(finetune|linear-probe|piggyback|xbm|xma|xma2) +[a-z-]+ +acc" \
-    "$WORK/w$WIDTH$r.log" >>"$LOG" || tail -5 "$WORK/w$WIDTH$r.log" >>"$LOG"
+  if grep -q '^method ' "$WORK/demo_$r.log"; then
+    sed -n '/^method /,/^results:/p' "$WORK/demo_$r.log" >>"$LOG"
+  else tail -5 "$WORK/demo_$r.log" >>"$LOG"; fi
 done
+# mean new-task accuracy of each method in each run, one line per run
+$PY - "$WORK" <<'PYEOF' >>"$LOG" 2>&1
+import json, pathlib, sys
+for d in sorted(pathlib.Path(sys.argv[1]).glob("demo_*/results.json")):
+    res = json.loads(d.read_text())
+    acc: dict[str, list[float]] = {}
+    for r in res["runs"]:
+        if not r["base_task"]:
+            acc.setdefault(r["method"], []).append(r["accuracy"])
+    def flat(x):
+        return [y for v in x.values() for y in (flat(v) if isinstance(v, dict) else [v])]
+    checks = all(v is True for v in flat(res.get("checks", {})) if isinstance(v, bool))
+    print(d.parent.name, f"width {res['config']['width']} {res['wall_seconds']:.0f} s |",
+          " ".join(f"{m} {sum(v) / len(v):.2f}" for m, v in acc.items()),
+          "| checks all true:", checks)
+PYEOF
 pack
 
 say "2. bench_methods on $DEV"
 for w in 16 "$WIDTH"; do
   for b in 32 128; do
     timeout "$(($(left) > 120 ? 60 : 5))" $PY benchmarks/bench_methods.py --device "$DEV" \
-      --width "$w" --batch "$b" --reps 30 --json "$WORK/bench_methods_w${w}_b$b.json" \
+      --width "$w" --batch "$b" --reps 30 --fast-path \
+      $([ "$w" = "$WIDTH" ] && [ "$b" = 32 ] && echo --profile piggyback,xbm) \
+      --json "$WORK/bench_methods_w${w}_b$b.json" \
       >>"$WORK/bench_methods.log" 2>&1
   done
 done

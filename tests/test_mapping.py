@@ -259,6 +259,50 @@ def test_column_mask_gradients_match_autograd_reference(shape, R):
 
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("shape,R", [((6, 8, 3, 3), 8), ((5, 3, 3, 3), 8), ((4, 16), 4),
+                                     ((3, 2, 1, 1), 64), ((6, 7, 3, 3), 16), ((9, 64), 64)])
+def test_thresholded_column_mask_equals_binarize_then_mask(shape, R, device):
+    """XBM's fused path (scores binarised inside the column mask's autograd node) gives the very
+    same weight and gradients as Piggyback's estimator followed by the column mask, for whole
+    tiles, one tile and a ragged last tile: fusing it for speed changes no result."""
+    from xbm.methods.base import BinarizeSTE
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, device=device, requires_grad=True)
+    rows = w[0].numel()
+    score = (torch.randn(-(-rows // R), shape[0], device=device) * 1e-2).requires_grad_()
+    g = torch.randn(*shape, device=device)
+    fused = apply_column_mask(w, score, R, threshold=5e-3)
+    split = apply_column_mask(w, BinarizeSTE.apply(score, 5e-3), R)
+    assert fused.is_contiguous() and torch.equal(fused, split)
+    assert 0 < int((score > 5e-3).sum()) < score.numel()  # both mask values occur
+    got = torch.autograd.grad((fused * g).sum(), (w, score))
+    want = torch.autograd.grad((split * g).sum(), (w, score))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert got[1].is_contiguous()
+
+
+@pytest.mark.parametrize("shape,R", [((8, 16, 3, 3), 16), ((5, 3, 3, 3), 8), ((6, 7, 1, 1), 64)])
+def test_column_mask_of_a_channels_last_weight(shape, R):
+    """A weight or gradient that is not contiguous (channels_last) takes the general path and
+    gives the same result as the contiguous one (the fast path's strided views assume a
+    contiguous layout)."""
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    wl = w.to(memory_format=torch.channels_last).requires_grad_()
+    w.requires_grad_()
+    mask = torch.randn(-(-w[0].numel() // R), shape[0], requires_grad=True)
+    g = torch.randn(*shape).to(memory_format=torch.channels_last)
+    outs = [apply_column_mask(x, mask, R) for x in (w, wl)]
+    assert torch.equal(outs[0], outs[1])
+    grads = [torch.autograd.grad((o * g).sum(), (x, mask)) for o, x in zip(outs, (w, wl),
+                                                                          strict=True)]
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+
+
 def test_column_mask_of_the_wrong_shape_is_a_clear_error():
     w = torch.randn(4, 3, 3, 3)  # 27 rows: 4 row tiles at R = 8
     with pytest.raises(ValueError, match=r"expected \(4, 4\)"):

@@ -79,51 +79,72 @@ def from_tile_view(tiled: torch.Tensor, weight_shape: torch.Size | tuple[int, ..
 
 
 class _ColumnMask(torch.autograd.Function):
-    """``weight * mask`` broadcast over each crossbar column's rows, with a hand-written backward.
+    """``weight * mask`` broadcast over each crossbar column's rows, with a hand-written backward;
+    optionally binarising real-valued scores first (``score > threshold``, identity gradient:
+    Piggyback's straight-through estimator).
 
     Autograd through the obvious slice / multiply / concatenate version records about five more
     kernels per layer than Piggyback's one element-wise multiply (two multiplies, a concatenation
     and their backward slices and sums for a ragged last tile), which a GPU pays in launches at
-    small batch sizes. Here the forward is one row-expansion of the mask and one multiply, and the
-    backward one multiply and one per-column sum (plus a pad for a ragged tile).
+    small batch sizes. Here the forward is one multiply (in the tile view where the rows fill
+    whole tiles or one tile; else after one row-expansion of the mask), and the backward one
+    multiply and one per-column sum (plus a pad for a ragged tile). Binarising inside the same
+    Function leaves XBM one Python autograd node per layer, as Piggyback has: on a GPU a step at
+    small batches is bound by that per-layer overhead, not by arithmetic (docs/benchmarks.md).
     """
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
-        cout = weight.shape[0]
-        m = weight.reshape(cout, -1)
-        rows = m.shape[1]
-        per_row = mask.t().repeat_interleave(R, dim=1)  # (Cout, row_tiles * R)
-        if per_row.shape[1] != rows:
-            per_row = per_row[:, :rows]
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, R: int,
+                threshold: float | None) -> torch.Tensor:
+        if threshold is not None:
+            mask = (mask > threshold).to(mask.dtype)
+        elif not mask.is_contiguous():
+            mask = mask.contiguous()
+        rt, cout = mask.shape
+        rows = weight.numel() // cout
         ctx.save_for_backward(weight, mask)
-        ctx.R = R
-        return (m * per_row).reshape(weight.shape)
+        ctx.R, ctx.rows = R, rows
+        # Strided views instead of chains of reshape / t / unsqueeze: each view is a dispatched
+        # op, and on a GPU at small batches those per-op overheads are what a step costs.
+        if (rt == 1 or rt * R == rows) and weight.is_contiguous():
+            per_col = mask.as_strided((cout, rt, 1), (1, cout, 1))  # mask[t, c] at [c, t, 0]
+            return (weight.view(cout, rt, rows // rt) * per_col).view(weight.shape)
+        per_row = mask.t().repeat_interleave(R, dim=1)[:, :rows]  # (Cout, rows)
+        return (weight.reshape(cout, rows) * per_row).reshape(weight.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         weight, mask = ctx.saved_tensors
-        R = ctx.R
-        cout = weight.shape[0]
-        g = grad.reshape(cout, -1)
-        rows = g.shape[1]
-        rt = mask.shape[0]
+        R, rows = ctx.R, ctx.rows
+        rt, cout = mask.shape
         grad_w = grad_mask = None
         if ctx.needs_input_grad[1]:
-            prod = g * weight.reshape(cout, rows)
+            prod = grad * weight  # same shape: no views needed
             if rt * R != rows:
-                prod = torch.nn.functional.pad(prod, (0, rt * R - rows))
-            # summed from the (row_tiles, Cout, R) view so the result is born contiguous in the
-            # score's layout (a transposed result would cost AccumulateGrad a copy)
-            grad_mask = prod.view(cout, rt, R).transpose(0, 1).sum(dim=2)
+                prod = torch.nn.functional.pad(prod.reshape(cout, rows), (0, rt * R - rows))
+            elif not prod.is_contiguous():
+                prod = prod.contiguous()
+            # summed from the (row_tiles, Cout, R) view of the (Cout, row_tiles, R) product, so
+            # the result is born contiguous in the score's layout (a transposed result would
+            # cost AccumulateGrad a copy)
+            grad_mask = prod.as_strided((rt, cout, R), (R, rt * R, 1)).sum(dim=2)
         if ctx.needs_input_grad[0]:
-            per_row = mask.t().repeat_interleave(R, dim=1)[:, :rows]
-            grad_w = (g * per_row).reshape(weight.shape)
-        return grad_w, grad_mask, None
+            g = grad.reshape(cout, rows)
+            if rt == 1 or rt * R == rows:
+                grad_w = (g.view(cout, rt, rows // rt) * mask.t().unsqueeze(-1)
+                          ).reshape(weight.shape)
+            else:
+                per_row = mask.t().repeat_interleave(R, dim=1)[:, :rows]
+                grad_w = (g * per_row).reshape(weight.shape)
+        return grad_w, grad_mask, None, None
 
 
-def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
+def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int,
+                      threshold: float | None = None) -> torch.Tensor:
     """Scale every crossbar column of ``weight`` by ``mask`` of shape (row_tiles, Cout).
+
+    With ``threshold``, ``mask`` holds real-valued scores and the scale is ``score > threshold``
+    (0 or 1) with a straight-through gradient: XBM's binary column mask in one autograd node.
 
     Equivalent to ``from_tile_view(tile_view(w) * mask.T[..., None])``. This is the whole extra
     forward cost of a column mask: one multiply per weight plus the mask's expansion over rows
@@ -135,7 +156,7 @@ def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int) -> torch
         raise ValueError(f"column mask of shape {tuple(mask.shape)} does not fit a weight of "
                          f"{weight.shape[0]} outputs x {rows} rows at R={R}; expected "
                          f"({num_row_tiles(rows, R)}, {weight.shape[0]})")
-    return _ColumnMask.apply(weight, mask, R)
+    return _ColumnMask.apply(weight, mask, R, threshold)
 
 
 def column_sum_over_tiles(x: torch.Tensor, R: int) -> torch.Tensor:

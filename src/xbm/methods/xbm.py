@@ -45,7 +45,10 @@ class XBM(AdaptionMethod):
         return BinarizeSTE.apply(state.score, self.config.threshold)
 
     def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
-        return apply_column_mask(layer.weight, self.mask(state), layer.spec.rows)
+        # binarised inside the column mask's own autograd node (bit-identical to
+        # apply_column_mask(weight, self.mask(state), R); one Python node per layer fewer)
+        return apply_column_mask(layer.weight, state.score, layer.spec.rows,
+                                 threshold=self.config.threshold)
 
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight
