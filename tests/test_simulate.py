@@ -573,3 +573,23 @@ def test_simulate_plots_from_results(tmp_path):
     fa["adc_sweep"] = [{"adc_bits": "ideal", "accuracy": 90.0}]
     assert _plots(fa, tmp_path / "d") == []
     assert all((tmp_path / d).is_dir() for d in "abcd")
+
+
+def test_compiled_kernels_run_under_a_raised_recompile_limit(monkeypatch):
+    """A network's layers need more compiled variants than dynamo's default 8 (after which it
+    silently ran the rest eagerly): every call of a fused function raises the limit while it
+    runs, and leaves the user's setting as it was."""
+    import torch._dynamo as dynamo
+
+    import xbm.hardware.simulate as sim
+
+    key = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    before = getattr(dynamo.config, key)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (
+        lambda *a: (seen.append(getattr(dynamo.config, key)), fn(*a))[1]))
+    monkeypatch.setattr(sim, "_COMPILED", {})
+    f = sim._compiled("probe", lambda x: x + 1)
+    assert f(torch.ones(1)).item() == 2
+    assert seen == [max(sim.RECOMPILE_LIMIT, before)] and seen[0] > 8
+    assert getattr(dynamo.config, key) == before

@@ -258,15 +258,35 @@ def _resolve_backend(name: str, device: torch.device) -> str:
     return "compile" if _have_cxx() else "torch"
 
 
+#: Compiled variants each fused function may build. A network's layers differ in which sizes
+#: are 1 (one input cycle, one conv group, one row tile: torch.compile specialises those even
+#: with ``dynamic=True``), in whether the ADC quantises and whether channels are windowed, so
+#: the default spec on a CIFAR ResNet-18 needs more than dynamo's default of 8, after which it
+#: silently ran the remaining layers eagerly (seen on CPU and on an H200, docs/benchmarks.md).
+RECOMPILE_LIMIT = 64
+
+
 def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any] | None:
     """``torch.compile(fn)``, once; None (with a warning) where the toolchain is unusable, so a
-    simulation never fails for lack of a compiler."""
+    simulation never fails for lack of a compiler. Calls run with dynamo's per-function
+    recompile limit raised to :data:`RECOMPILE_LIMIT` (only while they run)."""
     if name not in _COMPILED:
         try:
-            _COMPILED[name] = torch.compile(fn, dynamic=True)
+            compiled = torch.compile(fn, dynamic=True)
         except Exception as exc:  # pragma: no cover - depends on the toolchain
             warnings.warn(f"torch.compile unavailable ({exc}); using eager", stacklevel=3)
             _COMPILED[name] = None
+        else:
+            import torch._dynamo as dynamo
+
+            cfg = dynamo.config
+            key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+
+            def call(*args: Any) -> Any:
+                with cfg.patch(**{key: max(RECOMPILE_LIMIT, getattr(cfg, key))}):
+                    return compiled(*args)
+
+            _COMPILED[name] = call
     return _COMPILED[name]
 
 
