@@ -308,3 +308,19 @@ def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn_when_training(cfg, 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, max_steps=1)
+
+
+def test_final_loss_is_the_last_steps_loss(task_a, monkeypatch):
+    """The loss is read back from the device only every few steps (a GPU would wait on each
+    read); the reported final loss is still the last step's."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    mtm = make_mtm()
+    mtm.add_task("a", task_a.num_classes, "xbm")
+    loader, _ = task_a.loaders(16, seed=0)
+    res = train_task(mtm, "a", loader, 3, torch.device("cpu"), progress=True)
+    assert res.steps == len(seen) == 3 * len(loader)
+    assert res.final_loss == float(seen[-1].detach()) and math.isfinite(res.final_loss)

@@ -98,6 +98,10 @@ def cosine_lambda(total_steps: int):
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
+#: Steps between two loss read-backs for the progress bar (each read synchronises a GPU).
+POSTFIX_EVERY = 10
+
+
 def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torch.device,
                progress: bool = True, max_steps: int | None = None) -> TrainResult:
     """Train one task's state (and only it) on ``loader`` for ``epochs``.
@@ -134,7 +138,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         total = min(total, max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
     mtm.train()
-    step, loss_v = 0, float("nan")
+    step, last_loss = 0, None
     t0 = time.perf_counter()
     for epoch in range(epochs):
         it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
@@ -148,9 +152,11 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
             opt.step()
             sched.step()
             step += 1
-            loss_v = float(loss.detach())
-            if progress and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{loss_v:.3f}")
+            # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
+            # which would serialise the host's launches with the GPU's work on every step
+            last_loss = loss.detach()
+            if progress and hasattr(it, "set_postfix") and step % POSTFIX_EVERY == 0:
+                it.set_postfix(loss=f"{float(last_loss):.3f}")
             if step >= total:
                 break
         if step >= total:
@@ -158,6 +164,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     if device.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
+    loss_v = float("nan") if last_loss is None else float(last_loss)
     xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
     method.on_task_end(mtm, task)
     for g in param_groups:
