@@ -69,9 +69,10 @@ say "1. demos on $DEV at the device's default width, seeds 0 1 2, and the same b
 # Every demo gets this base config; XBM_DEMO_YAML (a file of demo fields) is prepended, e.g. a
 # tiny one to dry-run the script on a CPU.
 : >"$WORK/base.yaml"
-[ -n "${XBM_DEMO_YAML:-}" ] && cat "$XBM_DEMO_YAML" >"$WORK/base.yaml"
-# lr alternatives either side of the defaults (tuned at width 16 on the CPU): are the defaults
-# still each method's best at the GPU's width?
+[ -n "${XBM_DEMO_YAML:-}" ] && { cat "$XBM_DEMO_YAML"; echo; } >"$WORK/base.yaml"
+# lr alternatives around the defaults (tuned at width 16 on the CPU): "hi" runs Piggyback and XBM
+# above theirs and XMA at its former 0.3, "lo" Piggyback and XBM below: are the defaults still
+# each method's best at the GPU's width?
 { cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 1.0e-3}\n'
   printf '  xbm: {lr: 2.0e-3}\n  xma: {lr: 0.3}\n'; } >"$WORK/lr_hi.yaml"
 { cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 3.0e-4}\n'
@@ -91,6 +92,8 @@ for r in "${runs[@]}"; do
     if [ "${r:0:1}" != s ]; then
       until compgen -G "$XBM_CACHE/backbones/*-s$seed-*.safetensors" >/dev/null; do
         sleep 2; [ "$(left)" -lt 60 ] && exit 9
+        # the default run of this seed (started first, pids[seed]) died before caching it
+        kill -0 "${pids[$seed]}" 2>/dev/null || exit 8
       done
     fi
     OMP_NUM_THREADS=1 exec timeout "$(upto 120)" $PY -m xbm demo --device "$DEV" --seed "$seed" \

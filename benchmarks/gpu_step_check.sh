@@ -4,7 +4,7 @@
 # 64, batches 32 and 128, with op counts, and a profile of Piggyback's and XBM's steps.
 #
 #   bash benchmarks/gpu_step_check.sh OUT_DIR
-set -u
+set -u -o pipefail
 mkdir -p "$1"
 OUT=$(realpath "$1")
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -25,6 +25,7 @@ for w in 16 64; do
       --reps 40 --count-ops --json "$OUT/bench_methods_w${w}_b$b.json" \
       $([ "$w" = 64 ] && [ "$b" = 32 ] && echo --profile piggyback,xbm) 2>&1 \
       | grep -v "^USDT" >>"$OUT/step_check.log"
+    say "exit ${PIPESTATUS[0]}"
   done
 done
 say "done"

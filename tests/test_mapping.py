@@ -277,6 +277,9 @@ def test_thresholded_column_mask_equals_binarize_then_mask(shape, R, device):
     fused = apply_column_mask(w, score, R, threshold=5e-3)
     split = apply_column_mask(w, BinarizeSTE.apply(score, 5e-3), R)
     assert fused.is_contiguous() and torch.equal(fused, split)
+    # scores held transposed (a view with strides (1, row_tiles)) give the same weight too
+    st = score.detach().t().contiguous().t()
+    assert torch.equal(apply_column_mask(w, st, R, threshold=5e-3), split)
     assert 0 < int((score > 5e-3).sum()) < score.numel()  # both mask values occur
     got = torch.autograd.grad((fused * g).sum(), (w, score))
     want = torch.autograd.grad((split * g).sum(), (w, score))

@@ -4,10 +4,10 @@ A Conv2d weight (Cout, Cin/groups, kh, kw) is the layer matrix with rows = Cin/g
 (wordlines) and cols = Cout outputs; a Linear weight (out, in) has rows = in, cols = out. Rows are
 zero-padded to a multiple of R and split into row tiles. Because torch stores weights output-major,
 the tiled view is a *reshape* of the (Cout, rows) matrix to (Cout, row_tiles, R). A column mask is
-stored and learned per crossbar column, (row_tiles, Cout); to apply it, :func:`apply_column_mask`
-expands it over each column's rows into a transient (Cout, rows) tensor, the size of the weight,
-which lives for one forward (and is rebuilt in the backward): one expansion and one multiply,
-fewer kernels than broadcasting over the padded tile view (see :class:`_ColumnMask`).
+stored and learned per crossbar column, (row_tiles, Cout); :func:`apply_column_mask` multiplies
+it into the weight in the tile view where the rows fill whole tiles (or one tile), and otherwise
+expands it over each column's rows into a transient (Cout, rows) tensor first: one multiply (and
+at most one expansion) per layer, with a hand-written backward (see :class:`_ColumnMask`).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class _ColumnMask(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, R: int,
                 threshold: float | None) -> torch.Tensor:
         if threshold is not None:
-            mask = (mask > threshold).to(mask.dtype)
-        elif not mask.is_contiguous():
+            mask = (mask > threshold).to(mask.dtype)  # keeps the scores' memory layout
+        if not mask.is_contiguous():  # the strided views below assume row-major (rt, Cout)
             mask = mask.contiguous()
         rt, cout = mask.shape
         rows = weight.numel() // cout

@@ -37,8 +37,9 @@ RESULTS_SCHEMA = "xbm-results/1"
 class DemoConfig:
     """Defaults are sized for 10 minutes on 2 CPU cores, pretraining included (width 16; 7.4-9.1
     minutes measured with bf16 pretraining on an AMX CPU, 8.5-10.5 with fp32 pretraining);
-    on CUDA the width defaults to 64, where the column masks matched Piggyback (~2 minutes on an
-    H200, measured with the earlier 1-epoch, unaugmented backbone)."""
+    on CUDA the width defaults to 64, where XBM came within 0.5 points of Piggyback and XMA within
+    0.25 (3 minutes on an H200 shared with eight other demos; docs/benchmarks.md, "GPU session
+    2")."""
 
     benchmark: str = "mnist-family"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))

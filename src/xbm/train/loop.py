@@ -155,7 +155,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
             # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
             # which would serialise the host's launches with the GPU's work on every step
             last_loss = loss.detach()
-            if progress and hasattr(it, "set_postfix") and step % POSTFIX_EVERY == 0:
+            if (progress and hasattr(it, "set_postfix") and not getattr(it, "disable", False)
+                    and step % POSTFIX_EVERY == 0):
                 it.set_postfix(loss=f"{float(last_loss):.3f}")
             if step >= total:
                 break
