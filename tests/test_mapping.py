@@ -263,29 +263,46 @@ def test_column_mask_gradients_match_autograd_reference(shape, R):
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("shape,R", [((6, 8, 3, 3), 8), ((5, 3, 3, 3), 8), ((4, 16), 4),
                                      ((3, 2, 1, 1), 64), ((6, 7, 3, 3), 16), ((9, 64), 64)])
-def test_thresholded_column_mask_equals_binarize_then_mask(shape, R, device):
-    """XBM's fused path (scores binarised inside the column mask's autograd node) gives the very
-    same weight and gradients as Piggyback's estimator followed by the column mask, for whole
-    tiles, one tile and a ragged last tile: fusing it for speed changes no result."""
+def test_quantised_column_mask_equals_quantise_then_mask(shape, R, device):
+    """XBM's and XMA's fused paths (scores quantised inside the column mask's autograd node)
+    give the very same weight and gradients as their straight-through estimators followed by
+    the column mask, for whole tiles, one tile and a ragged last tile: fusing them for speed
+    changes no result."""
+    from xbm.methods import create_method
     from xbm.methods.base import BinarizeSTE
+
+    def binarize(s):
+        return (s > 5e-3).to(s.dtype)
 
     torch.manual_seed(0)
     w = torch.randn(*shape, device=device, requires_grad=True)
     rows = w[0].numel()
     score = (torch.randn(-(-rows // R), shape[0], device=device) * 1e-2).requires_grad_()
     g = torch.randn(*shape, device=device)
-    fused = apply_column_mask(w, score, R, threshold=5e-3)
+    fused = apply_column_mask(w, score, R, quantize=binarize)
     split = apply_column_mask(w, BinarizeSTE.apply(score, 5e-3), R)
     assert fused.is_contiguous() and torch.equal(fused, split)
     # scores held transposed (a view with strides (1, row_tiles)) give the same weight too
     st = score.detach().t().contiguous().t()
-    assert torch.equal(apply_column_mask(w, st, R, threshold=5e-3), split)
+    assert torch.equal(apply_column_mask(w, st, R, quantize=binarize), split)
     assert 0 < int((score > 5e-3).sum()) < score.numel()  # both mask values occur
     got = torch.autograd.grad((fused * g).sum(), (w, score))
     want = torch.autograd.grad((split * g).sum(), (w, score))
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     assert got[1].is_contiguous()
+    # XMA: log2-space scores spread over every level, 0 included
+    xma = create_method("xma")
+    ls = (torch.randn(-(-rows // R), shape[0], device=device) * 1.5 - 1).requires_grad_()
+    fused = apply_column_mask(w, ls, R, quantize=xma._quantize)
+    state = torch.nn.Module()
+    state.score = ls
+    split = apply_column_mask(w, xma.levels(state), R)
+    assert torch.equal(fused, split) and len(torch.unique(xma.levels(state))) > 2
+    got = torch.autograd.grad((fused * g).sum(), (w, ls))
+    want = torch.autograd.grad((split * g).sum(), (w, ls))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape,R", [((8, 16, 3, 3), 16), ((5, 3, 3, 3), 8), ((6, 7, 1, 1), 64)])

@@ -80,24 +80,26 @@ def from_tile_view(tiled: torch.Tensor, weight_shape: torch.Size | tuple[int, ..
 
 class _ColumnMask(torch.autograd.Function):
     """``weight * mask`` broadcast over each crossbar column's rows, with a hand-written backward;
-    optionally binarising real-valued scores first (``score > threshold``, identity gradient:
-    Piggyback's straight-through estimator).
+    optionally quantising real-valued scores into the mask first (``quantize``: XBM's
+    ``score > threshold``, XMA's nearest shift level), with the identity as its gradient (the
+    straight-through estimator both use).
 
     Autograd through the obvious slice / multiply / concatenate version records about five more
     kernels per layer than Piggyback's one element-wise multiply (two multiplies, a concatenation
     and their backward slices and sums for a ragged last tile), which a GPU pays in launches at
     small batch sizes. Here the forward is one multiply (in the tile view where the rows fill
     whole tiles or one tile; else after one row-expansion of the mask), and the backward one
-    multiply and one per-column sum (plus a pad for a ragged tile). Binarising inside the same
-    Function leaves XBM one Python autograd node per layer, as Piggyback has: on a GPU a step at
-    small batches is bound by that per-layer overhead, not by arithmetic (docs/benchmarks.md).
+    multiply and one per-column sum (plus a pad for a ragged tile). Quantising inside the same
+    Function leaves XBM and XMA one Python autograd node per layer, as Piggyback has: on a GPU a
+    step at small batches is bound by that per-layer overhead, not by arithmetic
+    (docs/benchmarks.md).
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, R: int,
-                threshold: float | None) -> torch.Tensor:
-        if threshold is not None:
-            mask = (mask > threshold).to(mask.dtype)  # keeps the scores' memory layout
+                quantize: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        if quantize is not None:
+            mask = quantize(mask)  # may keep the scores' memory layout
         if not mask.is_contiguous():  # the strided views below assume row-major (rt, Cout)
             mask = mask.contiguous()
         rt, cout = mask.shape
@@ -140,11 +142,13 @@ class _ColumnMask(torch.autograd.Function):
 
 
 def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int,
-                      threshold: float | None = None) -> torch.Tensor:
+                      quantize: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> torch.Tensor:
     """Scale every crossbar column of ``weight`` by ``mask`` of shape (row_tiles, Cout).
 
-    With ``threshold``, ``mask`` holds real-valued scores and the scale is ``score > threshold``
-    (0 or 1) with a straight-through gradient: XBM's binary column mask in one autograd node.
+    With ``quantize``, ``mask`` holds real-valued scores and the scale is ``quantize(scores)``
+    (run without autograd), whose gradient is taken as the identity (straight-through): XBM's
+    binary and XMA's shift-level column masks, each in one autograd node.
 
     Equivalent to ``from_tile_view(tile_view(w) * mask.T[..., None])``. This is the whole extra
     forward cost of a column mask: one multiply per weight plus the mask's expansion over rows
@@ -156,7 +160,7 @@ def apply_column_mask(weight: torch.Tensor, mask: torch.Tensor, R: int,
         raise ValueError(f"column mask of shape {tuple(mask.shape)} does not fit a weight of "
                          f"{weight.shape[0]} outputs x {rows} rows at R={R}; expected "
                          f"({num_row_tiles(rows, R)}, {weight.shape[0]})")
-    return _ColumnMask.apply(weight, mask, R, threshold)
+    return _ColumnMask.apply(weight, mask, R, quantize)
 
 
 def column_sum_over_tiles(x: torch.Tensor, R: int) -> torch.Tensor:

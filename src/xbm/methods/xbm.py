@@ -48,7 +48,11 @@ class XBM(AdaptionMethod):
         # binarised inside the column mask's own autograd node (bit-identical to
         # apply_column_mask(weight, self.mask(state), R); one Python node per layer fewer)
         return apply_column_mask(layer.weight, state.score, layer.spec.rows,
-                                 threshold=self.config.threshold)
+                                 quantize=self._binarize)
+
+    def _binarize(self, scores: torch.Tensor) -> torch.Tensor:
+        """``BinarizeSTE``'s forward: score > threshold -> 1, else 0."""
+        return (scores > self.config.threshold).to(scores.dtype)
 
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight
