@@ -210,12 +210,17 @@ def create_method(name: str, config: MethodConfig | dict[str, Any] | None = None
     return cls(config)
 
 
+def binarize(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """score > threshold -> 1, else 0, in the scores' dtype (no autograd)."""
+    return (scores > threshold).to(scores.dtype)
+
+
 class BinarizeSTE(torch.autograd.Function):
     """score > threshold -> {0, 1}; the backward is the identity (Piggyback's estimator)."""
 
     @staticmethod
     def forward(ctx: Any, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-        return (scores > threshold).to(scores.dtype)
+        return binarize(scores, threshold)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from xbm.hardware.mapping import apply_column_mask
-from xbm.methods.base import AdaptionMethod, BinarizeSTE, MaskConfig, register_method
+from xbm.methods.base import (
+    AdaptionMethod,
+    BinarizeSTE,
+    MaskConfig,
+    binarize,
+    register_method,
+)
 
 
 @dataclass
@@ -51,8 +57,8 @@ class XBM(AdaptionMethod):
                                  quantize=self._binarize)
 
     def _binarize(self, scores: torch.Tensor) -> torch.Tensor:
-        """``BinarizeSTE``'s forward: score > threshold -> 1, else 0."""
-        return (scores > self.config.threshold).to(scores.dtype)
+        """``BinarizeSTE``'s forward at this config's threshold."""
+        return binarize(scores, self.config.threshold)
 
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight
