@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for m in methods:
         name = m.replace("-", "_").replace("+", "_")
-        base = m.split("+")[0]
+        base = m.removesuffix("+fast")
         meth = mtm.add_task(name, 10, base, BENCH_CONFIGS.get(base))
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
@@ -145,12 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     # the optimisers are built after the move, so they hold the device's parameters
     opts = {m: (name, torch.optim.Adam(pg)) for m, (name, pg) in opts.items()}
 
-    def variant(m: str) -> None:
-        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
-
     def step(m: str) -> None:
         name, opt = opts[m]
-        variant(m)
+        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         mtm.set_task(name)
         loss = F.cross_entropy(mtm(x), y)
         opt.zero_grad(set_to_none=True)
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         adam = sum(t.numel() * t.element_size() for s in opt.state.values()
                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         mtm.set_task(name)
-        variant(m)
+        layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
         if m == "piggyback":
             pb_state = state

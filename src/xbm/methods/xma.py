@@ -188,8 +188,8 @@ class XMA(AdaptionMethod):
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__(config)
-        self._exponents: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-        self._tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # per (device, dtype): the exponents and their shift_tables, built once
+        self._tables: dict[tuple[str, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
         state = nn.Module()
@@ -200,18 +200,19 @@ class XMA(AdaptionMethod):
         )
         return state
 
-    def _exp_tensor(self, ref: torch.Tensor) -> torch.Tensor:
+    def _tables_for(self, ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(exponents, bucket boundaries, level values) on ``ref``'s device and dtype."""
         key = (str(ref.device), ref.dtype)
-        t = self._exponents.get(key)
+        t = self._tables.get(key)
         if t is None:
             exps = self.config.exponents or [0.0]  # a {0}-only set never reads it
-            t = torch.tensor(exps, dtype=ref.dtype, device=ref.device)
-            self._exponents[key] = t
+            e = torch.tensor(exps, dtype=ref.dtype, device=ref.device)
+            t = self._tables[key] = (e, *shift_tables(e))
         return t
 
     def levels(self, state: nn.Module) -> torch.Tensor:
         """The (row_tiles, Cout) quantised column levels, differentiable through the STE."""
-        return ShiftQuantizeSTE.apply(state.score, self._exp_tensor(state.score),
+        return ShiftQuantizeSTE.apply(state.score, self._tables_for(state.score)[0],
                                       self.config.zero_below)
 
     def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
@@ -222,11 +223,8 @@ class XMA(AdaptionMethod):
 
     def _quantize(self, scores: torch.Tensor) -> torch.Tensor:
         """``ShiftQuantizeSTE``'s forward, with its tables built once per device and dtype."""
-        key = (str(scores.device), scores.dtype)
-        tables = self._tables.get(key)
-        if tables is None:
-            tables = self._tables[key] = shift_tables(self._exp_tensor(scores))
-        return shift_quantize(scores, *tables, self.config.zero_below)
+        _, mids, values = self._tables_for(scores)
+        return shift_quantize(scores, mids, values, self.config.zero_below)
 
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight
