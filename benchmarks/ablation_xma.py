@@ -86,7 +86,8 @@ def run(label: str, method: str, config: dict[str, Any], backbone, bmeta, spec, 
     out: dict[str, Any] = {"label": label, "method": method, "config": config, "tasks": {}}
     for d in tasks:
         m = mtm.add_task(d.name, d.num_classes, method, config, dataset=d.name)
-        tr = train_task(mtm, d.name, loaders[d.name][0], args.epochs, device, progress=False)
+        tr = train_task(mtm, d.name, loaders[d.name][0], args.epochs, device, progress=False,
+                        precision=args.precision)
         acc = evaluate_task(mtm, d.name, loaders[d.name][1], device)
         rec: dict[str, Any] = {
             "accuracy": round(acc, 4),
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["auto", "fp32", "bf16"],
                    help="the backbone's pretraining precision (as xbm demo; auto = bf16 on CPUs "
                    "with native bf16 units)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
+                   help="adaption precision (as xbm demo; auto = bf16 autocast on CPUs with "
+                   "native bf16 units)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
@@ -268,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     d = dataclasses.replace(d, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
                             pretrain_augment=args.pretrain_augment,
                             pretrain_mixup=args.pretrain_mixup,
-                            pretrain_precision=args.pretrain_precision)
+                            pretrain_precision=args.pretrain_precision,
+                            precision=args.precision)
     pcfg = d.pretrain_config(device)
+    args.precision = d.precision_for(device)  # resolved, so run() and the resume key agree
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-path", action="store_true",
                     help="also time xbm and xma with the single-tile fast path on (rows "
                     "'xbm+fast', 'xma+fast'; xbm.nn.layers.SINGLE_TILE_FAST_PATH)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time every method's step under bfloat16 autocast (rows "
+                    "'M+bf16'; the demo's adaption precision on CPUs with native bf16)")
     ap.add_argument("--profile", default="",
                     help="comma list of methods (as named in the table) to profile for 3 steps "
                          "each after the timing: the top ops by self device time (CPU time on a "
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     methods = args.methods.split(",")
+    if args.bf16:
+        methods += [f"{m}+bf16" for m in methods]
     if args.fast_path:
         methods += [f"{m}+fast" for m in ("xbm", "xma") if m in methods]
     dev = torch.device(args.device)
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for m in methods:
         name = m.replace("-", "_").replace("+", "_")
-        base = m.removesuffix("+fast")
+        base = m.removesuffix("+fast").removesuffix("+bf16")
         meth = mtm.add_task(name, 10, base, BENCH_CONFIGS.get(base))
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         name, opt = opts[m]
         layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         mtm.set_task(name)
-        loss = F.cross_entropy(mtm(x), y)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=m.endswith("+bf16")):
+            loss = F.cross_entropy(mtm(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         mtm.set_task(name)
         layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
-        saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=m.endswith("+bf16")):
+            saved = saved_bytes(lambda: F.cross_entropy(mtm(x), y))
         if m == "piggyback":
             pb_state = state
         rows.append({"method": m, "step_ms": med[m] * 1e3,
@@ -232,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(dev) if cuda else f"{args.threads} CPU threads"
     print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
           f"R={args.rows}, {where}, median of {args.reps}; torch {torch.__version__}")
-    print(f"{'method':<14}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
+    print(f"{'method':<18}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
           f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}{'peak MB':>9}"
           + (f"{'ops':>7}{'compute':>9}" if ops else ""))
     def ratio(v: float | None, width: int, digits: int) -> str:
         return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"  # baseline not run
 
     for r in rows:
-        print(f"{r['method']:<14}{r['step_ms']:>9.1f}{ratio(r['vs_frozen'], 11, 2)}"
+        print(f"{r['method']:<18}{r['step_ms']:>9.1f}{ratio(r['vs_frozen'], 11, 2)}"
               f"{ratio(r['vs_finetune'], 13, 2)}{r['state_bytes']:>12,}"
               f"{r['state_plus_adam_bytes']:>14,}"
               f"{ratio(r['state_vs_piggyback'], 9, 4)}{r['saved_mb']:>10.1f}{r['peak_mb']:>9.1f}"

@@ -54,6 +54,7 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
 
     prec = default_precision("cpu")
     assert res["backbone"]["precision"] == res["config"]["pretrain_precision"] == prec
+    assert res["config"]["precision"] == prec  # the adaption's own, resolved by the same rule
     suffix = "" if prec == "fp32" else f"-{prec}"
     assert res["backbone"]["path"].endswith(f"-affine-flip-mixup0.4{suffix}.safetensors")
     for m in methods:
@@ -323,6 +324,7 @@ def _one_line_error(capsys) -> str:
     ("methods: [xbm, xbm]\n", "lists xbm twice"),
     ("energy: nope\n", "unknown energy preset 'nope'"),
     ("train_subset: 0\n", "train_subset must be an integer >= 1"),
+    ("precision: fp16\n", "unknown demo precision 'fp16'"),
 ])
 def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
@@ -477,11 +479,11 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path / "work")
     assert main(["adapt", "--dataset", "imgs", "--method", "xbm", "--backbone", str(bb),
                  "--rows", "16", "--cols", "16", "--batch-size", "4", "--out", "b.safetensors",
-                 "--device", "cpu", "--no-progress"]) == 0
+                 "--device", "cpu", "--no-progress", "--json", "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"  # as asked, not auto's
     bundle = tmp_path / "work" / "b.safetensors"
     (record,) = read_bundle_meta(bundle)[2]
     assert record.dataset == f"folder:{(tmp_path / 'work' / 'imgs').resolve()}"
-    capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  "--device", "cpu", "--no-progress"]) == 0

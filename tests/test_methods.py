@@ -134,6 +134,38 @@ def test_finetune_counts_changed_weights(task_a):
     assert mtm.reprogrammed_cells("f") == changed * mtm.spec.cells_per_weight
 
 
+@pytest.mark.parametrize("method", ["piggyback", "xbm", "xma"])
+def test_bf16_adaption_learns_fp32_state_and_leaves_the_backbone(method, task_a):
+    """bf16 autocast runs only the forward in bf16: scores, head and Adam's state stay fp32,
+    the backbone bit-identical, and the task's state does move; an fp32 run of the same seed
+    gives another (but equally shaped) state, so the switch is not a no-op."""
+    states = {}
+    for precision in ("fp32", "bf16"):
+        mtm = make_mtm()
+        backbone = {k: v.clone() for k, v in mtm.backbone_state().items()}
+        mtm.add_task("a", task_a.num_classes, method)
+        init = {k: v.clone() for k, v in mtm.task_state_dict("a").items()}
+        seed_everything(0)
+        loader, _ = task_a.loaders(16, seed=0)
+        tr = train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False,
+                        precision=precision)
+        assert math.isfinite(tr.final_loss)
+        state = mtm.task_state_dict("a")
+        assert all(v.dtype == init[k].dtype for k, v in state.items())
+        assert any(not torch.equal(init[k], state[k]) for k in init)
+        assert all(torch.equal(v, mtm.backbone_state()[k]) for k, v in backbone.items())
+        states[precision] = state
+    assert any(not torch.equal(states["fp32"][k], states["bf16"][k]) for k in states["fp32"])
+
+
+def test_unknown_adaption_precision_is_refused(task_a):
+    mtm = make_mtm()
+    mtm.add_task("a", task_a.num_classes, "xbm")
+    loader, _ = task_a.loaders(16, seed=0)
+    with pytest.raises(ConfigError, match="unknown adaption precision 'fp16'"):
+        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, precision="fp16")
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

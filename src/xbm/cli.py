@@ -76,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
               "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "pretrain_precision",
-              "batch_size", "rows",
+              "precision", "batch_size", "rows",
               "cols", "data_root", "benchmark"):
         v = getattr(args, k, None)
         if v is not None:
@@ -272,6 +272,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.multitask import MultiTaskModel
     from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
+    from xbm.train.pretrain import default_precision
 
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
@@ -318,14 +319,17 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                  dataset=dataset_reference(args.dataset))
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
                                              test_batch_size=max(args.batch_size, 256))
-    tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress)
+    precision = default_precision(device) if args.precision == "auto" else args.precision
+    tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress,
+                    precision=precision)
     acc = evaluate_task(mtm, task, test_loader, device)
     if xdist.is_main():
         mtm.save_bundle(out)
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
-           "train_seconds": round(tr.train_seconds, 3), "bundle": str(out)}
+           "train_seconds": round(tr.train_seconds, 3), "precision": precision,
+           "bundle": str(out)}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
           f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}")
@@ -428,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", help=f"comma list from: {', '.join(list_methods())}")
     d.add_argument("--benchmark", help="task set (default mnist-family: Fashion-MNIST base; "
                    "MNIST, Animal-MNIST, letters)")
-    d.add_argument("--epochs", type=int, help="adaption epochs per task (default 1)")
+    d.add_argument("--epochs", type=int, help="adaption epochs per task (default 2)")
     d.add_argument("--pretrain-epochs", type=int,
                    help=f"backbone pretraining epochs (default {PretrainConfig.epochs})")
     d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
@@ -440,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone pretraining precision (default auto: bf16 on CPUs with "
                    "native bf16 units, where it takes about half the time, else fp32; each "
                    "gives its own backbone)")
+    d.add_argument("--precision", choices=list(PRECISIONS),
+                   help="adaption precision (default auto: bf16 autocast on CPUs with native "
+                   "bf16 units, else fp32; scores, masks and evaluation stay fp32)")
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -497,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all; the demo uses 6000)")
     ad.add_argument("--test-subset", type=int, help="seeded subset of the test images "
                     "(default: all; the demo uses 2000)")
+    ad.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                    help="training precision (default auto: bf16 autocast on CPUs with native "
+                    "bf16 units, else fp32, as the demo; evaluation stays fp32)")
     ad.add_argument("--method-config", help="YAML file of method config fields")
     ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="method config field, e.g. --set lr=1e-3 (repeatable)")
