@@ -89,11 +89,12 @@ class XMA2Config(XMAConfig):
     docs/benchmarks.md."""
 
     lr: float = 0.3
-    """Adam learning rate of the frozen PEs' column scores (tier 2). XMA's own 0.6 scored lower
-    here, where the re-programmed PEs do most of the adapting: at a 10% budget 0.6 gave 96.10 /
-    96.35 against 0.3's 96.62 / 96.70 (seeds 1 / 2, docs/benchmarks.md, "Learning rates,
-    re-tuned"). At ``pe_budget`` 0 XMA2 is XMA: give it XMA's ``lr`` to match XMA's default
-    exactly (the ablation does)."""
+    """Adam learning rate of the frozen PEs' column scores (tier 2), XMA's own since session 13.
+    At one adaption epoch, when XMA ran at 0.6, 0.6 scored lower here, where the re-programmed
+    PEs do most of the adapting: at a 10% budget 0.6 gave 96.10 / 96.35 against 0.3's 96.62 /
+    96.70 (seeds 1 / 2, docs/benchmarks.md, "Learning rates, re-tuned"). At ``pe_budget`` 0
+    XMA2 is XMA; the ablation passes XMA's ``lr`` there, so the two stay identical if either
+    default moves."""
 
     pe_budget: float = 0.10
     """Fraction of the model's PEs the task may re-program, in [0, 1] (K = floor(budget x PEs)).
@@ -101,9 +102,10 @@ class XMA2Config(XMAConfig):
 
     warmup_steps: int = 10
     """Training steps of tier 2 alone, while tier-1 statistics accumulate, before the PEs are
-    chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and leave
-    178 of the demo's 188 steps per task to fine-tuning the chosen PEs; 3 and 30 were within
-    0.3 points on the demo (docs/benchmarks.md)."""
+    chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and left
+    178 of the demo's 188 steps per task (one epoch, before session 13; 366 of 376 now) to
+    fine-tuning the chosen PEs; 3 and 30 were within 0.3 points on the demo
+    (docs/benchmarks.md)."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
