@@ -21,8 +21,10 @@ between the first two tasks rewrites. Writes ``ablation_xma.json`` and ``ablatio
 
     .venv/bin/python benchmarks/ablation_xma.py --out runs/ablation_xma --random-control --lr-sweep
 
-On 2 quiet CPU cores the 11 default runs take about 5 minutes, 8 with both options (plus ~2 the
-first time, to pretrain the backbone into the cache); shared cores make it several times slower.
+On 2 quiet CPU cores the 11 default runs took about 5 minutes at one fp32 adaption epoch, 8
+with both options; at today's two (bf16) epochs, 10 runs over all three demo tasks took 578 s
+(plus ~2.5 minutes the first time, to pretrain the backbone into the cache); shared cores make it
+several times slower.
 """
 
 from __future__ import annotations

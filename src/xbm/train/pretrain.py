@@ -62,7 +62,8 @@ _ISA_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE
 def native_bf16_cpu() -> bool:
     """True where this CPU has bfloat16 arithmetic units (AMX tiles or AVX512-BF16), on which
     oneDNN runs bf16 convolutions natively; elsewhere autocast emulates bf16, which is expected
-    to be slower than fp32 (not measured: every box this project ran on has AMX). The probes
+    to be slower than fp32 (not measured: every box this project ran on had AMX or, in session
+    13, AVX512-BF16). The probes
     are private torch helpers; a torch without them counts as no. A ``ONEDNN_MAX_CPU_ISA`` (or
     ``DNNL_MAX_CPU_ISA``) cap below AVX512_CORE_BF16 counts as no too: oneDNN then uses none of
     those units (this is also how the project emulates an AVX2-only CPU on its AMX box)."""
