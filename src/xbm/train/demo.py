@@ -43,8 +43,10 @@ RESULTS_SCHEMA = "xbm-results/1"
 @dataclass
 class DemoConfig:
     """Defaults are sized for 10 minutes on 2 CPU cores, pretraining included (width 16, two
-    adaption epochs, bf16 autocast where the CPU has native bf16 units; docs/benchmarks.md, "Two
-    adaption epochs"). On CUDA the width defaults to 64, where XBM came within 0.5 points of
+    adaption epochs, bf16 autocast where the CPU has native bf16 units: 498 s on a fresh clone;
+    docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
+    longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes, at
+    one epoch's accuracy. On CUDA the width defaults to 64, where XBM came within 0.5 points of
     Piggyback and XMA within 0.25 at one adaption epoch (3 minutes on an H200 shared with eight
     other demos; docs/benchmarks.md, "GPU session 2")."""
 
@@ -62,7 +64,8 @@ class DemoConfig:
     (and with them every method) were still learning, the column masks most of all: the second
     epoch gave XBM +2.8 points and Piggyback +1.3 on the mean of three seeds at width 16, taking
     XBM from 3.3 to 1.8 points under Piggyback (docs/benchmarks.md, "Two adaption epochs").
-    The time it costs is mostly won back by ``precision="auto"``."""
+    On a CPU with native bf16 ``precision="auto"`` wins most of the time back; in fp32 the
+    demo takes 667 s instead of 498 s on the same box."""
     train_subset: int | None = 6000
     test_subset: int | None = 2000
     batch_size: int = 32

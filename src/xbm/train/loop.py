@@ -118,8 +118,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     ``precision="bf16"`` runs each step's forward and loss under bfloat16 autocast: the
     parameters, their gradients and Adam's state stay fp32 (the masks and scores are learned in
     fp32), only the convolutions and matmuls run in bf16. On a CPU with native bf16 units it
-    took 0.8x the time of an fp32 step at the same accuracy (docs/benchmarks.md, "Two adaption
-    epochs"). Evaluation is always fp32.
+    took 0.66-0.71x the time of an fp32 step at the same accuracy (docs/benchmarks.md, "Two
+    adaption epochs"). Evaluation is always fp32.
 
     Under ``torchrun`` (``xbm.train.distributed``) each rank takes every ``world``-th batch of
     the same seeded order, gradients are averaged after every backward, and the task's state is
