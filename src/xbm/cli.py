@@ -272,7 +272,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.multitask import MultiTaskModel
     from xbm.train import distributed as xdist
     from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
-    from xbm.train.pretrain import default_precision
+    from xbm.train.pretrain import resolve_precision
 
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
@@ -319,7 +319,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                  dataset=dataset_reference(args.dataset))
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
                                              test_batch_size=max(args.batch_size, 256))
-    precision = default_precision(device) if args.precision == "auto" else args.precision
+    precision = resolve_precision(args.precision, device)
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress,
                     precision=precision)
     acc = evaluate_task(mtm, task, test_loader, device)

@@ -31,9 +31,9 @@ from xbm.train.pretrain import (
     LEGACY_RECIPE,
     PRECISIONS,
     PretrainConfig,
-    default_precision,
     default_width,
     get_backbone,
+    resolve_precision,
 )
 
 DEFAULT_METHODS = ["finetune", "linear-probe", "piggyback", "xbm", "xma", "xma2"]
@@ -147,7 +147,7 @@ class DemoConfig:
 
     def precision_for(self, device: torch.device) -> str:
         """The adaption precision this config runs at on ``device`` (``auto`` resolved)."""
-        return default_precision(device) if self.precision == "auto" else self.precision
+        return resolve_precision(self.precision, device)
 
     def spec(self) -> CrossbarSpec:
         return get_spec(self.preset, rows=self.rows, cols=self.cols,

@@ -63,10 +63,10 @@ def native_bf16_cpu() -> bool:
     """True where this CPU has bfloat16 arithmetic units (AMX tiles or AVX512-BF16), on which
     oneDNN runs bf16 convolutions natively; elsewhere autocast emulates bf16, which is expected
     to be slower than fp32 (not measured: every box this project ran on had AMX or, in session
-    13, AVX512-BF16). The probes
-    are private torch helpers; a torch without them counts as no. A ``ONEDNN_MAX_CPU_ISA`` (or
-    ``DNNL_MAX_CPU_ISA``) cap below AVX512_CORE_BF16 counts as no too: oneDNN then uses none of
-    those units (this is also how the project emulates an AVX2-only CPU on its AMX box)."""
+    13, AVX512-BF16). The probes are private torch helpers; a torch without them counts as no.
+    A ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) cap below AVX512_CORE_BF16 counts as no
+    too: oneDNN then uses none of those units (this is also how the project emulates an
+    AVX2-only CPU on its AMX box)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     if cap.strip().upper() in _ISA_WITHOUT_BF16:
         return False
@@ -92,6 +92,12 @@ def default_precision(device: torch.device | str) -> str:
     """
     dev = torch.device(device)
     return "bf16" if dev.type == "cpu" and native_bf16_cpu() else "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``precision`` with ``auto`` replaced by :func:`default_precision` for ``device``: the one
+    rule pretraining and adaption (``xbm demo``, ``xbm adapt``) share."""
+    return default_precision(device) if precision == "auto" else precision
 
 
 def _file_safe(name: str) -> str:
@@ -171,7 +177,7 @@ class PretrainConfig:
         """This config with ``precision="auto"`` resolved for ``device`` (itself otherwise)."""
         if self.precision != "auto":
             return self
-        return replace(self, precision=default_precision(device))
+        return replace(self, precision=resolve_precision(self.precision, device))
 
     def cache_name(self) -> str:
         """The cache file name: every field that changes the weights. Needs a resolved
