@@ -16,6 +16,10 @@ Columns:
       buffer an op frees before it returns is not counted: a slight underestimate.
   ops (--count-ops): aten ops one step dispatches at top level, and how many of them compute
       (not views): a proxy for kernel launches, which bound a GPU step at small batches.
+Rows 'M+graph' (--cuda-graph, CUDA only): the same step captured once as a CUDA graph (forward,
+backward and a capturable Adam step) and replayed, which removes the host's per-op overhead that
+bounds an eager step at small batches, leaving the GPU's own time. A method whose step cannot be
+captured (host-side logic inside it) is reported and skipped.
 The "frozen" step is linear-probe with per-task BN: only BN and the head train. XMA2 runs with a
 one-step warm-up, so the warm-up steps below select its PEs and the timed steps train them
 (re-programmed weights' gradient and Adam state included), as most of its training does.
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true",
                     help="also time every method's step under bfloat16 autocast (rows "
                     "'M+bf16'; the demo's adaption precision on CPUs with native bf16)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time every method's step captured as one CUDA graph and replayed "
+                         "(rows 'M+graph'; CUDA only): the step without host overhead")
     ap.add_argument("--profile", default="",
                     help="comma list of methods (as named in the table) to profile for 3 steps "
                          "each after the timing: the top ops by self device time (CPU time on a "
@@ -129,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         methods += [f"{m}+fast" for m in ("xbm", "xma") if m in methods]
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
+    if args.cuda_graph:
+        if not cuda:
+            raise SystemExit("--cuda-graph needs --device cuda (CUDA graphs are a GPU feature)")
+        # not xma2: its PE selection runs host-side logic (counting steps, picking PEs) that a
+        # graph replay would skip
+        methods += [f"{m}+graph" for m in methods if "+" not in m and m != "xma2"]
     bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
     mtm = MultiTaskModel(bb, get_spec(rows=args.rows))
     x = torch.randn(args.batch, 1, args.size, args.size)
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for m in methods:
         name = m.replace("-", "_").replace("+", "_")
-        base = m.removesuffix("+fast").removesuffix("+bf16")
+        base = m.split("+")[0]
         meth = mtm.add_task(name, 10, base, BENCH_CONFIGS.get(base))
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
@@ -148,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     mtm.to(dev).train()
     x, y = x.to(dev), y.to(dev)
     # the optimisers are built after the move, so they hold the device's parameters
-    opts = {m: (name, torch.optim.Adam(pg)) for m, (name, pg) in opts.items()}
+    # (a graph's Adam keeps its step count on the GPU: capturable)
+    opts = {m: (name, torch.optim.Adam(pg, capturable=m.endswith("+graph")))
+            for m, (name, pg) in opts.items()}
+    graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     def step(m: str) -> None:
+        if m in graphs:
+            graphs[m].replay()
+            return
         name, opt = opts[m]
         layers.SINGLE_TILE_FAST_PATH = m.endswith("+fast")
         mtm.set_task(name)
@@ -164,9 +183,33 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize(dev)
 
+    graph_rows = [m for m in methods if m.endswith("+graph")]
     for m in methods:  # warm-up (and Adam state allocation)
+        if m in graph_rows:
+            continue
         step(m)
         step(m)
+    sync()
+    for m in graph_rows:
+        # PyTorch's whole-network capture recipe: warm up on a side stream (lazy allocations and
+        # Adam's state happen outside the graph), then capture one step with the grads unset
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step(m)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            opts[m][1].zero_grad(set_to_none=True)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step(m)
+            graphs[m] = g
+            g.replay()
+        except Exception as e:  # noqa: BLE001 - reported, and the row dropped
+            print(f"{m}: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "row dropped", file=sys.stderr)
+            methods.remove(m)
     sync()
     peak: dict[str, float] = {}
     if cuda:

@@ -12,15 +12,17 @@
 #   0. a tiny demo of every method on the GPU; the session stops there if it fails;
 #   1. `xbm demo --device cuda` at the device's default width (64 on CUDA; the flag is not
 #      passed, so the default itself is what runs) for seeds 0, 1, 2, and on the same three
-#      backbones Piggyback, XBM and XMA at other lrs (Piggyback 1e-3 and 3e-4, XBM 2e-3 and 5e-4,
-#      XMA 0.3), all at once on the one GPU (at batch 32 a step is launch-bound, so the processes
-#      share it well); meanwhile the test suite runs on the CPU cores under the machine's torch
-#      (CUDA tests included; 4 xdist workers with 1 thread each: unlimited threads per worker
+#      backbones Piggyback, XBM, XMA and XMA2 at other rates ("hi": Piggyback 1e-3, XBM 2e-3,
+#      XMA 0.6, XMA2's re-programmed weights 2e-3; "lo": 3e-4, 5e-4, 0.15 and 1e-3), all at once
+#      on the one GPU (at batch 32 a step is launch-bound, so the processes share it well);
+#      meanwhile the test suite runs on the CPU cores under the machine's torch (CUDA tests
+#      included; 4 xdist workers with 1 thread each: unlimited threads per worker
 #      oversubscribed the 16 cores and never finished);
-#   2. benchmarks/bench_methods.py --device cuda at widths 16 and WIDTH, batches 32 and 128,
-#      with the single-tile fast path as extra rows, and a
-#      profile of Piggyback's and XBM's steps (width WIDTH, batch 32);
-#   3. benchmarks/bench_simulate.py --device cuda with the compile, torch and triton backends.
+#   2. benchmarks/bench_methods.py --device cuda --cuda-graph at (width, batch) (WIDTH, 32),
+#      (WIDTH, 128) and (16, 32): every method's eager step and, captured as a CUDA graph, its
+#      step without host overhead; a profile of Piggyback's and XBM's eager steps at (WIDTH, 32);
+#   3. benchmarks/bench_simulate.py --device cuda with the compile, torch and triton backends,
+#      when SIMULATE=1.
 # XBM_DEMO_YAML names a file of extra demo fields for every demo (a tiny config dry-runs the
 # script on a CPU: XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python).
 # Everything lands in OUT_DIR/session.log and OUT_DIR/gpu.tgz (re-packed after each step, so a
@@ -70,21 +72,20 @@ say "1. demos on $DEV at the device's default width, seeds 0 1 2, and the same b
 # tiny one to dry-run the script on a CPU.
 : >"$WORK/base.yaml"
 [ -n "${XBM_DEMO_YAML:-}" ] && { cat "$XBM_DEMO_YAML"; echo; } >"$WORK/base.yaml"
-# lr alternatives around the defaults (tuned at width 16 on the CPU): "hi" runs Piggyback and XBM
-# above theirs and XMA at its former 0.3, "lo" Piggyback and XBM below: are the defaults still
-# each method's best at the GPU's width?
+# lr alternatives around the defaults (tuned at width 16 on the CPU): are the defaults still
+# each method's best at the GPU's width and two epochs?
 { cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 1.0e-3}\n'
-  printf '  xbm: {lr: 2.0e-3}\n  xma: {lr: 0.3}\n'; } >"$WORK/lr_hi.yaml"
+  printf '  xbm: {lr: 2.0e-3}\n  xma: {lr: 0.6}\n  xma2: {weight_lr: 2.0e-3}\n'; } >"$WORK/lr_hi.yaml"
 { cat "$WORK/base.yaml"; printf 'method_configs:\n  piggyback: {lr: 3.0e-4}\n'
-  printf '  xbm: {lr: 5.0e-4}\n'; } >"$WORK/lr_lo.yaml"
+  printf '  xbm: {lr: 5.0e-4}\n  xma: {lr: 0.15}\n  xma2: {weight_lr: 1.0e-3}\n'; } >"$WORK/lr_lo.yaml"
 runs=(s0 s1 s2 hi0 hi1 hi2 lo0 lo1 lo2)
 pids=()
 for r in "${runs[@]}"; do
   seed=${r: -1}
   case $r in
     s*) args=(--config "$WORK/base.yaml") ;;
-    hi*) args=(--config "$WORK/lr_hi.yaml" --methods piggyback,xbm,xma) ;;
-    lo*) args=(--config "$WORK/lr_lo.yaml" --methods piggyback,xbm) ;;
+    hi*) args=(--config "$WORK/lr_hi.yaml" --methods piggyback,xbm,xma,xma2) ;;
+    lo*) args=(--config "$WORK/lr_lo.yaml" --methods piggyback,xbm,xma,xma2) ;;
   esac
   (
     # the lr runs reuse the seed's backbone once the default run has cached it (written
@@ -132,25 +133,25 @@ for d in sorted(pathlib.Path(sys.argv[1]).glob("demo_*/results.json")):
 PYEOF
 pack
 
-say "2. bench_methods on $DEV"
-for w in 16 "$WIDTH"; do
-  for b in 32 128; do
-    timeout "$(($(left) > 120 ? 60 : 5))" $PY benchmarks/bench_methods.py --device "$DEV" \
-      --width "$w" --batch "$b" --reps 30 --fast-path \
-      $([ "$w" = "$WIDTH" ] && [ "$b" = 32 ] && echo --profile piggyback,xbm) \
-      --json "$WORK/bench_methods_w${w}_b$b.json" \
-      >>"$WORK/bench_methods.log" 2>&1
-  done
+say "2. bench_methods on $DEV, eager and as CUDA graphs"
+for wb in "$WIDTH 32" "$WIDTH 128" "16 32"; do
+  read -r w b <<<"$wb"
+  timeout "$(($(left) > 100 ? 75 : 5))" $PY benchmarks/bench_methods.py --device "$DEV" \
+    --width "$w" --batch "$b" --reps 30 $([ "$DEV" = cuda ] && echo --cuda-graph) \
+    $([ "$w" = "$WIDTH" ] && [ "$b" = 32 ] && echo --profile piggyback,xbm) \
+    --json "$WORK/bench_methods_w${w}_b$b.json" 2>&1 | grep -v "^USDT" >>"$WORK/bench_methods.log"
 done
 cat "$WORK/bench_methods.log" >>"$LOG"
 pack
 
-say "3. bench_simulate on $DEV"
-if [ "$(left)" -gt 40 ]; then
-  timeout "$(upto 20)" $PY benchmarks/bench_simulate.py --device "$DEV" --reps 5 \
-    --backends torch,triton,compile --configs a,b,c --json "$WORK/bench_simulate.json" \
-    >"$WORK/bench_simulate.log" 2>&1
-  tail -25 "$WORK/bench_simulate.log" >>"$LOG"
+if [ "${SIMULATE:-0}" = 1 ]; then
+  say "3. bench_simulate on $DEV"
+  if [ "$(left)" -gt 40 ]; then
+    timeout "$(upto 20)" $PY benchmarks/bench_simulate.py --device "$DEV" --reps 5 \
+      --backends torch,triton,compile --configs a,b,c --json "$WORK/bench_simulate.json" \
+      >"$WORK/bench_simulate.log" 2>&1
+    tail -25 "$WORK/bench_simulate.log" >>"$LOG"
+  fi
+  pack
 fi
-pack
 say "done"
