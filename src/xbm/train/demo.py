@@ -86,11 +86,6 @@ class DemoConfig:
     elsewhere, CUDA included: the rule of ``pretrain_precision``), ``fp32`` or ``bf16``. Only
     the training steps' forward runs in bf16; scores, masks, gradients and every evaluation
     stay fp32 (``xbm.train.loop.train_task``)."""
-    cuda_graph: bool = False
-    """Replay each adaption step from a CUDA graph (CUDA only; ``train_task``'s
-    ``cuda_graph``). Off by default: it removes the host overhead that bounds a GPU step at
-    batch 32 (docs/benchmarks.md, "CUDA graphs"), but takes Adam's capturable path, whose
-    rounding differs from the eager figures recorded so far. XMA2 trains eagerly either way."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"
@@ -131,8 +126,6 @@ class DemoConfig:
                               f"{', '.join(PRECISIONS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"demo seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ConfigError(f"demo cuda_graph must be true or false, got {self.cuda_graph!r}")
         from xbm.hardware.energy import get_preset
 
         get_preset(self.energy)
@@ -195,9 +188,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     bench = get_benchmark(cfg.benchmark)
     spec = cfg.spec()
     device = resolve_device(cfg.device)
-    if cfg.cuda_graph and device.type != "cuda":
-        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
-                          "use --device cuda")
     t_start = time.perf_counter()
     pcfg = cfg.pretrain_config(device, bench.base)
     precision = cfg.precision_for(device)
@@ -232,7 +222,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             train_loader, test_loader = d.loaders(cfg.batch_size, seed=cfg.seed,
                                                   test_batch_size=cfg.eval_batch_size)
             tr = train_task(mtm, d.name, train_loader, cfg.epochs, device, progress=progress,
-                            precision=precision, cuda_graph=cfg.cuda_graph)
+                            precision=precision)
             acc = evaluate_task(mtm, d.name, test_loader, device)
             after_train[d.name] = acc
             per_task[d.name] = {
@@ -242,7 +232,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                 "trainable_params": mtm.trainable_params(d.name),
                 "train_seconds": round(tr.train_seconds, 3),
                 "train_steps": tr.steps,
-                "cuda_graph": tr.cuda_graph,
             }
             c = task_costs(mtm, d.name, cfg.energy)
             per_task[d.name].update(adaption_energy_j=c["adaption_energy_j"],
