@@ -291,6 +291,15 @@ def test_quantised_column_mask_equals_quantise_then_mask(shape, R, device):
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     assert got[1].is_contiguous()
+    # XBM's own quantiser leaves the mask boolean for the multiply to promote: the same bits
+    # (signed zeros included) and the same gradients
+    xbm = create_method("xbm")
+    assert xbm._binarize(score).dtype == torch.bool
+    fused = apply_column_mask(w, score, R, quantize=xbm._binarize)
+    assert torch.equal(fused.detach().view(torch.int32), split.detach().view(torch.int32))
+    got = torch.autograd.grad((fused * g).sum(), (w, score))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     # XMA: log2-space scores spread over every level, 0 included
     xma = create_method("xma")
     ls = (torch.randn(-(-rows // R), shape[0], device=device) * 1.5 - 1).requires_grad_()
