@@ -28,6 +28,8 @@ one-step warm-up, so the warm-up steps below select its PEs and the timed steps 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -68,11 +70,28 @@ VIEW_OPS = {"aten::reshape", "aten::view", "aten::t", "aten::transpose", "aten::
             "aten::unflatten"}
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 while the profiler runs: torch's Kineto prints "USDT ...
+    profiler_start/stop" and allocator notes there at C++ level, which no log-level variable
+    turns off. The profiled steps print nothing of their own; an exception still propagates
+    (and is printed after the descriptor is restored)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def count_ops(fn) -> tuple[int, int]:
     """(top-level aten ops, those that are not views) that ``fn`` dispatches."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     top = [e.name for e in prof.events() if e.name.startswith("aten::") and (
         e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
@@ -84,7 +103,7 @@ def cpu_peak_bytes(fn) -> int:
     per-op memory records (see the module docstring for what it misses)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
                     if e.self_cpu_memory_usage)
@@ -242,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
+        with quiet_stderr(), profile(activities=acts) as prof:
             for _ in range(3):
                 step(m)
             sync()
