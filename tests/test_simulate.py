@@ -503,9 +503,10 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert main(["simulate", "--fault-aware", "--dataset", "mnist", "--fault-rate", "0.02",
                  "--epochs", "1", "--adc-bits", "8", "--rows", "16", "--cols", "16",
                  "--out", str(bundle), "--save-fault-map", str(chip), "--json",
-                 *common]) == 0
+                 "--precision", "bf16", *common]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["backbone_bit_identical"] is True
+    assert res["precision"] == "bf16"
     assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
     assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)
     assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),

@@ -104,6 +104,10 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
     sp.add_argument("--epochs", type=int, default=2, help="fault-aware mode: training epochs")
+    sp.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                    help="fault-aware mode: training precision (default fp32, which every "
+                    "recorded figure used; auto: bf16 autocast on CPUs with native bf16 units, "
+                    "as the demo; evaluation and simulation stay fp32)")
     sp.add_argument("--train-subset", type=int, default=4000)
     sp.add_argument("--test-subset", type=int, default=1000)
     sp.add_argument("--batch-size", type=int, default=128)
@@ -236,6 +240,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     from xbm.hardware.faults import fault_aware, fault_summary
     from xbm.multitask import MultiTaskModel
     from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
+    from xbm.train.pretrain import resolve_precision
 
     if not args.dataset:
         raise XbmError("--fault-aware needs --dataset (the task to learn)")
@@ -254,6 +259,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         fmap.save(args.save_fault_map)
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
     progress = not args.no_progress
+    precision = resolve_precision(args.precision, device)
     timings = {}
     for task in ("unaware", "aware"):
         seed_everything(args.seed)
@@ -261,9 +267,11 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if task == "aware":
             with fault_aware(mtm, fmap):
-                train_task(mtm, task, train_loader, args.epochs, device, progress=progress)
+                train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
+                           precision=precision)
         else:
-            train_task(mtm, task, train_loader, args.epochs, device, progress=progress)
+            train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
+                       precision=precision)
         timings[task] = round(time.perf_counter() - t0, 2)
     calib = _calibration_batches(data, args)
     rows: list[dict[str, Any]] = []
@@ -300,7 +308,8 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             "sa1_fraction": args.sa1_fraction, "faults": fault_summary(fmap, mtm),
             "backbone": bmeta.get("content_hash"), "rows": rows, "adc_sweep": adc_rows,
             "backbone_bit_identical": identical, "train_subset": args.train_subset,
-            "test_subset": args.test_subset, "epochs": args.epochs, "seed": args.seed}
+            "test_subset": args.test_subset, "epochs": args.epochs, "precision": precision,
+            "seed": args.seed}
 
 
 # -- plots -----------------------------------------------------------------------------------
