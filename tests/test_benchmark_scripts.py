@@ -50,3 +50,20 @@ def test_graph_step_check_dry_run(capsys):
     out = capsys.readouterr().out
     assert "xbm:" in out and "replay 2:" in out
     assert "0.000e+00 (bit-identical) on cpu (no CUDA: both ran eagerly)" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run (a GPU runs the probe)")
+def test_graph_probe_dry_run(tmp_path):
+    import subprocess
+    import sys
+
+    root = BENCH.parent
+    res = subprocess.run([sys.executable, str(BENCH / "graph_probe.py"), "--src",
+                          str(root / "src"), "--out", str(tmp_path), "--methods", "xbm",
+                          "--variants", "as_test,native"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "graph_probe.json").read_text())["summary"]
+    assert set(summary) == {"xbm/as_test", "xbm/native"}
+    for v in summary.values():  # without CUDA both sides ran eagerly: nothing may differ
+        assert v["end_vs_capturable"][0] == 0 and v["first"] is None
