@@ -113,8 +113,9 @@ class XMA2Config(XMAConfig):
     steps after the warm-up (batch 128), 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation,
     docs/benchmarks.md). At the demo's 188 steps 2e-3 / 5e-3 / 1e-2 are within 0.3 points. The
     best rate falls as the width grows: over three seeds 2e-3 scored 0.40 below 5e-3 at width 16
-    and 0.32 above it at width 32 (docs/benchmarks.md, "XMA2 at width 32"); on wider backbones
-    try 2e-3."""
+    and 0.32 above it at width 32 (docs/benchmarks.md, "XMA2 at width 32"), and at width 64
+    (the GPU default, two epochs, three seeds) 1e-3 / 2e-3 / 5e-3 gave 98.31 / 98.23 / 98.24
+    ("GPU session 3"); on wider backbones try 1e-3 to 2e-3."""
 
     energy_budget_j: float | None = None
     """Deploy-energy budget in joules (None: no energy limit). PEs are taken in ``energy_rank``
