@@ -28,6 +28,7 @@ import torch
 
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.simulate import BACKENDS
+from xbm.train.pretrain import PRECISIONS
 
 
 def _floats(s: str, flag: str = "", lo: float = 0.0, hi: float = math.inf) -> list[float]:
@@ -104,7 +105,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
     sp.add_argument("--epochs", type=int, default=2, help="fault-aware mode: training epochs")
-    sp.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+    sp.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                     help="fault-aware mode: training precision (default fp32, which every "
                     "recorded figure used; auto: bf16 autocast on CPUs with native bf16 units, "
                     "as the demo; evaluation and simulation stay fp32)")
