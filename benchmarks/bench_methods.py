@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from xbm.hardware import get_spec
-from xbm.methods import list_methods
+from xbm.methods import get_method_class, list_methods
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
 from xbm.nn import layers
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda_graph:
         if not cuda:
             raise SystemExit("--cuda-graph needs --device cuda (CUDA graphs are a GPU feature)")
-        # not xma2: its PE selection runs host-side logic (counting steps, picking PEs) that a
-        # graph replay would skip
-        methods += [f"{m}+graph" for m in methods if "+" not in m and m != "xma2"]
+        # not a method with host-side logic in its step (graph_safe false: XMA2 counts steps
+        # and picks PEs in Python), which a replay would skip
+        methods += [f"{m}+graph" for m in methods
+                    if "+" not in m and get_method_class(m).graph_safe]
     bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
     mtm = MultiTaskModel(bb, get_spec(rows=args.rows))
     x = torch.randn(args.batch, 1, args.size, args.size)

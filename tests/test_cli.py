@@ -179,6 +179,10 @@ def test_map_width_gives_the_demo_backbones_mapping(capsys):
      "has no field(s) energy_preset"),
     # a bad spec fails before the default backbone would be pretrained (minutes)
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--rows", "0"], "rows"),
+    # CUDA graphs asked for where there is no GPU: refused before any pretraining
+    (["demo", "--cuda-graph", "--device", "cpu"], "cuda_graph needs a CUDA device"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--cuda-graph", "--device", "cpu"],
+     "cuda_graph needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))  # nothing cached: fail fast or hang

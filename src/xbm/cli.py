@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
               "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "pretrain_precision",
               "precision", "batch_size", "rows",
-              "cols", "data_root", "benchmark"):
+              "cols", "data_root", "benchmark", "cuda_graph"):
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
@@ -271,7 +271,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.methods import get_method_class
     from xbm.multitask import MultiTaskModel
     from xbm.train import distributed as xdist
-    from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
+    from xbm.train import (
+        evaluate_task,
+        resolve_cuda_graph,
+        resolve_device,
+        seed_everything,
+        train_task,
+    )
     from xbm.train.pretrain import resolve_precision
 
     cls = get_method_class(args.method)
@@ -285,6 +291,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     cls.config_class.from_dict(method_cfg)  # validate before training
     _check_counts(args, ("epochs", "batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
+    cuda_graph = resolve_cuda_graph(args.cuda_graph, device)  # fail fast: before pretraining
     # Everything cheap is checked before the backbone, which may need minutes of pretraining:
     # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.
     spec = spec_from_args(args)
@@ -321,7 +328,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress,
-                    precision=precision)
+                    precision=precision, cuda_graph=cuda_graph)
     acc = evaluate_task(mtm, task, test_loader, device)
     if xdist.is_main():
         mtm.save_bundle(out)
@@ -329,6 +336,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
            "train_seconds": round(tr.train_seconds, 3), "precision": precision,
+           "cuda_graph": tr.cuda_graph,
            "bundle": str(out)}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
@@ -447,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", choices=list(PRECISIONS),
                    help="adaption precision (default auto: bf16 autocast on CPUs with native "
                    "bf16 units, else fp32; scores, masks and evaluation stay fp32)")
+    d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each adaption step from a CUDA graph (default: on with CUDA; "
+                   "4-5x faster at batch 32 on an H200; XMA2 trains eagerly; --no-cuda-graph "
+                   "trains eagerly with plain Adam, as figures before session 15)")
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -507,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                     help="training precision (default auto: bf16 autocast on CPUs with native "
                     "bf16 units, else fp32, as the demo; evaluation stays fp32)")
+    ad.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay each training step from a CUDA graph (default: on with CUDA; "
+                    "4-5x faster at small batches; methods with host-side logic, XMA2, train "
+                    "eagerly)")
     ad.add_argument("--method-config", help="YAML file of method config fields")
     ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="method config field, e.g. --set lr=1e-3 (repeatable)")

@@ -88,6 +88,10 @@ class AdaptionMethod:
     """True if :meth:`effective_weight` is exactly ``apply_column_mask(programmed_weight,
     column_scale)`` with no side effects, so a single-row-tile layer may scale its output
     instead (``CrossbarLayer.output_scale``). Off where the forward also gathers statistics."""
+    graph_safe: ClassVar[bool] = True
+    """True if a training step of this method is the same kernels every time, with no host-side
+    logic (Python counters, reads of device values), so ``train_task(cuda_graph=True)`` may
+    capture it once as a CUDA graph and replay it. False falls back to eager steps."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()

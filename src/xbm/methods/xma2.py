@@ -203,6 +203,7 @@ class XMA2(XMA):
     """Tier 1: fine-tune and re-program the top PEs under a budget; tier 2: XMA on the rest."""
 
     pure_column_scale = False  # its forward counts steps and hooks the gradient (tier 1)
+    graph_safe = False  # the same Python step count decides its warm-up and PE selection
     config_class = XMA2Config
     reprograms_cells = True
     trains_backbone_weights = True

@@ -4,10 +4,11 @@ from xbm.train.loop import (
     TrainResult,
     evaluate,
     evaluate_task,
+    resolve_cuda_graph,
     resolve_device,
     seed_everything,
     train_task,
 )
 
-__all__ = ["TrainResult", "evaluate", "evaluate_task", "resolve_device", "seed_everything",
-           "train_task"]
+__all__ = ["TrainResult", "evaluate", "evaluate_task", "resolve_cuda_graph", "resolve_device",
+           "seed_everything", "train_task"]

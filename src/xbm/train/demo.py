@@ -26,7 +26,14 @@ from xbm.io import check_output, write_json_atomic
 from xbm.methods import get_method_class
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
-from xbm.train.loop import evaluate, evaluate_task, resolve_device, seed_everything, train_task
+from xbm.train.loop import (
+    evaluate,
+    evaluate_task,
+    resolve_cuda_graph,
+    resolve_device,
+    seed_everything,
+    train_task,
+)
 from xbm.train.pretrain import (
     LEGACY_RECIPE,
     PRECISIONS,
@@ -86,6 +93,15 @@ class DemoConfig:
     elsewhere, CUDA included: the rule of ``pretrain_precision``), ``fp32`` or ``bf16``. Only
     the training steps' forward runs in bf16; scores, masks, gradients and every evaluation
     stay fp32 (``xbm.train.loop.train_task``)."""
+    cuda_graph: bool | None = None
+    """Replay each adaption step from a CUDA graph (``train_task``'s ``cuda_graph``); ``None``:
+    on where the device is CUDA. A replay is bit for bit the eager step it records (tested on an
+    H200), with Adam in its capturable form, which rounds differently from the plain Adam of the
+    eager figures recorded before session 15: accuracies agree within seed noise, not digit for
+    digit (``false`` brings the eager path back). It removes the host overhead that bounds a GPU
+    step at batch 32: Piggyback's, XBM's and XMA's training took 4.1-4.8x less time at the GPU
+    default, XBM 0.90x Piggyback's (docs/benchmarks.md, "GPU session 4"). XMA2 trains eagerly
+    either way."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"
@@ -126,6 +142,9 @@ class DemoConfig:
                               f"{', '.join(PRECISIONS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"demo seed must be an integer, got {self.seed!r}")
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise ConfigError(f"demo cuda_graph must be true, false or null (on where the device "
+                              f"is CUDA), got {self.cuda_graph!r}")
         from xbm.hardware.energy import get_preset
 
         get_preset(self.energy)
@@ -188,6 +207,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     bench = get_benchmark(cfg.benchmark)
     spec = cfg.spec()
     device = resolve_device(cfg.device)
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device)
     t_start = time.perf_counter()
     pcfg = cfg.pretrain_config(device, bench.base)
     precision = cfg.precision_for(device)
@@ -222,7 +242,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             train_loader, test_loader = d.loaders(cfg.batch_size, seed=cfg.seed,
                                                   test_batch_size=cfg.eval_batch_size)
             tr = train_task(mtm, d.name, train_loader, cfg.epochs, device, progress=progress,
-                            precision=precision)
+                            precision=precision, cuda_graph=cuda_graph)
             acc = evaluate_task(mtm, d.name, test_loader, device)
             after_train[d.name] = acc
             per_task[d.name] = {
@@ -232,6 +252,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                 "trainable_params": mtm.trainable_params(d.name),
                 "train_seconds": round(tr.train_seconds, 3),
                 "train_steps": tr.steps,
+                "cuda_graph": tr.cuda_graph,
             }
             c = task_costs(mtm, d.name, cfg.energy)
             per_task[d.name].update(adaption_energy_j=c["adaption_energy_j"],
@@ -267,6 +288,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         "config": dataclasses.asdict(cfg) | {"width": pcfg.width,
                                              "pretrain_precision": pcfg.precision,
                                              "precision": precision,
+                                             "cuda_graph": cuda_graph,
                                              "rows": spec.rows, "cols": spec.cols,
                                              "weight_bits": spec.weight_bits,
                                              "cell_bits": spec.cell_bits},

@@ -91,6 +91,8 @@ class TrainResult:
     train_seconds: float
     steps: int
     final_loss: float
+    cuda_graph: bool = False
+    """Whether the steps were replayed from a CUDA graph (see :func:`train_task`)."""
 
 
 def cosine_lambda(total_steps: int):
@@ -107,9 +109,75 @@ POSTFIX_EVERY = 10
 TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
+class _GraphedStep:
+    """Run a training step eagerly a few times, then capture it once as a CUDA graph and replay
+    it for every later batch of the same shape (PyTorch's whole-network capture recipe).
+
+    At the demo's batch sizes a GPU step is bound by the host launching a few hundred small
+    kernels, not by the GPU; a replay launches them all at once. ``step(x, y)`` must run the
+    forward, backward and optimizer step and return the loss, with the optimizer capturable and
+    its learning rates device tensors (so a schedule can change them between replays). Batches of
+    another shape (an epoch's last, smaller one) run eagerly.
+    """
+
+    #: eager steps before the capture: lazy allocations (Adam's state, cuDNN's plans) must
+    #: happen outside the graph
+    WARMUP = 3
+
+    def __init__(self, step, device: torch.device) -> None:
+        self.step, self.device = step, device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.x = self.y = self.loss = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, zero_grad) -> torch.Tensor:
+        if self.graph is not None and x.shape == self.x.shape and y.shape == self.y.shape:
+            self.x.copy_(x, non_blocking=True)
+            self.y.copy_(y, non_blocking=True)
+            self.graph.replay()
+            return self.loss
+        if self.graph is not None or self.eager_steps < self.WARMUP:
+            zero_grad()
+            if self.graph is not None:  # another shape after the capture: plain eager
+                return self.step(x, y)
+            # the warm-up runs on a side stream, as capture requires
+            cur = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                loss = self.step(x, y)
+            cur.wait_stream(side)
+            self.eager_steps += 1
+            return loss
+        # capture with every grad unset, so the backward allocates them in the graph's pool and
+        # each replay writes (not adds) them; a capture records without running: replay once
+        self.x, self.y = x.clone(), y.clone()
+        zero_grad()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.loss = self.step(self.x, self.y)
+        self.graph = g
+        g.replay()
+        return self.loss
+
+
+def resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
+    """``None`` (the demo's and ``xbm adapt``'s default) means on where ``device`` is CUDA: the
+    replay is checked bit for bit against the eager step it records, and took a fifth to a
+    quarter of the eager training time at the GPU default (docs/benchmarks.md, "GPU session
+    4"). ``True`` off CUDA is an error, not a silent fallback."""
+    if cuda_graph is None:
+        return device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
+                          "use --device cuda")
+    return bool(cuda_graph)
+
+
 def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torch.device,
                progress: bool = True, max_steps: int | None = None,
-               precision: str = "fp32") -> TrainResult:
+               precision: str = "fp32", cuda_graph: bool = False,
+               capturable: bool | None = None) -> TrainResult:
     """Train one task's state (and only it) on ``loader`` for ``epochs``.
 
     The optimizer sees only the task's parameters: the programmed backbone gets no gradient and no
@@ -121,6 +189,22 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     took 0.66-0.71x the time of an fp32 step at the same accuracy (docs/benchmarks.md, "Two
     adaption epochs"). Evaluation is always fp32.
 
+    ``cuda_graph=True`` (CUDA only) captures the step once as a CUDA graph after three eager
+    steps and replays it: at the demo's batch sizes an eager GPU step is bound by the host
+    launching kernels, and a replay took a fifth to a half of its time (docs/benchmarks.md,
+    "CUDA graphs"). Adam then runs in its capturable form with the learning rates (and their
+    cosine schedule) in device tensors. A replay computes exactly what that eager step computes
+    (bit for bit on an H200, every method, warm-up, capture, replays and the eager steps for a
+    smaller last batch; ``tests/test_cuda_graph.py``), but capturable Adam rounds differently
+    from plain Adam, and a mask's training amplifies such differences (a score near its
+    threshold flips or not), so against plain-Adam training a run agrees in accuracy, not digit
+    for digit. Methods whose step has host-side logic (``graph_safe = False``: XMA2) and runs
+    under ``torchrun`` train eagerly; ``TrainResult.cuda_graph`` says which happened.
+
+    ``capturable`` (CUDA only; default: ``cuda_graph``) picks capturable Adam with device-tensor
+    learning rates on its own: ``capturable=True, cuda_graph=False`` trains eagerly on the very
+    arithmetic a graph replays, the reference a graphed run is checked against.
+
     Under ``torchrun`` (``xbm.train.distributed``) each rank takes every ``world``-th batch of
     the same seeded order, gradients are averaged after every backward, and the task's state is
     made identical on all ranks at the end.
@@ -129,9 +213,16 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
     bf16 = precision == "bf16"
+    if cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
+                          "use --device cuda")
+    if capturable and device.type != "cuda":
+        raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
     method = mtm.methods[task]
+    graphed = cuda_graph and world == 1 and method.graph_safe
+    capturable = graphed if capturable is None else bool(capturable)
     cfg = method.config
     mtm.set_task(task)
     method.on_task_start(mtm, task)
@@ -147,12 +238,38 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     for g in param_groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay, capturable=capturable)
     trainable = [p for g in param_groups for p in g["params"]]
     total = epochs * per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+    if capturable:
+        # the schedule writes into device tensors that the captured Adam step reads
+        lam, base_lrs = cosine_lambda(total), [float(g["lr"]) for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # a fresh autocast context per step: autocast caches its bf16 copies of leaf tensors
+        # until the context exits, so one around the loop would keep stale heads (and a graph
+        # must not cache at all)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                            cache_enabled=not graphed):
+            loss = F.cross_entropy(mtm(x), y)
+        loss.backward()
+        xdist.all_reduce_grads(trainable)
+        opt.step()
+        # detached: a loss kept alive keeps its autograd graph, whose cached AccumulateGrad
+        # nodes remember the warm-up's side stream; a capture reusing them warns of, and
+        # synchronises on, the stale stream
+        return loss.detach()
+
+    def zero_grad() -> None:
+        opt.zero_grad(set_to_none=True)
+
+    graph_step = _GraphedStep(one_step, device) if graphed else None
     mtm.train()
     step, last_loss = 0, None
     t0 = time.perf_counter()
@@ -161,15 +278,16 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
                        f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress)
         for x, y in it:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # a fresh autocast context per step: autocast caches its bf16 copies of leaf
-            # tensors until the context exits, so one around the loop would keep stale heads
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(mtm(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            xdist.all_reduce_grads(trainable)
-            opt.step()
-            sched.step()
+            if capturable:
+                for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"].fill_(base * lam(step))
+            if graph_step is not None:
+                loss = graph_step(x, y, zero_grad)
+            else:
+                zero_grad()
+                loss = one_step(x, y)
+                if not capturable:
+                    sched.step()
             step += 1
             # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
             # which would serialise the host's launches with the GPU's work on every step
@@ -185,13 +303,16 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     loss_v = float("nan") if last_loss is None else float(last_loss)
+    if graph_step is not None:  # the grads live in the graph's memory pool: let both go
+        zero_grad()
+        del graph_step
     xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
     method.on_task_end(mtm, task)
     for g in param_groups:
         for p in g["params"]:
             p.requires_grad_(False)
     mtm.eval()
-    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v)
+    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=graphed)
 
 
 @torch.no_grad()
