@@ -8,7 +8,7 @@
 #   1. tests/test_cuda_graph.py on the GPU (graphed training against eager training with the
 #      same capturable Adam, bit for bit);
 #   2. `xbm demo --device cuda --cuda-graph` for seeds 0, 1, 2 at once (4 CPU threads each),
-#      every method (XMA2 trains eagerly), pretraining included;
+#      every method (XMA2 eagerly until its PE selection), pretraining included;
 #   3. alone on the machine, on seed 0's cached backbone: the demo's Piggyback, XBM and XMA
 #      eagerly, then with --cuda-graph (train seconds side by side).
 # The whole suite is not run here (session 14 ran it on this kind of machine; beside the demos

@@ -20,6 +20,9 @@ from xbm.train.demo import DemoConfig
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GRAPH_SAFE = [m for m in list_methods() if METHODS[m].graph_safe]
+#: XMA2 selects its PEs after one warm-up step here, so two epochs of the toy task cover its
+#: eager warm-up, the selection, then the capture and replays of the selected model
+XMA2_CFG = {"warmup_steps": 1, "pe_budget": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +85,22 @@ def test_demo_config_cuda_graph_must_be_bool_or_null(bad):
         DemoConfig(cuda_graph=bad)
 
 
-def test_xma2_is_not_graph_safe():
-    """Its Python step count drives the warm-up and the PE selection; a replay would skip it."""
-    assert not METHODS["xma2"].graph_safe
-    assert {"xbm", "piggyback", "xma"} <= set(GRAPH_SAFE)
+def test_xma2_is_ready_for_a_graph_only_after_its_pe_selection(task):
+    """Its Python step count drives the warm-up and the PE selection, which a replay would skip;
+    ``train_task`` runs those steps eagerly and may capture only afterwards."""
+    assert {"xbm", "piggyback", "xma", "xma2"} <= set(GRAPH_SAFE)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                         get_spec(rows=16, cols=16))
+    meth = mtm.add_task("a", task.num_classes, "xma2", XMA2_CFG)
+    mtm.set_task("a")
+    mtm.train()
+    x = next(iter(task.loaders(16, seed=0)[0]))[0]
+    assert meth.graph_ready() is False
+    mtm(x).sum().backward()  # the warm-up step: gradients gathered, nothing selected yet
+    assert meth.graph_ready() is False
+    mtm(x)  # the first forward after the warm-up selects the PEs
+    assert meth.graph_ready() is True
+    assert METHODS["xbm"]().graph_ready() is True
 
 
 @CUDA
@@ -100,8 +115,9 @@ def test_graph_training_equals_eager_training(method, task):
     1e-4 tolerance against plain Adam, failed for XBM and XMA: 8e-2 and 0.94 on a score after 14
     steps, though every graphed step equals its capturable eager twin; docs/benchmarks.md)."""
     dev = torch.device("cuda")
-    eager, s_eager, _, _ = _train(method, task, False, dev, capturable=True)
-    graph, s_graph, before, backbone = _train(method, task, True, dev)
+    cfg = XMA2_CFG if method == "xma2" else None
+    eager, s_eager, _, _ = _train(method, task, False, dev, cfg, capturable=True)
+    graph, s_graph, before, backbone = _train(method, task, True, dev, cfg)
     assert graph.cuda_graph and not eager.cuda_graph
     assert graph.steps == eager.steps == 14
     assert s_graph.keys() == s_eager.keys() and s_graph
@@ -113,8 +129,7 @@ def test_graph_training_equals_eager_training(method, task):
 
 
 @CUDA
-def test_xma2_falls_back_to_eager(task):
-    res, _, _, _ = _train("xma2", task, True, torch.device("cuda"),
-                          {"warmup_steps": 1, "pe_budget": 0.25})
-    assert not res.cuda_graph and res.steps == 14
-
+def test_graph_training_replays_xma2_after_its_selection(task):
+    res, state, _, _ = _train("xma2", task, True, torch.device("cuda"), XMA2_CFG)
+    assert res.cuda_graph and res.steps == 14
+    assert any(k.endswith("pe_mask") and v.any() for k, v in state.items())  # PEs were chosen

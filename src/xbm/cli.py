@@ -457,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 units, else fp32; scores, masks and evaluation stay fp32)")
     d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each adaption step from a CUDA graph (default: on with CUDA; "
-                   "4-5x faster at batch 32 on an H200; XMA2 trains eagerly; --no-cuda-graph "
-                   "trains eagerly with plain Adam, as figures before session 15)")
+                   "4-5x faster at batch 32 on an H200; XMA2 from its PE selection on; "
+                   "--no-cuda-graph trains eagerly with plain Adam, as figures before session "
+                   "15)")
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -521,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bf16 units, else fp32, as the demo; evaluation stays fp32)")
     ad.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                     help="replay each training step from a CUDA graph (default: on with CUDA; "
-                    "4-5x faster at small batches; methods with host-side logic, XMA2, train "
-                    "eagerly)")
+                    "4-5x faster at small batches; XMA2 captures after its eager warm-up and PE "
+                    "selection)")
     ad.add_argument("--method-config", help="YAML file of method config fields")
     ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="method config field, e.g. --set lr=1e-3 (repeatable)")

@@ -89,9 +89,10 @@ class AdaptionMethod:
     column_scale)`` with no side effects, so a single-row-tile layer may scale its output
     instead (``CrossbarLayer.output_scale``). Off where the forward also gathers statistics."""
     graph_safe: ClassVar[bool] = True
-    """True if a training step of this method is the same kernels every time, with no host-side
-    logic (Python counters, reads of device values), so ``train_task(cuda_graph=True)`` may
-    capture it once as a CUDA graph and replay it. False falls back to eager steps."""
+    """True if, once :meth:`graph_ready`, a training step of this method is the same kernels
+    every time, with no host-side logic (Python counters, reads of device values), so
+    ``train_task(cuda_graph=True)`` may capture it once as a CUDA graph and replay it. False
+    falls back to eager steps."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -167,6 +168,12 @@ class AdaptionMethod:
         return tensors
 
     # -- training hooks ---------------------------------------------------------------------
+    def graph_ready(self) -> bool:
+        """Whether the next training steps are static enough to capture (see ``graph_safe``).
+        A method whose first steps run host-side logic (XMA2's warm-up and PE selection) says
+        False until they are done; ``train_task`` runs those eagerly and captures afterwards."""
+        return True
+
     def param_groups(self, state_params: list[nn.Parameter]) -> list[dict[str, Any]]:
         """Optimizer groups for the task state (head and norms are added by the trainer)."""
         if not state_params:

@@ -203,7 +203,6 @@ class XMA2(XMA):
     """Tier 1: fine-tune and re-program the top PEs under a budget; tier 2: XMA on the rest."""
 
     pure_column_scale = False  # its forward counts steps and hooks the gradient (tier 1)
-    graph_safe = False  # the same Python step count decides its warm-up and PE selection
     config_class = XMA2Config
     reprograms_cells = True
     trains_backbone_weights = True
@@ -274,6 +273,12 @@ class XMA2(XMA):
             cached = (key, value)
             state.__dict__["_sel_cache"] = cached
         return cached[1]
+
+    def graph_ready(self) -> bool:
+        """After the PE selection: until then a Python step count drives the warm-up and the
+        selection (which a graph replay would skip); afterwards every step is the same kernels
+        (the selection masks are cached, ``_tick`` returns at once)."""
+        return self._selected
 
     # -- tier-1 bookkeeping -----------------------------------------------------------------
     def _collecting(self) -> bool:

@@ -53,10 +53,10 @@ class DemoConfig:
     adaption epochs, bf16 autocast where the CPU has native bf16 units: 498 s on a fresh clone;
     docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
     longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes, at
-    one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA graphs, where
-    with these defaults XBM came within 0.52 points of Piggyback and XMA within 0.33 (mean of
-    three seeds; 2.5 minutes on an H200 shared by three demos; docs/benchmarks.md, "GPU session
-    4")."""
+    one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA
+    graphs, where with these defaults XBM came within 0.52 points of Piggyback and XMA within
+    0.33 (mean of three seeds; 2.5 minutes on an H200 shared by three demos;
+    docs/benchmarks.md, "GPU session 4")."""
 
     benchmark: str = "mnist-family"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -101,8 +101,8 @@ class DemoConfig:
     eager figures recorded before session 15: accuracies agree within seed noise, not digit for
     digit (``false`` brings the eager path back). It removes the host overhead that bounds a GPU
     step at batch 32: Piggyback's, XBM's and XMA's training took 4.1-4.8x less time at the GPU
-    default, XBM 0.90x Piggyback's (docs/benchmarks.md, "GPU session 4"). XMA2 trains eagerly
-    either way."""
+    default, XBM 0.90x Piggyback's (docs/benchmarks.md, "GPU session 4"). XMA2 runs its warm-up
+    and PE selection eagerly and replays the steps after them."""
     eval_batch_size: int = 256
     seed: int = 0
     preset: str = "default"

@@ -92,7 +92,8 @@ class TrainResult:
     steps: int
     final_loss: float
     cuda_graph: bool = False
-    """Whether the steps were replayed from a CUDA graph (see :func:`train_task`)."""
+    """Whether steps were replayed from a CUDA graph (see :func:`train_task`): false where the
+    method or a ``torchrun`` launch kept training eager, or it ended before a capture."""
 
 
 def cosine_lambda(total_steps: int):
@@ -117,18 +118,20 @@ class _GraphedStep:
     kernels, not by the GPU; a replay launches them all at once. ``step(x, y)`` must run the
     forward, backward and optimizer step and return the loss, with the optimizer capturable and
     its learning rates device tensors (so a schedule can change them between replays). Batches of
-    another shape (an epoch's last, smaller one) run eagerly.
+    another shape (an epoch's last, smaller one) run eagerly, and so does every step before
+    ``ready()`` is true (a method's own host-side warm-up: XMA2's PE selection).
     """
 
     #: eager steps before the capture: lazy allocations (Adam's state, cuDNN's plans) must
     #: happen outside the graph
     WARMUP = 3
 
-    def __init__(self, step, device: torch.device) -> None:
-        self.step, self.device = step, device
+    def __init__(self, step, device: torch.device, ready=lambda: True) -> None:
+        self.step, self.device, self.ready = step, device, ready
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.x = self.y = self.loss = None
+        self.full: tuple[torch.Size, torch.Size] | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, zero_grad) -> torch.Tensor:
         if self.graph is not None and x.shape == self.x.shape and y.shape == self.y.shape:
@@ -136,9 +139,13 @@ class _GraphedStep:
             self.y.copy_(y, non_blocking=True)
             self.graph.replay()
             return self.loss
-        if self.graph is not None or self.eager_steps < self.WARMUP:
+        if self.full is None:  # the first batch is a full one: capture that shape only
+            self.full = (x.shape, y.shape)
+        if (self.graph is not None or self.eager_steps < self.WARMUP or not self.ready()
+                or (x.shape, y.shape) != self.full):
             zero_grad()
-            if self.graph is not None:  # another shape after the capture: plain eager
+            # another shape (before or after the capture), or the method not ready: plain eager
+            if self.graph is not None or not self.ready() or (x.shape, y.shape) != self.full:
                 return self.step(x, y)
             # the warm-up runs on a side stream, as capture requires
             cur = torch.cuda.current_stream(self.device)
@@ -198,8 +205,10 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     smaller last batch; ``tests/test_cuda_graph.py``), but capturable Adam rounds differently
     from plain Adam, and a mask's training amplifies such differences (a score near its
     threshold flips or not), so against plain-Adam training a run agrees in accuracy, not digit
-    for digit. Methods whose step has host-side logic (``graph_safe = False``: XMA2) and runs
-    under ``torchrun`` train eagerly; ``TrainResult.cuda_graph`` says which happened.
+    for digit. A method's host-side warm-up (``graph_ready()`` false: XMA2 until its PE
+    selection) runs eagerly before the capture; methods with ``graph_safe = False`` and runs
+    under ``torchrun`` train eagerly throughout; ``TrainResult.cuda_graph`` says whether a
+    graph was replayed.
 
     ``capturable`` (CUDA only; default: ``cuda_graph``) picks capturable Adam with device-tensor
     learning rates on its own: ``capturable=True, cuda_graph=False`` trains eagerly on the very
@@ -269,7 +278,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     def zero_grad() -> None:
         opt.zero_grad(set_to_none=True)
 
-    graph_step = _GraphedStep(one_step, device) if graphed else None
+    graph_step = _GraphedStep(one_step, device, method.graph_ready) if graphed else None
     mtm.train()
     step, last_loss = 0, None
     t0 = time.perf_counter()
@@ -303,6 +312,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     loss_v = float("nan") if last_loss is None else float(last_loss)
+    replayed = graph_step is not None and graph_step.graph is not None
     if graph_step is not None:  # the grads live in the graph's memory pool: let both go
         zero_grad()
         del graph_step
@@ -312,7 +322,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         for p in g["params"]:
             p.requires_grad_(False)
     mtm.eval()
-    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=graphed)
+    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=replayed)
 
 
 @torch.no_grad()
