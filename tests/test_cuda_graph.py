@@ -33,7 +33,7 @@ def task():
 
 
 def _train(method: str, task, cuda_graph: bool, device: torch.device, cfg=None,
-           capturable: bool | None = None):
+           capturable: bool | None = None, precision: str = "fp32"):
     torch.manual_seed(0)
     mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
                          get_spec(rows=16, cols=16))
@@ -43,7 +43,7 @@ def _train(method: str, task, cuda_graph: bool, device: torch.device, cfg=None,
     before = {k: v.clone() for k, v in mtm.model.state_dict().items() if TASK_KEY not in k}
     loader, _ = task.loaders(16, seed=0)
     res = train_task(mtm, "a", loader, 2, device, progress=False, cuda_graph=cuda_graph,
-                     capturable=capturable)
+                     capturable=capturable, precision=precision)
     state = {k: v.detach().clone() for k, v in mtm.model.state_dict().items() if TASK_KEY in k}
     backbone = {k: v for k, v in mtm.model.state_dict().items() if TASK_KEY not in k}
     return res, state, before, backbone
@@ -126,6 +126,19 @@ def test_graph_training_equals_eager_training(method, task):
     if not METHODS[method].trains_backbone_weights:
         for k, v in before.items():
             assert torch.equal(backbone[k], v), k
+
+
+@CUDA
+@pytest.mark.parametrize("method", ["piggyback", "xbm", "xma"])
+def test_graph_training_equals_eager_training_in_bf16(method, task):
+    """Under bf16 autocast too (``--precision bf16``): the graph's autocast keeps no cast cache,
+    the eager step's does, and the kernels are the same."""
+    dev = torch.device("cuda")
+    eager, s_eager, _, _ = _train(method, task, False, dev, capturable=True, precision="bf16")
+    graph, s_graph, _, _ = _train(method, task, True, dev, precision="bf16")
+    assert graph.cuda_graph and graph.steps == eager.steps == 14
+    for k in s_eager:
+        assert torch.equal(s_graph[k], s_eager[k]), (k, (s_graph[k] - s_eager[k]).abs().max())
 
 
 @CUDA
