@@ -55,6 +55,11 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     prec = default_precision("cpu")
     assert res["backbone"]["precision"] == res["config"]["pretrain_precision"] == prec
     assert res["config"]["precision"] == prec  # the adaption's own, resolved by the same rule
+    assert res["config"]["cuda_graph"] is False  # default (null) resolved: no CUDA here
+    # the header says what "auto" resolved to, before any work
+    assert f"xbm demo: mnist-family on cpu, resnet18_cifar width {res['config']['width']}, " \
+        f"pretraining {prec}, adaption {prec}, " in printed
+    assert "CUDA graphs" not in printed
     suffix = "" if prec == "fp32" else f"-{prec}"
     assert res["backbone"]["path"].endswith(f"-affine-flip-mixup0.4{suffix}.safetensors")
     for m in methods:

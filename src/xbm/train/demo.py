@@ -212,6 +212,11 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     t_start = time.perf_counter()
     pcfg = cfg.pretrain_config(device, bench.base)
     precision = cfg.precision_for(device)
+    if xdist.is_main():  # what "auto" resolved to, before minutes of work
+        log(f"xbm demo: {cfg.benchmark} on {device}, {cfg.model} width {pcfg.width}, "
+            f"pretraining {pcfg.precision}, adaption {precision}"
+            f"{' with CUDA graphs' if cuda_graph else ''}, {cfg.epochs} epoch(s) per task; "
+            f"methods {', '.join(cfg.methods)}")
     backbone, bmeta, bpath = xdist.main_first(lambda: get_backbone(
         pcfg, device, root=cfg.data_root, progress=progress and xdist.is_main(), log=log))
     base_data = load_dataset(bench.base, root=cfg.data_root).subset(None, cfg.test_subset,

@@ -134,20 +134,19 @@ class _GraphedStep:
         self.full: tuple[torch.Size, torch.Size] | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, zero_grad) -> torch.Tensor:
-        if self.graph is not None and x.shape == self.x.shape and y.shape == self.y.shape:
+        shape = (x.shape, y.shape)
+        if self.full is None:  # the first batch is a full one: only that shape is captured
+            self.full = shape
+        if self.graph is not None and shape == self.full:
             self.x.copy_(x, non_blocking=True)
             self.y.copy_(y, non_blocking=True)
             self.graph.replay()
             return self.loss
-        if self.full is None:  # the first batch is a full one: capture that shape only
-            self.full = (x.shape, y.shape)
-        if (self.graph is not None or self.eager_steps < self.WARMUP or not self.ready()
-                or (x.shape, y.shape) != self.full):
-            zero_grad()
-            # another shape (before or after the capture), or the method not ready: plain eager
-            if self.graph is not None or not self.ready() or (x.shape, y.shape) != self.full:
-                return self.step(x, y)
-            # the warm-up runs on a side stream, as capture requires
+        zero_grad()
+        if self.graph is not None or shape != self.full or not self.ready():
+            # another shape (an epoch's last batch), or the method's own warm-up: plain eager
+            return self.step(x, y)
+        if self.eager_steps < self.WARMUP:  # the warm-up runs on a side stream, as capture needs
             cur = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(cur)
@@ -156,10 +155,10 @@ class _GraphedStep:
             cur.wait_stream(side)
             self.eager_steps += 1
             return loss
-        # capture with every grad unset, so the backward allocates them in the graph's pool and
-        # each replay writes (not adds) them; a capture records without running: replay once
+        # capture with every grad unset (zeroed above), so the backward allocates them in the
+        # graph's pool and each replay writes (not adds) them; a capture records without
+        # running: replay once
         self.x, self.y = x.clone(), y.clone()
-        zero_grad()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self.loss = self.step(self.x, self.y)
