@@ -11,7 +11,9 @@
 # In order, each step time-boxed so the whole ends inside BUDGET_SECONDS (default 540):
 #   0. a tiny demo of every method on the GPU; the session stops there if it fails;
 #   1. `xbm demo --device cuda` at the device's default width (64 on CUDA; the flag is not
-#      passed, so the default itself is what runs) for seeds 0, 1, 2, and on the same three
+#      passed, so the default itself is what runs; since session 15 that replays each step
+#      from a CUDA graph: XBM_DEMO_YAML with `cuda_graph: false` for the eager figures of
+#      sessions 12-14) for seeds 0, 1, 2, and on the same three
 #      backbones Piggyback, XBM, XMA and XMA2 at other rates ("hi": Piggyback 1e-3, XBM 2e-3,
 #      XMA 0.6, XMA2's re-programmed weights 2e-3; "lo": 3e-4, 5e-4, 0.15 and 1e-3), all at once
 #      on the one GPU (at batch 32 a step is launch-bound, so the processes share it well);
