@@ -49,22 +49,15 @@ def _train(method: str, task, cuda_graph: bool, device: torch.device, cfg=None,
     return res, state, before, backbone
 
 
-def test_cuda_graph_on_a_cpu_is_refused(task):
+@pytest.mark.parametrize("flag,needle", [("cuda_graph", "cuda_graph needs a CUDA device"),
+                                          ("capturable", "capturable Adam needs a CUDA device")])
+def test_graph_options_on_a_cpu_are_refused(flag, needle, task):
     mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
                          get_spec(rows=16, cols=16))
     mtm.add_task("a", task.num_classes, "xbm")
     loader, _ = task.loaders(16, seed=0)
-    with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
-        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, cuda_graph=True)
-
-
-def test_capturable_adam_on_a_cpu_is_refused(task):
-    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
-                         get_spec(rows=16, cols=16))
-    mtm.add_task("a", task.num_classes, "xbm")
-    loader, _ = task.loaders(16, seed=0)
-    with pytest.raises(ConfigError, match="capturable Adam needs a CUDA device"):
-        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, capturable=True)
+    with pytest.raises(ConfigError, match=needle):
+        train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, **{flag: True})
 
 
 def test_cuda_graph_default_is_on_with_cuda_only():
