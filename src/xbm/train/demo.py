@@ -208,7 +208,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     bench = get_benchmark(cfg.benchmark)
     spec = cfg.spec()
     device = resolve_device(cfg.device)
-    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device)
+    cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device)  # what runs (torchrun: eager)
     t_start = time.perf_counter()
     pcfg = cfg.pretrain_config(device, bench.base)
     precision = cfg.precision_for(device)

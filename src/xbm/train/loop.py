@@ -168,16 +168,17 @@ class _GraphedStep:
 
 
 def resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
-    """``None`` (the demo's and ``xbm adapt``'s default) means on where ``device`` is CUDA: the
-    replay is checked bit for bit against the eager step it records, and took a fifth to a
-    quarter of the eager training time at the GPU default (docs/benchmarks.md, "GPU session
-    4"). ``True`` off CUDA is an error, not a silent fallback."""
-    if cuda_graph is None:
-        return device.type == "cuda"
+    """Whether adaption steps will replay from a CUDA graph. ``None`` (the demo's and ``xbm
+    adapt``'s default) means on where ``device`` is CUDA: the replay is checked bit for bit
+    against the eager step it records, and took a fifth to a quarter of the eager training time
+    at the GPU default (docs/benchmarks.md, "GPU session 4"). ``True`` off CUDA is an error, not
+    a silent fallback. Under ``torchrun`` (several processes) the answer is False whatever was
+    asked: ``train_task`` then trains eagerly, and a header or record must say so."""
     if cuda_graph and device.type != "cuda":
-        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
-                          "use --device cuda")
-    return bool(cuda_graph)
+        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph "
+                          "(or cuda_graph: true in the config) or use --device cuda")
+    wanted = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    return wanted and xdist.world_size() == 1
 
 
 def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torch.device,
@@ -221,6 +222,9 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
     bf16 = precision == "bf16"
+    if cuda_graph and capturable is False:
+        raise ConfigError("cuda_graph=True replays a capturable Adam step; drop capturable=False, "
+                          "or set cuda_graph=False to train eagerly on plain Adam")
     if cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
                           "use --device cuda")
