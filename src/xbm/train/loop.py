@@ -7,7 +7,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -126,14 +126,16 @@ class _GraphedStep:
     #: happen outside the graph
     WARMUP = 3
 
-    def __init__(self, step, device: torch.device, ready=lambda: True) -> None:
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 device: torch.device, ready: Callable[[], bool] = lambda: True) -> None:
         self.step, self.device, self.ready = step, device, ready
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.x = self.y = self.loss = None
         self.full: tuple[torch.Size, torch.Size] | None = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, zero_grad) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 zero_grad: Callable[[], None]) -> torch.Tensor:
         shape = (x.shape, y.shape)
         if self.full is None:  # the first batch is a full one: only that shape is captured
             self.full = shape
