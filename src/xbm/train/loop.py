@@ -200,11 +200,12 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
 
     ``cuda_graph=True`` (CUDA only) captures the step once as a CUDA graph after three eager
     steps and replays it: at the demo's batch sizes an eager GPU step is bound by the host
-    launching kernels, and a replay took a fifth to a half of its time (docs/benchmarks.md,
-    "CUDA graphs"). Adam then runs in its capturable form with the learning rates (and their
-    cosine schedule) in device tensors. A replay computes exactly what that eager step computes
-    (bit for bit on an H200, every method, warm-up, capture, replays and the eager steps for a
-    smaller last batch; ``tests/test_cuda_graph.py``), but capturable Adam rounds differently
+    launching kernels, and a replay took a seventh to a fifth of its time at batch 32, half at
+    batch 128 (docs/benchmarks.md, "GPU session 3" and "GPU session 4"). Adam then runs in its
+    capturable form with the learning rates (and their cosine schedule) in device tensors. A
+    replay computes exactly what that eager step computes (bit for bit on an H200, every method,
+    warm-up, capture, replays and the eager steps for a smaller last batch;
+    ``tests/test_cuda_graph.py``), but capturable Adam rounds differently
     from plain Adam, and a mask's training amplifies such differences (a score near its
     threshold flips or not), so against plain-Adam training a run agrees in accuracy, not digit
     for digit. A method's host-side warm-up (``graph_ready()`` false: XMA2 until its PE
