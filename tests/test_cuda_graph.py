@@ -153,3 +153,63 @@ def test_graph_training_replays_xma2_after_its_selection(task):
     res, state, _, _ = _train("xma2", task, True, torch.device("cuda"), XMA2_CFG)
     assert res.cuda_graph and res.steps == 14
     assert any(k.endswith("pe_mask") and v.any() for k, v in state.items())  # PEs were chosen
+
+
+def test_graphed_step_control_flow_with_a_fake_cuda(monkeypatch):
+    """``_GraphedStep``'s schedule, checked without a GPU: eager while the method is not ready,
+    three side-stream warm-ups, one capture at the first batch's shape (then one replay), replays
+    for that shape, plain eager steps for any other shape (before and after the capture)."""
+    from contextlib import contextmanager
+
+    from xbm.train import loop
+
+    log: list[str] = []
+    mode = {"now": "eager"}
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextmanager
+    def fake_ctx(*_a, **_k):
+        before = mode["now"]
+        mode["now"] = _k.get("_mode", "side")
+        yield
+        mode["now"] = before
+
+    @contextmanager
+    def fake_graph_ctx(g):
+        with fake_ctx(_mode="capture"):
+            yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", fake_ctx)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph_ctx)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+
+    ready = {"v": False}
+
+    def step(x, y):
+        log.append(f"{mode['now']}:{x.shape[0]}")
+        return torch.zeros(())
+
+    zeroed: list[int] = []
+    gs = loop._GraphedStep(step, torch.device("cpu"), lambda: ready["v"])
+    sizes = [16, 4, 16, 16, 16, 16, 4, 16, 16, 4, 16]
+    for i, n in enumerate(sizes):
+        if i == 2:
+            ready["v"] = True  # the method's own warm-up (XMA2's selection) is over
+        gs(torch.zeros(n, 1), torch.zeros(n), lambda i=i: zeroed.append(i))
+    assert log == ["eager:16", "eager:4",            # not ready: plain eager, any shape
+                   "side:16", "side:16", "side:16",  # three warm-ups on a side stream
+                   "capture:16", "replay",           # the capture records, then runs once
+                   "eager:4",                        # another shape after the capture
+                   "replay", "replay",               # the first batch's shape: replayed
+                   "eager:4", "replay"]
+    # grads are unset before every step that is not a replay (a replay writes them itself)
+    assert zeroed == [0, 1, 2, 3, 4, 5, 6, 9]
