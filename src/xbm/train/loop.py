@@ -228,15 +228,14 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     if cuda_graph and capturable is False:
         raise ConfigError("cuda_graph=True replays a capturable Adam step; drop capturable=False, "
                           "or set cuda_graph=False to train eagerly on plain Adam")
-    if cuda_graph and device.type != "cuda":
-        raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph or "
-                          "use --device cuda")
+    # the device check and the torchrun rule (eager there) are resolve_cuda_graph's
+    graphed = resolve_cuda_graph(bool(cuda_graph), device)
     if capturable and device.type != "cuda":
         raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
     method = mtm.methods[task]
-    graphed = cuda_graph and world == 1 and method.graph_safe
+    graphed = graphed and method.graph_safe
     capturable = graphed if capturable is None else bool(capturable)
     cfg = method.config
     mtm.set_task(task)
