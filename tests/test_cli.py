@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,16 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     a = [r["accuracy"] for r in res["runs"] if r["method"] == "xbm"]
     b = [r["accuracy"] for r in res2["runs"] if r["method"] == "xbm"]
     assert a == b
+    # --pretrain-seed: another adaption seed on the same cached backbone, nothing pretrained
+    cached = sorted(p.name for p in Path(res["backbone"]["path"]).parent.iterdir())
+    out3 = tmp_path / "run3"
+    assert main(["demo", "--out", str(out3), "--config", str(cfg), "--methods", "xbm",
+                 *TINY, "--seed", "1", "--pretrain-seed", "0"]) == 0
+    res3 = json.loads((out3 / "results.json").read_text())
+    assert res3["backbone"]["content_hash"] == res["backbone"]["content_hash"]
+    assert res3["backbone"]["seed"] == 0
+    assert (res3["config"]["seed"], res3["config"]["pretrain_seed"]) == (1, 0)
+    assert sorted(p.name for p in Path(res["backbone"]["path"]).parent.iterdir()) == cached
 
 
 def _readme_table(first_header: str) -> list[tuple[list[str], list[str]]]:
@@ -334,6 +345,7 @@ def _one_line_error(capsys) -> str:
     ("energy: nope\n", "unknown energy preset 'nope'"),
     ("train_subset: 0\n", "train_subset must be an integer >= 1"),
     ("precision: fp16\n", "unknown demo precision 'fp16'"),
+    ("pretrain_seed: one\n", "pretrain_seed must be an integer"),
 ])
 def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))

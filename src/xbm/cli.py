@@ -75,7 +75,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "pretrain_augment", "pretrain_mixup", "pretrain_precision",
+              "pretrain_epochs", "pretrain_seed", "pretrain_augment", "pretrain_mixup",
+              "pretrain_precision",
               "precision", "batch_size", "rows",
               "cols", "data_root", "benchmark", "cuda_graph"):
         v = getattr(args, k, None)
@@ -468,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
     d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")
     d.add_argument("--seed", type=int, help="seed of the backbone, the subsets and the masks "
-                   "(default 0; each seed pretrains its own backbone)")
+                   "(default 0; each seed pretrains its own backbone unless --pretrain-seed)")
+    d.add_argument("--pretrain-seed", type=int, help="seed of the backbone alone (default: "
+                   "--seed); e.g. --pretrain-seed 0 --seed 1 adapts the seed-0 backbone again "
+                   "with other subsets and batch order")
     d.add_argument("--data-root")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)

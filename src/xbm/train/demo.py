@@ -105,6 +105,13 @@ class DemoConfig:
     and PE selection eagerly and replays the steps after them."""
     eval_batch_size: int = 256
     seed: int = 0
+    """Seed of the adaption runs (training subsets, test subsets, batch order, mask init) and,
+    unless ``pretrain_seed`` is set, of the backbone."""
+    pretrain_seed: int | None = None
+    """Seed of the backbone's pretraining; ``None``: ``seed``. Set it to repeat the adaption on
+    one cached backbone under several seeds (``xbm demo --pretrain-seed 0 --seed S``), which
+    separates the spread of the adaption itself from that of the backbone and skips the
+    pretraining."""
     preset: str = "default"
     rows: int | None = None
     cols: int | None = None
@@ -141,8 +148,10 @@ class DemoConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown demo precision {self.precision!r}; choose one of: "
                               f"{', '.join(PRECISIONS)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"demo seed must be an integer, got {self.seed!r}")
+        for f in ("seed", "pretrain_seed"):
+            v = getattr(self, f)
+            if (v is not None or f == "seed") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"demo {f} must be an integer, got {v!r}")
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise ConfigError(f"demo cuda_graph must be true, false or null (on where the device "
                               f"is CUDA), got {self.cuda_graph!r}")
@@ -160,7 +169,8 @@ class DemoConfig:
         at this config's width for ``device``."""
         return PretrainConfig(model=self.model, width=self.width_for(device), dataset=base,
                               epochs=self.pretrain_epochs, batch_size=self.pretrain_batch_size,
-                              seed=self.seed, augment=self.pretrain_augment,
+                              seed=self.seed if self.pretrain_seed is None
+                              else self.pretrain_seed, augment=self.pretrain_augment,
                               mixup=self.pretrain_mixup, precision=self.pretrain_precision,
                               train_subset=self.pretrain_subset, test_subset=self.test_subset
                               ).for_device(device)
