@@ -67,3 +67,70 @@ def test_graph_probe_dry_run(tmp_path):
     assert set(summary) == {"xbm/as_test", "xbm/native"}
     for v in summary.values():  # without CUDA both sides ran eagerly: nothing may differ
         assert v["end_vs_capturable"][0] == 0 and v["first"] is None
+
+
+def _fake_results(path: Path, seed: int, acc: dict[str, float], **config) -> Path:
+    path.mkdir(parents=True)
+    res = {"config": {"seed": seed, "width": 16, "methods": list(acc)} | config,
+           "backbone": {"content_hash": f"h{seed}", "accuracy": 88.0},
+           "summary": {m: {"mean_new_task_accuracy": a, "new_task_accuracies": {"t": a}}
+                       for m, a in acc.items()},
+           "checks": {m: {"backbone_bit_identical": True} for m in acc}}
+    (path / "results.json").write_text(json.dumps(res))
+    return path
+
+
+def test_demo_seeds_summarizes_gaps_over_seeds(tmp_path, capsys):
+    mod = _load("demo_seeds")
+    assert mod.parse_seeds("0-2,5") == [0, 1, 2, 5]
+    for bad in ("1-0", "x", "-1", "0,0"):
+        with pytest.raises(mod.XbmError, match="--seeds"):
+            mod.parse_seeds(bad)
+    dirs = [_fake_results(tmp_path / f"s{s}", s, {"piggyback": pb, "xbm": x})
+            for s, pb, x in [(0, 98.0, 96.5), (1, 98.0, 95.5), (2, 97.0, 96.0)]]
+    out = tmp_path / "out"
+    assert mod.main(["--summarize", *map(str, dirs), "--out", str(out)]) == 0
+    summary = json.loads((out / "seeds.json").read_text())
+    gap = summary["stats"]["xbm"]["gap"]
+    assert [r["gap"]["xbm"] for r in summary["rows"]] == [-1.5, -2.5, -1.0]
+    assert gap["mean"] == pytest.approx(-5 / 3, abs=1e-4)
+    assert gap["std"] == pytest.approx(0.7638, abs=1e-4)
+    assert (gap["min"], gap["within"], gap["at_least_ref"]) == (-2.5, 2, 0)
+    md = (out / "seeds.md").read_text()
+    assert "| 1 | seed 1 | 98.00 | 95.50 | -2.50 | all true |" in md
+    assert "2 of 3" in md and md == capsys.readouterr().out
+    # runs that differ beyond the seed (here the width) would not be comparable: refused
+    other = _fake_results(tmp_path / "w32", 3, {"piggyback": 97.0, "xbm": 96.0}, width=32)
+    assert mod.main(["--summarize", str(dirs[0]), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from" in err and "in width;" in err and len(err.splitlines()) == 1
+    with pytest.raises(mod.XbmError, match="in width"):
+        mod.summarize([mod.load_results(dirs[0]), mod.load_results(other)])
+    with pytest.raises(mod.XbmError, match="--ref finetune was not run"):
+        mod.summarize([mod.load_results(d) for d in dirs], ref="finetune")
+    with pytest.raises(mod.XbmError, match="not a demo results.json"):
+        (tmp_path / "junk.json").write_text("{}")
+        mod.load_results(tmp_path / "junk.json")
+
+
+def test_demo_seeds_runs_missing_seeds_only(tmp_path, monkeypatch):
+    """Seeds already in OUT are kept (an interrupted call resumes); the others run with the
+    seed (and --pretrain-seed) set, every config checked before the first one trains."""
+    mod = _load("demo_seeds")
+    import xbm.train.demo as demo
+
+    _fake_results(tmp_path / "seed0", 0, {"piggyback": 98.0, "xbm": 96.0})
+    ran = []
+
+    def fake_run_demo(cfg, out, progress=True, log=print):
+        ran.append((cfg.seed, cfg.pretrain_seed, cfg.methods))
+        _fake_results(Path(out), cfg.seed, {"piggyback": 97.0, "xbm": 96.0},
+                      pretrain_seed=cfg.pretrain_seed)
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert mod.main(["--out", str(tmp_path), "--seeds", "0-1", "--pretrain-seed", "0",
+                     "--methods", "piggyback,xbm"]) == 0
+    assert ran == [(1, 0, ["piggyback", "xbm"])]
+    assert mod.main(["--out", str(tmp_path / "x"), "--seeds", "0", "--config",
+                     str(tmp_path / "missing.yaml")]) == 2
+    assert not (tmp_path / "x").exists()
