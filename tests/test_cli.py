@@ -808,3 +808,37 @@ def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, 
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  *common[:-1], "0"]) == 0
     assert not torch.equal(seen[2], seen[0])  # another seed, another subset
+
+
+def test_model_and_width_flags_must_match_a_given_backbone_or_bundle(tmp_path, capsys,
+                                                                     monkeypatch):
+    """--model/--width pick the default backbone; with --backbone or a bundle they used to be
+    ignored silently (a width-16 request trained on a width-4 backbone, exit 0)."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    path, bb = _folder_task_bundle(tmp_path, 10, "mnist")
+    base = ["--dataset", "mnist", "--device", "cpu", "--no-progress"]
+    for given in (["--backbone", str(bb)], ["--bundle", str(path), "--backbone", str(bb)]):
+        for flag, needle in ((["--model", "resnet18_cifar"], "--model resnet18_cifar"),
+                             (["--width", "16"], "--width 16")):
+            assert main(["adapt", *base, *given, *flag, "--out", str(tmp_path / "o")]) == 2
+            err = _one_line_error(capsys)
+            assert f"{needle} contradicts the " in err and "(small_cnn, width 4)" in err, err
+    assert main(["simulate", "--bundle", str(path), "--backbone", str(bb), "--width", "8",
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "--width 8 contradicts the backbone" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+    # flags that agree are fine
+    assert main(["adapt", *base, "--backbone", str(bb), "--model", "small_cnn", "--width", "4",
+                 "--train-subset", "16", "--test-subset", "8", "--rows", "16", "--cols", "16",
+                 "--out", str(tmp_path / "ok.safetensors")]) == 0
+
+
+def test_a_backbone_and_a_bundle_swapped_name_the_right_flag(tmp_path, capsys):
+    path, bb = _folder_task_bundle(tmp_path, 2, "mnist")
+    assert main(["eval", "--bundle", str(bb), "--device", "cpu"]) == 2
+    assert "this is a backbone, not a task bundle; pass it as --backbone" in \
+        _one_line_error(capsys)
+    assert main(["adapt", "--dataset", "mnist", "--backbone", str(path), "--device", "cpu",
+                 "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "this is a task bundle, not a backbone; pass it as --bundle" in \
+        _one_line_error(capsys)

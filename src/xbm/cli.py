@@ -65,8 +65,11 @@ def spec_from_args(args: argparse.Namespace):
 
 
 WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
-WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); unused with an existing "
-                     "--bundle, whose backbone is found by its hash")
+WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
+                     "existing --bundle, which fix the backbone, it must match it")
+DEFAULT_MODEL = "resnet18_cifar"
+MODEL_HELP = (f"architecture of the default backbone (default {DEFAULT_MODEL}, the demo's); with "
+              "--backbone or an existing --bundle, which fix it, it must match")
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -211,17 +214,35 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
     default backbone of the width, pretrained if it is not cached."""
     from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
 
-    if args.backbone:
-        model, meta = load_backbone(args.backbone)
-        return model, meta
-    if bundle_meta is not None:
-        from xbm.train.pretrain import bundle_backbone_path
+    if args.backbone or bundle_meta is not None:
+        if args.backbone:
+            model, meta = load_backbone(args.backbone)
+            source = f"the backbone {args.backbone}"
+        else:
+            from xbm.train.pretrain import bundle_backbone_path
 
-        return load_backbone(bundle_backbone_path(args.bundle, bundle_meta))
-    cfg = PretrainConfig(model=args.model, width=_width(args, device))
+            model, meta = load_backbone(bundle_backbone_path(args.bundle, bundle_meta))
+            source = f"the bundle {args.bundle}'s backbone"
+        _check_arch_flags(args, meta["arch"], source)
+        return model, meta
+    cfg = PretrainConfig(model=args.model or DEFAULT_MODEL, width=_width(args, device))
     model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
                                   progress=not args.no_progress)
     return model, meta
+
+
+def _check_arch_flags(args: argparse.Namespace, arch: dict[str, Any], source: str) -> None:
+    """``--model``/``--width`` pick the default backbone; given with a backbone file or a bundle
+    (which fix the architecture) they must agree with it rather than be silently ignored."""
+    from xbm.errors import ConfigError
+
+    have = f"{arch.get('name')}, width {arch.get('width')}"
+    model = getattr(args, "model", None)
+    if model is not None and model != arch.get("name"):
+        raise ConfigError(f"--model {model} contradicts {source} ({have}); drop the flag")
+    width = getattr(args, "width", None)
+    if width is not None and "width" in arch and int(width) != arch["width"]:
+        raise ConfigError(f"--width {width} contradicts {source} ({have}); drop the flag")
 
 
 def _parse_value(v: str) -> Any:
@@ -510,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--dataset", required=True, help="dataset name or folder:PATH")
     ad.add_argument("--task", help="task name (default: from the dataset)")
     ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
-    ad.add_argument("--model", default="resnet18_cifar")
+    ad.add_argument("--model", help=MODEL_HELP)
     ad.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
     ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")

@@ -73,7 +73,11 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
     from xbm.methods import get_method_class
 
     if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r})")
+        if str(meta.get("format", "")).startswith("xbm-backbone"):
+            raise BundleError(f"{path}: this is a backbone, not a task bundle; pass it as "
+                              "--backbone, and as --bundle a file `xbm adapt` wrote")
+        raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r}); "
+                          "pass a file `xbm adapt` wrote")
     try:
         spec = CrossbarSpec.from_dict(meta["spec"])
     except (XbmError, TypeError, KeyError, AttributeError, ValueError) as exc:

@@ -72,6 +72,8 @@ def _adc_label(bits: int | None) -> int | str:
 
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
+    from xbm.cli import MODEL_HELP
+
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
                         "faults); fault-aware XBM")
     sp.add_argument("--bundle", help="task bundle to evaluate (sweep mode)")
@@ -80,9 +82,10 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     help="train XBM with and without the chip's faults and compare")
     sp.add_argument("--dataset", help="dataset (fault-aware mode; sweep: override the task's)")
     sp.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
-    sp.add_argument("--model", default="resnet18_cifar")
+    sp.add_argument("--model", help=MODEL_HELP)
     sp.add_argument("--width", type=int,
-                    help="backbone width (default: the --bundle's, else 16 on CPU, 64 on CUDA)")
+                    help="backbone width (default: the --bundle's or --backbone's, which it must "
+                    "match, else 16 on CPU, 64 on CUDA)")
     sp.add_argument("--adc-bits", help="comma list of ADC resolutions (default 4,6,8; none "
                     "with --adc-mode ideal, which has no ADC)")
     sp.add_argument("--fault-rates",

@@ -296,7 +296,11 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a backbone saved by :func:`pretrain`, checking its content hash."""
     tensors, meta = load_safetensors(path)
     if meta.get("format") != BACKBONE_FORMAT or "arch" not in meta:
-        raise BundleError(f"{path}: not an xbm backbone file (no backbone metadata)")
+        if str(meta.get("format", "")).startswith("xbm-task-bundle"):
+            raise BundleError(f"{path}: this is a task bundle, not a backbone; pass it as "
+                              "--bundle (its backbone is found by the hash it records)")
+        raise BundleError(f"{path}: not an xbm backbone file (no backbone metadata); pass a "
+                          "file `xbm pretrain` wrote")
     if tensors_hash(tensors) != meta.get("content_hash"):
         raise BundleError(f"{path}: content hash mismatch; the file is corrupt, re-run pretrain")
     model = build_model(meta["arch"])
