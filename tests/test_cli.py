@@ -373,6 +373,9 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
      "is not UTF-8 text"),
     (["demo", "--config", "{tmp}", "--out", "{tmp}/o"], "is a folder"),
     (["cost", "--model", "small_cnn", "--plot", "{tmp}/file"], "is an existing file"),
+    (["adapt", "--dataset", "mnist", "--out", "{tmp}/plain.bin"],
+     "--out {tmp}/plain.bin: a task bundle is saved as safetensors; name it *.safetensors"),
+    (["adapt", "--dataset", "mnist", "--bundle", "{tmp}/new.bin"], "--bundle {tmp}/new.bin: a"),
 ])
 def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, capsys,
                                                      monkeypatch):
@@ -383,7 +386,7 @@ def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, cap
     (tmp_path / "binary").write_bytes(b"\xff\xfe\x00bad")
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--no-progress"] *
               (argv[0] != "cost"))
-    assert rc == 2 and needle in _one_line_error(capsys)
+    assert rc == 2 and needle.replace("{tmp}", str(tmp_path)) in _one_line_error(capsys)
     assert not (tmp_path / "cache").exists()
     assert (tmp_path / "file").read_text() == "not a bundle"  # never overwritten
 
@@ -820,13 +823,14 @@ def test_model_and_width_flags_must_match_a_given_backbone_or_bundle(tmp_path, c
     for given in (["--backbone", str(bb)], ["--bundle", str(path), "--backbone", str(bb)]):
         for flag, needle in ((["--model", "resnet18_cifar"], "--model resnet18_cifar"),
                              (["--width", "16"], "--width 16")):
-            assert main(["adapt", *base, *given, *flag, "--out", str(tmp_path / "o")]) == 2
+            assert main(["adapt", *base, *given, *flag, "--out",
+                         str(tmp_path / "o.safetensors")]) == 2
             err = _one_line_error(capsys)
             assert f"{needle} contradicts the " in err and "(small_cnn, width 4)" in err, err
     assert main(["simulate", "--bundle", str(path), "--backbone", str(bb), "--width", "8",
                  "--device", "cpu", "--no-progress"]) == 2
     assert "--width 8 contradicts the backbone" in _one_line_error(capsys)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o.safetensors").exists()
     # flags that agree are fine
     assert main(["adapt", *base, "--backbone", str(bb), "--model", "small_cnn", "--width", "4",
                  "--train-subset", "16", "--test-subset", "8", "--rows", "16", "--cols", "16",

@@ -78,7 +78,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "pretrain_seed", "pretrain_augment", "pretrain_mixup",
+              "pretrain_epochs", "pretrain_seed", "pretrain_subset", "pretrain_augment", "pretrain_mixup",
               "pretrain_precision",
               "precision", "batch_size", "rows",
               "cols", "data_root", "benchmark", "cuda_graph"):
@@ -286,6 +286,10 @@ def _check_bundle_out(out: str, bundle: str | None) -> None:
     if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
         raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "
                        "--out, or remove the file")
+    if p.suffix != ".safetensors":
+        flag = "--bundle" if bundle is not None and Path(out) == Path(bundle) else "--out"
+        raise XbmError(f"{flag} {out}: a task bundle is saved as safetensors; name it "
+                       "*.safetensors")
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -341,7 +345,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"],
                          backbone_recipe=meta.get("config")).to(device)
-    if args.bundle and Path(args.bundle).exists():
+    new_bundle = not (args.bundle and Path(args.bundle).exists())
+    if not new_bundle:
         mtm.load_bundle(args.bundle)
     # an image folder is recorded by its absolute path, so eval finds it from anywhere
     mtm.add_task(task, data.num_classes, args.method, method_cfg,
@@ -362,7 +367,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "bundle": str(out)}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
-          f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}")
+          f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}"
+          f"{' (a new bundle)' if new_bundle else f' ({len(mtm.tasks)} tasks)'}")
     return 0
 
 
@@ -465,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, help="adaption epochs per task (default 2)")
     d.add_argument("--pretrain-epochs", type=int,
                    help=f"backbone pretraining epochs (default {PretrainConfig.epochs})")
+    d.add_argument("--pretrain-subset", type=int, help="seeded subset of the base task's "
+                   "training images for pretraining (default: all 60,000; for a quick try)")
     d.add_argument("--pretrain-augment", choices=list(AUGMENTATIONS),
                    help=f"backbone pretraining augmentation (default {PretrainConfig.augment})")
     d.add_argument("--pretrain-mixup", type=float, metavar="ALPHA",
@@ -533,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
     ad.add_argument("--model", help=MODEL_HELP)
     ad.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
-    ad.add_argument("--bundle", help="existing bundle to add the task to (updated in place)")
+    ad.add_argument("--bundle", help="bundle to add the task to, updated in place; created "
+                    "(with a note) if the file does not exist yet")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--epochs", type=int, default=1, help="default: %(default)s")
     ad.add_argument("--batch-size", type=int, default=32,
