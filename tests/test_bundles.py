@@ -147,3 +147,23 @@ def test_corrupt_cached_backbone_names_the_file_and_the_fix(tmp_path, monkeypatc
     with pytest.raises(BundleError, match="content hash mismatch") as exc:
         get_backbone(cfg, torch.device("cpu"), progress=False, log=lambda *a: None, path=path)
     assert "Delete" not in str(exc.value)
+
+
+def test_check_output_probes_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    """Permission bits are not the whole story (root passes os.access on /proc, where every
+    create fails): a folder that cannot take a file is refused before any work."""
+    import tempfile
+
+    from xbm.errors import XbmError
+    from xbm.io import check_output
+
+    assert check_output(tmp_path / "sub" / "x.safetensors") == tmp_path / "sub" / "x.safetensors"
+    assert list(tmp_path.iterdir()) == []  # probed, nothing left, the missing folder not made
+
+    def refuse(*a, **kw):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(XbmError, match=r"--out .*x: cannot create files in .*"
+                       r"\(Read-only file system\); pass a writable path"):
+        check_output(tmp_path / "x")

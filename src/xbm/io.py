@@ -49,7 +49,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
 
     ``kind`` is ``"file"`` (written atomically next to itself, so its folder must be writable
     and it must not be a folder) or ``"dir"`` (created if missing; must not be a file). Nothing
-    is created: a missing folder only has to be creatable.
+    is left behind: a missing folder only has to be creatable, and the nearest existing folder is
+    probed with an empty temporary file, removed at once.
 
     Raises:
         XbmError: naming the path, the problem and the flag to change.
@@ -75,6 +76,13 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
                        "pass another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise XbmError(f"{flag} {p}: {probe} is not writable; pass a writable path")
+    try:  # access() answers for the permission bits only: root passes it even on /proc
+        fd, tmp = tempfile.mkstemp(prefix=".xbm-probe.", suffix=".tmp", dir=probe)
+    except OSError as exc:
+        raise XbmError(f"{flag} {p}: cannot create files in {probe} "
+                       f"({exc.strerror or exc}); pass a writable path") from None
+    os.close(fd)
+    os.unlink(tmp)
     return p
 
 
