@@ -535,3 +535,26 @@ def test_xma2_model_estimate_tracks_a_real_selection() -> None:
     planned = d.to_dict()["methods"]["xma2"]["mask_bits"]
     assert actual != sum(st.pe_mask.numel() + 3 * st.score.numel() for _, _, st in states)
     assert abs(planned - actual) <= 3 * 16 + 3 * len(states)
+
+
+def test_cost_plots_say_when_the_results_are_another_models(tmp_path, capsys) -> None:
+    """The accuracy plots show a demo's recorded runs: costing another model or preset beside
+    them used to pass silently."""
+    pytest.importorskip("matplotlib")
+
+    runs = [{"method": m, "task": "a", "base_task": False, "accuracy": 90.0, "mask_bits": 100,
+             "reprogrammed_cells": 0, "adaption_energy_j": 1e-9} for m in ("xbm", "piggyback")]
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"runs": runs, "energy_preset": "default",
+                               "backbone": {"arch": {"name": "resnet18_cifar", "width": 16}}}))
+    argv = ["cost", "--plot", str(tmp_path / "p"), "--results", str(res)]
+    assert main([*argv, "--model", "resnet18_cifar", "--width", "16"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the same model and preset: nothing to say
+    assert main([*argv, "--model", "small_cnn"]) == 0
+    err = capsys.readouterr().err
+    assert f"the accuracy plots show the runs of {res} (resnet18_cifar width 16), not --model " \
+        "small_cnn" in err
+    other = next(p for p in PRESETS if p != "default")
+    assert main([*argv, "--model", "resnet18_cifar", "--width", "16", "--energy", other]) == 0
+    assert f"priced its adaption energies with preset 'default', not '{other}'" in \
+        capsys.readouterr().err

@@ -78,10 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
-              "pretrain_epochs", "pretrain_seed", "pretrain_subset", "pretrain_augment", "pretrain_mixup",
-              "pretrain_precision",
-              "precision", "batch_size", "rows",
-              "cols", "data_root", "benchmark", "cuda_graph"):
+              "pretrain_epochs", "pretrain_seed", "pretrain_subset", "pretrain_augment",
+              "pretrain_mixup", "pretrain_precision", "precision", "batch_size", "rows", "cols",
+              "data_root", "benchmark", "cuda_graph"):
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v

@@ -215,12 +215,32 @@ def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Pat
     results = Path(args.results) if args.results else (
         DEFAULT_RESULTS if DEFAULT_RESULTS.is_file() else None)
     data = plots.load_results(results) if results is not None else None  # fails before writing
+    if data is not None:
+        _note_results_mismatch(args, data, results, preset)
     written = [plots.plot_energy_breakdown(report, out / "energy_breakdown.png")]
     if data is not None:
         written.append(plots.plot_accuracy_vs_mask(data, out / "accuracy_vs_mask_memory.png"))
         written.append(plots.plot_accuracy_vs_energy(data, out / "accuracy_vs_adaption_energy.png",
                                                      preset))
     return written
+
+
+def _note_results_mismatch(args: argparse.Namespace, data: dict[str, Any], path: Path,
+                           preset) -> None:
+    """The accuracy plots show the demo's runs as recorded in ``path``; say so on stderr where
+    that is not the model or preset this command costs, rather than let the plots pass for
+    them (``--results`` may also have been picked up from the default path unasked)."""
+    arch = (data.get("backbone") or {}).get("arch") or {}
+    have = f"{arch.get('name', '?')} width {arch.get('width', '?')}"
+    if args.model and (arch.get("name") != args.model or
+                       (args.width is not None and arch.get("width") != args.width)):
+        print(f"note: the accuracy plots show the runs of {path} ({have}), not --model "
+              f"{args.model}{'' if args.width is None else f' --width {args.width}'}",
+              file=sys.stderr)
+    rp = data.get("energy_preset")
+    if rp is not None and rp != preset.name:
+        print(f"note: {path} priced its adaption energies with preset {rp!r}, not {preset.name!r};"
+              " the energy plot labels them so", file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args: Any = None

@@ -210,10 +210,13 @@ def plot_accuracy_vs_energy(results: dict[str, Any], path: str | Path, preset: A
         raise XbmError("results hold no new-task runs to plot")
     energies = [deploy_energy_of_run(r, preset) for r in runs]
     positive = [e for e in energies if e > 0]
+    # energies the demo recorded were priced with the demo's preset, whatever ``preset`` is
+    priced_by = results.get("energy_preset", preset.name) if all(
+        r.get("adaption_energy_j") is not None for r in runs) else preset.name
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     _scatter_by_method(ax, runs, lambda r: deploy_energy_of_run(r, preset), plt)
     ax.set_xscale("symlog", linthresh=min(positive) / 10 if positive else 1e-15)
-    ax.set_xlabel(f"adaption energy per task (J, symlog; preset {preset.name})")
+    ax.set_xlabel(f"adaption energy per task (J, symlog; preset {priced_by})")
     ax.set_title("accuracy vs adaption energy (deploy)")
     fig.tight_layout()
     return _save(fig, path)
