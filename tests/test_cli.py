@@ -846,3 +846,45 @@ def test_a_backbone_and_a_bundle_swapped_name_the_right_flag(tmp_path, capsys):
                  "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "this is a task bundle, not a backbone; pass it as --bundle" in \
         _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["adapt", "--dataset", "mnist", "--rows", "0"],
+     "--rows: CrossbarSpec.rows must be a positive integer, got 0"),
+    (["demo", "--pretrain-mixup", "-1"], "--pretrain-mixup: PretrainConfig.mixup must be >= 0"),
+    (["demo", "--epochs", "0"], "--epochs: demo epochs must be an integer >= 1, got 0"),
+    (["cost", "--model", "small_cnn", "--iterations", "0"], "--iterations: iterations must be"),
+    (["cost", "--model", "small_cnn", "--piggyback-off-fraction", "1.5"],
+     "--piggyback-off-fraction must be a fraction in [0, 1], got 1.5"),
+])
+def test_a_config_classs_complaint_names_the_flag_typed(argv, line, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    out = ["--out", str(tmp_path / "o")] if argv[0] == "demo" else []
+    assert main([*argv, *out]) == 2
+    assert _one_line_error(capsys).startswith(f"xbm: error: {line}")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_name_the_flag_leaves_other_messages_alone():
+    from xbm.cli import _name_the_flag
+
+    # already a flag; a field no typed flag names; the flag's name only as a substring
+    assert _name_the_flag("--rows must be >= 1", ["--rows", "0"]) == "--rows must be >= 1"
+    assert _name_the_flag("CrossbarSpec.cols must be positive", ["--rows", "0"]) == \
+        "CrossbarSpec.cols must be positive"
+    assert _name_the_flag("cell_bits must be <= 8", ["--bits", "9"]) == "cell_bits must be <= 8"
+    assert _name_the_flag("SimConfig.adc_bits must be a positive integer",
+                          ["--adc-bits=0"]) == "--adc-bits: SimConfig.adc_bits must be a " \
+        "positive integer"
+
+
+def test_version_and_help_name_the_tool(capsys):
+    from xbm import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"xbm {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out

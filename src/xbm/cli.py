@@ -1,4 +1,4 @@
-"""The ``xbm`` command.
+"""xbm: crossbar-aware multi-task adaption on ReRAM in-memory-computing accelerators.
 
 Sub-commands: ``demo`` (the main job), ``pretrain``, ``adapt``, ``eval``, ``map``, ``methods``, and
 those that other modules register (``cost``, ``simulate``). Every user error ends in one line
@@ -443,20 +443,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xbm import __version__
     from xbm.data.augment import AUGMENTATIONS
     from xbm.methods import list_methods
     from xbm.train.pretrain import PRECISIONS, PretrainConfig
 
     p = _Parser(prog="xbm", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"xbm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, seed_help: str) -> None:
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
-        sp.add_argument("--seed", type=int, default=0,
-                        help="default 0. pretrain: the backbone's seed; adapt and simulate: "
-                        "subsets and training, on the seed-0 default backbone unless "
-                        "--backbone; eval: the test subset, drawn as adapt with the same "
-                        "seed drew it")
+        sp.add_argument("--seed", type=int, default=0, help=seed_help)
         sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -501,14 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrain-seed", type=int, help="seed of the backbone alone (default: "
                    "--seed); e.g. --pretrain-seed 0 --seed 1 adapts the seed-0 backbone again "
                    "with other subsets and batch order")
-    d.add_argument("--data-root")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--data-root", help="folder with dataset files (default: installed)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(func=cmd_demo)
 
     pt = sub.add_parser("pretrain", help="pretrain and cache a backbone (safetensors)")
-    pt.add_argument("--model", default="resnet18_cifar")
+    pt.add_argument("--model", default=DEFAULT_MODEL,
+                    help="a registered model (default %(default)s, the demo's)")
     pt.add_argument("--width", type=int, help=WIDTH_HELP)
-    pt.add_argument("--dataset", default="fashion-mnist")
+    pt.add_argument("--dataset", default="fashion-mnist",
+                    help="base task: a dataset name or folder:PATH (default %(default)s)")
     pt.add_argument("--epochs", type=int, default=PretrainConfig.epochs,
                     help="default: %(default)s")
     pt.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
@@ -530,11 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pretrain even when the recipe is cached (a folder dataset is cached "
                     "by its path, not its images: force after changing them); overwrite an "
                     "existing --out. The previous cached backbone is kept under its hash")
-    common(pt)
+    common(pt, "the backbone's seed (default 0)")
     pt.set_defaults(func=cmd_pretrain)
 
     ad = sub.add_parser("adapt", help="learn one task with one method; save a task bundle")
-    ad.add_argument("--method", default="xbm", help=f"one of: {', '.join(list_methods())}")
+    ad.add_argument("--method", default="xbm",
+                    help=f"default %(default)s; one of: {', '.join(list_methods())}")
     ad.add_argument("--dataset", required=True, help="dataset name or folder:PATH")
     ad.add_argument("--task", help="task name (default: from the dataset)")
     ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
@@ -560,22 +561,23 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--method-config", help="YAML file of method config fields")
     ad.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="method config field, e.g. --set lr=1e-3 (repeatable)")
-    ad.add_argument("--json", action="store_true")
+    ad.add_argument("--json", action="store_true", help="print the run's record as JSON")
     add_spec_args(ad)
-    common(ad)
+    common(ad, "default 0: the subsets, batch order and masks; the default backbone is the "
+           "seed-0 one (other seeds: --backbone)")
     ad.set_defaults(func=cmd_adapt)
 
     ev = sub.add_parser("eval", help="evaluate the tasks of a bundle")
-    ev.add_argument("--bundle", required=True)
-    ev.add_argument("--task")
+    ev.add_argument("--bundle", required=True, help="task bundle `xbm adapt` wrote")
+    ev.add_argument("--task", help="only this task (default: every task of the bundle)")
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
     ev.add_argument("--backbone", help="backbone .safetensors (default: the cached one whose "
                     "hash the bundle records)")
     ev.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     ev.add_argument("--test-subset", type=int, help="seeded subset of the test images "
                     "(default: all)")
-    ev.add_argument("--json", action="store_true")
-    common(ev)
+    ev.add_argument("--json", action="store_true", help="print the accuracies as JSON")
+    common(ev, "default 0: draws the --test-subset as `xbm adapt` with this seed drew it")
     ev.set_defaults(func=cmd_eval)
 
     mp = sub.add_parser("map", help="per-layer crossbar mapping report of a registered model")
@@ -584,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--width", type=int, help="base width of models that take one (default: the "
                     "model's own; the demo's backbone is 16 on CPU, 64 on CUDA)")
     mp.add_argument("--in-channels", type=int, help="input channels (default: the model's own)")
-    mp.add_argument("--json", action="store_true")
+    mp.add_argument("--json", action="store_true", help="print the report as JSON")
     add_spec_args(mp)
     mp.set_defaults(func=cmd_map)
 
@@ -622,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except XbmError as exc:
-        print(f"xbm: error: {exc}", file=sys.stderr)
+        print(f"xbm: error: {_name_the_flag(str(exc), sys.argv[1:] if argv is None else argv)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xbm: interrupted", file=sys.stderr)
@@ -638,6 +641,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.showwarning = shown
         xdist.shutdown()
+
+
+def _name_the_flag(message: str, argv: list[str]) -> str:
+    """Prefix the flag the user typed to a config class's complaint about its field.
+
+    Values are checked where they are used, in the config dataclasses, whose messages name
+    fields (``CrossbarSpec.rows must be ...``, ``PretrainConfig.mixup must be ...``); the user
+    typed ``--rows`` or ``--pretrain-mixup``. A message that already starts with a flag, or
+    whose field no typed flag names, is left as it is."""
+    if message.startswith("--"):
+        return message
+    for tok in argv:
+        if not tok.startswith("--"):
+            continue
+        flag = tok.split("=", 1)[0]
+        name = flag[2:].replace("-", "_")
+        for field in (name, name.removeprefix("pretrain_"), name.removeprefix("sim_")):
+            if field and re.search(rf"(?<![\w-]){re.escape(field)} must\b", message):
+                return f"{flag}: {message}"
+    return message
 
 
 def _warning_origin(category: type, filename: str, lineno: int) -> str:

@@ -92,12 +92,15 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
         off |= measured[1]
     rewrite |= _kv(args.fraction, "--fraction")
     off |= _kv(args.off_fraction, "--off-fraction")
-    if args.piggyback_off_fraction is not None:
-        rewrite["piggyback"] = args.piggyback_off_fraction
-    if args.finetune_changed_fraction is not None:
-        rewrite["finetune"] = args.finetune_changed_fraction
-    if args.xbm_off_fraction is not None:
-        off["xbm"] = args.xbm_off_fraction
+    for flag, into, method in (("piggyback_off_fraction", rewrite, "piggyback"),
+                               ("finetune_changed_fraction", rewrite, "finetune"),
+                               ("xbm_off_fraction", off, "xbm")):
+        v = getattr(args, flag)
+        if v is not None:
+            if not 0 <= v <= 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be a fraction in [0, 1], "
+                                  f"got {v:g}")
+            into[method] = v
     return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
                        iterations=args.iterations, batch_size=args.batch_size,
                        backward_factor=args.backward_factor, churn=args.churn)

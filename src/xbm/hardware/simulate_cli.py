@@ -94,10 +94,16 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--sa1-fraction", type=float, default=0.5,
                     help="share of faulty cells stuck ON (the rest stuck OFF)")
     sp.add_argument("--variation", default="0", help="comma list of programming variations")
-    sp.add_argument("--read-noise", type=float, default=0.0)
-    sp.add_argument("--levels", type=int, help="conductance levels per cell")
-    sp.add_argument("--adc-mode", default="calibrate", choices=["calibrate", "fixed", "ideal"])
-    sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"])
+    sp.add_argument("--read-noise", type=float, default=0.0,
+                    help="relative read noise (sigma) per cell, drawn anew each batch "
+                    "(default 0)")
+    sp.add_argument("--levels", type=int, help="conductance levels per cell, evenly spaced "
+                    "(default: 2^cell_bits, i.e. no effect)")
+    sp.add_argument("--adc-mode", default="calibrate", choices=["calibrate", "fixed", "ideal"],
+                    help="calibrate: each ADC's range from calibration batches (default); fixed: "
+                    "the full theoretical range; ideal: no ADC quantisation")
+    sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"],
+                    help="what shares one calibrated ADC range (default tile: one crossbar)")
     sp.add_argument("--backend", default="auto", choices=list(BACKENDS),
                     help="simulation kernels (SimConfig.backend)")
     sp.add_argument("--sim-input-bits", type=int, help="override the spec's input bits")
@@ -112,14 +118,17 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     help="fault-aware mode: training precision (default fp32, which every "
                     "recorded figure used; auto: bf16 autocast on CPUs with native bf16 units, "
                     "as the demo; evaluation and simulation stay fp32)")
-    sp.add_argument("--train-subset", type=int, default=4000)
-    sp.add_argument("--test-subset", type=int, default=1000)
-    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--train-subset", type=int, default=4000,
+                    help="fault-aware mode: training images (default %(default)s)")
+    sp.add_argument("--test-subset", type=int, default=1000,
+                    help="test images (default %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.add_argument("--json-out", help="also write the JSON results to this file")
     sp.add_argument("--plot", help="folder for accuracy-vs-ADC-bits / -fault-rate plots")
     add_spec_args(sp)
-    common(sp)
+    common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and the "
+           "chip's variation, noise and faults; the default backbone is the seed-0 one")
     sp.set_defaults(func=cmd_simulate)
 
 
