@@ -165,7 +165,12 @@ def test_map_json_totals(capsys):
     for k in ("name", "rows", "cols", "row_tiles", "col_tiles"):
         assert k in first
     assert main(["map", "--model", "resnet18_cifar"]) == 0
-    assert "XBM mask" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "XBM mask" in out
+    assert out.startswith("model resnet18_cifar, width 16, 1 input channel(s)\n")  # resolved
+    assert main(["map", "--model", "small_cnn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == \
+        {"name": "small_cnn", "width": 8, "in_channels": 1}
 
 
 def test_map_width_gives_the_demo_backbones_mapping(capsys):

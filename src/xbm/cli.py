@@ -418,9 +418,21 @@ def cmd_map(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = create_model(args.model, **kw)
     report = map_model(model, spec)
+    # the sizes mapped, the model's own defaults resolved: each family has its own (small_cnn
+    # 8, the CIFAR ResNets 16, ...), which need not be the backbone a command trained
+    import inspect
+
+    from xbm.models.registry import _factory
+
+    params = inspect.signature(_factory(args.model)).parameters
+    model_info = {"name": args.model} | {
+        k: kw.get(k, params[k].default if k in params else None)
+        for k in ("width", "in_channels")}
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({"model": model_info} | report.to_dict(), indent=2))
     else:
+        print(f"model {args.model}, width {model_info['width']}, "
+              f"{model_info['in_channels']} input channel(s)")
         print(report.table())
     return 0
 
