@@ -509,7 +509,9 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     assert main(["adapt", "--dataset", "imgs", "--method", "xbm", "--backbone", str(bb),
                  "--rows", "16", "--cols", "16", "--batch-size", "4", "--out", "b.safetensors",
                  "--device", "cpu", "--no-progress", "--json", "--precision", "bf16"]) == 0
-    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"  # as asked, not auto's
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["precision"] == "bf16"  # as asked, not auto's
+    assert rec["task"] == "imgs"  # named after the folder
     bundle = tmp_path / "work" / "b.safetensors"
     (record,) = read_bundle_meta(bundle)[2]
     assert record.dataset == f"folder:{(tmp_path / 'work' / 'imgs').resolve()}"

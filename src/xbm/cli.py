@@ -334,8 +334,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
-    # a name derived from a folder path keeps only what task names allow (letters, digits, -, _)
-    task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", data.name).strip("_")[-64:]
+    # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
+    # keeps only what task names allow (letters, digits, -, _)
+    from xbm.data.registry import FOLDER_PREFIX
+
+    given = args.dataset.removeprefix(FOLDER_PREFIX)
+    stem = Path(given).resolve().name if (args.dataset.startswith(FOLDER_PREFIX)
+                                          or Path(given).is_dir()) else data.name
+    task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-64:] or "task"
     if out is None:
         out = f"{task}.safetensors"
         _check_bundle_out(out, None)
