@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.summarize:
+            ignored = [f for f, v in (("--pretrain-seed", args.pretrain_seed),
+                                      ("--methods", args.methods), ("--config", args.config))
+                       if v is not None]
+            if ignored:  # they shape runs, and --summarize runs nothing
+                raise XbmError(f"{', '.join(ignored)} cannot apply to --summarize, which only "
+                               "tabulates finished runs; drop them")
             results = [load_results(p) for p in args.summarize]
         else:
             if not args.out:

@@ -106,6 +106,8 @@ def test_demo_seeds_summarizes_gaps_over_seeds(tmp_path, capsys):
     assert "differs from" in err and "in width;" in err and len(err.splitlines()) == 1
     with pytest.raises(mod.XbmError, match="in width"):
         mod.summarize([mod.load_results(dirs[0]), mod.load_results(other)])
+    assert mod.main(["--summarize", str(dirs[0]), "--methods", "xbm"]) == 2
+    assert "--methods cannot apply to --summarize" in capsys.readouterr().err
     with pytest.raises(mod.XbmError, match="--ref finetune was not run"):
         mod.summarize([mod.load_results(d) for d in dirs], ref="finetune")
     with pytest.raises(mod.XbmError, match="not a demo results.json"):
