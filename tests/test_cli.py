@@ -454,7 +454,7 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
     from xbm.hardware import CrossbarSpec
     from xbm.io import save_safetensors, tensors_hash
     from xbm.models import create_model
-    from xbm.multitask import MultiTaskModel
+    from xbm.multitask import MultiTaskModel, read_bundle_meta
 
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -471,8 +471,11 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
     mtm.save_bundle(path)
     assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--json",
                  "--device", "cpu", "--no-progress"]) == 0
-    (rec,) = json.loads(capsys.readouterr().out)
+    res = json.loads(capsys.readouterr().out)
+    (rec,) = res["tasks"]
     assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100
+    assert res["bundle"] == str(path) and res["test_subset"] == 40 and res["seed"] == 0
+    assert res["backbone_hash"] == read_bundle_meta(path)[0]["backbone_hash"]
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -518,7 +521,7 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  "--device", "cpu", "--no-progress"]) == 0
-    (rec,) = json.loads(capsys.readouterr().out)
+    (rec,) = json.loads(capsys.readouterr().out)["tasks"]
     assert rec["dataset"] == record.dataset and 0 <= rec["accuracy"] <= 100
 
 
@@ -813,7 +816,7 @@ def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, 
     adapted = json.loads(capsys.readouterr().out)["accuracy"]
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  *common]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["accuracy"] == adapted
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["accuracy"] == adapted
     assert len(seen) == 2 and torch.equal(seen[0], seen[1])  # the same images, same order
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  *common[:-1], "0"]) == 0

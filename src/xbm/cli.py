@@ -399,8 +399,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         acc = evaluate_task(mtm, t, test_loader, device)
         out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
                     "accuracy": round(acc, 4)})
-    if args.json:
-        print(json.dumps(out, indent=2))
+    if args.json:  # an object, as adapt's and cost's: what was evaluated, then the tasks
+        print(json.dumps({"bundle": str(args.bundle), "backbone_hash": bmeta.get("content_hash"),
+                          "seed": args.seed, "test_subset": args.test_subset, "tasks": out},
+                         indent=2))
     else:
         wt = max([4, *(len(r["task"]) for r in out)])
         wd = max([7, *(len(r["dataset"]) for r in out)])
