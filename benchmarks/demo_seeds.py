@@ -77,6 +77,30 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return res
 
 
+def _backbone_seed(res: dict[str, Any]) -> int:
+    """The seed the run's backbone was pretrained with (``pretrain_seed``, else ``seed``)."""
+    ps = res["config"].get("pretrain_seed")
+    return res["config"]["seed"] if ps is None else ps
+
+
+def kept_run_mismatch(res: dict[str, Any], cfg: Any) -> list[str]:
+    """The fields in which a kept ``results.json`` differs from the run ``cfg`` asks for.
+
+    ``results.json`` records resolved values (width 16, precision bf16, ...) where ``cfg`` may
+    hold ``None`` or ``"auto"``; those are not compared, nor fields the older file lacks. The
+    backbone is compared by the seed it was pretrained with."""
+    import dataclasses
+
+    kept = res["config"]
+    diff = [k for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("seed", "pretrain_seed") and k in kept and v is not None
+            and v != "auto" and kept[k] != v]
+    want = cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed
+    if _backbone_seed(res) != want:
+        diff.append(f"backbone seed ({_backbone_seed(res)}, asked {want})")
+    return diff
+
+
 def summarize(results: list[dict[str, Any]], ref: str = "piggyback", within: float = 2.0
               ) -> dict[str, Any]:
     """Per seed each method's mean new-task accuracy and its gap to ``ref``; the gaps' mean,
@@ -96,9 +120,9 @@ def summarize(results: list[dict[str, Any]], ref: str = "piggyback", within: flo
         if diff:
             raise XbmError(f"{r['_path']} differs from {results[0]['_path']} in "
                            f"{', '.join(diff)}; summarize runs that differ only in the seed")
-    keys = [(r["config"]["seed"], r["config"].get("pretrain_seed")) for r in results]
+    keys = [(r["config"]["seed"], _backbone_seed(r)) for r in results]
     if len(set(keys)) != len(keys):
-        raise XbmError("two results have the same seed and pretrain seed; pass each run once")
+        raise XbmError("two results have the same seed and backbone seed; pass each run once")
     methods = list(dict.fromkeys(m for r in results for m in r["summary"]))
     if any(ref not in r["summary"] for r in results):
         raise XbmError(f"--ref {ref} was not run in every result; pick one of: "
@@ -176,8 +200,14 @@ def run_seeds(out: Path, seeds: list[int], fields: dict[str, Any], log=print) ->
     """Run the demo for every seed not yet in ``out``; the results.json paths, in seed order."""
     from xbm.train.demo import DemoConfig, run_demo
 
-    for s in seeds:  # every seed's config is checked before the first one trains
-        DemoConfig.from_dict(fields | {"seed": s})
+    cfgs = {s: DemoConfig.from_dict(fields | {"seed": s}) for s in seeds}  # all checked first
+    for s in seeds:  # a kept run must be the run asked for, or the table would mix recipes
+        kept = out / f"seed{s}" / "results.json"
+        if kept.is_file():
+            diff = kept_run_mismatch(load_results(kept), cfgs[s])
+            if diff:
+                raise XbmError(f"{kept} was run with another {', '.join(diff)}; pass another "
+                               "--out, or remove it to run it again")
     paths = []
     for s in seeds:
         d = out / f"seed{s}"
@@ -186,8 +216,7 @@ def run_seeds(out: Path, seeds: list[int], fields: dict[str, Any], log=print) ->
         else:
             t0 = time.perf_counter()
             log(f"seed {s}: running the demo into {d}")
-            run_demo(DemoConfig.from_dict(fields | {"seed": s}), d, progress=False,
-                     log=lambda *a: None)
+            run_demo(cfgs[s], d, progress=False, log=lambda *a: None)
             log(f"seed {s}: done in {time.perf_counter() - t0:.0f} s")
         paths.append(d / "results.json")
     return paths

@@ -136,3 +136,19 @@ def test_demo_seeds_runs_missing_seeds_only(tmp_path, monkeypatch):
     assert mod.main(["--out", str(tmp_path / "x"), "--seeds", "0", "--config",
                      str(tmp_path / "missing.yaml")]) == 2
     assert not (tmp_path / "x").exists()
+    # a kept run of another recipe is refused, not tabulated beside the new ones
+    other = tmp_path / "other"
+    _fake_results(other / "seed1", 1, {"piggyback": 98.0, "xbm": 96.0})  # its own backbone
+    ran.clear()
+    with pytest.raises(mod.XbmError, match=r"seed1/results.json was run with another backbone "
+                       r"seed \(1, asked 0\)"):
+        mod.run_seeds(other, [1, 2], {"pretrain_seed": 0, "methods": "piggyback,xbm"})
+    with pytest.raises(mod.XbmError, match="run with another methods"):
+        mod.run_seeds(other, [1], {"methods": "piggyback,xbm,xma"})
+    assert ran == []  # refused before any seed ran
+    # the same run twice (a seed's own backbone, named or not) is refused in a table
+    a = mod.load_results(_fake_results(tmp_path / "a", 3, {"piggyback": 1.0, "xbm": 1.0}))
+    b = mod.load_results(_fake_results(tmp_path / "b", 3, {"piggyback": 1.0, "xbm": 1.0},
+                                       pretrain_seed=3))
+    with pytest.raises(mod.XbmError, match="same seed and backbone seed"):
+        mod.summarize([a, b])

@@ -514,7 +514,22 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--device", "cpu", "--no-progress", "--json", "--precision", "bf16"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert rec["precision"] == "bf16"  # as asked, not auto's
-    assert rec["task"] == "imgs"  # named after the folder
+    assert rec["task"] == "imgs" and rec["new_bundle"] is True  # named after the folder
+    # a symlinked folder is named as the user named it, not after its target
+    (tmp_path / "work" / "birds").symlink_to(tmp_path / "work" / "imgs")
+    assert main(["adapt", "--dataset", "folder:birds", "--backbone", str(bb), "--rows", "16",
+                 "--cols", "16", "--batch-size", "4", "--out", "b2.safetensors",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "birds"
+    # a bundle written under another suffix before the *.safetensors rule is still extended
+    import shutil
+
+    shutil.copy("b2.safetensors", "old.bin")
+    assert main(["adapt", "--dataset", "imgs", "--task", "again", "--backbone", str(bb),
+                 "--rows", "16", "--cols", "16", "--batch-size", "4", "--bundle", "old.bin",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert (rec["bundle"], rec["new_bundle"]) == ("old.bin", False)
     bundle = tmp_path / "work" / "b.safetensors"
     (record,) = read_bundle_meta(bundle)[2]
     assert record.dataset == f"folder:{(tmp_path / 'work' / 'imgs').resolve()}"
@@ -887,6 +902,17 @@ def test_name_the_flag_leaves_other_messages_alone():
     assert _name_the_flag("SimConfig.adc_bits must be a positive integer",
                           ["--adc-bits=0"]) == "--adc-bits: SimConfig.adc_bits must be a " \
         "positive integer"
+    # the flag named exactly as the field wins over a prefixed one typed earlier, and a prefix
+    # is stripped only where the message names its class
+    msg = "demo epochs must be an integer >= 1, got 0"
+    assert _name_the_flag(msg, ["demo", "--pretrain-epochs", "3", "--epochs", "0"]) == \
+        f"--epochs: {msg}"
+    assert _name_the_flag(msg, ["demo", "--pretrain-epochs", "3"]) == msg  # from a YAML file
+    msg = "CrossbarSpec.cell_bits must be <= weight_bits"
+    assert _name_the_flag(msg, ["--sim-cell-bits", "4", "--cell-bits", "9"]) == \
+        f"--cell-bits: {msg}"
+    assert _name_the_flag("SimConfig.cell_bits must be >= 1", ["--sim-cell-bits", "0"]) == \
+        "--sim-cell-bits: SimConfig.cell_bits must be >= 1"
 
 
 def test_version_and_help_name_the_tool(capsys):

@@ -550,11 +550,15 @@ def test_cost_plots_say_when_the_results_are_another_models(tmp_path, capsys) ->
     argv = ["cost", "--plot", str(tmp_path / "p"), "--results", str(res)]
     assert main([*argv, "--model", "resnet18_cifar", "--width", "16"]) == 0
     assert "note:" not in capsys.readouterr().err  # the same model and preset: nothing to say
+    assert main([*argv, "--model", "resnet18_cifar"]) == 0  # its default width is 16
+    assert "note:" not in capsys.readouterr().err
+    assert main([*argv, "--model", "resnet18_cifar", "--width", "64"]) == 0
+    assert "not --model resnet18_cifar (resnet18_cifar width 64)" in capsys.readouterr().err
     assert main([*argv, "--model", "small_cnn"]) == 0
     err = capsys.readouterr().err
     assert f"the accuracy plots show the runs of {res} (resnet18_cifar width 16), not --model " \
         "small_cnn" in err
     other = next(p for p in PRESETS if p != "default")
     assert main([*argv, "--model", "resnet18_cifar", "--width", "16", "--energy", other]) == 0
-    assert f"priced its adaption energies with preset 'default', not '{other}'" in \
-        capsys.readouterr().err
+    assert f"priced its adaption energies with preset 'default', not '{other}'; the energy " \
+        "plot shows them as recorded" in capsys.readouterr().err

@@ -285,9 +285,15 @@ def _check_bundle_out(out: str, bundle: str | None) -> None:
     if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
         raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "
                        "--out, or remove the file")
-    if p.suffix != ".safetensors":
-        flag = "--bundle" if bundle is not None and Path(out) == Path(bundle) else "--out"
-        raise XbmError(f"{flag} {out}: a task bundle is saved as safetensors; name it "
+    check_bundle_suffix(p, "--bundle" if bundle is not None and Path(out) == Path(bundle)
+                        else "--out")
+
+
+def check_bundle_suffix(path: Path, flag: str) -> None:
+    """A new task bundle is named *.safetensors, as backbones are (an existing bundle under
+    another name, written before this rule, is still updated in place)."""
+    if not path.exists() and path.suffix != ".safetensors":
+        raise XbmError(f"{flag} {path}: a task bundle is saved as safetensors; name it "
                        "*.safetensors")
 
 
@@ -339,8 +345,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.data.registry import FOLDER_PREFIX
 
     given = args.dataset.removeprefix(FOLDER_PREFIX)
-    stem = Path(given).resolve().name if (args.dataset.startswith(FOLDER_PREFIX)
-                                          or Path(given).is_dir()) else data.name
+    # abspath, not resolve(): a symlinked folder is named as the user named it
+    stem = Path(os.path.abspath(os.path.expanduser(given))).name if (
+        args.dataset.startswith(FOLDER_PREFIX) or Path(given).is_dir()) else data.name
     task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-64:] or "task"
     if out is None:
         out = f"{task}.safetensors"
@@ -369,7 +376,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "trainable_params": mtm.trainable_params(task),
            "train_seconds": round(tr.train_seconds, 3), "precision": precision,
            "cuda_graph": tr.cuda_graph,
-           "bundle": str(out)}
+           "bundle": str(out), "new_bundle": new_bundle}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
           f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}"
@@ -428,14 +435,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     report = map_model(model, spec)
     # the sizes mapped, the model's own defaults resolved: each family has its own (small_cnn
     # 8, the CIFAR ResNets 16, ...), which need not be the backbone a command trained
-    import inspect
+    from xbm.models.registry import model_defaults
 
-    from xbm.models.registry import _factory
-
-    params = inspect.signature(_factory(args.model)).parameters
-    model_info = {"name": args.model} | {
-        k: kw.get(k, params[k].default if k in params else None)
-        for k in ("width", "in_channels")}
+    defaults = model_defaults(args.model)
+    model_info = {"name": args.model} | {k: kw.get(k, defaults[k])
+                                         for k in ("width", "in_channels")}
     if args.json:
         print(json.dumps({"model": model_info} | report.to_dict(), indent=2))
     else:
@@ -672,13 +676,21 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
     whose field no typed flag names, is left as it is."""
     if message.startswith("--"):
         return message
-    for tok in argv:
-        if not tok.startswith("--"):
-            continue
-        flag = tok.split("=", 1)[0]
+    flags = [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
+
+    def says(field: str) -> bool:
+        return bool(field) and re.search(rf"(?<![\w-]){re.escape(field)} must\b", message)
+
+    # a flag named exactly as the field first (--epochs for "demo epochs", not
+    # --pretrain-epochs); a prefixed flag only where the message names its class
+    for flag in flags:
+        if says(flag[2:].replace("-", "_")):
+            return f"{flag}: {message}"
+    for flag in flags:
         name = flag[2:].replace("-", "_")
-        for field in (name, name.removeprefix("pretrain_"), name.removeprefix("sim_")):
-            if field and re.search(rf"(?<![\w-]){re.escape(field)} must\b", message):
+        for prefix, owner in (("pretrain_", "PretrainConfig."), ("sim_", "SimConfig.")):
+            if name.startswith(prefix) and owner in message and \
+                    says(name.removeprefix(prefix)):
                 return f"{flag}: {message}"
     return message
 

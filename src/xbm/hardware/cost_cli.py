@@ -175,6 +175,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         tasks = [t for t in mtm.tasks if methods is None or mtm.tasks[t].method in methods]
         if not tasks:
             raise XbmError(f"{args.bundle}: no task learned by {', '.join(methods or [])}")
+        costed = {"name": (mtm.arch or {}).get("name"), "width": (mtm.arch or {}).get("width"),
+                  "what": f"--bundle {args.bundle}"}
         report = C.bundle_report(mtm, preset, assumptions, tasks,
                                  (mtm.arch or {}).get("name", "bundle"), args.input_size)
     else:
@@ -185,6 +187,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
         assumptions = _assumptions(args, measured)
         spec = _spec(args, preset)
         preset.check_spec(spec)
+        from xbm.models.registry import model_defaults
+
+        costed = {"name": args.model, "width": args.width if args.width is not None else
+                  model_defaults(args.model)["width"], "what": f"--model {args.model}"}
         ctx = C.model_context(args.model, spec, width=args.width, in_channels=args.in_channels,
                               input_size=args.input_size)
         from xbm.methods import list_methods
@@ -198,7 +204,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     out = report.to_dict(per_layer=args.per_layer)
     if sens is not None:
         out["sensitivity"] = sens
-    written = _plots(args, out, preset) if args.plot else []
+    written = _plots(args, out, preset, costed) if args.plot else []
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -211,7 +217,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Path]:
+def _plots(args: argparse.Namespace, report: dict[str, Any], preset,
+           costed: dict[str, Any]) -> list[Path]:
     from xbm.report import plots
 
     out = Path(args.plot)
@@ -219,7 +226,7 @@ def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Pat
         DEFAULT_RESULTS if DEFAULT_RESULTS.is_file() else None)
     data = plots.load_results(results) if results is not None else None  # fails before writing
     if data is not None:
-        _note_results_mismatch(args, data, results, preset)
+        _note_results_mismatch(data, results, preset, costed)
     written = [plots.plot_energy_breakdown(report, out / "energy_breakdown.png")]
     if data is not None:
         written.append(plots.plot_accuracy_vs_mask(data, out / "accuracy_vs_mask_memory.png"))
@@ -228,22 +235,25 @@ def _plots(args: argparse.Namespace, report: dict[str, Any], preset) -> list[Pat
     return written
 
 
-def _note_results_mismatch(args: argparse.Namespace, data: dict[str, Any], path: Path,
-                           preset) -> None:
+def _note_results_mismatch(data: dict[str, Any], path: Path, preset,
+                           costed: dict[str, Any]) -> None:
     """The accuracy plots show the demo's runs as recorded in ``path``; say so on stderr where
-    that is not the model or preset this command costs, rather than let the plots pass for
-    them (``--results`` may also have been picked up from the default path unasked)."""
+    that is not the model (``costed``: name, width and the flag that chose it) or preset this
+    command costs, rather than let the plots pass for them (``--results`` may also have been
+    picked up from the default path unasked)."""
     arch = (data.get("backbone") or {}).get("arch") or {}
-    have = f"{arch.get('name', '?')} width {arch.get('width', '?')}"
-    if args.model and (arch.get("name") != args.model or
-                       (args.width is not None and arch.get("width") != args.width)):
-        print(f"note: the accuracy plots show the runs of {path} ({have}), not --model "
-              f"{args.model}{'' if args.width is None else f' --width {args.width}'}",
-              file=sys.stderr)
+    if (arch.get("name"), arch.get("width")) != (costed["name"], costed["width"]):
+        print(f"note: the accuracy plots show the runs of {path} ({arch.get('name', '?')} width "
+              f"{arch.get('width', '?')}), not {costed['what']} ({costed['name']} width "
+              f"{costed['width']})", file=sys.stderr)
     rp = data.get("energy_preset")
     if rp is not None and rp != preset.name:
-        print(f"note: {path} priced its adaption energies with preset {rp!r}, not {preset.name!r};"
-              " the energy plot labels them so", file=sys.stderr)
+        runs = [r for r in data.get("runs", []) if not r.get("base_task")]
+        recorded = all(r.get("adaption_energy_j") is not None for r in runs)
+        print(f"note: {path} priced its adaption energies with preset {rp!r}, not {preset.name!r}"
+              + ("; the energy plot shows them as recorded and labels them so" if recorded else
+                 f"; runs without a recorded energy are priced with {preset.name!r}"),
+              file=sys.stderr)
 
 
 def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args: Any = None

@@ -397,6 +397,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              ("--save-fault-map", getattr(args, "save_fault_map", None), "file")):
         if path:  # checked before the sweep, not after it
             check_output(path, kind, flag)
+    if getattr(args, "out", None):
+        from xbm.cli import check_bundle_suffix
+
+        check_bundle_suffix(Path(args.out), "--out")
     if args.fault_aware:
         res = _fault_aware(args)
     elif args.bundle:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -43,6 +43,15 @@ def _factory(name: str) -> Factory:
         return _REGISTRY[name]
     except KeyError:
         raise unknown("model", name, _REGISTRY) from None
+
+
+def model_defaults(name: str) -> dict[str, Any]:
+    """The sizes :func:`create_model` gives ``name`` when they are left out (``width``,
+    ``in_channels``, ``num_classes``; ``None`` where the model takes no such argument): each
+    family has its own, so a report can say which it used."""
+    params = inspect.signature(_factory(name)).parameters
+    return {k: params[k].default if k in params else None
+            for k in ("width", "in_channels", "num_classes")}
 
 
 def list_models() -> list[str]:
