@@ -63,6 +63,15 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     assert "CUDA graphs" not in printed
     suffix = "" if prec == "fp32" else f"-{prec}"
     assert res["backbone"]["path"].endswith(f"-affine-flip-mixup0.4{suffix}.safetensors")
+    assert "checks: the programmed backbone tensors bit-identical after every method" in printed
+    from xbm.train.demo import format_table
+
+    broken = json.loads(json.dumps(res))
+    broken["checks"]["xbm"]["earlier_tasks_unchanged"] = False
+    assert format_table(broken).splitlines()[-1] == "checks: FAILED xbm: earlier_tasks_unchanged"
+    gap = res["summary"]["xbm"]["mean_new_task_accuracy"] - \
+        res["summary"]["piggyback"]["mean_new_task_accuracy"]
+    assert "mean new-task accuracy vs Piggyback: " in printed and f"xbm {gap:+.2f}" in printed
     for m in methods:
         assert m in printed
         assert res["checks"][m]["backbone_bit_identical"] is True

@@ -381,6 +381,18 @@ def format_table(results: dict[str, Any]) -> str:
                "(re-programming + mask writes), switch J = base task -> each task, summed, "
                f"under the '{results.get('energy_preset', 'default')}' energy preset "
                "(docs/cost-model.md)")
+    if "piggyback" in summ and len(summ) > 1:  # the comparison issue 2 and 5 ask about
+        ref = summ["piggyback"]["mean_new_task_accuracy"]
+        out.append("mean new-task accuracy vs Piggyback: " + ", ".join(
+            f"{m} {s['mean_new_task_accuracy'] - ref:+.2f}" for m, s in summ.items()
+            if m != "piggyback") + " points")
+    checks = results.get("checks", {})
+    failed = [f"{m}: {k}" for m, c in checks.items() for k, ok in c.items() if not ok]
+    if checks:
+        out.append("checks: " + ("the programmed backbone tensors bit-identical after every "
+                                 "method, the base and earlier tasks' accuracies unchanged "
+                                 "(reprog cells: what the chip would rewrite)" if not failed
+                                 else "FAILED " + "; ".join(failed)))
     return "\n".join(out)
 
 
