@@ -167,3 +167,21 @@ def test_check_output_probes_the_folder_and_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(XbmError, match=r"--out .*x: cannot create files in .*"
                        r"\(Read-only file system\); pass a writable path"):
         check_output(tmp_path / "x")
+
+
+def test_a_failed_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
+    """A disk that fills while a file is written: the error names the file asked for, not the
+    temporary one beside it, and neither is left behind."""
+    import errno
+
+    from xbm.io import atomic_path
+
+    target = tmp_path / "x.safetensors"
+    with pytest.raises(OSError) as e, atomic_path(target) as tmp:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")  # a file where the folder would go: mkdir fails
+    with pytest.raises(OSError) as e, atomic_path(tmp_path / "file" / "y"):
+        pass
+    assert e.value.filename == str(tmp_path / "file" / "y")

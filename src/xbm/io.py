@@ -23,8 +23,11 @@ from xbm.errors import BundleError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the user asked for, not a temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -33,6 +36,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename) == tmp_path:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
