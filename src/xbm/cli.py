@@ -342,12 +342,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
     # keeps only what task names allow (letters, digits, -, _)
-    from xbm.data.registry import FOLDER_PREFIX
+    from xbm.data.registry import image_folder_path
 
-    given = args.dataset.removeprefix(FOLDER_PREFIX)
+    folder = image_folder_path(args.dataset)
     # abspath, not resolve(): a symlinked folder is named as the user named it
-    stem = Path(os.path.abspath(os.path.expanduser(given))).name if (
-        args.dataset.startswith(FOLDER_PREFIX) or Path(given).is_dir()) else data.name
+    stem = data.name if folder is None else Path(os.path.abspath(os.path.expanduser(folder))).name
     task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-64:] or "task"
     if out is None:
         out = f"{task}.safetensors"

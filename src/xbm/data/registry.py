@@ -51,16 +51,25 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xbm"
 
 
+def image_folder_path(name: str) -> str | None:
+    """The path of the image folder ``name`` names (``folder:PATH``, or an existing directory
+    that is not a registered name), as given; ``None`` for a registered dataset. The one rule
+    :func:`load_dataset`, :func:`dataset_reference` and task naming share."""
+    if name.startswith(FOLDER_PREFIX):
+        return name[len(FOLDER_PREFIX):]
+    if name not in _REGISTRY and os.path.isdir(name):
+        return name
+    return None
+
+
 def dataset_reference(name: str) -> str:
     """How a bundle records the dataset ``name`` names: an image folder as ``folder:`` plus its
     absolute path, so that ``xbm eval`` finds it from any working directory; a registered name
     as it is."""
-    if name.startswith(FOLDER_PREFIX):
-        path = name[len(FOLDER_PREFIX):]
-        return FOLDER_PREFIX + str(Path(path).expanduser().resolve()) if path.strip() else name
-    if name not in _REGISTRY and os.path.isdir(name):
-        return FOLDER_PREFIX + str(Path(name).expanduser().resolve())
-    return name
+    path = image_folder_path(name)
+    if path is None or not path.strip():
+        return name
+    return FOLDER_PREFIX + str(Path(path).expanduser().resolve())
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
@@ -82,10 +91,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
     """
     from xbm.data.folder import load_image_folder
 
-    if name.startswith(FOLDER_PREFIX):
-        return load_image_folder(name[len(FOLDER_PREFIX):], seed=seed)
-    if name not in _REGISTRY and os.path.isdir(name):
-        return load_image_folder(name, seed=seed)
+    folder = image_folder_path(name)
+    if folder is not None:
+        return load_image_folder(folder, seed=seed)
     try:
         builder = _REGISTRY[name]
     except KeyError:

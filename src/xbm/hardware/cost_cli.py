@@ -175,10 +175,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
         tasks = [t for t in mtm.tasks if methods is None or mtm.tasks[t].method in methods]
         if not tasks:
             raise XbmError(f"{args.bundle}: no task learned by {', '.join(methods or [])}")
-        costed = {"name": (mtm.arch or {}).get("name"), "width": (mtm.arch or {}).get("width"),
+        arch = mtm.arch or {}
+        costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
-        report = C.bundle_report(mtm, preset, assumptions, tasks,
-                                 (mtm.arch or {}).get("name", "bundle"), args.input_size)
+        report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
+                                 args.input_size)
     else:
         measured = None
         if args.fractions_from:
