@@ -174,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         groups = mtm.task_parameters(name)
         pg = meth.param_groups(groups["state"]) + [
             {"params": groups["head"] + groups["norm"], "lr": meth.config.head_lr}]
+        opts[m] = (name, pg)
+    for _, pg in opts.values():  # add_task leaves only the newest task trainable: all of them
         for g in pg:
             for p in g["params"]:
                 p.requires_grad_(True)
-        opts[m] = (name, pg)
     mtm.to(dev).train()
     x, y = x.to(dev), y.to(dev)
     # the optimisers are built after the move, so they hold the device's parameters

@@ -291,7 +291,7 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj, rank):
     reserve = sum(st.pe_mask.numel() + 3 * st.score.numel() for _, _, st in states) * \
         preset.periphery.mask_bit_write_energy_j
     assert spent * per_cell + reserve <= budget + 1e-18 or spent == 0
-    deploy = task_costs(mtm, "t", "default")["adaption_energy_j"]
+    deploy = task_costs(mtm, "t", "default", input_size=28)["adaption_energy_j"]
     assert deploy <= budget + 1e-18 or budget_uj == 0.0
     # reference greedy walk down the ranking, skipping PEs that would overrun
     left = max(0, math.floor((budget - reserve) / per_cell + 1e-9))

@@ -1,9 +1,22 @@
-"""xbm: crossbar-aware multi-task adaption on ReRAM in-memory-computing DNN accelerators."""
+"""xbm: crossbar-aware multi-task adaption on ReRAM in-memory-computing DNN accelerators.
 
+The names here are the Python API of the README's "In Python": convert a backbone
+(:class:`MultiTaskModel`, or :func:`apply` alone), add tasks with a registered method
+(:func:`list_methods`; each method's config dataclass is in :mod:`xbm.methods`), train and
+evaluate them (:func:`train_task`, :func:`evaluate_task`). Every error a user can cause is an
+:class:`XbmError`.
+"""
+
+from xbm.errors import ConfigError, XbmError
 from xbm.hardware import CrossbarSpec, get_spec, map_model
+from xbm.methods import create_method, get_method_class, list_methods
+from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
 from xbm.nn import apply
+from xbm.train.loop import evaluate_task, train_task
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossbarSpec", "MultiTaskModel", "__version__", "apply", "get_spec", "map_model"]
+__all__ = ["ConfigError", "CrossbarSpec", "MultiTaskModel", "XbmError", "__version__", "apply",
+           "create_method", "create_model", "evaluate_task", "get_method_class", "get_spec",
+           "list_methods", "map_model", "train_task"]

@@ -27,8 +27,8 @@ def from_fields(cls: type[T], d: dict[str, Any], owner: str | None = None) -> T:
     return cls(**_numbers_from_text(cls, d, owner))
 
 
-def _float_fields(cls: type) -> set[str]:
-    """Names of the fields typed ``float`` (or ``float | None``)."""
+def _float_fields(cls: type, kind: type = float) -> set[str]:
+    """Names of the fields typed ``float`` (or ``float | None``; ``kind`` picks another type)."""
     try:
         hints = typing.get_type_hints(cls)
     except Exception:  # an unresolvable annotation: leave the values alone
@@ -37,9 +37,29 @@ def _float_fields(cls: type) -> set[str]:
     for name, hint in hints.items():
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
             typing.get_origin(hint) is typing.Union else (hint,)
-        if float in args:
+        if kind in args:
             out.add(name)
     return out
+
+
+def check_number_fields(obj: Any) -> None:
+    """Every field of a config dataclass typed ``float`` or ``int`` (optionally ``| None``)
+    must hold a number of that kind (an int for a float is fine; a bool is not a number), so
+    that a wrong type is named as such in Python as it is from YAML, not found later by a
+    comparison that raises a bare TypeError.
+
+    Raises:
+        ConfigError: naming the field, the value and the type it must have.
+    """
+    cls = type(obj)
+    for kind, what in ((float, "a number"), (int, "an integer")):
+        for name in sorted(_float_fields(cls, kind)):
+            v = getattr(obj, name, None)
+            ok = isinstance(v, (int, float) if kind is float else int) and \
+                not isinstance(v, bool)
+            if v is not None and not ok:
+                raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "
+                                  f"({type(v).__name__})")
 
 
 def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[str, Any]:

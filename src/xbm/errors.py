@@ -7,6 +7,8 @@ name the problem *and* the fix.
 
 from __future__ import annotations
 
+import sys
+
 
 class XbmError(Exception):
     """An error caused by user input; its message is shown to the user as one line."""
@@ -35,3 +37,12 @@ def unknown(kind: str, name: str, choices) -> UnknownNameError:
     """Build the standard 'unknown X' error listing valid choices."""
     listed = ", ".join(sorted(choices))
     return UnknownNameError(f"unknown {kind} {name!r}; choose one of: {listed}")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the calling function point at the
+    first frame outside the xbm package: the user's line, not xbm's internals."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("xbm."):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -8,6 +8,7 @@ the programmed backbone is shared and, for methods that claim so, never changes.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,19 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
     return spec, tasks
 
 
+def _as_spec(spec: CrossbarSpec | str) -> CrossbarSpec:
+    """A spec or a preset name (``xbm.get_spec``); anything else is refused here, before the
+    conversion, rather than failing later inside a layer."""
+    if isinstance(spec, CrossbarSpec):
+        return spec
+    if isinstance(spec, str):
+        from xbm.hardware import get_spec
+
+        return get_spec(spec)
+    raise XbmError(f"spec must be a CrossbarSpec or a preset name such as 'default', got "
+                   f"{type(spec).__name__}; build one with xbm.get_spec('default', rows=64)")
+
+
 def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The programmed backbone's tensors: every state-dict entry that is not task state."""
     marker = f"{TASK_KEY}."
@@ -110,25 +124,49 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class MultiTaskModel(nn.Module):
-    """A backbone on crossbars plus per-task state, keyed by task name."""
+    """A backbone on crossbars plus per-task state, keyed by task name.
 
-    def __init__(self, backbone: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
-                 head_name: str = "fc", arch: dict[str, Any] | None = None,
-                 base_task: str = BASE_TASK,
+    The backbone is converted **in place** (``self.model is backbone``): its parameters keep
+    their identity, values and state-dict keys, so the programmed weights are exactly the
+    tensors that were loaded, before or after the conversion. A backbone can be converted once;
+    build a new one for a second model.
+
+    Args:
+        backbone: the pretrained torch model; its classifier is the Linear named ``head_name``.
+        spec: the crossbars (a :class:`CrossbarSpec` or a preset name for
+            :func:`xbm.get_spec`).
+        filter_fn: ``(name, module) -> bool``, asked for every ``nn.Conv2d`` and ``nn.Linear``
+            other than the head: which layers go on crossbars (default: all of them).
+        head_name: the classifier's module name (``"fc"`` in torchvision's ResNets); every
+            task gets its own head there.
+        arch: what the backbone is (``name``, ``in_channels``, ``width``, ...; a backbone
+            file's metadata ``arch``). Saved with bundles, and the cost model builds a
+            weightless copy from it to count output positions.
+        backbone_recipe: the backbone's pretraining config (its metadata's ``config``), saved
+            with bundles so that a missing backbone can be named by the command that rebuilds
+            it.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: CrossbarSpec | str,
+                 filter_fn: FilterFn | None = None, head_name: str = "fc",
+                 arch: dict[str, Any] | None = None,
                  backbone_recipe: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec = _as_spec(spec)
         self.arch = dict(arch or {})
-        #: the pretraining config of the backbone (its metadata's ``config``), saved with
-        #: bundles so that a missing backbone can be named by the command that rebuilds it
         self.backbone_recipe = dict(backbone_recipe) if backbone_recipe else None
         self.head_name = head_name
-        self.base_task = base_task
-        self.model = apply(backbone, spec, filter_fn, head_name)
-        self.backbone_hash = tensors_hash(backbone_state(self.model))
+        self.model = apply(backbone, self.spec, filter_fn, head_name)
         self.tasks: dict[str, TaskInfo] = {}
         self.methods: dict[str, AdaptionMethod] = {}
         self._active = BASE_TASK
+
+    @property
+    def backbone_hash(self) -> str:
+        """Content hash of the programmed backbone's tensors, as they are now: computed on
+        every call, so that weights loaded after the conversion are the ones a bundle records
+        (and checks on loading)."""
+        return tensors_hash(backbone_state(self.model))
 
     # -- tasks ------------------------------------------------------------------------------
     @property
@@ -136,38 +174,87 @@ class MultiTaskModel(nn.Module):
         return self._active
 
     def task_names(self, include_base: bool = False) -> list[str]:
+        """The learned tasks in the order they were added (``base`` first if asked for)."""
         return ([BASE_TASK] if include_base else []) + list(self.tasks)
 
     def add_task(self, name: str, num_classes: int, method: str | AdaptionMethod = "xbm",
                  config: MethodConfig | dict[str, Any] | None = None,
                  dataset: str | None = None) -> AdaptionMethod:
-        """Add a task learned by ``method`` and make it active."""
-        if not _TASK_NAME.match(name or ""):
+        """Add a task learned by ``method`` and make it active.
+
+        Args:
+            name: 1-64 letters, digits, ``-`` or ``_``; not ``base`` (the backbone's own task).
+            num_classes: the size of the task's new classifier head.
+            method: a registered method name (``xbm.methods.list_methods()``) or a method
+                object (then ``config`` must be left out: the object has its own).
+            config: the method's config: its dataclass (``get_method_class(name).config_class``)
+                or a dict of its fields.
+            dataset: where the task's data came from, recorded in bundles.
+
+        The new task's parameters are the only ones left trainable (``requires_grad``); every
+        other task's are frozen, as PEFT does for the active adapter, so a hand-written loop over
+        ``filter(lambda p: p.requires_grad, model.parameters())`` trains just this task. If
+        anything fails, the model is left as it was.
+        """
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
             raise XbmError(f"task name {name!r} is invalid: use 1-64 letters, digits, '-' or '_'")
         if name == BASE_TASK:
             raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
-                           "task; pick another name (xbm adapt --task NAME)")
+                           "task; pick another name")
         if name in self.tasks:
             raise XbmError(f"task {name!r} already exists; give the new task another name "
-                           "(xbm adapt: --task NAME)")
-        if num_classes < 1:
-            raise XbmError(f"task {name!r} needs at least one class, got {num_classes}")
-        m = method if isinstance(method, AdaptionMethod) else create_method(method, config)
-        device = next(self.model.parameters()).device
-        for _, mod in task_aware_modules(self.model):
-            if isinstance(mod, CrossbarLayer):
-                mod.add_task_state(name, m)
-            elif isinstance(mod, TaskHead):
-                mod.add_task_head(name, num_classes)
-            elif m.config.per_task_bn:
-                mod.add_task_bn(name)  # type: ignore[attr-defined]
-        self.model.to(device)
+                           "(xbm adapt: --task NAME), or remove_task it first")
+        n = None  # any integer type (numpy's too), not a float, a string or a bool
+        if not isinstance(num_classes, bool):
+            with contextlib.suppress(TypeError):
+                n = operator.index(num_classes)
+        if n is None or n < 1:
+            raise XbmError(f"task {name!r}: num_classes must be a positive integer, got "
+                           f"{num_classes!r}")
+        num_classes = n
+        if isinstance(method, AdaptionMethod):
+            if config is not None:
+                raise XbmError(f"task {name!r}: pass either a method object (which has its own "
+                               "config) or a method name with config=, not both")
+            m = method
+        else:
+            m = create_method(method, config)
+        ref = next(self.model.parameters())
+        try:
+            for _, mod in task_aware_modules(self.model):
+                if isinstance(mod, CrossbarLayer):
+                    mod.add_task_state(name, m)
+                elif isinstance(mod, TaskHead):
+                    mod.add_task_head(name, num_classes)
+                elif m.config.per_task_bn:
+                    mod.add_task_bn(name)  # type: ignore[attr-defined]
+                else:
+                    continue
+                # the new state follows the module it sits in (device and floating dtype)
+                own = mod.xbm_tasks[name]
+                like = next(iter(mod.parameters(recurse=False)), None)
+                like = ref if like is None else like
+                own.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+        except Exception:
+            for _, mod in task_aware_modules(self.model):
+                mod.remove_task(name)
+            raise
         self.tasks[name] = TaskInfo(name, m.name, m.config.to_dict(), num_classes, dataset)
         self.methods[name] = m
+        for t in self.tasks:
+            for p in self._task_params(t):
+                p.requires_grad_(t == name)
         self.set_task(name)
         return m
 
+    def _task_params(self, name: str) -> Iterator[nn.Parameter]:
+        for _, mod in task_aware_modules(self.model):
+            if name in mod.xbm_tasks:
+                yield from mod.xbm_tasks[name].parameters()
+
     def remove_task(self, name: str) -> None:
+        """Drop a learned task and its state (the backbone is untouched); the active task falls
+        back to ``base`` if it was this one."""
         self._require(name)
         for _, mod in task_aware_modules(self.model):
             mod.remove_task(name)
@@ -178,6 +265,8 @@ class MultiTaskModel(nn.Module):
 
     def set_task(self, name: str) -> None:
         """Route every forward through `name` (`base` = the backbone as pretrained)."""
+        if not isinstance(name, str):
+            raise XbmError(f"set_task takes a task name, got {type(name).__name__}")
         if name != BASE_TASK:
             self._require(name)
         for _, mod in task_aware_modules(self.model):
@@ -186,6 +275,8 @@ class MultiTaskModel(nn.Module):
 
     @contextlib.contextmanager
     def use_task(self, name: str) -> Iterator[None]:
+        """``with model.use_task(name):`` routes forwards through ``name``, then restores the
+        task that was active before."""
         prev = self._active
         self.set_task(name)
         try:
@@ -194,10 +285,15 @@ class MultiTaskModel(nn.Module):
             self.set_task(prev)
 
     def _require(self, name: str) -> None:
+        if name == BASE_TASK:
+            raise XbmError(f"{BASE_TASK!r} is the pretrained backbone's own task: it has no "
+                           f"state of its own; name a learned task ({self._task_list()})")
         if name not in self.tasks:
-            raise XbmError(
-                f"unknown task {name!r}; this model has: {', '.join(self.task_names(True))}"
-            )
+            raise XbmError(f"unknown task {name!r}; this model has: {self._task_list(True)}")
+
+    def _task_list(self, include_base: bool = False) -> str:
+        names = self.task_names(include_base)
+        return ", ".join(names) if names else "no learned task yet (add_task first)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -211,8 +307,10 @@ class MultiTaskModel(nn.Module):
         its column masks between groups: one mask switch per task in the batch, not per sample.
         Tasks have their own heads and so their own number of classes, hence a list of 1-D
         tensors. Inference only (eval mode, no gradient); the active task and the training
-        flag are restored afterwards.
+        flag are restored afterwards. A single name (a string) puts every sample in that task.
         """
+        if isinstance(tasks, str):
+            tasks = [tasks] * x.shape[0]
         if len(tasks) != x.shape[0]:
             raise XbmError(f"forward_mixed: {x.shape[0]} samples but {len(tasks)} task names; "
                            "give one task per sample")
@@ -235,6 +333,8 @@ class MultiTaskModel(nn.Module):
 
     def predict_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Top-1 class of every sample under its own task (see :meth:`forward_mixed`)."""
+        if isinstance(tasks, str):
+            tasks = [tasks] * x.shape[0]
         return torch.stack([lg.argmax() for lg in self.forward_mixed(x, tasks)]) if len(tasks) \
             else torch.zeros(0, dtype=torch.long, device=x.device)
 
@@ -260,37 +360,50 @@ class MultiTaskModel(nn.Module):
         return n + sum(m.trainable_count(layer, st) for _, layer, st in self.layer_states(name))
 
     def layer_states(self, name: str) -> Iterator[tuple[str, CrossbarLayer, nn.Module]]:
+        """(layer name, crossbar layer, the task's state module in it) for every crossbar
+        layer."""
         self._require(name)
         for lname, mod in task_aware_modules(self.model):
             if isinstance(mod, CrossbarLayer) and name in mod.xbm_tasks:
                 yield lname, mod, mod.xbm_tasks[name]
 
     def mask_bits(self, name: str) -> int:
-        m = self.methods.get(name, None)
-        if m is None:
+        """Mask memory of a task in bits (0 for ``base``, the backbone as programmed)."""
+        if name == BASE_TASK:
             return 0
+        self._require(name)
+        m = self.methods[name]
         return sum(m.mask_bits(layer, st) for _, layer, st in self.layer_states(name))
 
     def reprogrammed_cells(self, name: str) -> int:
-        if name not in self.methods:
+        """Cells rewritten to deploy a task onto the chip holding the backbone (0 for
+        ``base``)."""
+        if name == BASE_TASK:
             return 0
+        self._require(name)
         m = self.methods[name]
         return sum(m.reprogrammed_cells(layer, st) for _, layer, st in self.layer_states(name))
 
     def masked_off_columns(self, name: str) -> int:
-        if name not in self.methods:
+        """Crossbar columns a task switches off, i.e. whose ADC conversion it skips (0 for
+        ``base``)."""
+        if name == BASE_TASK:
             return 0
+        self._require(name)
         m = self.methods[name]
         return sum(m.masked_off_columns(layer, st) for _, layer, st in self.layer_states(name))
 
     def mapping(self) -> MappingReport:
+        """The per-layer crossbar mapping of the converted model (``xbm map``'s report)."""
         return map_model(self.model, self.spec, lambda n, m: isinstance(m, CrossbarLayer),
                          self.head_name)
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The programmed backbone's tensors (every state-dict entry that is not task state)."""
         return backbone_state(self.model)
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """One task's tensors, under their full state-dict keys."""
         self._require(name)
         mid = f"{TASK_KEY}.{name}."
         return {k: v for k, v in self.model.state_dict().items()
@@ -312,7 +425,12 @@ class MultiTaskModel(nn.Module):
         The bundle records the backbone's content hash and the crossbar geometry, and refuses to
         load onto anything else.
         """
-        tasks = list(self.tasks) if tasks is None else tasks
+        if isinstance(tasks, str):
+            raise XbmError(f"save_bundle: tasks must be a list of task names, got the string "
+                           f"{tasks!r}; write tasks=[{tasks!r}]")
+        tasks = list(self.tasks) if tasks is None else list(tasks)
+        for t in tasks:
+            self._require(t)
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)
@@ -334,7 +452,17 @@ class MultiTaskModel(nn.Module):
         save_safetensors(path, tensors, meta)
 
     def load_bundle(self, path: str | Path) -> list[str]:
-        """Add the tasks saved in a bundle; returns their names."""
+        """Add the tasks saved in a bundle; returns their names.
+
+        The active task stays what it was (``set_task`` one of the names to use it), and the
+        loaded tasks' parameters are frozen: they are trained. If anything in the file does not
+        fit (another backbone or crossbar spec, a task name this model already has, a corrupt
+        tensor), nothing is added.
+
+        Raises:
+            BundleError: the file is not a bundle of this backbone and spec, or is corrupt.
+            XbmError: a task of the bundle has the name of a task this model already has.
+        """
         tensors, meta = load_safetensors(path)
         spec, infos = _check_bundle_meta(path, meta)
         _check_bundle_hash(path, tensors, meta)
@@ -349,7 +477,12 @@ class MultiTaskModel(nn.Module):
                 f"{path}: bundle was learned on another crossbar spec (differs in "
                 f"{', '.join(diff)}); build the model with the bundle's spec"
             )
+        clash = [ti.name for ti in infos if ti.name in self.tasks]
+        if clash:
+            raise XbmError(f"{path}: this model already has a task named {clash[0]!r}; "
+                           "remove_task it first, or load the bundle into a fresh model")
         added: list[str] = []
+        active = self._active
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
@@ -382,7 +515,12 @@ class MultiTaskModel(nn.Module):
         except Exception:
             for t in added:  # leave the model as it was
                 self.remove_task(t)
+            self.set_task(active)
             raise
+        for t in added:
+            for p in self._task_params(t):
+                p.requires_grad_(False)
+        self.set_task(active)
         if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
             self.backbone_recipe = dict(meta["backbone_recipe"])  # kept when saved again
         return added

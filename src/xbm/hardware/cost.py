@@ -25,6 +25,7 @@ re-programming every update implies). See ``docs/cost-model.md`` for the formula
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, user_stacklevel
 from xbm.hardware.energy import EnergyPreset, get_preset
 from xbm.hardware.mapping import (
     LayerMapping,
@@ -438,8 +439,9 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...],
             model(torch.zeros(*input_shape, device=device))
     except Exception as exc:
         raise XbmError(f"cannot run the model on a {tuple(input_shape)} input to count output "
-                       f"positions ({type(exc).__name__}: {exc}); pass --input-size / "
-                       "--in-channels that the model accepts") from None
+                       f"positions ({type(exc).__name__}: {exc}); pass an input size and "
+                       "channel count that the model accepts (xbm cost: --input-size / "
+                       "--in-channels; in Python: input_size= / in_channels=)") from None
     finally:
         for h in hooks:
             h.remove()
@@ -947,14 +949,26 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     """Output positions of a multi-task model's crossbar layers (cached per model and shape).
 
     Built on a weightless copy of the recorded architecture when there is one, so the user's model
-    is never run; otherwise one forward pass of the base task on a zero image.
+    is never run; otherwise one forward pass of the base task on a zero image. Without a
+    recorded architecture (a model built in Python without ``arch=``) the input channels are
+    the first convolution's, and the image side, which nothing records, is 28 with a warning:
+    pass ``input_size`` (and ``in_channels`` for a model that starts with a Linear).
     """
-    if input_size is not None and input_size < 1:
-        raise ConfigError(f"input_size must be a positive integer, got {input_size!r}")
+    for what, v in (("input_size", input_size), ("in_channels", in_channels)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{what} must be a positive integer, got {v!r}")
     arch = mtm.arch or {}
     name = arch.get("name")
-    in_ch = in_channels or arch.get("in_channels") or (default_in_channels(name) if name else 1)
-    size = input_size or (default_input_size(name) if name else 28)
+    first_conv = next((m for m in mtm.model.modules() if isinstance(m, nn.Conv2d)), None)
+    in_ch = in_channels or arch.get("in_channels") or (
+        default_in_channels(name) if name else first_conv.in_channels if first_conv else 1)
+    size = input_size or (default_input_size(name) if name else None)
+    if size is None:
+        size = 28
+        warnings.warn("cost model: the model records no architecture (MultiTaskModel(..., "
+                      "arch=...)), so its input size is unknown; counting output positions on "
+                      "28 x 28 images: pass input_size= for another size",
+                      UserWarning, stacklevel=user_stacklevel())
     shape = (1, int(in_ch), int(size), int(size))
     cache = _POSITIONS.setdefault(mtm, {})
     if shape in cache:
@@ -976,12 +990,12 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
 
 def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | None = None, *,
               reference: str = BASE, assumptions: Assumptions | None = None,
-              input_size: int | None = None) -> MethodCost:
+              input_size: int | None = None, in_channels: int | None = None) -> MethodCost:
     """The full cost of one learned task (deploy from the backbone, switch from ``reference``)."""
     preset = preset or get_preset()
     a = assumptions or Assumptions()
     facts = task_facts(mtm, task, reference, a)
-    positions, _ = mtm_positions(mtm, input_size)
+    positions, _ = mtm_positions(mtm, input_size, in_channels)
     method = mtm.tasks[task].method
     d, _ = method_defaults(method)
     info = {"switch_from": reference, "onchip_model": d.onchip, "pattern": d.pattern}
@@ -991,6 +1005,7 @@ def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | None = None
 
 def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str | None = None,
                *, reference: str = BASE, input_size: int | None = None,
+               in_channels: int | None = None,
                assumptions: Assumptions | None = None) -> dict[str, Any]:
     """Flat cost numbers of one learned task, for results tables (the demo's columns).
 
@@ -1007,18 +1022,21 @@ def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str
         energy_preset: a preset or its name (default: the ``default`` preset).
         reference: the task the chip switches from.
         input_size: image side for counting output positions (default: 224 for ImageNet
-            layouts, else 28).
+            layouts, else 28; a model without a recorded ``arch`` warns that it assumed 28).
+        in_channels: input channels (default: the recorded architecture's, else the first
+            convolution's).
         assumptions: on-chip workload (iterations, batch) for ``onchip_adaption_energy_j``.
     """
     preset = (get_preset(energy_preset or "default")
               if isinstance(energy_preset, str) or energy_preset is None else energy_preset)
     c = task_cost(mtm, task, preset, reference=reference, assumptions=assumptions,
-                  input_size=input_size)
+                  input_size=input_size, in_channels=in_channels)
     return c.summary() | {"energy_preset": preset.name, "switch_from": reference}
 
 
 def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset, tasks: list[str] | None = None,
-                  assumptions: Assumptions | None = None) -> dict[str, dict[str, float]]:
+                  assumptions: Assumptions | None = None, input_size: int | None = None,
+                  in_channels: int | None = None) -> dict[str, dict[str, float]]:
     """Switch energy (J) from every task (rows, ``base`` included) to every learned task."""
     tasks = tasks if tasks is not None else list(mtm.tasks)
     out: dict[str, dict[str, float]] = {}
@@ -1028,20 +1046,22 @@ def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset, tasks: list[str] | 
             if dst == src:
                 out[src][dst] = 0.0
                 continue
-            c = task_cost(mtm, dst, preset, reference=src, assumptions=assumptions)
+            c = task_cost(mtm, dst, preset, reference=src, assumptions=assumptions,
+                          input_size=input_size, in_channels=in_channels)
             out[src][dst] = c.energy("switch")
     return out
 
 
 def bundle_report(mtm: MultiTaskModel, preset: EnergyPreset, assumptions: Assumptions,
-                  tasks: list[str], model_name: str, input_size: int | None = None
-                  ) -> CostReport:
+                  tasks: list[str], model_name: str, input_size: int | None = None,
+                  in_channels: int | None = None) -> CostReport:
     """Costs of learned tasks (deploy from the base task) plus their switch-energy matrix."""
-    costs = [task_cost(mtm, t, preset, assumptions=assumptions, input_size=input_size)
-             for t in tasks]
-    _, shape = mtm_positions(mtm, input_size)
+    costs = [task_cost(mtm, t, preset, assumptions=assumptions, input_size=input_size,
+                       in_channels=in_channels) for t in tasks]
+    _, shape = mtm_positions(mtm, input_size, in_channels)
     return CostReport(model_name, mtm.spec, preset, assumptions, mtm.mapping(), shape, costs,
-                      switch_matrix=switch_matrix(mtm, preset, tasks, assumptions))
+                      switch_matrix=switch_matrix(mtm, preset, tasks, assumptions, input_size,
+                                                  in_channels))
 
 
 def measured_fractions(mtm: MultiTaskModel) -> tuple[dict[str, float], dict[str, float]]:

@@ -273,13 +273,45 @@ def default_filter(head_name: str = "fc") -> FilterFn:
     return fn
 
 
+#: The layer types a crossbar layer stands in for. Exact types: a subclass may compute
+#: something else than its weight times its input (MultiheadAttention reads its
+#: ``out_proj``'s weight itself, never calling it), so a subclass stays digital.
+CONVERTIBLE: tuple[type, ...] = (nn.Conv2d, nn.Linear)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """Whether ``module`` can go on crossbars (or already is a crossbar layer)."""
+    return type(module) in CONVERTIBLE or bool(getattr(module, "is_crossbar_layer", False))
+
+
 def crossbar_modules(model: nn.Module, filter_fn: FilterFn | None = None,
                      head_name: str = "fc") -> Iterable[tuple[str, nn.Module]]:
-    """(name, module) of the layers a filter puts on crossbars."""
+    """(name, module) of the layers a filter puts on crossbars: ``filter_fn`` is asked about
+    every convertible layer (:data:`CONVERTIBLE`) except the head, which stays per task."""
     fn = filter_fn or default_filter(head_name)
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) and fn(name, mod):
+        if name != head_name and is_convertible(mod) and fn(name, mod):
             yield name, mod
+
+
+def unmapped_weight_layers(model: nn.Module, filter_fn: FilterFn | None = None,
+                           head_name: str = "fc") -> list[str]:
+    """Layers with a weight matrix that cannot go on crossbars although a user would expect
+    them to: subclasses of Conv2d/Linear that the filter selects, and every other convolution
+    (Conv1d, Conv3d, transposed). ``xbm.apply`` warns about them."""
+    from torch.nn.modules.conv import _ConvNd
+
+    fn = filter_fn or default_filter(head_name)
+    out = []
+    for name, mod in model.named_modules():
+        if name == head_name or is_convertible(mod):
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if fn(name, mod):
+                out.append(f"{name} ({type(mod).__name__})")
+        elif isinstance(mod, _ConvNd):
+            out.append(f"{name} ({type(mod).__name__})")
+    return out
 
 
 def map_model(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,

@@ -173,6 +173,11 @@ def get_spec(name: str = "default", **overrides: Any) -> CrossbarSpec:
     if name not in SPEC_PRESETS:
         raise unknown("crossbar preset", name, SPEC_PRESETS)
     changes = {k: v for k, v in overrides.items() if v is not None}
+    valid = {f.name for f in dataclasses.fields(CrossbarSpec)}
+    unknown_keys = sorted(set(overrides) - valid)
+    if unknown_keys:
+        raise ConfigError(f"CrossbarSpec has no field(s) {', '.join(unknown_keys)}; valid: "
+                          f"{', '.join(sorted(valid))}")
     spec = SPEC_PRESETS[name]
     return spec.replace(**changes) if changes else spec
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from xbm.config import from_fields
+from xbm.config import check_number_fields, from_fields
 from xbm.errors import ConfigError, unknown
 
 
@@ -49,6 +49,7 @@ class MethodConfig:
     """Adam weight decay (0 in Piggyback and KSM)."""
 
     def __post_init__(self) -> None:
+        check_number_fields(self)
         name = type(self).__name__
         for f in ("lr", "head_lr"):
             v = getattr(self, f)
@@ -106,6 +107,9 @@ class AdaptionMethod:
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
         """Per-task parameters for one crossbar layer (an empty module when there are none)."""
         return nn.Module()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.config!r})"
 
     def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         """The weight the chip computes with for this task."""
@@ -205,10 +209,16 @@ def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[Adaption
 
 
 def list_methods() -> list[str]:
+    """The registered method names, in registration order (the CLI's and the docs' order)."""
     return list(METHODS)
 
 
 def get_method_class(name: str) -> type[AdaptionMethod]:
+    """The method class registered as ``name``; its ``config_class`` is its config dataclass.
+
+    Raises:
+        UnknownNameError: no such method (the message lists the registered ones).
+    """
     if name not in METHODS:
         raise unknown("method", name, METHODS)
     return METHODS[name]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from xbm.errors import XbmError
-from xbm.hardware.mapping import FilterFn, crossbar_modules
+from xbm.errors import XbmError, user_stacklevel
+from xbm.hardware.mapping import FilterFn, crossbar_modules, unmapped_weight_layers
 from xbm.hardware.spec import CrossbarSpec
 from xbm.nn.layers import (
     CrossbarConv2d,
@@ -41,13 +43,18 @@ def apply(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = Non
     Args:
         model: a torch model whose classifier is the Linear called ``head_name``.
         spec: the crossbars that hold the programmed weights.
-        filter_fn: ``(name, module) -> bool`` picks the layers mapped to crossbars; by default every
-            Conv2d and Linear except the head.
-        head_name: the classifier's attribute name; each new task gets its own head there.
+        filter_fn: ``(name, module) -> bool``, asked about every ``nn.Conv2d`` and ``nn.Linear``
+            except the head: which of them go on crossbars (default: all). Subclasses of them
+            (e.g. MultiheadAttention's ``out_proj``, whose weight its parent reads directly) and
+            other convolutions (Conv1d, ConvTranspose2d, ...) stay digital, with a warning.
+        head_name: the classifier's module name; each new task gets its own head there.
 
     Returns:
         The same ``model`` object, converted.
     """
+    if not isinstance(spec, CrossbarSpec):
+        raise XbmError(f"spec must be a CrossbarSpec, got {type(spec).__name__}; build one with "
+                       "xbm.get_spec('default', rows=64)")
     if any(isinstance(m, TaskAware) for m in model.modules()):
         raise XbmError("model is already converted to crossbar layers; convert a fresh model")
     head = dict(model.named_modules()).get(head_name)
@@ -56,10 +63,15 @@ def apply(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = Non
             f"model has no Linear classifier named {head_name!r}; pass head_name= the name of its "
             "final Linear layer"
         )
+    skipped = unmapped_weight_layers(model, filter_fn, head_name)
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"xbm.apply: {len(skipped)} layer(s) with weights stay off the crossbars (digital, "
+            f"never masked): {', '.join(skipped[:5])}{more}; only nn.Conv2d and nn.Linear "
+            "themselves are mapped", UserWarning, stacklevel=user_stacklevel())
     for _, mod in list(crossbar_modules(model, filter_fn, head_name)):
-        cls = _CLASS_MAP.get(type(mod))
-        if cls is None:  # subclasses of Conv2d/Linear we do not know how to compute
-            continue
+        cls = _CLASS_MAP[type(mod)]
         _swap(mod, cls)
         mod._init_crossbar(spec)  # type: ignore[attr-defined]
     for name, mod in model.named_modules():

@@ -55,6 +55,9 @@ class TaskAware:
 class CrossbarLayer(TaskAware):
     """Shared behaviour of crossbar Conv2d and Linear: frozen programmed weight + task states."""
 
+    is_crossbar_layer = True
+    """Read by ``xbm.hardware.mapping.is_convertible`` (which cannot import this module)."""
+
     weight: nn.Parameter
     spec: CrossbarSpec
     methods: dict[str, AdaptionMethod]

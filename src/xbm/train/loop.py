@@ -16,6 +16,7 @@ from torch import nn
 
 from xbm.errors import ConfigError, XbmError
 from xbm.multitask import MultiTaskModel
+from xbm.nn import BASE_TASK
 from xbm.train import distributed as xdist
 
 
@@ -183,14 +184,42 @@ def resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
     return wanted and xdist.world_size() == 1
 
 
-def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torch.device,
+def _device_of(mtm: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch.device; None means where the model's parameters are."""
+    if device is None:
+        return next(mtm.parameters()).device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
+                          ) from None
+
+
+def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               epochs: int = 1, device: torch.device | str | None = None,
                progress: bool = True, max_steps: int | None = None,
                precision: str = "fp32", cuda_graph: bool = False,
                capturable: bool | None = None) -> TrainResult:
     """Train one task's state (and only it) on ``loader`` for ``epochs``.
 
     The optimizer sees only the task's parameters: the programmed backbone gets no gradient and no
-    update, whatever the method does in its forward.
+    update, whatever the method does in its forward. Adam with the method's learning rates
+    (``lr`` for its state, ``head_lr`` for the head and per-task norms) and a cosine schedule
+    over all steps; the model is left in ``eval()`` mode with every parameter frozen.
+
+    Args:
+        mtm: the multi-task model holding ``task`` (added with :meth:`MultiTaskModel.add_task`).
+        task: the learned task to train (not ``base``).
+        loader: batches of (images, integer labels), e.g. a ``torch.utils.data.DataLoader``;
+            it needs a length (the schedule's step count).
+        epochs: passes over ``loader``.
+        device: where the batches go (``"cpu"``, ``"cuda"``, a torch.device); default: where
+            the model is. The model itself is not moved.
+        progress: a progress bar (tqdm) per epoch.
+        max_steps: stop after this many steps (the schedule spans them).
+        precision: ``"fp32"`` or ``"bf16"`` (below).
+        cuda_graph: replay each step from a CUDA graph (below).
+        capturable: capturable Adam without a graph (below).
 
     ``precision="bf16"`` runs each step's forward and loss under bfloat16 autocast: the
     parameters, their gradients and Adam's state stay fp32 (the masks and scores are learned in
@@ -221,6 +250,13 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
     the same seeded order, gradients are averaged after every backward, and the task's state is
     made identical on all ranks at the end.
     """
+    device = _device_of(mtm, device)
+    if task == BASE_TASK:
+        raise XbmError(f"{BASE_TASK!r} is the pretrained backbone as programmed and cannot be "
+                       "trained; add a task with add_task and train that")
+    mtm.task_parameters(task)  # an unknown task fails here, naming the model's tasks
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
@@ -247,8 +283,9 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
         param_groups.append({"params": head_norm, "lr": cfg.head_lr})
     per_epoch = len(loader) // world  # every rank takes the same number of steps
     if per_epoch == 0:
-        raise XbmError(f"{len(loader)} batches cannot feed {world} ranks; use a smaller "
-                       "--batch-size or more training images")
+        raise XbmError(f"the loader yields {len(loader)} batch(es), too few for {world} "
+                       "process(es); give it more training images or a smaller batch size "
+                       "(xbm adapt: --batch-size)")
     for g in param_groups:
         for p in g["params"]:
             p.requires_grad_(True)
@@ -331,8 +368,11 @@ def train_task(mtm: MultiTaskModel, task: str, loader, epochs: int, device: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> float:
-    """Top-1 accuracy in percent of ``model`` (its active task) over ``loader``."""
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent of ``model`` (its active task) over ``loader``, in eval mode
+    (the training flag is restored); ``device``: where the batches go, default the model's."""
+    device = _device_of(model, device)
     was = model.training
     model.eval()
     correct = total = 0
@@ -346,6 +386,10 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / total
 
 
-def evaluate_task(mtm: MultiTaskModel, task: str, loader, device: torch.device) -> float:
+def evaluate_task(mtm: MultiTaskModel, task: str,
+                  loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy in percent of ``task`` (``base`` allowed) over ``loader``; the active
+    task is restored afterwards."""
     with mtm.use_task(task):
         return evaluate(mtm, loader, device)

@@ -1,0 +1,233 @@
+"""The Python API as a user meets it: clear errors before any state changes, and the model left
+as it was when something fails (found by an audit that used xbm from Python, session 17)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import xbm
+from xbm.errors import ConfigError, XbmError
+from xbm.hardware.cost import task_costs
+from xbm.methods import XBMConfig, create_method, list_methods
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+
+SPEC = xbm.get_spec(rows=16, cols=16)
+
+
+def _backbone(seed: int = 0, in_channels: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model("small_cnn", num_classes=4, in_channels=in_channels)
+
+
+def _loader(n: int = 16, classes: int = 3, in_channels: int = 1, side: int = 28) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, in_channels, side, side, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_public_names_import() -> None:
+    for name in xbm.__all__:
+        assert getattr(xbm, name) is not None, name
+    from xbm import methods
+
+    for m in list_methods():  # every method's config class is reachable from xbm.methods
+        cls = xbm.get_method_class(m).config_class
+        assert getattr(methods, cls.__name__) is cls
+    assert "XBMConfig(" in repr(create_method("xbm"))
+
+
+def test_weights_loaded_after_conversion_are_the_ones_a_bundle_records(tmp_path) -> None:
+    sd = _backbone(seed=1).state_dict()
+    late = MultiTaskModel(_backbone(seed=2), SPEC)
+    late.model.load_state_dict(sd)  # same keys after conversion
+    late.add_task("t", 3, "xbm")
+    late.save_bundle(tmp_path / "b.safetensors")
+    early = _backbone(seed=2)
+    early.load_state_dict(sd)
+    fresh = MultiTaskModel(early, SPEC)
+    assert fresh.backbone_hash == late.backbone_hash
+    assert fresh.load_bundle(tmp_path / "b.safetensors") == ["t"]
+
+
+@pytest.mark.parametrize("num_classes", [4.0, "4", None, True, 0])
+def test_add_task_refuses_a_bad_class_count_before_creating_state(num_classes) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    keys = set(mtm.state_dict())
+    with pytest.raises(XbmError, match="num_classes must be a positive integer"):
+        mtm.add_task("c", num_classes, "xbm")
+    assert set(mtm.state_dict()) == keys and mtm.task_names() == []
+    mtm.add_task("c", np.int64(4), "xbm")  # a numpy integer is an integer
+    assert mtm.tasks["c"].num_classes == 4 and type(mtm.tasks["c"].num_classes) is int
+
+
+def test_add_task_rolls_back_when_a_layer_fails(monkeypatch) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    keys = set(mtm.state_dict())
+    cls = xbm.get_method_class("xbm")
+    real, calls = cls.create_layer_state, []
+
+    def second_fails(self, layer):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(self, layer)
+
+    monkeypatch.setattr(cls, "create_layer_state", second_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        mtm.add_task("c", 3, "xbm")
+    assert set(mtm.state_dict()) == keys and mtm.task_names() == []
+    assert mtm.active_task == "base"
+
+
+def test_add_task_refuses_a_method_object_with_a_config() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    with pytest.raises(XbmError, match="not both"):
+        mtm.add_task("c", 3, create_method("xbm"), {"lr": 5.0})
+
+
+def test_spec_is_a_spec_or_a_preset_name() -> None:
+    assert MultiTaskModel(_backbone(), "default").spec == xbm.get_spec("default")
+    for bad in (None, 64, {"rows": 64}):
+        with pytest.raises(XbmError, match="spec must be a CrossbarSpec"):
+            MultiTaskModel(_backbone(), bad)
+    with pytest.raises(XbmError, match="spec must be a CrossbarSpec"):
+        xbm.apply(_backbone(), "default")
+
+
+def test_counts_of_an_unknown_task_are_an_error_not_zero() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    for fn in (mtm.mask_bits, mtm.reprogrammed_cells, mtm.masked_off_columns,
+               mtm.trainable_params):
+        with pytest.raises(XbmError, match="unknown task 'tt'; this model has: base, t"):
+            fn("tt")
+    assert mtm.mask_bits("base") == mtm.reprogrammed_cells("base") == 0
+    assert mtm.mask_bits("t") > 0
+    with pytest.raises(XbmError, match="'base' is the pretrained backbone's own task"):
+        mtm.trainable_params("base")
+
+
+def test_train_task_names_its_errors_and_takes_a_device_string() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    with pytest.raises(XbmError, match="unknown task 'nope'; this model has: base, t"):
+        xbm.train_task(mtm, "nope", _loader(), 1, "cpu", progress=False)
+    with pytest.raises(XbmError, match="cannot be trained"):
+        xbm.train_task(mtm, "base", _loader(), 1, "cpu", progress=False)
+    with pytest.raises(ConfigError, match="epochs must be a positive integer"):
+        xbm.train_task(mtm, "t", _loader(), 0, progress=False)
+    with pytest.raises(ConfigError, match="unknown device"):
+        xbm.train_task(mtm, "t", _loader(), 1, "gpu0", progress=False)
+    res = xbm.train_task(mtm, "t", _loader(), 1, "cpu", progress=False)
+    assert res.steps == 2
+    xbm.train_task(mtm, "t", _loader(), 1, progress=False)  # device: where the model is
+    assert 0.0 <= xbm.evaluate_task(mtm, "t", _loader(), "cpu") <= 100.0
+
+
+def test_add_task_leaves_only_the_new_task_trainable_and_loading_freezes() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    mtm.add_task("b", 3, "piggyback")
+    trainable = {n for n, p in mtm.named_parameters() if p.requires_grad}
+    assert trainable and all(".xbm_tasks.b." in n for n in trainable)
+    assert all(not p.requires_grad for p in mtm.backbone_state().values())
+
+
+def test_load_bundle_keeps_the_active_task_and_freezes_what_it_loads(tmp_path) -> None:
+    src = MultiTaskModel(_backbone(), SPEC)
+    src.add_task("a", 3, "xbm")
+    src.save_bundle(tmp_path / "a.safetensors")
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("mine", 3, "xma")
+    assert mtm.load_bundle(tmp_path / "a.safetensors") == ["a"]
+    assert mtm.active_task == "mine"
+    assert not any(p.requires_grad for p in mtm.task_parameters("a")["state"])
+    # a failing load (a name this model has) changes nothing, the active task included
+    mtm.set_task("a")
+    with pytest.raises(XbmError, match="already has a task named 'a'"):
+        mtm.load_bundle(tmp_path / "a.safetensors")
+    assert mtm.active_task == "a" and mtm.task_names() == ["mine", "a"]
+
+
+def test_save_bundle_checks_its_task_list(tmp_path) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t_xbm", 3, "xbm")
+    with pytest.raises(XbmError, match=r"write tasks=\['t_xbm'\]"):
+        mtm.save_bundle(tmp_path / "b.safetensors", tasks="t_xbm")
+    with pytest.raises(XbmError, match="'base' is the pretrained backbone's own task"):
+        mtm.save_bundle(tmp_path / "b.safetensors", tasks=["base"])
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_predict_mixed_takes_one_name_for_the_whole_batch() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(mtm.predict_mixed(x, "t"), mtm.predict_mixed(x, ["t"] * 5))
+
+
+def test_add_task_follows_the_model_dtype() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC).double()
+    mtm.add_task("t", 3, "xma")
+    assert mtm(torch.randn(2, 1, 28, 28, dtype=torch.float64)).dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in mtm.parameters())
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+def test_apply_warns_about_weight_layers_it_leaves_digital() -> None:
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), _MyLinear(24, 8), nn.ReLU(),
+                          nn.Linear(8, 8), nn.Linear(8, 3))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\).*0 \(Conv1d\), 2 \(_MyLinear\)") as rec:
+        mtm = MultiTaskModel(model, SPEC, head_name="5")
+    assert rec[0].filename == __file__  # points at the user's line, not xbm's internals
+    names = [lm.name for lm in mtm.mapping().layers]
+    assert names == ["4"]  # the mapping report and the conversion agree
+    assert [lm.name for lm in xbm.map_model(nn.Sequential(_MyLinear(4, 4), nn.Linear(4, 2)),
+                                            SPEC, head_name="1").layers] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the registered models convert without a warning
+        for name in ("small_cnn", "resnet18_cifar", "vit_tiny"):
+            MultiTaskModel(create_model(name, num_classes=4, in_channels=1), SPEC)
+
+
+def test_filter_is_never_asked_about_the_head() -> None:
+    seen = []
+    mtm = MultiTaskModel(_backbone(), SPEC, filter_fn=lambda n, m: seen.append(n) or True)
+    assert "fc" not in seen and seen
+    assert "fc" not in [lm.name for lm in mtm.mapping().layers]
+
+
+def test_config_fields_of_the_wrong_type_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"XBMConfig.mask_init must be a number, got 'a'"):
+        XBMConfig(mask_init="a")
+    with pytest.raises(ConfigError, match=r"XBMConfig.lr must be a number, got '1e-3' \(str\)"):
+        XBMConfig(lr="1e-3")
+    assert XBMConfig.from_dict({"lr": "1e-3"}).lr == 1e-3  # YAML's text numbers still read
+    with pytest.raises(ConfigError, match="warmup_steps must be an integer"):
+        xbm.get_method_class("xma2").config_class(warmup_steps=2.5)
+    with pytest.raises(ConfigError, match="CrossbarSpec has no field.*rowz.*valid:"):
+        xbm.get_spec("default", rowz=32)
+
+
+def test_cost_of_an_arch_less_model_reads_its_channels_and_asks_for_the_size() -> None:
+    mtm = MultiTaskModel(_backbone(in_channels=3), SPEC)  # no arch= recorded
+    mtm.add_task("t", 3, "xbm")
+    with pytest.warns(UserWarning, match="input size is unknown.*pass input_size="):
+        at28 = task_costs(mtm, "t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        at16 = task_costs(mtm, "t", input_size=16)
+    assert at16["inference_energy_j"] < at28["inference_energy_j"]
+    with pytest.raises(ConfigError, match="in_channels must be a positive integer"):
+        task_costs(mtm, "t", input_size=16, in_channels=0)
