@@ -128,7 +128,7 @@ def test_train_task_names_its_errors_and_takes_a_device_string() -> None:
         xbm.train_task(mtm, "t", _loader(), 1, "gpu0", progress=False)
     res = xbm.train_task(mtm, "t", _loader(), 1, "cpu", progress=False)
     assert res.steps == 2
-    xbm.train_task(mtm, "t", _loader(), 1, progress=False)  # device: where the model is
+    xbm.train_task(mtm, "t", _loader(), np.int64(1), progress=False)  # device: the model's
     assert 0.0 <= xbm.evaluate_task(mtm, "t", _loader(), "cpu") <= 100.0
 
 
@@ -155,6 +155,31 @@ def test_load_bundle_keeps_the_active_task_and_freezes_what_it_loads(tmp_path) -
     with pytest.raises(XbmError, match="already has a task named 'a'"):
         mtm.load_bundle(tmp_path / "a.safetensors")
     assert mtm.active_task == "a" and mtm.task_names() == ["mine", "a"]
+
+
+def test_load_bundle_keeps_the_trainable_flags_of_the_tasks_the_model_had(tmp_path) -> None:
+    src = MultiTaskModel(_backbone(), SPEC)
+    src.add_task("a", 3, "xbm")
+    src.save_bundle(tmp_path / "a.safetensors")
+    for corrupt in (False, True):
+        mtm = MultiTaskModel(_backbone(), SPEC)
+        mtm.add_task("mine", 3, "xma")  # trainable, about to be trained by hand
+        path = tmp_path / "a.safetensors"
+        if corrupt:  # a stray tensor: the load fails after adding the task
+            from xbm.io import load_safetensors, save_safetensors, tensors_hash
+
+            tensors, meta = load_safetensors(path)
+            tensors["stray.weight"] = torch.zeros(1)
+            meta["content_hash"] = tensors_hash(tensors)
+            path = tmp_path / "stray.safetensors"
+            save_safetensors(path, tensors, meta)
+            with pytest.raises(XbmError, match="unexpected tensor stray.weight"):
+                mtm.load_bundle(path)
+        else:
+            mtm.load_bundle(path)
+        mine = mtm.task_parameters("mine")
+        assert all(p.requires_grad for g in mine.values() for p in g), corrupt
+        assert mtm.active_task == "mine"
 
 
 def test_save_bundle_checks_its_task_list(tmp_path) -> None:
@@ -218,6 +243,27 @@ def test_config_fields_of_the_wrong_type_are_config_errors() -> None:
         xbm.get_method_class("xma2").config_class(warmup_steps=2.5)
     with pytest.raises(ConfigError, match="CrossbarSpec has no field.*rowz.*valid:"):
         xbm.get_spec("default", rowz=32)
+    # numpy's scalars are numbers, stored as plain ones (bundle metadata is JSON)
+    cfg = xbm.get_method_class("xma2").config_class(pe_budget=np.float32(0.25),
+                                                    warmup_steps=np.int64(3))
+    assert type(cfg.pe_budget) is float and cfg.pe_budget == 0.25
+    assert type(cfg.warmup_steps) is int and cfg.warmup_steps == 3
+
+
+def test_norms_without_affine_parameters_get_their_own_copies() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 8), nn.LayerNorm(8, bias=False),
+                          nn.Linear(8, 3))
+    mtm = MultiTaskModel(model, SPEC, head_name="5")
+    mtm.add_task("t", 2, "xbm")
+    assert mtm(torch.randn(2, 1, 28, 28)).shape == (2, 2)
+
+
+def test_the_cli_prints_xbm_warnings_as_its_own(tmp_path, capsys) -> None:
+    from xbm.cli import _warning_origin
+
+    assert _warning_origin(xbm.XbmWarning, str(tmp_path / "launcher"), 8) == ""
+    assert "UserWarning from" in _warning_origin(UserWarning, str(tmp_path / "lib.py"), 8)
 
 
 def test_cost_of_an_arch_less_model_reads_its_channels_and_asks_for_the_size() -> None:

@@ -7,7 +7,7 @@ evaluate them (:func:`train_task`, :func:`evaluate_task`). Every error a user ca
 :class:`XbmError`.
 """
 
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, XbmWarning
 from xbm.hardware import CrossbarSpec, get_spec, map_model
 from xbm.methods import create_method, get_method_class, list_methods
 from xbm.models import create_model
@@ -17,6 +17,7 @@ from xbm.train.loop import evaluate_task, train_task
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "CrossbarSpec", "MultiTaskModel", "XbmError", "__version__", "apply",
+__all__ = ["ConfigError", "CrossbarSpec", "MultiTaskModel", "XbmError", "XbmWarning",
+           "__version__", "apply",
            "create_method", "create_model", "evaluate_task", "get_method_class", "get_spec",
            "list_methods", "map_model", "train_task"]

@@ -697,9 +697,11 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
 def _warning_origin(category: type, filename: str, lineno: int) -> str:
     """Where a warning that another library raised comes from (torch, numpy, ...): empty for
     xbm's own, which read as xbm's words, so a library's notice is not taken for xbm's."""
+    from xbm.errors import XbmWarning
+
     path = Path(filename).resolve()
-    if path.is_relative_to(Path(__file__).resolve().parent):
-        return ""
+    if issubclass(category, XbmWarning) or path.is_relative_to(Path(__file__).resolve().parent):
+        return ""  # xbm's own (an XbmWarning points at the caller's line, the launcher here)
     parts = path.parts
     where = next((Path(*parts[i + 1:]) for i in range(len(parts) - 1, -1, -1)
                   if parts[i] in ("site-packages", "dist-packages")), Path(path.name))

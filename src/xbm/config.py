@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any, TypeVar
@@ -52,14 +53,19 @@ def check_number_fields(obj: Any) -> None:
         ConfigError: naming the field, the value and the type it must have.
     """
     cls = type(obj)
-    for kind, what in ((float, "a number"), (int, "an integer")):
-        for name in sorted(_float_fields(cls, kind)):
+    floats = _float_fields(cls)
+    for kind, abc, what, names in ((float, numbers.Real, "a number", floats),
+                                   (int, numbers.Integral, "an integer",
+                                    _float_fields(cls, int) - floats)):
+        for name in sorted(names):
             v = getattr(obj, name, None)
-            ok = isinstance(v, (int, float) if kind is float else int) and \
-                not isinstance(v, bool)
-            if v is not None and not ok:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, abc):
                 raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "
                                   f"({type(v).__name__})")
+            if type(v) not in (int, float):  # numpy's scalars: plain numbers for JSON metadata
+                object.__setattr__(obj, name, kind(v))
 
 
 def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[str, Any]:

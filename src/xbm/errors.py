@@ -39,6 +39,12 @@ def unknown(kind: str, name: str, choices) -> UnknownNameError:
     return UnknownNameError(f"unknown {kind} {name!r}; choose one of: {listed}")
 
 
+class XbmWarning(UserWarning):
+    """A warning xbm itself gives (a recipe that is known to fail, a layer left digital, an
+    assumption made for a missing input): ``warnings.filterwarnings("ignore",
+    category=xbm.XbmWarning)`` silences them all, and the CLI prints them as its own words."""
+
+
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by the calling function point at the
     first frame outside the xbm package: the user's line, not xbm's internals."""

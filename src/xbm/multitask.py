@@ -165,7 +165,8 @@ class MultiTaskModel(nn.Module):
     def backbone_hash(self) -> str:
         """Content hash of the programmed backbone's tensors, as they are now: computed on
         every call, so that weights loaded after the conversion are the ones a bundle records
-        (and checks on loading)."""
+        (and checks on loading). The hash covers dtypes: a backbone cast to bfloat16 holds
+        other values, and its bundles load only onto a bfloat16 copy."""
         return tensors_hash(backbone_state(self.model))
 
     # -- tasks ------------------------------------------------------------------------------
@@ -233,7 +234,9 @@ class MultiTaskModel(nn.Module):
                 # the new state follows the module it sits in (device and floating dtype)
                 own = mod.xbm_tasks[name]
                 like = next(iter(mod.parameters(recurse=False)), None)
-                like = ref if like is None else like
+                if like is None:  # a norm without affine parameters: its statistics
+                    like = next((b for b in mod.buffers(recurse=False)
+                                 if b.is_floating_point()), ref)
                 own.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
         except Exception:
             for _, mod in task_aware_modules(self.model):
@@ -483,6 +486,9 @@ class MultiTaskModel(nn.Module):
                            "remove_task it first, or load the bundle into a fresh model")
         added: list[str] = []
         active = self._active
+        # add_task freezes every other task: the tasks this model had keep their flags
+        had = [p for t in self.tasks for p in self._task_params(t)]
+        flags = [p.requires_grad for p in had]
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
@@ -515,12 +521,15 @@ class MultiTaskModel(nn.Module):
         except Exception:
             for t in added:  # leave the model as it was
                 self.remove_task(t)
-            self.set_task(active)
             raise
-        for t in added:
-            for p in self._task_params(t):
-                p.requires_grad_(False)
-        self.set_task(active)
+        else:
+            for t in added:
+                for p in self._task_params(t):
+                    p.requires_grad_(False)
+        finally:
+            for p, f in zip(had, flags, strict=True):
+                p.requires_grad_(f)
+            self.set_task(active)
         if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
             self.backbone_recipe = dict(meta["backbone_recipe"])  # kept when saved again
         return added

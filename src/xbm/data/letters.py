@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from xbm.data.registry import cache_dir, register_dataset
 from xbm.data.splits import generator
 from xbm.data.task import TaskData
-from xbm.errors import DatasetNotFoundError
+from xbm.errors import DatasetNotFoundError, XbmWarning
 from xbm.io import atomic_path
 
 #: Bump when the generation procedure changes so stale caches are not reused.
@@ -200,7 +200,7 @@ def make_letters(n_train_per_class: int = 500, n_test_per_class: int = 100, seed
                 torch.save(blob, tmp)
         except OSError as exc:  # a read-only cache must not stop training
             warnings.warn(f"letters: could not write cache {cache_file} ({exc}); set XBM_CACHE "
-                          "to a writable directory to avoid regenerating", stacklevel=2)
+                          "to a writable directory to avoid regenerating", XbmWarning, stacklevel=2)
     return task
 
 

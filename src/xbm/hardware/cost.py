@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from xbm.errors import ConfigError, XbmError, user_stacklevel
+from xbm.errors import ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.energy import EnergyPreset, get_preset
 from xbm.hardware.mapping import (
     LayerMapping,
@@ -968,7 +968,7 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
         warnings.warn("cost model: the model records no architecture (MultiTaskModel(..., "
                       "arch=...)), so its input size is unknown; counting output positions on "
                       "28 x 28 images: pass input_size= for another size",
-                      UserWarning, stacklevel=user_stacklevel())
+                      XbmWarning, stacklevel=user_stacklevel())
     shape = (1, int(in_ch), int(size), int(size))
     cache = _POSITIONS.setdefault(mtm, {})
     if shape in cache:

@@ -179,7 +179,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
-                                 args.input_size)
+                                 args.input_size, args.in_channels)
     else:
         measured = None
         if args.fractions_from:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xbm.config import from_fields
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, XbmWarning
 from xbm.hardware.faults import (
     FaultMap,
     apply_fault_codes,
@@ -274,7 +274,8 @@ def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any] | None:
         try:
             compiled = torch.compile(fn, dynamic=True)
         except Exception as exc:  # pragma: no cover - depends on the toolchain
-            warnings.warn(f"torch.compile unavailable ({exc}); using eager", stacklevel=3)
+            warnings.warn(f"torch.compile unavailable ({exc}); using eager", XbmWarning,
+                          stacklevel=3)
             _COMPILED[name] = None
         else:
             import torch._dynamo as dynamo

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xbm.errors import user_stacklevel
+from xbm.errors import XbmWarning, user_stacklevel
 from xbm.methods.base import AdaptionMethod, BinarizeSTE, MaskConfig, register_method
 
 
@@ -48,7 +48,7 @@ class Piggyback(AdaptionMethod):
                 f"piggyback task {task!r} with per_task_bn false and lr {cfg.lr:g}: with frozen "
                 f"BatchNorm a mask lr above {FROZEN_BN_MAX_LR:g} switched off too many weights "
                 "at once (15% at 1e-3, 87.8% at 5e-4, 91.5% at 3e-4 on the demo); set lr to "
-                "3e-4 or lower (docs/benchmarks.md, 'Frozen BatchNorm')", UserWarning,
+                "3e-4 or lower (docs/benchmarks.md, 'Frozen BatchNorm')", XbmWarning,
                 stacklevel=user_stacklevel())
 
     def create_layer_state(self, layer: nn.Module) -> nn.Module:

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from xbm.errors import BundleError, ConfigError, XbmError, user_stacklevel
+from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.mapping import (
     apply_column_mask,
     column_sum_over_tiles,
@@ -525,7 +525,7 @@ class XMA2(XMA):
                     f"xma2 task {task!r} trained {steps} step(s), not more than warmup_steps="
                     f"{self.config.warmup_steps}: no PE was re-programmed (the task is plain XMA); "
                     "steps are counted on the ideal training path (effective_weight)",
-                    stacklevel=user_stacklevel())
+                    XbmWarning, stacklevel=user_stacklevel())
             with torch.no_grad():
                 for _, st in self._layers:
                     st._grad_acc = None

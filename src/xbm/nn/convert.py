@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-from xbm.errors import XbmError, user_stacklevel
+from xbm.errors import XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.mapping import FilterFn, crossbar_modules, unmapped_weight_layers
 from xbm.hardware.spec import CrossbarSpec
 from xbm.nn.layers import (
@@ -69,7 +69,7 @@ def apply(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = Non
         warnings.warn(
             f"xbm.apply: {len(skipped)} layer(s) with weights stay off the crossbars (digital, "
             f"never masked): {', '.join(skipped[:5])}{more}; only nn.Conv2d and nn.Linear "
-            "themselves are mapped", UserWarning, stacklevel=user_stacklevel())
+            "themselves are mapped", XbmWarning, stacklevel=user_stacklevel())
     for _, mod in list(crossbar_modules(model, filter_fn, head_name)):
         cls = _CLASS_MAP[type(mod)]
         _swap(mod, cls)

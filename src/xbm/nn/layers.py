@@ -217,7 +217,8 @@ class TaskLayerNorm(nn.LayerNorm, TaskAware):
 
     def add_task_bn(self, task: str) -> None:
         copy = nn.LayerNorm(self.normalized_shape, eps=self.eps,
-                            elementwise_affine=self.elementwise_affine)
+                            elementwise_affine=self.elementwise_affine,
+                            bias=self.bias is not None)
         copy.load_state_dict(_bn_base_state(self))
         copy.to(self.weight.device if self.weight is not None else "cpu")
         self.xbm_tasks[task] = copy

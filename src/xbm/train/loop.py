@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import sys
@@ -255,8 +256,9 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         raise XbmError(f"{BASE_TASK!r} is the pretrained backbone as programmed and cannot be "
                        "trained; add a task with add_task and train that")
     mtm.task_parameters(task)  # an unknown task fails here, naming the model's tasks
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    epochs = int(epochs)
     if precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
