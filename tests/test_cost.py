@@ -379,6 +379,13 @@ def test_cli_text_sensitivity_and_dump(capsys) -> None:
     assert "xbm" in out and "| parameter |" in out and "per layer" in out
     rc, out, _ = _run(capsys, "--dump-preset", "mnsim")
     assert rc == 0 and "write_voltage_v: 3.0" in out
+    for name in ("default", "neurosim", "mnsim"):  # every value says where it comes from
+        rc, out, _ = _run(capsys, "--dump-preset", name)
+        values = [ln for ln in out.splitlines() if ln.startswith("  ") and ":" in ln
+                  and not ln.lstrip().startswith(("#", "device.", "periphery."))]
+        section = out.split("spec_overrides:")[0]
+        assert all("  # " in ln for ln in values if ln in section), name
+        assert "no source recorded" not in out, name
 
 
 def _one_line_error(capsys, *argv: str) -> str:
@@ -415,6 +422,18 @@ def test_cli_bad_inputs(capsys, tmp_path) -> None:
     assert "input_size" in _one_line_error(capsys, "--model", "small_cnn", "--input-size", "0")
     assert "METHOD=FRACTION" in _one_line_error(capsys, "--model", "small_cnn",
                                                 "--fraction", "xbm")
+    # a fraction of something the method cannot do would price it
+    err = _one_line_error(capsys, "--model", "small_cnn", "--off-fraction", "piggyback=0.5")
+    assert "piggyback switches off no crossbar column" in err and "--fraction piggyback" in err
+    assert "linear-probe switches off no" in _one_line_error(
+        capsys, "--model", "small_cnn", "--off-fraction", "linear-probe=0.9")
+    err = _one_line_error(capsys, "--model", "small_cnn", "--fraction", "xbm=0.5")
+    assert "xbm re-programs no cell" in err and "--off-fraction xbm" in err
+    # a signed weight needs 2 bits, a sign-magnitude ADC 2 bits
+    assert "weight_bits must be >= 2" in _one_line_error(
+        capsys, "--model", "small_cnn", "--weight-bits", "1", "--cell-bits", "1")
+    assert "adc_bits must be >= 2 with differential" in _one_line_error(
+        capsys, "--model", "small_cnn", "--adc-bits", "1")
 
 
 def test_cli_energy_spec_and_overrides(capsys) -> None:

@@ -594,3 +594,23 @@ def test_compiled_kernels_run_under_a_raised_recompile_limit(monkeypatch):
     assert f(torch.ones(1)).item() == 2
     assert seen == [max(sim.RECOMPILE_LIMIT, before)] and seen[0] > 8
     assert getattr(dynamo.config, key) == before
+
+
+def test_settings_that_cannot_be_simulated_are_config_errors():
+    import argparse
+
+    from xbm.errors import ConfigError
+    from xbm.hardware.simulate_cli import _adc_bits
+
+    for bad in (float("nan"), float("inf"), -0.1, "0.1"):
+        with pytest.raises(ConfigError, match="variation must be a finite number >= 0"):
+            SimConfig(variation=bad)
+    spec = get_spec()
+    args = argparse.Namespace(adc_mode="calibrate", adc_bits="8,1", adc_granularity="column",
+                              backend="torch", read_noise=0.0, seed=0, levels=None,
+                              sim_input_bits=None, sim_dac_bits=None, sim_cell_bits=None)
+    # the whole sweep is checked before the first evaluation: 1 bit cannot read a signed sum
+    with pytest.raises(ConfigError, match="adc_bits must be >= 2 with differential"):
+        _adc_bits(args, spec)
+    args.adc_bits = "8,4"
+    assert _adc_bits(args, spec) == [8, 4]

@@ -356,6 +356,9 @@ def task_facts(mtm: MultiTaskModel, task: str, reference: str = BASE,
     they hold for any pair of tasks and any method (a column mask never changes the cells).
     """
     a = assumptions or Assumptions()
+    if task == BASE:
+        raise XbmError(f"{BASE!r} is the backbone as programmed: it costs nothing to deploy; "
+                       "name a learned task (and pass base as reference= to switch from it)")
     method = mtm.methods.get(task)
     if method is None:
         raise XbmError(f"unknown task {task!r}; this model has: "

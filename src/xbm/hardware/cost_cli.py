@@ -90,8 +90,11 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
     if measured:
         rewrite |= measured[0]
         off |= measured[1]
-    rewrite |= _kv(args.fraction, "--fraction")
-    off |= _kv(args.off_fraction, "--off-fraction")
+    given_rewrite = _kv(args.fraction, "--fraction")
+    given_off = _kv(args.off_fraction, "--off-fraction")
+    _check_capable(given_rewrite, given_off)  # what a bundle measured is whatever it is
+    rewrite |= given_rewrite
+    off |= given_off
     for flag, into, method in (("piggyback_off_fraction", rewrite, "piggyback"),
                                ("finetune_changed_fraction", rewrite, "finetune"),
                                ("xbm_off_fraction", off, "xbm")):
@@ -104,6 +107,26 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
     return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
                        iterations=args.iterations, batch_size=args.batch_size,
                        backward_factor=args.backward_factor, churn=args.churn)
+
+
+def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
+    """A fraction a method cannot have would price what it cannot do: Piggyback's masked-off
+    weights are rewritten cells, not skipped ADC conversions, and XBM rewrites no cell."""
+    from xbm.methods import AdaptionMethod, get_method_class
+
+    for name in off:
+        cls = get_method_class(name)
+        if cls.column_scale is AdaptionMethod.column_scale:
+            hint = (f"; its re-programmed share is --fraction {name}=F"
+                    if cls.reprograms_cells else "")
+            raise ConfigError(f"--off-fraction {name}: {name} switches off no crossbar column "
+                              f"(only column masks do: xbm, xma, xma2){hint}")
+    for name in rewrite:
+        cls = get_method_class(name)
+        if not cls.reprograms_cells:
+            hint = (f"; its switched-off columns are --off-fraction {name}=F"
+                    if cls.column_scale is not AdaptionMethod.column_scale else "")
+            raise ConfigError(f"--fraction {name}: {name} re-programs no cell{hint}")
 
 
 def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespace | None = None):

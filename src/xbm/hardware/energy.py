@@ -87,7 +87,7 @@ class DeviceParams:
     """Mean write pulses (each followed by ``verify_reads_per_pulse`` verify reads) to move one
     cell to a new target conductance. Default 20: with identical pulses of one level each
     (NeuroSim's pulse-based update) between a uniformly random start and target out of L = 60
-    levels the mean distance is (L^2 - 1) / (3L) = 19.98 levels [inference, not a published
+    levels the mean distance is (L^2 - 1) / (3L) = 19.99 levels [inference, not a published
     figure]. The most uncertain constant of the model; ``xbm cost --sensitivity`` sweeps it."""
 
     verify_reads_per_pulse: float = 1.0
@@ -177,8 +177,9 @@ class PeripheryParams:
     DAC costs 2^(b-1) times this (the same power-of-two scaling IsaacDAC applies)."""
 
     shift_add_energy_j: float = 0.021e-12
-    """Energy of one shift-and-add of a digitised partial sum. ISAAC: 0.2 mW for 4 units,
-    0.021 pJ per operation (hwcomponents-library isaac.py, IsaacShiftAdd)."""
+    """Energy of one shift-and-add of a digitised partial sum. ISAAC: 0.2 mW over the ADCs'
+    8 x 1.2 GS/s of conversions, 0.021 pJ per operation (hwcomponents-library isaac.py,
+    IsaacShiftAdd)."""
 
     mask_bit_write_energy_j: float = 0.0889e-12
     """Energy to bring one mask bit from on-chip memory into the mask register: an eDRAM read,
@@ -379,9 +380,13 @@ class EnergyPreset:
                  f"name: {scalar(self.name)}", f"source: {scalar(self.source)}"]
         for part in ("device", "periphery"):
             lines.append(f"{part}:")
-            for k, v in dataclasses.asdict(getattr(self, part)).items():
-                note = self.notes.get(f"{part}.{k}")
-                lines.append(f"  {k}: {scalar(v)}" + (f"  # {note}" if note else ""))
+            obj = getattr(self, part)
+            defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+            for k, v in dataclasses.asdict(obj).items():
+                note = self.notes.get(f"{part}.{k}") or (
+                    "xbm's default in every preset (its source: docs/cost-model.md)"
+                    if v == defaults.get(k) else "no source recorded for this value")
+                lines.append(f"  {k}: {scalar(v)}  # {note}")
         lines.append("spec_overrides:" + ("" if self.spec_overrides else " {}"))
         for k, v in self.spec_overrides.items():
             lines.append(f"  {k}: {scalar(v)}")

@@ -167,8 +167,10 @@ class SimConfig:
         if self.levels is not None and self.levels < 2:
             raise ConfigError(f"SimConfig.levels must be >= 2 or None, got {self.levels}")
         for f in ("variation", "read_noise"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"SimConfig.{f} must be >= 0, got {getattr(self, f)}")
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise ConfigError(f"SimConfig.{f} must be a finite number >= 0, got {v!r}")
         if self.adc_headroom <= 0:
             raise ConfigError(f"SimConfig.adc_headroom must be > 0, got {self.adc_headroom}")
         if self.calibration_batches < 1:

@@ -51,7 +51,7 @@ def _ints(s: str, flag: str = "") -> list[int]:
         raise ConfigError(f"{flag} expected a comma list of integers, got {s!r}") from None
 
 
-def _adc_bits(args: argparse.Namespace) -> list[int | None]:
+def _adc_bits(args: argparse.Namespace, spec: Any = None) -> list[int | None]:
     """The ADC resolutions to sweep; ``[None]`` (one run, no ADC) under ``--adc-mode ideal``.
 
     An ideal ADC ignores its resolution, so sweeping one would repeat the same evaluation and
@@ -62,7 +62,12 @@ def _adc_bits(args: argparse.Namespace) -> list[int | None]:
             raise ConfigError("--adc-bits has no effect with --adc-mode ideal (no ADC); drop "
                               "--adc-bits, or pick --adc-mode calibrate or fixed")
         return [None]
-    return _ints(args.adc_bits or "4,6,8", "--adc-bits")
+    bits = _ints(args.adc_bits or "4,6,8", "--adc-bits")
+    for b in bits:  # every resolution checked (against the spec too) before the first run
+        cfg = _sim_config(args, b, 0.0)
+        if spec is not None:
+            cfg.spec_for(spec)
+    return bits
 
 
 def _adc_label(bits: int | None) -> int | str:
@@ -201,7 +206,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
-    adc_bits, variations = _adc_bits(args), _floats(args.variation, "--variation")
+    adc_bits, variations = _adc_bits(args, spec), _floats(args.variation, "--variation")
     rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
@@ -263,6 +268,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         args.train_subset, args.test_subset, seed=args.seed)
     backbone, bmeta = _backbone(args, device)
     spec = spec_from_args(args)
+    adc_list = _adc_bits(args, spec)  # checked now, not after the training
     mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"],
                          backbone_recipe=bmeta.get("config")).to(device)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
@@ -303,7 +309,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
                      "train_seconds": timings[task]})
     adc_rows = []
     clean_ideal = rows[0]["ideal_clean"]
-    for b in _adc_bits(args):
+    for b in adc_list:
         res = evaluate_faithful(mtm, "unaware", _sim_config(args, b, 0.0), test_loader, device,
                                 calib)
         adc_rows.append({"task": "unaware", "adc_bits": _adc_label(b), **res,

@@ -70,6 +70,17 @@ class CrossbarSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"CrossbarSpec.{f} must be a positive integer, got {v!r}")
+        if self.weight_bits < 2:
+            raise ConfigError(
+                f"CrossbarSpec.weight_bits must be >= 2, got {self.weight_bits}: a signed weight "
+                "needs a sign and at least one magnitude bit (1 bit quantises every weight to 0)"
+            )
+        if self.signed == "differential" and self.adc_bits < 2:
+            raise ConfigError(
+                f"CrossbarSpec.adc_bits must be >= 2 with differential cells, got "
+                f"{self.adc_bits}: the ADC reads a signed (sign-magnitude) partial sum, and one "
+                "bit leaves no magnitude code"
+            )
         if self.cell_bits > self.weight_bits:
             raise ConfigError(
                 f"CrossbarSpec.cell_bits ({self.cell_bits}) exceeds weight_bits "
