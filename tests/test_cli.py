@@ -847,6 +847,7 @@ def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, 
     assert not torch.equal(seen[2], seen[0])  # another seed, another subset
 
 
+@needs_data  # its last step adapts on MNIST
 def test_model_and_width_flags_must_match_a_given_backbone_or_bundle(tmp_path, capsys,
                                                                      monkeypatch):
     """--model/--width pick the default backbone; with --backbone or a bundle they used to be
