@@ -623,6 +623,32 @@ def test_eval_refuses_a_dataset_whose_classes_differ_from_the_tasks(tmp_path, ca
         assert "task 't' has 10 classes but dataset folder:" in err and "has 2" in err, err
 
 
+def test_simulate_chip_seed_varies_the_chip_on_one_test_set(tmp_path, capsys):
+    """``--seed`` draws the test subset (and, by default, the chip); ``--chip-seed`` the chip
+    alone, so the spread between chips is measured on the same images."""
+    imgs = _folder(tmp_path / "imgs", n=12)
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{imgs}")
+    base = ["simulate", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+            "--no-progress", "--adc-bits", "8", "--backend", "torch", "--variation", "0.3",
+            "--test-subset", "6", "--json"]
+    runs = {}
+    for extra in ([], ["--chip-seed", "0"], ["--chip-seed", "5"]):
+        assert main([*base, "--seed", "1", *extra]) == 0
+        runs[tuple(extra)] = json.loads(capsys.readouterr().out)
+    assert runs[()]["seed"] == 1 and runs[()]["chip_seed"] == 1  # the default: --seed
+    assert runs[("--chip-seed", "5")]["chip_seed"] == 5
+    import argparse
+
+    from xbm.hardware.simulate_cli import _sim_config
+
+    args = argparse.Namespace(adc_mode="calibrate", adc_granularity="tile", read_noise=0.0,
+                              levels=None, seed=1, chip_seed=5, backend="torch",
+                              sim_input_bits=None, sim_dac_bits=None, sim_cell_bits=None)
+    assert _sim_config(args, 8, 0.3).seed == 5  # the chip's draws follow --chip-seed
+    args.chip_seed = None
+    assert _sim_config(args, 8, 0.3).seed == 1
+
+
 def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
     path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{tmp_path / 'gone'}")
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu"]) == 2

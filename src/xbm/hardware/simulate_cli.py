@@ -128,13 +128,24 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--test-subset", type=int, default=1000,
                     help="test images (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
+    sp.add_argument("--chip-seed", type=int,
+                    help="seed of the chip alone: its programming variation, read noise and "
+                    "fault maps (default: --seed). Vary it with --seed fixed to see the spread "
+                    "between chips on one test set")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sp.add_argument("--json-out", help="also write the JSON results to this file")
     sp.add_argument("--plot", help="folder for accuracy-vs-ADC-bits / -fault-rate plots")
     add_spec_args(sp)
-    common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and the "
-           "chip's variation, noise and faults; the default backbone is the seed-0 one")
+    common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and, "
+           "unless --chip-seed, the chip's variation, noise and faults; the default backbone "
+           "is the seed-0 one")
     sp.set_defaults(func=cmd_simulate)
+
+
+def _chip_seed(args: argparse.Namespace) -> int:
+    """The chip's seed: ``--chip-seed``, else ``--seed``."""
+    cs = getattr(args, "chip_seed", None)
+    return args.seed if cs is None else cs
 
 
 def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float):
@@ -142,7 +153,7 @@ def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float
 
     return SimConfig(adc_bits=adc_bits, adc_mode=args.adc_mode,
                      adc_granularity=args.adc_granularity, variation=variation,
-                     read_noise=args.read_noise, levels=args.levels, seed=args.seed,
+                     read_noise=args.read_noise, levels=args.levels, seed=_chip_seed(args),
                      backend=args.backend, input_bits=args.sim_input_bits,
                      dac_bits=args.sim_dac_bits, cell_bits=args.sim_cell_bits)
 
@@ -178,7 +189,7 @@ def _fault_map(mtm, spec, rate: float, args: argparse.Namespace):
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError("--sa1-fraction must be within [0, 1]")
     return FaultMap.generate(mtm, spec, sa0_rate=rate * (1 - args.sa1_fraction),
-                             sa1_rate=rate * args.sa1_fraction, seed=args.seed)
+                             sa1_rate=rate * args.sa1_fraction, seed=_chip_seed(args))
 
 
 def _print(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -248,7 +259,8 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
                               f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
     return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
-            "simulated_spec": sim_spec.to_dict(), "rows": rows}
+            "simulated_spec": sim_spec.to_dict(), "rows": rows, "seed": args.seed,
+            "chip_seed": _chip_seed(args)}
 
 
 # -- fault-aware -----------------------------------------------------------------------------
@@ -328,7 +340,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             "backbone": bmeta.get("content_hash"), "rows": rows, "adc_sweep": adc_rows,
             "backbone_bit_identical": identical, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "epochs": args.epochs, "precision": precision,
-            "seed": args.seed}
+            "seed": args.seed, "chip_seed": _chip_seed(args)}
 
 
 # -- plots -----------------------------------------------------------------------------------
