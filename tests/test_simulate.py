@@ -614,3 +614,25 @@ def test_settings_that_cannot_be_simulated_are_config_errors():
         _adc_bits(args, spec)
     args.adc_bits = "8,4"
     assert _adc_bits(args, spec) == [8, 4]
+
+
+def test_input_headroom_widens_the_input_range_only():
+    """Test inputs above the calibrated maximum are clipped; ``input_headroom`` leaves room."""
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                         get_spec(rows=16, cols=16))
+    mtm.add_task("t", 3, "xbm")
+    mtm.eval()
+    calib = torch.rand(8, 1, 28, 28)  # inputs in [0, 1)
+    big = 3 * torch.rand(8, 1, 28, 28)  # test inputs up to 3x the calibrated maximum
+    with torch.no_grad():
+        ref = mtm(big)
+        errs = []
+        for h in (1.0, 3.0):
+            cfg = SimConfig(adc_mode="ideal", input_bits=16, weight_bits=16, input_headroom=h,
+                            **EAGER)
+            with faithful(mtm, cfg, calibration=[calib]):
+                errs.append(float((mtm(big) - ref).abs().max() / ref.abs().max()))
+    assert errs[0] > 0.05 and errs[1] < errs[0] / 10, errs  # clipping gone: the step is left
+    with pytest.raises(XbmError, match="input_headroom must be a finite number > 0"):
+        SimConfig(input_headroom=0)

@@ -90,6 +90,12 @@ class SimConfig:
     adc_headroom: float = 1.0
     """Factor on the calibrated range (< 1 clips rare large sums for finer steps)."""
 
+    input_headroom: float = 1.0
+    """Factor on each layer's calibrated input range. Inputs above the largest seen on the
+    calibration batches are clipped: on a test set they cost more than the input step does
+    (an audit measured 1.7e-2 × max|y| of output error from clipping against 3e-4 from the
+    step, 16-bit inputs, ideal ADC), so > 1 trades a coarser step for room."""
+
     calibration_batches: int = 2
     """Batches that :meth:`Simulation.calibrate` uses (input scales and ADC ranges)."""
 
@@ -171,8 +177,11 @@ class SimConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v < 0:
                 raise ConfigError(f"SimConfig.{f} must be a finite number >= 0, got {v!r}")
-        if self.adc_headroom <= 0:
-            raise ConfigError(f"SimConfig.adc_headroom must be > 0, got {self.adc_headroom}")
+        for f in ("adc_headroom", "input_headroom"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v <= 0:
+                raise ConfigError(f"SimConfig.{f} must be a finite number > 0, got {v!r}")
         if self.calibration_batches < 1:
             raise ConfigError("SimConfig.calibration_batches must be >= 1")
         if self.chunk_elements < 1:
@@ -846,7 +855,8 @@ class Simulation:
                 cal = ls.calib[self.current_task(layer)]
                 signed = cal.in_min < 0
                 levels = 2 ** (bits[id(ls)] - 1) - 1 if signed else 2 ** bits[id(ls)] - 1
-                cal.s_in = cal.in_absmax / levels if cal.in_absmax > 0 else 1.0
+                top = cal.in_absmax * self.config.input_headroom
+                cal.s_in = top / levels if top > 0 else 1.0
                 cal.zp = float(2 ** (bits[id(ls)] - 1)) if signed else 0.0
                 cal.in_ready = True
             if self.config.adc_mode == "calibrate":

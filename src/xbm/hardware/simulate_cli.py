@@ -109,6 +109,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "the full theoretical range; ideal: no ADC quantisation")
     sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"],
                     help="what shares one calibrated ADC range (default tile: one crossbar)")
+    sp.add_argument("--input-headroom", type=float, default=1.0,
+                    help="factor on each layer's calibrated input range (default 1: test "
+                    "inputs above the calibration batches' largest are clipped)")
     sp.add_argument("--backend", default="auto", choices=list(BACKENDS),
                     help="simulation kernels (SimConfig.backend)")
     sp.add_argument("--sim-input-bits", type=int, help="override the spec's input bits")
@@ -154,6 +157,7 @@ def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float
     return SimConfig(adc_bits=adc_bits, adc_mode=args.adc_mode,
                      adc_granularity=args.adc_granularity, variation=variation,
                      read_noise=args.read_noise, levels=args.levels, seed=_chip_seed(args),
+                     input_headroom=getattr(args, "input_headroom", 1.0),
                      backend=args.backend, input_bits=args.sim_input_bits,
                      dac_bits=args.sim_dac_bits, cell_bits=args.sim_cell_bits)
 
