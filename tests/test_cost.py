@@ -9,6 +9,7 @@ row tiles = ceil(36/16) = 3; column tiles = ceil(5*8/16) = 3; 180 weights, 1440 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -297,6 +298,21 @@ def test_default_xbm_zero_in_every_setting() -> None:
         c = C.cost_model(ctx, ["xbm"], assumptions=a).costs[0]
         assert c.reprogrammed_cells == 0 and c.switch_cells == 0
         assert sum(f.onchip_cells for f in c.facts) == 0
+
+
+def test_onchip_training_converts_every_column_unless_told_otherwise() -> None:
+    """XBM's score gradient for a switched-off column needs that column's partial sum, so
+    on-chip training cannot skip its conversion; only inference does."""
+    ctx = C.model_context("small_cnn", CrossbarSpec(rows=16, cols=16))
+    a = C.Assumptions(column_off_fraction={"xbm": 0.5})
+    pb, xbm = C.cost_model(ctx, ["piggyback", "xbm"], assumptions=a).costs
+    assert xbm.inference["adc_conversions"].events < pb.inference["adc_conversions"].events
+    assert xbm.onchip["compute_adc_conversions"].value == pb.onchip[
+        "compute_adc_conversions"].value
+    old = C.cost_model(ctx, ["xbm"], assumptions=dataclasses.replace(
+        a, training_skips_off_columns=True)).costs[0]
+    assert old.onchip["compute_adc_conversions"].value < xbm.onchip[
+        "compute_adc_conversions"].value
 
 
 # -- presets --------------------------------------------------------------------------------

@@ -186,12 +186,21 @@ class Assumptions:
     churn: float = 1.0
     """Mask flips per finally-masked weight during on-chip training (methods with onchip =
     ``flips``). 1 = each crosses the threshold once: a lower bound."""
+    training_skips_off_columns: bool = False
+    """Whether on-chip training skips the ADC conversions of switched-off columns, as inference
+    does. Off (the default since session 17): the straight-through score gradient of a
+    switched-off column is the sum of output gradient x that column's partial sum, so training
+    converts every column, and a column mask saves conversions at inference only. On: the
+    accounting before session 17, which credited on-chip XBM with the skipped conversions."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.training_skips_off_columns, bool):
+            raise ConfigError("training_skips_off_columns must be true or false, got "
+                              f"{self.training_skips_off_columns!r}")
         for name in ("backward_factor", "churn"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -682,11 +691,18 @@ def method_cost(method: str, facts: list[LayerFacts], mapping: MappingReport,
     events: list[LayerEvents] = []
     rows_out: list[dict[str, Any]] = []
     tot = {k: 0.0 for k in ("reads", "dac", "adc", "sa", "lat", "deploy_cells", "deploy_rows",
-                            "switch_cells", "switch_rows", "onchip_cells", "onchip_rows", "bits")}
+                            "switch_cells", "switch_rows", "onchip_cells", "onchip_rows", "bits",
+                            "train_adc", "train_sa", "train_lat")}
     for f in facts:
         lm = by_name[f.name]
         ev = layer_events(lm, spec, preset, positions[f.name], f.masked_off_columns)
         events.append(ev)
+        # on-chip training converts every column unless told otherwise (Assumptions)
+        ev_train = ev if a.training_skips_off_columns or not f.masked_off_columns else \
+            layer_events(lm, spec, preset, positions[f.name], 0)
+        tot["train_adc"] += ev_train.adc_conversions
+        tot["train_sa"] += ev_train.shift_adds
+        tot["train_lat"] += ev_train.latency_s
         tot["reads"] += ev.cell_reads
         tot["dac"] += ev.dac_drives
         tot["adc"] += ev.adc_conversions
@@ -737,14 +753,22 @@ def method_cost(method: str, facts: list[LayerFacts], mapping: MappingReport,
         "shift_adds": Term(tot["sa"], e_sa, "periphery.shift_add_energy_j"),
     }
     images = a.iterations * a.batch_size * (1 + a.backward_factor)
-    onchip = {f"compute_{k}": t.scaled(images) for k, t in inference.items()}
+    training = inference | {
+        "adc_conversions": Term(tot["train_adc"], e_adc,
+                                f"periphery.adc_energy_j({spec.adc_bits} bits); every column "
+                                "while training" if not a.training_skips_off_columns else
+                                f"periphery.adc_energy_j({spec.adc_bits} bits)"),
+        "shift_adds": Term(tot["train_sa"], e_sa, "periphery.shift_add_energy_j"),
+    }
+    onchip = {f"compute_{k}": t.scaled(images) for k, t in training.items()}
     onchip |= {f"rewrite_{k}": t for k, t in
                writes(tot["onchip_cells"], bits * a.iterations).items()}
     latency = {
         "deploy": write_time(tot["deploy_rows"], bits),
         "switch": write_time(tot["switch_rows"], bits),
         "inference": {"layer_cycles": Term(1, tot["lat"], "sum over layers of P x I x cycle")},
-        "onchip": {"compute": Term(images, tot["lat"], "inference latency per image pass")}
+        "onchip": {"compute": Term(images, tot["train_lat"],
+                                   "latency per training image pass")}
         | {f"rewrite_{k}": t for k, t in
            write_time(tot["onchip_rows"], bits * a.iterations).items()},
     }

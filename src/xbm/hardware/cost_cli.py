@@ -106,7 +106,8 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
             into[method] = v
     return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
                        iterations=args.iterations, batch_size=args.batch_size,
-                       backward_factor=args.backward_factor, churn=args.churn)
+                       backward_factor=args.backward_factor, churn=args.churn,
+                       training_skips_off_columns=args.training_skips_off_columns)
 
 
 def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
@@ -343,6 +344,11 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     wl.add_argument("--churn", type=float, default=a.churn,
                     help="mask flips per finally-masked weight during on-chip training "
                          "(default 1, a lower bound)")
+    wl.add_argument("--training-skips-off-columns", action="store_true",
+                    help="let on-chip training skip the conversions of switched-off columns "
+                         "as inference does (the accounting before session 17; by default "
+                         "training converts every column: a column's score gradient needs its "
+                         "partial sum)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the full report as JSON")
     out.add_argument("--per-layer", action="store_true", help="add per-layer tables")
