@@ -1144,10 +1144,11 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
                 grid: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
     """XBM's saving over Piggyback (or any pair) as each uncertain constant moves alone.
 
-    Each row holds the baseline's and the method's deploy, switch and on-chip energies and the
-    savings. ``write_energy_scale`` scales the write pulse width (so the pulse energy),
-    ``adc_energy_scale`` the ADC energy per conversion and ``column_off_fraction`` the share of
-    crossbar columns ``method`` switches off (their ADC conversions are skipped).
+    Each row holds the baseline's and the method's deploy, switch, on-chip and per-image
+    inference energies and the savings. ``write_energy_scale`` scales the write pulse width
+    (so the pulse energy), ``adc_energy_scale`` the ADC energy per conversion and
+    ``column_off_fraction`` the share of crossbar columns ``method`` switches off (their ADC
+    conversions are skipped at inference; on-chip training converts them).
     """
     grid = grid or SENSITIVITY_GRID
     bits = {m: meta_mask_bits(m, ctx, assumptions.applied_rewrite(m)) for m in (method, baseline)}
@@ -1159,7 +1160,7 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
                                  ctx.positions, p, a) for m in (method, baseline)}
             x, b = cs[method], cs[baseline]
             row: dict[str, Any] = {"parameter": key, "value": v}
-            for s in ("deploy", "switch", "onchip"):
+            for s in ("deploy", "switch", "onchip", "inference"):
                 row[f"{baseline}_{s}_j"] = b.energy(s)
                 row[f"{method}_{s}_j"] = x.energy(s)
                 row[f"{s}_saving"] = 1 - x.energy(s) / b.energy(s) if b.energy(s) else None
@@ -1178,8 +1179,8 @@ def format_sensitivity(rows: list[dict[str, Any]], method: str = "xbm",
 
     head = (f"| parameter | value | {baseline} deploy J | {method} deploy J | deploy saving | "
             f"{baseline} on-chip J | on-chip saving | re-programming share of {baseline} "
-            f"on-chip | {baseline}/{method} switch |")
-    lines = [head, "|" + "---|" * 9]
+            f"on-chip | {baseline}/{method} switch | inference saving |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         ratio = r[f"{baseline}_switch_j"] / r[f"{method}_switch_j"] if r[f"{method}_switch_j"] \
             else float("inf")
@@ -1187,7 +1188,8 @@ def format_sensitivity(rows: list[dict[str, Any]], method: str = "xbm",
             f"| {r['parameter']} | {r['value']:g} | {r[f'{baseline}_deploy_j']:.3e} | "
             f"{r[f'{method}_deploy_j']:.3e} | {pct(r['deploy_saving'])} | "
             f"{r[f'{baseline}_onchip_j']:.3e} | {pct(r['onchip_saving'])} | "
-            f"{pct(r['reprogram_share_of_baseline_onchip'])} | {ratio:,.0f}x |")
+            f"{pct(r['reprogram_share_of_baseline_onchip'])} | {ratio:,.0f}x | "
+            f"{pct(r['inference_saving'])} |")
     return "\n".join(lines)
 
 
