@@ -636,7 +636,9 @@ def test_simulate_chip_seed_varies_the_chip_on_one_test_set(tmp_path, capsys):
         assert main([*base, "--seed", "1", *extra]) == 0
         runs[tuple(extra)] = json.loads(capsys.readouterr().out)
     assert runs[()]["seed"] == 1 and runs[()]["chip_seed"] == 1  # the default: --seed
+    assert runs[("--chip-seed", "0")]["chip_seed"] == 0
     assert runs[("--chip-seed", "5")]["chip_seed"] == 5
+    assert runs[()]["input_headroom"] == 1.0 and runs[()]["adc_mode"] == "calibrate"
     import argparse
 
     from xbm.hardware.simulate_cli import _sim_config

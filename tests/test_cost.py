@@ -309,10 +309,29 @@ def test_onchip_training_converts_every_column_unless_told_otherwise() -> None:
     assert xbm.inference["adc_conversions"].events < pb.inference["adc_conversions"].events
     assert xbm.onchip["compute_adc_conversions"].value == pb.onchip[
         "compute_adc_conversions"].value
+    assert xbm.onchip["compute_shift_adds"].value == pb.onchip["compute_shift_adds"].value
+    assert xbm.latency["onchip"]["compute"].value == pb.latency["onchip"]["compute"].value
+    assert xbm.latency["inference"]["layer_cycles"].value <= pb.latency["inference"][
+        "layer_cycles"].value
     old = C.cost_model(ctx, ["xbm"], assumptions=dataclasses.replace(
         a, training_skips_off_columns=True)).costs[0]
     assert old.onchip["compute_adc_conversions"].value < xbm.onchip[
         "compute_adc_conversions"].value
+    assert old.energy("inference") == xbm.energy("inference")
+
+
+def test_cli_training_skips_off_columns_flag(capsys) -> None:
+    runs = {}
+    for extra in ([], ["--training-skips-off-columns"]):
+        rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm",
+                          "--off-fraction", "xbm=0.5", "--json", *extra)
+        assert rc == 0
+        runs[bool(extra)] = json.loads(out)
+    for skips, d in runs.items():
+        assert d["assumptions"]["training_skips_off_columns"] is skips
+    now, before = (runs[False]["methods"]["xbm"], runs[True]["methods"]["xbm"])
+    assert before["onchip_adaption_energy_j"] < now["onchip_adaption_energy_j"]
+    assert before["inference_energy_j"] == now["inference_energy_j"]
 
 
 # -- presets --------------------------------------------------------------------------------

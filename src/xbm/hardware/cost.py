@@ -236,7 +236,8 @@ class Assumptions:
         return {"rewrite_fraction": dict(self.rewrite_fraction),
                 "column_off_fraction": dict(self.column_off_fraction),
                 "iterations": self.iterations, "batch_size": self.batch_size,
-                "backward_factor": self.backward_factor, "churn": self.churn}
+                "backward_factor": self.backward_factor, "churn": self.churn,
+                "training_skips_off_columns": self.training_skips_off_columns}
 
 
 # -- facts --------------------------------------------------------------------------------------
@@ -908,7 +909,9 @@ class CostReport:
         lines.append(
             f"adapt = deploy a task trained off-chip (re-program + mask write); switch = from "
             f"{src}; on-chip = {a.iterations} iterations x batch {a.batch_size} "
-            f"(forward + {a.backward_factor:g} backward pass) + re-programming")
+            f"(forward + {a.backward_factor:g} backward pass; "
+            + ("switched-off columns skipped, as at inference" if a.training_skips_off_columns
+               else "every column converted") + ") + re-programming")
         for c in self.costs:
             bd = {k: t.value for k, t in c.deploy.items()}
             lines.append(

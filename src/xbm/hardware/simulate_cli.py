@@ -145,6 +145,14 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.set_defaults(func=cmd_simulate)
 
 
+def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The simulation settings a results file records (besides the specs and the rows); with
+    ``--fault-map`` the faults are the file's, and ``chip_seed`` seeds variation and noise."""
+    return {"seed": args.seed, "chip_seed": _chip_seed(args), "adc_mode": args.adc_mode,
+            "adc_granularity": args.adc_granularity, "read_noise": args.read_noise,
+            "input_headroom": args.input_headroom, "fault_map": getattr(args, "fault_map", None)}
+
+
 def _chip_seed(args: argparse.Namespace) -> int:
     """The chip's seed: ``--chip-seed``, else ``--seed``."""
     cs = getattr(args, "chip_seed", None)
@@ -263,8 +271,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
                               f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
     return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
-            "simulated_spec": sim_spec.to_dict(), "rows": rows, "seed": args.seed,
-            "chip_seed": _chip_seed(args)}
+            "simulated_spec": sim_spec.to_dict(), "rows": rows, **_run_settings(args)}
 
 
 # -- fault-aware -----------------------------------------------------------------------------
@@ -344,7 +351,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             "backbone": bmeta.get("content_hash"), "rows": rows, "adc_sweep": adc_rows,
             "backbone_bit_identical": identical, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "epochs": args.epochs, "precision": precision,
-            "seed": args.seed, "chip_seed": _chip_seed(args)}
+            **_run_settings(args)}
 
 
 # -- plots -----------------------------------------------------------------------------------
