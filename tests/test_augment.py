@@ -183,3 +183,14 @@ def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(cap, expect_native, mo
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert pt.native_bf16_cpu() is expect_native
     assert pt.default_precision("cpu") == ("bf16" if expect_native else "fp32")
+
+
+def test_a_data_root_names_its_own_cached_backbone(tmp_path):
+    """A backbone pretrained on ``--data-root`` copies replaced the default cache entry (and
+    was loaded as the default later); a root now adds a hash of its absolute path."""
+    cfg = PretrainConfig(precision="fp32")
+    default = cfg.cache_name()
+    mine = cfg.cache_name(tmp_path / "fm_a")
+    assert mine != default and "-root" in mine and mine.endswith(".safetensors")
+    assert cfg.cache_name(tmp_path / "fm_a") == mine != cfg.cache_name(tmp_path / "fm_b")
+    assert cfg.cache_name(None) == default

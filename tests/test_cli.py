@@ -962,3 +962,28 @@ def test_version_and_help_name_the_tool(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_eval_refuses_a_folder_whose_classes_were_renamed(tmp_path, capsys):
+    """Labels follow the sorted class-folder names: a renamed class shifted every label and
+    eval printed 0% with exit 0. Bundles now record the class names and eval checks them."""
+    imgs = _folder(tmp_path / "imgs", classes=("cat", "dog", "eel"), n=6)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--device", "cpu", "--no-progress", "--backbone", str(bb)]
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--model",
+                 "small_cnn", "--rows", "16", "--cols", "16", "--batch-size", "4", "--out",
+                 str(bundle), *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), *common]) == 0
+    capsys.readouterr()
+    (imgs / "eel").rename(imgs / "ant")
+    assert main(["eval", "--bundle", str(bundle), *common]) == 2
+    err = _one_line_error(capsys)
+    assert "trained on the classes ['cat', 'dog', 'eel']" in err and "'ant'" in err, err
+    (imgs / "ant").rename(imgs / "eel")
+    _folder(imgs, classes=("fox",), n=6)  # a class added: the count differs
+    assert main(["eval", "--bundle", str(bundle), *common]) == 2
+    err = _one_line_error(capsys)
+    assert "restore that folder's class sub-folders" in err, err

@@ -468,3 +468,74 @@ def test_taskdata_validates():
         xd.TaskData("bad", x.float(), torch.zeros(2, dtype=torch.long), x, torch.zeros(2).long())
     with pytest.raises(XbmError, match="int64"):
         xd.TaskData("bad", x, torch.zeros(3, dtype=torch.long), x, torch.zeros(2).long())
+
+
+def _save_class(root, cls, arrays, ext=".png", mode=None):
+    from PIL import Image
+
+    (root / cls).mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a, mode).save(root / cls / f"{i}{ext}") if mode else \
+            Image.fromarray(a).save(root / cls / f"{i}{ext}")
+
+
+def test_folder_images_keep_their_content(tmp_path):
+    """16-bit PNGs were clipped at 255 (almost white), transparency was dropped, formats other
+    than png/jpg were skipped and a huge image crashed with a traceback."""
+    from PIL import Image
+
+    from xbm.data.folder import load_image_folder
+
+    g16 = (np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 83)  # 0 .. 65,000
+    _save_class(tmp_path, "a", [g16] * 5)
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[8:20, 8:20] = (0, 0, 0, 255)  # an opaque black square on transparent black
+    _save_class(tmp_path, "b", [rgba] * 5)
+    _save_class(tmp_path, "c", [np.full((28, 28), 77, np.uint8)] * 5, ext=".bmp")
+    d = load_image_folder(tmp_path, test_fraction=0.2)
+    assert d.classes == ["a", "b", "c"]
+    x = torch.cat([d.train_x, d.test_x])
+    y = torch.cat([d.train_y, d.test_y])
+    a, b, c = (x[y == k][0, 0] for k in range(3))
+    assert a.min() == 0 and a.max() >= 250 and len(a.unique()) > 200  # scaled, not clipped
+    assert b[0, 0] == 255 and b[14, 14] == 0  # the square on white
+    assert (c == 77).all()
+    big = tmp_path / "c" / "huge.png"
+    Image.new("L", (1, 1)).save(big)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 0.25  # every image counts as a decompression bomb
+    try:
+        with pytest.raises(XbmError, match="image too large to load safely"):
+            load_image_folder(tmp_path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def test_folder_split_is_stable_when_images_are_added(tmp_path):
+    """A shuffled split dealt every image anew when one file was added, so a task's test set
+    came to hold its training images; the split now hashes each file's name."""
+    from xbm.data.folder import load_image_folder
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        _save_class(tmp_path, cls, [rng.integers(0, 255, (28, 28), dtype=np.uint8)
+                                    for _ in range(40)])
+
+    def test_set(d):
+        return {bytes(im.numpy()) for im in d.test_x}
+
+    def train_set(d):
+        return {bytes(im.numpy()) for im in d.train_x}
+
+    before = load_image_folder(tmp_path)
+    assert test_set(before) == test_set(load_image_folder(tmp_path))  # deterministic
+    for cls in ("cat", "dog"):
+        for i in range(40, 45):
+            from PIL import Image
+
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png")
+    after = load_image_folder(tmp_path)
+    leaked = test_set(after) & train_set(before)
+    assert len(leaked) <= 2, len(leaked)  # at most the images at each class's quota boundary
+    assert len(after.test_y) == 18 and len(before.test_y) == 16

@@ -109,7 +109,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          train_subset=args.train_subset, augment=args.augment,
                          mixup=args.mixup, precision=args.precision).for_device(device)
-    out = Path(args.out) if args.out else cache_dir() / "backbones" / cfg.cache_name()
+    out = Path(args.out) if args.out else \
+        cache_dir() / "backbones" / cfg.cache_name(getattr(args, "data_root", None))
     old_hash = None
     if not args.out and out.exists():
         try:  # the recipe is cached already: training again would give the same backbone
@@ -174,6 +175,12 @@ def _check_counts(args: argparse.Namespace, flags: tuple[str, ...]) -> None:
             raise XbmError(f"--{f.replace('_', '-')} must be >= 1, got {v}")
 
 
+def _short(names: list[str], n: int = 6) -> str:
+    """A class list for a one-line message."""
+    return "[" + ", ".join(map(repr, names[:n])) + (f", ... ({len(names)})" if len(names) > n
+                                                     else "") + "]"
+
+
 def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                test_subset: int | None, seed: int):
     """The data to evaluate a bundle's task on: ``--dataset`` or the one the task recorded.
@@ -199,9 +206,22 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
             raise  # a built-in dataset's error already says how to install it
         raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "
                                    "pass --dataset folder:PATH where they are now") from None
+    recorded = (task.extra or {}).get("classes")
+    now = list(getattr(data, "classes", None) or [])
+    if recorded and now and list(recorded) != now and len(recorded) == len(now):
+        # labels follow the sorted class names: a renamed class shifts them all silently
+        raise XbmError(f"task {task.name!r} was trained on the classes {_short(recorded)}, but "
+                       f"{ds} now has {_short(now)}; its labels would not match. Restore the "
+                       "class names (label ids follow their sorted order)")
     if data.num_classes != task.num_classes:
-        fix = ("evaluate it on its own data (leave out --dataset) or pick the task it belongs "
-               "to with --task NAME" if args.dataset else "pass the --dataset it was trained on")
+        if args.dataset:
+            fix = ("evaluate it on its own data (leave out --dataset) or pick the task it "
+                   "belongs to with --task NAME")
+        elif recorded:
+            fix = (f"the task was trained on {_short(recorded)}: restore that folder's class "
+                   "sub-folders")
+        else:
+            fix = "pass the --dataset it was trained on"
         raise XbmError(f"task {task.name!r} has {task.num_classes} classes but dataset {ds} has "
                        f"{data.num_classes}; {fix}")
     return ds, data.subset(train_subset, test_subset, seed=seed)
@@ -362,6 +382,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # an image folder is recorded by its absolute path, so eval finds it from anywhere
     mtm.add_task(task, data.num_classes, args.method, method_cfg,
                  dataset=dataset_reference(args.dataset))
+    if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
+        mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)

@@ -493,6 +493,7 @@ class MultiTaskModel(nn.Module):
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
                 added.append(ti.name)
+                self.tasks[ti.name].extra = dict(ti.extra or {})  # kept when saved again
                 unpack = self.methods[ti.name].unpack_state
 
                 def _unpack(lname, layer, st, local, task=ti.name, unpack=unpack):

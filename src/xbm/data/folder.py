@@ -2,27 +2,30 @@
 
 Layouts accepted::
 
-    PATH/<class>/*.png|jpg|jpeg              -> seeded stratified split by ``test_fraction``
+    PATH/<class>/*.png|jpg|jpeg|bmp|gif|webp|tif  -> a stable split by ``test_fraction``
     PATH/train/<class>/..., PATH/test/<class>/...  -> the given split
 
 Class names are the sorted sub-folder names (hidden folders ignored), so label ids do not depend on
 file-system listing order. Images are converted with PIL to ``L`` (1 channel) or ``RGB`` (3) and
-resized to a square ``image_size`` (bilinear, aspect ratio not kept), so any mix of sizes loads.
+resized to a square ``image_size`` (bilinear, aspect ratio not kept), so any mix of sizes loads;
+a camera's EXIF orientation is applied, 16-bit images are scaled (not clipped) to 8 bits and
+transparent pixels are composited onto white.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from xbm.data.splits import stratified_pick
+from xbm.data.splits import class_quotas
 from xbm.data.task import TaskData
 from xbm.errors import ConfigError, DatasetNotFoundError, XbmError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _LAYOUT_HINT = "expected PATH/<class>/*.png (or PATH/train/<class>/ and PATH/test/<class>/)"
 
@@ -47,15 +50,42 @@ def _images_in(folder: Path) -> list[Path]:
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _to_8bit(img):
+    """PIL's ``convert("L")`` clips 16/32-bit integer images at 255 (a 16-bit PNG turns almost
+    white); scale them to 8 bits instead (16-bit: / 257, the 0..65535 -> 0..255 map)."""
+    from PIL import Image
+
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    top = 255.0 if arr.max(initial=0) <= 255 else 65535.0 if arr.max() <= 65535 else arr.max()
+    return Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten_alpha(img):
+    """Transparent pixels onto a white background, as image viewers show them: converting
+    RGBA to L or RGB would drop the alpha and keep whatever colour transparent pixels hold."""
+    from PIL import Image
+
+    if "A" not in img.getbands() and not (img.mode == "P" and "transparency" in img.info):
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+
+
 def _read_image(path: Path, mode: str, image_size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
+            img = _flatten_alpha(_to_8bit(img)).convert(mode)
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise XbmError(f"{path}: image too large to load safely ({exc}); shrink it or remove "
+                       "it from the folder") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise XbmError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc}); "
                        "delete or replace the file") from None
@@ -63,9 +93,10 @@ def _read_image(path: Path, mode: str, image_size: int) -> np.ndarray:
 
 
 def _load_split(root: Path, classes: list[str], mode: str,
-                image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     xs: list[np.ndarray] = []
     ys: list[int] = []
+    names: list[str] = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
@@ -78,10 +109,30 @@ def _load_split(root: Path, classes: list[str], mode: str,
         for f in files:
             xs.append(_read_image(f, mode, image_size))
             ys.append(label)
+            names.append(f.name)
     channels = 1 if mode == "L" else 3
     x = torch.from_numpy(np.stack(xs)) if xs else torch.empty(
         0, channels, image_size, image_size, dtype=torch.uint8)
-    return x, torch.tensor(ys, dtype=torch.int64)
+    return x, torch.tensor(ys, dtype=torch.int64), names
+
+
+def stable_test_pick(labels: torch.Tensor, names: list[str], classes: list[str], n_test: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test, train) indices: each class's quota of test images are the files whose hash of
+    (seed, class, file name) is smallest. A file's side therefore depends on its own name, not
+    on the other files: adding or removing images moves at most the few at a class's quota
+    boundary, where a shuffled split would deal every image anew and put training images
+    into the test set of a task trained before."""
+    quotas = class_quotas(labels, n_test, keep_one=True)
+    picked: list[int] = []
+    for c in sorted(quotas):
+        idx = torch.nonzero(labels == c, as_tuple=True)[0].tolist()
+        idx.sort(key=lambda i: hashlib.sha256(
+            f"{seed}/{classes[c]}/{names[i]}".encode()).digest())
+        picked += idx[: quotas[c]]
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    mask[picked] = True
+    return torch.nonzero(mask, as_tuple=True)[0], torch.nonzero(~mask, as_tuple=True)[0]
 
 
 def load_image_folder(path: str | os.PathLike, image_size: int = 28, channels: int = 1,
@@ -141,8 +192,8 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
             raise XbmError(f"{root / 'test'}: classes {extra} are not in {root / 'train'}; "
                            "add them to train/ or remove them from test/")
         _need_two(root / "train", classes)
-        train_x, train_y = _load_split(root / "train", classes, mode, image_size)
-        test_x, test_y = _load_split(root / "test", classes, mode, image_size)
+        train_x, train_y, _ = _load_split(root / "train", classes, mode, image_size)
+        test_x, test_y, _ = _load_split(root / "test", classes, mode, image_size)
         if test_y.numel() == 0:
             raise XbmError(f"{root / 'test'}: no test images; add images to test/<class>/ or "
                            "remove test/ to split the training images")
@@ -151,9 +202,9 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
     if not classes:
         raise DatasetNotFoundError(f"{root}: no class sub-folders; {_LAYOUT_HINT}")
     _need_two(root, classes)
-    x, y = _load_split(root, classes, mode, image_size)
+    x, y, names = _load_split(root, classes, mode, image_size)
     n_test = round(y.numel() * test_fraction)
-    test_idx, train_idx = stratified_pick(y, n_test, seed, keep_one=True)
+    test_idx, train_idx = stable_test_pick(y, names, classes, n_test, seed)
     if test_idx.numel() == 0:
         raise XbmError(f"{root}: {y.numel()} images leave no test images at test_fraction "
                        f"{test_fraction}; add images, or a train/ and test/ split")

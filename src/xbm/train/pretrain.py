@@ -179,10 +179,12 @@ class PretrainConfig:
             return self
         return replace(self, precision=resolve_precision(self.precision, device))
 
-    def cache_name(self) -> str:
+    def cache_name(self, root: str | os.PathLike | None = None) -> str:
         """The cache file name: every field that changes the weights. Needs a resolved
         precision (:meth:`for_device`), since ``auto`` names different backbones on different
-        machines."""
+        machines. ``root``, a ``--data-root`` the data came from, adds a hash of its absolute
+        path: a backbone trained on a user's own copy must neither replace the default one nor
+        be taken for it."""
         if self.precision == "auto":
             raise ValueError("PretrainConfig.cache_name() needs a resolved precision; call "
                              "for_device(device) first")
@@ -190,6 +192,9 @@ class PretrainConfig:
         aug = "" if self.augment == "none" else f"-{self.augment}"
         aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
+        if root is not None and str(root):
+            where = os.path.abspath(os.path.expanduser(os.fspath(root)))
+            aug += "-root" + hashlib.sha256(where.encode()).hexdigest()[:8]
         return (f"{self.model}-w{self.width}-{_file_safe(self.dataset)}-e{self.epochs}"
                 f"-b{self.batch_size}"
                 f"-lr{self.lr:g}-s{self.seed}{sub}-{self.image_size}px{aug}.safetensors")
@@ -403,7 +408,7 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
                  ) -> tuple[nn.Module, dict[str, Any], Path]:
     """Load the cached backbone for ``cfg`` or pretrain and cache it."""
     cfg = cfg.for_device(device)
-    p = Path(path) if path else cache_dir() / "backbones" / cfg.cache_name()
+    p = Path(path) if path else cache_dir() / "backbones" / cfg.cache_name(root)
     if p.exists():
         try:
             model, meta = load_backbone(p)
