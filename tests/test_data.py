@@ -322,11 +322,34 @@ def test_image_folder_split_rgb_and_extensions(tmp_path):
     write_png(root / "train" / "a" / "2.jpeg", 20, mode="RGB")
     write_png(root / "train" / "b" / "1.JPG", 200, mode="RGB")
     write_png(root / "test" / "b" / "9.png", 100, mode="RGB")
-    task = xd.load_image_folder(root, image_size=8, channels=3)
+    with pytest.warns(UserWarning, match=r"class\(es\) \['a'\] have no test images"):
+        task = xd.load_image_folder(root, image_size=8, channels=3)
     assert task.train_x.shape == (3, 3, 8, 8) and task.test_x.shape == (1, 3, 8, 8)
     assert task.test_y.tolist() == [1] and task.in_channels == 3
-    gray = xd.load_image_folder(root, image_size=8, channels=1)
+    with pytest.warns(UserWarning):
+        gray = xd.load_image_folder(root, image_size=8, channels=1)
     assert gray.in_channels == 1
+
+
+@pytest.mark.parametrize("train, test", [("train", "val"), ("Train", "Test"),
+                                         ("train", "validation")])
+def test_image_folder_split_names(tmp_path, train, test):
+    root = tmp_path / "ds"
+    for split, n in ((train, 3), (test, 1)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                write_png(root / split / cls / f"{i}.png", 10 + i)
+    task = xd.load_image_folder(root, image_size=8)
+    assert task.classes == ["a", "b"] and task.test_y.tolist() == [0, 1]
+    assert task.train_y.numel() == 6
+
+
+def test_image_folder_half_a_split_is_named(tmp_path):
+    root = tmp_path / "ds"
+    for cls in ("a", "b"):
+        write_png(root / "train" / cls / "0.png", 10)
+    with pytest.raises(XbmError, match=r"found train/ but not both a train/ and a test/"):
+        xd.load_image_folder(root)
 
 
 def test_image_folder_errors(tmp_path):

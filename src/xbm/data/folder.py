@@ -3,7 +3,8 @@
 Layouts accepted::
 
     PATH/<class>/*.png|jpg|jpeg|bmp|gif|webp|tif  -> a stable split by ``test_fraction``
-    PATH/train/<class>/..., PATH/test/<class>/...  -> the given split
+    PATH/train/<class>/..., PATH/test/<class>/...  -> the given split (``val/``, ``valid/`` or
+                                                     ``validation/`` for test/; any case)
 
 Class names are the sorted sub-folder names (hidden folders ignored), so label ids do not depend on
 file-system listing order. Images are converted with PIL to ``L`` (1 channel) or ``RGB`` (3) and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,14 @@ import torch
 
 from xbm.data.splits import class_quotas
 from xbm.data.task import TaskData
-from xbm.errors import ConfigError, DatasetNotFoundError, XbmError
+from xbm.errors import ConfigError, DatasetNotFoundError, XbmError, XbmWarning, user_stacklevel
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 _LAYOUT_HINT = "expected PATH/<class>/*.png (or PATH/train/<class>/ and PATH/test/<class>/)"
+
+#: Folder names taken as the test split beside ``train/`` (any case), in this order.
+TEST_NAMES = ("test", "val", "valid", "validation")
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -183,24 +188,34 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                        "class")
     mode = "L" if channels == 1 else "RGB"
     name = f"folder:{root}"
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        classes = [p.name for p in _class_dirs(root / "train")]
+    dirs = {p.name.lower(): p for p in _class_dirs(root)}
+    train_dir = dirs.get("train")
+    test_dir = next((dirs[k] for k in TEST_NAMES if k in dirs), None)
+    if train_dir is not None and test_dir is not None:
+        classes = [p.name for p in _class_dirs(train_dir)]
         if not classes:
-            raise DatasetNotFoundError(f"{root / 'train'}: no class sub-folders; {_LAYOUT_HINT}")
-        extra = sorted({p.name for p in _class_dirs(root / "test")} - set(classes))
+            raise DatasetNotFoundError(f"{train_dir}: no class sub-folders; {_LAYOUT_HINT}")
+        extra = sorted({p.name for p in _class_dirs(test_dir)} - set(classes))
         if extra:
-            raise XbmError(f"{root / 'test'}: classes {extra} are not in {root / 'train'}; "
-                           "add them to train/ or remove them from test/")
-        _need_two(root / "train", classes)
-        train_x, train_y, _ = _load_split(root / "train", classes, mode, image_size)
-        test_x, test_y, _ = _load_split(root / "test", classes, mode, image_size)
+            raise XbmError(f"{test_dir}: classes {extra} are not in {train_dir}; "
+                           f"add them to {train_dir.name}/ or remove them from {test_dir.name}/")
+        _need_two(train_dir, classes)
+        train_x, train_y, _ = _load_split(train_dir, classes, mode, image_size)
+        test_x, test_y, _ = _load_split(test_dir, classes, mode, image_size)
         if test_y.numel() == 0:
-            raise XbmError(f"{root / 'test'}: no test images; add images to test/<class>/ or "
-                           "remove test/ to split the training images")
+            raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
+                           f"or remove {test_dir.name}/ to split the training images")
+        _warn_untested(test_dir, classes, test_y)
         return TaskData(name, train_x, train_y, test_x, test_y, classes)
     classes = [p.name for p in _class_dirs(root)]
     if not classes:
         raise DatasetNotFoundError(f"{root}: no class sub-folders; {_LAYOUT_HINT}")
+    split_names = [c for c in classes if c.lower() in ("train", *TEST_NAMES)]
+    if split_names and len(split_names) == len(classes):
+        raise XbmError(f"{root}: found {', '.join(s + '/' for s in split_names)} but not both a "
+                       "train/ and a test/ (or val/) folder; add the missing one with the same "
+                       "class sub-folders, or put the class folders directly in "
+                       f"{root} to have them split 80/20")
     _need_two(root, classes)
     x, y, names = _load_split(root, classes, mode, image_size)
     n_test = round(y.numel() * test_fraction)
@@ -208,7 +223,18 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
     if test_idx.numel() == 0:
         raise XbmError(f"{root}: {y.numel()} images leave no test images at test_fraction "
                        f"{test_fraction}; add images, or a train/ and test/ split")
+    _warn_untested(root, classes, y[test_idx])
     return TaskData(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)
+
+
+def _warn_untested(where: Path, classes: list[str], test_y: torch.Tensor) -> None:
+    """A class without test images is never scored: its accuracy would be silently absent
+    from the task's mean."""
+    missing = [c for i, c in enumerate(classes) if not bool((test_y == i).any())]
+    if missing:
+        warnings.warn(f"{where}: class(es) {missing} have no test images, so the task's "
+                      "accuracy does not measure them; add images (a class needs about 5 for "
+                      "one to go to the test split)", XbmWarning, stacklevel=user_stacklevel())
 
 
 def _need_two(root: Path, classes: list[str]) -> None:
