@@ -194,3 +194,26 @@ def test_a_data_root_names_its_own_cached_backbone(tmp_path):
     assert mine != default and "-root" in mine and mine.endswith(".safetensors")
     assert cfg.cache_name(tmp_path / "fm_a") == mine != cfg.cache_name(tmp_path / "fm_b")
     assert cfg.cache_name(None) == default
+
+
+def test_a_data_root_falls_back_to_the_cached_default_backbone(tmp_path, monkeypatch):
+    """``xbm adapt --data-root`` may point at a task's data only: with no backbone cached
+    under the root's name, the cached default serves (it did before roots were in the key)."""
+    import torch
+
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+    from xbm.train.pretrain import cache_dir, get_backbone
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = PretrainConfig(model="small_cnn", width=2, precision="fp32")
+    arch = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": 2}
+    state = create_model("small_cnn", num_classes=10, in_channels=1, width=2).state_dict()
+    default = cache_dir() / "backbones" / cfg.cache_name()
+    default.parent.mkdir(parents=True)
+    save_safetensors(default, state, {"format": "xbm-backbone/1", "arch": arch,
+                                      "dataset": "fashion-mnist", "accuracy": 0.0,
+                                      "content_hash": tensors_hash(state)})
+    _, _, path = get_backbone(cfg, torch.device("cpu"), root=str(tmp_path / "task_data"),
+                              log=lambda *a: None)
+    assert path == default

@@ -562,3 +562,28 @@ def test_folder_split_is_stable_when_images_are_added(tmp_path):
     leaked = test_set(after) & train_set(before)
     assert len(leaked) <= 2, len(leaked)  # at most the images at each class's quota boundary
     assert len(after.test_y) == 18 and len(before.test_y) == 16
+
+
+def test_folder_loader_reads_any_file_name_and_16bit_by_its_depth(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from xbm.data.folder import load_image_folder
+
+    for cls in ("a", "b"):
+        for i in range(5):
+            write_png(tmp_path / cls / f"{i}.png", 10 + i)
+    odd = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, not valid UTF-8
+    try:
+        write_png(tmp_path / "a" / odd, 50)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system refuses non-UTF-8 names")
+    assert load_image_folder(tmp_path).train_y.numel() == 9  # the odd name read and split
+    from xbm.data.folder import _read_image
+
+    for value, want in ((200, 1), (300, 1), (25700, 100)):  # 16-bit: / 257 whatever the max
+        path = tmp_path / f"d{value}.png"
+        Image.fromarray(np.full((28, 28), value, np.uint16)).save(path)
+        assert Image.open(path).mode.startswith("I")
+        assert int(_read_image(path, "L", 28).max()) == want, value

@@ -14,10 +14,11 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from xbm.errors import XbmError
+from xbm.errors import XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
@@ -206,13 +207,15 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
             raise  # a built-in dataset's error already says how to install it
         raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "
                                    "pass --dataset folder:PATH where they are now") from None
-    recorded = (task.extra or {}).get("classes")
-    now = list(getattr(data, "classes", None) or [])
-    if recorded and now and list(recorded) != now and len(recorded) == len(now):
-        # labels follow the sorted class names: a renamed class shifts them all silently
+    recorded = [str(c) for c in (task.extra or {}).get("classes") or []]
+    now = [str(c) for c in getattr(data, "classes", None) or []]
+    if recorded and now and recorded != now and len(recorded) == len(now):
+        # an image folder's labels follow its sorted class names: a renamed class shifts them
+        fix = ("evaluate it on its own data (leave out --dataset)" if args.dataset and
+               not str(ds).startswith(FOLDER_PREFIX) else
+               "restore the class names (an image folder's labels follow their sorted order)")
         raise XbmError(f"task {task.name!r} was trained on the classes {_short(recorded)}, but "
-                       f"{ds} now has {_short(now)}; its labels would not match. Restore the "
-                       "class names (label ids follow their sorted order)")
+                       f"{ds} has {_short(now)}; its labels would not match: {fix}")
     if data.num_classes != task.num_classes:
         if args.dataset:
             fix = ("evaluate it on its own data (leave out --dataset) or pick the task it "
@@ -224,6 +227,12 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
             fix = "pass the --dataset it was trained on"
         raise XbmError(f"task {task.name!r} has {task.num_classes} classes but dataset {ds} has "
                        f"{data.num_classes}; {fix}")
+    if not recorded and str(ds).startswith(FOLDER_PREFIX) and not args.dataset:
+        warnings.warn(f"task {task.name!r} records no class names (a bundle from before "
+                      "session 17's stable image-folder split, or not made by xbm adapt): its "
+                      f"test split of {ds} may differ from its training split and include "
+                      "training images; adapt it again to score it on held-out images",
+                      XbmWarning, stacklevel=2)
     return ds, data.subset(train_subset, test_subset, seed=seed)
 
 

@@ -57,13 +57,21 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _to_8bit(img):
     """PIL's ``convert("L")`` clips 16/32-bit integer images at 255 (a 16-bit PNG turns almost
-    white); scale them to 8 bits instead (16-bit: / 257, the 0..65535 -> 0..255 map)."""
+    white); scale them to 8 bits instead. A 16-bit mode is / 257 (0..65535 -> 0..255) whatever
+    the image holds; 32-bit integer (``I``) and float (``F``) images say nothing of their
+    range, so theirs is guessed from the values: up to 1 (float), 255, 65535, or their max."""
     from PIL import Image
 
     if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return img
     arr = np.asarray(img, dtype=np.float64)
-    top = 255.0 if arr.max(initial=0) <= 255 else 65535.0 if arr.max() <= 65535 else arr.max()
+    peak = float(arr.max(initial=0))
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "F" and peak <= 1.0:
+        top = 1.0
+    else:
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
     return Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
 
 
@@ -72,7 +80,7 @@ def _flatten_alpha(img):
     RGBA to L or RGB would drop the alpha and keep whatever colour transparent pixels hold."""
     from PIL import Image
 
-    if "A" not in img.getbands() and not (img.mode == "P" and "transparency" in img.info):
+    if "A" not in img.getbands() and "transparency" not in img.info:
         return img
     rgba = img.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -132,8 +140,8 @@ def stable_test_pick(labels: torch.Tensor, names: list[str], classes: list[str],
     picked: list[int] = []
     for c in sorted(quotas):
         idx = torch.nonzero(labels == c, as_tuple=True)[0].tolist()
-        idx.sort(key=lambda i: hashlib.sha256(
-            f"{seed}/{classes[c]}/{names[i]}".encode()).digest())
+        idx.sort(key=lambda i: hashlib.sha256(  # surrogateescape: any file-system name
+            f"{seed}/{classes[c]}/{names[i]}".encode("utf-8", "surrogateescape")).digest())
         picked += idx[: quotas[c]]
     mask = torch.zeros(labels.numel(), dtype=torch.bool)
     mask[picked] = True

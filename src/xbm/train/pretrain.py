@@ -409,6 +409,12 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
     """Load the cached backbone for ``cfg`` or pretrain and cache it."""
     cfg = cfg.for_device(device)
     p = Path(path) if path else cache_dir() / "backbones" / cfg.cache_name(root)
+    if not path and root is not None and not p.exists():
+        # a data root may hold only a task's data (xbm adapt): the default backbone serves,
+        # but what a root pretrains is cached under the root's own name, never the default's
+        default = cache_dir() / "backbones" / cfg.cache_name()
+        if default.exists():
+            p = default
     if p.exists():
         try:
             model, meta = load_backbone(p)
