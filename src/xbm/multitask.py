@@ -251,9 +251,9 @@ class MultiTaskModel(nn.Module):
         return m
 
     def _task_params(self, name: str) -> Iterator[nn.Parameter]:
-        for _, mod in task_aware_modules(self.model):
-            if name in mod.xbm_tasks:
-                yield from mod.xbm_tasks[name].parameters()
+        """Every parameter of a learned task (``task_parameters``' groups, flattened)."""
+        for group in self.task_parameters(name).values():
+            yield from group
 
     def remove_task(self, name: str) -> None:
         """Drop a learned task and its state (the backbone is untouched); the active task falls
