@@ -217,3 +217,27 @@ def test_a_data_root_falls_back_to_the_cached_default_backbone(tmp_path, monkeyp
     _, _, path = get_backbone(cfg, torch.device("cpu"), root=str(tmp_path / "task_data"),
                               log=lambda *a: None)
     assert path == default
+
+
+def test_a_data_root_backbone_records_the_root_in_its_rebuild_command(tmp_path):
+    """The recipe a bundle keeps must rebuild the backbone: one pretrained from ``--data-root``
+    copies needs that root in the command, or the command pretrains on other data."""
+    import numpy as np
+    import torch
+
+    from xbm import data as xd
+    from xbm.train.pretrain import pretrain, pretrain_command
+
+    root = tmp_path / "my fm"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("t10k", 8)):
+        xd.write_idx(root / f"{split}-images-idx3-ubyte.gz",
+                     rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        xd.write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    cfg = PretrainConfig(model="small_cnn", width=2, epochs=1, batch_size=8, precision="fp32")
+    _, meta = pretrain(cfg, torch.device("cpu"), root=str(root), progress=False,
+                       log=lambda *a: None)
+    assert meta["config"]["data_root"] == str(root)
+    assert pretrain_command(meta["config"]).endswith(f"--data-root '{root}'")
+    assert "--data-root" not in pretrain_command(cfg.for_device("cpu").__dict__)

@@ -285,7 +285,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         "dataset": cfg.dataset,
         "seed": cfg.seed,
         "epochs": cfg.epochs,
-        "config": cfg.__dict__,
+        # the data root goes with the recipe: without it no command could rebuild the backbone
+        "config": cfg.__dict__ | ({"data_root": os.path.abspath(os.path.expanduser(root))}
+                                  if root else {}),
         "accuracy": acc,
         "train_seconds": secs,
         "content_hash": tensors_hash(state),
@@ -367,7 +369,7 @@ def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
                     ("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size),
                     ("--lr", cfg.lr), ("--seed", cfg.seed), ("--train-subset", cfg.train_subset),
                     ("--augment", cfg.augment), ("--mixup", cfg.mixup),
-                    ("--precision", cfg.precision)):
+                    ("--precision", cfg.precision), ("--data-root", recipe.get("data_root"))):
         if v is not None:
             parts += [flag, shlex.quote(repr(v) if isinstance(v, float) else str(v))]
     return " ".join(parts)
