@@ -109,11 +109,11 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
 
 
 def _readme_table(first_header: str) -> list[tuple[list[str], list[str]]]:
-    """Rows of the README table whose header starts with ``first_header``: the backticked names
-    of the first cell, and the remaining cells."""
+    """Rows of the docs/usage.md table whose header starts with ``first_header``: the
+    backticked names of the first cell, and the remaining cells."""
     from pathlib import Path
 
-    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    lines = (Path(__file__).parents[1] / "docs" / "usage.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
     rows = []
     for line in lines[start + 2:]:
@@ -125,7 +125,7 @@ def _readme_table(first_header: str) -> list[tuple[list[str], list[str]]]:
 
 
 def _check_documented_schema(res: dict) -> None:
-    """The README's results-file tables name exactly the keys the demo writes."""
+    """docs/usage.md's results-file tables name exactly the keys the demo writes."""
     top = {k for names, _ in _readme_table("top-level key") for k in names}
     assert top == set(res), (top ^ set(res))
     backbone_cell = next(c for names, c in _readme_table("top-level key") if names == ["backbone"])

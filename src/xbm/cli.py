@@ -68,6 +68,9 @@ def spec_from_args(args: argparse.Namespace):
 WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
 WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
                      "existing --bundle, which fix the backbone, it must match it")
+BACKBONE_HELP = ("backbone .safetensors (default: with an existing --bundle, the cached backbone "
+                 "whose content hash the bundle records; else the cached demo backbone of "
+                 "--model/--width, pretrained once if absent)")
 DEFAULT_MODEL = "resnet18_cifar"
 MODEL_HELP = (f"architecture of the default backbone (default {DEFAULT_MODEL}, the demo's); with "
               "--backbone or an existing --bundle, which fix it, it must match")
@@ -592,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"default %(default)s; one of: {', '.join(list_methods())}")
     ad.add_argument("--dataset", required=True, help="dataset name or folder:PATH")
     ad.add_argument("--task", help="task name (default: from the dataset)")
-    ad.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
+    ad.add_argument("--backbone", help=BACKBONE_HELP)
     ad.add_argument("--model", help=MODEL_HELP)
     ad.add_argument("--width", type=int, help=WIDTH_HELP_BUNDLE)
     ad.add_argument("--bundle", help="bundle to add the task to, updated in place; created "

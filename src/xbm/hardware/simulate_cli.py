@@ -77,7 +77,7 @@ def _adc_label(bits: int | None) -> int | str:
 
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
-    from xbm.cli import MODEL_HELP
+    from xbm.cli import BACKBONE_HELP, MODEL_HELP
 
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
                         "faults); fault-aware XBM")
@@ -86,7 +86,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--fault-aware", action="store_true",
                     help="train XBM with and without the chip's faults and compare")
     sp.add_argument("--dataset", help="dataset (fault-aware mode; sweep: override the task's)")
-    sp.add_argument("--backbone", help="backbone .safetensors (default: cached demo backbone)")
+    sp.add_argument("--backbone", help=BACKBONE_HELP)
     sp.add_argument("--model", help=MODEL_HELP)
     sp.add_argument("--width", type=int,
                     help="backbone width (default: the --bundle's or --backbone's, which it must "

@@ -26,7 +26,7 @@ What this module assumes, and why:
   at lr 1e-3 (5 steps per flip). With the demo's two adaption epochs 0.3 scored 0.20 above 0.6
   on the mean of three seeds (at one epoch 0.6 had been 0.45 above; "Two adaption epochs" and
   "Learning rates, re-tuned" in docs/benchmarks.md); the figures below are from earlier
-  backbones at one epoch. With the demo's 188 cosine-decayed steps per task (batch 32)
+  backbones at one epoch. With one epoch of the demo (188 cosine-decayed steps per task, batch 32)
   lr 0.1 / 0.3 / 0.5 / 1.0 gave 90.68 / 91.97 / 91.63 / 90.38% (three tasks); with 47 steps
   (batch 128) a column needed lr 1 to cross the ladder: lr 0.1 / 0.3 / 1 / 3 gave 68.9 / 80.9 /
   82.6 / 81.4% (ablation, mean of two tasks).

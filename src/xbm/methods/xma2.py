@@ -111,11 +111,11 @@ class XMA2Config(XMAConfig):
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
     a tenth of the PEs trained for a few dozen steps need a larger step: at a 10% budget and 37
     steps after the warm-up (batch 128), 1e-3 / 5e-3 / 2e-2 gave 86.5 / 89.6 / 83.3% (ablation,
-    docs/benchmarks.md). At the demo's 188 steps 2e-3 / 5e-3 / 1e-2 are within 0.3 points. The
-    best rate falls as the width grows: over three seeds 2e-3 scored 0.40 below 5e-3 at width 16
-    and 0.32 above it at width 32 (docs/benchmarks.md, "XMA2 at width 32"), and at width 64
-    (the GPU default, two epochs, three seeds) 1e-3 / 2e-3 / 5e-3 gave 98.31 / 98.23 / 98.24
-    ("GPU session 3"); on wider backbones try 1e-3 to 2e-3."""
+    docs/benchmarks.md). At one epoch of the demo (188 steps) 2e-3 / 5e-3 / 1e-2 were within 0.3
+    points. The best rate falls as the width grows: over three seeds 2e-3 scored 0.40 below 5e-3
+    at width 16 and 0.32 above it at width 32 (docs/benchmarks.md, "XMA2 at width 32"), and at
+    width 64 (the GPU default, two epochs, three seeds) 1e-3 / 2e-3 / 5e-3 gave 98.31 / 98.23 /
+    98.24 ("GPU session 3"); on wider backbones try 1e-3 to 2e-3."""
 
     energy_budget_j: float | None = None
     """Deploy-energy budget in joules (None: no energy limit). PEs are taken in ``energy_rank``

@@ -30,7 +30,8 @@ TASK_KEY = "xbm_tasks"
 #: default: the forward is the same, but the mask gradient is summed in another order, so
 #: training takes another floating-point path and every recorded figure would move by noise
 #: (and XMA2 at budget 0, which keeps the general path, would no longer equal XMA bit for bit),
-#: for a saving measured in docs/benchmarks.md ("Single-tile fast path").
+#: for a saving measured in docs/benchmarks.md ("Training step of each method", (b), and
+#: "Training step on the H200").
 #: ``benchmarks/bench_methods.py --fast-path`` times it.
 SINGLE_TILE_FAST_PATH = False
 
