@@ -36,18 +36,28 @@ def field_docs(config_class: type) -> dict[str, str]:
 
 
 def tables() -> str:
+    """One table of the fields every method has with the same default and meaning (printed
+    once, not once per method), then a table per method of the rest."""
     from xbm.methods import METHODS
 
-    out: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
     for name, cls in METHODS.items():
         docs = field_docs(cls.config_class)
         default = cls.config_class()
-        out += [f"### `{name}` (`{cls.config_class.__name__}`)", "",
-                "| field | default | meaning and source |", "|---|---|---|"]
+        rows[name] = {}
         for f in dataclasses.fields(cls.config_class):
             text = docs.get(f.name, "").replace("|", "\\|")
-            out.append(f"| `{f.name}` | `{getattr(default, f.name)!r}` | {text} |")
-        out.append("")
+            rows[name][f.name] = f"| `{f.name}` | `{getattr(default, f.name)!r}` | {text} |"
+    first = next(iter(rows.values()))
+    shared = [k for k, row in first.items() if all(r.get(k) == row for r in rows.values())]
+    header = ["| field | default | meaning and source |", "|---|---|---|"]
+    out: list[str] = []
+    if shared:
+        out += ["### Fields every method has", "", *header, *(first[k] for k in shared), ""]
+    for name, cls in METHODS.items():
+        own = [row for k, row in rows[name].items() if k not in shared]
+        out += [f"### `{name}` (`{cls.config_class.__name__}`)", ""]
+        out += [*header, *own, ""] if own else ["Only the fields every method has.", ""]
     return "\n".join(out)
 
 
