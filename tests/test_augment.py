@@ -241,3 +241,28 @@ def test_a_data_root_backbone_records_the_root_in_its_rebuild_command(tmp_path):
     assert meta["config"]["data_root"] == str(root)
     assert pretrain_command(meta["config"]).endswith(f"--data-root '{root}'")
     assert "--data-root" not in pretrain_command(cfg.for_device("cpu").__dict__)
+
+
+def test_pretrain_refuses_a_subset_larger_than_the_data(tmp_path):
+    """It trained on the whole set and cached it under an ``-n100000`` name, a second copy of
+    the plain recipe's backbone."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from xbm import data as xd
+    from xbm.errors import ConfigError
+    from xbm.train.pretrain import pretrain
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("t10k", 8)):
+        xd.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz",
+                     rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        xd.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    cfg = PretrainConfig(model="small_cnn", width=2, epochs=1, batch_size=8, precision="fp32",
+                         train_subset=17)
+    out = tmp_path / "bb.safetensors"
+    with pytest.raises(ConfigError, match="train_subset 17 exceeds the 16 training images"):
+        pretrain(cfg, torch.device("cpu"), out, root=str(tmp_path), progress=False,
+                 log=lambda *a: None)
+    assert not out.exists()

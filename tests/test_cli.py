@@ -100,8 +100,12 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     cached = sorted(p.name for p in Path(res["backbone"]["path"]).parent.iterdir())
     out3 = tmp_path / "run3"
     assert main(["demo", "--out", str(out3), "--config", str(cfg), "--methods", "xbm",
-                 *TINY, "--seed", "1", "--pretrain-seed", "0"]) == 0
+                 *TINY, "--seed", "1", "--pretrain-seed", "0", "--weight-bits", "4",
+                 "--cell-bits", "1", "--energy", "isaac"]) == 0
     res3 = json.loads((out3 / "results.json").read_text())
+    # the crossbar and energy flags the YAML takes are flags too
+    assert (res3["spec"]["weight_bits"], res3["spec"]["cell_bits"]) == (4, 1)
+    assert res3["energy_preset"] == "isaac"
     assert res3["backbone"]["content_hash"] == res["backbone"]["content_hash"]
     assert res3["backbone"]["seed"] == 0
     assert (res3["config"]["seed"], res3["config"]["pretrain_seed"]) == (1, 0)
@@ -493,6 +497,12 @@ def test_usage_errors_are_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == ("xbm: error: argument --rows: invalid int value: 'x'; see `xbm map --help`")
+    # an unknown flag points at the sub-command's help, which lists what it takes
+    with pytest.raises(SystemExit) as exc:
+        main(["map", "--model", "resnet50", "--bogus", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "xbm: error: unrecognized arguments: --bogus 1; see `xbm map --help`"
 
 
 def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monkeypatch):
@@ -539,6 +549,24 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--device", "cpu", "--no-progress", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert (rec["bundle"], rec["new_bundle"]) == ("old.bin", False)
+    # the same task name again: named, with the flag that adds it under another name
+    before = Path("old.bin").read_bytes()
+    assert main(["adapt", "--dataset", "imgs", "--task", "again", "--backbone", str(bb),
+                 "--rows", "16", "--cols", "16", "--bundle", "old.bin", "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert "already holds a task 'again'; pass --task NAME" in _one_line_error(capsys)
+    # a --backbone other than the bundle's: the CLI's fix, not the Python API's wording
+    torch.manual_seed(1)
+    other = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
+    bb2 = tmp_path / "bb2.safetensors"
+    save_safetensors(bb2, other, {"format": "xbm-backbone/1", "arch": arch, "dataset": "x",
+                                  "accuracy": 0.0, "content_hash": tensors_hash(other)})
+    assert main(["adapt", "--dataset", "imgs", "--task", "third", "--backbone", str(bb2),
+                 "--rows", "16", "--cols", "16", "--bundle", "old.bin", "--device", "cpu",
+                 "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "old.bin was learned on the backbone with hash" in err and "drop --backbone" in err
+    assert Path("old.bin").read_bytes() == before
     bundle = tmp_path / "work" / "b.safetensors"
     (record,) = read_bundle_meta(bundle)[2]
     assert record.dataset == f"folder:{(tmp_path / 'work' / 'imgs').resolve()}"
@@ -692,7 +720,8 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     out = tmp_path / "bb.safetensors"
     assert main(["pretrain", *tiny, "--out", str(out)]) == 0
     first = out.read_bytes()
-    capsys.readouterr()
+    # not the default recipe: the commands would not find it without --backbone
+    assert f"pass --backbone {out}" in capsys.readouterr().out
     assert main(["pretrain", *tiny, "--seed", "1", "--out", str(out)]) == 2
     assert "already exists" in _one_line_error(capsys) and out.read_bytes() == first
     assert main(["pretrain", *tiny, "--seed", "1", "--out", str(out), "--force"]) == 0
@@ -839,7 +868,7 @@ def test_simulate_with_an_ideal_adc_runs_once_and_says_so(tmp_path, capsys):
     assert "--adc-bits has no effect with --adc-mode ideal" in _one_line_error(capsys)
     assert main([*argv, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [(r["path"], r["adc_bits"]) for r in rows] == [("ideal", "-"), ("faithful", "ideal")]
+    assert [(r["path"], r["adc_bits"]) for r in rows] == [("ideal", None), ("faithful", "ideal")]
 
 
 def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, monkeypatch):

@@ -539,6 +539,19 @@ def test_cli_bundle(capsys, tmp_path) -> None:
                                            str(bb3))
     assert "rows" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb),
                                      "--rows", "64")
+    # the text table names each task's method
+    rc, out, _ = _run(capsys, "--bundle", str(bundle), "--backbone", str(bb))
+    assert rc == 0 and "px (piggyback)" in out and "xx (xbm)" in out
+    # flags a bundle fixes or measures were read by nothing: refused, not ignored
+    for extra in (["--width", "64"], ["--xbm-off-fraction", "0.9"],
+                  ["--fractions-from", str(bundle)], ["--off-fraction", "xbm=0.5"]):
+        err = _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb), *extra)
+        assert f"{extra[0]} does not apply to --bundle" in err and "drop it" in err
+
+
+def test_cli_methods_listed_twice(capsys) -> None:
+    assert "lists xbm twice" in _one_line_error(capsys, "--model", "small_cnn", "--methods",
+                                                "xbm,piggyback,xbm")
 
 
 def test_plots(tmp_path) -> None:

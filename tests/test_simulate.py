@@ -555,7 +555,7 @@ def test_simulate_plots_from_results(tmp_path):
     from xbm.hardware.simulate_cli import _plots
 
     def rows(adc):
-        out = [{"task": "t", "path": "ideal", "adc_bits": "-", "fault_rate": 0.0,
+        out = [{"task": "t", "path": "ideal", "adc_bits": None, "fault_rate": 0.0,
                 "variation": 0.0, "accuracy": 90.0}]
         for b in adc:
             for r in (0.0, 0.01):
@@ -636,3 +636,27 @@ def test_input_headroom_widens_the_input_range_only():
     assert errs[0] > 0.05 and errs[1] < errs[0] / 10, errs  # clipping gone: the step is left
     with pytest.raises(XbmError, match="input_headroom must be a finite number > 0"):
         SimConfig(input_headroom=0)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--fault-aware", "--dataset", "mnist", "--fault-rates", "0.1"],
+     "--fault-rates is for the sweep (--bundle), not --fault-aware"),
+    (["--fault-aware", "--dataset", "mnist", "--bundle", "b.safetensors", "--variation", "0.1"],
+     "--bundle, --variation are for the sweep"),
+    (["--bundle", "b.safetensors", "--fault-rate", "0.05"],
+     "--fault-rate is for --fault-aware, not the sweep of a --bundle (the sweep takes "
+     "--fault-rates)"),
+    (["--bundle", "b.safetensors", "--epochs", "5", "--out", "o.safetensors"],
+     "--out, --epochs are for --fault-aware"),
+])
+def test_simulate_refuses_the_other_modes_flags(tmp_path, capsys, monkeypatch, argv, needle):
+    """A flag of the other mode was silently ignored: the sweep ran fault-free under
+    --fault-rate 0.05, and the fault-aware mode drew its chip at the default 0.01 under
+    --fault-rates 0.1. Refused before anything loads (no file here exists)."""
+    from xbm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", *argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "drop" in err[0]
+    assert not any(tmp_path.iterdir())

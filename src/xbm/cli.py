@@ -84,7 +84,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
               "pretrain_epochs", "pretrain_seed", "pretrain_subset", "pretrain_augment",
               "pretrain_mixup", "pretrain_precision", "precision", "batch_size", "rows", "cols",
-              "data_root", "benchmark", "cuda_graph"):
+              "preset", "weight_bits", "cell_bits", "energy", "data_root", "benchmark",
+              "cuda_graph"):
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
@@ -155,6 +156,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"kept the previous backbone as {kept} (hash {old_hash}), so bundles made on "
                   "it still load")
     print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
+    default = PretrainConfig(model=cfg.model, width=cfg.width).for_device(device)
+    if out.resolve() == (cache_dir() / "backbones" / default.cache_name(args.data_root)).resolve():
+        same_root = " and this --data-root" if args.data_root else ""
+        print(f"xbm adapt and xbm simulate use it by default (at --width {cfg.width}"
+              f"{same_root})")
+    else:  # another recipe: the commands' default backbone is not this one
+        import shlex
+
+        print(f"to adapt or simulate on it, pass --backbone {shlex.quote(str(out))}")
     return 0
 
 
@@ -358,11 +368,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # Everything cheap is checked before the backbone, which may need minutes of pretraining:
     # the crossbar spec (a bundle's own spec wins) and the bundle's metadata.
     spec = spec_from_args(args)
-    bundle_meta = None
+    bundle_meta, bundle_tasks = None, []
     if args.bundle and Path(args.bundle).exists():
         from xbm.multitask import read_bundle_meta
 
-        bundle_meta, spec = read_bundle_meta(args.bundle)[:2]
+        bundle_meta, spec, bundle_tasks = read_bundle_meta(args.bundle)
         _check_spec_flags(args, spec, args.bundle)
     out = args.out or args.bundle
     if out is not None:
@@ -370,6 +380,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
+    if loaded is not None and bundle_meta is not None and args.backbone and \
+            bundle_meta.get("backbone_hash") != loaded[1].get("content_hash"):
+        raise XbmError(f"{args.bundle} was learned on the backbone with hash "
+                       f"{bundle_meta.get('backbone_hash')}, --backbone {args.backbone} has "
+                       f"{loaded[1].get('content_hash')}; drop --backbone (the bundle's own is "
+                       "found in the cache by its hash), or give --out NEW.safetensors instead "
+                       "of --bundle to start a bundle on this backbone")
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
@@ -380,6 +397,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # abspath, not resolve(): a symlinked folder is named as the user named it
     stem = data.name if folder is None else Path(os.path.abspath(os.path.expanduser(folder))).name
     task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-64:] or "task"
+    if task in {t.name for t in bundle_tasks}:
+        raise XbmError(f"{args.bundle} already holds a task {task!r}; pass --task NAME to add "
+                       "this one under another name, or --out NEW.safetensors instead of "
+                       "--bundle for a new bundle")
     if out is None:
         out = f"{task}.safetensors"
         _check_bundle_out(out, None)
@@ -548,8 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
     d.add_argument("--width", type=int, help=WIDTH_HELP)
+    from xbm.hardware.energy import PRESETS as ENERGY_PRESETS
+    from xbm.hardware.spec import SPEC_PRESETS
+
+    d.add_argument("--preset", help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} "
+                   "(default: default = pytorx, 64x64)")
     d.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
     d.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
+    d.add_argument("--weight-bits", type=int, help="weight precision (default 8)")
+    d.add_argument("--cell-bits", type=int, help="bits per cell (default 2)")
+    d.add_argument("--energy", help="energy preset of the table's energy columns: "
+                   f"{', '.join(sorted(ENERGY_PRESETS))} (default: default = neurosim)")
     d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")
     d.add_argument("--seed", type=int, help="seed of the backbone, the subsets and the masks "
                    "(default 0; each seed pretrains its own backbone unless --pretrain-seed)")
@@ -662,7 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the sub-command's parser, whose --help lists what it takes
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from xbm.train import distributed as xdist
 
     if xdist.launched():  # under torchrun: join the group; only rank 0 prints

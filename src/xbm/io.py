@@ -130,6 +130,8 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise BundleError(f"{path}: is a folder; pass the .safetensors file in it")
     if not path.is_file():
         raise BundleError(f"{path}: no such file; check the path")
     try:

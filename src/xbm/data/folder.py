@@ -212,7 +212,7 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
         if test_y.numel() == 0:
             raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
                            f"or remove {test_dir.name}/ to split the training images")
-        _warn_untested(test_dir, classes, test_y)
+        _warn_untested(test_dir, classes, test_y, split_dir=True)
         return TaskData(name, train_x, train_y, test_x, test_y, classes)
     classes = [p.name for p in _class_dirs(root)]
     if not classes:
@@ -256,14 +256,17 @@ def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     return train_dir, (tests[0] if tests else None)
 
 
-def _warn_untested(where: Path, classes: list[str], test_y: torch.Tensor) -> None:
+def _warn_untested(where: Path, classes: list[str], test_y: torch.Tensor,
+                   split_dir: bool = False) -> None:
     """A class without test images is never scored: its accuracy would be silently absent
     from the task's mean."""
     missing = [c for i, c in enumerate(classes) if not bool((test_y == i).any())]
     if missing:
+        fix = (f"add images to {where.name}/<class>/ for them" if split_dir else
+               "add images (a class needs about 5 for one to go to the test split)")
         warnings.warn(f"{where}: class(es) {missing} have no test images, so the task's "
-                      "accuracy does not measure them; add images (a class needs about 5 for "
-                      "one to go to the test split)", XbmWarning, stacklevel=user_stacklevel())
+                      f"accuracy does not measure them; {fix}", XbmWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _need_two(root: Path, classes: list[str]) -> None:

@@ -187,6 +187,24 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
         for m in methods:
             get_method_class(m)
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ConfigError(f"--methods lists {', '.join(twice)} twice; name each method once")
+    if args.bundle:
+        # the bundle's backbone fixes the model, and its tasks' fractions are measured: these
+        # flags were read by nothing, so the report looked like they had no effect
+        ignored = [flag for flag, v in (
+            ("--width", args.width), ("--in-channels", args.in_channels),
+            ("--fractions-from", args.fractions_from), ("--fraction", args.fraction),
+            ("--off-fraction", args.off_fraction),
+            ("--piggyback-off-fraction", args.piggyback_off_fraction),
+            ("--finetune-changed-fraction", args.finetune_changed_fraction),
+            ("--xbm-off-fraction", args.xbm_off_fraction)) if v is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} "
+                              "not apply to --bundle, whose backbone fixes the model and whose "
+                              "tasks' fractions are measured; drop "
+                              f"{'it' if len(ignored) == 1 else 'them'} (or cost --model)")
     sens = None
     if args.bundle:
         if args.sensitivity:

@@ -225,7 +225,9 @@ class FaultMap:
             if tuple(self.codes[name].shape) != cell_shape(layer, mine):
                 raise XbmError(f"fault map layer {name!r} has shape "
                                f"{tuple(self.codes[name].shape)}, the model's cells are "
-                               f"{cell_shape(layer, mine)}")
+                               f"{cell_shape(layer, mine)}: the map was drawn for another "
+                               "model or width; pass a map saved on this backbone, or drop "
+                               "--fault-map to draw one at --fault-rates")
 
     def save(self, path: str | Path) -> None:
         """Write the map as one safetensors file (atomically), with its spec and rates."""

@@ -75,6 +75,40 @@ def _adc_label(bits: int | None) -> int | str:
     return "ideal" if bits is None else bits
 
 
+#: Defaults of the fault-aware mode's own flags (None on the parser, so that a flag given in
+#: the wrong mode can be told from its default).
+FAULT_AWARE_RATE = 0.01
+FAULT_AWARE_EPOCHS = 2
+FAULT_AWARE_PRECISION = "fp32"
+#: Flags that only one mode reads; given in the other, they would be silently ignored.
+SWEEP_ONLY = (("bundle", "--bundle"), ("task", "--task"), ("fault_rates", "--fault-rates"),
+              ("variation", "--variation"), ("fault_map", "--fault-map"))
+FAULT_AWARE_ONLY = (("fault_rate", "--fault-rate"), ("save_fault_map", "--save-fault-map"),
+                    ("out", "--out"), ("epochs", "--epochs"), ("precision", "--precision"))
+
+
+def _check_mode_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag of the other mode: the sweep ran with a fault rate it never used, and the
+    fault-aware mode with the sweep's rates, both without a word."""
+    if args.fault_aware:
+        wrong = [flag for attr, flag in SWEEP_ONLY if getattr(args, attr, None) is not None]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for the "
+                              "sweep (--bundle), not --fault-aware, which trains on a chip "
+                              "drawn at --fault-rate; drop "
+                              f"{'it' if len(wrong) == 1 else 'them'}")
+        args.fault_rate = FAULT_AWARE_RATE if args.fault_rate is None else args.fault_rate
+        args.epochs = FAULT_AWARE_EPOCHS if args.epochs is None else args.epochs
+        args.precision = FAULT_AWARE_PRECISION if args.precision is None else args.precision
+        return
+    wrong = [flag for attr, flag in FAULT_AWARE_ONLY if getattr(args, attr, None) is not None]
+    if wrong:
+        hint = " (the sweep takes --fault-rates)" if "--fault-rate" in wrong else ""
+        raise ConfigError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for "
+                          f"--fault-aware, not the sweep of a --bundle{hint}; drop "
+                          f"{'it' if len(wrong) == 1 else 'them'}")
+
+
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
     from xbm.cli import BACKBONE_HELP, MODEL_HELP
@@ -94,11 +128,15 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--adc-bits", help="comma list of ADC resolutions (default 4,6,8; none "
                     "with --adc-mode ideal, which has no ADC)")
     sp.add_argument("--fault-rates",
-                    help="comma list of stuck-at cell rates (default: 0, a fault-free chip)")
-    sp.add_argument("--fault-rate", type=float, default=0.01, help="fault-aware mode: the rate")
+                    help="sweep mode: comma list of stuck-at cell rates (default: 0, a "
+                    "fault-free chip; fault-aware mode takes --fault-rate)")
+    sp.add_argument("--fault-rate", type=float,
+                    help=f"fault-aware mode: the chip's stuck-at cell rate (default "
+                    f"{FAULT_AWARE_RATE:g}; the sweep takes --fault-rates)")
     sp.add_argument("--sa1-fraction", type=float, default=0.5,
                     help="share of faulty cells stuck ON (the rest stuck OFF)")
-    sp.add_argument("--variation", default="0", help="comma list of programming variations")
+    sp.add_argument("--variation", help="sweep mode: comma list of programming variations "
+                    "(default 0)")
     sp.add_argument("--read-noise", type=float, default=0.0,
                     help="relative read noise (sigma) per cell, drawn anew each batch "
                     "(default 0)")
@@ -121,8 +159,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "--fault-rates; its rows carry the map's own rate)")
     sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
-    sp.add_argument("--epochs", type=int, default=2, help="fault-aware mode: training epochs")
-    sp.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+    sp.add_argument("--epochs", type=int,
+                    help=f"fault-aware mode: training epochs (default {FAULT_AWARE_EPOCHS})")
+    sp.add_argument("--precision", choices=list(PRECISIONS),
                     help="fault-aware mode: training precision (default fp32, which every "
                     "recorded figure used; auto: bf16 autocast on CPUs with native bf16 units, "
                     "as the demo; evaluation and simulation stay fp32)")
@@ -204,12 +243,29 @@ def _fault_map(mtm, spec, rate: float, args: argparse.Namespace):
                              sa1_rate=rate * args.sa1_fraction, seed=_chip_seed(args))
 
 
-def _print(rows: list[dict[str, Any]], cols: list[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+def _cell(col: str, v: Any) -> str:
+    """A table cell: percentages with two decimals (as every other xbm table), rates as
+    written, no ADC as ``-``."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not isinstance(v, bool):
+        if col in ("fault_rate", "variation", "sa1_fraction"):
+            return f"{v:g}"
+        if col == "seconds":
+            return f"{v:.1f}"
+        return f"{v + 0.0:+.2f}" if col == "delta" else f"{v:.2f}"
+    return str(v)
+
+
+def _print(rows: list[dict[str, Any]], cols: list[str], title: str | None = None) -> None:
+    cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    if title:
+        print(title)
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     print("-" * (sum(widths) + 2 * (len(cols) - 1)))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
 # -- sweep -----------------------------------------------------------------------------------
@@ -229,7 +285,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
-    adc_bits, variations = _adc_bits(args, spec), _floats(args.variation, "--variation")
+    adc_bits, variations = _adc_bits(args, spec), _floats(args.variation or "0", "--variation")
     rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
@@ -251,13 +307,13 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         _, test_loader = data.loaders(args.batch_size, seed=args.seed)
         calib = _calibration_batches(data, args)
         ideal = evaluate_task(mtm, t, test_loader, device)
-        rows.append({"task": t, "path": "ideal", "adc_bits": "-", "fault_rate": 0.0,
+        rows.append({"task": t, "path": "ideal", "adc_bits": None, "fault_rate": 0.0,
                      "variation": 0.0, "accuracy": round(ideal, 4), "delta": 0.0})
         for r, fmap in maps.items():
             if fmap is not None:
                 with mtm.use_task(t), fault_aware(mtm, fmap):
                     acc = evaluate_task(mtm, t, test_loader, device)
-                rows.append({"task": t, "path": "ideal+faults", "adc_bits": "-",
+                rows.append({"task": t, "path": "ideal+faults", "adc_bits": None,
                              "fault_rate": r, "variation": 0.0, "accuracy": round(acc, 4),
                              "delta": round(acc - ideal, 4)})
             for v in variations:
@@ -266,7 +322,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                                             calib, fmap)
                     rows.append({"task": t, "path": "faithful", "adc_bits": _adc_label(b),
                                  "fault_rate": r, "variation": v, **res,
-                                 "delta": round(res["accuracy"] - ideal, 4)})
+                                 "delta": round(res["accuracy"] - round(ideal, 4), 4)})
                     if not args.json:
                         print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
                               f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
@@ -421,6 +477,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        "torchrun / scripts/distributed.sh")
     from xbm.io import check_output
 
+    _check_mode_flags(args)  # before anything is checked, loaded or trained
     for flag, path, kind in (("--json-out", args.json_out, "file"), ("--plot", args.plot, "dir"),
                              ("--out", getattr(args, "out", None), "file"),
                              ("--save-fault-map", getattr(args, "save_fault_map", None), "file")):
@@ -454,7 +511,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               "hold a faulty cell")
         _print(res["rows"], list(res["rows"][0]))
         print()
-        _print(res["adc_sweep"], ["task", "adc_bits", "accuracy", "delta", "seconds"])
+        _print(res["adc_sweep"], ["task", "adc_bits", "accuracy", "delta", "seconds"],
+               title="the fault-unaware task on a fault-free chip, by ADC resolution (delta: "
+               "against its ideal accuracy)")
         print(f"backbone bit-identical: {res['backbone_bit_identical']}")
     for p in res.get("plots", []):
         print(f"plot: {p}")

@@ -67,13 +67,42 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+#: Seconds between the plain progress lines written where stderr is not a terminal (a log
+#: file, CI, ``| tee``): a bar would fill the log with carriage returns, and nothing at all
+#: left a 7-minute pretraining silent. ``XBM_PROGRESS=1`` forces the bar.
+LOG_PROGRESS_SECONDS = 30.0
+
+
+class _LogProgress:
+    """Iterate ``iterable``, writing ``desc: i/total (p%), Ns, ~Ms left`` to stderr at most
+    every :data:`LOG_PROGRESS_SECONDS` (so a short loop writes nothing)."""
+
+    def __init__(self, iterable: Iterable, total: int, desc: str,
+                 every: float | None = None) -> None:
+        self.iterable, self.total, self.desc = iterable, total, desc
+        self.every = LOG_PROGRESS_SECONDS if every is None else every
+
+    def __iter__(self):
+        t0 = last = time.perf_counter()
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= self.every and i < self.total:
+                last = now
+                left = (now - t0) / i * (self.total - i)
+                print(f"{self.desc}: {i}/{self.total} ({100 * i / self.total:.0f}%), "
+                      f"{now - t0:.0f}s, ~{left:.0f}s left", file=sys.stderr, flush=True)
+
+
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    """A progress bar on a terminal, timed plain lines elsewhere, nothing when disabled."""
     if not enabled:
         return iterable
+    if not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1":
+        return _LogProgress(iterable, total, desc)
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1")
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _shard(loader, world: int, rank: int, per_rank: int):

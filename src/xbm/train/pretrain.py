@@ -217,6 +217,11 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     cfg = cfg.for_device(device)
     augment = get_augment(cfg.augment)
     data = load_dataset(cfg.dataset, root=root)
+    if cfg.train_subset and cfg.train_subset > len(data.train_y):
+        # it would train on the whole set, cached under a name that says otherwise
+        raise ConfigError(f"train_subset {cfg.train_subset} exceeds the {len(data.train_y)} "
+                          f"training images of {cfg.dataset}; drop it (--train-subset) to use "
+                          "them all")
     if cfg.train_subset or cfg.test_subset:
         data = data.subset(cfg.train_subset, cfg.test_subset, seed=cfg.seed)
     seed_everything(cfg.seed)
@@ -431,6 +436,7 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
         return model, meta, p
     if not path:
         log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
-            "load it)")
+            "load it; a command that takes --backbone PATH uses a backbone file you have "
+            "instead)")
     model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
     return model, meta, p
