@@ -629,3 +629,15 @@ def test_cost_plots_say_when_the_results_are_another_models(tmp_path, capsys) ->
     assert main([*argv, "--model", "resnet18_cifar", "--width", "16", "--energy", other]) == 0
     assert f"priced its adaption energies with preset 'default', not '{other}'; the energy " \
         "plot shows them as recorded" in capsys.readouterr().err
+
+
+def test_table_names_the_presets_constants(capsys) -> None:
+    """Presets that share NeuroSim's device and ISAAC's ADC print the same energies: the
+    table names the constants, so a preset that differs in columns per ADC shows it."""
+    tables = {}
+    for e in ("neurosim", "isaac"):
+        rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm", "--energy", e)
+        assert rc == 0
+        tables[e] = next(ln for ln in out.splitlines() if ln.startswith("preset constants:"))
+    assert "8 columns per ADC" in tables["neurosim"]
+    assert "128 columns per ADC" in tables["isaac"]

@@ -912,6 +912,12 @@ class CostReport:
             f"{self.model}: {len(self.mapping.layers)} crossbar layers, {s.rows}x{s.cols} "
             f"crossbars, {s.weight_bits}-bit weights on {s.cell_bits}-bit cells ({s.signed}), "
             f"{s.adc_bits}-bit ADC; energy preset {self.preset.name!r}")
+        k = derived_constants(self.preset, s)
+        lines.append(
+            f"preset constants: re-program {k['write_energy_per_cell_j']:.3g} J/cell, ADC "
+            f"{k['adc_energy_j']:.3g} J and {k['adc_latency_s']:.3g} s/conversion at "
+            f"{s.adc_bits} b, {self.preset.periphery.columns_per_adc} columns per ADC, mask bit "
+            f"{k['mask_bit_write_energy_j']:.3g} J")
         src = "the base task (the backbone as programmed)" if self.switch_matrix is not None \
             else "another learned task of the same method"
         lines.append(
