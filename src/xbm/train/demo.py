@@ -324,6 +324,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     }
     out = Path(out_dir)
     if xdist.is_main():
+        if (out / "results.json").exists():  # a run folder holds its latest run, said aloud
+            log(f"replacing {out / 'results.json'} of an earlier run")
         write_json_atomic(out / "results.json", results)
     return results
 
