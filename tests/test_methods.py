@@ -322,7 +322,8 @@ def test_single_tile_fast_path_matches_the_general_path(method, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg,warns", [({"per_task_bn": False, "lr": 1e-3}, True),
-                                         ({"per_task_bn": False}, True),  # the default 5e-4
+                                         ({"per_task_bn": False, "lr": 7e-4}, True),
+                                         ({"per_task_bn": False}, False),  # the default 5e-4
                                          ({"per_task_bn": False, "lr": 3e-4}, False),
                                          ({}, False)])
 def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn_when_training(cfg, warns, task_a):
@@ -334,7 +335,7 @@ def test_piggyback_warns_about_a_high_mask_lr_with_frozen_bn_when_training(cfg, 
         mtm.add_task("a", task_a.num_classes, "piggyback", cfg)
     loader, _ = task_a.loaders(16, seed=0)
     if warns:
-        with pytest.warns(UserWarning, match=f"per_task_bn false and lr {cfg.get('lr', 5e-4):g}"):
+        with pytest.warns(UserWarning, match=f"per_task_bn false and lr {cfg['lr']:g}"):
             train_task(mtm, "a", loader, 1, torch.device("cpu"), progress=False, max_steps=1)
     else:
         with warnings.catch_warnings():
