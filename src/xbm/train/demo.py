@@ -50,7 +50,7 @@ RESULTS_SCHEMA = "xbm-results/1"
 @dataclass
 class DemoConfig:
     """Defaults are sized for 10 minutes on 2 CPU cores, pretraining included (width 16, two
-    adaption epochs, bf16 autocast where the CPU has native bf16 units: 498 s on a fresh clone;
+    adaption epochs, bf16 autocast where the CPU has native bf16 units: 461 s on a fresh clone;
     docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
     longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes, at
     one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA
