@@ -598,6 +598,28 @@ def test_default_backbone_pretrains_from_the_given_data_root(monkeypatch, tmp_pa
     assert seen["root"] == str(tmp_path)
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_backbone_notes_keep_json_stdout_clean(monkeypatch, capsys, as_json):
+    """``adapt --json`` without --backbone printed "loaded cached backbone ..." before its
+    JSON, so the output did not parse: with --json the note goes to stderr."""
+    import argparse
+
+    import xbm.train.pretrain as pt
+    from xbm.cli import _backbone
+
+    def fake_get_backbone(cfg, device, root=None, progress=True, log=print):
+        log("loaded cached backbone somewhere")
+        return None, {}, None
+
+    monkeypatch.setattr(pt, "get_backbone", fake_get_backbone)
+    args = argparse.Namespace(backbone=None, model=None, width=4, data_root=None,
+                              no_progress=True, json=as_json)
+    _backbone(args, torch.device("cpu"))
+    out, err = capsys.readouterr()
+    assert ("loaded cached backbone" in err) is as_json
+    assert ("loaded cached backbone" in out) is not as_json
+
+
 def _folder(root, classes=("cat", "dog"), n=6, size=12):
     import numpy as np
     from PIL import Image

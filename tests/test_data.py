@@ -635,3 +635,19 @@ def test_folder_loader_reads_any_file_name_and_16bit_by_its_depth(tmp_path):
         Image.fromarray(np.full((28, 28), value, np.uint16)).save(path)
         assert Image.open(path).mode.startswith("I")
         assert int(_read_image(path, "L", 28).max()) == want, value
+
+
+def test_idx_files_of_the_other_dataset_are_refused(tmp_path):
+    """MNIST and Fashion-MNIST name their IDX files alike: one --data-root holding Fashion's
+    files loaded them as MNIST (the demo passes one root to both)."""
+    fashion = [9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9, 5, 5, 7, 9, 1, 0, 6, 4]
+    rng = np.random.default_rng(0)
+    xd.write_idx(tmp_path / "train-images-idx3-ubyte.gz",
+                 rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    xd.write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array(fashion))
+    xd.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz",
+                 rng.integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    xd.write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(4))
+    with pytest.raises(XbmError, match="are fashion-mnist's .*folder of their own"):
+        xd.load_dataset("mnist", root=tmp_path)
+    assert xd.load_dataset("fashion-mnist", root=tmp_path).train_y.tolist() == fashion

