@@ -219,22 +219,29 @@ def test_a_data_root_falls_back_to_the_cached_default_backbone(tmp_path, monkeyp
     assert path == default
 
 
-def test_a_data_root_backbone_records_the_root_in_its_rebuild_command(tmp_path):
-    """The recipe a bundle keeps must rebuild the backbone: one pretrained from ``--data-root``
-    copies needs that root in the command, or the command pretrains on other data."""
+def _write_idx_root(root) -> None:
+    """Four tiny MNIST-style IDX files (16 training, 8 test images) in ``root``."""
     import numpy as np
-    import torch
 
     from xbm import data as xd
-    from xbm.train.pretrain import pretrain, pretrain_command
 
-    root = tmp_path / "my fm"
-    root.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("t10k", 8)):
         xd.write_idx(root / f"{split}-images-idx3-ubyte.gz",
                      rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         xd.write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_a_data_root_backbone_records_the_root_in_its_rebuild_command(tmp_path):
+    """The recipe a bundle keeps must rebuild the backbone: one pretrained from ``--data-root``
+    copies needs that root in the command, or the command pretrains on other data."""
+    import torch
+
+    from xbm.train.pretrain import pretrain, pretrain_command
+
+    root = tmp_path / "my fm"
+    root.mkdir()
+    _write_idx_root(root)
     cfg = PretrainConfig(model="small_cnn", width=2, epochs=1, batch_size=8, precision="fp32")
     _, meta = pretrain(cfg, torch.device("cpu"), root=str(root), progress=False,
                        log=lambda *a: None)
@@ -246,19 +253,13 @@ def test_a_data_root_backbone_records_the_root_in_its_rebuild_command(tmp_path):
 def test_pretrain_refuses_a_subset_larger_than_the_data(tmp_path):
     """It trained on the whole set and cached it under an ``-n100000`` name, a second copy of
     the plain recipe's backbone."""
-    import numpy as np
     import pytest
     import torch
 
-    from xbm import data as xd
     from xbm.errors import ConfigError
     from xbm.train.pretrain import pretrain
 
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("t10k", 8)):
-        xd.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz",
-                     rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        xd.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    _write_idx_root(tmp_path)
     cfg = PretrainConfig(model="small_cnn", width=2, epochs=1, batch_size=8, precision="fp32",
                          train_subset=17)
     out = tmp_path / "bb.safetensors"
