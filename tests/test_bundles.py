@@ -57,7 +57,8 @@ def test_bundle_refuses_another_backbone(trained):
 
 def test_bundle_refuses_another_spec(trained):
     _, path = trained
-    with pytest.raises(BundleError, match="rows"):
+    with pytest.raises(BundleError, match=r"another crossbar spec \(rows 16 against this "
+                                          r"model's 8\); build the model with the bundle's spec"):
         build(rows=8).load_bundle(path)
 
 

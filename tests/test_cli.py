@@ -237,6 +237,44 @@ def test_unknown_augmentation_in_yaml_is_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("text,needle", [
+    ("width: [4\n", "is not valid YAML at line 2, column 1"),
+    ("- width\n- 4\n", "must hold a mapping of field: value"),
+    (b"width: \xff\n", "is not UTF-8 text"),
+])
+def test_a_broken_config_file_is_one_line_before_any_work(text, needle, tmp_path, capsys):
+    cfg = tmp_path / "demo.yaml"
+    if isinstance(text, bytes):
+        cfg.write_bytes(text)
+    else:
+        cfg.write_text(text)
+    rc = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("xbm: error: config file") and needle in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("exc,rc,needle", [
+    (OSError(28, "No space left on device", "/full/results.json"), 2,
+     "xbm: error: /full/results.json: No space left on device; check the path and free space"),
+    (KeyboardInterrupt(), 130, "xbm: interrupted"),
+])
+def test_a_failure_no_check_foresaw_is_one_line(exc, rc, needle, capsys, monkeypatch):
+    """A full disk or Ctrl-C in the middle of a command: one line and the exit status a shell
+    expects, not a traceback."""
+    import xbm.cli
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(xbm.cli, "cmd_map", fail)  # the parser binds it when main builds it
+    assert main(["map", "--model", "resnet18_cifar"]) == rc
+    err = capsys.readouterr().err.strip()
+    assert err == needle or err.startswith(needle), err
+    assert len(err.splitlines()) == 1
+
+
 def test_empty_image_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     rc = main(["adapt", "--dataset", f"folder:{tmp_path / 'imgs'}", "--method", "xbm"])

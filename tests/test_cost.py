@@ -641,3 +641,18 @@ def test_table_names_the_presets_constants(capsys) -> None:
         tables[e] = next(ln for ln in out.splitlines() if ln.startswith("preset constants:"))
     assert "8 columns per ADC" in tables["neurosim"]
     assert "128 columns per ADC" in tables["isaac"]
+
+
+def test_table_shows_the_inference_latency_the_json_has(capsys) -> None:
+    """The table's seconds per image are the JSON's ``inference_latency_s`` (it was JSON-only
+    until session 19)."""
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm")
+    assert rc == 0
+    head, _, *rows = out.splitlines()
+    end = head.index("infer s/img") + len("infer s/img")  # right-aligned under its header
+    shown = {r.split()[0]: float(r[end - 11:end]) for r in rows[:2]}
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm", "--json")
+    methods = json.loads(out)["methods"]
+    for m in ("piggyback", "xbm"):
+        assert shown[m] == pytest.approx(methods[m]["inference_latency_s"], rel=1e-2)
+        assert shown[m] > 0

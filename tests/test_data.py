@@ -308,6 +308,28 @@ def test_letters_registry_uses_xbm_cache(tmp_path, monkeypatch):
     assert xd.load_dataset("letters").num_classes == 26
 
 
+def test_letters_reads_a_data_root_and_never_writes_it(tmp_path, monkeypatch):
+    """A rendering copied into a data root is used; without one the task is rendered into
+    $XBM_CACHE, and the data root (the user's copies, maybe read-only) is left as it was."""
+    from xbm.data import letters
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(letters, "TRAIN_PER_CLASS", 2)
+    monkeypatch.setattr(letters, "TEST_PER_CLASS", 1)
+    monkeypatch.setattr(letters.make_letters, "__defaults__", (2, 1, 0, 28, None, True))
+    root = tmp_path / "root"
+    root.mkdir()
+    a = xd.load_dataset("letters", root=str(root))
+    assert list(root.iterdir()) == []  # rendered into the cache, not the root
+    (cached,) = (tmp_path / "cache" / "letters").glob("*.pt")
+    (root / "letters").mkdir()
+    blob = torch.load(cached, weights_only=True)
+    blob["train_x"] = blob["train_x"].flip(-1)  # a copy this test can tell from a rendering
+    torch.save(blob, root / "letters" / cached.name)
+    b = xd.load_dataset("letters", root=str(root))
+    assert torch.equal(b.train_x, a.train_x.flip(-1))
+
+
 # ------------------------------------------------------------------------------------------------
 # digits
 # ------------------------------------------------------------------------------------------------

@@ -475,10 +475,12 @@ class MultiTaskModel(nn.Module):
                 f"backbone is {self.backbone_hash}; load it onto the backbone it was trained on"
             )
         if spec.geometry_dict() != self.spec.geometry_dict():
-            diff = [k for k, v in spec.geometry_dict().items() if self.spec.geometry_dict()[k] != v]
+            mine = self.spec.geometry_dict()
+            diff = [f"{k} {v} against this model's {mine[k]}"
+                    for k, v in spec.geometry_dict().items() if mine[k] != v]
             raise BundleError(
-                f"{path}: bundle was learned on another crossbar spec (differs in "
-                f"{', '.join(diff)}); build the model with the bundle's spec"
+                f"{path}: bundle was learned on another crossbar spec ({'; '.join(diff)}); "
+                "build the model with the bundle's spec (xbm.multitask.read_bundle_meta returns it)"
             )
         clash = [ti.name for ti in infos if ti.name in self.tasks]
         if clash:

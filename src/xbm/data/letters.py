@@ -162,8 +162,19 @@ def _cache_key(paths: list[Path], n_train: int, n_test: int, seed: int, image_si
             "torch": torch.__version__.split("+")[0]}
 
 
-def make_letters(n_train_per_class: int = 500, n_test_per_class: int = 100, seed: int = 0,
-                 image_size: int = 28, cache: str | os.PathLike | None = None,
+def _cache_file(cache: str | os.PathLike | None, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache if cache is not None else cache_dir()) / "letters" / \
+        f"{LETTERS_VERSION}-{digest}.pt"
+
+
+#: The registered task's sizes (``make_letters``' defaults).
+TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE = 500, 100, 28
+
+
+def make_letters(n_train_per_class: int = TRAIN_PER_CLASS,
+                 n_test_per_class: int = TEST_PER_CLASS, seed: int = 0,
+                 image_size: int = IMAGE_SIZE, cache: str | os.PathLike | None = None,
                  use_cache: bool = True) -> TaskData:
     """Generate (or load from cache) the letters task.
 
@@ -178,9 +189,7 @@ def make_letters(n_train_per_class: int = 500, n_test_per_class: int = 100, seed
     """
     paths = font_paths()
     key = _cache_key(paths, n_train_per_class, n_test_per_class, seed, image_size)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache_file = Path(cache if cache is not None else cache_dir()) / "letters" / \
-        f"{LETTERS_VERSION}-{digest}.pt"
+    cache_file = _cache_file(cache, key)
     names = ("train_x", "train_y", "test_x", "test_y")
     if use_cache and cache_file.is_file():
         try:
@@ -206,5 +215,15 @@ def make_letters(n_train_per_class: int = 500, n_test_per_class: int = 100, seed
 
 @register_dataset("letters")
 def load_letters(root: str | None = None, seed: int = 0) -> TaskData:
-    """The letters task with default sizes; ``root`` overrides the cache directory."""
-    return make_letters(seed=seed, cache=root)
+    """The letters task with default sizes.
+
+    A data root is read, never written: a rendering found in ``<root>/letters`` (copied from
+    another machine's cache, say) is used; otherwise the task is rendered and cached in
+    :func:`~xbm.data.registry.cache_dir`, as without a root. A data root holds the user's copies
+    of the packaged datasets, and may be shared or read-only.
+    """
+    if root is not None:
+        key = _cache_key(font_paths(), TRAIN_PER_CLASS, TEST_PER_CLASS, seed, IMAGE_SIZE)
+        if _cache_file(root, key).is_file():
+            return make_letters(seed=seed, cache=root)
+    return make_letters(seed=seed)

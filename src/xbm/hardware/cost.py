@@ -892,7 +892,7 @@ class CostReport:
         w = max([22, *(len(n) for n in names.values())])
         head = (f"{'method/task':<{w}} {'mask bits':>12} {'vs PB':>7} {'reprog cells':>13} "
                 f"{'adapt J':>10} {'switch J':>10} {'switch s':>9} {'infer J/img':>11} "
-                f"{'on-chip J':>10}")
+                f"{'infer s/img':>11} {'on-chip J':>10}")
         lines = [head, "-" * len(head)]
         # against Piggyback's one bit per weight, whether or not its row is shown; "-" for a
         # method without a mask, as the demo's table
@@ -904,7 +904,7 @@ class CostReport:
                 f"{names[id(c)]:<{w}} {c.mask_bits:>12,} {vs:>7} {c.reprogrammed_cells:>13,} "
                 f"{c.energy('deploy'):>10.3e} {c.energy('switch'):>10.3e} "
                 f"{c.time('switch'):>9.2e} {c.energy('inference'):>11.3e} "
-                f"{c.energy('onchip'):>10.3e}")
+                f"{c.time('inference'):>11.2e} {c.energy('onchip'):>10.3e}")
         s = self.spec
         a = self.assumptions
         lines.append("-" * len(head))
