@@ -267,3 +267,42 @@ def test_pretrain_refuses_a_subset_larger_than_the_data(tmp_path):
         pretrain(cfg, torch.device("cpu"), out, root=str(tmp_path), progress=False,
                  log=lambda *a: None)
     assert not out.exists()
+
+
+_ODD_BATCH_SCRIPT = """
+import sys, torch
+from xbm.train import pretrain as P
+
+seen, build = [], P.build_model
+
+def spy(arch):
+    model = build(arch)
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    conv.register_forward_pre_hook(lambda m, inp: seen.append(
+        (inp[0].shape[0], m.weight.is_contiguous(memory_format=torch.channels_last)))
+        if m.training else None)
+    return model
+
+P.build_model = spy
+cfg = P.PretrainConfig(model="resnet18_cifar", width=4, epochs=2, batch_size=7,
+                       precision="fp32", augment="none", mixup=0)
+P.pretrain(cfg, torch.device("cpu"), root=sys.argv[1], progress=False, log=lambda *a: None)
+print(seen)
+"""
+
+
+def test_pretraining_runs_odd_batches_in_the_standard_layout(tmp_path):
+    """torch 2.13's oneDNN corrupts the heap (a segfault or "double free") in the weight gradient
+    of a channels-last convolution on a batch of odd size: an image folder or subset whose last
+    batch is odd killed ``xbm pretrain``. Odd batches now run in the standard layout, even ones
+    channels-last as before. A subprocess, so that a crash fails this test, not the suite."""
+    import ast
+    import subprocess
+    import sys
+
+    _write_idx_root(tmp_path)  # 16 images in batches of 7: 7, 7, 2 per epoch
+    run = subprocess.run([sys.executable, "-c", _ODD_BATCH_SCRIPT, str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert seen == [(7, False), (7, False), (2, True)] * 2
