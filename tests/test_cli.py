@@ -1076,3 +1076,32 @@ def test_eval_refuses_a_folder_whose_classes_were_renamed(tmp_path, capsys):
     assert main(["eval", "--bundle", str(bundle), *common]) == 2
     err = _one_line_error(capsys)
     assert "restore that folder's class sub-folders" in err, err
+
+
+def test_a_bundle_finds_the_backbone_file_adapt_was_given(tmp_path, capsys, monkeypatch):
+    """A backbone kept outside the cache (``xbm pretrain --out``): the bundle adapt makes on it
+    records the file, so eval and cost need no --backbone; a moved or replaced file is named."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))  # empty: no lookup by hash
+    imgs = _folder(tmp_path / "imgs")
+    bb = tmp_path / "mine" / "bb.safetensors"
+    bb.parent.mkdir()
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone",
+                 str(bb), "--out", str(bundle), "--rows", "16", "--cols", "16", "--epochs", "1",
+                 "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    for argv in (["eval", "--device", "cpu", "--no-progress"], ["cost"]):
+        assert main([*argv, "--bundle", str(bundle)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    bb.rename(tmp_path / "elsewhere.safetensors")
+    assert main(["eval", "--bundle", str(bundle), "--device", "cpu", "--no-progress"]) == 2
+    assert f"the file it was learned from, {bb}, is gone" in capsys.readouterr().err
+    torch.manual_seed(1)  # another backbone at the recorded path
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+
+    state = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
+    save_safetensors(bb, state, {"format": "xbm-backbone/1", "content_hash": tensors_hash(state)})
+    assert main(["cost", "--bundle", str(bundle)]) == 2
+    assert f"{bb}, now holds another backbone" in capsys.readouterr().err

@@ -165,7 +165,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:  # another recipe: the commands' default backbone is not this one
         import shlex
 
-        print(f"to adapt or simulate on it, pass --backbone {shlex.quote(str(out))}")
+        print(f"to adapt or simulate on it, pass --backbone {shlex.quote(str(out))} (the "
+              "bundles adapt makes on it record this file, so eval and cost find it there)")
     return 0
 
 
@@ -410,8 +411,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     seed_everything(args.seed)
-    mtm = MultiTaskModel(backbone, spec, arch=meta["arch"],
-                         backbone_recipe=meta.get("config")).to(device)
+    mtm = MultiTaskModel(backbone, spec, arch=meta["arch"], backbone_recipe=meta.get("config"),
+                         backbone_file=args.backbone).to(device)
     new_bundle = not (args.bundle and Path(args.bundle).exists())
     if not new_bundle:
         mtm.load_bundle(args.bundle)

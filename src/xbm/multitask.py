@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,16 +146,22 @@ class MultiTaskModel(nn.Module):
         backbone_recipe: the backbone's pretraining config (its metadata's ``config``), saved
             with bundles so that a missing backbone can be named by the command that rebuilds
             it.
+        backbone_file: the file the backbone was loaded from, saved (as an absolute path) with
+            bundles: a backbone kept outside the cache (``xbm pretrain --out``) is found there
+            again, if its content hash still matches.
     """
 
     def __init__(self, backbone: nn.Module, spec: CrossbarSpec | str,
                  filter_fn: FilterFn | None = None, head_name: str = "fc",
                  arch: dict[str, Any] | None = None,
-                 backbone_recipe: dict[str, Any] | None = None) -> None:
+                 backbone_recipe: dict[str, Any] | None = None,
+                 backbone_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})
         self.backbone_recipe = dict(backbone_recipe) if backbone_recipe else None
+        self.backbone_file = os.path.abspath(os.path.expanduser(backbone_file)) \
+            if backbone_file else None
         self.head_name = head_name
         self.model = apply(backbone, self.spec, filter_fn, head_name)
         self.tasks: dict[str, TaskInfo] = {}
@@ -452,6 +459,8 @@ class MultiTaskModel(nn.Module):
         }
         if self.backbone_recipe:
             meta["backbone_recipe"] = self.backbone_recipe
+        if self.backbone_file:
+            meta["backbone_file"] = self.backbone_file
         save_safetensors(path, tensors, meta)
 
     def load_bundle(self, path: str | Path) -> list[str]:
@@ -535,4 +544,6 @@ class MultiTaskModel(nn.Module):
             self.set_task(active)
         if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
             self.backbone_recipe = dict(meta["backbone_recipe"])  # kept when saved again
+        if self.backbone_file is None and isinstance(meta.get("backbone_file"), str):
+            self.backbone_file = meta["backbone_file"]
         return added

@@ -334,20 +334,26 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def find_cached_backbone(backbone_hash: str) -> Path | None:
-    """The cached backbone (``$XBM_CACHE/backbones``) whose content hash is ``backbone_hash``."""
+def backbone_file_hash(path: str | Path) -> str | None:
+    """The content hash a backbone file's header records; None for a missing or unreadable
+    file (the tensors themselves are checked against it when the file is loaded)."""
     import json
 
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = json.loads((f.metadata() or {}).get("content_hash", "null"))
+    except Exception:  # missing, a folder, not safetensors: simply not a match
+        return None
+    return found if isinstance(found, str) else None
+
+
+def find_cached_backbone(backbone_hash: str) -> Path | None:
+    """The cached backbone (``$XBM_CACHE/backbones``) whose content hash is ``backbone_hash``."""
     folder = cache_dir() / "backbones"
     for p in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                found = json.loads((f.metadata() or {}).get("content_hash", "null"))
-        except Exception:  # an unreadable cache entry is simply not a match
-            continue
-        if found == backbone_hash:
+        if backbone_file_hash(p) == backbone_hash:
             return p
     return None
 
@@ -402,6 +408,15 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
         raise BundleError(f"{bundle}: bundle records no backbone hash; it is corrupt, re-create "
                           "it with xbm adapt")
     found = find_cached_backbone(str(h))
+    recorded = bundle_meta.get("backbone_file")
+    moved = ""
+    if found is None and isinstance(recorded, str):
+        # the file adapt's --backbone named (a backbone kept outside the cache), if it still
+        # holds the same backbone
+        if backbone_file_hash(recorded) == h:
+            return Path(recorded)
+        moved = (f"; the file it was learned from, {recorded}, "
+                 + ("now holds another backbone" if Path(recorded).exists() else "is gone"))
     if found is None:
         recipe = bundle_meta.get("backbone_recipe")
         cfg, cmd = recipe_config(recipe), pretrain_command(recipe)
@@ -415,8 +430,8 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
                    "on the same kind of machine" if cmd else
                    "or re-create it with the xbm pretrain command that made it")
         raise BundleError(
-            f"{bundle}: no cached backbone matches its backbone hash {h}; pass the backbone it "
-            f"was learned on with --backbone PATH ({rebuild})")
+            f"{bundle}: no cached backbone matches its backbone hash {h}{moved}; pass the "
+            f"backbone it was learned on with --backbone PATH ({rebuild})")
     return found
 
 
