@@ -1105,3 +1105,24 @@ def test_a_bundle_finds_the_backbone_file_adapt_was_given(tmp_path, capsys, monk
     save_safetensors(bb, state, {"format": "xbm-backbone/1", "content_hash": tensors_hash(state)})
     assert main(["cost", "--bundle", str(bundle)]) == 2
     assert f"{bb}, now holds another backbone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "simulate", "cost"])
+def test_a_wrong_backbone_for_a_bundle_is_said_in_the_flags_words(command, tmp_path, capsys):
+    """eval used to answer with load_bundle's Python wording ("load it onto the backbone it
+    was trained on"), cost with the first differing field."""
+    path, _ = _folder_task_bundle(tmp_path, 2, f"folder:{_folder(tmp_path / 'imgs')}")
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+
+    torch.manual_seed(1)
+    state = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
+    other = tmp_path / "other.safetensors"
+    save_safetensors(other, state, {"format": "xbm-backbone/1", "content_hash": tensors_hash(
+        state), "arch": {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "width": 4}})
+    extra = [] if command == "cost" else ["--device", "cpu", "--no-progress"]
+    assert main([command, "--bundle", str(path), "--backbone", str(other), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xbm: error: {path} was learned on the backbone with hash")
+    assert f"--backbone {other} has" in err and "drop --backbone to use the bundle's own" in err
+    assert len(err.splitlines()) == 1

@@ -278,8 +278,10 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj, rank):
     per_cell = preset.write_energy_per_cell_j()
     budget = budget_uj * 1e-6
     mtm = _mtm(SMALL_SPEC)
-    _train(mtm, "t", "xma2", {"pe_budget": 1.0, "warmup_steps": 2, "energy_budget_j": budget,
-                              "energy_rank": rank})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(mtm, "t", "xma2", {"pe_budget": 1.0, "warmup_steps": 2, "energy_budget_j": budget,
+                                  "energy_rank": rank})
     method = mtm.methods["t"]
     states = list(mtm.layer_states("t"))
     for _, layer, st in states:
@@ -291,6 +293,11 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj, rank):
     reserve = sum(st.pe_mask.numel() + 3 * st.score.numel() for _, _, st in states) * \
         preset.periphery.mask_bit_write_energy_j
     assert spent * per_cell + reserve <= budget + 1e-18 or spent == 0
+    # a budget the mask write alone overruns is said, not silently exceeded
+    said = [str(w.message) for w in caught if "below the" in str(w.message)]
+    assert len(said) == (1 if budget < reserve else 0), said
+    if said:
+        assert f"is below the {reserve:.3g} J that writing the task's mask bits takes" in said[0]
     deploy = task_costs(mtm, "t", "default", input_size=28)["adaption_energy_j"]
     assert deploy <= budget + 1e-18 or budget_uj == 0.0
     # reference greedy walk down the ranking, skipping PEs that would overrun

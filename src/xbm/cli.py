@@ -261,6 +261,9 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
         if args.backbone:
             model, meta = load_backbone(args.backbone)
             source = f"the backbone {args.backbone}"
+            if bundle_meta is not None:
+                check_bundle_backbone(args.bundle, bundle_meta, args.backbone, meta,
+                                      adapt=getattr(args, "command", None) == "adapt")
         else:
             from xbm.train.pretrain import bundle_backbone_path
 
@@ -274,6 +277,21 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
     model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
                                   progress=not args.no_progress, log=log)
     return model, meta
+
+
+def check_bundle_backbone(bundle: str | Path, bundle_meta: dict[str, Any], backbone: str | Path,
+                          backbone_meta: dict[str, Any], adapt: bool = False) -> None:
+    """A ``--backbone`` given with a ``--bundle`` must be the backbone the bundle was learned
+    on; said here in the flags' words, before ``load_bundle`` refuses it in Python's."""
+    want, have = bundle_meta.get("backbone_hash"), backbone_meta.get("content_hash")
+    if want == have:
+        return
+    fix = ("drop --backbone (the bundle's own is found by its hash), or give --out "
+           "NEW.safetensors instead of --bundle to start a bundle on this backbone" if adapt else
+           "drop --backbone to use the bundle's own (found in the cache by its hash, or at the "
+           "file adapt was given), or pass the backbone it was learned on")
+    raise XbmError(f"{bundle} was learned on the backbone with hash {want}, --backbone "
+                   f"{backbone} has {have}; {fix}")
 
 
 def _check_arch_flags(args: argparse.Namespace, arch: dict[str, Any], source: str) -> None:
@@ -384,13 +402,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
-    if loaded is not None and bundle_meta is not None and args.backbone and \
-            bundle_meta.get("backbone_hash") != loaded[1].get("content_hash"):
-        raise XbmError(f"{args.bundle} was learned on the backbone with hash "
-                       f"{bundle_meta.get('backbone_hash')}, --backbone {args.backbone} has "
-                       f"{loaded[1].get('content_hash')}; drop --backbone (the bundle's own is "
-                       "found in the cache by its hash), or give --out NEW.safetensors instead "
-                       "of --bundle to start a bundle on this backbone")
     data = load_dataset(args.dataset, root=args.data_root)
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name

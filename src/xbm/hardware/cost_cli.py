@@ -155,6 +155,10 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         raise BundleError(f"{bundle}: bundle belongs to another backbone (arch.{diff[0]} is "
                           f"{arch.get(diff[0])!r}, {path} has {bmeta['arch'].get(diff[0])!r}); "
                           "pass the backbone it was learned on with --backbone")
+    if backbone is not None:
+        from xbm.cli import check_bundle_backbone
+
+        check_bundle_backbone(bundle, meta, backbone, bmeta)
     mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
                          head_name=meta.get("head_name", "fc"))
     mtm.load_bundle(bundle)

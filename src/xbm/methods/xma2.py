@@ -123,7 +123,8 @@ class XMA2Config(XMAConfig):
     ``write_energy_per_cell_j`` (write pulses plus verify reads) fit in the budget left after
     the task's largest mask write (tier-1 and tier-2 bits x ``mask_bit_write_energy_j``). Both
     are upper bounds, so the cost model's ``adaption_energy_j`` of the task (changed weights
-    only, plus its mask bits) is at most this. ``pe_budget`` still caps the count: set it to
+    only, plus its mask bits) is at most this, unless the mask write alone is more: a warning
+    says so (the mask bits cannot be skipped). ``pe_budget`` still caps the count: set it to
     1.0 to budget by energy alone."""
 
     energy_preset: str = "default"
@@ -314,7 +315,15 @@ class XMA2(XMA):
         # reserve the mask write at its largest (no PE selected), so deploy energy fits too
         bits = sum(st.pe_mask.numel() + self.config.bits_per_column * st.score.numel()
                    for _, st in self._layers)
-        spare = self.config.energy_budget_j - bits * preset.periphery.mask_bit_write_energy_j
+        mask_j = bits * preset.periphery.mask_bit_write_energy_j
+        spare = self.config.energy_budget_j - mask_j
+        if spare < 0:  # the mask write alone overruns: say so rather than exceed it silently
+            warnings.warn(
+                f"xma2: energy_budget_j {self.config.energy_budget_j:.3g} J is below the "
+                f"{mask_j:.3g} J that writing the task's mask bits takes ({bits:,} bits, preset "
+                f"{self.config.energy_preset!r}): no PE is re-programmed and the task's deploy "
+                f"energy, its mask write, exceeds the budget; set at least {mask_j:.3g} J",
+                XbmWarning, stacklevel=user_stacklevel())
         left = int(math.floor(spare / per_cell + 1e-9)) if spare > 0 else 0
         taken = 0
         for i in order.tolist():
