@@ -306,3 +306,25 @@ def test_pretraining_runs_odd_batches_in_the_standard_layout(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     seen = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert seen == [(7, False), (7, False), (2, True)] * 2
+
+
+@pytest.mark.parametrize("acc,warned", [(9.0, True), (18.9, True), (19.1, False), (80.0, False)])
+def test_a_backbone_near_chance_is_warned_about(acc, warned, tmp_path, monkeypatch):
+    """A backbone at chance (too few images or epochs) let every later task score the
+    majority class without a word."""
+    import warnings
+
+    from xbm.train import pretrain as P
+
+    _write_idx_root(tmp_path)
+    monkeypatch.setattr(P, "evaluate", lambda *a, **k: acc)
+    cfg = PretrainConfig(model="small_cnn", width=2, epochs=1, batch_size=8, precision="fp32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        P.pretrain(cfg, torch.device("cpu"), root=str(tmp_path), progress=False,
+                   log=lambda *a: None)
+    said = [str(w.message) for w in caught if "near chance" in str(w.message)]
+    assert len(said) == warned
+    if warned:
+        assert said[0].startswith(f"the backbone reached {acc:.2f}% on fashion-mnist's test set, "
+                                  "near chance (10.0% for 10 classes)")

@@ -205,6 +205,9 @@ def test_map_width_gives_the_demo_backbones_mapping(capsys):
     (["demo", "--methods", "xbm,bogus"], "unknown method 'bogus'"),
     (["demo", "--benchmark", "bogus"], "unknown benchmark"),
     (["adapt", "--dataset", "nope-data", "--method", "xbm"], "unknown dataset"),
+    # a path is an image folder, missing, not an unknown dataset name
+    (["adapt", "--dataset", "./no/such-folder", "--method", "xbm"],
+     "no/such-folder: image folder does not exist; check the path"),
     (["adapt", "--dataset", "mnist", "--method", "bogus"], "unknown method"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "foo"],
      "--set takes FIELD=VALUE"),
@@ -253,6 +256,16 @@ def test_a_broken_config_file_is_one_line_before_any_work(text, needle, tmp_path
     assert rc == 2 and err.startswith("xbm: error: config file") and needle in err, err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_demo_config_given_as_a_method_config_says_which_is_which(tmp_path, capsys):
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("epochs: 1\nmethod_configs: {xma2: {pe_budget: 0.05}}\n")
+    rc = main(["adapt", "--dataset", "mnist", "--method", "xma2", "--method-config", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"--method-config {cfg} is an xbm demo config" in err
+    assert "pass this file to xbm demo --config, or put its method_configs.xma2 fields" in err
 
 
 @pytest.mark.parametrize("exc,rc,needle", [
@@ -496,6 +509,18 @@ def test_image_folder_needs_two_classes_and_a_test_split(tmp_path):
         img(tmp_path / "tiny" / c / "0.png")
     with pytest.raises(XbmError, match="leave no test images"):
         load_image_folder(tmp_path / "tiny")
+    # a train/ of class folders next to a class folder: a half-made split, said as such
+    for c in ("circle", "train/circle", "train/square"):
+        for i in range(5):
+            img(tmp_path / "half" / c / f"{i}.png")
+    with pytest.raises(XbmError, match=r"train/ holds class folders, as in a train/test split, "
+                                       r"next to class folders \(circle/\)"):
+        load_image_folder(tmp_path / "half")
+    # ...while a class that happens to be called "train" (its images directly in it) is a class
+    for c in ("circle", "train"):
+        for i in range(5):
+            img(tmp_path / "trains" / c / f"{i}.png")
+    assert load_image_folder(tmp_path / "trains").classes == ["circle", "train"]
 
 
 @needs_data
@@ -568,9 +593,15 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path / "work")
     assert main(["adapt", "--dataset", "imgs", "--method", "xbm", "--backbone", str(bb),
                  "--rows", "16", "--cols", "16", "--batch-size", "4", "--out", "b.safetensors",
-                 "--device", "cpu", "--no-progress", "--json", "--precision", "bf16"]) == 0
-    rec = json.loads(capsys.readouterr().out)
+                 "--device", "cpu", "--no-progress", "--json", "--precision", "bf16",
+                 "--test-subset", "500"]) == 0
+    out, err = capsys.readouterr()
+    rec = json.loads(out)
     assert rec["precision"] == "bf16"  # as asked, not auto's
+    # what the accuracy rests on: 12 images split 80/20 per class (the note on stderr: --json)
+    assert (rec["train_images"], rec["test_images"], rec["classes"]) == (10, 2, 2)
+    assert "imgs: 10 training and 2 test images, 2 classes (--test-subset 500 is more than " \
+        "the 2 there: all used)" in err
     assert rec["task"] == "imgs" and rec["new_bundle"] is True  # named after the folder
     # a symlinked folder is named as the user named it, not after its target
     (tmp_path / "work" / "birds").symlink_to(tmp_path / "work" / "imgs")
@@ -578,6 +609,17 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--cols", "16", "--batch-size", "4", "--out", "b2.safetensors",
                  "--device", "cpu", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "birds"
+    # accents are folded into the ASCII that task names allow, not dropped
+    (tmp_path / "work" / "Ümlaut").symlink_to(tmp_path / "work" / "imgs")
+    assert main(["adapt", "--dataset", "folder:Ümlaut", "--backbone", str(bb), "--rows", "16",
+                 "--cols", "16", "--batch-size", "4", "--out", "b3.safetensors",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "Umlaut"
+    for bad in ("", "a b"):  # an empty --task was the folder's name, silently
+        assert main(["adapt", "--dataset", "imgs", "--task", bad, "--backbone", str(bb),
+                     "--out", "b4.safetensors", "--device", "cpu", "--no-progress"]) == 2
+        assert f"--task {bad!r} is invalid: use 1-64 letters" in _one_line_error(capsys)
+    assert not Path("b4.safetensors").exists()
     # a bundle written under another suffix before the *.safetensors rule is still extended
     import shutil
 
@@ -748,7 +790,8 @@ def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
                  "--dataset", f"folder:{imgs}"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["task", "method", "dataset", "accuracy"] and out[1].startswith("t ")
+    assert out[0].split() == ["task", "method", "dataset", "accuracy", "test", "images"]
+    assert out[1].startswith("t ") and out[1].split()[-1] == "2"  # 12 images, 20%: 2 to test
 
 
 @pytest.mark.parametrize("command", ["eval", "simulate"])
@@ -842,9 +885,10 @@ def test_missing_backbone_error_gives_the_pretrain_command(tmp_path, capsys, mon
                  "--no-progress"]) == 0
     capsys.readouterr()
     monkeypatch.chdir(tmp_path / "my imgs")  # somewhere else
+    bb.unlink()  # the file adapt was given (the bundle records it) is gone too
     assert main(["eval", "--bundle", str(bundle), "--device", "cpu"]) == 2  # empty cache
     err = _one_line_error(capsys)
-    assert "no cached backbone matches" in err
+    assert "no cached backbone matches" in err and f"{bb}, is gone" in err
     argv = shlex.split(err.split("`")[1])
     assert argv[:2] == ["xbm", "pretrain"]
     flags = dict(zip(argv[2::2], argv[3::2], strict=True))

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -377,6 +378,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
+    if "method_configs" in method_cfg:  # a demo config, given where one method's fields go
+        entry = method_cfg["method_configs"]
+        hint = (f"put its method_configs.{args.method} fields in a file of their own"
+                if isinstance(entry, dict) and args.method in entry else
+                f"give a file of {args.method}'s own fields (xbm methods lists them)")
+        raise XbmError(f"--method-config {args.method_config} is an xbm demo config "
+                       "(method_configs:); --method-config takes one method's fields, e.g. "
+                       f"`lr: 1e-3`: pass this file to xbm demo --config, or {hint}")
     for kv in args.set or []:
         k, eq, v = kv.partition("=")
         if not eq or not k.strip():
@@ -403,7 +412,16 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
     data = load_dataset(args.dataset, root=args.data_root)
+    full = (len(data.train_y), len(data.test_y))
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
+    # what the accuracy will rest on: with a few test images each one moves it by whole points
+    over = [f"{flag} {n} is more than the {have} there: all used"
+            for flag, n, have in (("--train-subset", args.train_subset, full[0]),
+                                  ("--test-subset", args.test_subset, full[1]))
+            if n is not None and n > have]
+    (sys.stderr if args.json else sys.stdout).write(
+        f"{args.dataset}: {len(data.train_y):,} training and {len(data.test_y):,} test images, "
+        f"{data.num_classes} classes" + (f" ({'; '.join(over)})" if over else "") + "\n")
     # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
     # keeps only what task names allow (letters, digits, -, _)
     from xbm.data.registry import image_folder_path
@@ -411,7 +429,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     folder = image_folder_path(args.dataset)
     # abspath, not resolve(): a symlinked folder is named as the user named it
     stem = data.name if folder is None else Path(os.path.abspath(os.path.expanduser(folder))).name
-    task = args.task or re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[-64:] or "task"
+    # accents folded (Ümlaut -> Umlaut), not dropped: names are ASCII, as tensor keys
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    task = args.task if args.task is not None else \
+        re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
+    from xbm.multitask import check_task_name
+
+    check_task_name(task, "--task")  # now, not after minutes of pretraining
     if task in {t.name for t in bundle_tasks}:
         raise XbmError(f"{args.bundle} already holds a task {task!r}; pass --task NAME to add "
                        "this one under another name, or --out NEW.safetensors instead of "
@@ -444,7 +468,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
            "train_seconds": round(tr.train_seconds, 3), "precision": precision,
-           "cuda_graph": tr.cuda_graph,
+           "cuda_graph": tr.cuda_graph, "train_images": len(data.train_y),
+           "test_images": len(data.test_y), "classes": data.num_classes,
            "bundle": str(out), "new_bundle": new_bundle}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
@@ -474,7 +499,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, test_loader = data.loaders(args.batch_size, seed=args.seed)
         acc = evaluate_task(mtm, t, test_loader, device)
         out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
-                    "accuracy": round(acc, 4)})
+                    "accuracy": round(acc, 4), "test_images": len(data.test_y)})
     if args.json:  # an object, as adapt's and cost's: what was evaluated, then the tasks
         print(json.dumps({"bundle": str(args.bundle), "backbone_hash": bmeta.get("content_hash"),
                           "seed": args.seed, "test_subset": args.test_subset, "tasks": out},
@@ -482,10 +507,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         wt = max([4, *(len(r["task"]) for r in out)])
         wd = max([7, *(len(r["dataset"]) for r in out)])
-        print(f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy")
+        print(f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy  test images")
         for r in out:
             print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
-                  f"{r['accuracy']:.2f}%")
+                  f"{r['accuracy']:>7.2f}%  {r['test_images']:>11,}")
     return 0
 
 

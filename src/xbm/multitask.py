@@ -104,6 +104,17 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
     return spec, tasks
 
 
+def check_task_name(name: object, flag: str | None = None) -> None:
+    """Task names key tensors in bundles: 1-64 ASCII letters, digits, ``-`` or ``_``.
+
+    Raises:
+        XbmError: naming ``flag`` when given.
+    """
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        what = f"{flag} {name!r}" if flag else f"task name {name!r}"
+        raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'")
+
+
 def _as_spec(spec: CrossbarSpec | str) -> CrossbarSpec:
     """A spec or a preset name (``xbm.get_spec``); anything else is refused here, before the
     conversion, rather than failing later inside a layer."""
@@ -204,8 +215,7 @@ class MultiTaskModel(nn.Module):
         ``filter(lambda p: p.requires_grad, model.parameters())`` trains just this task. If
         anything fails, the model is left as it was.
         """
-        if not isinstance(name, str) or not _TASK_NAME.match(name):
-            raise XbmError(f"task name {name!r} is invalid: use 1-64 letters, digits, '-' or '_'")
+        check_task_name(name)
         if name == BASE_TASK:
             raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
                            "task; pick another name")

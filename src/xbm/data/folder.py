@@ -223,6 +223,13 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                        "train/ and a test/ (or val/) folder; add the missing one with the same "
                        "class sub-folders, or put the class folders directly in "
                        f"{root} to have them split 80/20")
+    for split in split_names:  # a half-made split next to class folders, not a class "train"
+        if not _images_in(root / split) and _class_dirs(root / split):
+            others = [c for c in classes if c not in split_names]
+            raise XbmError(f"{root}: {split}/ holds class folders, as in a train/test split, "
+                           f"next to class folders ({', '.join(c + '/' for c in others)}); "
+                           "put every class under train/ and test/ (or val/), or every class "
+                           f"folder directly in {root} to have them split 80/20")
     _need_two(root, classes)
     x, y, names = _load_split(root, classes, mode, image_size)
     n_test = round(y.numel() * test_fraction)

@@ -52,14 +52,19 @@ def cache_dir() -> Path:
 
 
 def image_folder_path(name: str) -> str | None:
-    """The path of the image folder ``name`` names (``folder:PATH``, or an existing directory
-    that is not a registered name), as given; ``None`` for a registered dataset. The one rule
-    :func:`load_dataset`, :func:`dataset_reference` and task naming share."""
+    """The path of the image folder ``name`` names (``folder:PATH``, an existing directory
+    that is not a registered name, or a name with a slash or a leading ``.`` or ``~``), as
+    given; ``None`` for a registered dataset. The one rule :func:`load_dataset`,
+    :func:`dataset_reference` and task naming share."""
     if name.startswith(FOLDER_PREFIX):
         return name[len(FOLDER_PREFIX):]
-    if name not in _REGISTRY and os.path.isdir(name):
-        return name
+    if name not in _REGISTRY and (os.path.isdir(name) or _looks_like_a_path(name)):
+        return name  # a path that is not there is said to be missing, not an unknown name
     return None
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return any(sep in name for sep in {"/", os.sep}) or name.startswith((".", "~"))
 
 
 def dataset_reference(name: str) -> str:
@@ -79,14 +84,14 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
         name: a registered name (see :func:`list_datasets`), ``folder:PATH``, or the path of an
             existing directory laid out as an image folder (see ``load_image_folder``).
         root: where to look for the dataset's files instead of its default location (for
-            ``letters``: the cache directory). Ignored for image folders.
+            ``letters``: a rendering copied there, else the cache). Ignored for image folders.
         seed: the *data* seed for datasets whose split or content is generated: ``digits``,
             ``letters`` and image folders without ``train/``/``test/``. Keep it constant across
             runs that should be compared (the default 0 is what benchmarks use); it is not the
             training seed. ``animal-mnist`` ignores it and always uses its fixed split.
 
     Raises:
-        UnknownNameError: the name is neither registered nor an existing directory.
+        UnknownNameError: the name is neither registered nor a path.
         DatasetNotFoundError: the dataset's files are not installed (message names the fix).
     """
     from xbm.data.folder import load_image_folder

@@ -292,6 +292,19 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
                 it.set_postfix(loss=f"{float(loss.detach()):.3f}")
     secs = time.perf_counter() - t0
     acc = evaluate(model, test_loader, device)
+    chance = 100.0 / max(data.num_classes, 1)
+    # within a tenth of the way from chance to 100%: every task adapted on it would inherit
+    # the failure, quietly
+    if acc < chance + 0.1 * (100.0 - chance):
+        import warnings
+
+        from xbm.errors import XbmWarning, user_stacklevel
+
+        warnings.warn(f"the backbone reached {acc:.2f}% on {cfg.dataset}'s test set, near chance "
+                      f"({chance:.1f}% for {data.num_classes} classes): mask methods can only "
+                      "select among the features it computes; pretrain longer (--epochs), "
+                      "wider (--width) or on more images", XbmWarning,
+                      stacklevel=user_stacklevel())
     model = model.cpu().to(memory_format=torch.contiguous_format)
     state = model.state_dict()
     meta = {
