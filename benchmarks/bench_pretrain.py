@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
+    if args.batch % 2:  # xbm.train.pretrain runs such batches in the standard layout
+        ap.error(f"--batch {args.batch} is odd: torch 2.13's oneDNN corrupts the heap in a "
+                 "channels-last convolution's weight gradient on odd batches; pass an even one")
 
     torch.manual_seed(0)
     base = create_model(args.model, num_classes=10, in_channels=1, width=args.width)

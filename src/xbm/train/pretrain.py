@@ -237,8 +237,10 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     # ...but not for a batch of odd size: torch 2.13's oneDNN corrupts the heap in the weight
     # gradient of a channels-last convolution there (AVX512-BF16 box, session 19: a segfault or
     # "double free" for batches of 3, 5, 7, ..., 67, 99, 127, plain torch, weights channels-last;
-    # none with the standard layout or any even batch). Such a batch (an odd last batch, an odd
-    # --batch-size) runs in the standard layout; the default recipe's batches are all even.
+    # none with the standard layout or any even batch; a lone strided 1x1 convolution with 8
+    # input channels is enough, likely oneDNN issue #6035, "1x1 convolution backward_weights
+    # writes past the rtus workspace (nhwc, IC < ic_block)"). Such a batch (an odd last batch,
+    # an odd --batch-size) runs in the standard layout; the default recipe's are all even.
     layout = torch.channels_last if channels_last else torch.contiguous_format
     train_loader, test_loader = data.loaders(cfg.batch_size, seed=cfg.seed, size=cfg.image_size)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
