@@ -279,8 +279,8 @@ def spy(arch):
     model = build(arch)
     conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     conv.register_forward_pre_hook(lambda m, inp: seen.append(
-        (inp[0].shape[0], m.weight.is_contiguous(memory_format=torch.channels_last)))
-        if m.training else None)
+        (inp[0].shape[0], m.weight.is_contiguous(memory_format=torch.channels_last),
+         m.weight.detach().double().sum().item())) if m.training else None)
     return model
 
 P.build_model = spy
@@ -297,6 +297,7 @@ def test_pretraining_runs_odd_batches_in_the_standard_layout(tmp_path):
     batch is odd killed ``xbm pretrain``. Odd batches now run in the standard layout, even ones
     channels-last as before. A subprocess, so that a crash fails this test, not the suite."""
     import ast
+    import itertools
     import subprocess
     import sys
 
@@ -305,7 +306,10 @@ def test_pretraining_runs_odd_batches_in_the_standard_layout(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     seen = ast.literal_eval(run.stdout.strip().splitlines()[-1])
-    assert seen == [(7, False), (7, False), (2, True)] * 2
+    assert [s[:2] for s in seen] == [(7, False), (7, False), (2, True)] * 2
+    # and every step, across each re-layout, still trains the weights the model holds
+    sums = [s[2] for s in seen]
+    assert all(a != b for a, b in itertools.pairwise(sums)), sums
 
 
 @pytest.mark.parametrize("acc,warned", [(9.0, True), (18.9, True), (19.1, False), (80.0, False)])

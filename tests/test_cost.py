@@ -535,8 +535,8 @@ def test_cli_bundle(capsys, tmp_path) -> None:
     _, backbone3, arch3 = _mtm(seed=0, width=8)
     bb3 = tmp_path / "bb3.safetensors"
     _save_backbone(bb3, backbone3, arch3)
-    assert "arch.width" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone",
-                                           str(bb3))
+    assert "another architecture (arch.width 8 against the bundle's 4)" in _one_line_error(
+        capsys, "--bundle", str(bundle), "--backbone", str(bb3))
     assert "rows" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb),
                                      "--rows", "64")
     # the text table names each task's method

@@ -314,9 +314,8 @@ def test_letters_reads_a_data_root_and_never_writes_it(tmp_path, monkeypatch):
     from xbm.data import letters
 
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(letters, "TRAIN_PER_CLASS", 2)
+    monkeypatch.setattr(letters, "TRAIN_PER_CLASS", 2)  # a small rendering
     monkeypatch.setattr(letters, "TEST_PER_CLASS", 1)
-    monkeypatch.setattr(letters.make_letters, "__defaults__", (2, 1, 0, 28, None, True))
     root = tmp_path / "root"
     root.mkdir()
     a = xd.load_dataset("letters", root=str(root))
@@ -328,6 +327,11 @@ def test_letters_reads_a_data_root_and_never_writes_it(tmp_path, monkeypatch):
     torch.save(blob, root / "letters" / cached.name)
     b = xd.load_dataset("letters", root=str(root))
     assert torch.equal(b.train_x, a.train_x.flip(-1))
+    # a corrupt copy in the root is not used, and not repaired there either
+    (root / "letters" / cached.name).write_bytes(b"truncated")
+    c = xd.load_dataset("letters", root=str(root))
+    assert torch.equal(c.train_x, a.train_x)
+    assert (root / "letters" / cached.name).read_bytes() == b"truncated"
 
 
 # ------------------------------------------------------------------------------------------------

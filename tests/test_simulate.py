@@ -478,9 +478,9 @@ def test_compile_backend_matches_eager():
 
 
 def test_cli_fault_aware_then_sweep(tmp_path, capsys):
-    """`xbm simulate` end to end on a tiny backbone: both modes, JSON and plots (about 6 s on 2
-    cores; it was marked slow until session 19, which left the fault-aware mode untested by
-    default)."""
+    """`xbm simulate` end to end on a tiny backbone: both modes, JSON and plots (6-25 s on 2
+    cores, by their load; it was marked slow until session 19, which left the fault-aware mode
+    untested by default)."""
     import json
 
     from xbm.cli import main

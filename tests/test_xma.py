@@ -298,6 +298,8 @@ def test_energy_budget_bounds_reprogramming_energy(budget_uj, rank):
     assert len(said) == (1 if budget < reserve else 0), said
     if said:
         assert f"is below the {reserve:.3g} J that writing the task's mask bits takes" in said[0]
+        # the budget it suggests is enough: rounded up, not to nearest
+        assert float(said[0].rsplit("set at least ", 1)[1].split()[0]) >= reserve
     deploy = task_costs(mtm, "t", "default", input_size=28)["adaption_energy_j"]
     assert deploy <= budget + 1e-18 or budget_uj == 0.0
     # reference greedy walk down the ranking, skipping PEs that would overrun

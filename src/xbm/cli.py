@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from xbm.errors import XbmError, XbmWarning
+from xbm.errors import BundleError, XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
@@ -253,9 +253,10 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
-    """``--backbone``; else, for an existing bundle, the cached backbone whose content hash the
-    bundle records (never a fresh pretraining, which could only end in a mismatch); else the
-    default backbone of the width, pretrained if it is not cached."""
+    """``--backbone`` (for an existing bundle, checked to be the one it was learned on); else,
+    for an existing bundle, the cached backbone whose content hash the bundle records, or the
+    backbone file it records (never a fresh pretraining, which could only end in a mismatch);
+    else the default backbone of the width, pretrained if it is not cached."""
     from xbm.train.pretrain import PretrainConfig, get_backbone, load_backbone
 
     if args.backbone or bundle_meta is not None:
@@ -287,12 +288,17 @@ def check_bundle_backbone(bundle: str | Path, bundle_meta: dict[str, Any], backb
     want, have = bundle_meta.get("backbone_hash"), backbone_meta.get("content_hash")
     if want == have:
         return
+    a, b = bundle_meta.get("arch") or {}, backbone_meta.get("arch") or {}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if a and b else []
+    if diff:  # another architecture, not only other weights: say which field
+        have = f"{have}, another architecture (arch.{diff[0]} {b.get(diff[0])!r} against " \
+               f"the bundle's {a.get(diff[0])!r})"
     fix = ("drop --backbone (the bundle's own is found by its hash), or give --out "
            "NEW.safetensors instead of --bundle to start a bundle on this backbone" if adapt else
            "drop --backbone to use the bundle's own (found in the cache by its hash, or at the "
            "file adapt was given), or pass the backbone it was learned on")
-    raise XbmError(f"{bundle} was learned on the backbone with hash {want}, --backbone "
-                   f"{backbone} has {have}; {fix}")
+    raise BundleError(f"{bundle} was learned on the backbone with hash {want}, --backbone "
+                      f"{backbone} has {have}; {fix}")
 
 
 def _check_arch_flags(args: argparse.Namespace, arch: dict[str, Any], source: str) -> None:

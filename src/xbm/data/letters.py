@@ -168,42 +168,56 @@ def _cache_file(cache: str | os.PathLike | None, key: dict) -> Path:
         f"{LETTERS_VERSION}-{digest}.pt"
 
 
-#: The registered task's sizes (``make_letters``' defaults).
+#: The registered task's sizes (``make_letters``' defaults, read when it is called).
 TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE = 500, 100, 28
+_FIELDS = ("train_x", "train_y", "test_x", "test_y")
 
 
-def make_letters(n_train_per_class: int = TRAIN_PER_CLASS,
-                 n_test_per_class: int = TEST_PER_CLASS, seed: int = 0,
-                 image_size: int = IMAGE_SIZE, cache: str | os.PathLike | None = None,
-                 use_cache: bool = True) -> TaskData:
+def _read_cache(cache_file: Path, key: dict) -> TaskData | None:
+    """The rendering stored in ``cache_file`` if it is one of ``key``'s parameters; None for a
+    missing, corrupt or foreign file."""
+    if not cache_file.is_file():
+        return None
+    try:
+        blob = torch.load(cache_file, map_location="cpu", weights_only=True)
+    except Exception:  # corrupt or foreign: not a rendering
+        return None
+    if not isinstance(blob, dict) or blob.get("key") != key:
+        return None
+    return TaskData("letters", *(blob[k] for k in _FIELDS), list(LETTERS_CLASSES))
+
+
+def make_letters(n_train_per_class: int | None = None, n_test_per_class: int | None = None,
+                 seed: int = 0, image_size: int | None = None,
+                 cache: str | os.PathLike | None = None, use_cache: bool = True) -> TaskData:
     """Generate (or load from cache) the letters task.
 
     Args:
-        n_train_per_class: training images per letter (default 500, 13,000 in all).
-        n_test_per_class: test images per letter (default 100, 2,600 in all).
+        n_train_per_class: training images per letter (default :data:`TRAIN_PER_CLASS`, 500:
+            13,000 in all).
+        n_test_per_class: test images per letter (default :data:`TEST_PER_CLASS`, 100: 2,600 in
+            all).
         seed: generation seed; the same seed gives byte-identical data.
-        image_size: image side.
+        image_size: image side (default :data:`IMAGE_SIZE`, 28).
         cache: cache directory; defaults to :func:`~xbm.data.registry.cache_dir`. Files go to
-            ``<cache>/letters/<version>-<hash of parameters>.pt``.
+            ``<cache>/letters/<version>-<hash of parameters>.pt``; a corrupt one is rendered anew
+            and replaced.
         use_cache: read and write the cache; ``False`` always regenerates and writes nothing.
     """
+    n_train = TRAIN_PER_CLASS if n_train_per_class is None else n_train_per_class
+    n_test = TEST_PER_CLASS if n_test_per_class is None else n_test_per_class
+    size = IMAGE_SIZE if image_size is None else image_size
     paths = font_paths()
-    key = _cache_key(paths, n_train_per_class, n_test_per_class, seed, image_size)
+    key = _cache_key(paths, n_train, n_test, seed, size)
     cache_file = _cache_file(cache, key)
-    names = ("train_x", "train_y", "test_x", "test_y")
-    if use_cache and cache_file.is_file():
-        try:
-            blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-            if blob.get("key") == key:
-                return TaskData("letters", *(blob[k] for k in names), list(LETTERS_CLASSES))
-        except Exception:  # corrupt/foreign cache file: regenerate and overwrite it
-            pass
-    protos = render_prototypes(paths, image_size)
-    train_x, train_y = _augment(protos, n_train_per_class, seed * 2)
-    test_x, test_y = _augment(protos, n_test_per_class, seed * 2 + 1)
+    if use_cache and (task := _read_cache(cache_file, key)) is not None:
+        return task
+    protos = render_prototypes(paths, size)
+    train_x, train_y = _augment(protos, n_train, seed * 2)
+    test_x, test_y = _augment(protos, n_test, seed * 2 + 1)
     task = TaskData("letters", train_x, train_y, test_x, test_y, list(LETTERS_CLASSES))
     if use_cache:
-        blob = {"key": key, **{k: getattr(task, k) for k in names}}
+        blob = {"key": key, **{k: getattr(task, k) for k in _FIELDS}}
         try:
             with atomic_path(cache_file) as tmp:
                 torch.save(blob, tmp)
@@ -218,12 +232,13 @@ def load_letters(root: str | None = None, seed: int = 0) -> TaskData:
     """The letters task with default sizes.
 
     A data root is read, never written: a rendering found in ``<root>/letters`` (copied from
-    another machine's cache, say) is used; otherwise the task is rendered and cached in
-    :func:`~xbm.data.registry.cache_dir`, as without a root. A data root holds the user's copies
-    of the packaged datasets, and may be shared or read-only.
+    another machine's cache, say) is used; otherwise (none there, or a corrupt one) the task
+    is rendered and cached in :func:`~xbm.data.registry.cache_dir`, as without a root. A data
+    root holds the user's copies of the packaged datasets, and may be shared or read-only.
     """
     if root is not None:
         key = _cache_key(font_paths(), TRAIN_PER_CLASS, TEST_PER_CLASS, seed, IMAGE_SIZE)
-        if _cache_file(root, key).is_file():
-            return make_letters(seed=seed, cache=root)
+        task = _read_cache(_cache_file(root, key), key)  # a corrupt copy there is left alone
+        if task is not None:
+            return task
     return make_letters(seed=seed)

@@ -148,6 +148,10 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC, check_preset=False)
     path = backbone if backbone is not None else str(bundle_backbone_path(bundle, meta))
     model, bmeta = load_backbone(path)
+    if backbone is not None:  # the hash first, as eval and simulate: it is what must match
+        from xbm.cli import check_bundle_backbone
+
+        check_bundle_backbone(bundle, meta, backbone, bmeta)
     arch = meta.get("arch") or {}
     if arch and bmeta.get("arch") and arch != bmeta["arch"]:
         diff = sorted(k for k in set(arch) | set(bmeta["arch"])
@@ -155,10 +159,6 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         raise BundleError(f"{bundle}: bundle belongs to another backbone (arch.{diff[0]} is "
                           f"{arch.get(diff[0])!r}, {path} has {bmeta['arch'].get(diff[0])!r}); "
                           "pass the backbone it was learned on with --backbone")
-    if backbone is not None:
-        from xbm.cli import check_bundle_backbone
-
-        check_bundle_backbone(bundle, meta, backbone, bmeta)
     mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
                          head_name=meta.get("head_name", "fc"))
     mtm.load_bundle(bundle)

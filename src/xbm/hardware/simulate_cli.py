@@ -350,7 +350,8 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     spec = spec_from_args(args)
     adc_list = _adc_bits(args, spec)  # checked now, not after the training
     mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"],
-                         backbone_recipe=bmeta.get("config")).to(device)
+                         backbone_recipe=bmeta.get("config"),
+                         backbone_file=args.backbone).to(device)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
     fmap = _fault_map(mtm, sim_spec, args.fault_rate, args)

@@ -82,6 +82,15 @@ PE_SCORES = ("grad", "random")
 ENERGY_RANKS = ("score", "density")
 
 
+def _round_up(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, rounded up: a budget printed as "at least" this
+    must not fall short of ``x`` by the rounding."""
+    if x <= 0:
+        return f"{x:.{digits}g}"
+    e = math.floor(math.log10(x)) - digits + 1
+    return f"{math.ceil(x / 10 ** e) * 10 ** e:.{digits}g}"
+
+
 @dataclass
 class XMA2Config(XMAConfig):
     """XMA's column levels plus tier-1 PE re-programming. The paper publishes no quota, rule or
@@ -322,7 +331,8 @@ class XMA2(XMA):
                 f"xma2: energy_budget_j {self.config.energy_budget_j:.3g} J is below the "
                 f"{mask_j:.3g} J that writing the task's mask bits takes ({bits:,} bits, preset "
                 f"{self.config.energy_preset!r}): no PE is re-programmed and the task's deploy "
-                f"energy, its mask write, exceeds the budget; set at least {mask_j:.3g} J",
+                f"energy, its mask write, exceeds the budget; set at least "
+                f"{_round_up(mask_j)} J",
                 XbmWarning, stacklevel=user_stacklevel())
         left = int(math.floor(spare / per_cell + 1e-9)) if spare > 0 else 0
         taken = 0

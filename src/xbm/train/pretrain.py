@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbm.errors import BundleError, ConfigError
+from xbm.errors import BundleError, ConfigError, XbmWarning, user_stacklevel
 from xbm.io import load_safetensors, save_safetensors, tensors_hash
 from xbm.train.loop import _progress, cosine_lambda, evaluate, seed_everything
 
@@ -207,6 +208,24 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
                         in_channels=arch["in_channels"], width=arch.get("width"))
 
 
+def _relayout(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """Re-lay out the 4-D parameters (and their gradients) in place: each stays the very
+    ``Parameter`` the optimizer holds, whatever ``torch.__future__``'s conversion setting (under
+    which ``model.to`` may create new ones and leave the optimizer training orphans). Adam's
+    state keeps its layout, which costs speed, not values."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        # not .contiguous(memory_format=...): a 1x1 kernel counts as contiguous in either
+        # format and is returned as it is, strides and all, and oneDNN picks its algorithm
+        # from the strides (a channels-last 1x1 kernel kept the odd batch on the crashing path)
+        return torch.empty_like(t, memory_format=memory_format).copy_(t)
+
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = copy(p.data)
+            if p.grad is not None:
+                p.grad = copy(p.grad)
+
+
 def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None = None,
              root: str | None = None, progress: bool = True, log=print
              ) -> tuple[nn.Module, dict[str, Any]]:
@@ -269,8 +288,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
                 x = augment(x, aug_gen)
             if channels_last:
                 want = torch.channels_last if x.shape[0] % 2 == 0 else torch.contiguous_format
-                if want != layout:  # the same parameters (and Adam's state), re-laid out
-                    model, layout = model.to(memory_format=want), want
+                if want != layout:
+                    _relayout(model, want)
+                    layout = want
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=want)
             if cfg.mixup > 0:
@@ -298,10 +318,6 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     # within a tenth of the way from chance to 100%: every task adapted on it would inherit
     # the failure, quietly
     if acc < chance + 0.1 * (100.0 - chance):
-        import warnings
-
-        from xbm.errors import XbmWarning, user_stacklevel
-
         warnings.warn(f"the backbone reached {acc:.2f}% on {cfg.dataset}'s test set, near chance "
                       f"({chance:.1f}% for {data.num_classes} classes): mask methods can only "
                       "select among the features it computes; pretrain longer (--epochs), "
@@ -428,10 +444,13 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
     if found is None and isinstance(recorded, str):
         # the file adapt's --backbone named (a backbone kept outside the cache), if it still
         # holds the same backbone
-        if backbone_file_hash(recorded) == h:
+        found_hash = backbone_file_hash(recorded)
+        if found_hash == h:
             return Path(recorded)
-        moved = (f"; the file it was learned from, {recorded}, "
-                 + ("now holds another backbone" if Path(recorded).exists() else "is gone"))
+        state = ("is gone" if not Path(recorded).exists() else
+                 "cannot be read as a backbone" if found_hash is None else
+                 "now holds another backbone")
+        moved = f"; the file it was learned from, {recorded}, {state}"
     if found is None:
         recipe = bundle_meta.get("backbone_recipe")
         cfg, cmd = recipe_config(recipe), pretrain_command(recipe)
