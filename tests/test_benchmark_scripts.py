@@ -152,3 +152,33 @@ def test_demo_seeds_runs_missing_seeds_only(tmp_path, monkeypatch):
                                        pretrain_seed=3))
     with pytest.raises(mod.XbmError, match="same seed and backbone seed"):
         mod.summarize([a, b])
+
+
+def test_reprogram_levels_counts_the_cells_whose_level_changes(tmp_path, capsys):
+    """Piggyback's masked-off weights go to zero: a cell changes exactly where the weight's
+    magnitude has a non-zero digit (one polarity of each differential pair holds it), checked
+    here against a digit-by-digit count of each masked weight."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.hardware.energy import get_preset
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=3, in_channels=1, width=4),
+                         CrossbarSpec(rows=16, cols=16), arch={"name": "small_cnn"})
+    mtm.add_task("pb", 3, "piggyback")
+    want_changing = want_steps = 0
+    with torch.no_grad():
+        for _, layer, st in mtm.layer_states("pb"):
+            st.score.copy_(torch.where(torch.rand_like(st.score) < 0.3, 0.0, 1.0))  # 30% off
+            w = layer.weight.detach()
+            q = torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).long().abs()
+            for v in q.reshape(-1)[(st.score.reshape(-1) <= 0.005)].tolist():
+                digits = [(v >> (2 * k)) & 3 for k in range(4)]
+                want_changing += sum(d != 0 for d in digits)
+                want_steps += sum(digits)
+    (row,) = _load("reprogram_levels").count_levels(mtm, get_preset("default"))
+    assert row["counted"] == mtm.reprogrammed_cells("pb") > 0
+    assert (row["changing"], row["level_steps"]) == (want_changing, want_steps)
+    assert 0 < row["changing"] < row["counted"] / 2  # at most 4 of a weight's 8 cells hold it
+    assert row["pulses_one_per_level"] == pytest.approx(want_steps * 59 / 3)

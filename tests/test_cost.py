@@ -434,6 +434,15 @@ def _one_line_error(capsys, *argv: str) -> str:
 def test_cli_bad_inputs(capsys, tmp_path) -> None:
     assert "energy preset 'foo'" in _one_line_error(capsys, "--model", "small_cnn",
                                                     "--energy", "foo")
+    # two flags that choose the same thing: refused, where one used to win silently
+    ns = tmp_path / "ns.yaml"
+    ns.write_text(get_preset("neurosim").to_yaml())
+    assert "--energy isaac and --preset-file" in _one_line_error(
+        capsys, "--model", "small_cnn", "--energy", "isaac", "--preset-file", str(ns))
+    assert "--preset isaac and --energy-spec both choose the crossbar geometry" in \
+        _one_line_error(capsys, "--model", "small_cnn", "--preset", "isaac", "--energy-spec")
+    assert "--methods is empty" in _one_line_error(capsys, "--model", "small_cnn",
+                                                   "--methods", ",")
     bad = tmp_path / "bad.yaml"
     bad.write_text(get_preset("neurosim").to_yaml().replace("write_voltage_v: 4.0",
                                                             "write_voltage_v: -4.0"))
@@ -526,6 +535,8 @@ def test_cli_bundle(capsys, tmp_path) -> None:
     d = json.loads(out)
     assert d["methods"]["piggyback"]["info"]["rewrite_fraction"] == pytest.approx(
         mtm.reprogrammed_cells("px") / sum(lm.cells for lm in mtm.mapping().layers))
+    (note,) = [n for n in d["notes"] if n.startswith("fractions measured from")]
+    assert "rewrite piggyback " in note and "%" in note and "spread evenly" in note
     # a bundle from another backbone: same architecture, other weights
     other, backbone2, _ = _mtm(seed=1)
     bb2 = tmp_path / "bb2.safetensors"
@@ -539,6 +550,9 @@ def test_cli_bundle(capsys, tmp_path) -> None:
         capsys, "--bundle", str(bundle), "--backbone", str(bb3))
     assert "rows" in _one_line_error(capsys, "--bundle", str(bundle), "--backbone", str(bb),
                                      "--rows", "64")
+    # ...and so is a crossbar preset, which the bundle's spec overrode without a word
+    assert "--preset isaac contradicts the bundle" in _one_line_error(
+        capsys, "--bundle", str(bundle), "--backbone", str(bb), "--preset", "isaac")
     # the text table names each task's method
     rc, out, _ = _run(capsys, "--bundle", str(bundle), "--backbone", str(bb))
     assert rc == 0 and "px (piggyback)" in out and "xx (xbm)" in out
@@ -656,3 +670,14 @@ def test_table_shows_the_inference_latency_the_json_has(capsys) -> None:
     for m in ("piggyback", "xbm"):
         assert shown[m] == pytest.approx(methods[m]["inference_latency_s"], rel=1e-2)
         assert shown[m] > 0
+
+
+def test_a_device_with_too_few_levels_for_the_cells_is_noted(capsys) -> None:
+    """MNSIM's binary device priced on 2-bit cells gave numbers without a word."""
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--energy", "mnsim", "--json")
+    assert rc == 0
+    assert any("2 conductance levels, fewer than the 4 a 2-bit cell needs" in n
+               for n in json.loads(out)["notes"])
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--energy", "mnsim", "--energy-spec",
+                      "--json")
+    assert rc == 0 and not any("conductance levels" in n for n in json.loads(out)["notes"])

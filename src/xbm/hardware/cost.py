@@ -815,6 +815,15 @@ class CostReport:
     switch_matrix: dict[str, dict[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        levels = self.preset.device.conductance_levels
+        if 2 ** self.spec.cell_bits > levels:  # priced, but no such device could hold it
+            self.notes.append(
+                f"energy preset {self.preset.name!r} describes a device with {levels} "
+                f"conductance levels, fewer than the {2 ** self.spec.cell_bits} a "
+                f"{self.spec.cell_bits}-bit cell needs: its per-cell write and read constants "
+                "are for that device (--energy-spec takes the cells its source assumed)")
+
     def by_method(self) -> dict[str, dict[str, Any]]:
         """``methods`` entries: one per method; several tasks of a method are averaged."""
         groups: dict[str, list[MethodCost]] = {}

@@ -62,7 +62,11 @@ def _overrides(values: list[str] | None) -> dict[str, Any]:
 def _preset(args: argparse.Namespace):
     from xbm.hardware.energy import get_preset, load_preset_file
 
-    preset = load_preset_file(args.preset_file) if args.preset_file else get_preset(args.energy)
+    if args.preset_file and args.energy is not None:
+        raise ConfigError(f"--energy {args.energy} and --preset-file {args.preset_file} both name "
+                          "the energy preset; pass one (--set-energy changes single constants)")
+    preset = load_preset_file(args.preset_file) if args.preset_file else \
+        get_preset(args.energy or "default")
     changes = _overrides(args.set_energy)
     return preset.with_overrides(changes) if changes else preset
 
@@ -75,6 +79,10 @@ def _explicit_spec(args: argparse.Namespace) -> dict[str, Any]:
 def _spec(args: argparse.Namespace, preset):
     from xbm.hardware import get_spec
 
+    if args.energy_spec and args.preset != "default":
+        raise ConfigError(f"--preset {args.preset} and --energy-spec both choose the crossbar "
+                          "geometry (a crossbar preset, or the energy preset's source); pass one "
+                          "(--rows, --cols and the bit flags still override either)")
     spec = get_spec(args.preset)
     if args.energy_spec and preset.spec_overrides:
         spec = spec.replace(**preset.spec_overrides)
@@ -145,7 +153,7 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
     if args is not None:  # cost's --preset names the model-mode spec, so it is not checked
         from xbm.cli import _check_spec_flags
 
-        _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC, check_preset=False)
+        _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC)
     path = backbone if backbone is not None else str(bundle_backbone_path(bundle, meta))
     model, bmeta = load_backbone(path)
     if backbone is not None:  # the hash first, as eval and simulate: it is what must match
@@ -185,7 +193,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
         raise ConfigError("pass either --model (no weights) or --bundle (learned tasks), not both")
     if not args.bundle and not args.model:
         raise ConfigError("pass --model NAME (e.g. resnet50) or --bundle PATH")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = None if args.methods is None else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == []:
+        raise ConfigError("--methods is empty; name methods (e.g. --methods xbm,piggyback) or "
+                          "drop the flag for every one")
     if methods is not None:
         from xbm.methods import get_method_class
 
@@ -244,8 +256,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
         report = C.cost_model(ctx, methods or list_methods(), preset, assumptions)
         if measured:
-            report.notes.append(f"fractions measured from {args.fractions_from}: rewrite "
-                                f"{measured[0]}, column off {measured[1]}")
+            def fmt(d: dict[str, float]) -> str:
+                return ", ".join(f"{m} {v:.2%}" for m, v in d.items()) or "none"
+
+            report.notes.append(
+                f"fractions measured from {args.fractions_from}: rewrite {fmt(measured[0])}; "
+                f"columns off {fmt(measured[1])}; spread evenly over the layers (--bundle "
+                "costs each task's real masks, layer by layer, so their inference energies "
+                "differ); methods the bundle lacks keep the defaults")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions)
     out = report.to_dict(per_layer=args.per_layer)
@@ -327,8 +345,9 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
                      help="image side for output positions (default 224 for ImageNet layouts, "
                           "else 28)")
     hw = p.add_argument_group("hardware")
-    hw.add_argument("--energy", default="default",
-                    help=f"energy preset: {', '.join(sorted(PRESETS))} (default = neurosim)")
+    hw.add_argument("--energy",
+                    help=f"energy preset: {', '.join(sorted(PRESETS))} (default: default = "
+                         "neurosim)")
     hw.add_argument("--preset-file", help="YAML energy preset (see --dump-preset)")
     hw.add_argument("--dump-preset", metavar="NAME", help="print a preset as editable YAML, exit")
     hw.add_argument("--set-energy", action="append", metavar="FIELD=VALUE",

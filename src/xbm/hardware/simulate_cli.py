@@ -166,7 +166,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "recorded figure used; auto: bf16 autocast on CPUs with native bf16 units, "
                     "as the demo; evaluation and simulation stay fp32)")
     sp.add_argument("--train-subset", type=int, default=4000,
-                    help="fault-aware mode: training images (default %(default)s)")
+                    help="training images: fault-aware mode trains on them; both modes "
+                    "calibrate input scales and ADC ranges on two batches of them, never on "
+                    "test images (default %(default)s)")
     sp.add_argument("--test-subset", type=int, default=1000,
                     help="test images (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
@@ -417,6 +419,10 @@ def _save_plot(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str,
                legend_size: int | None = 6) -> str:
     """Label the accuracy axis, add the legend, write ``path`` and free the figure."""
     ax.set_xlabel(xlabel)
+    if xlabel == "ADC bits":  # whole bits only: no 4.5-bit tick between 4 and 6
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
