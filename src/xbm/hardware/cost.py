@@ -956,7 +956,8 @@ class CostReport:
         if per_layer:
             for c in self.costs:
                 lines.append("")
-                lines.append(f"[{c.label}] per layer")
+                lines.append(f"[{c.label}] per layer (pos: output positions per image, each "
+                             "one crossbar read per input cycle)")
                 h = (f"{'layer':<28} {'pos':>6} {'mask bits':>10} {'reprog cells':>12} "
                      f"{'off cols':>8} {'ADC conv':>12} {'infer J':>10} {'adapt J':>10}")
                 lines += [h, "-" * len(h)]

@@ -511,6 +511,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if res["mode"] == "sweep":
         _print(res["rows"], ["task", "path", "adc_bits", "fault_rate", "variation", "accuracy",
                              "delta"])
+        print("accuracy: top-1 %; delta: points against the task's ideal (float) accuracy; "
+              "path: ideal (no crossbar effects), ideal+faults (stuck cells only) or faithful "
+              "(bit slices, DAC cycles, ADC, faults and variation)")
     else:
         f = res["faults"]
         print(f"chip: {f['sa0']:.3%} stuck-OFF + {f['sa1']:.3%} stuck-ON cells; "
