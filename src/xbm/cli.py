@@ -425,9 +425,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             for flag, n, have in (("--train-subset", args.train_subset, full[0]),
                                   ("--test-subset", args.test_subset, full[1]))
             if n is not None and n > have]
-    (sys.stderr if args.json else sys.stdout).write(
-        f"{args.dataset}: {len(data.train_y):,} training and {len(data.test_y):,} test images, "
-        f"{data.num_classes} classes" + (f" ({'; '.join(over)})" if over else "") + "\n")
+    if xdist.is_main():  # once, not per torchrun rank
+        (sys.stderr if args.json else sys.stdout).write(
+            f"{args.dataset}: {len(data.train_y):,} training and {len(data.test_y):,} test "
+            f"images, {data.num_classes} classes" + (f" ({'; '.join(over)})" if over else "")
+            + "\n")
     # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
     # keeps only what task names allow (letters, digits, -, _)
     from xbm.data.registry import image_folder_path
