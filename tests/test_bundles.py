@@ -62,6 +62,16 @@ def test_bundle_refuses_another_spec(trained):
         build(rows=8).load_bundle(path)
 
 
+def assert_untouched(fresh: MultiTaskModel) -> None:
+    """Nothing half-loaded: no task, no per-task state left in any layer, and the backbone as
+    a model built the same way holds it."""
+    assert fresh.tasks == {}
+    assert not [k for k in fresh.model.state_dict() if "xbm_tasks." in k]
+    clean = build().backbone_state()
+    assert clean.keys() == fresh.backbone_state().keys()
+    assert all(torch.equal(v, fresh.backbone_state()[k]) for k, v in clean.items())
+
+
 def test_corrupt_and_truncated_bundles(trained, tmp_path):
     _, path = trained
     data = path.read_bytes()
@@ -73,7 +83,7 @@ def test_corrupt_and_truncated_bundles(trained, tmp_path):
         fresh = build()
         with pytest.raises(BundleError):
             fresh.load_bundle(p)
-        assert fresh.tasks == {}  # nothing half-loaded
+        assert_untouched(fresh)
 
 
 def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_path):
@@ -91,7 +101,7 @@ def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_pa
     fresh = build()
     with pytest.raises(BundleError, match="shape"):
         fresh.load_bundle(bad)
-    assert fresh.tasks == {}
+    assert_untouched(fresh)  # it failed in the middle: the layers it had reached are clean
 
 
 def test_not_a_bundle(tmp_path):

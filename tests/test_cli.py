@@ -42,7 +42,8 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     methods = res["config"]["methods"]
-    assert set(methods) <= set(list_methods())
+    assert methods == list_methods()  # the demo runs every registered method by default
+    assert sorted({r["method"] for r in res["runs"]}) == sorted(methods)
     # the width used (given, or picked by device) is recorded, and is the backbone's
     assert res["config"]["width"] == res["backbone"]["arch"]["width"]
     assert [res["config"][k] for k in ("rows", "cols", "weight_bits", "cell_bits")] == \
@@ -290,18 +291,37 @@ def test_a_failure_no_check_foresaw_is_one_line(exc, rc, needle, capsys, monkeyp
 
 def test_empty_image_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
-    rc = main(["adapt", "--dataset", f"folder:{tmp_path / 'imgs'}", "--method", "xbm"])
+    out = tmp_path / "t.safetensors"
+    rc = main(["adapt", "--dataset", f"folder:{tmp_path / 'imgs'}", "--method", "xbm",
+               "--out", str(out)])
     assert rc == 2
-    assert "xbm: error:" in capsys.readouterr().err
+    err = _one_line_error(capsys)
+    assert f"{tmp_path / 'imgs'}: no class sub-folders; expected PATH/<class>/" in err
+    assert not out.exists()
 
 
 def test_corrupt_backbone_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bb.safetensors"
     bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "t.safetensors"
     rc = main(["adapt", "--dataset", "animal-mnist", "--backbone", str(bad), "--method", "xbm",
-               "--train-subset", "10"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "bb.safetensors" in err
+               "--train-subset", "10", "--out", str(out)])
+    assert rc == 2
+    err = _one_line_error(capsys)
+    assert f"{bad}: not a readable safetensors file" in err and "corrupt or truncated" in err
+    assert not out.exists()
+
+
+def test_truncated_bundle_is_one_line_for_every_command(tmp_path, tiny_mtm, capsys):
+    """A bundle cut off in a copy: eval, simulate and cost name the file and the fix."""
+    path = _bundle(tmp_path, tiny_mtm)
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    for argv in (["eval", "--device", "cpu"], ["simulate", "--device", "cpu"], ["cost"]):
+        assert main([*argv, "--bundle", str(trunc)]) == 2
+        err = _one_line_error(capsys)
+        assert str(trunc) in err and ("corrupt" in err or "truncated" in err), err
 
 
 def test_methods_lists_registry(capsys):

@@ -46,6 +46,12 @@ def test_tile_view_round_trips(make, R):
     assert torch.equal(from_tile_view(tv, w.shape), w)
     # padding is zero
     assert torch.count_nonzero(tv.reshape(cols, -1)[:, rows:]) == 0
+    # tile t holds matrix rows t*R .. t*R+R-1 of every column, in order (a round trip alone
+    # would pass a view that permuted rows inside the tiles and back)
+    mat = w.reshape(cols, -1)
+    for t in range(tv.shape[1]):
+        r1 = min(rows, (t + 1) * R)
+        assert torch.equal(tv[:, t, : r1 - t * R], mat[:, t * R: r1])
 
 
 def reference_masked_forward(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor, R: int):

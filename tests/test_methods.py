@@ -56,6 +56,7 @@ def test_training_step_touches_only_the_task_state(method, task_a, task_b):
     mtm = make_mtm()
     x = torch.randn(4, 1, 28, 28)
     base_out = mtm(x).detach()
+    programmed = {k: v.clone() for k, v in mtm.backbone_state().items()}  # before any task
     cfg = TABLE_CONFIGS.get(method)
     mtm.add_task("a", task_a.num_classes, method, cfg)
     seed_everything(0)
@@ -68,6 +69,10 @@ def test_training_step_touches_only_the_task_state(method, task_a, task_b):
 
     mtm.add_task("b", task_b.num_classes, method, cfg)
     b_init = {k: v.clone() for k, v in mtm.task_state_dict("b").items()}
+    # the method's own state in the crossbar layers (scores, levels, weight copies), apart from
+    # the head and the per-task BatchNorm every method trains
+    own = {(n, k): v.clone() for n, _, st in mtm.layer_states("b")
+           for k, v in st.state_dict().items()}
     loader_b, _ = task_b.loaders(16, seed=0)
     train_task(mtm, "b", loader_b, 2, torch.device("cpu"), progress=False)
     after = mtm.model.state_dict()
@@ -76,6 +81,9 @@ def test_training_step_touches_only_the_task_state(method, task_a, task_b):
     assert all(".xbm_tasks.b." in k or k.startswith("xbm_tasks.b.") for k in changed), changed
     for k, v in backbone_before.items():
         assert torch.equal(v, mtm.backbone_state()[k]), k
+    assert programmed.keys() == mtm.backbone_state().keys()  # as programmed, before task a too
+    for k, v in programmed.items():
+        assert torch.equal(v, mtm.backbone_state()[k]), k
     with mtm.use_task("a"):
         assert torch.equal(mtm(x).detach(), out_a)
     with mtm.use_task("base"):
@@ -83,6 +91,13 @@ def test_training_step_touches_only_the_task_state(method, task_a, task_b):
     # task b trained something
     b_now = mtm.task_state_dict("b")
     assert any(not torch.equal(b_init[k], b_now[k]) for k in b_init)
+    # ...and not only the head: the method's own state learned (linear probe has none)
+    now = {(n, k): v for n, _, st in mtm.layer_states("b") for k, v in st.state_dict().items()}
+    assert now.keys() == own.keys()
+    if any(v.is_floating_point() and v.numel() for v in own.values()):
+        assert any(not torch.equal(own[k], now[k]) for k in own), method
+    else:
+        assert method == "linear-probe", f"{method} has no state of its own to learn"
     if not METHODS[method].reprograms_cells:
         assert mtm.reprogrammed_cells("b") == 0
     if method in TABLE_CONFIGS:  # XMA2 re-programmed PEs here, so the checks above covered it

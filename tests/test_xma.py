@@ -7,6 +7,7 @@ budget to mean something.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -220,16 +221,25 @@ def _states_after_add(mtm: MultiTaskModel):
     return out
 
 
-def test_budget_zero_is_xma_exactly():
-    """With XMA's score lr (XMA2's own default is tuned for training beside re-programmed PEs)."""
+@pytest.mark.parametrize("warmup", [None, 2])
+def test_budget_zero_is_xma_exactly(warmup):
+    """With XMA's score lr (XMA2's own default is tuned for training beside re-programmed PEs).
+    A warm-up of 2 steps makes the PE selection run (8 steps train here; the default warm-up
+    of 10 never ends), so selecting nothing is checked to change nothing too."""
     from xbm.methods.xma import XMAConfig
 
     runs = {}
-    for method, cfg in (("xma", {}), ("xma2", {"pe_budget": 0.0, "lr": XMAConfig().lr})):
+    cfg2 = {"pe_budget": 0.0, "lr": XMAConfig().lr} | (
+        {"warmup_steps": warmup} if warmup else {})
+    for method, cfg in (("xma", {}), ("xma2", cfg2)):
         mtm = _mtm(SMALL_SPEC)
         _train(mtm, "t", method, cfg, epochs=2)
         runs[method] = mtm
     a, b = runs["xma"], runs["xma2"]
+    if warmup:  # the selection ran during training, not only at the task's end
+        assert b.methods["t"]._selected
+        assert all(int(st.phase) == 1 for _, _, st in b.layer_states("t"))
+        assert max(st._steps for _, _, st in b.layer_states("t")) == warmup
     x = _x()
     assert torch.equal(_outputs(a, "t", x), _outputs(b, "t", x))
     for (_, _, sa), (_, _, sb) in zip(a.layer_states("t"), b.layer_states("t"), strict=True):
@@ -372,8 +382,12 @@ def _weight_pe_mask(layer, st) -> torch.Tensor:
     return m.reshape(w.shape)
 
 
-def test_cells_outside_selected_pes_bit_identical_and_reprogram_count():
-    mtm = _mtm(SMALL_SPEC)
+@pytest.mark.parametrize("pe", [(1, 1), (2, 2), (2, 1)])
+def test_cells_outside_selected_pes_bit_identical_and_reprogram_count(pe):
+    """Over PE shapes: with 1x1 PEs a PE is one crossbar, and a wrong crossbar-to-PE map would
+    go unseen (small_cnn's layers have 1, 5 and 9 row tiles here: none a multiple of 2)."""
+    spec = dataclasses.replace(SMALL_SPEC, pe_rows=pe[0], pe_cols=pe[1])
+    mtm = _mtm(spec)
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
     _train(mtm, "t", "xma2", {"pe_budget": 0.25, "warmup_steps": 2}, epochs=2)
     after = mtm.backbone_state()
@@ -510,7 +524,8 @@ def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
     fresh = _mtm(SMALL_SPEC)
     with pytest.raises(BundleError, match="weight_selected"):
         fresh.load_bundle(bad)
-    assert fresh.task_names() == []  # rolled back
+    assert fresh.task_names() == []  # rolled back, layer state too
+    assert not [k for k in fresh.model.state_dict() if "xbm_tasks." in k]
 
 
 def test_mixed_with_column_methods_switch_cost_zero():
