@@ -175,17 +175,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax1.set_title("XMA: shift levels")
         ax1.legend(fontsize=8)
         ax1.grid(alpha=0.3)
+    else:
+        ax1.set_visible(False)  # no level runs (--levels ""): no empty axes
     bud = [(b, runs[f"xma2-{b:g}"]) for b in BUDGETS if f"xma2-{b:g}" in runs]
-    if bud:
-        key = "adaption_energy_j" if all("adaption_energy_j" in r for _, r in bud) \
+    xma2 = [r for label, r in runs.items() if label.startswith("xma2-")]
+    if xma2:  # PE budgets, energy budgets or the random control: any of them alone too
+        key = "adaption_energy_j" if all("adaption_energy_j" in r for r in xma2) \
             else "reprogrammed_cells"
         scale, unit = (1e6, "µJ") if key == "adaption_energy_j" else (1e-6, "M cells")
-        xs = [r[key] * scale for _, r in bud]
-        ys = [r["mean_accuracy"] for _, r in bud]
-        ax2.plot(xs, ys, "o-", color="C3", label="XMA2 (grad PE rule)")
-        for (b, _), x, y in zip(bud, xs, ys, strict=True):
-            ax2.annotate(f"{b:.0%}", (x, y), textcoords="offset points", xytext=(4, -12),
-                         fontsize=8)
+        if bud:
+            xs = [r[key] * scale for _, r in bud]
+            ys = [r["mean_accuracy"] for _, r in bud]
+            ax2.plot(xs, ys, "o-", color="C3", label="XMA2 (grad PE rule)")
+            for i, ((b, _), x, y) in enumerate(zip(bud, xs, ys, strict=True)):
+                # alternate above and below: neighbouring budgets' labels no longer overprint
+                ax2.annotate(f"{b:.0%}", (x, y), textcoords="offset points",
+                             xytext=(4, -12 if i % 2 == 0 else 6), fontsize=8)
         for suffix, color, what in (("uJ", "C6", "score order"),
                                     ("uJ-density", "C8", "score-per-cell order")):
             eb = sorted(((r["config"]["energy_budget_j"], r) for label, r in runs.items()
@@ -207,13 +212,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
                         "adaption_energy_j" else "re-programmed cells") + f" ({unit}, summed "
                        "over tasks)")
         ax2.set_ylabel("mean new-task accuracy (%)")
-        ax2.set_title("XMA2: PE budget")
+        ax2.set_title("XMA2: PE and energy budgets")
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
+    else:
+        ax2.set_visible(False)
     tasks = ", ".join(results["tasks"])
-    fig.suptitle(f"{results['backbone']['arch']['name']} on {results['backbone']['dataset']} -> "
-                 f"{tasks}; {results['config']['epochs']} epoch(s), "
-                 f"{results['config']['train_subset']} train images per task", fontsize=9)
+    arch = results["backbone"]["arch"]
+    fig.suptitle(f"{arch['name']} width {arch.get('width')} on {results['backbone']['dataset']} "
+                 f"-> {tasks}; {results['config']['epochs']} epoch(s), "
+                 f"{results['config']['train_subset']} train images per task, seed "
+                 f"{results['config'].get('seed')}", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -244,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
     p.add_argument("--random-control", action="store_true",
                    help="also XMA2 at 10%% with a random PE ranking")
+    p.add_argument("--width", type=int, default=d.width,
+                   help="backbone width (as xbm demo; default: the device's, 16 on CPU)")
+    p.add_argument("--pretrain-subset", type=int, default=d.pretrain_subset,
+                   help="the backbone's pretraining images (as xbm demo; default: all)")
+    p.add_argument("--pretrain-seed", type=int, default=d.pretrain_seed,
+                   help="the backbone's seed (as xbm demo; default: --seed)")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
                    help="the backbone's pretraining epochs (as xbm demo)")
     p.add_argument("--pretrain-augment", default=d.pretrain_augment,
@@ -271,13 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     spec = d.spec()
-    d = dataclasses.replace(d, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+    d = dataclasses.replace(d, seed=args.seed, width=args.width,
+                            pretrain_subset=args.pretrain_subset,
+                            pretrain_seed=args.pretrain_seed,
+                            pretrain_epochs=args.pretrain_epochs,
                             pretrain_augment=args.pretrain_augment,
                             pretrain_mixup=args.pretrain_mixup,
                             pretrain_precision=args.pretrain_precision,
                             precision=args.precision)
     pcfg = d.pretrain_config(device)
     args.precision = d.precision_for(device)  # resolved, so run() and the resume key agree
+    args.pretrain_precision = pcfg.precision  # resolved too (auto is bf16 or fp32 by CPU)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,

@@ -180,19 +180,22 @@ def to_markdown(summary: dict[str, Any]) -> str:
         cells.append("all true" if row["checks"] else "**FALSE**")
         lines.append("| " + " | ".join(cells) + " |")
     st = summary["stats"]
-    lines.append("| **mean** | | " + " | ".join(f"**{_fmt(st[m]['mean'])}**" for m in methods)
-                 + " | " + " | ".join(f"**{_fmt(st[m]['gap']['mean'], True)}**" for m in others)
-                 + " | |")
-    lines.append("| std | | " + " | ".join(_fmt(st[m]["std"]) for m in methods) + " | "
-                 + " | ".join(_fmt(st[m]["gap"]["std"]) for m in others) + " | |")
-    lines.append("| smallest gap | | " + " |" * len(methods) + " "
-                 + " | ".join(_fmt(st[m]["gap"]["min"], True) for m in others) + " | |")
-    lines.append(f"| gap ≥ −{summary['within']:g} | | " + " |" * len(methods) + " "
-                 + " | ".join(f"{st[m]['gap']['within']} of {st[m]['seeds']}" for m in others)
-                 + " | |")
-    lines.append("| gap ≥ 0 | | " + " |" * len(methods) + " "
-                 + " | ".join(f"{st[m]['gap']['at_least_ref']} of {st[m]['seeds']}"
-                              for m in others) + " | |")
+
+    def row(first: str, per_method: list[str], per_gap: list[str]) -> None:
+        # one cell per column whatever the method count: a reference-only run has no gap
+        # columns, and the rows once kept their separators anyway
+        lines.append("| " + " | ".join([first, "", *per_method, *per_gap, ""]) + " |")
+
+    row("**mean**", [f"**{_fmt(st[m]['mean'])}**" for m in methods],
+        [f"**{_fmt(st[m]['gap']['mean'], True)}**" for m in others])
+    row("std", [_fmt(st[m]["std"]) for m in methods], [_fmt(st[m]["gap"]["std"]) for m in others])
+    if others:  # rows about gaps, of which a reference-only run has none
+        blank = [""] * len(methods)
+        row("smallest gap", blank, [_fmt(st[m]["gap"]["min"], True) for m in others])
+        row(f"gap ≥ −{summary['within']:g}", blank,
+            [f"{st[m]['gap']['within']} of {st[m]['seeds']}" for m in others])
+        row("gap ≥ 0", blank, [f"{st[m]['gap']['at_least_ref']} of {st[m]['seeds']}"
+                               for m in others])
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
           "levels per cell level")
     print(f"{'task':<20} {'method':<12} {'counted cells':>14} {'changing':>12} {'share':>7} "
           f"{'levels/cell':>11} {'pulses priced':>14} {'one/level':>12} {'ratio':>6}")
-    for r in count_levels(mtm, preset):
+    rows = count_levels(mtm, preset)
+    if not rows:
+        print(f"no task of {args.bundle} re-programs a cell ("
+              f"{', '.join(sorted({i.method for i in mtm.tasks.values()}))}): nothing to count")
+        return 0
+    for r in rows:
         print(f"{r['task']:<20} {r['method']:<12} {r['counted']:>14,} {r['changing']:>12,} "
               f"{r['changing'] / r['counted']:>7.1%} "
               f"{r['level_steps'] / max(r['changing'], 1):>11.2f} {r['pulses_priced']:>14.3e} "

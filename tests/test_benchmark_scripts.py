@@ -99,6 +99,13 @@ def test_demo_seeds_summarizes_gaps_over_seeds(tmp_path, capsys):
     md = (out / "seeds.md").read_text()
     assert "| 1 | seed 1 | 98.00 | 95.50 | -2.50 | all true |" in md
     assert "2 of 3" in md and md == capsys.readouterr().out
+    # every row has the header's cell count, with the reference alone too (no gap rows then)
+    for table in (md, mod.to_markdown(mod.summarize([
+            mod.load_results(_fake_results(tmp_path / f"pb{s}", s, {"piggyback": 97.0 + s}))
+            for s in (0, 1)]))):
+        counts = {ln.count("|") for ln in table.splitlines() if ln.startswith("|")}
+        assert len(counts) == 1, table
+    assert "gap ≥ 0" not in table and "| **mean** |" in table
     # runs that differ beyond the seed (here the width) would not be comparable: refused
     other = _fake_results(tmp_path / "w32", 3, {"piggyback": 97.0, "xbm": 96.0}, width=32)
     assert mod.main(["--summarize", str(dirs[0]), str(other)]) == 2
@@ -182,3 +189,46 @@ def test_reprogram_levels_counts_the_cells_whose_level_changes(tmp_path, capsys)
     assert (row["changing"], row["level_steps"]) == (want_changing, want_steps)
     assert 0 < row["changing"] < row["counted"] / 2  # at most 4 of a weight's 8 cells hold it
     assert row["pulses_one_per_level"] == pytest.approx(want_steps * 59 / 3)
+
+
+def test_ablation_xma_tiny_energy_budgets_only(tmp_path, monkeypatch):
+    """At a tiny width and with energy budgets alone (no level or PE-budget runs) it runs,
+    keeps each task's deploy energy within its budget, and draws the energy panel: that panel
+    was drawn only when PE-budget runs existed, which left this documented command's plot
+    blank."""
+    from xbm.data import load_dataset
+    from xbm.errors import DatasetNotFoundError
+
+    try:
+        load_dataset("fashion-mnist"), load_dataset("mnist")
+    except DatasetNotFoundError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn, figs = [], []
+    mod = _load("ablation_xma")
+    real, close = mod.plot, plt.close
+    monkeypatch.setattr(mod, "plot", lambda res, path: (drawn.append(res), real(res, path)))
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    out = tmp_path / "abl"
+    assert mod.main(["--out", str(out), "--tasks", "mnist", "--width", "2", "--pretrain-subset",
+                     "256", "--pretrain-epochs", "1", "--train-subset", "64", "--test-subset",
+                     "32", "--epochs", "1", "--no-baselines", "--levels", "", "--budgets", "",
+                     "--energy-budgets", "0.5", "--energy-rank", "score,density",
+                     "--device", "cpu"]) == 0
+    (res,) = drawn
+    assert res["backbone"]["arch"]["width"] == 2
+    assert res["config"]["pretrain_precision"] in ("fp32", "bf16")  # resolved, not "auto"
+    labels = [r["label"] for r in res["runs"]]
+    assert labels == ["xma2-E0.5uJ", "xma2-E0.5uJ-density"]
+    for r in res["runs"]:
+        assert r["adaption_energy_j"] <= 0.5e-6 + 1e-18
+    assert any(p.suffix == ".png" for p in out.iterdir())
+    (fig,) = [f for f in figs if f is not None]
+    levels, energy = fig.axes
+    assert not levels.get_visible()  # no level runs: hidden, not an empty frame
+    assert energy.get_visible() and len(energy.get_lines()) == 2  # one marker set per order

@@ -1190,3 +1190,23 @@ def test_a_wrong_backbone_for_a_bundle_is_said_in_the_flags_words(command, tmp_p
     assert err.startswith(f"xbm: error: {path} was learned on the backbone with hash")
     assert f"--backbone {other} has" in err and "drop --backbone to use the bundle's own" in err
     assert len(err.splitlines()) == 1
+
+
+def test_yaml_exponents_are_numbers_as_written(tmp_path):
+    """PyYAML reads ``1e-3`` (YAML 1.1: no dot) as text; results.json then recorded "1e-3" and
+    demo_seeds.py refused to compare two runs at the same rate written 1e-3 and 0.001."""
+    from xbm.cli import _load_yaml
+    from xbm.hardware.energy import get_preset, load_preset_file
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method_configs: {piggyback: {lr: 1e-3}, xma: {lr: 5E-1}}\nseed: 1\n"
+                   "name: 1e3x\nversion: 1.0.0\n")
+    d = _load_yaml(str(cfg))
+    assert d["method_configs"] == {"piggyback": {"lr": 0.001}, "xma": {"lr": 0.5}}
+    assert isinstance(d["method_configs"]["piggyback"]["lr"], float) and d["seed"] == 1
+    assert (d["name"], d["version"]) == ("1e3x", "1.0.0")  # not numbers: left as text
+    preset = tmp_path / "p.yaml"
+    preset.write_text(get_preset("default").to_yaml().replace(
+        "write_pulse_s: 5.0e-08", "write_pulse_s: 5e-08"))
+    assert "write_pulse_s: 5e-08" in preset.read_text()
+    assert load_preset_file(preset).device.write_pulse_s == 5e-08

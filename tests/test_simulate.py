@@ -519,7 +519,8 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     rates = [r["fault_rate"] for r in rows if r["path"] != "ideal"]
     assert rates and rates == pytest.approx([0.02] * len(rates))
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
-    assert (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
+    # one chip, one rate: no fault-rate curve to draw (a one-point plot was written before)
+    assert not (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
 
 
 def test_hardware_package_exports_simulator_names():
@@ -554,11 +555,11 @@ def test_simulate_plots_from_results(tmp_path):
     """Both modes' plots from result rows; under an ideal ADC there is no ADC-bits axis."""
     from xbm.hardware.simulate_cli import _plots
 
-    def rows(adc):
+    def rows(adc, rates=(0.0, 0.01)):
         out = [{"task": "t", "path": "ideal", "adc_bits": None, "fault_rate": 0.0,
                 "variation": 0.0, "accuracy": 90.0}]
         for b in adc:
-            for r in (0.0, 0.01):
+            for r in rates:
                 out.append({"task": "t", "path": "faithful", "adc_bits": b, "fault_rate": r,
                             "variation": 0.0, "accuracy": 80.0 + (b if b != "ideal" else 9)})
         return out
@@ -568,6 +569,9 @@ def test_simulate_plots_from_results(tmp_path):
     names = [Path(p).name for p in _plots({"mode": "sweep", "rows": rows(["ideal"])},
                                           tmp_path / "b")]
     assert names == ["accuracy_vs_fault_rate.png"]
+    names = [Path(p).name for p in _plots({"mode": "sweep", "rows": rows([4, 8], rates=(0.0,))},
+                                          tmp_path / "e")]
+    assert names == ["accuracy_vs_adc_bits.png"]  # one fault rate: no fault-rate curve
     fa = {"mode": "fault-aware", "rows": [{"ideal_clean": 90.0}],
           "adc_sweep": [{"adc_bits": 4, "accuracy": 70.0}, {"adc_bits": 8, "accuracy": 89.0}]}
     assert [Path(p).name for p in _plots(fa, tmp_path / "c")] == ["accuracy_vs_adc_bits.png"]

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from xbm.config import load_yaml
 from xbm.errors import BundleError, XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
@@ -33,7 +34,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise XbmError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise XbmError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
@@ -325,7 +326,7 @@ def _parse_value(v: str) -> Any:
     except json.JSONDecodeError:
         pass
     try:
-        out = yaml.safe_load(v)
+        out = load_yaml(v)
     except yaml.YAMLError:
         return v
     return v if out is None else out

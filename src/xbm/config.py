@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -11,6 +13,42 @@ from typing import Any, TypeVar
 from xbm.errors import ConfigError
 
 T = TypeVar("T")
+
+#: YAML 1.2's floats, ``1e-3`` and ``5E4`` included. PyYAML follows YAML 1.1, where an exponent
+#: needs a dot (``1.0e-3``): ``lr: 1e-3`` was read as the text "1e-3", converted where a config
+#: field took it but recorded as text in results.json, so two runs at the same rate looked
+#: different to every comparison of their configs.
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                        |[-+]?\.(?:inf|Inf|INF)
+                        |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader with YAML 1.2 floats."""
+
+    # drop 1.1's float resolver for the first characters a number can start with, then add ours
+    Loader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-3`` is a number, as in JSON).
+
+    Raises:
+        yaml.YAMLError: as ``yaml.safe_load``.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
 def from_fields(cls: type[T], d: dict[str, Any], owner: str | None = None) -> T:

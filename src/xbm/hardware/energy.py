@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xbm.config import load_yaml
 from xbm.errors import ConfigError, unknown
 
 WRITE_CONDUCTANCE_CHOICES = ("mean", "on", "off")
@@ -522,7 +523,7 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
     if not p.is_file():
         raise ConfigError(f"energy preset file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"energy preset file {path} is not UTF-8 text; save it as UTF-8 "
                           "YAML") from None

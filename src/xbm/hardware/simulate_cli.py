@@ -461,10 +461,11 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
                                label=f"{r['task']} ideal")
             written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_adc_bits.png",
                                       "ADC bits"))
-        fig, ax = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
-                             lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
-        written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_fault_rate.png",
-                                  "stuck-at cell rate"))
+        if len({r["fault_rate"] for r in fr}) > 1:  # a sweep of one rate has no curve
+            fig, ax = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
+                                 lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
+            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_fault_rate.png",
+                                      "stuck-at cell rate"))
     else:
         rows = [r for r in res["adc_sweep"] if isinstance(r["adc_bits"], int)]
         if rows:

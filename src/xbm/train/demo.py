@@ -363,7 +363,8 @@ def format_table(results: dict[str, Any]) -> str:
                                               "adapt J", "switch J", "trainable", "train s"]
     rows = []
     for m, s in summ.items():
-        vs = f"{100 * s['mask_bits'] / pb_bits:.2f}%" if pb_bits else "-"
+        # "-" for a method without a mask, as xbm cost prints it (not a 0.00% of Piggyback's)
+        vs = f"{100 * s['mask_bits'] / pb_bits:.2f}%" if pb_bits and s["mask_bits"] else "-"
         rows.append([m, f"{s.get('base_accuracy', 0):.2f}"]
                     + [f"{s['new_task_accuracies'].get(t, float('nan')):.2f}" for t in tasks]
                     + [f"{s['mean_new_task_accuracy']:.2f}", f"{s['mask_bits']:,}", vs,

@@ -320,8 +320,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     if acc < chance + 0.1 * (100.0 - chance):
         warnings.warn(f"the backbone reached {acc:.2f}% on {cfg.dataset}'s test set, near chance "
                       f"({chance:.1f}% for {data.num_classes} classes): mask methods can only "
-                      "select among the features it computes; pretrain longer (--epochs), "
-                      "wider (--width) or on more images", XbmWarning,
+                      "select among the features it computes; pretrain longer, wider or on more "
+                      "images (xbm pretrain --epochs, --width, --train-subset; xbm demo "
+                      "--pretrain-epochs, --width, --pretrain-subset)", XbmWarning,
                       stacklevel=user_stacklevel())
     model = model.cpu().to(memory_format=torch.contiguous_format)
     state = model.state_dict()
