@@ -168,7 +168,10 @@ def _scatter_by_method(ax: Any, runs: list[dict[str, Any]], xkey: Any, plt: Any)
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         ax.scatter([mx], [my], color=cmap(i % 10), s=90, marker="D", edgecolor="black",
                    label=f"{m} (mean)")
-        ax.annotate(m, (mx, my), xytext=(5, 5), textcoords="offset points", fontsize=8)
+        # above and below in turn: methods with near means (xma, xma2; the 0-bit ones) no
+        # longer print their names over each other
+        ax.annotate(m, (mx, my), xytext=(5, 5 if i % 2 == 0 else -13),
+                    textcoords="offset points", fontsize=8)
     ax.set_ylabel("new-task accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
