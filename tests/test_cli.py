@@ -1210,3 +1210,77 @@ def test_yaml_exponents_are_numbers_as_written(tmp_path):
         "write_pulse_s: 5.0e-08", "write_pulse_s: 5e-08"))
     assert "write_pulse_s: 5e-08" in preset.read_text()
     assert load_preset_file(preset).device.write_pulse_s == 5e-08
+
+
+def test_a_backbone_for_other_channels_is_refused_before_training(tmp_path, capsys):
+    """An RGB (ImageNet-layout) backbone file given to adapt crashed in the first forward with
+    a raw shape traceback: the CLI's datasets are 28x28 grayscale."""
+    from xbm.io import save_safetensors, tensors_hash
+    from xbm.models import create_model
+
+    state = create_model("small_cnn", num_classes=3, in_channels=3, width=4).state_dict()
+    bb = tmp_path / "rgb.safetensors"
+    save_safetensors(bb, state, {"format": "xbm-backbone/1", "dataset": "x", "accuracy": 0.0,
+                                 "arch": {"name": "small_cnn", "num_classes": 3,
+                                          "in_channels": 3, "width": 4},
+                                 "content_hash": tensors_hash(state)})
+    imgs = _folder(tmp_path / "imgs")
+    out = tmp_path / "t.safetensors"
+    assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(bb),
+                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "the backbone takes 3-channel images" in err and "1-channel ones" in err
+    assert not out.exists()
+
+
+def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_path, capsys):
+    """A torchvision-format state dict (here a small 1-channel model, so the CLI's 28x28
+    grayscale data fit it) becomes a backbone file that adapt, eval and cost take; a .pth given
+    to --backbone directly says how to convert it, and a mismatch names the key."""
+    import torch
+
+    from xbm.models import create_model
+    from xbm.train.pretrain import load_backbone
+
+    torch.manual_seed(0)
+    src = create_model("small_cnn", num_classes=7, in_channels=1, width=4)
+    ckpt = tmp_path / "mine.pth"
+    torch.save({"epoch": 9, "state_dict": {f"module.{k}": v for k, v in
+                                           src.state_dict().items()}}, ckpt)
+    bb = tmp_path / "bb.safetensors"
+    assert main(["adapt", "--dataset", "x", "--backbone", str(ckpt)]) == 2
+    assert "a torch checkpoint, not an xbm backbone file; convert it once with " \
+           "`xbm import-backbone" in _one_line_error(capsys)
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(bb), "--num-classes", "7", "--width", "4"]) == 0
+    assert f"pass --backbone {bb}" in capsys.readouterr().out
+    model, meta = load_backbone(bb)
+    assert meta["arch"] == {"name": "small_cnn", "num_classes": 7, "in_channels": 1, "width": 4}
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    # never over an existing file unasked; a wrong size names the key
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(bb)]) == 2
+    assert "already exists; pass --force" in _one_line_error(capsys)
+    other = tmp_path / "other.safetensors"
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(other), "--width", "4"]) == 2  # the default 10 classes
+    assert "shape mismatch(es): fc.weight" in _one_line_error(capsys) and not other.exists()
+    # the file works where --backbone goes
+    imgs = _folder(tmp_path / "imgs")
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(bb),
+                 "--rows", "16", "--cols", "16", "--out", str(bundle), "--device", "cpu",
+                 "--no-progress"]) == 0
+    for argv in (["eval", "--device", "cpu", "--no-progress"], ["cost"]):
+        assert main([*argv, "--bundle", str(bundle)]) == 0  # found at the recorded file
+    capsys.readouterr()
+
+
+def test_models_lists_the_registry_with_default_sizes(capsys):
+    from xbm.models import list_models
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "width", "in_channels", "num_classes"]
+    assert [ln.split()[0] for ln in lines[1:]] == list_models()
+    assert "resnet50" in {ln.split()[0] for ln in lines[1:] if ln.split()[-1] == "1000"}

@@ -251,3 +251,40 @@ def test_bad_options_are_config_errors():
 def test_register_model_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register_model("small_cnn")(lambda **kw: nn.Identity())
+
+
+def test_load_a_reference_script_checkpoint_says_how(tmp_path):
+    """torchvision's reference scripts save {"model", "optimizer", "args": Namespace}: the safe
+    loader refuses the Namespace, and the message (cut mid-sentence, with terminal colour
+    codes, before) now says what to do."""
+    import argparse
+
+    src = _small("small_cnn")
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(XbmError) as info:
+        load_torchvision_state_dict(_small("small_cnn"), path)
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg
+    assert "holds Python objects besides tensors" in msg and "weights_only=False" in msg
+    # the way it names works
+    dst = _small("small_cnn")
+    load_torchvision_state_dict(dst, torch.load(path, weights_only=False)["model"])
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+def test_load_into_a_converted_model_with_tasks_keeps_the_tasks():
+    """docs/architecture.md: a state dict loads before and after conversion; after a task was
+    added its keys counted as missing."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    src = _small("small_cnn")
+    mtm = MultiTaskModel(_small("small_cnn"), CrossbarSpec(rows=16, cols=16))
+    mtm.add_task("t", 3, "xbm")
+    task = {k: v.clone() for k, v in mtm.task_state_dict("t").items()}
+    load_torchvision_state_dict(mtm.model, src.state_dict())
+    shared = [k for k in mtm.backbone_state() if k in src.state_dict()]
+    assert len(shared) == len(src.state_dict())  # every backbone tensor, by torchvision's name
+    assert all(torch.equal(mtm.backbone_state()[k], src.state_dict()[k]) for k in shared)
+    assert all(torch.equal(v, mtm.task_state_dict("t")[k]) for k, v in task.items())

@@ -98,8 +98,12 @@ def test_spec_is_a_spec_or_a_preset_name() -> None:
     for bad in (None, 64, {"rows": 64}):
         with pytest.raises(XbmError, match="spec must be a CrossbarSpec"):
             MultiTaskModel(_backbone(), bad)
-    with pytest.raises(XbmError, match="spec must be a CrossbarSpec"):
-        xbm.apply(_backbone(), "default")
+        with pytest.raises(XbmError, match="spec must be a CrossbarSpec or a preset name"):
+            xbm.apply(_backbone(), bad)
+    # apply takes a preset name too, as MultiTaskModel does (it refused one before session 19)
+    model = xbm.apply(_backbone(), "isaac")
+    layer = next(m for m in model.modules() if isinstance(m, xbm.nn.CrossbarLayer))
+    assert layer.spec == xbm.get_spec("isaac")
 
 
 def test_counts_of_an_unknown_task_are_an_error_not_zero() -> None:

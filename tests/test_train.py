@@ -15,3 +15,28 @@ def test_progress_off_a_terminal_writes_timed_plain_lines(capsys, monkeypatch):
     assert lines[0].startswith("pretrain ep 1/3: 1/4 (25%), ") and lines[0].endswith("s left")
     assert len(lines) == 3  # not after the last item: the loop's own summary follows
     assert loop._progress(range(3), 3, "off", False) == range(3)
+
+
+def test_labels_beyond_the_tasks_classes_are_an_xbm_error():
+    """A 3-class task trained on 4-class labels raised torch's IndexError ("Target 3 is out of
+    bounds"), and evaluation scored the extra class as silently wrong."""
+    import pytest
+    import torch
+
+    from xbm.data import make_fixture_task
+    from xbm.errors import XbmError
+    from xbm.hardware import CrossbarSpec
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, train_task
+
+    data = make_fixture_task("f", num_classes=4, n_train=16, n_test=8, seed=0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                         CrossbarSpec(rows=16, cols=16))
+    mtm.add_task("t", 3, "xbm")
+    train, test = data.loaders(8, seed=0)
+    with pytest.raises(XbmError, match=r"labels run from 0 to 3, but task 't' has 3 classes"):
+        train_task(mtm, "t", train, 1, torch.device("cpu"), progress=False)
+    with pytest.raises(XbmError, match="task 't' has 3 classes"):
+        evaluate_task(mtm, "t", test)
+    assert evaluate_task(mtm, "base", test) >= 0  # the backbone's own head has 4

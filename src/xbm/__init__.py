@@ -10,7 +10,7 @@ evaluate them (:func:`train_task`, :func:`evaluate_task`). Every error a user ca
 from xbm.errors import ConfigError, XbmError, XbmWarning
 from xbm.hardware import CrossbarSpec, get_spec, map_model
 from xbm.methods import create_method, get_method_class, list_methods
-from xbm.models import create_model
+from xbm.models import create_model, list_models, load_torchvision_state_dict
 from xbm.multitask import MultiTaskModel
 from xbm.nn import apply
 from xbm.train.loop import evaluate_task, train_task
@@ -20,4 +20,5 @@ __version__ = "0.1.0"
 __all__ = ["ConfigError", "CrossbarSpec", "MultiTaskModel", "XbmError", "XbmWarning",
            "__version__", "apply",
            "create_method", "create_model", "evaluate_task", "get_method_class", "get_spec",
-           "list_methods", "map_model", "train_task"]
+           "list_methods", "list_models", "load_torchvision_state_dict", "map_model",
+           "train_task"]

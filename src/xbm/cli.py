@@ -70,8 +70,9 @@ def spec_from_args(args: argparse.Namespace):
 WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
 WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
                      "existing --bundle, which fix the backbone, it must match it")
-BACKBONE_HELP = ("backbone .safetensors (default: with an existing --bundle, the cached backbone "
-                 "whose content hash the bundle records; else the cached demo backbone of "
+BACKBONE_HELP = ("backbone .safetensors that xbm pretrain or xbm import-backbone wrote "
+                 "(default: with an existing --bundle, the cached backbone whose content hash "
+                 "the bundle records, or the file it records; else the cached demo backbone of "
                  "--model/--width, pretrained once if absent)")
 DEFAULT_MODEL = "resnet18_cifar"
 MODEL_HELP = (f"architecture of the default backbone (default {DEFAULT_MODEL}, the demo's); with "
@@ -169,6 +170,31 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         print(f"to adapt or simulate on it, pass --backbone {shlex.quote(str(out))} (the "
               "bundles adapt makes on it record this file, so eval and cost find it there)")
+    return 0
+
+
+def cmd_import_backbone(args: argparse.Namespace) -> int:
+    """``xbm import-backbone``: a user's checkpoint as an xbm backbone file."""
+    import shlex
+
+    from xbm.io import check_output
+    from xbm.train.pretrain import import_backbone
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+    check_output(out, "file", "--out")
+    if out.exists() and not args.force:
+        raise XbmError(f"--out {out} already exists; pass --force to overwrite it, or another "
+                       "--out")
+    _check_counts(args, ("num_classes", "in_channels", "width"))
+    meta = import_backbone(args.model, args.checkpoint, out, num_classes=args.num_classes,
+                           in_channels=args.in_channels, width=args.width,
+                           dataset=args.dataset, accuracy=args.accuracy)
+    a = meta["arch"]
+    print(f"saved {out} ({a['name']}, {a['num_classes']} classes, {a['in_channels']} input "
+          f"channel(s); hash {meta['content_hash']}); pass --backbone {shlex.quote(str(out))} "
+          "to xbm adapt, cost or simulate")
     return 0
 
 
@@ -454,6 +480,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         _check_bundle_out(out, None)
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
+    want = (meta.get("arch") or {}).get("in_channels")
+    if want is not None and want != data.in_channels:  # not a shape error minutes later
+        raise XbmError(f"the backbone takes {want}-channel images, {args.dataset} has "
+                       f"{data.in_channels}-channel ones (the CLI loads every dataset as 28x28 "
+                       "grayscale, the default backbone's input); adapt this backbone from "
+                       "Python (docs/usage.md, Python API) with data of its own shape")
     seed_everything(args.seed)
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"], backbone_recipe=meta.get("config"),
                          backbone_file=args.backbone).to(device)
@@ -558,6 +590,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name, cls in METHODS.items():
         flag = "re-programs cells" if cls.reprograms_cells else "no re-programming"
         print(f"{name:<14} {flag:<18} {cls.description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from xbm.models import list_models
+    from xbm.models.registry import model_defaults
+
+    print(f"{'model':<16} {'width':>6} {'in_channels':>11} {'num_classes':>11}")
+    for name in list_models():
+        d = {k: "-" if v is None else v for k, v in model_defaults(name).items()}
+        print(f"{name:<16} {d['width']:>6} {d['in_channels']:>11} {d['num_classes']:>11}")
     return 0
 
 
@@ -669,6 +712,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(pt, "the backbone's seed (default 0)")
     pt.set_defaults(func=cmd_pretrain)
 
+    im = sub.add_parser("import-backbone",
+                        help="write your own checkpoint (torchvision-format state dict) as an "
+                             "xbm backbone file that --backbone takes")
+    im.add_argument("--model", required=True, help="the registered model the checkpoint is "
+                    "for, e.g. resnet50 (torchvision's key names)")
+    im.add_argument("--checkpoint", required=True,
+                    help=".pth/.pt (torch.save; weights only) or .safetensors state dict; a "
+                    "{'state_dict': ...} or {'model': ...} wrapper and a 'module.' prefix are "
+                    "accepted")
+    im.add_argument("--out", required=True, help="backbone file to write (.safetensors)")
+    im.add_argument("--num-classes", type=int, help="classes of the checkpoint's head "
+                    "(default: the model's, e.g. 1000 for resnet50)")
+    im.add_argument("--in-channels", type=int, help="default: the model's")
+    im.add_argument("--width", type=int, help="default: the model's")
+    im.add_argument("--dataset", default="imported",
+                    help="what it was trained on, recorded (default %(default)s)")
+    im.add_argument("--accuracy", type=float, help="its accuracy there, recorded (default: "
+                    "unknown)")
+    im.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    im.set_defaults(func=cmd_import_backbone)
+
     ad = sub.add_parser("adapt", help="learn one task with one method; save a task bundle")
     ad.add_argument("--method", default="xbm",
                     help=f"default %(default)s; one of: {', '.join(list_methods())}")
@@ -728,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list the registered adaption methods")
     me.set_defaults(func=cmd_methods)
+    mo = sub.add_parser("models", help="list the registered backbones and their default sizes")
+    mo.set_defaults(func=cmd_models)
 
     for mod in EXTENSIONS:
         try:

@@ -160,12 +160,13 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         from xbm.cli import check_bundle_backbone
 
         check_bundle_backbone(bundle, meta, backbone, bmeta)
-    arch = meta.get("arch") or {}
-    if arch and bmeta.get("arch") and arch != bmeta["arch"]:
-        diff = sorted(k for k in set(arch) | set(bmeta["arch"])
-                      if arch.get(k) != bmeta["arch"].get(k))
+    arch, barch = meta.get("arch") or {}, bmeta.get("arch") or {}
+    # the fields both record: a bundle saved from Python may record fewer (no num_classes)
+    diff = sorted(k for k in set(arch) & set(barch)
+                  if arch[k] is not None and barch[k] is not None and arch[k] != barch[k])
+    if diff:
         raise BundleError(f"{bundle}: bundle belongs to another backbone (arch.{diff[0]} is "
-                          f"{arch.get(diff[0])!r}, {path} has {bmeta['arch'].get(diff[0])!r}); "
+                          f"{arch.get(diff[0])!r}, {path} has {barch.get(diff[0])!r}); "
                           "pass the backbone it was learned on with --backbone")
     mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
                          head_name=meta.get("head_name", "fc"))

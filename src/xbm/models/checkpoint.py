@@ -8,6 +8,8 @@ done first, and a mismatch becomes one short :class:`~xbm.errors.XbmError`.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,8 +32,16 @@ def _read(path: Path) -> Mapping[str, object]:
             return load_file(str(path), device="cpu")
         # weights_only: a .pth is a pickle, and an untrusted pickle can run arbitrary code.
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a Python object in it
+        raise XbmError(
+            f"checkpoint {str(path)!r} holds Python objects besides tensors (torchvision's "
+            "reference scripts save their argparse args with the weights), which are not "
+            "loaded unasked: a pickle can run code. If you trust the file, load it yourself "
+            f"with torch.load(path, weights_only=False) and pass its state dict (e.g. "
+            f"ckpt['model'])") from exc
     except Exception as exc:  # corrupt, truncated, or a pickle of something other than tensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise XbmError(f"cannot read checkpoint {str(path)!r}: {first}") from exc
 
 
@@ -84,7 +94,9 @@ def load_torchvision_state_dict(
                            f"{type(value).__name__}, not a tensor")
         state[key.removeprefix("module.")] = value
 
-    expected = model.state_dict()
+    # a converted model's task state (scores, per-task BN and heads) is not the backbone's:
+    # a torchvision checkpoint has none of it, and loading weights leaves it as it is
+    expected = {k: v for k, v in model.state_dict().items() if "xbm_tasks." not in k}
     for key, value in expected.items():
         # Checkpoints saved before PyTorch 0.4.1 (including early torchvision downloads) have no
         # BN step counter; it only matters for momentum=None, so start it at zero like torch does.
@@ -110,5 +122,7 @@ def load_torchvision_state_dict(
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
             "and width"
         )
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    # strict above, on the backbone's keys; only task keys may be left out here
+    assert not result.unexpected_keys and all("xbm_tasks." in k for k in result.missing_keys)
     return model

@@ -35,14 +35,15 @@ def _swap(module: nn.Module, cls: type) -> None:
     module.__class__ = cls
 
 
-def apply(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
+def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None = None,
           head_name: str = "fc") -> nn.Module:
     """Convert ``model`` in place: selected Conv2d/Linear become crossbar layers, norms and the head
     become task-aware. Parameters keep their identity, values and state-dict keys.
 
     Args:
         model: a torch model whose classifier is the Linear called ``head_name``.
-        spec: the crossbars that hold the programmed weights.
+        spec: the crossbars that hold the programmed weights, or a preset name (as
+            ``MultiTaskModel`` takes: ``"default"``, ``"isaac"``, ...).
         filter_fn: ``(name, module) -> bool``, asked about every ``nn.Conv2d`` and ``nn.Linear``
             except the head: which of them go on crossbars (default: all). Subclasses of them
             (e.g. MultiheadAttention's ``out_proj``, whose weight its parent reads directly) and
@@ -52,9 +53,13 @@ def apply(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = Non
     Returns:
         The same ``model`` object, converted.
     """
+    if isinstance(spec, str):
+        from xbm.hardware import get_spec
+
+        spec = get_spec(spec)
     if not isinstance(spec, CrossbarSpec):
-        raise XbmError(f"spec must be a CrossbarSpec, got {type(spec).__name__}; build one with "
-                       "xbm.get_spec('default', rows=64)")
+        raise XbmError(f"spec must be a CrossbarSpec or a preset name such as 'default', got "
+                       f"{type(spec).__name__}; build one with xbm.get_spec('default', rows=64)")
     if any(isinstance(m, TaskAware) for m in model.modules()):
         raise XbmError("model is already converted to crossbar layers; convert a fresh model")
     head = dict(model.named_modules()).get(head_name)

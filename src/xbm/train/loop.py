@@ -301,6 +301,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
+    _check_labels(loader, mtm.tasks[task].num_classes, task)
     method = mtm.methods[task]
     graphed = graphed and method.graph_safe
     capturable = graphed if capturable is None else bool(capturable)
@@ -417,10 +418,27 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return 100.0 * correct / total
 
 
+def _check_labels(loader: object, num_classes: int | None, task: str) -> None:
+    """Labels outside the task's classes: training failed with torch's "Target 9 is out of
+    bounds" IndexError, and evaluation silently scored them wrong. Checked once where the
+    loader holds its labels (``BatchLoader``: xbm's own datasets); other loaders are the
+    caller's."""
+    y = getattr(loader, "y", None)
+    if num_classes is None or not isinstance(y, torch.Tensor) or y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise XbmError(f"the loader's labels run from {lo} to {hi}, but task {task!r} has "
+                       f"{num_classes} classes (labels 0 to {num_classes - 1}); add the task "
+                       "with the data's number of classes, or fix the labels")
+
+
 def evaluate_task(mtm: MultiTaskModel, task: str,
                   loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   device: torch.device | str | None = None) -> float:
     """Top-1 accuracy in percent of ``task`` (``base`` allowed) over ``loader``; the active
     task is restored afterwards."""
+    if task in mtm.tasks:
+        _check_labels(loader, mtm.tasks[task].num_classes, task)
     with mtm.use_task(task):
         return evaluate(mtm, loader, device)

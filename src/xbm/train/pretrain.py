@@ -347,14 +347,20 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a backbone saved by :func:`pretrain`, checking its content hash."""
+    """Load a backbone saved by :func:`pretrain` or :func:`import_backbone`, checking its
+    content hash."""
+    if Path(path).suffix in (".pth", ".pt", ".bin", ".ckpt"):  # a torch checkpoint, not ours
+        raise BundleError(f"{path}: a torch checkpoint, not an xbm backbone file; convert it "
+                          "once with `xbm import-backbone --model NAME --checkpoint "
+                          f"{path} --out backbone.safetensors` and pass that file")
     tensors, meta = load_safetensors(path)
     if meta.get("format") != BACKBONE_FORMAT or "arch" not in meta:
         if str(meta.get("format", "")).startswith("xbm-task-bundle"):
             raise BundleError(f"{path}: this is a task bundle, not a backbone; pass it as "
                               "--bundle (its backbone is found by the hash it records)")
         raise BundleError(f"{path}: not an xbm backbone file (no backbone metadata); pass a "
-                          "file `xbm pretrain` wrote")
+                          "file `xbm pretrain` wrote, or convert a state dict of your own with "
+                          "`xbm import-backbone`")
     if tensors_hash(tensors) != meta.get("content_hash"):
         raise BundleError(f"{path}: content hash mismatch; the file is corrupt, re-run pretrain")
     model = build_model(meta["arch"])
@@ -364,6 +370,38 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise BundleError(f"{path}: weights do not fit {meta['arch']['name']} ({first})") from None
     return model, meta
+
+
+def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.PathLike,
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    width: int | None = None, dataset: str = "imported",
+                    accuracy: float | None = None) -> dict[str, Any]:
+    """Write a user's checkpoint (a torchvision-format state dict, ``.pth`` or
+    ``.safetensors``) as an xbm backbone file, so every command's ``--backbone`` takes it.
+
+    The weights load strictly by key name (:func:`xbm.models.load_torchvision_state_dict`);
+    sizes left out are the model's defaults (``xbm.models.registry.model_defaults``). Returns
+    the metadata written.
+
+    Raises:
+        XbmError: an unknown model, or a checkpoint that cannot be read or does not fit it.
+    """
+    from xbm.models import create_model, load_torchvision_state_dict
+    from xbm.models.registry import model_defaults
+
+    d = model_defaults(model)  # an unknown name fails here, in one line
+    arch = {"name": model,
+            "num_classes": num_classes if num_classes is not None else d["num_classes"],
+            "in_channels": in_channels if in_channels is not None else d["in_channels"],
+            "width": width if width is not None else d["width"]}
+    net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
+    load_torchvision_state_dict(net, checkpoint)
+    state = net.state_dict()
+    meta = {"format": BACKBONE_FORMAT, "arch": arch, "dataset": dataset, "accuracy": accuracy,
+            "content_hash": tensors_hash(state), "torch": torch.__version__,
+            "imported_from": os.path.abspath(os.fspath(checkpoint))}
+    save_safetensors(out, {k: v.contiguous() for k, v in state.items()}, meta)
+    return meta
 
 
 def backbone_file_hash(path: str | Path) -> str | None:
@@ -492,7 +530,9 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
             # silently spending minutes on a new pretraining
             raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
                               "pretrain it anew") from None
-        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {meta['accuracy']:.2f}%)")
+        acc = meta.get("accuracy")
+        acc_text = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "unknown"
+        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {acc_text})")
         return model, meta, p
     if not path:
         log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
