@@ -190,6 +190,9 @@ def test_load_strips_module_prefix_and_unwraps_checkpoint():
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}
     load_torchvision_state_dict(dst, wrapped)
     assert torch.equal(dst.fc.weight, src.fc.weight)
+    compiled = {f"_orig_mod.{k}": v for k, v in _small("small_cnn").state_dict().items()}
+    load_torchvision_state_dict(dst, compiled)  # a torch.compile'd model's state dict
+    assert torch.equal(dst.fc.weight, compiled["_orig_mod.fc.weight"])
 
 
 def test_load_accepts_checkpoints_without_bn_step_counters():

@@ -65,7 +65,8 @@ def load_torchvision_state_dict(
 ) -> nn.Module:
     """Load a torchvision-style state dict into ``model`` (strictly) and return ``model``.
 
-    A leading ``module.`` prefix (left by ``DataParallel``/DDP) is stripped, and a
+    A leading ``module.`` prefix (left by ``DataParallel``/DDP) or ``_orig_mod.`` (left by
+    ``torch.compile``) is stripped, and a
     ``{"state_dict": ...}`` or ``{"model": ...}`` training checkpoint is unwrapped. Loading is
     strict because a silently skipped key would leave random weights in a "pretrained" backbone;
     the only tolerated gap is BN ``num_batches_tracked``, which old checkpoints lack.
@@ -92,7 +93,10 @@ def load_torchvision_state_dict(
         if not isinstance(value, torch.Tensor):
             raise XbmError(f"{source} is not a state dict: entry {key!r} is a "
                            f"{type(value).__name__}, not a tensor")
-        state[key.removeprefix("module.")] = value
+        # DataParallel/DDP's "module.", torch.compile's "_orig_mod." (either order)
+        for prefix in ("module.", "_orig_mod.", "module."):
+            key = key.removeprefix(prefix)
+        state[key] = value
 
     # a converted model's task state (scores, per-task BN and heads) is not the backbone's:
     # a torchvision checkpoint has none of it, and loading weights leaves it as it is
