@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xbm.errors import BundleError, ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError
 
 DEFAULT_RESULTS = Path("runs/demo/results.json")
 _EXTRA_SPEC = ("adc_bits", "dac_bits", "input_bits")
@@ -156,18 +156,12 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
         _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC)
     path = backbone if backbone is not None else str(bundle_backbone_path(bundle, meta))
     model, bmeta = load_backbone(path)
-    if backbone is not None:  # the hash first, as eval and simulate: it is what must match
+    if backbone is not None:  # as eval and simulate: the content hash is what must match
         from xbm.cli import check_bundle_backbone
 
         check_bundle_backbone(bundle, meta, backbone, bmeta)
-    arch, barch = meta.get("arch") or {}, bmeta.get("arch") or {}
-    # the fields both record: a bundle saved from Python may record fewer (no num_classes)
-    diff = sorted(k for k in set(arch) & set(barch)
-                  if arch[k] is not None and barch[k] is not None and arch[k] != barch[k])
-    if diff:
-        raise BundleError(f"{bundle}: bundle belongs to another backbone (arch.{diff[0]} is "
-                          f"{arch.get(diff[0])!r}, {path} has {barch.get(diff[0])!r}); "
-                          "pass the backbone it was learned on with --backbone")
+    # (no separate architecture check: a backbone found by the bundle's hash, or given and
+    # checked against it, holds the very tensors the bundle was learned on)
     mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
                          head_name=meta.get("head_name", "fc"))
     mtm.load_bundle(bundle)
