@@ -133,8 +133,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                   "pass --force to pretrain it again")
             return 0
     check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)")
-    if args.out and out.suffix != ".safetensors":
-        raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+    if args.out:
+        _check_backbone_suffix(out)
     if args.out and out.exists() and not args.force:
         raise XbmError(f"{out} already exists; bundles made on it would stop loading if it were "
                        "replaced. Pass another --out, or --force to overwrite it")
@@ -173,6 +173,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_backbone_suffix(out: Path) -> None:
+    """``--out`` of ``pretrain`` and ``import-backbone``: every ``--backbone`` reads
+    safetensors."""
+    if out.suffix != ".safetensors":
+        raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+
+
 def cmd_import_backbone(args: argparse.Namespace) -> int:
     """``xbm import-backbone``: a user's checkpoint as an xbm backbone file."""
     import shlex
@@ -181,8 +188,7 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
     from xbm.train.pretrain import import_backbone
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+    _check_backbone_suffix(out)
     check_output(out, "file", "--out")
     if out.exists() and not args.force:
         raise XbmError(f"--out {out} already exists; pass --force to overwrite it, or another "
@@ -358,13 +364,13 @@ def _parse_value(v: str) -> Any:
     return v if out is None else out
 
 
-def _check_spec_flags(args: argparse.Namespace, spec, bundle: str, extra: tuple[str, ...] = (),
-                      check_preset: bool = True) -> None:
+def _check_spec_flags(args: argparse.Namespace, spec, bundle: str,
+                      extra: tuple[str, ...] = ()) -> None:
     """A spec flag given with an existing bundle must agree with the bundle's spec (``extra``:
     more spec fields that the command has flags for)."""
     from xbm.errors import ConfigError
 
-    if check_preset and getattr(args, "preset", "default") != "default":
+    if getattr(args, "preset", "default") != "default":
         raise ConfigError(f"--preset {args.preset} contradicts the bundle {bundle}, which fixes "
                           "the crossbar spec; drop the flag")
     for k in ("rows", "cols", "weight_bits", "cell_bits", *extra):

@@ -150,7 +150,7 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
     from xbm.train.pretrain import bundle_backbone_path, load_backbone
 
     meta, spec, _ = read_bundle_meta(bundle)
-    if args is not None:  # cost's --preset names the model-mode spec, so it is not checked
+    if args is not None:  # spec flags and --preset must agree with the bundle's own spec
         from xbm.cli import _check_spec_flags
 
         _check_spec_flags(args, spec, bundle, extra=_EXTRA_SPEC)
