@@ -1212,25 +1212,94 @@ def test_yaml_exponents_are_numbers_as_written(tmp_path):
     assert load_preset_file(preset).device.write_pulse_s == 5e-08
 
 
-def test_a_backbone_for_other_channels_is_refused_before_training(tmp_path, capsys):
-    """An RGB (ImageNet-layout) backbone file given to adapt crashed in the first forward with
-    a raw shape traceback: the CLI's datasets are 28x28 grayscale."""
+def _colour_folder(root, n=24, size=20):
+    """Two classes that differ only in hue, at equal luminance (PIL's ``L`` gives both the
+    same grey): only a model fed the RGB channels can tell them apart."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # L = (19595 R + 38470 G + 7471 B) / 65536: (200, 60, 60) and (60, 131, 60) both give 101
+    for name, rgb in (("red", (200, 60, 60)), ("green", (60, 131, 60))):
+        for i in range(n):
+            px = np.array(rgb, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3))
+            p = root / name / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px.astype(np.uint8), "RGB").save(p)
+    return root
+
+
+def _rgb_backbone_file(path):
     from xbm.io import save_safetensors, tensors_hash
     from xbm.models import create_model
 
+    torch.manual_seed(0)
     state = create_model("small_cnn", num_classes=3, in_channels=3, width=4).state_dict()
-    bb = tmp_path / "rgb.safetensors"
-    save_safetensors(bb, state, {"format": "xbm-backbone/1", "dataset": "x", "accuracy": 0.0,
-                                 "arch": {"name": "small_cnn", "num_classes": 3,
-                                          "in_channels": 3, "width": 4},
-                                 "content_hash": tensors_hash(state)})
-    imgs = _folder(tmp_path / "imgs")
+    save_safetensors(path, state, {"format": "xbm-backbone/1", "dataset": "x", "accuracy": 0.0,
+                                   "arch": {"name": "small_cnn", "num_classes": 3,
+                                            "in_channels": 3, "width": 4},
+                                   "content_hash": tensors_hash(state)})
+    return path
+
+
+def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
+    """An RGB backbone (an imported ImageNet-layout one, say) used to be refused by the CLI,
+    which read every dataset as 28x28 grayscale. Now an image folder is read in the backbone's
+    channels and at --image-size: a task told apart by hue alone is learned (read as grey it
+    would sit at chance), the bundle records the side, and eval, simulate and cost feed the
+    task as it was learned (eval repeats adapt's accuracy exactly)."""
+    from xbm.data import load_dataset
+
+    bb = _rgb_backbone_file(tmp_path / "rgb.safetensors")
+    imgs = _colour_folder(tmp_path / "hues")
+    grey = load_dataset(str(imgs), channels=1)
+    assert grey.train_x.float().std(dim=(1, 2, 3)).max() < 30  # no hue left to learn from
     out = tmp_path / "t.safetensors"
     assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(bb),
-                 "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
-    err = _one_line_error(capsys)
-    assert "the backbone takes 3-channel images" in err and "1-channel ones" in err
-    assert not out.exists()
+                 "--image-size", "16", "--epochs", "6", "--batch-size", "8", "--out", str(out),
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["in_channels"] == 3 and rec["image_size"] == 16
+    assert rec["accuracy"] >= 90.0, rec  # hue learned
+    assert main(["eval", "--bundle", str(out), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["accuracy"] == rec["accuracy"]
+    assert main(["simulate", "--bundle", str(out), "--adc-bits", "8", "--backend", "torch",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["path"] == "ideal" and rows[0]["accuracy"] == rec["accuracy"]
+    assert main(["cost", "--bundle", str(out), "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert cost["input_shape"] == [1, 3, 16, 16], cost.get("input_shape")
+    # a second task joins at the bundle's side unless told otherwise
+    assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--bundle", str(out),
+                 "--train-subset", "40", "--test-subset", "40", "--device", "cpu",
+                 "--no-progress", "--json"]) == 0
+    rec2 = json.loads(capsys.readouterr().out)
+    assert rec2["image_size"] == 16 and rec2["in_channels"] == 3  # grey digits repeated to RGB
+
+
+def test_with_channels_repeats_grey_and_refuses_to_invent_colour():
+    from xbm.data.task import TaskData
+    from xbm.errors import ConfigError
+
+    x = torch.randint(0, 255, (4, 1, 5, 5), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1])
+    d = TaskData("t", x, y, x[:2], y[:2], ["a", "b"])
+    rgb = d.with_channels(3)
+    assert rgb.train_x.shape == (4, 3, 5, 5) and rgb.in_channels == 3
+    assert all(torch.equal(rgb.train_x[:, c], x[:, 0]) for c in range(3))
+    assert rgb.train_x.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a view
+    assert d.with_channels(1) is d
+    with pytest.raises(ConfigError, match="has 3-channel images, the model takes 1"):
+        rgb.with_channels(1)
+    with pytest.raises(ConfigError, match="channels must be 1 or 3"):
+        d.with_channels(2)
+
+
+def test_image_size_below_what_a_resnet_takes_is_refused(tmp_path, capsys):
+    imgs = _folder(tmp_path / "imgs")
+    assert main(["adapt", "--dataset", str(imgs), "--image-size", "4", "--device", "cpu"]) == 2
+    assert "--image-size must be >= 8, got 4" in _one_line_error(capsys)
 
 
 def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_path, capsys):

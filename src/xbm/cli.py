@@ -232,15 +232,18 @@ def _short(names: list[str], n: int = 6) -> str:
 
 
 def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
-               test_subset: int | None, seed: int):
+               test_subset: int | None, seed: int, channels: int | None = None):
     """The data to evaluate a bundle's task on: ``--dataset`` or the one the task recorded.
 
     A dataset whose class count differs from the task's head would give a plausible-looking
     accuracy for the wrong labels, so it is refused; a recorded image folder that has moved
     gets an error naming the flag that points at its new place.
 
+    The images come as the task was learned: ``channels`` (the backbone's) and the side it
+    recorded (:func:`task_image_size`), which the returned loaders' ``size`` should be.
+
     Returns:
-        (dataset name, TaskData subset).
+        (dataset name, TaskData subset, image side).
     """
     from xbm.data import load_dataset
     from xbm.data.registry import FOLDER_PREFIX
@@ -250,7 +253,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     if ds is None:
         raise XbmError(f"task {task.name!r} records no dataset; pass --dataset")
     try:
-        data = load_dataset(ds, root=args.data_root)
+        data = load_dataset(ds, root=args.data_root, channels=channels,
+                            image_size=task_image_size(task))
     except DatasetNotFoundError as exc:
         if args.dataset or not ds.startswith(FOLDER_PREFIX):
             raise  # a built-in dataset's error already says how to install it
@@ -282,7 +286,27 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                       f"test split of {ds} may differ from its training split and include "
                       "training images; adapt it again to score it on held-out images",
                       XbmWarning, stacklevel=2)
-    return ds, data.subset(train_subset, test_subset, seed=seed)
+    return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
+
+
+def task_image_size(task: Any) -> int:
+    """The image side a bundle's task was learned at (28 for tasks from before it was recorded,
+    when every task was 28x28)."""
+    size = (task.extra or {}).get("image_size")
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 28
+
+
+def _image_size(args: argparse.Namespace, bundle_tasks: list[Any]) -> int:
+    """``--image-size``, else the side the bundle's tasks were learned at, else 28: a bundle's
+    tasks share one backbone, and its BatchNorm statistics and the cost model's positions
+    depend on the side, so a new task follows the earlier ones unless told otherwise."""
+    if args.image_size is not None:
+        if args.image_size < 8:
+            raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet "
+                           "halves the side five times)")
+        return int(args.image_size)
+    sizes = sorted({task_image_size(t) for t in bundle_tasks})
+    return sizes[-1] if sizes else 28
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
@@ -450,7 +474,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
-    data = load_dataset(args.dataset, root=args.data_root)
+    # images come in the backbone's shape: an image folder is read in its channel mode, a
+    # grayscale dataset repeated into RGB for a 3-channel backbone; the side is --image-size,
+    # else what the bundle's tasks were learned at, else 28 (the default backbone's input)
+    channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
+    image_size = _image_size(args, bundle_tasks)
+    data = load_dataset(args.dataset, root=args.data_root, channels=channels,
+                        image_size=image_size)
     full = (len(data.train_y), len(data.test_y))
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # what the accuracy will rest on: with a few test images each one moves it by whole points
@@ -487,11 +517,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     want = (meta.get("arch") or {}).get("in_channels")
-    if want is not None and want != data.in_channels:  # not a shape error minutes later
-        raise XbmError(f"the backbone takes {want}-channel images, {args.dataset} has "
-                       f"{data.in_channels}-channel ones (the CLI loads every dataset as 28x28 "
-                       "grayscale, the default backbone's input); adapt this backbone from "
-                       "Python (docs/usage.md, Python API) with data of its own shape")
+    if want is not None and want != data.in_channels:  # the default backbone, pretrained now
+        data = data.with_channels(want)
     seed_everything(args.seed)
     mtm = MultiTaskModel(backbone, spec, arch=meta["arch"], backbone_recipe=meta.get("config"),
                          backbone_file=args.backbone).to(device)
@@ -503,7 +530,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                  dataset=dataset_reference(args.dataset))
     if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
         mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
-    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed,
+    mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress,
@@ -517,6 +545,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "train_seconds": round(tr.train_seconds, 3), "precision": precision,
            "cuda_graph": tr.cuda_graph, "train_images": len(data.train_y),
            "test_images": len(data.test_y), "classes": data.num_classes,
+           "image_size": image_size, "in_channels": data.in_channels,
            "bundle": str(out), "new_bundle": new_bundle}
     print(json.dumps(rec, indent=2) if args.json else
           f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
@@ -542,8 +571,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = []
     for t in ([args.task] if args.task else names):
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
-        ds, data = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=args.seed)
-        _, test_loader = data.loaders(args.batch_size, seed=args.seed)
+        ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=args.seed,
+                                    channels=(bmeta.get("arch") or {}).get("in_channels"))
+        _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
         acc = evaluate_task(mtm, t, test_loader, device)
         out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
                     "accuracy": round(acc, 4), "test_images": len(data.test_y)})
@@ -750,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--bundle", help="bundle to add the task to, updated in place; created "
                     "(with a note) if the file does not exist yet")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
+    ad.add_argument("--image-size", type=int, help="image side fed to the backbone (default: "
+                    "the bundle's tasks', else 28, the default backbone's input); an image "
+                    "folder is read at this size and in the backbone's channels (RGB for a "
+                    "3-channel one), a built-in dataset resized to it and repeated into RGB")
     ad.add_argument("--epochs", type=int, default=1, help="default: %(default)s")
     ad.add_argument("--batch-size", type=int, default=32,
                     help="training batch (default 32, as the demo, Piggyback and KSM)")

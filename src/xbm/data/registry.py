@@ -77,7 +77,8 @@ def dataset_reference(name: str) -> str:
     return FOLDER_PREFIX + str(Path(path).expanduser().resolve())
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
+def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0, *,
+                 channels: int | None = None, image_size: int | None = None) -> TaskData:
     """Load a dataset by name into memory.
 
     Args:
@@ -89,6 +90,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
             ``letters`` and image folders without ``train/``/``test/``. Keep it constant across
             runs that should be compared (the default 0 is what benchmarks use); it is not the
             training seed. ``animal-mnist`` ignores it and always uses its fixed split.
+        channels: image channels the model takes (``None``: as stored; an image folder then
+            loads as grayscale). An image folder is read in that mode; a grayscale dataset is
+            repeated into three channels for an RGB backbone (:meth:`TaskData.with_channels`).
+        image_size: the side an image folder's pictures are stored at (default 28). Built-in
+            datasets stay 28x28: pass the size to :meth:`TaskData.loaders` to feed them larger.
 
     Raises:
         UnknownNameError: the name is neither registered nor a path.
@@ -98,9 +104,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
 
     folder = image_folder_path(name)
     if folder is not None:
-        return load_image_folder(folder, seed=seed)
+        return load_image_folder(folder, image_size=28 if image_size is None else image_size,
+                                 channels=1 if channels is None else channels, seed=seed)
     try:
         builder = _REGISTRY[name]
     except KeyError:
         raise unknown("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"]) from None
-    return builder(None if root is None else str(root), seed)
+    data = builder(None if root is None else str(root), seed)
+    return data if channels is None else data.with_channels(channels)

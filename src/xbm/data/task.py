@@ -152,6 +152,30 @@ class TaskData:
         """Image channels (1 for every built-in dataset)."""
         return int(self.train_x.shape[1])
 
+    def with_channels(self, channels: int) -> TaskData:
+        """This task with ``channels`` image channels, for a backbone that takes them.
+
+        A grayscale task is repeated into three equal channels, the usual way to feed one to an
+        RGB network (an ``expand`` view: no copy until a batch is drawn). Colour cannot be made
+        from nothing the other way, so three channels to one is refused: load an image folder as
+        grayscale instead (``load_dataset(..., channels=1)``).
+
+        Raises:
+            ConfigError: ``channels`` is not 1 or 3, or asks for 1 channel of an RGB task.
+        """
+        if channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {channels}; set channels to 1 or 3")
+        have = self.in_channels
+        if channels == have:
+            return self
+        if have != 1:
+            raise ConfigError(f"{self.name}: has {have}-channel images, the model takes "
+                              f"{channels}; load it with channels={channels} (an image folder "
+                              "is read in either mode)")
+        return TaskData(self.name, self.train_x.expand(-1, channels, -1, -1), self.train_y,
+                        self.test_x.expand(-1, channels, -1, -1), self.test_y,
+                        list(self.classes))
+
     @property
     def image_size(self) -> int:
         """Stored image height (all loaders store square images)."""
@@ -185,7 +209,7 @@ class TaskData:
         vx, vy = pick(self.test_x, self.test_y, test, seed * 2 + 1)
         return TaskData(self.name, tx, ty, vx, vy, list(self.classes))
 
-    def loaders(self, batch_size: int, seed: int = 0, size: int = 28,
+    def loaders(self, batch_size: int, seed: int = 0, size: int | None = None,
                 device: torch.device | str | None = None,
                 test_batch_size: int | None = None) -> tuple[BatchLoader, BatchLoader]:
         """Train and test batch iterators yielding normalised float32 batches.
@@ -198,7 +222,8 @@ class TaskData:
         Args:
             batch_size: training batch size.
             seed: shuffle seed.
-            size: image side fed to the model; images are resized only if it differs.
+            size: image side fed to the model; images are resized only if it differs
+                (``None``: the stored size, 28 for every built-in dataset).
             device: device of the produced batches.
             test_batch_size: evaluation batch size; defaults to ``batch_size``.
         """

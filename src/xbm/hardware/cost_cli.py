@@ -231,8 +231,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
         arch = mtm.arch or {}
         costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
+        # the side the tasks were fed at, where `xbm adapt` recorded it (one for the bundle)
+        sizes = {mtm.tasks[t].extra.get("image_size") for t in tasks} - {None}
+        size = args.input_size or (sizes.pop() if len(sizes) == 1 else None)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
-                                 args.input_size, args.in_channels)
+                                 size, args.in_channels)
     else:
         measured = None
         if args.fractions_from:
@@ -337,8 +340,9 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     src.add_argument("--width", type=int, help="backbone width (default: the model's)")
     src.add_argument("--in-channels", type=int, help="input channels (default: the model's)")
     src.add_argument("--input-size", type=int,
-                     help="image side for output positions (default 224 for ImageNet layouts, "
-                          "else 28)")
+                     help="image side for output positions (default: with --bundle the side "
+                          "its tasks were learned at; else 224 for ImageNet layouts, 28 for the "
+                          "rest)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--energy",
                     help=f"energy preset: {', '.join(sorted(PRESETS))} (default: default = "

@@ -211,9 +211,11 @@ def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float
                      dac_bits=args.sim_dac_bits, cell_bits=args.sim_cell_bits)
 
 
-def _calibration_batches(data, args: argparse.Namespace, n: int = 2) -> list[torch.Tensor]:
-    """A few training batches (never test data) for input scales and ADC ranges."""
-    loader, _ = data.loaders(args.batch_size, seed=args.seed)
+def _calibration_batches(data, args: argparse.Namespace, n: int = 2,
+                         size: int | None = None) -> list[torch.Tensor]:
+    """A few training batches (never test data) for input scales and ADC ranges, at the side
+    ``size`` the task is fed at."""
+    loader, _ = data.loaders(args.batch_size, seed=args.seed, size=size)
     out = []
     for x, _y in loader:
         out.append(x)
@@ -305,10 +307,11 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []
     for t in tasks:
-        _, data = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
-                             seed=args.seed)
-        _, test_loader = data.loaders(args.batch_size, seed=args.seed)
-        calib = _calibration_batches(data, args)
+        _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
+                                   seed=args.seed,
+                                   channels=(bmeta.get("arch") or {}).get("in_channels"))
+        _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
+        calib = _calibration_batches(data, args, size=size)
         ideal = evaluate_task(mtm, t, test_loader, device)
         rows.append({"task": t, "path": "ideal", "adc_bits": None, "fault_rate": 0.0,
                      "variation": 0.0, "accuracy": round(ideal, 4), "delta": 0.0})
@@ -346,9 +349,18 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         raise XbmError("--fault-aware needs --dataset (the task to learn)")
     _check_counts(args, ("epochs", "batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, root=args.data_root).subset(
+    # in the backbone's channels (read from a given file's header: the dataset's errors still
+    # come before any pretraining of the default backbone, which is grayscale)
+    from xbm.train.pretrain import backbone_file_arch
+
+    channels = (backbone_file_arch(args.backbone) or {}).get("in_channels") \
+        if args.backbone else None
+    data = load_dataset(args.dataset, root=args.data_root, channels=channels).subset(
         args.train_subset, args.test_subset, seed=args.seed)
     backbone, bmeta = _backbone(args, device)
+    want = (bmeta.get("arch") or {}).get("in_channels")
+    if want is not None and want != data.in_channels:
+        data = data.with_channels(want)
     spec = spec_from_args(args)
     adc_list = _adc_bits(args, spec)  # checked now, not after the training
     mtm = MultiTaskModel(copy.deepcopy(backbone), spec, arch=bmeta["arch"],

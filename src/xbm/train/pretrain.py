@@ -235,7 +235,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
 
     cfg = cfg.for_device(device)
     augment = get_augment(cfg.augment)
-    data = load_dataset(cfg.dataset, root=root)
+    data = load_dataset(cfg.dataset, root=root, image_size=cfg.image_size)
     if cfg.train_subset and cfg.train_subset > len(data.train_y):
         # it would train on the whole set, cached under a name that says otherwise
         raise ConfigError(f"train_subset {cfg.train_subset} exceeds the {len(data.train_y)} "
@@ -417,6 +417,21 @@ def backbone_file_hash(path: str | Path) -> str | None:
     except Exception:  # missing, a folder, not safetensors: simply not a match
         return None
     return found if isinstance(found, str) else None
+
+
+def backbone_file_arch(path: str | Path) -> dict[str, Any] | None:
+    """The architecture a backbone file's header records, read without its tensors; None for
+    a missing or unreadable file (loading it says why)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            arch = json.loads((f.metadata() or {}).get("arch", "null"))
+    except Exception:  # missing, a folder, not safetensors: load_backbone names the problem
+        return None
+    return arch if isinstance(arch, dict) else None
 
 
 def find_cached_backbone(backbone_hash: str) -> Path | None:
