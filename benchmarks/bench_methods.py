@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--in-channels", type=int, default=1,
+                    help="input channels (3 for an ImageNet-layout model such as resnet50)")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
@@ -162,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         # would skip; XMA2 is captured after its PE selection (graph_ready)
         methods += [f"{m}+graph" for m in methods
                     if "+" not in m and get_method_class(m).graph_safe]
-    bb = create_model(args.model, num_classes=10, in_channels=1, width=args.width)
+    bb = create_model(args.model, num_classes=10, in_channels=args.in_channels, width=args.width)
     mtm = MultiTaskModel(bb, get_spec(rows=args.rows))
-    x = torch.randn(args.batch, 1, args.size, args.size)
+    x = torch.randn(args.batch, args.in_channels, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
     opts = {}
     for m in methods:
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["state_vs_piggyback"] = r["state_bytes"] / pb_state if pb_state else None
     where = torch.cuda.get_device_name(dev) if cuda else f"{args.threads} CPU threads"
-    print(f"{args.model} width {args.width}, batch {args.batch}x1x{args.size}x{args.size}, "
+    print(f"{args.model} width {args.width}, batch {args.batch}x{args.in_channels}x{args.size}"
+          f"x{args.size}, "
           f"R={args.rows}, {where}, median of {args.reps}; torch {torch.__version__}")
     print(f"{'method':<18}{'step ms':>9}{'vs frozen':>11}{'vs finetune':>13}{'state B':>12}"
           f"{'state+Adam B':>14}{'vs PB':>9}{'saved MB':>10}{'peak MB':>9}"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One short GPU check for a machine lent for a few minutes (session 20):
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR DATA_ROOT [BUDGET_SECONDS]
+#
+# DATA_ROOT holds the offline datasets' files in one folder, as for gpu_session.sh. The package
+# runs from src/ on PYTHONPATH under the machine's own python3 and torch.
+#   1. `xbm demo --device cuda --seed 0` at the GPU default (width 64, two adaption epochs, CUDA
+#      graphs; every method, pretraining included), to compare with the figures recorded for
+#      seed 0 in earlier GPU sessions (the same backbone hash and accuracies are expected);
+#      meanwhile the whole test suite on the machine's torch (CUDA tests included);
+#   2. benchmarks/bench_methods.py on an ImageNet-scale step (resnet50, 3x224x224, batch 32),
+#      where the GPU is compute-bound rather than launch-bound: every method eagerly, in fp32
+#      and under bf16 autocast;
+#   3. the same benchmark at session 15's row (resnet18_cifar width 64, batch 32, eager and as
+#      CUDA graphs), to see the step ratios unchanged.
+# Everything lands in OUT_DIR/check.log and OUT_DIR/gpu.tgz (re-packed after each step).
+# A dry run on a CPU: XBM_GPU_DEVICE=cpu XBM_DRY=1 PYTHON=.venv/bin/python (tiny sizes).
+set -u
+mkdir -p "$1"
+OUT=$(realpath "$1")
+DATA=$(realpath "$2")
+BUDGET=${3:-420}
+DEV=${XBM_GPU_DEVICE:-cuda}
+DRY=${XBM_DRY:-0}
+T0=$(date +%s)
+WORK=$(mktemp -d)
+LOG="$OUT/check.log"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XBM_CACHE="$WORK/cache"
+PY=${PYTHON:-python3}
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
+say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
+pack() { tar -czf "$OUT/gpu.tgz.tmp" -C "$WORK" --exclude=cache . && mv "$OUT/gpu.tgz.tmp" "$OUT/gpu.tgz"; }
+
+say "env"
+{ nvidia-smi 2>&1 | head -15
+  $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda',
+torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else '-')"
+  nproc; git log --oneline -1; } >"$WORK/env.txt" 2>&1
+cat "$WORK/env.txt" >>"$LOG"
+
+say "1. demo seed 0 on $DEV (GPU default), tests meanwhile"
+demo_args=()
+if [ "$DRY" = 1 ]; then
+  printf 'pretrain_subset: 512\ntrain_subset: 64\ntest_subset: 64\nwidth: 8\n' >"$WORK/dry.yaml"
+  demo_args=(--config "$WORK/dry.yaml")
+fi
+OMP_NUM_THREADS=4 timeout "$(upto 150)" $PY -m xbm demo --device "$DEV" --seed 0 \
+  "${demo_args[@]}" --data-root "$DATA" --out "$WORK/demo" --no-progress \
+  >"$WORK/demo.log" 2>&1 &
+demo_pid=$!
+if [ "$DRY" = 1 ]; then
+  echo "dry run: tests skipped" >"$WORK/pytest.log"
+else
+  XDIST=""
+  $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  OMP_NUM_THREADS=1 timeout "$(upto 160)" $PY -m pytest -q -p no:cacheprovider $XDIST \
+    >"$WORK/pytest.log" 2>&1
+fi
+say "tests: $(tail -1 "$WORK/pytest.log")"
+grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" >>"$LOG"
+wait "$demo_pid"; say "demo exit $?"
+if grep -q '^method ' "$WORK/demo.log"; then
+  grep -E "backbone|hash" "$WORK/demo.log" | head -5 >>"$LOG"
+  sed -n '/^method /,/^results:/p' "$WORK/demo.log" >>"$LOG"
+else tail -8 "$WORK/demo.log" >>"$LOG"; fi
+pack
+
+say "2. bench_methods on $DEV: resnet50, 3x224x224, batch 32, eager fp32 and bf16"
+if [ "$DRY" = 1 ]; then big=(--width 8 --size 32 --batch 4 --reps 2); else
+  big=(--width 64 --size 224 --batch 32 --reps 20); fi
+timeout "$(upto 90)" $PY benchmarks/bench_methods.py --device "$DEV" --model resnet50 \
+  --in-channels 3 "${big[@]}" --bf16 --json "$WORK/bench_rn50.json" 2>&1 \
+  | grep -v "^USDT" >"$WORK/bench_rn50.log"
+cat "$WORK/bench_rn50.log" >>"$LOG"
+pack
+
+say "3. bench_methods on $DEV: resnet18_cifar width 64, batch 32 (session 15's row)"
+graph=()
+[ "$DEV" = cuda ] && graph=(--cuda-graph)
+if [ "$DRY" = 1 ]; then small=(--width 8 --reps 2); else small=(--width 64 --reps 30); fi
+timeout "$(upto 5)" $PY benchmarks/bench_methods.py --device "$DEV" "${small[@]}" --batch 32 \
+  --methods linear-probe,piggyback,xbm,xma "${graph[@]}" --json "$WORK/bench_w64.json" 2>&1 \
+  | grep -v "^USDT" >"$WORK/bench_w64.log"
+cat "$WORK/bench_w64.log" >>"$LOG"
+pack
+say "done"
