@@ -58,6 +58,13 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     assert res["backbone"]["precision"] == res["config"]["pretrain_precision"] == prec
     assert res["config"]["precision"] == prec  # the adaption's own, resolved by the same rule
     assert res["config"]["cuda_graph"] is False  # default (null) resolved: no CUDA here
+    # every method's config in force, defaults included (config.method_configs: overrides)
+    from xbm.methods import get_method_class
+
+    assert set(res["method_configs"]) == set(methods)
+    for m in methods:
+        assert res["method_configs"][m] == get_method_class(m).config_class().to_dict()
+    assert res["method_configs"]["xbm"]["threshold"] == 5e-3
     # the header says what "auto" resolved to, before any work
     assert f"xbm demo: mnist-family on cpu, resnet18_cifar width {res['config']['width']}, " \
         f"pretraining {prec}, adaption {prec}, " in printed
@@ -349,7 +356,7 @@ def _bundle(tmp_path, tiny_mtm, **meta_changes):
     ({"tasks": {"t": 1}}, "task list is a dict"),
     ({"tasks": [{"name": "t"}]}, "task record 0 is unreadable"),
     ({"tasks": [{"name": "t", "method": "nope", "config": {}, "num_classes": 3}]},
-     "unknown method 'nope'"),
+     "learned by method 'nope', which is not registered in this process"),
     ({"tasks": [{"name": "t", "method": "xbm", "config": {"lr": -1}, "num_classes": 3}]},
      "lr must be > 0"),
     ({"format": "other/1"}, "not an xbm task bundle"),
@@ -1353,3 +1360,18 @@ def test_models_lists_the_registry_with_default_sizes(capsys):
     assert lines[0].split() == ["model", "width", "in_channels", "num_classes"]
     assert [ln.split()[0] for ln in lines[1:]] == list_models()
     assert "resnet50" in {ln.split()[0] for ln in lines[1:] if ln.split()[-1] == "1000"}
+
+
+def test_cost_takes_a_backbone_file_alone(tmp_path, capsys):
+    """import-backbone says "pass --backbone FILE to xbm adapt, cost or simulate", but cost
+    wanted --model or --bundle: a backbone alone now costs its recorded architecture."""
+    bb = _rgb_backbone_file(tmp_path / "rgb.safetensors")
+    assert main(["cost", "--backbone", str(bb), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(["cost", "--model", "small_cnn", "--width", "4", "--in-channels", "3",
+                 "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert got["input_shape"] == [1, 3, 28, 28]
+    assert got["mask_memory"] == want["mask_memory"] and got["methods"] == want["methods"]
+    assert main(["cost", "--backbone", str(bb), "--width", "8"]) == 2
+    assert "--width 8 differs from the backbone's 4; drop it" in _one_line_error(capsys)

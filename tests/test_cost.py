@@ -289,6 +289,11 @@ def test_xbm_reprograms_nothing_in_any_setting(learned) -> None:
     matrix = C.switch_matrix(mtm, get_preset(), ["xa", "xb"])
     bit = get_preset().periphery.mask_bit_write_energy_j
     assert matrix["xa"]["xb"] == pytest.approx(mtm.mask_bits("xb") * bit)
+    # a preset by name, as task_costs takes it (an AttributeError on a str before)
+    assert C.switch_matrix(mtm, "default", ["xa", "xb"]) == matrix
+    assert C.switch_matrix(mtm, tasks=["xa", "xb"]) == matrix
+    with pytest.raises(UnknownNameError, match="nope"):
+        C.switch_matrix(mtm, "nope", ["xa", "xb"])
 
 
 def test_default_xbm_zero_in_every_setting() -> None:

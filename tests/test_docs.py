@@ -34,3 +34,56 @@ def test_missing_marker_is_an_error(tmp_path):
     f = tmp_path / "methods.md"
     f.write_text("# no marker\n")
     assert _generator().main(["--check", "--path", str(f)]) == 2
+
+
+def test_the_own_method_example_runs_and_round_trips_a_bundle(tmp_path):
+    """docs/methods.md's "Your own method" example, as written, in this process; then its
+    bundle loads in a fresh model, and a process without the method says which is missing."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+
+    from xbm.methods import METHODS
+    from xbm.multitask import MultiTaskModel
+
+    text = (ROOT / "docs/methods.md").read_text()
+    section = text.split("## Your own method", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    try:
+        exec(compile(code, "methods.md", "exec"), ns)  # noqa: S102 - our own docs
+        model = ns["model"]
+        assert model.reprogrammed_cells("mine") == 0
+        layers = list(model.layer_states("mine"))
+        assert model.mask_bits("mine") == 8 * sum(la.row_tiles * la.matrix_cols
+                                                  for _, la, _ in layers)
+        assert any(not torch.equal(st.scale, torch.ones_like(st.scale)) for _, _, st in layers)
+        exec(compile(code.split("\nbackbone =")[0], "methods.md", "exec"), {})  # re-run: fine
+        path = tmp_path / "mine.safetensors"
+        model.save_bundle(path)
+        fresh = MultiTaskModel(_same_backbone(ns), "default")
+        assert fresh.load_bundle(path) == ["mine"]
+        x = torch.randn(2, 1, 28, 28)
+        model.eval(), fresh.eval()
+        with torch.no_grad(), model.use_task("mine"), fresh.use_task("mine"):
+            assert torch.equal(model(x), fresh(x))
+        out = subprocess.run(
+            [sys.executable, "-c", "import sys, xbm; from xbm.multitask import read_bundle_meta\n"
+             "try:\n read_bundle_meta(sys.argv[1])\nexcept xbm.XbmError as e:\n print(e)",
+             str(path)], capture_output=True, text=True, check=True)
+        assert "learned by method 'colscale', which is not registered in this process; " \
+               "import the module that registers it" in out.stdout, out
+    finally:
+        METHODS.pop("colscale", None)
+
+
+def _same_backbone(ns):
+    """The example's backbone weights in a fresh (unconverted) model."""
+    import xbm
+    from xbm.multitask import backbone_state
+
+    fresh = xbm.create_model("small_cnn", num_classes=4, in_channels=1)
+    fresh.load_state_dict(backbone_state(ns["model"].model), strict=False)
+    return fresh

@@ -281,3 +281,28 @@ def test_cost_of_an_arch_less_model_reads_its_channels_and_asks_for_the_size() -
     assert at16["inference_energy_j"] < at28["inference_energy_j"]
     with pytest.raises(ConfigError, match="in_channels must be a positive integer"):
         task_costs(mtm, "t", input_size=16, in_channels=0)
+
+
+def test_a_batchnorm_without_running_statistics_is_refused_at_conversion() -> None:
+    """It converted, and then every forward (even the base task's) failed in torch with
+    "running_mean must be defined in evaluation mode"."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(xbm.XbmError, match=r"^1 is a BatchNorm without running statistics"):
+        MultiTaskModel(model, SPEC, head_name="3")
+    assert [type(m) for m in model.modules()] == before  # refused before anything changed
+
+
+def test_map_model_on_a_converted_model_lists_only_its_crossbar_layers() -> None:
+    """It listed a layer the filter had kept digital, and its table cut the kind to 'Crossba'."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 8),
+                          nn.ReLU(), nn.Linear(8, 3))
+    mtm = MultiTaskModel(model, SPEC, filter_fn=lambda n, m: n != "2", head_name="4")
+    report = xbm.map_model(mtm.model, SPEC, head_name="4")
+    assert [lm.name for lm in report.layers] == ["0"] == [lm.name for lm in
+                                                          mtm.mapping().layers]
+    assert report.layers[0].kind == "Conv2d" and " Conv2d " in report.table()
+    fresh = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    assert [lm.kind for lm in xbm.map_model(fresh, SPEC, head_name="9").layers] == \
+        ["Conv2d", "Linear"]

@@ -568,3 +568,20 @@ def test_xma2_bundle_roundtrip(tmp_path):
     for (_, _, s1), (_, _, s2) in zip(mtm.layer_states("t"), fresh.layer_states("t"),
                                       strict=True):
         assert torch.equal(s1.pe_mask, s2.pe_mask)
+
+
+def test_a_budget_below_one_pe_warns_and_names_the_budget_that_takes_one():
+    """small_cnn on the default spec has 6 PEs: the default 10% is floor(0.6) = 0 PEs, which
+    re-programmed nothing without a word while the task was called XMA2."""
+    mtm = _mtm()
+    with pytest.warns(UserWarning, match=r"pe_budget 0.1 of this model's 6 PEs is 0 PEs.*"
+                                         r"at least 0.167 to re-program one PE") as rec:
+        _train(mtm, "t", "xma2", {"warmup_steps": 2}, epochs=2)
+    assert len([w for w in rec if "0 PEs" in str(w.message)]) == 1  # once, at the selection
+    assert mtm.reprogrammed_cells("t") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the suggested budget takes one PE, without a warning
+        _train(mtm, "u", "xma2", {"warmup_steps": 2, "pe_budget": 0.167}, epochs=2)
+    states = list(mtm.layer_states("u"))
+    assert sum(mtm.methods["u"].selected_pes(la, st) for _, la, st in states) == 1
+    assert mtm.reprogrammed_cells("u") > 0

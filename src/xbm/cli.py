@@ -54,10 +54,14 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default",
                    help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} (default: "
                    "%(default)s = pytorx, 64x64)")
-    p.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
-    p.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
-    p.add_argument("--weight-bits", type=int, help="weight precision (default 8)")
-    p.add_argument("--cell-bits", type=int, help="bits per cell (default 2)")
+    p.add_argument("--rows", type=int,
+                   help="crossbar rows R (default: the preset's, 64 for default)")
+    p.add_argument("--cols", type=int,
+                   help="crossbar columns C (default: the preset's, 64 for default)")
+    p.add_argument("--weight-bits", type=int,
+                   help="weight precision (default: the preset's, 8 for default)")
+    p.add_argument("--cell-bits", type=int,
+                   help="bits per cell (default: the preset's, 2 for default)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -67,7 +71,8 @@ def spec_from_args(args: argparse.Namespace):
                     cell_bits=args.cell_bits)
 
 
-WIDTH_HELP = "backbone width (default: 16 on CPU, 64 on CUDA)"
+WIDTH_HELP = ("backbone width (default: 16 on CPU, 64 on CUDA, for every --model: the demo's "
+              "rule; map and cost use each model's own default, which xbm models lists)")
 WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
                      "existing --bundle, which fix the backbone, it must match it")
 BACKBONE_HELP = ("backbone .safetensors that xbm pretrain or xbm import-backbone wrote "
@@ -251,7 +256,9 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
 
     ds = args.dataset or task.dataset
     if ds is None:
-        raise XbmError(f"task {task.name!r} records no dataset; pass --dataset")
+        raise XbmError(f"task {task.name!r} records no dataset (a bundle saved from Python "
+                       "without dataset=); evaluate it alone with --task "
+                       f"{task.name} --dataset NAME")
     try:
         data = load_dataset(ds, root=args.data_root, channels=channels,
                             image_size=task_image_size(task))
@@ -691,8 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each adaption step from a CUDA graph (default: on with CUDA; "
                    "4-5x faster at batch 32 on an H200; XMA2 from its PE selection on; "
-                   "--no-cuda-graph trains eagerly with plain Adam, as figures before session "
-                   "15)")
+                   "--no-cuda-graph trains eagerly with plain Adam, as the GPU figures recorded "
+                   "before graphs became the default)")
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
@@ -702,10 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d.add_argument("--preset", help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} "
                    "(default: default = pytorx, 64x64)")
-    d.add_argument("--rows", type=int, help="crossbar rows R (default 64)")
-    d.add_argument("--cols", type=int, help="crossbar columns C (default 64)")
-    d.add_argument("--weight-bits", type=int, help="weight precision (default 8)")
-    d.add_argument("--cell-bits", type=int, help="bits per cell (default 2)")
+    d.add_argument("--rows", type=int,
+                   help="crossbar rows R (default: the preset's, 64 for default)")
+    d.add_argument("--cols", type=int,
+                   help="crossbar columns C (default: the preset's, 64 for default)")
+    d.add_argument("--weight-bits", type=int,
+                   help="weight precision (default: the preset's, 8 for default)")
+    d.add_argument("--cell-bits", type=int,
+                   help="bits per cell (default: the preset's, 2 for default)")
     d.add_argument("--energy", help="energy preset of the table's energy columns: "
                    f"{', '.join(sorted(ENERGY_PRESETS))} (default: default = neurosim)")
     d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")
@@ -812,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="only this task (default: every task of the bundle)")
     ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
     ev.add_argument("--backbone", help="backbone .safetensors (default: the cached one whose "
-                    "hash the bundle records)")
+                    "hash the bundle records, or the backbone file the bundle records)")
     ev.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
     ev.add_argument("--test-subset", type=int, help="seeded subset of the test images "
                     "(default: all)")

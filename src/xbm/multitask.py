@@ -26,6 +26,7 @@ from xbm.io import load_safetensors, save_safetensors, tensors_hash
 from xbm.methods import AdaptionMethod, MethodConfig, create_method
 from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
 from xbm.nn.layers import TASK_KEY
+from xbm.nn.modes import eval_mode
 
 BUNDLE_FORMAT = "xbm-task-bundle/1"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -59,6 +60,12 @@ def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, li
     return meta, spec, tasks
 
 
+#: Why a bundle's task tensors may not match this model's layers although the backbone hash
+#: and spec do: the hash covers the weights, not which layers the conversion put on crossbars.
+_LAYER_SET_HINT = ("; a bundle learned with other layers on the crossbars loads onto a model "
+                   "built with the filter_fn (and head_name) it was made with")
+
+
 def _check_bundle_hash(path: str | Path, tensors: dict[str, torch.Tensor],
                        meta: dict[str, Any]) -> None:
     """Bundles record a content hash of their tensors (as backbones do): flipped bytes in a
@@ -88,8 +95,16 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
     if not isinstance(records, list):
         raise BundleError(f"{path}: bundle's task list is a {type(records).__name__}, not a "
                           "list; the file is corrupt, re-create it with xbm adapt")
+    from xbm.methods import METHODS
+
     tasks: list[TaskInfo] = []
     for i, info in enumerate(records):
+        method = info.get("method") if isinstance(info, dict) else None
+        if isinstance(method, str) and method not in METHODS:  # a user's method, not imported
+            raise BundleError(f"{path}: task {info.get('name')!r} was learned by method "
+                              f"{method!r}, which is not registered in this process; import "
+                              f"the module that registers it (@register_method({method!r})) "
+                              "before loading the bundle")
         try:
             ti = TaskInfo(**info)
             if not isinstance(ti.name, str) or not isinstance(ti.config, dict) \
@@ -175,6 +190,10 @@ class MultiTaskModel(nn.Module):
             if backbone_file else None
         self.head_name = head_name
         self.model = apply(backbone, self.spec, filter_fn, head_name)
+        # the wrapper's flag is the backbone's (nn.Module starts every module in training
+        # mode): `mtm.training` then says what a plain forward does, and helpers that
+        # restore it do not turn an eval-mode backbone back to training
+        self.training = backbone.training
         self.tasks: dict[str, TaskInfo] = {}
         self.methods: dict[str, AdaptionMethod] = {}
         self._active = BASE_TASK
@@ -248,8 +267,11 @@ class MultiTaskModel(nn.Module):
                     mod.add_task_bn(name)  # type: ignore[attr-defined]
                 else:
                     continue
-                # the new state follows the module it sits in (device and floating dtype)
+                # the new state follows the module it sits in (device, floating dtype and
+                # train/eval mode: a task added to an eval-mode model must not update its
+                # BatchNorm statistics on a plain forward)
                 own = mod.xbm_tasks[name]
+                own.train(mod.training)
                 like = next(iter(mod.parameters(recurse=False)), None)
                 if like is None:  # a norm without affine parameters: its statistics
                     like = next((b for b in mod.buffers(recurse=False)
@@ -338,17 +360,15 @@ class MultiTaskModel(nn.Module):
             if t != BASE_TASK:
                 self._require(t)
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        was = self.training
-        self.eval()  # inference: BatchNorm uses each task's running statistics
-        try:
+        # inference: BatchNorm uses each task's running statistics; every submodule's own
+        # train/eval flag comes back afterwards
+        with eval_mode(self):
             for t in dict.fromkeys(tasks):  # first-seen order: deterministic
                 idx = [i for i, ti in enumerate(tasks) if ti == t]
                 with self.use_task(t):
                     logits = self.model(x[idx])
                 for j, i in enumerate(idx):
                     out[i] = logits[j]
-        finally:
-            self.train(was)
         return out  # type: ignore[return-value]
 
     def predict_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
@@ -528,7 +548,8 @@ class MultiTaskModel(nn.Module):
                 own = self.task_state_dict(ti.name)
                 missing = sorted(set(own) - set(tensors))
                 if missing:
-                    raise BundleError(f"{path}: task {ti.name!r} lacks tensor {missing[0]}")
+                    raise BundleError(f"{path}: task {ti.name!r} lacks tensor {missing[0]}"
+                                      f"{_LAYER_SET_HINT}")
                 for k, v in own.items():
                     if tuple(tensors[k].shape) != tuple(v.shape):
                         raise BundleError(
@@ -539,7 +560,8 @@ class MultiTaskModel(nn.Module):
             known = {k for t in added for k in self.task_state_dict(t)}
             stray = sorted(set(tensors) - known)
             if stray:
-                raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}")
+                raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}"
+                                  f"{_LAYER_SET_HINT}")
         except Exception:
             for t in added:  # leave the model as it was
                 self.remove_task(t)

@@ -1042,11 +1042,13 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     return pos, shape
 
 
-def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | None = None, *,
+def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None = None, *,
               reference: str = BASE, assumptions: Assumptions | None = None,
               input_size: int | None = None, in_channels: int | None = None) -> MethodCost:
-    """The full cost of one learned task (deploy from the backbone, switch from ``reference``)."""
-    preset = preset or get_preset()
+    """The full cost of one learned task (deploy from the backbone, switch from ``reference``);
+    ``preset``: an energy preset or its name (default: ``default``)."""
+    preset = get_preset(preset or "default") if isinstance(preset, str) or preset is None \
+        else preset
     a = assumptions or Assumptions()
     facts = task_facts(mtm, task, reference, a)
     positions, _ = mtm_positions(mtm, input_size, in_channels)
@@ -1088,10 +1090,14 @@ def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str
     return c.summary() | {"energy_preset": preset.name, "switch_from": reference}
 
 
-def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset, tasks: list[str] | None = None,
-                  assumptions: Assumptions | None = None, input_size: int | None = None,
+def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset | str | None = None,
+                  tasks: list[str] | None = None, assumptions: Assumptions | None = None,
+                  input_size: int | None = None,
                   in_channels: int | None = None) -> dict[str, dict[str, float]]:
-    """Switch energy (J) from every task (rows, ``base`` included) to every learned task."""
+    """Switch energy (J) from every task (rows, ``base`` included) to every learned task;
+    ``preset``: an energy preset or its name (default: ``default``), as :func:`task_costs`."""
+    preset = get_preset(preset or "default") if isinstance(preset, str) or preset is None \
+        else preset
     tasks = tasks if tasks is not None else list(mtm.tasks)
     out: dict[str, dict[str, float]] = {}
     for src in [BASE, *tasks]:

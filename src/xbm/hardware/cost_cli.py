@@ -186,8 +186,25 @@ def cmd_cost(args: argparse.Namespace) -> int:
     preset = _preset(args)
     if args.bundle and args.model:
         raise ConfigError("pass either --model (no weights) or --bundle (learned tasks), not both")
+    if not args.bundle and not args.model and args.backbone and not args.fractions_from:
+        # a backbone file alone (an imported one, say): cost its architecture, as --model would
+        from xbm.train.pretrain import backbone_file_arch
+
+        arch = backbone_file_arch(args.backbone)
+        if arch is None or not arch.get("name"):
+            from xbm.train.pretrain import load_backbone
+
+            load_backbone(args.backbone)  # names what is wrong with the file
+            raise XbmError(f"--backbone {args.backbone}: records no architecture; pass --model")
+        for field in ("width", "in_channels"):
+            if getattr(args, field) is not None and getattr(args, field) != arch.get(field):
+                raise ConfigError(f"--{field.replace('_', '-')} {getattr(args, field)} differs "
+                                  f"from the backbone's {arch.get(field)}; drop it")
+        args.model, args.width, args.in_channels = (arch["name"], arch.get("width"),
+                                                     arch.get("in_channels"))
+        args.backbone = None  # its weights do not matter: --model's costs need none
     if not args.bundle and not args.model:
-        raise ConfigError("pass --model NAME (e.g. resnet50) or --bundle PATH")
+        raise ConfigError("pass --model NAME (e.g. resnet50), --backbone FILE or --bundle PATH")
     methods = None if args.methods is None else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods == []:
@@ -333,8 +350,10 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     src = p.add_argument_group("what to cost")
     src.add_argument("--model", help="registered backbone, e.g. resnet50 (no weights needed)")
     src.add_argument("--bundle", help="task bundle (.safetensors): cost its learned tasks")
-    src.add_argument("--backbone", help="backbone .safetensors of --bundle/--fractions-from "
-                                        "(default: the cached backbone with the matching hash)")
+    src.add_argument("--backbone", help="backbone .safetensors: alone, cost its architecture "
+                                        "(as --model); with --bundle/--fractions-from, their "
+                                        "backbone (default: the cached one with the matching "
+                                        "hash, or the file the bundle records)")
     src.add_argument("--methods", help="comma list (default: every registered method; with "
                                        "--bundle: every task)")
     src.add_argument("--width", type=int, help="backbone width (default: the model's)")
@@ -386,7 +405,7 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
                          "(default 1, a lower bound)")
     wl.add_argument("--training-skips-off-columns", action="store_true",
                     help="let on-chip training skip the conversions of switched-off columns "
-                         "as inference does (the accounting before session 17; by default "
+                         "as inference does (an earlier accounting; by default "
                          "training converts every column: a column's score gradient needs its "
                          "partial sum)")
     out = p.add_argument_group("output")

@@ -197,7 +197,9 @@ class LayerMapping:
         pes = math.ceil(rt / spec.pe_rows) * math.ceil(ct / spec.pe_cols)
         return cls(
             name=name,
-            kind=type(module).__name__,
+            # the torch layer type, also on a converted model (CrossbarConv2d is a Conv2d)
+            kind="Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+            if isinstance(module, nn.Linear) else type(module).__name__,
             rows=rows,
             cols=cols,
             row_tiles=rt,
@@ -316,6 +318,15 @@ def unmapped_weight_layers(model: nn.Module, filter_fn: FilterFn | None = None,
 
 def map_model(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
               head_name: str = "fc") -> MappingReport:
-    """The mapping report of a model (works on the meta device: no weights needed)."""
+    """The mapping report of a model (works on the meta device: no weights needed).
+
+    On a model already converted (``xbm.apply``, ``MultiTaskModel``) without a ``filter_fn``,
+    the layers it put on crossbars, whatever filter chose them (the conversion's own
+    ``MultiTaskModel.mapping()``); layers it left digital are not on a crossbar.
+    """
+    if filter_fn is None and any(getattr(m, "is_crossbar_layer", False)
+                                 for m in model.modules()):
+        def filter_fn(name: str, module: nn.Module) -> bool:
+            return getattr(module, "is_crossbar_layer", False)
     layers = [LayerMapping.of(n, m, spec) for n, m in crossbar_modules(model, filter_fn, head_name)]
     return MappingReport(spec=spec, layers=layers)

@@ -842,7 +842,7 @@ class Simulation:
             raise XbmError("calibration needs at least one batch")
         installed = self._tf32 is not None
         self.install()
-        was = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]  # each its own, restored
         self.model.eval()
         try:
             for _, layer, ls in self.layers:
@@ -870,7 +870,8 @@ class Simulation:
                 cal.adc_ready = True
         finally:
             self._set_mode("run")
-            self.model.train(was)
+            for m, flag in modes:
+                m.training = flag
             if not installed:
                 self.remove()
 

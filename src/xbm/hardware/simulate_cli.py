@@ -134,7 +134,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     help=f"fault-aware mode: the chip's stuck-at cell rate (default "
                     f"{FAULT_AWARE_RATE:g}; the sweep takes --fault-rates)")
     sp.add_argument("--sa1-fraction", type=float, default=0.5,
-                    help="share of faulty cells stuck ON (the rest stuck OFF)")
+                    help="share of faulty cells stuck ON, the rest stuck OFF (default "
+                    "%(default)s)")
     sp.add_argument("--variation", help="sweep mode: comma list of programming variations "
                     "(default 0)")
     sp.add_argument("--read-noise", type=float, default=0.0,

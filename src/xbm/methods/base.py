@@ -197,11 +197,21 @@ METHODS: dict[str, type[AdaptionMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[AdaptionMethod]]:
-    """Class decorator: register a method under ``name``."""
+    """Class decorator: register a method under ``name`` (docs/methods.md, "Your own method").
+
+    The same class registered again (a notebook cell or a module re-run) replaces the earlier
+    registration; another class under a taken name is an error.
+
+    Raises:
+        ValueError: ``name`` is taken by another class (a programming error, not a user one).
+    """
 
     def deco(cls: type[AdaptionMethod]) -> type[AdaptionMethod]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
+        old = METHODS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
+                                                                       cls.__qualname__):
+            raise ValueError(f"method {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__}; pick another name")
         cls.name = name
         METHODS[name] = cls
         return cls

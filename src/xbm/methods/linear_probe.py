@@ -11,6 +11,10 @@ from xbm.methods.base import AdaptionMethod, MethodConfig, register_method
 class LinearProbeConfig(MethodConfig):
     """No per-layer state: the backbone is read as programmed."""
 
+    lr: float = 1e-3
+    """Unused: a linear probe has no task state. Its head and per-task BatchNorm learn at
+    ``head_lr``."""
+
 
 @register_method("linear-probe")
 class LinearProbe(AdaptionMethod):

@@ -307,6 +307,13 @@ class XMA2(XMA):
         chosen = torch.zeros(flat.numel(), dtype=torch.bool)
         k = math.floor(self.config.pe_budget * flat.numel() + 1e-9)
         if k <= 0:
+            if self.config.pe_budget > 0 and flat.numel():  # a small model: say it, once
+                warnings.warn(
+                    f"xma2: pe_budget {self.config.pe_budget:g} of this model's {flat.numel()} "
+                    "PEs is 0 PEs (K = floor(budget x PEs)): nothing is re-programmed and the "
+                    "task is XMA plus its PE mask bits; set pe_budget to at least "
+                    f"{_round_up(1 / flat.numel())} to re-program one PE, or use xma",
+                    XbmWarning, stacklevel=user_stacklevel())
             return chosen
         budgeted = self.config.energy_budget_j is not None
         key = flat

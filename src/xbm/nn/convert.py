@@ -51,7 +51,9 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
         head_name: the classifier's module name; each new task gets its own head there.
 
     Returns:
-        The same ``model`` object, converted.
+        The same ``model`` object, converted, with every parameter frozen
+        (``requires_grad=False``): they are the programmed cells. Train the model before
+        converting it; a task's own state (``MultiTaskModel.add_task``) is what learns after.
     """
     if isinstance(spec, str):
         from xbm.hardware import get_spec
@@ -68,6 +70,13 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             f"model has no Linear classifier named {head_name!r}; pass head_name= the name of its "
             "final Linear layer"
         )
+    stats_free = [n for n, m in model.named_modules()
+                  if type(m) in _NORM_MAP and getattr(m, "running_mean", 0) is None]
+    if stats_free:  # the base task's BN runs on fixed statistics, which these do not keep
+        raise XbmError(f"{stats_free[0]} is a BatchNorm without running statistics "
+                       "(track_running_stats=False): a programmed backbone normalises with "
+                       "fixed statistics; build it with track_running_stats=True and estimate "
+                       "them (a few training-mode forwards) before converting")
     skipped = unmapped_weight_layers(model, filter_fn, head_name)
     if skipped:
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""

@@ -44,7 +44,8 @@ class TaskAware:
 
     def _init_task_aware(self) -> None:
         self.active_task = BASE_TASK
-        self.xbm_tasks = nn.ModuleDict()
+        # in the mode of the module it joins (an eval-mode backbone stays all eval)
+        self.xbm_tasks = nn.ModuleDict().train(self.training)  # type: ignore[attr-defined]
 
     def remove_task(self, task: str) -> None:
         if task in self.xbm_tasks:

@@ -23,7 +23,7 @@ from xbm.errors import ConfigError, XbmError
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import check_output, write_json_atomic
-from xbm.methods import get_method_class
+from xbm.methods import create_method, get_method_class
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
 from xbm.train.loop import (
@@ -309,6 +309,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                                              "weight_bits": spec.weight_bits,
                                              "cell_bits": spec.cell_bits},
         "spec": spec.to_dict(),
+        # every field of each method's config in force (method_configs holds only overrides)
+        "method_configs": {m: create_method(m, cfg.method_configs.get(m)).config.to_dict()
+                           for m in cfg.methods},
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
         | {k: brecipe.get(k, v) for k, v in LEGACY_RECIPE.items()} | {"path": str(bpath)},

@@ -18,6 +18,7 @@ from torch import nn
 from xbm.errors import ConfigError, XbmError
 from xbm.multitask import MultiTaskModel
 from xbm.nn import BASE_TASK
+from xbm.nn.modes import eval_mode
 from xbm.train import distributed as xdist
 
 
@@ -136,9 +137,9 @@ def cosine_lambda(total_steps: int):
 POSTFIX_EVERY = 10
 
 
-#: Adaption precisions :func:`train_task` takes (``auto`` is resolved by its callers, per
-#: device, with ``xbm.train.pretrain.default_precision``).
-TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: Adaption precisions :func:`train_task` takes; ``auto`` is bf16 on CPUs with native bf16
+#: units and fp32 elsewhere (``xbm.train.pretrain.default_precision``), as the demo runs.
+TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
 class _GraphedStep:
@@ -209,7 +210,8 @@ def resolve_cuda_graph(cuda_graph: bool | None, device: torch.device) -> bool:
     asked: ``train_task`` then trains eagerly, and a header or record must say so."""
     if cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device, got {device}; drop --cuda-graph "
-                          "(or cuda_graph: true in the config) or use --device cuda")
+                          "(cuda_graph=True in Python, cuda_graph: true in a config; None "
+                          "means on with CUDA only) or use --device cuda")
     wanted = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
     return wanted and xdist.world_size() == 1
 
@@ -228,7 +230,7 @@ def _device_of(mtm: nn.Module, device: torch.device | str | None) -> torch.devic
 def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                epochs: int = 1, device: torch.device | str | None = None,
                progress: bool = True, max_steps: int | None = None,
-               precision: str = "fp32", cuda_graph: bool = False,
+               precision: str = "fp32", cuda_graph: bool | None = False,
                capturable: bool | None = None) -> TrainResult:
     """Train one task's state (and only it) on ``loader`` for ``epochs``.
 
@@ -247,8 +249,10 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
             the model is. The model itself is not moved.
         progress: a progress bar (tqdm) per epoch.
         max_steps: stop after this many steps (the schedule spans them).
-        precision: ``"fp32"`` or ``"bf16"`` (below).
-        cuda_graph: replay each step from a CUDA graph (below).
+        precision: ``"fp32"``, ``"bf16"`` (below) or ``"auto"`` (bf16 on a CPU with native
+            bf16 units, else fp32: what ``xbm demo`` and ``xbm adapt`` run).
+        cuda_graph: replay each step from a CUDA graph (below); ``None``: where the device
+            is CUDA, as ``xbm demo`` and ``xbm adapt`` do.
         capturable: capturable Adam without a graph (below).
 
     ``precision="bf16"`` runs each step's forward and loss under bfloat16 autocast: the
@@ -291,12 +295,18 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     if precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
+    if precision == "auto":
+        from xbm.train.pretrain import default_precision
+
+        precision = default_precision(device)
     bf16 = precision == "bf16"
-    if cuda_graph and capturable is False:
+    if cuda_graph and capturable is False:  # a contradiction, whatever the device
         raise ConfigError("cuda_graph=True replays a capturable Adam step; drop capturable=False, "
                           "or set cuda_graph=False to train eagerly on plain Adam")
     # the device check and the torchrun rule (eager there) are resolve_cuda_graph's
-    graphed = resolve_cuda_graph(bool(cuda_graph), device)
+    graphed = resolve_cuda_graph(None if cuda_graph is None else bool(cuda_graph), device)
+    if graphed and capturable is False:  # cuda_graph=None on CUDA: plain Adam asked for
+        graphed = False
     if capturable and device.type != "cuda":
         raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
     world, rank = xdist.world_size(), xdist.rank()
@@ -313,6 +323,10 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     head_norm = groups["head"] + groups["norm"]
     if head_norm:
         param_groups.append({"params": head_norm, "lr": cfg.head_lr})
+    if not hasattr(loader, "__len__"):  # a generator: TypeError "has no len()" otherwise
+        raise XbmError(f"train_task needs a loader with a length (the cosine schedule spans "
+                       f"epochs x len(loader) steps), got a {type(loader).__name__}; pass a "
+                       "torch DataLoader or a list of (images, labels) batches")
     per_epoch = len(loader) // world  # every rank takes the same number of steps
     if per_epoch == 0:
         raise XbmError(f"the loader yields {len(loader)} batch(es), too few for {world} "
@@ -359,7 +373,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     for epoch in range(epochs):
         it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
                        f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress)
-        for x, y in it:
+        for batch in it:
+            x, y = _pair(batch, mtm.tasks[task].num_classes, task)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if capturable:
                 for g, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -403,19 +418,54 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device | str | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` (its active task) over ``loader``, in eval mode
-    (the training flag is restored); ``device``: where the batches go, default the model's."""
+    (every submodule's train/eval flag is restored); ``device``: where the batches go, default
+    the model's.
+
+    Raises:
+        XbmError: a batch is not an (images, labels) pair, or has labels the model's outputs
+            cannot name (a label >= the number of logits would silently count as wrong).
+    """
     device = _device_of(model, device)
-    was = model.training
-    model.eval()
+    task = getattr(model, "active_task", None)
     correct = total = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    model.train(was)
+    with eval_mode(model):  # each submodule's own flag comes back, also on an error
+        for batch in loader:
+            x, y = _pair(batch, None, "")
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+                raise XbmError(f"a batch has labels {int(y.min())} to {int(y.max())}, but "
+                               + (f"task {task!r}" if task else "the model") +
+                               f" has {logits.shape[1]} classes (labels 0 to "
+                               f"{logits.shape[1] - 1}); evaluate it on its own data, or fix "
+                               "the labels")
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
     if total == 0:
         raise XbmError("evaluation set is empty; use a larger --test-subset")
     return 100.0 * correct / total
+
+
+def _pair(batch: object, num_classes: int | None, task: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as (images, labels), checked: a dict batch (a Hugging Face style loader) failed
+    with "'str' object has no attribute 'to'", and labels outside the task's classes with
+    torch's "Target 9 is out of bounds" (on a GPU a device-side assert that ends the process).
+    Labels are checked where they are still on the CPU (no GPU synchronisation)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+            and all(isinstance(t, torch.Tensor) for t in batch)):
+        what = (f"a dict with keys {sorted(map(str, batch))[:4]}" if isinstance(batch, dict)
+                else f"a {type(batch).__name__}" + (f" of {len(batch)}" if
+                                                    isinstance(batch, (tuple, list)) else ""))
+        raise XbmError(f"a batch must be a pair (images, labels) of tensors, got {what}; wrap "
+                       "the loader, e.g. ((b['image'], b['label']) for b in loader) as a list")
+    x, y = batch
+    if (num_classes is not None and y.device.type == "cpu" and y.numel()
+            and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
+        raise XbmError(f"a batch has labels {int(y.min())} to {int(y.max())}, but task "
+                       f"{task!r} has {num_classes} classes (labels 0 to {num_classes - 1}); "
+                       "add the task with the data's number of classes, or fix the labels")
+    return x, y
 
 
 def _check_labels(loader: object, num_classes: int | None, task: str) -> None:

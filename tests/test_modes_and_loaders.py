@@ -1,0 +1,121 @@
+"""Train/eval modes and user loaders through the Python API (a newcomer's review, session 20).
+
+Two silent failures: a task added to (or loaded onto) an eval-mode model ran in training
+mode, so a plain inference forward rewrote its BatchNorm statistics; and the evaluation
+helpers "restored" a wrapper flag that never matched the backbone's, turning an eval-mode
+model back to training. Loaders of the wrong shape failed with raw torch errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xbm.errors import XbmError
+from xbm.hardware import get_spec
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.train import evaluate_task, train_task
+
+
+def _eval_mtm() -> MultiTaskModel:
+    torch.manual_seed(0)
+    bb = create_model("small_cnn", num_classes=4, in_channels=1)
+    bb.eval()
+    return MultiTaskModel(bb, get_spec(rows=16, cols=16))
+
+
+def _bn_stats(mtm: MultiTaskModel, task: str) -> list[torch.Tensor]:
+    return [b.clone() for n, b in mtm.named_buffers()
+            if f"xbm_tasks.{task}." in n and "running" in n]
+
+
+def _batches(n: int = 3, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 12, 12, generator=g), torch.randint(0, classes, (8,), generator=g))
+            for _ in range(n)]
+
+
+def test_the_wrapper_takes_the_backbones_mode_and_new_tasks_follow_it(tmp_path):
+    mtm = _eval_mtm()
+    assert not mtm.training
+    mtm.add_task("a", 3, "xbm")
+    assert all(not m.training for m in mtm.modules())  # the new BN copies and head too
+    before = _bn_stats(mtm, "a")
+    assert before  # the task has its own BatchNorm statistics
+    with torch.no_grad(), mtm.use_task("a"):
+        mtm(torch.randn(8, 1, 12, 12) * 5 + 3)
+    assert all(torch.equal(b, a) for b, a in zip(before, _bn_stats(mtm, "a"), strict=True))
+    # a bundle loaded onto an eval-mode model: its saved statistics are kept by a forward
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    fresh = _eval_mtm()
+    fresh.load_bundle(path)
+    saved = _bn_stats(fresh, "a")
+    with torch.no_grad(), fresh.use_task("a"):
+        fresh(torch.randn(8, 1, 12, 12) * 5 + 3)
+    assert all(torch.equal(b, a) for b, a in zip(saved, _bn_stats(fresh, "a"), strict=True))
+    # and a training-mode model gives its new task training-mode modules, as before
+    torch.manual_seed(0)
+    train_mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                               get_spec(rows=16, cols=16))
+    train_mtm.add_task("b", 3, "xbm")
+    assert train_mtm.training and all(m.training for m in train_mtm.modules())
+
+
+def test_evaluation_helpers_give_every_submodule_its_own_mode_back():
+    mtm = _eval_mtm()
+    mtm.add_task("a", 3, "xbm")
+    mtm.model.fc.train()  # a mix the user chose: everything in eval but the head
+    modes = {n: m.training for n, m in mtm.named_modules()}
+    evaluate_task(mtm, "a", _batches())
+    assert {n: m.training for n, m in mtm.named_modules()} == modes
+    mtm.forward_mixed(torch.randn(4, 1, 12, 12), ["a", "base", "a", "base"])
+    assert {n: m.training for n, m in mtm.named_modules()} == modes
+    # restored on an error too
+    with pytest.raises(XbmError):
+        evaluate_task(mtm, "a", [{"image": torch.zeros(1), "label": torch.zeros(1)}])
+    assert {n: m.training for n, m in mtm.named_modules()} == modes
+
+
+def test_the_clis_defaults_from_python_as_the_docs_say():
+    """README: precision="auto" and cuda_graph=None give the demo's behaviour on any device
+    ("auto" was refused; only True/False were taken for the graph, True failing on a CPU)."""
+    mtm = _eval_mtm()
+    mtm.add_task("a", 3, "xbm")
+    res = train_task(mtm, "a", _batches(), device="cpu", progress=False, precision="auto",
+                     cuda_graph=None)
+    assert res.steps == 3 and res.cuda_graph is False
+
+
+@pytest.mark.parametrize("loader,needle", [
+    ((b for b in _batches()), "needs a loader with a length"),
+    ([{"image": torch.zeros(2, 1, 12, 12), "label": torch.zeros(2, dtype=torch.long)}],
+     "a batch must be a pair (images, labels) of tensors, got a dict with keys ['image', "
+     "'label']"),
+    ([(torch.zeros(2, 1, 12, 12),)], "got a tuple of 1"),
+    (_batches(classes=5), "has 3 classes (labels 0 to 2)"),
+])
+def test_a_loader_of_the_wrong_shape_gets_a_clear_error(loader, needle):
+    mtm = _eval_mtm()
+    mtm.add_task("a", 3, "xbm")
+    before = {k: v.clone() for k, v in mtm.state_dict().items()}
+    with pytest.raises(XbmError) as err:
+        train_task(mtm, "a", loader, device="cpu", progress=False)
+    assert needle in str(err.value)
+    if needle.startswith("has 3"):  # the first batch has labels 3 or 4: nothing was trained
+        assert all(torch.equal(v, mtm.state_dict()[k]) for k, v in before.items())
+
+
+def test_evaluation_refuses_labels_the_head_cannot_name():
+    """They used to count silently as wrong answers (50% for a task that was right)."""
+    mtm = _eval_mtm()
+    mtm.add_task("a", 3, "xbm")
+    with pytest.raises(XbmError, match="labels 0 to 4, but task 'a' has 3 classes"):
+        evaluate_task(mtm, "a", [(torch.zeros(5, 1, 12, 12), torch.arange(5))])
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(144, 2))
+    from xbm.train import evaluate
+
+    with pytest.raises(XbmError, match="but the model has 2 classes"):
+        evaluate(plain, [(torch.zeros(3, 1, 12, 12), torch.tensor([0, 1, 2]))])
