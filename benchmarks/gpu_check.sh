@@ -16,6 +16,8 @@
 #      CUDA graphs), to see the step ratios unchanged.
 # Everything lands in OUT_DIR/check.log and OUT_DIR/gpu.tgz (re-packed after each step).
 # A dry run on a CPU: XBM_GPU_DEVICE=cpu XBM_DRY=1 PYTHON=.venv/bin/python (tiny sizes).
+# Session 20 ran it twice: as it stands, then (after the Python-API fixes) with
+# RN50_EXTRA="--cuda-graph --profile piggyback+bf16,xbm+bf16".
 set -u
 mkdir -p "$1"
 OUT=$(realpath "$1")
@@ -71,8 +73,9 @@ pack
 say "2. bench_methods on $DEV: resnet50, 3x224x224, batch 32, eager fp32 and bf16"
 if [ "$DRY" = 1 ]; then big=(--width 8 --size 32 --batch 4 --reps 2); else
   big=(--width 64 --size 224 --batch 32 --reps 20); fi
+# RN50_EXTRA: more bench_methods flags, e.g. "--cuda-graph --profile piggyback+bf16,xbm+bf16"
 timeout "$(upto 90)" $PY benchmarks/bench_methods.py --device "$DEV" --model resnet50 \
-  --in-channels 3 "${big[@]}" --bf16 --json "$WORK/bench_rn50.json" 2>&1 \
+  --in-channels 3 "${big[@]}" --bf16 ${RN50_EXTRA:-} --json "$WORK/bench_rn50.json" 2>&1 \
   | grep -v "^USDT" >"$WORK/bench_rn50.log"
 cat "$WORK/bench_rn50.log" >>"$LOG"
 pack
