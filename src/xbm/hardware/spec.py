@@ -141,7 +141,11 @@ class CrossbarSpec:
         return dataclasses.asdict(self)
 
     def geometry_dict(self) -> dict[str, Any]:
-        """The fields that decide the mapping; a bundle must match these to load."""
+        """Every field but the name and source: a bundle must match these to load. Only
+        ``rows`` (and, for XMA2's PE grid, ``cols`` and the PE shape) decide a mask's shape, but
+        the bit widths decide a task's re-programmed cells and costs, so a bundle loads onto
+        the chip it was learned for; ``xbm simulate --adc-bits`` and its other flags explore
+        other periphery without reloading it."""
         d = self.to_dict()
         d.pop("name")
         d.pop("source")
