@@ -642,10 +642,12 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--cols", "16", "--batch-size", "4", "--out", "b3.safetensors",
                  "--device", "cpu", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "Umlaut"
-    for bad in ("", "a b"):  # an empty --task was the folder's name, silently
+    for bad, needle in (("", "--task is empty; give it a value or leave it out"),
+                        ("a b", "--task 'a b' is invalid: use 1-64 letters")):
+        # an empty --task was the folder's name, silently
         assert main(["adapt", "--dataset", "imgs", "--task", bad, "--backbone", str(bb),
                      "--out", "b4.safetensors", "--device", "cpu", "--no-progress"]) == 2
-        assert f"--task {bad!r} is invalid: use 1-64 letters" in _one_line_error(capsys)
+        assert needle in _one_line_error(capsys)
     assert not Path("b4.safetensors").exists()
     # a bundle written under another suffix before the *.safetensors rule is still extended
     import shutil
@@ -1074,7 +1076,8 @@ def test_a_backbone_and_a_bundle_swapped_name_the_right_flag(tmp_path, capsys):
 @pytest.mark.parametrize("argv,line", [
     (["adapt", "--dataset", "mnist", "--rows", "0"],
      "--rows: CrossbarSpec.rows must be a positive integer, got 0"),
-    (["demo", "--pretrain-mixup", "-1"], "--pretrain-mixup: PretrainConfig.mixup must be >= 0"),
+    (["demo", "--pretrain-mixup", "-1"],
+     "--pretrain-mixup: PretrainConfig.mixup must be a finite number >= 0"),
     (["demo", "--epochs", "0"], "--epochs: demo epochs must be an integer >= 1, got 0"),
     (["cost", "--model", "small_cnn", "--iterations", "0"], "--iterations: iterations must be"),
     (["cost", "--model", "small_cnn", "--piggyback-off-fraction", "1.5"],
@@ -1375,3 +1378,61 @@ def test_cost_takes_a_backbone_file_alone(tmp_path, capsys):
     assert got["mask_memory"] == want["mask_memory"] and got["methods"] == want["methods"]
     assert main(["cost", "--backbone", str(bb), "--width", "8"]) == 2
     assert "--width 8 differs from the backbone's 4; drop it" in _one_line_error(capsys)
+
+
+def test_bad_input_found_by_a_fuzzing_review(tmp_path, capsys, monkeypatch):
+    """Session 20's fuzzing review: each of these hung, overwrote an input, wrote a file from an
+    empty flag, trained at chance with exit 0, or ended in a traceback."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{_folder(tmp_path / 'imgs')}")
+    before = path.read_bytes()
+    cases = [
+        (["pretrain", "--mixup", "inf", "--out", "x.safetensors"],
+         "PretrainConfig.mixup must be a finite number >= 0"),
+        (["adapt", "--dataset", "digits", "--seed", str(2**64)],
+         "argument --seed: must be an integer in [0, 4294967295]"),
+        (["simulate", "--bundle", str(path), "--backbone", str(bb), "--json-out", str(path)],
+         "is the --bundle this command reads; write to another file"),
+        (["simulate", "--fault-aware", "--dataset", "digits", "--out", str(path)],
+         "already exists; pass a new path"),
+        (["simulate", "--fault-aware", "--dataset", "digits", "--out", "z.safetensors",
+          "--save-fault-map", "z.safetensors"], "are the same file z.safetensors"),
+        (["simulate", "--bundle", str(path), "--backbone", str(bb), "--adc-bits", "4,4"],
+         "--adc-bits lists 4 twice"),
+        (["adapt", "--dataset", "digits", "--out", ""], "--out is empty"),
+        (["eval", "--bundle", str(path), "--task", ""], "--task is empty"),
+        (["adapt", "--dataset", "digits", "--set", "threshold=nan"],
+         "threshold must be a finite number, got nan"),
+        (["cost", "--model", "small_cnn", "--results", "r.json"],
+         "--results feeds the accuracy axis of --plot"),
+        (["cost", "--model", "small_cnn", "--backbone", str(bb)],
+         "with --model it was ignored"),
+        (["pretrain", "--model", "small_cnn", "--width", "10000000", "--out", "w.safetensors"],
+         "does not fit in memory"),
+    ]
+    for argv, needle in cases:
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse's own refusals exit from the parser
+            rc = exc.code
+        assert rc == 2, argv
+        err = _one_line_error(capsys)
+        assert needle in err, (argv, err)
+    assert path.read_bytes() == before  # no input touched
+    assert not any(Path(f).exists() for f in ("x.safetensors", "z.safetensors", "w.safetensors",
+                                              "digits.safetensors"))
+    # import-backbone: weights that compute nothing, and an accuracy that is no percentage
+    from xbm.models import create_model
+
+    state = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
+    state["features.0.weight"] = torch.full_like(state["features.0.weight"], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    for extra, needle in (([], "holds NaN or infinite values"),
+                          (["--accuracy", "150"], "--accuracy must be a top-1 percentage")):
+        assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", "nan.pth",
+                     "--num-classes", "3", "--width", "4", "--out", "n.safetensors",
+                     *extra]) == 2
+        assert needle in _one_line_error(capsys)
+    assert not Path("n.safetensors").exists()

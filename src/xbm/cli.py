@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from xbm.config import load_yaml
+from xbm.config import load_yaml, seed_arg
 from xbm.errors import BundleError, XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, seed_help: str) -> None:
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
-        sp.add_argument("--seed", type=int, default=0, help=seed_help)
+        sp.add_argument("--seed", type=seed_arg, default=0, help=seed_help)
         sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -720,9 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--energy", help="energy preset of the table's energy columns: "
                    f"{', '.join(sorted(ENERGY_PRESETS))} (default: default = neurosim)")
     d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")
-    d.add_argument("--seed", type=int, help="seed of the backbone, the subsets and the masks "
+    d.add_argument("--seed", type=seed_arg, help="seed of the backbone, the subsets and the masks "
                    "(default 0; each seed pretrains its own backbone unless --pretrain-seed)")
-    d.add_argument("--pretrain-seed", type=int, help="seed of the backbone alone (default: "
+    d.add_argument("--pretrain-seed", type=seed_arg, help="seed of the backbone alone (default: "
                    "--seed); e.g. --pretrain-seed 0 --seed 1 adapts the seed-0 backbone again "
                    "with other subsets and batch order")
     d.add_argument("--data-root", help="folder with dataset files (default: installed)")
@@ -862,6 +862,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # named by the sub-command's parser, whose --help lists what it takes
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    empty = [k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()]
+    if empty:  # `--out ''` wrote TASK.safetensors, `--task ''` evaluated every task
+        print(f"xbm: error: --{empty[0].replace('_', '-')} is empty; give it a value or leave "
+              "it out", file=sys.stderr)
+        return 2
     from xbm.train import distributed as xdist
 
     if xdist.launched():  # under torchrun: join the group; only rank 0 prints

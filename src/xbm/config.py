@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import re
 import types
@@ -102,6 +103,8 @@ def check_number_fields(obj: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, abc):
                 raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "
                                   f"({type(v).__name__})")
+            if not math.isfinite(v):  # nan: every comparison false (a mask at chance, exit 0)
+                raise ConfigError(f"{cls.__name__}.{name} must be a finite number, got {v!r}")
             if type(v) not in (int, float):  # numpy's scalars: plain numbers for JSON metadata
                 object.__setattr__(obj, name, kind(v))
 
@@ -120,3 +123,31 @@ def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[
                 raise ConfigError(f"{owner or cls.__name__}.{k} must be a number, got {v!r}"
                                   ) from None
     return out
+
+
+#: Seeds go to Python's, NumPy's and torch's generators; NumPy's takes 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value: object, what: str = "seed") -> int:
+    """``value`` as a seed in [0, 2**32 - 1]; a larger one overflowed deep in torch with a
+    traceback.
+
+    Raises:
+        ConfigError: not an integer, or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{what} must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return int(value)
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of every ``--seed``-like flag (see :func:`check_seed`)."""
+    import argparse
+
+    try:
+        return check_seed(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}"
+                                         ) from None

@@ -537,6 +537,11 @@ def meta_mask_bits(name: str, ctx: ModelContext, rewrite_fraction: float = 0.0
             out[lname] = int(m.planned_mask_bits(twin, m.create_layer_state(twin),
                                                  rewrite_fraction))
         except Exception as exc:
+            if isinstance(exc, (MemoryError, RuntimeError)) and "alloc" in str(exc).lower():
+                raise XbmError(f"layer {lname} ({type(layer).__name__} of "
+                               f"{tuple(layer.weight.shape)}) does not fit in memory, which "
+                               f"method {name!r} needs to count its mask bits; use a smaller "
+                               "--width") from None
             raise XbmError(f"method {name!r} cannot count its mask bits without weights "
                            f"({type(exc).__name__}: {exc}); cost it from a bundle instead"
                            ) from None

@@ -172,6 +172,21 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from xbm.hardware import cost as C
     from xbm.io import check_output
 
+    if args.results and not args.plot:
+        raise ConfigError("--results feeds the accuracy axis of --plot; add --plot DIR, or "
+                          "drop --results")
+    if args.model and args.backbone and not args.fractions_from:
+        raise ConfigError("--backbone applies to --bundle or --fractions-from, or costs a "
+                          "backbone file alone; with --model it was ignored: drop one of them")
+    if args.fractions_from:
+        given = [flag for flag, v in (
+            ("--fraction", args.fraction), ("--off-fraction", args.off_fraction),
+            ("--piggyback-off-fraction", args.piggyback_off_fraction),
+            ("--finetune-changed-fraction", args.finetune_changed_fraction),
+            ("--xbm-off-fraction", args.xbm_off_fraction)) if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} and --fractions-from both set the fractions (the "
+                              "latter measures them from a bundle); drop one")
     if args.plot:
         check_output(args.plot, "dir", "--plot")
         if args.results and not Path(args.results).is_file():

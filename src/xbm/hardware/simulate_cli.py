@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from xbm.config import seed_arg
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.simulate import BACKENDS
 from xbm.train.pretrain import PRECISIONS
@@ -41,14 +42,23 @@ def _floats(s: str, flag: str = "", lo: float = 0.0, hi: float = math.inf) -> li
     bad = [v for v in out if not (lo <= v <= hi)]
     if bad:
         raise ConfigError(f"{flag} values must lie in [{lo:g}, {hi:g}], got {bad[0]:g}")
-    return out
+    return _once(out, flag)
 
 
 def _ints(s: str, flag: str = "") -> list[int]:
     try:
-        return [int(v) for v in s.split(",")]
+        values = [int(v) for v in s.split(",")]
     except ValueError:
         raise ConfigError(f"{flag} expected a comma list of integers, got {s!r}") from None
+    return _once(values, flag)
+
+
+def _once(values: list, flag: str) -> list:
+    """A sweep lists each value once: a repeat ran the same evaluation twice, in two rows."""
+    dup = sorted({v for v in values if values.count(v) > 1})
+    if dup:
+        raise ConfigError(f"{flag} lists {dup[0]:g} twice; list each value once")
+    return values
 
 
 def _adc_bits(args: argparse.Namespace, spec: Any = None) -> list[int | None]:
@@ -62,7 +72,7 @@ def _adc_bits(args: argparse.Namespace, spec: Any = None) -> list[int | None]:
             raise ConfigError("--adc-bits has no effect with --adc-mode ideal (no ADC); drop "
                               "--adc-bits, or pick --adc-mode calibrate or fixed")
         return [None]
-    bits = _ints(args.adc_bits or "4,6,8", "--adc-bits")
+    bits = _ints("4,6,8" if args.adc_bits is None else args.adc_bits, "--adc-bits")
     for b in bits:  # every resolution checked (against the spec too) before the first run
         cfg = _sim_config(args, b, 0.0)
         if spec is not None:
@@ -173,7 +183,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--test-subset", type=int, default=1000,
                     help="test images (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
-    sp.add_argument("--chip-seed", type=int,
+    sp.add_argument("--chip-seed", type=seed_arg,
                     help="seed of the chip alone: its programming variation, read noise and "
                     "fault maps (default: --seed). Vary it with --seed fixed to see the spread "
                     "between chips on one test set")
@@ -292,7 +302,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                           "rate); pass one of them")
     variation = "0" if args.variation is None else args.variation  # "" is still an error
     adc_bits, variations = _adc_bits(args, spec), _floats(variation, "--variation")
-    rates = _floats(args.fault_rates or "0", "--fault-rates", 0, 1)
+    rates = _floats("0" if args.fault_rates is None else args.fault_rates, "--fault-rates", 0, 1)
     if not 0 <= args.sa1_fraction <= 1:
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
     fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None  # before the backbone
@@ -335,6 +345,38 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                               f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
     return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
             "simulated_spec": sim_spec.to_dict(), "rows": rows, **_run_settings(args)}
+
+
+def _check_distinct_paths(args: argparse.Namespace) -> None:
+    """No output may land on an input or on another output, and the new artefacts (a bundle,
+    a fault map) never replace an existing file: `--json-out B` once overwrote the bundle it
+    read, and `--out A` replaced a bundle of learned tasks, both with exit 0."""
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        try:
+            return pa.exists() and pb.exists() and pa.samefile(pb) or \
+                pa.resolve() == pb.resolve()
+        except OSError:
+            return False
+
+    inputs = [(f, getattr(args, a, None)) for f, a in (("--bundle", "bundle"),
+                                                        ("--fault-map", "fault_map"),
+                                                        ("--backbone", "backbone"))]
+    outputs = [(f, getattr(args, a, None)) for f, a in (("--json-out", "json_out"),
+                                                         ("--out", "out"),
+                                                         ("--save-fault-map", "save_fault_map"))]
+    inputs = [(f, v) for f, v in inputs if v]
+    outputs = [(f, v) for f, v in outputs if v]
+    for i, (fo, out) in enumerate(outputs):
+        for fi, inp in inputs:
+            if same(out, inp):
+                raise XbmError(f"{fo} {out} is the {fi} this command reads; write to another "
+                               "file")
+        for fo2, out2 in outputs[i + 1:]:
+            if same(out, out2):
+                raise XbmError(f"{fo} and {fo2} are the same file {out}; give each its own")
+        if fo != "--json-out" and Path(out).expanduser().exists():
+            raise XbmError(f"{fo} {out} already exists; pass a new path (or delete the file)")
 
 
 # -- fault-aware -----------------------------------------------------------------------------
@@ -505,6 +547,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                              ("--save-fault-map", getattr(args, "save_fault_map", None), "file")):
         if path:  # checked before the sweep, not after it
             check_output(path, kind, flag)
+    _check_distinct_paths(args)
     if getattr(args, "out", None):
         from xbm.cli import check_bundle_suffix
 

@@ -90,9 +90,16 @@ def load_torchvision_state_dict(
     raw = _unwrap(raw)
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
+        if not isinstance(key, str):
+            raise XbmError(f"{source} is not a state dict: key {key!r} is a "
+                           f"{type(key).__name__}, not a parameter name")
         if not isinstance(value, torch.Tensor):
             raise XbmError(f"{source} is not a state dict: entry {key!r} is a "
                            f"{type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_complex() or value.dtype == torch.bool:
+            what = "a sparse" if value.layout != torch.strided else f"a {value.dtype}"
+            raise XbmError(f"{source}: entry {key!r} is {what} tensor; a backbone's weights are "
+                           "dense real numbers: save them with .to_dense() / a float dtype")
         # DataParallel/DDP's "module.", torch.compile's "_orig_mod." (either order)
         for prefix in ("module.", "_orig_mod.", "module."):
             key = key.removeprefix(prefix)
@@ -101,6 +108,12 @@ def load_torchvision_state_dict(
     # a converted model's task state (scores, per-task BN and heads) is not the backbone's:
     # a torchvision checkpoint has none of it, and loading weights leaves it as it is
     expected = {k: v for k, v in model.state_dict().items() if "xbm_tasks." not in k}
+    floats = [k for k, v in expected.items()
+              if v.is_floating_point() and k in state and not state[k].is_floating_point()]
+    if floats:  # int weights would be cast silently by load_state_dict
+        raise XbmError(f"{source}: {floats[0]} is {state[floats[0]].dtype}, the model's is a "
+                       "floating-point tensor; save the float weights (quantised checkpoints "
+                       "are not read)")
     for key, value in expected.items():
         # Checkpoints saved before PyTorch 0.4.1 (including early torchvision downloads) have no
         # BN step counter; it only matters for momentum=None, so start it at zero like torch does.

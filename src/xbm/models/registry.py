@@ -107,4 +107,11 @@ def create_model(
     except TypeError as exc:
         accepted = ", ".join(p for p in sig.parameters if p != "kwargs")
         raise ConfigError(f"model {name!r}: {exc}; it accepts: {accepted}") from None
-    return factory(**params)
+    try:
+        return factory(**params)
+    except (MemoryError, RuntimeError) as exc:  # a width that does not fit in memory
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
+            raise
+        sizes = ", ".join(f"{k} {v}" for k, v in params.items())
+        raise ConfigError(f"model {name!r} ({sizes}) does not fit in memory: its weights "
+                          "cannot be allocated; use a smaller width") from None

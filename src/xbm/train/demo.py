@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xbm.config import from_fields
+from xbm.config import check_seed, from_fields
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
@@ -150,8 +150,8 @@ class DemoConfig:
                               f"{', '.join(PRECISIONS)}")
         for f in ("seed", "pretrain_seed"):
             v = getattr(self, f)
-            if (v is not None or f == "seed") and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ConfigError(f"demo {f} must be an integer, got {v!r}")
+            if v is not None or f == "seed":
+                check_seed(v, f"demo {f}")
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise ConfigError(f"demo cuda_graph must be true, false or null (on where the device "
                               f"is CUDA), got {self.cuda_graph!r}")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xbm.config import check_seed
 from xbm.errors import ConfigError, XbmError
 from xbm.multitask import MultiTaskModel
 from xbm.nn import BASE_TASK
@@ -32,6 +33,7 @@ def seed_everything(seed: int) -> None:
     a deterministic version warns rather than fails), and sets ``CUBLAS_WORKSPACE_CONFIG`` if
     the user has not. CPU runs are deterministic as they are and are left alone.
     """
+    seed = check_seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
     if torch.cuda.is_available():

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbm.errors import BundleError, ConfigError, XbmWarning, user_stacklevel
+from xbm.config import check_seed
+from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.io import load_safetensors, save_safetensors, tensors_hash
 from xbm.train.loop import _progress, cosine_lambda, evaluate, seed_everything
 
@@ -155,6 +156,7 @@ class PretrainConfig:
         from xbm.data.augment import get_augment
 
         get_augment(self.augment)  # an unknown name fails here, before any cache lookup
+        check_seed(self.seed, "pretraining seed")
         for f in ("epochs", "batch_size", "width", "image_size"):
             v = getattr(self, f)
             if f == "width" and v is None:
@@ -168,8 +170,9 @@ class PretrainConfig:
                                   f"the whole split), got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"pretraining lr must be a number > 0, got {self.lr!r}")
-        if not self.mixup >= 0:
-            raise ConfigError(f"PretrainConfig.mixup must be >= 0 (0 = off), got {self.mixup!r}")
+        if not (self.mixup >= 0 and math.isfinite(self.mixup)):  # inf: betavariate never ends
+            raise ConfigError(f"PretrainConfig.mixup must be a finite number >= 0 (0 = off), got "
+                              f"{self.mixup!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown pretraining precision {self.precision!r}; choose one of "
                               f"{', '.join(PRECISIONS)}")
@@ -394,9 +397,17 @@ def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.Pat
             "num_classes": num_classes if num_classes is not None else d["num_classes"],
             "in_channels": in_channels if in_channels is not None else d["in_channels"],
             "width": width if width is not None else d["width"]}
+    if accuracy is not None and not (isinstance(accuracy, (int, float))
+                                     and 0 <= accuracy <= 100):
+        raise XbmError(f"--accuracy must be a top-1 percentage in [0, 100], got {accuracy!r}")
     net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
     load_torchvision_state_dict(net, checkpoint)
     state = net.state_dict()
+    for k, v in state.items():  # copied into the model's tensors: check what arrived
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise XbmError(f"{checkpoint}: tensor {k} holds NaN or infinite values; a backbone "
+                           "programmed with them computes nothing useful: export the weights "
+                           "again from a healthy checkpoint")
     meta = {"format": BACKBONE_FORMAT, "arch": arch, "dataset": dataset, "accuracy": accuracy,
             "content_hash": tensors_hash(state), "torch": torch.__version__,
             "imported_from": os.path.abspath(os.fspath(checkpoint))}
