@@ -442,6 +442,11 @@ def _one_line_error(capsys) -> str:
     ("train_subset: 0\n", "train_subset must be an integer >= 1"),
     ("precision: fp16\n", "unknown demo precision 'fp16'"),
     ("pretrain_seed: one\n", "pretrain_seed must be an integer"),
+    ("seed: 99999999999999999999999\n", "demo seed must be an integer in [0, 4294967295]"),
+    ("pretrain_mixup: .inf\n", "mixup must be a finite number >= 0"),
+    ("device: [1]\n", "demo device must be a name (a string), got [1]"),
+    ("data_root: 5\n", "demo data_root must be a name (a string), got 5"),
+    ("preset: [a]\n", "demo preset must be a name (a string)"),
 ])
 def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
@@ -1436,3 +1441,45 @@ def test_bad_input_found_by_a_fuzzing_review(tmp_path, capsys, monkeypatch):
                      *extra]) == 2
         assert needle in _one_line_error(capsys)
     assert not Path("n.safetensors").exists()
+
+
+def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
+    """A fault map with a broken header, a results file whose runs are not records, a cached
+    backbone whose file name promises another model, a negative --fault-rate: each was a
+    traceback, a file left behind, or a silent run at chance."""
+    from xbm.io import load_safetensors, save_safetensors
+
+    monkeypatch.chdir(tmp_path)
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{_folder(tmp_path / 'imgs')}")
+    assert main(["simulate", "--fault-aware", "--dataset", str(tmp_path / "imgs"),
+                 "--backbone", str(bb), "--rows", "16", "--cols", "16", "--epochs", "1",
+                 "--adc-bits", "8", "--backend", "torch", "--save-fault-map", "fm.safetensors",
+                 "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    tensors, meta = load_safetensors("fm.safetensors")
+    for change in ({"spec": 5}, {"sa0_rate": "abc"}, {"seed": "x"}, {"extra": [1]}):
+        save_safetensors("bad.safetensors", tensors, meta | change)
+        assert main(["simulate", "--bundle", str(path), "--backbone", str(bb),
+                     "--fault-map", "bad.safetensors", "--adc-bits", "8", "--backend", "torch",
+                     "--device", "cpu", "--no-progress"]) == 2
+        assert "the fault map's metadata is unreadable" in _one_line_error(capsys), change
+    # results whose runs are not records: refused before any plot is written
+    for runs in ([1], [{"method": "xbm", "task": "a", "accuracy": 1, "mask_bits": "x"}], []):
+        Path("r.json").write_text(json.dumps({"runs": runs}))
+        assert main(["cost", "--model", "small_cnn", "--plot", "pl", "--results", "r.json"]) == 2
+        _one_line_error(capsys)
+        assert not any(Path("pl").glob("*.png")) if Path("pl").exists() else True
+    assert main(["simulate", "--fault-aware", "--dataset", "digits", "--fault-rate=-1"]) == 2
+    assert "--fault-rate must be a fraction of cells in [0, 1], got -1" in \
+        _one_line_error(capsys)
+    # a cache entry named for resnet18_cifar width 16 that holds small_cnn
+    from xbm.train.pretrain import PretrainConfig
+
+    cached = tmp_path / "cache" / "backbones" / PretrainConfig(width=16).for_device(
+        "cpu").cache_name()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(bb.read_bytes())
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    assert main(["adapt", "--dataset", "digits", "--width", "16", "--device", "cpu"]) == 2
+    assert "holds small_cnn width 4, but its name says resnet18_cifar width 16" in \
+        _one_line_error(capsys)

@@ -245,10 +245,21 @@ class FaultMap:
         tensors, meta = load_safetensors(path)
         if meta.get("format") != FAULT_MAP_FORMAT:
             raise BundleError(f"{path}: not an xbm fault map (format {meta.get('format')!r})")
-        return cls(spec=dict(meta["spec"]), codes=dict(tensors),
-                   sa0_rate=float(meta.get("sa0_rate", 0.0)),
-                   sa1_rate=float(meta.get("sa1_rate", 0.0)), seed=int(meta.get("seed", 0)),
-                   extra=dict(meta.get("extra", {})))
+        try:  # a hand-edited or foreign header: one line naming it, not a traceback
+            spec, extra = meta["spec"], meta.get("extra", {})
+            if not isinstance(spec, dict) or not isinstance(extra, dict):
+                raise TypeError("spec and extra must be mappings")
+            rates = [float(meta.get(k, 0.0)) for k in ("sa0_rate", "sa1_rate")]
+            if not all(0.0 <= r <= 1.0 for r in rates):
+                raise ValueError(f"rates {rates} outside [0, 1]")
+            seed = meta.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed {seed!r} is not an integer")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: the fault map's metadata is unreadable ({exc}); make it "
+                              "again with xbm simulate --fault-aware --save-fault-map") from None
+        return cls(spec=dict(spec), codes=dict(tensors), sa0_rate=rates[0], sa1_rate=rates[1],
+                   seed=seed, extra=dict(extra))
 
 
 def _cells_compatible(a: CrossbarSpec, b: CrossbarSpec) -> bool:

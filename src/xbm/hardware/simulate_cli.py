@@ -108,6 +108,9 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
                               "drawn at --fault-rate; drop "
                               f"{'it' if len(wrong) == 1 else 'them'}")
         args.fault_rate = FAULT_AWARE_RATE if args.fault_rate is None else args.fault_rate
+        if not 0 <= args.fault_rate <= 1:  # in the flag's words, not the derived sa0/sa1 rates
+            raise ConfigError(f"--fault-rate must be a fraction of cells in [0, 1], got "
+                              f"{args.fault_rate:g}")
         args.epochs = FAULT_AWARE_EPOCHS if args.epochs is None else args.epochs
         args.precision = FAULT_AWARE_PRECISION if args.precision is None else args.precision
         return

@@ -86,10 +86,21 @@ def load_results(path: str | Path) -> dict[str, Any]:
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, list):
         raise XbmError(f"results file {path} has no 'runs' list; is it a demo results.json?")
-    for r in runs:
+    for i, r in enumerate(runs):  # what the plots read, checked before any file is written
+        if not isinstance(r, dict):
+            raise XbmError(f"results file {path}: run {i} is a {type(r).__name__}, not a record")
         for k in ("method", "task", "accuracy", "mask_bits"):
             if k not in r:
                 raise XbmError(f"results file {path}: a run lacks field {k!r}")
+        if not isinstance(r["method"], str) or not isinstance(r["task"], str):
+            raise XbmError(f"results file {path}: run {i}'s method and task must be names")
+        for k in ("accuracy", "mask_bits"):
+            v = r[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise XbmError(f"results file {path}: run {i}'s {k} is {v!r}, not a number")
+    if not _new_task_runs(data):
+        raise XbmError(f"results file {path} has no new-task runs to plot; pass a demo's "
+                       "results.json")
     return data
 
 

@@ -126,6 +126,11 @@ class DemoConfig:
         """Types and ranges, so a bad YAML value fails in a second rather than as a traceback
         or minutes into the run. (Names are checked where they are looked up: the methods,
         benchmark, presets and pretraining recipe all fail before any training.)"""
+        for f in ("benchmark", "model", "pretrain_augment", "pretrain_precision", "precision",
+                  "preset", "energy", "device", "data_root"):
+            v = getattr(self, f)  # a list or a number here was a TypeError deep in the run
+            if not (isinstance(v, str) or (v is None and f == "data_root")):
+                raise ConfigError(f"demo {f} must be a name (a string), got {v!r}")
         if isinstance(self.methods, str):
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         if not isinstance(self.methods, list) or not self.methods or \

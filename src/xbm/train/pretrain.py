@@ -556,6 +556,13 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
             # silently spending minutes on a new pretraining
             raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
                               "pretrain it anew") from None
+        arch = meta.get("arch") or {}
+        want = {"name": cfg.model, "width": cfg.width}
+        if not path and any(arch.get(k) != v for k, v in want.items()):
+            # a file copied or renamed into the cache: its name promises another model
+            raise BundleError(f"cached backbone {p} holds {arch.get('name')} width "
+                              f"{arch.get('width')}, but its name says {cfg.model} width "
+                              f"{cfg.width}; delete it and run again to pretrain it anew")
         acc = meta.get("accuracy")
         acc_text = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "unknown"
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {acc_text})")
