@@ -896,8 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a file the checks up front could not foresee (disk full, ...)
         where = exc.filename or ""
-        print(f"xbm: error: {where}{': ' if where else ''}{exc.strerror or exc}; check the path "
-              "and free space, then run again", file=sys.stderr)
+        what = f"{where}: " if where else "writing the output (standard output or a file): "
+        print(f"xbm: error: {what}{exc.strerror or exc}; check the path and free space, then "
+              "run again", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = shown

@@ -172,10 +172,10 @@ class XMA2Config(XMAConfig):
                               or not math.isfinite(e) or e < 0):
             raise ConfigError(f"{name}.energy_budget_j must be a number of joules >= 0 or null, "
                               f"got {e!r}")
-        if e is not None:
+        if self.energy_preset != XMA2Config.energy_preset or e is not None:
             from xbm.hardware.energy import get_preset
 
-            try:  # an unknown preset fails at config time, not mid-task
+            try:  # an unknown preset fails at config time, not mid-task (nor is it ignored)
                 get_preset(self.energy_preset)
             except XbmError as exc:
                 raise ConfigError(f"{name}.energy_preset: {exc}") from None

@@ -25,6 +25,17 @@ def _read(path: Path) -> Mapping[str, object]:
     if not path.is_file():
         raise XbmError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth, .pt "
                        f"or .safetensors state dict")
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head:
+            raise XbmError(f"checkpoint {str(path)!r} is empty; pass the .pth that torch.save "
+                           "wrote, or a .safetensors file")
+        # torch.save writes a zip archive (PK..); before PyTorch 1.6, a bare pickle (0x80 ..)
+        if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+            raise XbmError(f"checkpoint {str(path)!r} is not a torch checkpoint (torch.save "
+                           "writes a zip archive) nor a .safetensors file; pass the weights "
+                           "file itself")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -42,7 +53,8 @@ def _read(path: Path) -> Mapping[str, object]:
     except Exception as exc:  # corrupt, truncated, or a pickle of something other than tensors
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise XbmError(f"cannot read checkpoint {str(path)!r}: {first}") from exc
+        raise XbmError(f"cannot read checkpoint {str(path)!r}: {first} (a truncated or "
+                       "corrupt file? copy it again)") from exc
 
 
 def _unwrap(obj: Mapping[str, object]) -> Mapping[str, object]:
