@@ -1483,3 +1483,21 @@ def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
     assert main(["adapt", "--dataset", "digits", "--width", "16", "--device", "cpu"]) == 2
     assert "holds small_cnn width 4, but its name says resnet18_cifar width 16" in \
         _one_line_error(capsys)
+
+
+def test_import_backbone_names_what_is_wrong_with_an_unreadable_checkpoint(tmp_path, capsys):
+    """A YAML file was said to "hold Python objects besides tensors", an empty one gave
+    "EOFError", a truncated one "[Errno 22] Invalid argument"."""
+    import torch
+
+    (tmp_path / "p.yaml").write_text("a: 1\n")
+    (tmp_path / "e.pth").write_bytes(b"")
+    torch.save({"w": torch.zeros(10000)}, tmp_path / "t.pth")
+    data = (tmp_path / "t.pth").read_bytes()
+    (tmp_path / "t.pth").write_bytes(data[:len(data) // 2])
+    for name, needle in (("p.yaml", "is not a torch checkpoint"), ("e.pth", "is empty"),
+                         ("t.pth", "a truncated or corrupt file? copy it again")):
+        assert main(["import-backbone", "--model", "small_cnn", "--checkpoint",
+                     str(tmp_path / name), "--out", str(tmp_path / "o.safetensors")]) == 2
+        assert needle in _one_line_error(capsys), name
+    assert not (tmp_path / "o.safetensors").exists()
