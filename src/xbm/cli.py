@@ -54,14 +54,17 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default",
                    help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} (default: "
                    "%(default)s = pytorx, 64x64)")
-    p.add_argument("--rows", type=int,
-                   help="crossbar rows R (default: the preset's, 64 for default)")
-    p.add_argument("--cols", type=int,
-                   help="crossbar columns C (default: the preset's, 64 for default)")
-    p.add_argument("--weight-bits", type=int,
-                   help="weight precision (default: the preset's, 8 for default)")
-    p.add_argument("--cell-bits", type=int,
-                   help="bits per cell (default: the preset's, 2 for default)")
+    add_geometry_args(p)
+
+
+def add_geometry_args(p: argparse.ArgumentParser) -> None:
+    """The four geometry flags that override a preset (None: the preset's value)."""
+    for flag, what, default in (("--rows", "crossbar rows R", 64),
+                                ("--cols", "crossbar columns C", 64),
+                                ("--weight-bits", "weight precision", 8),
+                                ("--cell-bits", "bits per cell", 2)):
+        p.add_argument(flag, type=int,
+                       help=f"{what} (default: the preset's, {default} for default)")
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -709,14 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d.add_argument("--preset", help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} "
                    "(default: default = pytorx, 64x64)")
-    d.add_argument("--rows", type=int,
-                   help="crossbar rows R (default: the preset's, 64 for default)")
-    d.add_argument("--cols", type=int,
-                   help="crossbar columns C (default: the preset's, 64 for default)")
-    d.add_argument("--weight-bits", type=int,
-                   help="weight precision (default: the preset's, 8 for default)")
-    d.add_argument("--cell-bits", type=int,
-                   help="bits per cell (default: the preset's, 2 for default)")
+    add_geometry_args(d)
     d.add_argument("--energy", help="energy preset of the table's energy columns: "
                    f"{', '.join(sorted(ENERGY_PRESETS))} (default: default = neurosim)")
     d.add_argument("--device", help="auto (CUDA if present; default), cpu, cuda:N")

@@ -415,33 +415,31 @@ def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.Pat
     return meta
 
 
-def backbone_file_hash(path: str | Path) -> str | None:
-    """The content hash a backbone file's header records; None for a missing or unreadable
-    file (the tensors themselves are checked against it when the file is loaded)."""
+def _header_field(path: str | Path, key: str) -> Any:
+    """One JSON field of a safetensors file's header, read without its tensors; None for a
+    missing or unreadable file or field (loading the file says what is wrong with it)."""
     import json
 
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            found = json.loads((f.metadata() or {}).get("content_hash", "null"))
-    except Exception:  # missing, a folder, not safetensors: simply not a match
+            return json.loads((f.metadata() or {}).get(key, "null"))
+    except Exception:  # missing, a folder, not safetensors, a field that is no JSON
         return None
+
+
+def backbone_file_hash(path: str | Path) -> str | None:
+    """The content hash a backbone file's header records; None for a missing or unreadable
+    file (the tensors themselves are checked against it when the file is loaded)."""
+    found = _header_field(path, "content_hash")
     return found if isinstance(found, str) else None
 
 
 def backbone_file_arch(path: str | Path) -> dict[str, Any] | None:
     """The architecture a backbone file's header records, read without its tensors; None for
     a missing or unreadable file (loading it says why)."""
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            arch = json.loads((f.metadata() or {}).get("arch", "null"))
-    except Exception:  # missing, a folder, not safetensors: load_backbone names the problem
-        return None
+    arch = _header_field(path, "arch")
     return arch if isinstance(arch, dict) else None
 
 
