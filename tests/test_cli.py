@@ -1464,10 +1464,13 @@ def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
                      "--device", "cpu", "--no-progress"]) == 2
         assert "the fault map's metadata is unreadable" in _one_line_error(capsys), change
     # results whose runs are not records: refused before any plot is written
-    for runs in ([1], [{"method": "xbm", "task": "a", "accuracy": 1, "mask_bits": "x"}], []):
+    for runs, needle in (([1], "run 0 is not a record (got 1)"),
+                         ([{"method": "xbm", "task": "a", "accuracy": 1, "mask_bits": "x"}],
+                          "run 0's mask_bits is 'x', not a number"),
+                         ([], "has no new-task runs to plot")):
         Path("r.json").write_text(json.dumps({"runs": runs}))
         assert main(["cost", "--model", "small_cnn", "--plot", "pl", "--results", "r.json"]) == 2
-        _one_line_error(capsys)
+        assert needle in _one_line_error(capsys)
         assert not any(Path("pl").glob("*.png")) if Path("pl").exists() else True
     assert main(["simulate", "--fault-aware", "--dataset", "digits", "--fault-rate=-1"]) == 2
     assert "--fault-rate must be a fraction of cells in [0, 1], got -1" in \
@@ -1501,3 +1504,21 @@ def test_import_backbone_names_what_is_wrong_with_an_unreadable_checkpoint(tmp_p
                      str(tmp_path / name), "--out", str(tmp_path / "o.safetensors")]) == 2
         assert needle in _one_line_error(capsys), name
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_session_20_code_review_cases(tmp_path, capsys):
+    """A task bundle given to `cost --backbone` was costed as a bare model; a 300-digit int
+    crashed the finiteness check; a list as XMA2's energy_preset was a TypeError;
+    `device: null` (auto) was refused by the demo config."""
+    from xbm.errors import XbmError
+    from xbm.methods.xma2 import XMA2Config
+    from xbm.train.demo import DemoConfig
+
+    path, _ = _folder_task_bundle(tmp_path, 2, "digits")
+    assert main(["cost", "--backbone", str(path)]) == 2
+    assert "this is a task bundle" in _one_line_error(capsys)
+    with pytest.raises(XbmError, match="warmup_steps must be a finite number"):
+        XMA2Config(warmup_steps=10**400)  # beyond any float: OverflowError before
+    with pytest.raises(XbmError, match="energy_preset must be a preset name, got"):
+        XMA2Config(energy_preset=["a"])
+    assert DemoConfig(device=None).device is None

@@ -306,17 +306,22 @@ def task_image_size(task: Any) -> int:
     return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 28
 
 
-def _image_size(args: argparse.Namespace, bundle_tasks: list[Any]) -> int:
-    """``--image-size``, else the side the bundle's tasks were learned at, else 28: a bundle's
-    tasks share one backbone, and its BatchNorm statistics and the cost model's positions
-    depend on the side, so a new task follows the earlier ones unless told otherwise."""
+def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
+                recipe: dict[str, Any] | None = None) -> int:
+    """``--image-size``, else the side the bundle's tasks were learned at, else the side the
+    backbone was pretrained at (its recorded recipe), else 28: a bundle's tasks share one
+    backbone, and its BatchNorm statistics and the cost model's positions depend on the side,
+    so a new task follows the earlier ones unless told otherwise."""
     if args.image_size is not None:
         if args.image_size < 8:
             raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet "
                            "halves the side five times)")
         return int(args.image_size)
     sizes = sorted({task_image_size(t) for t in bundle_tasks})
-    return sizes[-1] if sizes else 28
+    pretrained = (recipe or {}).get("image_size")
+    if sizes:
+        return sizes[-1]
+    return int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
@@ -488,7 +493,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # grayscale dataset repeated into RGB for a 3-channel backbone; the side is --image-size,
     # else what the bundle's tasks were learned at, else 28 (the default backbone's input)
     channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
-    image_size = _image_size(args, bundle_tasks)
+    image_size = _image_size(args, bundle_tasks, loaded[1].get("config") if loaded else None)
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
                         image_size=image_size)
     full = (len(data.train_y), len(data.test_y))

@@ -103,7 +103,11 @@ def check_number_fields(obj: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, abc):
                 raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "
                                   f"({type(v).__name__})")
-            if not math.isfinite(v):  # nan: every comparison false (a mask at chance, exit 0)
+            try:
+                finite = math.isfinite(v)
+            except OverflowError:  # an int beyond any float
+                finite = False
+            if not finite:  # nan: every comparison false (a mask at chance, exit 0)
                 raise ConfigError(f"{cls.__name__}.{name} must be a finite number, got {v!r}")
             if type(v) not in (int, float):  # numpy's scalars: plain numbers for JSON metadata
                 object.__setattr__(obj, name, kind(v))

@@ -201,15 +201,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
     preset = _preset(args)
     if args.bundle and args.model:
         raise ConfigError("pass either --model (no weights) or --bundle (learned tasks), not both")
-    if not args.bundle and not args.model and args.backbone and not args.fractions_from:
-        # a backbone file alone (an imported one, say): cost its architecture, as --model would
-        from xbm.train.pretrain import backbone_file_arch
+    if not args.bundle and not args.model and args.backbone:
+        # a backbone file (an imported one, say): cost its architecture, as --model would;
+        # loaded whole, so a task bundle or a damaged file is named as such
+        from xbm.train.pretrain import load_backbone
 
-        arch = backbone_file_arch(args.backbone)
-        if arch is None or not arch.get("name"):
-            from xbm.train.pretrain import load_backbone
-
-            load_backbone(args.backbone)  # names what is wrong with the file
+        arch = load_backbone(args.backbone)[1].get("arch") or {}
+        if not arch.get("name"):
             raise XbmError(f"--backbone {args.backbone}: records no architecture; pass --model")
         for field in ("width", "in_channels"):
             if getattr(args, field) is not None and getattr(args, field) != arch.get(field):
@@ -217,7 +215,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                   f"from the backbone's {arch.get(field)}; drop it")
         args.model, args.width, args.in_channels = (arch["name"], arch.get("width"),
                                                      arch.get("in_channels"))
-        args.backbone = None  # its weights do not matter: --model's costs need none
+        if not args.fractions_from:
+            args.backbone = None  # its weights do not matter: --model's costs need none
     if not args.bundle and not args.model:
         raise ConfigError("pass --model NAME (e.g. resnet50), --backbone FILE or --bundle PATH")
     methods = None if args.methods is None else \
@@ -264,8 +263,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
         costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
         # the side the tasks were fed at, where `xbm adapt` recorded it (one for the bundle)
-        sizes = {mtm.tasks[t].extra.get("image_size") for t in tasks} - {None}
-        size = args.input_size or (sizes.pop() if len(sizes) == 1 else None)
+        from xbm.cli import task_image_size
+
+        recorded = any("image_size" in mtm.tasks[t].extra for t in tasks)
+        sizes = sorted({task_image_size(mtm.tasks[t]) for t in tasks})
+        if args.input_size is None and recorded and len(sizes) > 1:
+            raise ConfigError(f"the tasks were learned at image sides {sizes}; cost them at one: "
+                              "pass --input-size, or --methods to pick tasks of one side")
+        size = args.input_size or (sizes[0] if recorded else None)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
                                  size, args.in_channels)
     else:

@@ -255,7 +255,7 @@ class FaultMap:
             seed = meta.get("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed {seed!r} is not an integer")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"{path}: the fault map's metadata is unreadable ({exc}); make it "
                               "again with xbm simulate --fault-aware --save-fault-map") from None
         return cls(spec=dict(spec), codes=dict(tensors), sa0_rate=rates[0], sa1_rate=rates[1],

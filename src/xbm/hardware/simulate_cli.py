@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from xbm.config import seed_arg
 from xbm.errors import ConfigError, XbmError
 from xbm.hardware.simulate import BACKENDS
 from xbm.train.pretrain import PRECISIONS
@@ -186,7 +185,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--test-subset", type=int, default=1000,
                     help="test images (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
-    sp.add_argument("--chip-seed", type=seed_arg,
+    sp.add_argument("--chip-seed", type=int,
                     help="seed of the chip alone: its programming variation, read noise and "
                     "fault maps (default: --seed). Vary it with --seed fixed to see the spread "
                     "between chips on one test set")

@@ -172,6 +172,9 @@ class XMA2Config(XMAConfig):
                               or not math.isfinite(e) or e < 0):
             raise ConfigError(f"{name}.energy_budget_j must be a number of joules >= 0 or null, "
                               f"got {e!r}")
+        if not isinstance(self.energy_preset, str):
+            raise ConfigError(f"{name}.energy_preset must be a preset name, got "
+                              f"{self.energy_preset!r}")
         if self.energy_preset != XMA2Config.energy_preset or e is not None:
             from xbm.hardware.energy import get_preset
 

@@ -88,7 +88,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise XbmError(f"results file {path} has no 'runs' list; is it a demo results.json?")
     for i, r in enumerate(runs):  # what the plots read, checked before any file is written
         if not isinstance(r, dict):
-            raise XbmError(f"results file {path}: run {i} is a {type(r).__name__}, not a record")
+            raise XbmError(f"results file {path}: run {i} is not a record (got {r!r})")
         for k in ("method", "task", "accuracy", "mask_bits"):
             if k not in r:
                 raise XbmError(f"results file {path}: a run lacks field {k!r}")

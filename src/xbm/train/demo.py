@@ -129,7 +129,7 @@ class DemoConfig:
         for f in ("benchmark", "model", "pretrain_augment", "pretrain_precision", "precision",
                   "preset", "energy", "device", "data_root"):
             v = getattr(self, f)  # a list or a number here was a TypeError deep in the run
-            if not (isinstance(v, str) or (v is None and f == "data_root")):
+            if not (isinstance(v, str) or (v is None and f in ("data_root", "device"))):
                 raise ConfigError(f"demo {f} must be a name (a string), got {v!r}")
         if isinstance(self.methods, str):
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]

@@ -170,7 +170,8 @@ class PretrainConfig:
                                   f"the whole split), got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"pretraining lr must be a number > 0, got {self.lr!r}")
-        if not (self.mixup >= 0 and math.isfinite(self.mixup)):  # inf: betavariate never ends
+        if not (isinstance(self.mixup, (int, float)) and not isinstance(self.mixup, bool)
+                and 0 <= self.mixup < 1e6):  # inf: betavariate never ends; nan fails >= 0
             raise ConfigError(f"PretrainConfig.mixup must be a finite number >= 0 (0 = off), got "
                               f"{self.mixup!r}")
         if self.precision not in PRECISIONS:
