@@ -129,7 +129,7 @@ def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[
     return out
 
 
-#: Seeds go to Python's, NumPy's and torch's generators; NumPy's takes 32 bits.
+#: Seeds go to Python's and torch's generators (and a NumPy one would take 32 bits).
 MAX_SEED = 2**32 - 1
 
 
