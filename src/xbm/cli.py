@@ -317,10 +317,9 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
             raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet "
                            "halves the side five times)")
         return int(args.image_size)
-    sizes = sorted({task_image_size(t) for t in bundle_tasks})
+    if bundle_tasks:
+        return max(task_image_size(t) for t in bundle_tasks)
     pretrained = (recipe or {}).get("image_size")
-    if sizes:
-        return sizes[-1]
     return int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
 
 

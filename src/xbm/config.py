@@ -82,6 +82,17 @@ def _float_fields(cls: type, kind: type = float) -> set[str]:
     return out
 
 
+def is_finite_number(v: object) -> bool:
+    """A real number (not a bool) that is neither nan nor infinite; an int beyond any float
+    counts as not finite rather than raising ``OverflowError``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def check_number_fields(obj: Any) -> None:
     """Every field of a config dataclass typed ``float`` or ``int`` (optionally ``| None``)
     must hold a number of that kind (an int for a float is fine; a bool is not a number), so
@@ -103,11 +114,7 @@ def check_number_fields(obj: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, abc):
                 raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "
                                   f"({type(v).__name__})")
-            try:
-                finite = math.isfinite(v)
-            except OverflowError:  # an int beyond any float
-                finite = False
-            if not finite:  # nan: every comparison false (a mask at chance, exit 0)
+            if not is_finite_number(v):  # nan: every comparison false (a mask at chance)
                 raise ConfigError(f"{cls.__name__}.{name} must be a finite number, got {v!r}")
             if type(v) not in (int, float):  # numpy's scalars: plain numbers for JSON metadata
                 object.__setattr__(obj, name, kind(v))

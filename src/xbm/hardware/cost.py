@@ -1047,13 +1047,18 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     return pos, shape
 
 
+def _as_preset(preset: EnergyPreset | str | None) -> EnergyPreset:
+    """An energy preset, its name, or None for ``default``, as the Python API takes them."""
+    return get_preset(preset or "default") if isinstance(preset, str) or preset is None \
+        else preset
+
+
 def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None = None, *,
               reference: str = BASE, assumptions: Assumptions | None = None,
               input_size: int | None = None, in_channels: int | None = None) -> MethodCost:
     """The full cost of one learned task (deploy from the backbone, switch from ``reference``);
     ``preset``: an energy preset or its name (default: ``default``)."""
-    preset = get_preset(preset or "default") if isinstance(preset, str) or preset is None \
-        else preset
+    preset = _as_preset(preset)
     a = assumptions or Assumptions()
     facts = task_facts(mtm, task, reference, a)
     positions, _ = mtm_positions(mtm, input_size, in_channels)
@@ -1088,8 +1093,7 @@ def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str
             convolution's).
         assumptions: on-chip workload (iterations, batch) for ``onchip_adaption_energy_j``.
     """
-    preset = (get_preset(energy_preset or "default")
-              if isinstance(energy_preset, str) or energy_preset is None else energy_preset)
+    preset = _as_preset(energy_preset)
     c = task_cost(mtm, task, preset, reference=reference, assumptions=assumptions,
                   input_size=input_size, in_channels=in_channels)
     return c.summary() | {"energy_preset": preset.name, "switch_from": reference}
@@ -1101,9 +1105,7 @@ def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset | str | None = None,
                   in_channels: int | None = None) -> dict[str, dict[str, float]]:
     """Switch energy (J) from every task (rows, ``base`` included) to every learned task;
     ``preset``: an energy preset or its name (default: ``default``), as :func:`task_costs`."""
-    preset = get_preset(preset or "default") if isinstance(preset, str) or preset is None \
-        else preset
-    tasks = tasks if tasks is not None else list(mtm.tasks)
+    tasks = tasks if tasks is not None else list(mtm.tasks)  # task_cost resolves the preset
     out: dict[str, dict[str, float]] = {}
     for src in [BASE, *tasks]:
         out[src] = {}

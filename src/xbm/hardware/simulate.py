@@ -61,6 +61,7 @@ from xbm.hardware.faults import (
 )
 from xbm.hardware.mapping import column_tile_index, num_row_tiles, weight_matrix
 from xbm.hardware.spec import CrossbarSpec
+from xbm.nn.modes import eval_mode
 
 ADC_MODES = ("calibrate", "fixed", "ideal")
 ADC_GRANULARITIES = ("layer", "tile", "column")
@@ -842,36 +843,33 @@ class Simulation:
             raise XbmError("calibration needs at least one batch")
         installed = self._tf32 is not None
         self.install()
-        modes = [(m, m.training) for m in self.model.modules()]  # each its own, restored
-        self.model.eval()
         try:
-            for _, layer, ls in self.layers:
-                ls.calib[self.current_task(layer)] = _Calib()
-            self._set_mode("calib_input")
-            for x in xs:
-                self.model(x)
-            bits = {id(ls): ls.spec.input_bits for _, _, ls in self.layers}
-            for _, layer, ls in self.layers:
-                cal = ls.calib[self.current_task(layer)]
-                signed = cal.in_min < 0
-                levels = 2 ** (bits[id(ls)] - 1) - 1 if signed else 2 ** bits[id(ls)] - 1
-                top = cal.in_absmax * self.config.input_headroom
-                cal.s_in = top / levels if top > 0 else 1.0
-                cal.zp = float(2 ** (bits[id(ls)] - 1)) if signed else 0.0
-                cal.in_ready = True
-            if self.config.adc_mode == "calibrate":
-                self._set_mode("calib_adc")
+            with eval_mode(self.model):  # each submodule's own flag comes back
+                for _, layer, ls in self.layers:
+                    ls.calib[self.current_task(layer)] = _Calib()
+                self._set_mode("calib_input")
                 for x in xs:
                     self.model(x)
-            for _, layer, ls in self.layers:
-                cal = ls.calib[self.current_task(layer)]
-                if cal.psum_max is None:
-                    cal.psum_max = torch.zeros(ls.plan.rt, ls.plan.cout)
-                cal.adc_ready = True
+                bits = {id(ls): ls.spec.input_bits for _, _, ls in self.layers}
+                for _, layer, ls in self.layers:
+                    cal = ls.calib[self.current_task(layer)]
+                    signed = cal.in_min < 0
+                    levels = 2 ** (bits[id(ls)] - 1) - 1 if signed else 2 ** bits[id(ls)] - 1
+                    top = cal.in_absmax * self.config.input_headroom
+                    cal.s_in = top / levels if top > 0 else 1.0
+                    cal.zp = float(2 ** (bits[id(ls)] - 1)) if signed else 0.0
+                    cal.in_ready = True
+                if self.config.adc_mode == "calibrate":
+                    self._set_mode("calib_adc")
+                    for x in xs:
+                        self.model(x)
+                for _, layer, ls in self.layers:
+                    cal = ls.calib[self.current_task(layer)]
+                    if cal.psum_max is None:
+                        cal.psum_max = torch.zeros(ls.plan.rt, ls.plan.cout)
+                    cal.adc_ready = True
         finally:
             self._set_mode("run")
-            for m, flag in modes:
-                m.training = flag
             if not installed:
                 self.remove()
 

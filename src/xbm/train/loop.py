@@ -313,7 +313,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
-    _check_labels(loader, mtm.tasks[task].num_classes, task)
+    num_classes = mtm.tasks[task].num_classes
+    _check_labels(loader, num_classes, task)
     method = mtm.methods[task]
     graphed = graphed and method.graph_safe
     capturable = graphed if capturable is None else bool(capturable)
@@ -376,7 +377,10 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
                        f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress)
         for batch in it:
-            x, y = _pair(batch, mtm.tasks[task].num_classes, task)
+            x, y = _pair(batch)
+            if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
+                _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
+                                   _ADD_TASK_FIX)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if capturable:
                 for g, base in zip(opt.param_groups, base_lrs, strict=True):
@@ -432,15 +436,12 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     correct = total = 0
     with eval_mode(model):  # each submodule's own flag comes back, also on an error
         for batch in loader:
-            x, y = _pair(batch, None, "")
+            x, y = _pair(batch)
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
-                raise XbmError(f"a batch has labels {int(y.min())} to {int(y.max())}, but "
-                               + (f"task {task!r}" if task else "the model") +
-                               f" has {logits.shape[1]} classes (labels 0 to "
-                               f"{logits.shape[1] - 1}); evaluate it on its own data, or fix "
-                               "the labels")
+            _check_label_range(y, logits.shape[1], "a batch has labels",
+                               f"task {task!r}" if task else "the model",
+                               "evaluate it on its own data, or fix the labels")
             correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())
     if total == 0:
@@ -448,12 +449,9 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return 100.0 * correct / total
 
 
-def _pair(batch: object, num_classes: int | None, task: str
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch as (images, labels), checked: a dict batch (a Hugging Face style loader) failed
-    with "'str' object has no attribute 'to'", and labels outside the task's classes with
-    torch's "Target 9 is out of bounds" (on a GPU a device-side assert that ends the process).
-    Labels are checked where they are still on the CPU (no GPU synchronisation)."""
+    with "'str' object has no attribute 'to'"."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2
             and all(isinstance(t, torch.Tensor) for t in batch)):
         what = (f"a dict with keys {sorted(map(str, batch))[:4]}" if isinstance(batch, dict)
@@ -461,28 +459,34 @@ def _pair(batch: object, num_classes: int | None, task: str
                                                     isinstance(batch, (tuple, list)) else ""))
         raise XbmError(f"a batch must be a pair (images, labels) of tensors, got {what}; wrap "
                        "the loader, e.g. ((b['image'], b['label']) for b in loader) as a list")
-    x, y = batch
-    if (num_classes is not None and y.device.type == "cpu" and y.numel()
-            and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
-        raise XbmError(f"a batch has labels {int(y.min())} to {int(y.max())}, but task "
-                       f"{task!r} has {num_classes} classes (labels 0 to {num_classes - 1}); "
-                       "add the task with the data's number of classes, or fix the labels")
-    return x, y
+    return batch[0], batch[1]
 
 
-def _check_labels(loader: object, num_classes: int | None, task: str) -> None:
-    """Labels outside the task's classes: training failed with torch's "Target 9 is out of
-    bounds" IndexError, and evaluation silently scored them wrong. Checked once where the
-    loader holds its labels (``BatchLoader``: xbm's own datasets); other loaders are the
-    caller's."""
-    y = getattr(loader, "y", None)
-    if num_classes is None or not isinstance(y, torch.Tensor) or y.numel() == 0:
+#: The fix a training-side label error names.
+_ADD_TASK_FIX = "add the task with the data's number of classes, or fix the labels"
+
+
+def _check_label_range(y: torch.Tensor, num_classes: int, what: str, who: str,
+                       fix: str) -> None:
+    """Labels outside ``[0, num_classes)``: training failed with torch's "Target 9 is out of
+    bounds" (on a GPU a device-side assert that ends the process), and evaluation silently
+    scored them wrong. ``what`` opens the message ("a batch has labels"), ``who`` owns the
+    classes."""
+    if y.numel() == 0:
         return
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
-        raise XbmError(f"the loader's labels run from {lo} to {hi}, but task {task!r} has "
-                       f"{num_classes} classes (labels 0 to {num_classes - 1}); add the task "
-                       "with the data's number of classes, or fix the labels")
+        raise XbmError(f"{what} {lo} to {hi}, but {who} has {num_classes} classes (labels 0 "
+                       f"to {num_classes - 1}); {fix}")
+
+
+def _check_labels(loader: object, num_classes: int | None, task: str) -> None:
+    """Checked once where the loader holds its labels (``BatchLoader``: xbm's own datasets);
+    other loaders' batches are checked one by one."""
+    y = getattr(loader, "y", None)
+    if num_classes is not None and isinstance(y, torch.Tensor):
+        _check_label_range(y, num_classes, "the loader's labels run from", f"task {task!r}",
+                           _ADD_TASK_FIX)
 
 
 def evaluate_task(mtm: MultiTaskModel, task: str,
