@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -196,3 +198,24 @@ def test_a_failed_atomic_write_names_the_target_and_leaves_nothing(tmp_path):
     with pytest.raises(OSError) as e, atomic_path(tmp_path / "file" / "y"):
         pass
     assert e.value.filename == str(tmp_path / "file" / "y")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_folder_lock_keeps_another_process_out(tmp_path):
+    """The lock adapt holds while it folds in and writes a bundle: another process cannot take
+    it meanwhile, and can once it is released."""
+    import subprocess
+
+    from xbm.io import folder_lock
+
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\ntry:\n"
+             "    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    print('free')\n"
+             "except BlockingIOError:\n    print('held')\n")
+
+    def other() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(tmp_path)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    with folder_lock(tmp_path / "b.safetensors"):
+        assert other() == "held"
+    assert other() == "free"

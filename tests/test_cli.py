@@ -461,6 +461,7 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
     (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["pretrain", "--lr", "-1"], "lr must be a number > 0"),
     (["pretrain", "--train-subset", "0"], "--train-subset must be >= 1, got 0"),
+    (["pretrain", "--image-size", "4"], "--image-size must be >= 8, got 4"),
     (["pretrain", "--out", "{tmp}"], "is a folder"),
     (["demo", "--out", "{tmp}/file"], "is an existing file"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--out", "{tmp}"], "is a folder"),
@@ -989,7 +990,7 @@ def test_pretrain_command_fills_fields_older_backbones_lacked():
            "test_subset": None}  # before augment, mixup and precision existed
     cmd = pretrain_command(old)
     assert cmd.endswith("--augment none --mixup 0.0 --precision fp32")
-    assert pretrain_command(old | {"image_size": 32}) is None  # no flag could rebuild it
+    assert pretrain_command(old | {"image_size": 32}).endswith("--precision fp32 --image-size 32")
     assert pretrain_command({"model": "x"}) is None and pretrain_command(None) is None
 
 
@@ -1311,6 +1312,45 @@ def test_with_channels_repeats_grey_and_refuses_to_invent_colour():
         d.with_channels(2)
 
 
+def test_pretrain_an_rgb_backbone_on_a_colour_folder(tmp_path, capsys, monkeypatch):
+    """`xbm pretrain --channels 3 --image-size 16` reads an image folder in colour at that side:
+    a base task told apart by hue alone is learned (as grey it would sit at chance). The recipe
+    is recorded, its cache name differs from the grey one's, the command that rebuilds it
+    carries both flags, and adapt on the backbone reads a new task in RGB at its side."""
+    from dataclasses import replace
+
+    from xbm.errors import ConfigError
+    from xbm.train.pretrain import PretrainConfig, load_backbone, pretrain_command
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _colour_folder(tmp_path / "hues")
+    out = tmp_path / "rgb.safetensors"
+    assert main(["pretrain", "--model", "small_cnn", "--width", "4", "--dataset", str(imgs),
+                 "--channels", "3", "--image-size", "16", "--epochs", "6", "--batch-size", "8",
+                 "--augment", "none", "--mixup", "0", "--device", "cpu", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert "(3x16x16)" in capsys.readouterr().out
+    model, meta = load_backbone(out)
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert meta["arch"]["in_channels"] == 3 and first_conv.in_channels == 3
+    assert meta["config"]["channels"] == 3 and meta["config"]["image_size"] == 16
+    assert meta["accuracy"] >= 90.0, meta["accuracy"]  # hue learned
+    cmd = pretrain_command(meta["config"])
+    assert "--image-size 16 --channels 3" in cmd, cmd
+    grey = PretrainConfig(precision="fp32")
+    assert grey.cache_name() == replace(grey, channels=1).cache_name()
+    assert replace(grey, channels=3).cache_name() == grey.cache_name().replace(
+        ".safetensors", "-rgb.safetensors")
+    bundle = tmp_path / "t.safetensors"
+    assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(out),
+                 "--epochs", "1", "--batch-size", "8", "--out", str(bundle), "--device", "cpu",
+                 "--no-progress", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["in_channels"] == 3 and rec["image_size"] == 16  # the backbone's side
+    with pytest.raises(ConfigError, match="channels must be 1 .* or 3"):
+        PretrainConfig(channels=2)
+
+
 def test_image_size_below_what_a_resnet_takes_is_refused(tmp_path, capsys):
     imgs = _folder(tmp_path / "imgs")
     assert main(["adapt", "--dataset", str(imgs), "--image-size", "4", "--device", "cpu"]) == 2
@@ -1522,3 +1562,54 @@ def test_the_session_20_code_review_cases(tmp_path, capsys):
     with pytest.raises(XbmError, match="energy_preset must be a preset name, got"):
         XMA2Config(energy_preset=["a"])
     assert DemoConfig(device=None).device is None
+
+
+def test_adapt_runs_adding_to_one_bundle_at_once_keep_every_task(tmp_path, capsys, monkeypatch):
+    """Two `adapt --bundle B` runs that overlap each read B, train, and save B plus their own
+    task: the later save used to drop the earlier one's task. Here a second run starts and
+    finishes while the first one trains (train_task is wrapped to launch it): B ends with all
+    three tasks, the other run's tensors unchanged, and a clash of task names writes nothing."""
+    import xbm.train as xtrain
+    from xbm.io import load_safetensors
+
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--method", "xbm", "--backbone", str(bb), "--rows", "16", "--cols", "16",
+              "--train-subset", "40", "--test-subset", "40", "--batch-size", "8",
+              "--device", "cpu", "--no-progress", "--json"]
+    assert main(["adapt", "--dataset", "digits", "--task", "first", "--bundle", str(bundle),
+                 *common]) == 0
+    capsys.readouterr()
+    real = xtrain.train_task
+    inner = {"name": "meanwhile", "tensors": None}
+
+    def train_and_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        if inner["name"]:  # once: the inner run itself trains plainly
+            name, inner["name"] = inner["name"], None
+            assert main(["adapt", "--dataset", "digits", "--task", name, "--bundle",
+                         str(bundle), "--seed", "1", *common]) == 0
+            inner["tensors"] = load_safetensors(bundle)[0]
+        return out
+
+    monkeypatch.setattr(xtrain, "train_task", train_and_meanwhile)
+    assert main(["adapt", "--dataset", "digits", "--task", "last", "--bundle", str(bundle),
+                 *common]) == 0
+    err = capsys.readouterr().err
+    assert "kept task(s) meanwhile, added by another command" in err
+    final = load_safetensors(bundle)[0]
+    assert set(inner["tensors"]) < set(final)  # "first" and "meanwhile", and "last" besides
+    assert all(torch.equal(final[k], v) for k, v in inner["tensors"].items())
+    assert main(["eval", "--bundle", str(bundle), "--device", "cpu", "--json"]) == 0
+    tasks = [t["task"] for t in json.loads(capsys.readouterr().out)["tasks"]]
+    assert tasks == ["first", "meanwhile", "last"]
+
+    # the same name added meanwhile: refused, and the bundle stays the other run's
+    inner["name"] = "again"
+    assert main(["adapt", "--dataset", "digits", "--task", "again", "--bundle", str(bundle),
+                 *common]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after --json's dataset lines
+    assert last.startswith("xbm: error: ") and "another command added a task named 'again'" \
+        in last
+    assert load_safetensors(bundle)[0].keys() == inner["tensors"].keys()

@@ -117,6 +117,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.train.pretrain import PretrainConfig, cache_dir, load_backbone, pretrain
 
     _check_counts(args, ("epochs", "batch_size", "train_subset"))
+    if args.image_size < 8:
+        raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet halves the "
+                       "side five times)")
     device = resolve_device(args.device)
     # an image folder by its absolute path: `folder:imgs` run from two directories is two
     # datasets, and the recipe that bundles record must rebuild from anywhere
@@ -124,7 +127,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          dataset=dataset_reference(args.dataset), epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          train_subset=args.train_subset, augment=args.augment,
-                         mixup=args.mixup, precision=args.precision).for_device(device)
+                         mixup=args.mixup, precision=args.precision,
+                         image_size=args.image_size, channels=args.channels
+                         ).for_device(device)
     out = Path(args.out) if args.out else \
         cache_dir() / "backbones" / cfg.cache_name(getattr(args, "data_root", None))
     old_hash = None
@@ -552,7 +557,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                     precision=precision, cuda_graph=cuda_graph)
     acc = evaluate_task(mtm, task, test_loader, device)
     if xdist.is_main():
-        mtm.save_bundle(out)
+        from xbm.io import folder_lock
+
+        with folder_lock(out):  # another adapt may be writing the same bundle
+            order = _fold_in_concurrent_tasks(mtm, out, args.bundle, bundle_meta, task)
+            mtm.save_bundle(out, tasks=order)
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
@@ -566,6 +575,47 @@ def cmd_adapt(args: argparse.Namespace) -> int:
           f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}"
           f"{' (a new bundle)' if new_bundle else f' ({len(mtm.tasks)} tasks)'}")
     return 0
+
+
+def _fold_in_concurrent_tasks(mtm: Any, out: str | os.PathLike, bundle: str | None,
+                              loaded_meta: dict[str, Any] | None, task: str) -> list[str]:
+    """The tasks ``adapt`` saves to ``out``, in order, after folding in what other commands wrote
+    there while this one trained (the caller holds the folder's lock).
+
+    Two ``xbm adapt --bundle B`` runs started together each read B, train for minutes and save
+    B with their own task added: without this the second save dropped the first one's task.
+    Tasks written meanwhile are loaded from the file as it is now (the same backbone and spec,
+    or the load refuses) and kept ahead of this run's task.
+
+    Raises:
+        XbmError: ``out`` is not the bundle being updated yet now exists, or holds a task of
+            this run's name: nothing is written.
+    """
+    from xbm.multitask import read_bundle_meta
+
+    p = Path(out)
+    if not p.exists():
+        return list(mtm.tasks)
+    if bundle is None or p.resolve() != Path(bundle).resolve():
+        raise XbmError(f"{out} was written by another command while this one trained; nothing "
+                       f"written: pass --bundle {out} to add the task to it, or another --out")
+    meta, _, infos = read_bundle_meta(p)
+    names = [t.name for t in infos]
+    if loaded_meta is not None and meta.get("content_hash") == loaded_meta.get("content_hash") \
+            and names == [t["name"] for t in loaded_meta.get("tasks", [])]:
+        return list(mtm.tasks)  # unchanged since it was read: the common case
+    if task in names:
+        raise XbmError(f"{out}: another command added a task named {task!r} to it while this one "
+                       "trained; nothing written: run again with --task OTHER_NAME")
+    for t in [t for t in mtm.tasks if t != task]:  # the bundle as read, replaced by the file now
+        mtm.remove_task(t)
+    had = {t["name"] for t in (loaded_meta or {}).get("tasks", [])}
+    mtm.load_bundle(p)
+    new = [n for n in names if n not in had]
+    if new:
+        print(f"{out}: kept task(s) {', '.join(new)}, added by another command while this one "
+              "trained", file=sys.stderr)
+    return [*names, task]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -751,6 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "with AMX or AVX512-BF16 and on GPUs, slower elsewhere; a separate cached "
                     "backbone. auto = bf16 on such CPUs, fp32 otherwise and on CUDA "
                     "(default: %(default)s)")
+    pt.add_argument("--image-size", type=int, default=PretrainConfig.image_size,
+                    help="side the base task is fed at: an image folder is read at it, a "
+                    "built-in dataset resized to it; adapt on this backbone defaults to it "
+                    "(default: %(default)s)")
+    pt.add_argument("--channels", type=int, default=1, choices=(1, 3),
+                    help="3: an RGB backbone (an image folder read in colour, a grayscale "
+                    "dataset repeated into RGB), for RGB tasks (default: %(default)s)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     pt.add_argument("--force", action="store_true",
                     help="pretrain even when the recipe is cached (a folder dataset is cached "

@@ -45,6 +45,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the folder that holds ``path`` while the block runs.
+
+    A read-modify-write of a file (a task bundle that several ``xbm adapt --bundle`` runs add to
+    at once) must not interleave: each run would write the bundle it read plus its own task,
+    and the last write would silently drop the others' tasks. Atomic renames alone keep each
+    file whole, not the updates. The lock is ``flock`` on the folder itself, so no lock file is
+    left behind; where ``fcntl`` does not exist (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -129,6 +129,12 @@ class PretrainConfig:
     seed: int = 0
     train_subset: int | None = None
     image_size: int = 28
+    """Side the base task is fed at (an image folder is read at it, a built-in dataset
+    resized to it); part of the cache key. Adaption on the backbone defaults to it."""
+    channels: int = 1
+    """Image channels of the backbone: 1 (grayscale, every built-in dataset) or 3 (RGB: an
+    image folder read in colour, a grayscale dataset repeated into three channels). Part of the
+    cache key when 3; a backbone pretrained on RGB folders takes RGB tasks in ``xbm adapt``."""
     augment: str = "affine-flip"
     """Random affine augmentation of the base task while pretraining (``xbm.data.augment``):
     ``none``, ``affine`` or ``affine-flip``. A backbone trained on augmented Fashion-MNIST
@@ -162,6 +168,12 @@ class PretrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"pretraining {f} must be an integer >= 1, got {v!r}")
+        if self.image_size < 8:
+            raise ConfigError(f"pretraining image_size must be >= 8, got {self.image_size} (a "
+                              "ResNet halves the side five times)")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ConfigError(f"pretraining channels must be 1 (grayscale) or 3 (RGB), got "
+                              f"{self.channels!r}")
         for f in ("train_subset", "test_subset"):
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -195,6 +207,7 @@ class PretrainConfig:
         aug = "" if self.augment == "none" else f"-{self.augment}"
         aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
+        aug += "-rgb" if self.channels == 3 else ""  # 1: the names of every earlier backbone
         if root is not None and str(root):
             where = os.path.abspath(os.path.expanduser(os.fspath(root)))
             aug += "-root" + hashlib.sha256(where.encode()).hexdigest()[:8]
@@ -237,7 +250,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
 
     cfg = cfg.for_device(device)
     augment = get_augment(cfg.augment)
-    data = load_dataset(cfg.dataset, root=root, image_size=cfg.image_size)
+    data = load_dataset(cfg.dataset, root=root, image_size=cfg.image_size,
+                        channels=cfg.channels)
     if cfg.train_subset and cfg.train_subset > len(data.train_y):
         # it would train on the whole set, cached under a name that says otherwise
         raise ConfigError(f"train_subset {cfg.train_subset} exceeds the {len(data.train_y)} "
@@ -276,7 +290,8 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "pretrain with --precision fp32")
     log(f"pretraining {cfg.model} (width {cfg.width}) on {cfg.dataset}: "
-        f"{len(data.train_y)} images x {cfg.epochs} epochs on {device}, "
+        f"{len(data.train_y)} images ({cfg.channels}x{cfg.image_size}x{cfg.image_size}) x "
+        f"{cfg.epochs} epochs on {device}, "
         f"augmentation {cfg.augment}" + (f", mixup {cfg.mixup:g}" if cfg.mixup > 0 else "")
         + (", bfloat16 autocast" if bf16 else ""))
     t0 = time.perf_counter()
@@ -476,14 +491,18 @@ def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
     import shlex
 
     cfg = recipe_config(recipe)
-    if cfg is None or cfg.image_size != PretrainConfig.image_size:
+    if cfg is None:
         return None
     parts = ["xbm", "pretrain"]
     for flag, v in (("--model", cfg.model), ("--width", cfg.width), ("--dataset", cfg.dataset),
                     ("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size),
                     ("--lr", cfg.lr), ("--seed", cfg.seed), ("--train-subset", cfg.train_subset),
                     ("--augment", cfg.augment), ("--mixup", cfg.mixup),
-                    ("--precision", cfg.precision), ("--data-root", recipe.get("data_root"))):
+                    ("--precision", cfg.precision),
+                    ("--image-size", None if cfg.image_size == PretrainConfig.image_size
+                     else cfg.image_size),
+                    ("--channels", None if cfg.channels == 1 else cfg.channels),
+                    ("--data-root", recipe.get("data_root"))):
         if v is not None:
             parts += [flag, shlex.quote(repr(v) if isinstance(v, float) else str(v))]
     return " ".join(parts)
