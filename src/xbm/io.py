@@ -53,7 +53,9 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
     at once) must not interleave: each run would write the bundle it read plus its own task,
     and the last write would silently drop the others' tasks. Atomic renames alone keep each
     file whole, not the updates. The lock is ``flock`` on the folder itself, so no lock file is
-    left behind; where ``fcntl`` does not exist (Windows) the block runs unlocked.
+    left behind. Where it cannot be taken (no ``fcntl`` on Windows, a folder that cannot be
+    opened for reading, a file system without locks) the block runs unlocked, as before: a
+    missing lock must not cost the minutes of training that precede the write.
     """
     try:
         import fcntl
@@ -61,12 +63,18 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder one may write but not list: the write itself says what fails
+        fd = None
+    try:
+        if fd is not None:  # a file system without locks (some network mounts): unlocked
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
