@@ -219,3 +219,25 @@ def test_folder_lock_keeps_another_process_out(tmp_path):
     with folder_lock(tmp_path / "b.safetensors"):
         assert other() == "held"
     assert other() == "free"
+
+
+def test_pretrain_keeps_a_registered_colour_datasets_channels(monkeypatch):
+    """``PretrainConfig.channels`` left out is the dataset's own: a registered RGB dataset
+    pretrains an RGB backbone, as before the field existed; asking for grey is refused."""
+    from xbm.data import register_dataset, registry
+    from xbm.errors import ConfigError
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register_dataset("tiny-rgb")
+    def _rgb(root, seed):
+        return make_fixture_task("tiny-rgb", 3, 16, 8, seed).with_channels(3)
+
+    recipe = dict(model="small_cnn", width=2, dataset="tiny-rgb", epochs=1, batch_size=8,
+                  augment="none", mixup=0.0, precision="fp32")
+    _, meta = pretrain(PretrainConfig(**recipe), torch.device("cpu"), progress=False,
+                       log=lambda *a: None)
+    assert meta["arch"]["in_channels"] == 3 and meta["config"]["channels"] is None
+    with pytest.raises(ConfigError, match="needs a 3-channel backbone"):
+        pretrain(PretrainConfig(**recipe, channels=1), torch.device("cpu"), progress=False,
+                 log=lambda *a: None)

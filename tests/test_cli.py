@@ -1337,10 +1337,13 @@ def test_pretrain_an_rgb_backbone_on_a_colour_folder(tmp_path, capsys, monkeypat
     assert meta["accuracy"] >= 90.0, meta["accuracy"]  # hue learned
     cmd = pretrain_command(meta["config"])
     assert "--image-size 16 --channels 3" in cmd, cmd
-    grey = PretrainConfig(precision="fp32")
-    assert grey.cache_name() == replace(grey, channels=1).cache_name()
-    assert replace(grey, channels=3).cache_name() == grey.cache_name().replace(
-        ".safetensors", "-rgb.safetensors")
+    # every earlier backbone keeps its cache name (the demo's default one here), RGB gets its own
+    grey = PretrainConfig(precision="bf16")
+    name = ("resnet18_cifar-w16-fashion-mnist-e3-b128-lr0.002-s0-28px-affine-flip-mixup0.4-bf16"
+            ".safetensors")
+    assert grey.cache_name() == replace(grey, channels=1).cache_name() == name
+    assert replace(grey, channels=3).cache_name() == name.replace(".safetensors",
+                                                                   "-rgb.safetensors")
     bundle = tmp_path / "t.safetensors"
     assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(out),
                  "--epochs", "1", "--batch-size", "8", "--out", str(bundle), "--device", "cpu",
@@ -1613,3 +1616,80 @@ def test_adapt_runs_adding_to_one_bundle_at_once_keep_every_task(tmp_path, capsy
     assert last.startswith("xbm: error: ") and "another command added a task named 'again'" \
         in last
     assert load_safetensors(bundle)[0].keys() == inner["tensors"].keys()
+
+
+def test_adapt_holds_the_folder_lock_while_it_folds_in_and_writes(tmp_path, capsys,
+                                                                  monkeypatch):
+    """The fold-in only helps if no other run writes between its read and the save: adapt does
+    both inside ``folder_lock`` on the bundle's folder."""
+    import contextlib
+
+    import xbm.io
+    from xbm.multitask import MultiTaskModel
+
+    held = []
+    real_lock, real_save = xbm.io.folder_lock, MultiTaskModel.save_bundle
+
+    @contextlib.contextmanager
+    def recording_lock(path):
+        with real_lock(path):
+            held.append(Path(path).resolve().parent)
+            try:
+                yield
+            finally:
+                held.pop()
+
+    def checked_save(self, path, tasks=None):
+        assert held == [Path(path).resolve().parent], "bundle saved outside the folder lock"
+        return real_save(self, path, tasks)
+
+    monkeypatch.setattr(xbm.io, "folder_lock", recording_lock)
+    monkeypatch.setattr(MultiTaskModel, "save_bundle", checked_save)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    out = tmp_path / "sub" / "b.safetensors"  # a folder the write creates
+    assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--backbone", str(bb),
+                 "--rows", "16", "--cols", "16", "--train-subset", "16", "--test-subset", "16",
+                 "--device", "cpu", "--no-progress", "--bundle", str(out)]) == 0
+    assert out.exists() and held == []
+
+
+@pytest.mark.parametrize("meanwhile", ["same-backbone", "other-backbone"])
+def test_a_bundle_created_meanwhile(tmp_path, capsys, monkeypatch, meanwhile):
+    """Both runs start before the bundle exists. On the same backbone the second save keeps the
+    first run's task and does not call itself a new bundle; on another backbone the two cannot
+    share a bundle, which the error says in one line, naming what keeps the task."""
+    import xbm.train as xtrain
+    from xbm.multitask import read_bundle_meta
+
+    bb, other = tmp_path / "bb.safetensors", tmp_path / "other.safetensors"
+    _tiny_backbone_file(bb)
+    _rgb_backbone_file(other)  # another backbone (3 channels: digits are repeated into RGB)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--method", "xbm", "--rows", "16", "--cols", "16", "--train-subset", "16",
+              "--test-subset", "16", "--device", "cpu", "--no-progress", "--json"]
+    real, once = xtrain.train_task, [True]
+
+    def train_and_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        if once.pop() if once else False:
+            inner_bb = bb if meanwhile == "same-backbone" else other
+            assert main(["adapt", "--dataset", "digits", "--task", "other", "--bundle",
+                         str(bundle), "--backbone", str(inner_bb), *common]) == 0
+            assert json.loads(capsys.readouterr().out)["new_bundle"] is True
+        return out
+
+    monkeypatch.setattr(xtrain, "train_task", train_and_meanwhile)
+    rc = main(["adapt", "--dataset", "digits", "--task", "mine", "--bundle", str(bundle),
+               "--backbone", str(bb), *common])
+    if meanwhile == "same-backbone":
+        assert rc == 0
+        rec = json.loads(capsys.readouterr().out)
+        assert rec["new_bundle"] is False
+        assert [t.name for t in read_bundle_meta(bundle)[2]] == ["other", "mine"]
+    else:
+        assert rc == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("xbm: error: ") and "another backbone or crossbar spec" in last \
+            and "--out NEW.safetensors" in last, last
+        assert [t.name for t in read_bundle_meta(bundle)[2]] == ["other"]  # the other run's

@@ -493,9 +493,10 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     except DatasetNotFoundError:
         pytest.skip("offline datasets not installed (bash scripts/setup.sh)")
     bb = tmp_path / "bb.safetensors"
+    # pretrained at 16 pixels: the fault-aware mode and cost follow the recipe's side
     pretrain(PretrainConfig(model="small_cnn", width=2, dataset="mnist", epochs=1,
-                            train_subset=64, batch_size=32), torch.device("cpu"), bb,
-             progress=False, log=lambda *a: None)
+                            train_subset=64, batch_size=32, image_size=16),
+             torch.device("cpu"), bb, progress=False, log=lambda *a: None)
     common = ["--backbone", str(bb), "--model", "small_cnn", "--train-subset", "64",
               "--test-subset", "32", "--batch-size", "32", "--backend", "torch",
               "--device", "cpu", "--no-progress"]
@@ -506,8 +507,10 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
                  "--precision", "bf16", *common]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["backbone_bit_identical"] is True
-    assert res["precision"] == "bf16"
+    assert res["precision"] == "bf16" and res["image_size"] == 16
     assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
+    assert main(["cost", "--backbone", str(bb), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 16, 16]
     assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)
     assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),
                  "--adc-bits", "4,8", "--plot", str(tmp_path / "plots"),

@@ -495,7 +495,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
     # images come in the backbone's shape: an image folder is read in its channel mode, a
     # grayscale dataset repeated into RGB for a 3-channel backbone; the side is --image-size,
-    # else what the bundle's tasks were learned at, else 28 (the default backbone's input)
+    # else what the bundle's tasks were learned at, else the backbone's pretraining side, else
+    # 28 (the default backbone's input)
     channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
     image_size = _image_size(args, bundle_tasks, loaded[1].get("config") if loaded else None)
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
@@ -562,6 +563,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         with folder_lock(out):  # another adapt may be writing the same bundle
             order = _fold_in_concurrent_tasks(mtm, out, args.bundle, bundle_meta, task)
             mtm.save_bundle(out, tasks=order)
+        new_bundle = order == [task]  # another run may have created it meanwhile
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
@@ -599,7 +601,13 @@ def _fold_in_concurrent_tasks(mtm: Any, out: str | os.PathLike, bundle: str | No
     if bundle is None or p.resolve() != Path(bundle).resolve():
         raise XbmError(f"{out} was written by another command while this one trained; nothing "
                        f"written: pass --bundle {out} to add the task to it, or another --out")
-    meta, _, infos = read_bundle_meta(p)
+    lost = ("nothing written: run again with --out NEW.safetensors to keep the task in a "
+            "bundle of its own")
+    try:
+        meta, _, infos = read_bundle_meta(p)
+    except XbmError as exc:
+        raise XbmError(f"{out} was rewritten by another command while this one trained and "
+                       f"cannot be read now ({exc}); {lost}") from None
     names = [t.name for t in infos]
     if loaded_meta is not None and meta.get("content_hash") == loaded_meta.get("content_hash") \
             and names == [t["name"] for t in loaded_meta.get("tasks", [])]:
@@ -610,7 +618,11 @@ def _fold_in_concurrent_tasks(mtm: Any, out: str | os.PathLike, bundle: str | No
     for t in [t for t in mtm.tasks if t != task]:  # the bundle as read, replaced by the file now
         mtm.remove_task(t)
     had = {t["name"] for t in (loaded_meta or {}).get("tasks", [])}
-    mtm.load_bundle(p)
+    try:
+        mtm.load_bundle(p)
+    except XbmError as exc:  # another backbone or crossbar spec
+        raise XbmError(f"{out} was rewritten by another command while this one trained, for "
+                       f"another backbone or crossbar spec ({exc}); {lost}") from None
     new = [n for n in names if n not in had]
     if new:
         print(f"{out}: kept task(s) {', '.join(new)}, added by another command while this one "
@@ -805,9 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="side the base task is fed at: an image folder is read at it, a "
                     "built-in dataset resized to it; adapt on this backbone defaults to it "
                     "(default: %(default)s)")
-    pt.add_argument("--channels", type=int, default=1, choices=(1, 3),
+    pt.add_argument("--channels", type=int, choices=(1, 3),
                     help="3: an RGB backbone (an image folder read in colour, a grayscale "
-                    "dataset repeated into RGB), for RGB tasks (default: %(default)s)")
+                    "dataset repeated into RGB), for RGB tasks (default: the dataset's own; "
+                    "an image folder is read as grayscale)")
     pt.add_argument("--out", help="output .safetensors (default: the cache)")
     pt.add_argument("--force", action="store_true",
                     help="pretrain even when the recipe is cached (a folder dataset is cached "
@@ -849,9 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(with a note) if the file does not exist yet")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--image-size", type=int, help="image side fed to the backbone (default: "
-                    "the bundle's tasks', else 28, the default backbone's input); an image "
-                    "folder is read at this size and in the backbone's channels (RGB for a "
-                    "3-channel one), a built-in dataset resized to it and repeated into RGB")
+                    "the bundle's tasks', else the side the backbone was pretrained at, else "
+                    "28); an image folder is read at this size and in the backbone's channels "
+                    "(RGB for a 3-channel one), a built-in dataset resized to it and repeated "
+                    "into RGB")
     ad.add_argument("--epochs", type=int, default=1, help="default: %(default)s")
     ad.add_argument("--batch-size", type=int, default=32,
                     help="training batch (default 32, as the demo, Piggyback and KSM)")

@@ -64,6 +64,7 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
+        os.makedirs(folder, exist_ok=True)  # the write would create it: lock it from the start
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder one may write but not list: the write itself says what fails
         fd = None

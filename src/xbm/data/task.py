@@ -170,8 +170,9 @@ class TaskData:
             return self
         if have != 1:
             raise ConfigError(f"{self.name}: has {have}-channel images, the model takes "
-                              f"{channels}; load it with channels={channels} (an image folder "
-                              "is read in either mode)")
+                              f"{channels}; an image folder can be read as grayscale "
+                              "(load_dataset(PATH, channels=1)), a dataset stored in colour "
+                              "needs a 3-channel backbone")
         return TaskData(self.name, self.train_x.expand(-1, channels, -1, -1), self.train_y,
                         self.test_x.expand(-1, channels, -1, -1), self.test_y,
                         list(self.classes))

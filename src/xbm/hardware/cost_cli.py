@@ -206,7 +206,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         # loaded whole, so a task bundle or a damaged file is named as such
         from xbm.train.pretrain import load_backbone
 
-        arch = load_backbone(args.backbone)[1].get("arch") or {}
+        bmeta = load_backbone(args.backbone)[1]
+        arch = bmeta.get("arch") or {}
         if not arch.get("name"):
             raise XbmError(f"--backbone {args.backbone}: records no architecture; pass --model")
         for field in ("width", "in_channels"):
@@ -215,6 +216,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                   f"from the backbone's {arch.get(field)}; drop it")
         args.model, args.width, args.in_channels = (arch["name"], arch.get("width"),
                                                      arch.get("in_channels"))
+        side = (bmeta.get("config") or {}).get("image_size")  # the side it was pretrained at
+        if args.input_size is None and isinstance(side, int) and not isinstance(side, bool) \
+                and side >= 8:
+            args.input_size = side
         if not args.fractions_from:
             args.backbone = None  # its weights do not matter: --model's costs need none
     if not args.bundle and not args.model:
@@ -380,8 +385,8 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     src.add_argument("--in-channels", type=int, help="input channels (default: the model's)")
     src.add_argument("--input-size", type=int,
                      help="image side for output positions (default: with --bundle the side "
-                          "its tasks were learned at; else 224 for ImageNet layouts, 28 for the "
-                          "rest)")
+                          "its tasks were learned at, with --backbone the side it was "
+                          "pretrained at; else 224 for ImageNet layouts, 28 for the rest)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--energy",
                     help=f"energy preset: {', '.join(sorted(PRESETS))} (default: default = "

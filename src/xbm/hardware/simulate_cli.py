@@ -93,7 +93,8 @@ FAULT_AWARE_PRECISION = "fp32"
 SWEEP_ONLY = (("bundle", "--bundle"), ("task", "--task"), ("fault_rates", "--fault-rates"),
               ("variation", "--variation"), ("fault_map", "--fault-map"))
 FAULT_AWARE_ONLY = (("fault_rate", "--fault-rate"), ("save_fault_map", "--save-fault-map"),
-                    ("out", "--out"), ("epochs", "--epochs"), ("precision", "--precision"))
+                    ("out", "--out"), ("epochs", "--epochs"), ("precision", "--precision"),
+                    ("image_size", "--image-size"))
 
 
 def _check_mode_flags(args: argparse.Namespace) -> None:
@@ -172,6 +173,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "--fault-rates; its rows carry the map's own rate)")
     sp.add_argument("--save-fault-map", help="fault-aware mode: save the chip's fault map here")
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
+    sp.add_argument("--image-size", type=int,
+                    help="fault-aware mode: image side fed to the backbone (default: the side "
+                    "it was pretrained at, else 28); the sweep feeds each task at its own")
     sp.add_argument("--epochs", type=int,
                     help=f"fault-aware mode: training epochs (default {FAULT_AWARE_EPOCHS})")
     sp.add_argument("--precision", choices=list(PRECISIONS),
@@ -396,12 +400,18 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     # in the backbone's channels (read from a given file's header: the dataset's errors still
     # come before any pretraining of the default backbone, which is grayscale)
-    from xbm.train.pretrain import backbone_file_arch
+    from xbm.cli import _image_size
+    from xbm.train.pretrain import backbone_file_arch, backbone_file_recipe
 
     channels = (backbone_file_arch(args.backbone) or {}).get("in_channels") \
         if args.backbone else None
-    data = load_dataset(args.dataset, root=args.data_root, channels=channels).subset(
-        args.train_subset, args.test_subset, seed=args.seed)
+    # the side: --image-size, else the one the backbone was pretrained at (the default
+    # backbone's is 28)
+    image_size = _image_size(args, [], backbone_file_recipe(args.backbone)
+                             if args.backbone else None)
+    data = load_dataset(args.dataset, root=args.data_root, channels=channels,
+                        image_size=image_size).subset(args.train_subset, args.test_subset,
+                                                      seed=args.seed)
     backbone, bmeta = _backbone(args, device)
     want = (bmeta.get("arch") or {}).get("in_channels")
     if want is not None and want != data.in_channels:
@@ -416,13 +426,14 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     fmap = _fault_map(mtm, sim_spec, args.fault_rate, args)
     if args.save_fault_map:
         fmap.save(args.save_fault_map)
-    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed)
+    train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size)
     progress = not args.no_progress
     precision = resolve_precision(args.precision, device)
     timings = {}
     for task in ("unaware", "aware"):
         seed_everything(args.seed)
         mtm.add_task(task, data.num_classes, "xbm", dataset=args.dataset)
+        mtm.tasks[task].extra["image_size"] = image_size  # a saved --out is fed at it again
         t0 = time.perf_counter()
         if task == "aware":
             with fault_aware(mtm, fmap):
@@ -432,7 +443,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
                        precision=precision)
         timings[task] = round(time.perf_counter() - t0, 2)
-    calib = _calibration_batches(data, args)
+    calib = _calibration_batches(data, args, size=image_size)
     rows: list[dict[str, Any]] = []
     cfg8 = _sim_config(args, None, 0.0)
     for task in ("unaware", "aware"):
@@ -468,6 +479,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             "backbone": bmeta.get("content_hash"), "rows": rows, "adc_sweep": adc_rows,
             "backbone_bit_identical": identical, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "epochs": args.epochs, "precision": precision,
+            "image_size": image_size,
             **_run_settings(args)}
 
 

@@ -131,10 +131,11 @@ class PretrainConfig:
     image_size: int = 28
     """Side the base task is fed at (an image folder is read at it, a built-in dataset
     resized to it); part of the cache key. Adaption on the backbone defaults to it."""
-    channels: int = 1
-    """Image channels of the backbone: 1 (grayscale, every built-in dataset) or 3 (RGB: an
-    image folder read in colour, a grayscale dataset repeated into three channels). Part of the
-    cache key when 3; a backbone pretrained on RGB folders takes RGB tasks in ``xbm adapt``."""
+    channels: int | None = None
+    """Image channels of the backbone: ``None`` (the dataset's own: 1 for every built-in
+    dataset and for an image folder, read as grayscale), 1, or 3 (RGB: an image folder read in
+    colour, a grayscale dataset repeated into three channels). 3 is part of the cache key; a
+    backbone pretrained on RGB takes RGB tasks in ``xbm adapt``."""
     augment: str = "affine-flip"
     """Random affine augmentation of the base task while pretraining (``xbm.data.augment``):
     ``none``, ``affine`` or ``affine-flip``. A backbone trained on augmented Fashion-MNIST
@@ -171,7 +172,8 @@ class PretrainConfig:
         if self.image_size < 8:
             raise ConfigError(f"pretraining image_size must be >= 8, got {self.image_size} (a "
                               "ResNet halves the side five times)")
-        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+        if self.channels is not None and (self.channels not in (1, 3)
+                                          or isinstance(self.channels, bool)):
             raise ConfigError(f"pretraining channels must be 1 (grayscale) or 3 (RGB), got "
                               f"{self.channels!r}")
         for f in ("train_subset", "test_subset"):
@@ -207,7 +209,7 @@ class PretrainConfig:
         aug = "" if self.augment == "none" else f"-{self.augment}"
         aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
-        aug += "-rgb" if self.channels == 3 else ""  # 1: the names of every earlier backbone
+        aug += "-rgb" if self.channels == 3 else ""  # None, 1: every earlier backbone's name
         if root is not None and str(root):
             where = os.path.abspath(os.path.expanduser(os.fspath(root)))
             aug += "-root" + hashlib.sha256(where.encode()).hexdigest()[:8]
@@ -290,7 +292,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "pretrain with --precision fp32")
     log(f"pretraining {cfg.model} (width {cfg.width}) on {cfg.dataset}: "
-        f"{len(data.train_y)} images ({cfg.channels}x{cfg.image_size}x{cfg.image_size}) x "
+        f"{len(data.train_y)} images ({data.in_channels}x{cfg.image_size}x{cfg.image_size}) x "
         f"{cfg.epochs} epochs on {device}, "
         f"augmentation {cfg.augment}" + (f", mixup {cfg.mixup:g}" if cfg.mixup > 0 else "")
         + (", bfloat16 autocast" if bf16 else ""))
@@ -457,6 +459,14 @@ def backbone_file_arch(path: str | Path) -> dict[str, Any] | None:
     return arch if isinstance(arch, dict) else None
 
 
+def backbone_file_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The pretraining recipe (``PretrainConfig`` fields) a backbone file's header records,
+    read without its tensors; None for an imported backbone, which has none, or a missing or
+    unreadable file."""
+    recipe = _header_field(path, "config")
+    return recipe if isinstance(recipe, dict) else None
+
+
 def find_cached_backbone(backbone_hash: str) -> Path | None:
     """The cached backbone (``$XBM_CACHE/backbones``) whose content hash is ``backbone_hash``."""
     folder = cache_dir() / "backbones"
@@ -501,7 +511,7 @@ def pretrain_command(recipe: dict[str, Any] | None) -> str | None:
                     ("--precision", cfg.precision),
                     ("--image-size", None if cfg.image_size == PretrainConfig.image_size
                      else cfg.image_size),
-                    ("--channels", None if cfg.channels == 1 else cfg.channels),
+                    ("--channels", cfg.channels),
                     ("--data-root", recipe.get("data_root"))):
         if v is not None:
             parts += [flag, shlex.quote(repr(v) if isinstance(v, float) else str(v))]
