@@ -478,6 +478,10 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
     (["adapt", "--dataset", "mnist", "--out", "{tmp}/plain.bin"],
      "--out {tmp}/plain.bin: a task bundle is saved as safetensors; name it *.safetensors"),
     (["adapt", "--dataset", "mnist", "--bundle", "{tmp}/new.bin"], "--bundle {tmp}/new.bin: a"),
+    # the suggested path is one the command takes, and the flag named is the one given
+    (["pretrain", "--out", "{tmp}"], "pass a file path such as {tmp}/out.safetensors"),
+    (["adapt", "--dataset", "mnist", "--bundle", "{tmp}/file/b.safetensors"],
+     "--bundle {tmp}/file/b.safetensors: {tmp}/file is a file"),
 ])
 def test_bad_outputs_and_values_fail_before_any_work(argv, needle, tmp_path, capsys,
                                                      monkeypatch):
@@ -1268,7 +1272,11 @@ def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
 
     bb = _rgb_backbone_file(tmp_path / "rgb.safetensors")
     imgs = _colour_folder(tmp_path / "hues")
-    grey = load_dataset(str(imgs), channels=1)
+    from xbm.errors import XbmWarning
+
+    with pytest.warns(XbmWarning, match="48 of 48 images are in colour and were read as "
+                                        "grayscale"):
+        grey = load_dataset(str(imgs), channels=1)
     assert grey.train_x.float().std(dim=(1, 2, 3)).max() < 30  # no hue left to learn from
     out = tmp_path / "t.safetensors"
     assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(bb),
@@ -1352,6 +1360,34 @@ def test_pretrain_an_rgb_backbone_on_a_colour_folder(tmp_path, capsys, monkeypat
     assert rec["in_channels"] == 3 and rec["image_size"] == 16  # the backbone's side
     with pytest.raises(ConfigError, match="channels must be 1 .* or 3"):
         PretrainConfig(channels=2)
+
+
+def test_a_side_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A VGG pools its input down to nothing below 16 px, and a 5000 px side only runs the
+    machine out of memory: each is a one-line error before data or pretraining, naming the
+    side that works."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _folder(tmp_path / "imgs")
+    assert main(["pretrain", "--model", "vgg11_cifar", "--width", "4", "--image-size", "12",
+                 "--dataset", str(imgs), "--device", "cpu", "--no-progress"]) == 2
+    assert "--image-size 12: vgg11_cifar cannot take 12x12 images" in \
+        (err := _one_line_error(capsys)) and "pass --image-size 16 or more" in err
+    assert main(["pretrain", "--image-size", "5000", "--dataset", str(imgs), "--device",
+                 "cpu"]) == 2
+    assert "--image-size must be an integer in [1, 1024], got 5000" in _one_line_error(capsys)
+    bb = tmp_path / "vgg.safetensors"
+    assert main(["pretrain", "--model", "vgg11_cifar", "--width", "2", "--image-size", "16",
+                 "--dataset", str(imgs), "--epochs", "1", "--batch-size", "4", "--augment",
+                 "none", "--mixup", "0", "--device", "cpu", "--no-progress", "--out",
+                 str(bb)]) == 0
+    capsys.readouterr()
+    for argv in (["adapt", "--dataset", str(imgs), "--backbone", str(bb), "--image-size", "8"],
+                 ["simulate", "--fault-aware", "--dataset", str(imgs), "--backbone", str(bb),
+                  "--image-size", "8"]):
+        assert main([*argv, "--device", "cpu", "--no-progress"]) == 2, argv
+        assert "vgg11_cifar cannot take 8x8 images" in _one_line_error(capsys)
+    assert not (tmp_path / "cache" / "backbones").exists()
 
 
 def test_image_size_below_what_a_resnet_takes_is_refused(tmp_path, capsys):
@@ -1693,3 +1729,50 @@ def test_a_bundle_created_meanwhile(tmp_path, capsys, monkeypatch, meanwhile):
         assert last.startswith("xbm: error: ") and "another backbone or crossbar spec" in last \
             and "--out NEW.safetensors" in last, last
         assert [t.name for t in read_bundle_meta(bundle)[2]] == ["other"]  # the other run's
+
+
+def test_cost_of_a_bundle_whose_tasks_have_different_sides(tmp_path, capsys):
+    """One report has one input side: tasks learned at two are refused with the sides listed,
+    and --tasks costs those of one side (the hint named --methods before, which cannot pick
+    between tasks of one method)."""
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    for task, side in (("small", "16"), ("big", "20")):
+        assert main(["adapt", "--dataset", "digits", "--task", task, "--bundle", str(bundle),
+                     "--backbone", str(bb), "--image-size", side, "--rows", "16", "--cols",
+                     "16", "--train-subset", "16", "--test-subset", "16", "--device", "cpu",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["cost", "--bundle", str(bundle)]) == 2
+    err = _one_line_error(capsys)
+    assert "different image sides (16: small; 20: big)" in err and "--tasks" in err, err
+    assert main(["cost", "--bundle", str(bundle), "--tasks", "big", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["input_shape"] == [1, 1, 20, 20] and list(rep["tasks"]) == ["big"]
+    assert main(["cost", "--bundle", str(bundle), "--tasks", "huge"]) == 2
+    assert "--tasks 'huge' has no task 'huge'" in _one_line_error(capsys)
+    assert main(["cost", "--model", "small_cnn", "--tasks", "big"]) == 2
+    assert "--tasks picks tasks of a --bundle" in _one_line_error(capsys)
+
+
+def test_backbone_and_bundle_files_are_not_taken_for_each_other_as_outputs(tmp_path, capsys):
+    """adapt --out on a backbone file pointed at --bundle, which then refused the backbone; and
+    pretrain --force --out on a task bundle replaced its learned tasks with a backbone."""
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    before = bb.read_bytes()
+    assert main(["adapt", "--dataset", "digits", "--backbone", str(bb), "--out", str(bb),
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert f"{bb} is a backbone file; pass it as --backbone" in _one_line_error(capsys)
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", "digits", "--backbone", str(bb), "--out", str(bundle),
+                 "--rows", "16", "--cols", "16", "--train-subset", "16", "--test-subset",
+                 "16", "--device", "cpu", "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "on 16 test images (a subset; xbm eval scores all by default)" in line, line
+    kept = bundle.read_bytes()
+    assert main(["pretrain", "--model", "small_cnn", "--dataset", "digits", "--force", "--out",
+                 str(bundle), "--device", "cpu", "--no-progress"]) == 2
+    assert "is a task bundle, not a backbone" in _one_line_error(capsys)
+    assert bundle.read_bytes() == kept and bb.read_bytes() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -660,7 +661,7 @@ def test_folder_loader_reads_any_file_name_and_16bit_by_its_depth(tmp_path):
         path = tmp_path / f"d{value}.png"
         Image.fromarray(np.full((28, 28), value, np.uint16)).save(path)
         assert Image.open(path).mode.startswith("I")
-        assert int(_read_image(path, "L", 28).max()) == want, value
+        assert int(_read_image(path, "L", 28)[0].max()) == want, value
 
 
 def test_idx_files_of_the_other_dataset_are_refused(tmp_path):
@@ -677,3 +678,51 @@ def test_idx_files_of_the_other_dataset_are_refused(tmp_path):
     with pytest.raises(XbmError, match="are fashion-mnist's .*folder of their own"):
         xd.load_dataset("mnist", root=tmp_path)
     assert xd.load_dataset("fashion-mnist", root=tmp_path).train_y.tolist() == fashion
+
+
+def test_folder_read_against_its_colour_is_said(tmp_path):
+    """A colour folder read as grey loses what may tell its classes apart, a grey one read as
+    RGB triples the input work: each is legal, and each is said once, with the fix. A grey
+    photo saved as an RGB JPEG (channels a level apart) counts as grey."""
+    from PIL import Image
+
+    from xbm.errors import XbmWarning
+
+    def folder(root, colour):
+        for c, (r, g) in enumerate(((200, 60), (60, 131))):
+            for i in range(5):
+                px = (r, g, 60) if colour else (100 + 10 * c, 101 + 10 * c, 100 + 10 * c)
+                p = root / f"c{c}" / f"{i}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (12, 12), px).save(p)
+        return root
+
+    hue, grey = folder(tmp_path / "hue", True), folder(tmp_path / "grey", False)
+    with pytest.warns(XbmWarning, match="10 of 10 images are in colour and were read as "
+                                        "grayscale.*--channels 3"):
+        xd.load_image_folder(hue, channels=1)
+    with pytest.warns(XbmWarning, match="every image is grayscale, read as three equal"):
+        xd.load_image_folder(grey, channels=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xd.load_image_folder(hue, channels=3)
+        xd.load_image_folder(grey, channels=1)
+
+
+def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from xbm.data import folder as xfolder
+    from xbm.errors import XbmError
+
+    root = tmp_path / "f"
+    for c in ("a", "b"):
+        for i in range(5):
+            p = root / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 9).save(p)
+    monkeypatch.setattr(xfolder, "_memory_bytes", lambda: 2 * 10 * 3 * 64 * 64 - 1)
+    with pytest.raises(XbmError, match=r"10 images at 64x64 \(3 channel\(s\)\) take .* more "
+                                       "than half of this machine's"):
+        xd.load_image_folder(root, image_size=64, channels=3)
+    xd.load_image_folder(root, image_size=32, channels=1)  # fits

@@ -121,6 +121,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet halves the "
                        "side five times)")
     device = resolve_device(args.device)
+    from xbm.models.registry import check_input_side
+
+    check_input_side(args.model, args.image_size, in_channels=args.channels or 1,
+                     width=_width(args, device))
     # an image folder by its absolute path: `folder:imgs` run from two directories is two
     # datasets, and the recipe that bundles record must rebuild from anywhere
     cfg = PretrainConfig(model=args.model, width=_width(args, device),
@@ -145,7 +149,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"already cached: {out} (accuracy {old['accuracy']:.2f}%, hash {old_hash}); "
                   "pass --force to pretrain it again")
             return 0
-    check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)")
+    check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)", ".safetensors")
     if args.out:
         _check_backbone_suffix(out)
     if args.out and out.exists() and not args.force:
@@ -191,6 +195,12 @@ def _check_backbone_suffix(out: Path) -> None:
     safetensors."""
     if out.suffix != ".safetensors":
         raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
+    from xbm.train.pretrain import _header_field
+
+    if str(_header_field(out, "format") or "").startswith("xbm-task-bundle"):
+        # --force replaces a backbone; a bundle's learned tasks would be lost with it
+        raise XbmError(f"--out {out} is a task bundle, not a backbone; pass another --out "
+                       "(--force does not replace a bundle)")
 
 
 def cmd_import_backbone(args: argparse.Namespace) -> int:
@@ -202,7 +212,7 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _check_backbone_suffix(out)
-    check_output(out, "file", "--out")
+    check_output(out, "file", "--out", ".safetensors")
     if out.exists() and not args.force:
         raise XbmError(f"--out {out} already exists; pass --force to overwrite it, or another "
                        "--out")
@@ -312,20 +322,30 @@ def task_image_size(task: Any) -> int:
 
 
 def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
-                recipe: dict[str, Any] | None = None) -> int:
+                recipe: dict[str, Any] | None = None,
+                arch: dict[str, Any] | None = None) -> int:
     """``--image-size``, else the side the bundle's tasks were learned at, else the side the
     backbone was pretrained at (its recorded recipe), else 28: a bundle's tasks share one
     backbone, and its BatchNorm statistics and the cost model's positions depend on the side,
-    so a new task follows the earlier ones unless told otherwise."""
+    so a new task follows the earlier ones unless told otherwise. Checked against ``arch``
+    (the backbone's architecture) when given: a side it cannot run on fails now, not as a
+    traceback after the data has loaded."""
+    from xbm.models.registry import check_input_side
+
     if args.image_size is not None:
         if args.image_size < 8:
             raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet "
                            "halves the side five times)")
-        return int(args.image_size)
-    if bundle_tasks:
-        return max(task_image_size(t) for t in bundle_tasks)
-    pretrained = (recipe or {}).get("image_size")
-    return int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
+        side = int(args.image_size)
+    elif bundle_tasks:
+        side = max(task_image_size(t) for t in bundle_tasks)
+    else:
+        pretrained = (recipe or {}).get("image_size")
+        side = int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
+    if arch and arch.get("name"):
+        check_input_side(arch["name"], side, in_channels=arch.get("in_channels") or 1,
+                         width=arch.get("width"))
+    return side
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
@@ -427,13 +447,17 @@ def _check_bundle_out(out: str, bundle: str | None) -> None:
     """The bundle ``adapt`` writes: a writable path, and no existing file other than the bundle
     being extended (that would lose its tasks, or clobber an unrelated file)."""
     from xbm.io import check_output
+    from xbm.train.pretrain import _header_field
 
-    p = check_output(out, "file", "--out")
+    flag = "--bundle" if bundle is not None and Path(out) == Path(bundle) else "--out"
+    p = check_output(out, "file", flag, ".safetensors")
     if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
+        if str(_header_field(p, "format") or "").startswith("xbm-backbone"):
+            raise XbmError(f"{p} is a backbone file; pass it as --backbone, and as --out a new "
+                           "file for the task bundle")
         raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "
                        "--out, or remove the file")
-    check_bundle_suffix(p, "--bundle" if bundle is not None and Path(out) == Path(bundle)
-                        else "--out")
+    check_bundle_suffix(p, flag)
 
 
 def check_bundle_suffix(path: Path, flag: str) -> None:
@@ -498,7 +522,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # else what the bundle's tasks were learned at, else the backbone's pretraining side, else
     # 28 (the default backbone's input)
     channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
-    image_size = _image_size(args, bundle_tasks, loaded[1].get("config") if loaded else None)
+    image_size = _image_size(args, bundle_tasks, loaded[1].get("config") if loaded else None,
+                             loaded[1].get("arch") if loaded else
+                             {"name": args.model or DEFAULT_MODEL, "width": _width(args, device)})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
                         image_size=image_size)
     full = (len(data.train_y), len(data.test_y))
@@ -572,8 +598,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
            "test_images": len(data.test_y), "classes": data.num_classes,
            "image_size": image_size, "in_channels": data.in_channels,
            "bundle": str(out), "new_bundle": new_bundle}
+    subset = " (a subset; xbm eval scores all by default)" if len(data.test_y) < full[1] else ""
     print(json.dumps(rec, indent=2) if args.json else
-          f"{task}: {args.method} accuracy {acc:.2f}% | mask {rec['mask_bits']:,} bits | "
+          f"{task}: {args.method} accuracy {acc:.2f}% on {len(data.test_y):,} test images"
+          f"{subset} | "
+          f"mask {rec['mask_bits']:,} bits | "
           f"re-programmed cells {rec['reprogrammed_cells']:,} | saved {out}"
           f"{' (a new bundle)' if new_bundle else f' ({len(mtm.tasks)} tasks)'}")
     return 0

@@ -84,11 +84,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out") -> Path:
+def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out",
+                 suffix: str = "") -> Path:
     """Fail now, not after minutes of work, if ``path`` cannot be written.
 
     ``kind`` is ``"file"`` (written atomically next to itself, so its folder must be writable
-    and it must not be a folder) or ``"dir"`` (created if missing; must not be a file). Nothing
+    and it must not be a folder; ``suffix`` is the one the file path suggested for a folder
+    should have) or ``"dir"`` (created if missing; must not be a file). Nothing
     is left behind: a missing folder only has to be creatable, and the nearest existing folder is
     probed with an empty temporary file, removed at once.
 
@@ -104,7 +106,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
         target = p
     else:
         if p.is_dir():
-            raise XbmError(f"{flag} {p} is a folder; pass a file path such as {p / 'out'}")
+            raise XbmError(f"{flag} {p} is a folder; pass a file path such as "
+                           f"{p / ('out' + suffix)}")
         target = p.parent
     probe = target
     while not probe.exists():  # the nearest existing ancestor must let us create the rest

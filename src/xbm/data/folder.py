@@ -87,13 +87,30 @@ def _flatten_alpha(img):
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
-def _read_image(path: Path, mode: str, image_size: int) -> np.ndarray:
+#: Mean spread between an image's largest and smallest channel (0-255) above which it counts as
+#: in colour: a grey photo saved as an RGB JPEG differs by a level or two between channels.
+_COLOUR_SPREAD = 4.0
+
+
+def _in_colour(img) -> bool:
+    """Whether an image (8-bit, alpha flattened) holds colour, judged on a 16x16 thumbnail."""
+    if img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;"):
+        return False
+    small = np.asarray(img.convert("RGB").resize((16, 16)), dtype=np.int16)
+    return float((small.max(axis=2) - small.min(axis=2)).mean()) > _COLOUR_SPREAD
+
+
+def _read_image(path: Path, mode: str, image_size: int) -> tuple[np.ndarray, bool]:
+    """The image as a (channels, side, side) uint8 array in ``mode``, and whether the file
+    holds colour (so that reading a colour folder as grey, or a grey one as RGB, is said)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
-            img = _flatten_alpha(_to_8bit(img)).convert(mode)
+            img = _flatten_alpha(_to_8bit(img))
+            colour = _in_colour(img)
+            img = img.convert(mode)
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -103,14 +120,21 @@ def _read_image(path: Path, mode: str, image_size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise XbmError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc}); "
                        "delete or replace the file") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), colour
 
 
-def _load_split(root: Path, classes: list[str], mode: str,
-                image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    names: list[str] = []
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says (None elsewhere)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _load_split(root: Path, classes: list[str], mode: str, image_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """Images, labels, file names and how many of the files are in colour."""
+    listed: list[tuple[int, Path]] = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
@@ -120,14 +144,39 @@ def _load_split(root: Path, classes: list[str], mode: str,
             raise DatasetNotFoundError(f"{folder}: class folder has no images "
                                        f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove "
                                        "the folder")
-        for f in files:
-            xs.append(_read_image(f, mode, image_size))
-            ys.append(label)
-            names.append(f.name)
+        listed += [(label, f) for f in files]
     channels = 1 if mode == "L" else 3
+    need, have = len(listed) * channels * image_size ** 2, _memory_bytes()
+    if have is not None and need > have // 2:  # batches and the model need the rest
+        raise XbmError(f"{root}: {len(listed):,} images at {image_size}x{image_size} "
+                       f"({channels} channel(s)) take {need / 2**30:.1f} GiB, more than half of "
+                       f"this machine's {have / 2**30:.1f} GiB; pass a smaller --image-size or "
+                       "use fewer images")
+    xs: list[np.ndarray] = []
+    colour = 0
+    for _label, f in listed:
+        arr, in_colour = _read_image(f, mode, image_size)
+        xs.append(arr)
+        colour += in_colour
     x = torch.from_numpy(np.stack(xs)) if xs else torch.empty(
         0, channels, image_size, image_size, dtype=torch.uint8)
-    return x, torch.tensor(ys, dtype=torch.int64), names
+    return (x, torch.tensor([lab for lab, _ in listed], dtype=torch.int64),
+            [f.name for _, f in listed], colour)
+
+
+def _say_colour(root: Path, channels: int, colour: int, total: int) -> None:
+    """Reading a colour folder as grey drops what may tell its classes apart; reading a grey
+    one as RGB triples the work for three equal channels. Both are legal, neither is likely
+    meant, and neither shows in the results: say so."""
+    if channels == 1 and colour:
+        warnings.warn(f"{root}: {colour} of {total} images are in colour and were read as "
+                      "grayscale, for a 1-channel backbone; for colour, pretrain an RGB one "
+                      "(xbm pretrain --channels 3) and adapt on it", XbmWarning,
+                      stacklevel=user_stacklevel())
+    elif channels == 3 and not colour and total:
+        warnings.warn(f"{root}: every image is grayscale, read as three equal RGB channels; a "
+                      "1-channel backbone (xbm pretrain without --channels 3) does the same "
+                      "with a third of the input work", XbmWarning, stacklevel=user_stacklevel())
 
 
 def stable_test_pick(labels: torch.Tensor, names: list[str], classes: list[str], n_test: int,
@@ -207,8 +256,9 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
             raise XbmError(f"{test_dir}: classes {extra} are not in {train_dir}; "
                            f"add them to {train_dir.name}/ or remove them from {test_dir.name}/")
         _need_two(train_dir, classes)
-        train_x, train_y, _ = _load_split(train_dir, classes, mode, image_size)
-        test_x, test_y, _ = _load_split(test_dir, classes, mode, image_size)
+        train_x, train_y, _, c_train = _load_split(train_dir, classes, mode, image_size)
+        test_x, test_y, _, c_test = _load_split(test_dir, classes, mode, image_size)
+        _say_colour(root, channels, c_train + c_test, train_y.numel() + test_y.numel())
         if test_y.numel() == 0:
             raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
                            f"or remove {test_dir.name}/ to split the training images")
@@ -231,7 +281,8 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            "put every class under train/ and test/ (or val/), or every class "
                            f"folder directly in {root} to have them split 80/20")
     _need_two(root, classes)
-    x, y, names = _load_split(root, classes, mode, image_size)
+    x, y, names, colour = _load_split(root, classes, mode, image_size)
+    _say_colour(root, channels, colour, y.numel())
     n_test = round(y.numel() * test_fraction)
     test_idx, train_idx = stable_test_pick(y, names, classes, n_test, seed)
     if test_idx.numel() == 0:

@@ -261,9 +261,18 @@ def cmd_cost(args: argparse.Namespace) -> int:
                               "crossbar spec it was learned on")
         mtm = load_bundle_model(args.bundle, args.backbone, args)
         assumptions = _assumptions(args)
-        tasks = [t for t in mtm.tasks if methods is None or mtm.tasks[t].method in methods]
+        picked = None if args.tasks is None else \
+            [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown_tasks = [t for t in picked or [] if t not in mtm.tasks]
+        if picked == [] or unknown_tasks:
+            what = f"has no task {unknown_tasks[0]!r}" if unknown_tasks else "names no task"
+            raise ConfigError(f"--tasks {args.tasks!r} {what}; {args.bundle} holds "
+                              f"{', '.join(mtm.tasks)}")
+        tasks = [t for t in mtm.tasks if (methods is None or mtm.tasks[t].method in methods)
+                 and (picked is None or t in picked)]
         if not tasks:
-            raise XbmError(f"{args.bundle}: no task learned by {', '.join(methods or [])}")
+            raise XbmError(f"{args.bundle}: no task learned by {', '.join(methods or [])}"
+                           + (f" among {', '.join(picked)}" if picked else ""))
         arch = mtm.arch or {}
         costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
@@ -273,12 +282,18 @@ def cmd_cost(args: argparse.Namespace) -> int:
         recorded = any("image_size" in mtm.tasks[t].extra for t in tasks)
         sizes = sorted({task_image_size(mtm.tasks[t]) for t in tasks})
         if args.input_size is None and recorded and len(sizes) > 1:
-            raise ConfigError(f"the tasks were learned at image sides {sizes}; cost them at one: "
-                              "pass --input-size, or --methods to pick tasks of one side")
+            by_side = "; ".join(
+                f"{s}: {','.join(t for t in tasks if task_image_size(mtm.tasks[t]) == s)}"
+                for s in sizes)
+            raise ConfigError(f"the tasks were learned at different image sides ({by_side}); "
+                              "cost them at one with --input-size, or the tasks of one side "
+                              "with --tasks")
         size = args.input_size or (sizes[0] if recorded else None)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
                                  size, args.in_channels)
     else:
+        if args.tasks is not None:
+            raise ConfigError("--tasks picks tasks of a --bundle; drop it, or pass --bundle")
         measured = None
         if args.fractions_from:
             mtm = load_bundle_model(args.fractions_from, args.backbone)
@@ -379,6 +394,8 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
                                         "(as --model); with --bundle/--fractions-from, their "
                                         "backbone (default: the cached one with the matching "
                                         "hash, or the file the bundle records)")
+    src.add_argument("--tasks", help="with --bundle: comma list of its tasks to cost "
+                     "(default: all)")
     src.add_argument("--methods", help="comma list (default: every registered method; with "
                                        "--bundle: every task)")
     src.add_argument("--width", type=int, help="backbone width (default: the model's)")

@@ -400,7 +400,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     # in the backbone's channels (read from a given file's header: the dataset's errors still
     # come before any pretraining of the default backbone, which is grayscale)
-    from xbm.cli import _image_size
+    from xbm.cli import DEFAULT_MODEL, _image_size
     from xbm.train.pretrain import backbone_file_arch, backbone_file_recipe
 
     channels = (backbone_file_arch(args.backbone) or {}).get("in_channels") \
@@ -408,7 +408,9 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     # the side: --image-size, else the one the backbone was pretrained at (the default
     # backbone's is 28)
     image_size = _image_size(args, [], backbone_file_recipe(args.backbone)
-                             if args.backbone else None)
+                             if args.backbone else None,
+                             backbone_file_arch(args.backbone) if args.backbone else
+                             {"name": args.model or DEFAULT_MODEL})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
                         image_size=image_size).subset(args.train_subset, args.test_subset,
                                                       seed=args.seed)

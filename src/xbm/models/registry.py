@@ -115,3 +115,47 @@ def create_model(
         sizes = ", ".join(f"{k} {v}" for k, v in params.items())
         raise ConfigError(f"model {name!r} ({sizes}) does not fit in memory: its weights "
                           "cannot be allocated; use a smaller width") from None
+
+
+#: The largest image side the CLI takes (``--image-size``): an ImageNet model runs at 224-512,
+#: and a larger side only runs the machine out of memory, slowly (a batch of 32 RGB images at
+#: 5000 px is 9.6 GB in float32 before any activation). Python callers have no limit.
+MAX_IMAGE_SIDE = 1024
+
+
+def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int | None = None,
+                     flag: str = "--image-size") -> None:
+    """Refuse an image side that model ``name`` cannot run on, naming the smallest it takes.
+
+    Found by forwards on the meta device (no weights, no memory): a VGG at 12 px or a ResNet
+    at 4 px fails inside a pooling layer with "Output size is too small", which would otherwise
+    surface as a traceback after the data has loaded, or after minutes of pretraining.
+
+    Raises:
+        ConfigError: ``side`` is not an integer in [1, MAX_IMAGE_SIDE], or the model cannot
+            take it.
+    """
+    import torch
+
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+        raise ConfigError(f"{flag} must be an integer in [1, {MAX_IMAGE_SIDE}], got {side!r}")
+    try:
+        with torch.device("meta"):
+            model = create_model(name, in_channels=in_channels, width=width).eval()
+    except Exception:  # a model that cannot be built without weights: its forward will tell
+        return
+
+    def runs(s: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, in_channels, s, s, device="meta"))
+        except Exception:  # the model's own shape error, whatever its wording
+            return False
+        return True
+
+    if runs(side):
+        return
+    smallest = next((s for s in range(side + 1, MAX_IMAGE_SIDE + 1) if runs(s)), None)
+    fix = f"pass {flag} {smallest} or more" if smallest else f"no side up to {MAX_IMAGE_SIDE} works"
+    raise ConfigError(f"{flag} {side}: {name} cannot take {side}x{side} images (a layer's "
+                      f"output would be empty); {fix}")
