@@ -1776,3 +1776,18 @@ def test_backbone_and_bundle_files_are_not_taken_for_each_other_as_outputs(tmp_p
                  str(bundle), "--device", "cpu", "--no-progress"]) == 2
     assert "is a task bundle, not a backbone" in _one_line_error(capsys)
     assert bundle.read_bytes() == kept and bb.read_bytes() == before
+
+
+def test_simulate_output_never_lands_on_the_backbone_file_a_bundle_records(tmp_path, capsys):
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    before = bb.read_bytes()
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", "digits", "--backbone", str(bb), "--out", str(bundle),
+                 "--rows", "16", "--cols", "16", "--train-subset", "16", "--test-subset", "16",
+                 "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--bundle", str(bundle), "--json-out", str(bb), "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert "is the backbone file the --bundle records" in _one_line_error(capsys)
+    assert bb.read_bytes() == before

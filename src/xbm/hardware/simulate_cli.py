@@ -371,6 +371,12 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
     outputs = [(f, getattr(args, a, None)) for f, a in (("--json-out", "json_out"),
                                                          ("--out", "out"),
                                                          ("--save-fault-map", "save_fault_map"))]
+    if args.bundle and not args.backbone:  # the backbone file the bundle records is read too
+        from xbm.train.pretrain import _header_field
+
+        recorded = _header_field(args.bundle, "backbone_file")
+        if isinstance(recorded, str):
+            inputs.append(("backbone file the --bundle records", recorded))
     inputs = [(f, v) for f, v in inputs if v]
     outputs = [(f, v) for f, v in outputs if v]
     for i, (fo, out) in enumerate(outputs):
