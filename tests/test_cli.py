@@ -1272,11 +1272,8 @@ def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
 
     bb = _rgb_backbone_file(tmp_path / "rgb.safetensors")
     imgs = _colour_folder(tmp_path / "hues")
-    from xbm.errors import XbmWarning
-
-    with pytest.warns(XbmWarning, match="48 of 48 images are in colour and were read as "
-                                        "grayscale"):
-        grey = load_dataset(str(imgs), channels=1)
+    grey = load_dataset(str(imgs), channels=1)
+    assert grey.colour_read_as_grey  # adapt on a 1-channel backbone would say so
     assert grey.train_x.float().std(dim=(1, 2, 3)).max() < 30  # no hue left to learn from
     out = tmp_path / "t.safetensors"
     assert main(["adapt", "--dataset", str(imgs), "--method", "xbm", "--backbone", str(bb),
@@ -1360,6 +1357,20 @@ def test_pretrain_an_rgb_backbone_on_a_colour_folder(tmp_path, capsys, monkeypat
     assert rec["in_channels"] == 3 and rec["image_size"] == 16  # the backbone's side
     with pytest.raises(ConfigError, match="channels must be 1 .* or 3"):
         PretrainConfig(channels=2)
+    # a grayscale base task pretrained as RGB learns no colour: said, and still done
+    capsys.readouterr()
+    assert main(["pretrain", "--model", "small_cnn", "--width", "2", "--dataset", "digits",
+                 "--channels", "3", "--train-subset", "64", "--epochs", "1", "--device",
+                 "cpu", "--no-progress", "--out", str(tmp_path / "g3.safetensors")]) == 0
+    assert "xbm: warning: digits: every training image is grayscale" in capsys.readouterr().err
+    # a colour folder adapted on a grey backbone: said once, by adapt (eval says nothing)
+    grey_bb, g = tmp_path / "grey.safetensors", tmp_path / "g.safetensors"
+    _tiny_backbone_file(grey_bb)
+    assert main(["adapt", "--dataset", str(imgs), "--backbone", str(grey_bb), "--out",
+                 str(g), "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("in colour and were read as grayscale") == 1
+    assert main(["eval", "--bundle", str(g), "--device", "cpu"]) == 0
+    assert "in colour" not in capsys.readouterr().err
 
 
 def test_a_side_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsys,

@@ -680,33 +680,41 @@ def test_idx_files_of_the_other_dataset_are_refused(tmp_path):
     assert xd.load_dataset("fashion-mnist", root=tmp_path).train_y.tolist() == fashion
 
 
-def test_folder_read_against_its_colour_is_said(tmp_path):
-    """A colour folder read as grey loses what may tell its classes apart, a grey one read as
-    RGB triples the input work: each is legal, and each is said once, with the fix. A grey
-    photo saved as an RGB JPEG (channels a level apart) counts as grey."""
+def test_colour_read_as_grey_is_recorded_and_said(tmp_path):
+    """A colour folder read as grey loses what may tell its classes apart: the task records it
+    and adapt/pretrain say it (not every command that reloads the task). A small coloured mark
+    counts as colour; a grey photo saved as an RGB JPEG (channels a few levels apart) does not."""
     from PIL import Image
 
     from xbm.errors import XbmWarning
 
-    def folder(root, colour):
-        for c, (r, g) in enumerate(((200, 60), (60, 131))):
+    rng = np.random.default_rng(0)
+
+    def folder(root, kind):
+        for c, rgb in enumerate(((220, 30, 30), (30, 200, 30))):
             for i in range(5):
-                px = (r, g, 60) if colour else (100 + 10 * c, 101 + 10 * c, 100 + 10 * c)
+                grey = rng.integers(80, 170, (64, 64, 1), dtype=np.uint8).repeat(3, axis=2)
+                if kind == "dot":  # the class is the colour of an 8x8 dot, 1.6% of the image
+                    grey[20:28, 30:38] = rgb
+                elif kind == "hue":
+                    grey[:] = rgb
                 p = root / f"c{c}" / f"{i}.jpg"
                 p.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (12, 12), px).save(p)
+                Image.fromarray(grey, "RGB").save(p, quality=30)
         return root
 
-    hue, grey = folder(tmp_path / "hue", True), folder(tmp_path / "grey", False)
-    with pytest.warns(XbmWarning, match="10 of 10 images are in colour and were read as "
-                                        "grayscale.*--channels 3"):
-        xd.load_image_folder(hue, channels=1)
-    with pytest.warns(XbmWarning, match="every image is grayscale, read as three equal"):
-        xd.load_image_folder(grey, channels=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        xd.load_image_folder(hue, channels=3)
-        xd.load_image_folder(grey, channels=1)
+    for kind, colour in (("hue", True), ("dot", True), ("grey", False)):
+        root = folder(tmp_path / kind, kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the loader itself says nothing
+            as_grey = xd.load_image_folder(root, channels=1)
+            assert not xd.load_image_folder(root, channels=3).colour_read_as_grey
+        assert as_grey.colour_read_as_grey is colour, kind
+        assert as_grey.subset(4, 2, seed=0).colour_read_as_grey is colour
+        if colour:
+            with pytest.warns(XbmWarning, match="in colour and were read as grayscale.*"
+                                                "--channels 3"):
+                as_grey.say_if_colour_was_dropped()
 
 
 def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
@@ -715,14 +723,15 @@ def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeyp
     from xbm.data import folder as xfolder
     from xbm.errors import XbmError
 
-    root = tmp_path / "f"
-    for c in ("a", "b"):
-        for i in range(5):
-            p = root / c / f"{i}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("L", (8, 8), 9).save(p)
-    monkeypatch.setattr(xfolder, "_memory_bytes", lambda: 2 * 10 * 3 * 64 * 64 - 1)
-    with pytest.raises(XbmError, match=r"10 images at 64x64 \(3 channel\(s\)\) take .* more "
-                                       "than half of this machine's"):
+    root = tmp_path / "f"  # a train/ and test/ split: the two count together
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for i in range(5):
+                p = root / split / c / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("L", (8, 8), 9).save(p)
+    monkeypatch.setattr(xfolder, "_memory_bytes", lambda: 4 * 20 * 3 * 64 * 64 - 1)
+    with pytest.raises(XbmError, match=r"20 images at 64x64 \(3 channel\(s\)\) take .* "
+                                       "more than half of the .* GiB this machine allows"):
         xd.load_image_folder(root, image_size=64, channels=3)
     xd.load_image_folder(root, image_size=32, channels=1)  # fits

@@ -527,6 +527,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                              {"name": args.model or DEFAULT_MODEL, "width": _width(args, device)})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
                         image_size=image_size)
+    data.say_if_colour_was_dropped()
     full = (len(data.train_y), len(data.test_y))
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # what the accuracy will rest on: with a few test images each one moves it by whole points

@@ -87,29 +87,37 @@ def _flatten_alpha(img):
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
-#: Mean spread between an image's largest and smallest channel (0-255) above which it counts as
-#: in colour: a grey photo saved as an RGB JPEG differs by a level or two between channels.
-_COLOUR_SPREAD = 4.0
+#: A pixel is coloured when its largest and smallest channel differ by more than this (0-255):
+#: a grey photo saved as an RGB JPEG differs by a few levels between channels.
+_COLOUR_SPREAD = 24
+#: An image holds colour when at least this share of its pixels are coloured: a small coloured
+#: mark (a red dot that is the whole class) counts, JPEG ringing around grey edges does not.
+_COLOUR_SHARE = 0.002
 
 
 def _in_colour(img) -> bool:
-    """Whether an image (8-bit, alpha flattened) holds colour, judged on a 16x16 thumbnail."""
+    """Whether an image (8-bit, alpha flattened) holds colour, judged on a grid of 128 to 255
+    pixels a side (every k-th pixel of a larger image: cheap next to decoding it)."""
     if img.mode in ("1", "L", "LA", "I", "F") or img.mode.startswith("I;"):
         return False
-    small = np.asarray(img.convert("RGB").resize((16, 16)), dtype=np.int16)
-    return float((small.max(axis=2) - small.min(axis=2)).mean()) > _COLOUR_SPREAD
+    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    step = max(1, min(rgb.shape[:2]) // 128)
+    small = rgb[::step, ::step].astype(np.int16)
+    coloured = (small.max(axis=2) - small.min(axis=2)) > _COLOUR_SPREAD
+    return float(coloured.mean()) >= _COLOUR_SHARE
 
 
-def _read_image(path: Path, mode: str, image_size: int) -> tuple[np.ndarray, bool]:
-    """The image as a (channels, side, side) uint8 array in ``mode``, and whether the file
-    holds colour (so that reading a colour folder as grey, or a grey one as RGB, is said)."""
+def _read_image(path: Path, mode: str, image_size: int, look_for_colour: bool = False
+                ) -> tuple[np.ndarray, bool]:
+    """The image as a (channels, side, side) uint8 array in ``mode``, and, if asked, whether
+    the file holds colour (so that reading a colour folder as grey can be said)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # a camera's orientation tag, applied
             img = _flatten_alpha(_to_8bit(img))
-            colour = _in_colour(img)
+            colour = look_for_colour and _in_colour(img)
             img = img.convert(mode)
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -124,16 +132,24 @@ def _read_image(path: Path, mode: str, image_size: int) -> tuple[np.ndarray, boo
 
 
 def _memory_bytes() -> int | None:
-    """This machine's physical memory, where the OS says (None elsewhere)."""
+    """The memory this process may use: the machine's physical memory, or a container's
+    (cgroup) limit where one is lower; None where the OS does not say."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        have = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            have = min(have, int(text))
+    return have
 
 
-def _load_split(root: Path, classes: list[str], mode: str, image_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
-    """Images, labels, file names and how many of the files are in colour."""
+def _list_split(root: Path, classes: list[str]) -> list[tuple[int, Path]]:
+    """(label, file) of every image of a split, class by class in sorted file order."""
     listed: list[tuple[int, Path]] = []
     for label, name in enumerate(classes):
         folder = root / name
@@ -145,38 +161,33 @@ def _load_split(root: Path, classes: list[str], mode: str, image_size: int
                                        f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove "
                                        "the folder")
         listed += [(label, f) for f in files]
+    return listed
+
+
+def _check_memory(root: Path, n: int, channels: int, image_size: int) -> None:
+    """Refuse, before any image is read, a folder whose tensors would not fit: the images take
+    ``n * channels * side**2`` bytes, and about twice that while the split is made."""
+    need, have = n * channels * image_size ** 2, _memory_bytes()
+    if have is not None and 2 * need > have // 2:  # the batches and the model need the rest
+        raise XbmError(f"{root}: {n:,} images at {image_size}x{image_size} ({channels} "
+                       f"channel(s)) take {need / 2**30:.1f} GiB, twice that while loading: "
+                       f"more than half of the {have / 2**30:.1f} GiB this machine allows; pass "
+                       "a smaller --image-size or use fewer images")
+
+
+def _read_split(listed: list[tuple[int, Path]], mode: str, image_size: int,
+                look_for_colour: bool) -> tuple[torch.Tensor, torch.Tensor, list[str], bool]:
+    """Images (filled into one preallocated tensor), labels, file names, and whether any file
+    holds colour (looked for only until one does, and only if asked)."""
     channels = 1 if mode == "L" else 3
-    need, have = len(listed) * channels * image_size ** 2, _memory_bytes()
-    if have is not None and need > have // 2:  # batches and the model need the rest
-        raise XbmError(f"{root}: {len(listed):,} images at {image_size}x{image_size} "
-                       f"({channels} channel(s)) take {need / 2**30:.1f} GiB, more than half of "
-                       f"this machine's {have / 2**30:.1f} GiB; pass a smaller --image-size or "
-                       "use fewer images")
-    xs: list[np.ndarray] = []
-    colour = 0
-    for _label, f in listed:
-        arr, in_colour = _read_image(f, mode, image_size)
-        xs.append(arr)
-        colour += in_colour
-    x = torch.from_numpy(np.stack(xs)) if xs else torch.empty(
-        0, channels, image_size, image_size, dtype=torch.uint8)
+    x = torch.empty(len(listed), channels, image_size, image_size, dtype=torch.uint8)
+    fill = x.numpy()  # a view: each image is copied into place, with no list of them
+    colour = False
+    for i, (_label, f) in enumerate(listed):
+        fill[i], in_colour = _read_image(f, mode, image_size, look_for_colour and not colour)
+        colour = colour or in_colour
     return (x, torch.tensor([lab for lab, _ in listed], dtype=torch.int64),
             [f.name for _, f in listed], colour)
-
-
-def _say_colour(root: Path, channels: int, colour: int, total: int) -> None:
-    """Reading a colour folder as grey drops what may tell its classes apart; reading a grey
-    one as RGB triples the work for three equal channels. Both are legal, neither is likely
-    meant, and neither shows in the results: say so."""
-    if channels == 1 and colour:
-        warnings.warn(f"{root}: {colour} of {total} images are in colour and were read as "
-                      "grayscale, for a 1-channel backbone; for colour, pretrain an RGB one "
-                      "(xbm pretrain --channels 3) and adapt on it", XbmWarning,
-                      stacklevel=user_stacklevel())
-    elif channels == 3 and not colour and total:
-        warnings.warn(f"{root}: every image is grayscale, read as three equal RGB channels; a "
-                      "1-channel backbone (xbm pretrain without --channels 3) does the same "
-                      "with a third of the input work", XbmWarning, stacklevel=user_stacklevel())
 
 
 def stable_test_pick(labels: torch.Tensor, names: list[str], classes: list[str], n_test: int,
@@ -256,14 +267,17 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
             raise XbmError(f"{test_dir}: classes {extra} are not in {train_dir}; "
                            f"add them to {train_dir.name}/ or remove them from {test_dir.name}/")
         _need_two(train_dir, classes)
-        train_x, train_y, _, c_train = _load_split(train_dir, classes, mode, image_size)
-        test_x, test_y, _, c_test = _load_split(test_dir, classes, mode, image_size)
-        _say_colour(root, channels, c_train + c_test, train_y.numel() + test_y.numel())
+        train_list, test_list = _list_split(train_dir, classes), _list_split(test_dir, classes)
+        _check_memory(root, len(train_list) + len(test_list), channels, image_size)
+        train_x, train_y, _, c_train = _read_split(train_list, mode, image_size, mode == "L")
+        test_x, test_y, _, c_test = _read_split(test_list, mode, image_size,
+                                                mode == "L" and not c_train)
         if test_y.numel() == 0:
             raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
                            f"or remove {test_dir.name}/ to split the training images")
         _warn_untested(test_dir, classes, test_y, split_dir=True)
-        return TaskData(name, train_x, train_y, test_x, test_y, classes)
+        return TaskData(name, train_x, train_y, test_x, test_y, classes,
+                        colour_read_as_grey=c_train or c_test)
     classes = [p.name for p in _class_dirs(root)]
     if not classes:
         raise DatasetNotFoundError(f"{root}: no class sub-folders; {_LAYOUT_HINT}")
@@ -281,15 +295,17 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            "put every class under train/ and test/ (or val/), or every class "
                            f"folder directly in {root} to have them split 80/20")
     _need_two(root, classes)
-    x, y, names, colour = _load_split(root, classes, mode, image_size)
-    _say_colour(root, channels, colour, y.numel())
+    listed = _list_split(root, classes)
+    _check_memory(root, len(listed), channels, image_size)
+    x, y, names, colour = _read_split(listed, mode, image_size, mode == "L")
     n_test = round(y.numel() * test_fraction)
     test_idx, train_idx = stable_test_pick(y, names, classes, n_test, seed)
     if test_idx.numel() == 0:
         raise XbmError(f"{root}: {y.numel()} images leave no test images at test_fraction "
                        f"{test_fraction}; add images, or a train/ and test/ split")
     _warn_untested(root, classes, y[test_idx])
-    return TaskData(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)
+    return TaskData(name, x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes,
+                    colour_read_as_grey=colour)
 
 
 def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:

@@ -9,6 +9,7 @@ index-and-slice iterator is much faster than ``torch.utils.data.DataLoader`` wit
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xbm.data.splits import generator, stratified_pick
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, XbmWarning, user_stacklevel
 
 #: Inputs are mapped from uint8 [0, 255] to [0, 1] and then to ``(x - MEAN) / STD`` = [-1, 1].
 #: A fixed symmetric normalisation (instead of per-dataset statistics) means a backbone pretrained
@@ -119,6 +120,9 @@ class TaskData:
         test_x: uint8 images (M, C, H, W).
         test_y: int64 labels (M,).
         classes: class names; label ``i`` means ``classes[i]``.
+        colour_read_as_grey: an image folder whose files hold colour, read as grayscale (for
+            a 1-channel backbone): whatever told its classes apart by hue is gone, which
+            ``xbm adapt`` and ``xbm pretrain`` say.
     """
 
     name: str
@@ -127,6 +131,7 @@ class TaskData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str] = field(default_factory=list)
+    colour_read_as_grey: bool = False
 
     def __post_init__(self) -> None:
         # Catch builder bugs here, once, rather than as shape errors deep in a training loop.
@@ -152,6 +157,16 @@ class TaskData:
         """Image channels (1 for every built-in dataset)."""
         return int(self.train_x.shape[1])
 
+    def say_if_colour_was_dropped(self) -> None:
+        """Warn (once per call) that this task's image folder holds colour and was read as
+        grayscale: legal, rarely meant, and invisible in the results. Called where the choice
+        is made (``xbm adapt``, ``xbm pretrain``), not by every command that reloads the task."""
+        if self.colour_read_as_grey:
+            warnings.warn(f"{self.name}: the images are in colour and were read as grayscale, "
+                          "for a 1-channel backbone; for colour, pretrain an RGB one "
+                          "(xbm pretrain --channels 3) and adapt on it", XbmWarning,
+                          stacklevel=user_stacklevel())
+
     def with_channels(self, channels: int) -> TaskData:
         """This task with ``channels`` image channels, for a backbone that takes them.
 
@@ -175,7 +190,7 @@ class TaskData:
                               "needs a 3-channel backbone")
         return TaskData(self.name, self.train_x.expand(-1, channels, -1, -1), self.train_y,
                         self.test_x.expand(-1, channels, -1, -1), self.test_y,
-                        list(self.classes))
+                        list(self.classes), colour_read_as_grey=self.colour_read_as_grey)
 
     @property
     def image_size(self) -> int:
@@ -208,7 +223,8 @@ class TaskData:
 
         tx, ty = pick(self.train_x, self.train_y, train, seed * 2)
         vx, vy = pick(self.test_x, self.test_y, test, seed * 2 + 1)
-        return TaskData(self.name, tx, ty, vx, vy, list(self.classes))
+        return TaskData(self.name, tx, ty, vx, vy, list(self.classes),
+                        colour_read_as_grey=self.colour_read_as_grey)
 
     def loaders(self, batch_size: int, seed: int = 0, size: int | None = None,
                 device: torch.device | str | None = None,

@@ -145,17 +145,33 @@ def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int |
     except Exception:  # a model that cannot be built without weights: its forward will tell
         return
 
-    def runs(s: int) -> bool:
+    def runs(s: int) -> bool | None:
+        """True: the side runs; False: a layer's output would be empty; None: the forward
+        failed for another reason (a model that needs real values, say), which is not ours to
+        judge: its own run will say."""
         try:
             with torch.no_grad():
                 model(torch.zeros(1, in_channels, s, s, device="meta"))
-        except Exception:  # the model's own shape error, whatever its wording
-            return False
+        except RuntimeError as exc:
+            return False if any(m in str(exc) for m in _TOO_SMALL) else None
+        except Exception:
+            return None
         return True
 
-    if runs(side):
+    ok = runs(side)
+    if ok is not False:
         return
-    smallest = next((s for s in range(side + 1, MAX_IMAGE_SIDE + 1) if runs(s)), None)
-    fix = f"pass {flag} {smallest} or more" if smallest else f"no side up to {MAX_IMAGE_SIDE} works"
+    fix = f"no side up to {MAX_IMAGE_SIDE} works"
+    if runs(MAX_IMAGE_SIDE):  # the smallest side that runs, by bisection (runs is monotone)
+        lo, hi = side, MAX_IMAGE_SIDE
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+        fix = f"pass {flag} {hi} or more"
     raise ConfigError(f"{flag} {side}: {name} cannot take {side}x{side} images (a layer's "
                       f"output would be empty); {fix}")
+
+
+#: What torch's shape checks say when an input is too small for a layer (pooling, convolution).
+_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater", "output size",
+              "Given input size")
