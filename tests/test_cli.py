@@ -1802,3 +1802,16 @@ def test_simulate_output_never_lands_on_the_backbone_file_a_bundle_records(tmp_p
                  "--no-progress"]) == 2
     assert "is the backbone file the --bundle records" in _one_line_error(capsys)
     assert bb.read_bytes() == before
+
+
+def test_the_demo_says_up_front_when_fp32_will_take_longer():
+    import torch
+
+    from xbm.train.demo import DemoConfig, fp32_time_note
+
+    cpu = torch.device("cpu")
+    note = fp32_time_note(DemoConfig(), cpu, "fp32")
+    assert note and "no native bf16 units" in note and "--epochs 1 fits in 10" in note
+    assert fp32_time_note(DemoConfig(), cpu, "bf16") is None  # native bf16: within budget
+    assert fp32_time_note(DemoConfig(epochs=1), cpu, "fp32") is None  # the advice taken
+    assert fp32_time_note(DemoConfig(precision="fp32"), cpu, "fp32") is None  # asked for
