@@ -1371,6 +1371,11 @@ def test_pretrain_an_rgb_backbone_on_a_colour_folder(tmp_path, capsys, monkeypat
     assert capsys.readouterr().err.count("in colour and were read as grayscale") == 1
     assert main(["eval", "--bundle", str(g), "--device", "cpu"]) == 0
     assert "in colour" not in capsys.readouterr().err
+    assert main(["simulate", "--fault-aware", "--dataset", str(imgs), "--backbone",
+                 str(grey_bb), "--rows", "16", "--cols", "16", "--train-subset", "16",
+                 "--test-subset", "16", "--epochs", "1", "--adc-bits", "8", "--backend",
+                 "torch", "--device", "cpu", "--no-progress"]) == 0  # trains too: says it
+    assert capsys.readouterr().err.count("in colour and were read as grayscale") == 1
 
 
 def test_a_side_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsys,

@@ -718,20 +718,27 @@ def test_colour_read_as_grey_is_recorded_and_said(tmp_path):
 
 
 def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """The images must fit in half of memory, as many times over as loading holds them: once
+    for a train/ and test/ split (both splits counted), twice for a folder split by the loader
+    (the two sets are cut out of one tensor)."""
     from PIL import Image
 
     from xbm.data import folder as xfolder
     from xbm.errors import XbmError
 
-    root = tmp_path / "f"  # a train/ and test/ split: the two count together
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            for i in range(5):
-                p = root / split / c / f"{i}.png"
+    split, flat = tmp_path / "split", tmp_path / "flat"
+    for c in ("a", "b"):
+        for i in range(10):
+            for p in (split / ("train" if i < 5 else "test") / c / f"{i}.png",
+                      flat / c / f"{i}.png"):
                 p.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("L", (8, 8), 9).save(p)
-    monkeypatch.setattr(xfolder, "_memory_bytes", lambda: 4 * 20 * 3 * 64 * 64 - 1)
-    with pytest.raises(XbmError, match=r"20 images at 64x64 \(3 channel\(s\)\) take .* "
-                                       "more than half of the .* GiB this machine allows"):
-        xd.load_image_folder(root, image_size=64, channels=3)
-    xd.load_image_folder(root, image_size=32, channels=1)  # fits
+    need = 20 * 3 * 64 * 64  # 20 images, RGB, 64 px
+    for root, copies in ((split, 1), (flat, 2)):
+        monkeypatch.setattr(xfolder, "_memory_bytes", lambda c=copies: 2 * c * need - 2)
+        with pytest.raises(XbmError, match=r"20 images at 64x64 \(3 channel\(s\)\) take .* "
+                                           "more than half of the .* GiB this machine allows"):
+            xd.load_image_folder(root, image_size=64, channels=3)
+        monkeypatch.setattr(xfolder, "_memory_bytes", lambda c=copies: 2 * c * need)
+        assert xd.load_image_folder(root, image_size=64, channels=3).train_x.shape[1:] == \
+            (3, 64, 64)

@@ -291,3 +291,54 @@ def test_load_into_a_converted_model_with_tasks_keeps_the_tasks():
     assert len(shared) == len(src.state_dict())  # every backbone tensor, by torchvision's name
     assert all(torch.equal(mtm.backbone_state()[k], src.state_dict()[k]) for k in shared)
     assert all(torch.equal(v, mtm.task_state_dict("t")[k]) for k, v in task.items())
+
+
+def test_check_input_side_names_the_smallest_side_and_judges_only_too_small_inputs(monkeypatch):
+    """A side is refused only where torch says a layer's output would be empty, with the
+    smallest side that is not (found by bisection, checked here against a linear scan); a
+    model that fails for another reason (a fixed-size head, a data-dependent step) is left to
+    its own run, not called unable to take any side."""
+    from xbm.models import registry
+    from xbm.models.registry import MAX_IMAGE_SIDE, check_input_side
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class LeNet(nn.Module):  # its head fits 32x32 inputs only
+        def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 6):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(in_channels, width, 5), nn.MaxPool2d(2),
+                                      nn.Conv2d(width, 16, 5), nn.MaxPool2d(2), nn.Flatten())
+            self.fc = nn.Linear(16 * 5 * 5, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x))
+
+    class Scaling(LeNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 1e9:  # data-dependent: no answer on the meta device
+                x = x / 255
+            return super().forward(x)
+
+    registry.register_model("lenet_test")(LeNet)
+    registry.register_model("scaling_test")(Scaling)
+    check_input_side("lenet_test", 32)  # runs
+    check_input_side("lenet_test", 20)  # the head's mismatch: not judged here
+    with pytest.raises(ConfigError, match=r"--image-size 12: lenet_test cannot take 12x12 "
+                                          r"images .*pass --image-size 16 or more"):
+        check_input_side("lenet_test", 12)
+    check_input_side("scaling_test", 4)  # cannot be judged without values: left to its run
+    with pytest.raises(ConfigError, match=rf"must be an integer in \[1, {MAX_IMAGE_SIDE}\]"):
+        check_input_side("vgg11_cifar", MAX_IMAGE_SIDE + 1)
+    # bisection against a linear scan: VGG's smallest side
+    smallest = next(s for s in range(1, 64) if _vgg_runs(s))
+    with pytest.raises(ConfigError, match=f"pass --image-size {smallest} or more"):
+        check_input_side("vgg11_cifar", smallest - 1)
+    check_input_side("vgg11_cifar", smallest)
+
+
+def _vgg_runs(side: int) -> bool:
+    try:
+        create_model("vgg11_cifar", width=2).eval()(torch.zeros(1, 1, side, side))
+    except RuntimeError:
+        return False
+    return True

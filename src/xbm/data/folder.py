@@ -164,15 +164,17 @@ def _list_split(root: Path, classes: list[str]) -> list[tuple[int, Path]]:
     return listed
 
 
-def _check_memory(root: Path, n: int, channels: int, image_size: int) -> None:
+def _check_memory(root: Path, n: int, channels: int, image_size: int, copies: int) -> None:
     """Refuse, before any image is read, a folder whose tensors would not fit: the images take
-    ``n * channels * side**2`` bytes, and about twice that while the split is made."""
+    ``n * channels * side**2`` bytes, ``copies`` times over while loading (2 where the train
+    and test sets are cut out of one tensor, 1 where they are read into their own)."""
     need, have = n * channels * image_size ** 2, _memory_bytes()
-    if have is not None and 2 * need > have // 2:  # the batches and the model need the rest
+    if have is not None and copies * need > have // 2:  # batches and the model need the rest
+        twice = ", twice that while loading" if copies == 2 else ""
         raise XbmError(f"{root}: {n:,} images at {image_size}x{image_size} ({channels} "
-                       f"channel(s)) take {need / 2**30:.1f} GiB, twice that while loading: "
-                       f"more than half of the {have / 2**30:.1f} GiB this machine allows; pass "
-                       "a smaller --image-size or use fewer images")
+                       f"channel(s)) take {need / 2**30:.1f} GiB{twice}: more than half of the "
+                       f"{have / 2**30:.1f} GiB this machine allows; pass a smaller --image-size "
+                       "or use fewer images")
 
 
 def _read_split(listed: list[tuple[int, Path]], mode: str, image_size: int,
@@ -268,7 +270,7 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            f"add them to {train_dir.name}/ or remove them from {test_dir.name}/")
         _need_two(train_dir, classes)
         train_list, test_list = _list_split(train_dir, classes), _list_split(test_dir, classes)
-        _check_memory(root, len(train_list) + len(test_list), channels, image_size)
+        _check_memory(root, len(train_list) + len(test_list), channels, image_size, 1)
         train_x, train_y, _, c_train = _read_split(train_list, mode, image_size, mode == "L")
         test_x, test_y, _, c_test = _read_split(test_list, mode, image_size,
                                                 mode == "L" and not c_train)
@@ -296,7 +298,7 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            f"folder directly in {root} to have them split 80/20")
     _need_two(root, classes)
     listed = _list_split(root, classes)
-    _check_memory(root, len(listed), channels, image_size)
+    _check_memory(root, len(listed), channels, image_size, 2)
     x, y, names, colour = _read_split(listed, mode, image_size, mode == "L")
     n_test = round(y.numel() * test_fraction)
     test_idx, train_idx = stable_test_pick(y, names, classes, n_test, seed)

@@ -122,7 +122,7 @@ class TaskData:
         classes: class names; label ``i`` means ``classes[i]``.
         colour_read_as_grey: an image folder whose files hold colour, read as grayscale (for
             a 1-channel backbone): whatever told its classes apart by hue is gone, which
-            ``xbm adapt`` and ``xbm pretrain`` say.
+            the commands that train on the task say.
     """
 
     name: str
@@ -159,8 +159,9 @@ class TaskData:
 
     def say_if_colour_was_dropped(self) -> None:
         """Warn (once per call) that this task's image folder holds colour and was read as
-        grayscale: legal, rarely meant, and invisible in the results. Called where the choice
-        is made (``xbm adapt``, ``xbm pretrain``), not by every command that reloads the task."""
+        grayscale: legal, rarely meant, and invisible in the results. Called by the commands
+        that train on the task (adapt, pretrain, simulate --fault-aware), not by every command
+        that reloads it."""
         if self.colour_read_as_grey:
             warnings.warn(f"{self.name}: the images are in colour and were read as grayscale, "
                           "for a 1-channel backbone; for colour, pretrain an RGB one "

@@ -418,8 +418,9 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
                              backbone_file_arch(args.backbone) if args.backbone else
                              {"name": args.model or DEFAULT_MODEL})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
-                        image_size=image_size).subset(args.train_subset, args.test_subset,
-                                                      seed=args.seed)
+                        image_size=image_size)
+    data.say_if_colour_was_dropped()  # it trains on the task, as adapt does
+    data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     backbone, bmeta = _backbone(args, device)
     want = (bmeta.get("arch") or {}).get("in_channels")
     if want is not None and want != data.in_channels:

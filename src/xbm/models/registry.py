@@ -158,20 +158,21 @@ def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int |
             return None
         return True
 
-    ok = runs(side)
-    if ok is not False:
+    def too_small(s: int) -> bool:  # monotone in the side, unlike "runs" (a fixed-size head)
+        return runs(s) is False
+
+    if not too_small(side):
         return
     fix = f"no side up to {MAX_IMAGE_SIDE} works"
-    if runs(MAX_IMAGE_SIDE):  # the smallest side that runs, by bisection (runs is monotone)
+    if not too_small(MAX_IMAGE_SIDE):  # the smallest side that is not too small, by bisection
         lo, hi = side, MAX_IMAGE_SIDE
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+            lo, hi = (mid, hi) if too_small(mid) else (lo, mid)
         fix = f"pass {flag} {hi} or more"
     raise ConfigError(f"{flag} {side}: {name} cannot take {side}x{side} images (a layer's "
                       f"output would be empty); {fix}")
 
 
 #: What torch's shape checks say when an input is too small for a layer (pooling, convolution).
-_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater", "output size",
-              "Given input size")
+_TOO_SMALL = ("Output size is too small", "Kernel size can't be greater", "Given input size")
