@@ -1820,3 +1820,34 @@ def test_the_demo_says_up_front_when_fp32_will_take_longer():
     assert fp32_time_note(DemoConfig(), cpu, "bf16") is None  # native bf16: within budget
     assert fp32_time_note(DemoConfig(epochs=1), cpu, "fp32") is None  # the advice taken
     assert fp32_time_note(DemoConfig(precision="fp32"), cpu, "fp32") is None  # asked for
+
+
+def test_three_adapt_processes_into_one_bundle_keep_every_task(tmp_path):
+    """The real thing, in three processes started together: each reads the bundle, trains and
+    saves; every task is in the bundle afterwards (before the fold-in, only the last save's)."""
+    import os
+    import subprocess
+    import sys
+
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--dataset", "digits", "--method", "xbm", "--backbone", str(bb), "--rows", "16",
+              "--cols", "16", "--test-subset", "16", "--batch-size", "8", "--device", "cpu",
+              "--no-progress", "--bundle", str(bundle)]
+    assert main(["adapt", "--task", "first", "--train-subset", "64", *common]) == 0
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # a few seconds of training each, so that every run reads the bundle before any saves
+    procs = [subprocess.Popen([sys.executable, "-m", "xbm", "adapt", "--task", f"t{i}",
+                               "--seed", str(i), *common, "--train-subset", "1000",
+                               "--epochs", "4"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    from xbm.multitask import read_bundle_meta
+
+    names = [t.name for t in read_bundle_meta(bundle)[2]]
+    assert names[0] == "first" and sorted(names[1:]) == ["t0", "t1", "t2"], names
