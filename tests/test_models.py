@@ -296,8 +296,8 @@ def test_load_into_a_converted_model_with_tasks_keeps_the_tasks():
 def test_check_input_side_names_the_smallest_side_and_judges_only_too_small_inputs(monkeypatch):
     """A side is refused only where torch says a layer's output would be empty, with the
     smallest side that is not (found by bisection, checked here against a linear scan); a
-    model that fails for another reason (a fixed-size head, a data-dependent step) is left to
-    its own run, not called unable to take any side."""
+    model that fails for another reason (a fixed-size head) is left to its own run, not called
+    unable to take any side, and a data-dependent step is no obstacle (real tensors)."""
     from xbm.models import registry
     from xbm.models.registry import MAX_IMAGE_SIDE, check_input_side
 
@@ -326,7 +326,8 @@ def test_check_input_side_names_the_smallest_side_and_judges_only_too_small_inpu
     with pytest.raises(ConfigError, match=r"--image-size 12: lenet_test cannot take 12x12 "
                                           r"images .*pass --image-size 16 or more"):
         check_input_side("lenet_test", 12)
-    check_input_side("scaling_test", 4)  # cannot be judged without values: left to its run
+    with pytest.raises(ConfigError, match="pass --image-size 16 or more"):  # values: fine
+        check_input_side("scaling_test", 4)
     with pytest.raises(ConfigError, match=rf"must be an integer in \[1, {MAX_IMAGE_SIDE}\]"):
         check_input_side("vgg11_cifar", MAX_IMAGE_SIDE + 1)
     # bisection against a linear scan: VGG's smallest side

@@ -8,8 +8,9 @@ tables, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from torch import nn
@@ -123,13 +124,36 @@ def create_model(
 MAX_IMAGE_SIDE = 1024
 
 
+#: Sides up to which :func:`check_input_side` judges: a model that runs at 256 pixels does at
+#: any larger side, and forwards up to it are cheap on the CPU.
+_JUDGED_SIDE = 256
+
+
+@contextlib.contextmanager
+def _weights_left_uninitialised() -> Iterator[None]:
+    """Build models without running ``torch.nn.init`` on their weights: a shape check needs
+    no values, and skipping the initialisers saves the time they take (on the meta device
+    they also import TorchDynamo, a second or more)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int | None = None,
                      flag: str = "--image-size") -> None:
     """Refuse an image side that model ``name`` cannot run on, naming the smallest it takes.
 
-    Found by forwards on the meta device (no weights, no memory): a VGG at 12 px or a ResNet
-    at 4 px fails inside a pooling layer with "Output size is too small", which would otherwise
-    surface as a traceback after the data has loaded, or after minutes of pretraining.
+    Found by forwards of one image on the CPU through the model with its weights left
+    uninitialised (milliseconds): a VGG at 12 px fails inside a pooling layer with "Output size
+    is too small", which would otherwise surface as a traceback after the data has loaded, or
+    after minutes of pretraining. Only torch's too-small errors count: a model that fails for
+    another reason (a head of fixed size, a step that needs real values) is left to its own run.
 
     Raises:
         ConfigError: ``side`` is not an integer in [1, MAX_IMAGE_SIDE], or the model cannot
@@ -139,33 +163,30 @@ def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int |
 
     if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
         raise ConfigError(f"{flag} must be an integer in [1, {MAX_IMAGE_SIDE}], got {side!r}")
+    if side > _JUDGED_SIDE:
+        return
     try:
-        with torch.device("meta"):
+        with _weights_left_uninitialised():
             model = create_model(name, in_channels=in_channels, width=width).eval()
-    except Exception:  # a model that cannot be built without weights: its forward will tell
+    except Exception:  # a model that cannot be built so: its own run will tell
         return
 
-    def runs(s: int) -> bool | None:
-        """True: the side runs; False: a layer's output would be empty; None: the forward
-        failed for another reason (a model that needs real values, say), which is not ours to
-        judge: its own run will say."""
+    def too_small(s: int) -> bool:
+        """Whether a layer's output would be empty at side ``s`` (monotone in ``s``)."""
         try:
             with torch.no_grad():
-                model(torch.zeros(1, in_channels, s, s, device="meta"))
+                model(torch.zeros(1, in_channels, s, s))
         except RuntimeError as exc:
-            return False if any(m in str(exc) for m in _TOO_SMALL) else None
+            return any(m in str(exc) for m in _TOO_SMALL)
         except Exception:
-            return None
-        return True
-
-    def too_small(s: int) -> bool:  # monotone in the side, unlike "runs" (a fixed-size head)
-        return runs(s) is False
+            return False
+        return False
 
     if not too_small(side):
         return
-    fix = f"no side up to {MAX_IMAGE_SIDE} works"
-    if not too_small(MAX_IMAGE_SIDE):  # the smallest side that is not too small, by bisection
-        lo, hi = side, MAX_IMAGE_SIDE
+    fix = f"no side up to {_JUDGED_SIDE} works"
+    if not too_small(_JUDGED_SIDE):  # the smallest side that is not too small, by bisection
+        lo, hi = side, _JUDGED_SIDE
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if too_small(mid) else (lo, mid)
