@@ -1844,9 +1844,15 @@ def test_three_adapt_processes_into_one_bundle_keep_every_task(tmp_path):
                                "--seed", str(i), *common, "--train-subset", "1000",
                                "--epochs", "4"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-2000:]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        for p in procs:  # none left running into tmp_path if one failed
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     from xbm.multitask import read_bundle_meta
 
     names = [t.name for t in read_bundle_meta(bundle)[2]]

@@ -8,9 +8,8 @@ tables, so the two cannot drift apart.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
@@ -129,31 +128,16 @@ MAX_IMAGE_SIDE = 1024
 _JUDGED_SIDE = 256
 
 
-@contextlib.contextmanager
-def _weights_left_uninitialised() -> Iterator[None]:
-    """Build models without running ``torch.nn.init`` on their weights: a shape check needs
-    no values, and skipping the initialisers saves the time they take (on the meta device
-    they also import TorchDynamo, a second or more)."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
 def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int | None = None,
                      flag: str = "--image-size") -> None:
     """Refuse an image side that model ``name`` cannot run on, naming the smallest it takes.
 
-    Found by forwards of one image on the CPU through the model with its weights left
-    uninitialised (milliseconds): a VGG at 12 px fails inside a pooling layer with "Output size
-    is too small", which would otherwise surface as a traceback after the data has loaded, or
-    after minutes of pretraining. Only torch's too-small errors count: a model that fails for
-    another reason (a head of fixed size, a step that needs real values) is left to its own run.
+    Found by forwards of one image on the CPU (a tenth of a second or so; the meta device
+    would import TorchDynamo first, a second per command): a VGG at 12 px fails inside a
+    pooling layer with "Output size is too small", which would otherwise surface as a
+    traceback after the data has loaded, or after minutes of pretraining. Only torch's
+    too-small errors count: a model that fails for another reason (a head of fixed size) is
+    left to its own run.
 
     Raises:
         ConfigError: ``side`` is not an integer in [1, MAX_IMAGE_SIDE], or the model cannot
@@ -166,9 +150,8 @@ def check_input_side(name: str, side: int, *, in_channels: int = 1, width: int |
     if side > _JUDGED_SIDE:
         return
     try:
-        with _weights_left_uninitialised():
-            model = create_model(name, in_channels=in_channels, width=width).eval()
-    except Exception:  # a model that cannot be built so: its own run will tell
+        model = create_model(name, in_channels=in_channels, width=width).eval()
+    except Exception:  # a model that cannot be built here: its own run will tell
         return
 
     def too_small(s: int) -> bool:
