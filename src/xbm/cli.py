@@ -117,17 +117,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.train.pretrain import PretrainConfig, cache_dir, load_backbone, pretrain
 
     _check_counts(args, ("epochs", "batch_size", "train_subset"))
-    if args.image_size < 8:
-        raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet halves the "
-                       "side five times)")
     device = resolve_device(args.device)
-    from xbm.models.registry import check_input_side
-
-    check_input_side(args.model, args.image_size, in_channels=args.channels or 1,
-                     width=_width(args, device))
+    width = _width(args, device)
+    _check_side(args.image_size, {"name": args.model, "in_channels": args.channels,
+                                  "width": width})
     # an image folder by its absolute path: `folder:imgs` run from two directories is two
     # datasets, and the recipe that bundles record must rebuild from anywhere
-    cfg = PretrainConfig(model=args.model, width=_width(args, device),
+    cfg = PretrainConfig(model=args.model, width=width,
                          dataset=dataset_reference(args.dataset), epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          train_subset=args.train_subset, augment=args.augment,
@@ -195,9 +191,9 @@ def _check_backbone_suffix(out: Path) -> None:
     safetensors."""
     if out.suffix != ".safetensors":
         raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
-    from xbm.train.pretrain import _header_field
+    from xbm.io import header_field
 
-    if str(_header_field(out, "format") or "").startswith("xbm-task-bundle"):
+    if str(header_field(out, "format") or "").startswith("xbm-task-bundle"):
         # --force replaces a backbone; a bundle's learned tasks would be lost with it
         raise XbmError(f"--out {out} is a task bundle, not a backbone; pass another --out "
                        "(--force does not replace a bundle)")
@@ -330,22 +326,28 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
     so a new task follows the earlier ones unless told otherwise. Checked against ``arch``
     (the backbone's architecture) when given: a side it cannot run on fails now, not as a
     traceback after the data has loaded."""
-    from xbm.models.registry import check_input_side
-
     if args.image_size is not None:
-        if args.image_size < 8:
-            raise XbmError(f"--image-size must be >= 8, got {args.image_size} (a ResNet "
-                           "halves the side five times)")
         side = int(args.image_size)
     elif bundle_tasks:
         side = max(task_image_size(t) for t in bundle_tasks)
     else:
         pretrained = (recipe or {}).get("image_size")
         side = int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
+    _check_side(side, arch)
+    return side
+
+
+def _check_side(side: int, arch: dict[str, Any] | None) -> None:
+    """``--image-size`` (given or defaulted) against the backbone's architecture: at least 8 (a
+    ResNet halves the side five times) and one every layer of the model can run on."""
+    from xbm.models.registry import check_input_side
+
+    if side < 8:
+        raise XbmError(f"--image-size must be >= 8, got {side} (a ResNet halves the side five "
+                       "times)")
     if arch and arch.get("name"):
         check_input_side(arch["name"], side, in_channels=arch.get("in_channels") or 1,
                          width=arch.get("width"))
-    return side
 
 
 def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | None = None):
@@ -446,13 +448,12 @@ def _check_spec_flags(args: argparse.Namespace, spec, bundle: str,
 def _check_bundle_out(out: str, bundle: str | None) -> None:
     """The bundle ``adapt`` writes: a writable path, and no existing file other than the bundle
     being extended (that would lose its tasks, or clobber an unrelated file)."""
-    from xbm.io import check_output
-    from xbm.train.pretrain import _header_field
+    from xbm.io import check_output, header_field
 
     flag = "--bundle" if bundle is not None and Path(out) == Path(bundle) else "--out"
     p = check_output(out, "file", flag, ".safetensors")
     if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
-        if str(_header_field(p, "format") or "").startswith("xbm-backbone"):
+        if str(header_field(p, "format") or "").startswith("xbm-backbone"):
             raise XbmError(f"{p} is a backbone file; pass it as --backbone, and as --out a new "
                            "file for the task bundle")
         raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "

@@ -157,6 +157,19 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         save_file(clean, str(tmp), metadata=meta)
 
 
+def header_field(path: str | os.PathLike, key: str) -> object:
+    """One JSON field of a safetensors file's header (an xbm backbone's or bundle's metadata),
+    read without its tensors; None for a missing or unreadable file or field (loading the file
+    says what is wrong with it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(key, "null"))
+    except Exception:  # missing, a folder, not safetensors, a field that is no JSON
+        return None
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Load a safetensors file written by :func:`save_safetensors`.
 

@@ -372,9 +372,9 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
                                                          ("--out", "out"),
                                                          ("--save-fault-map", "save_fault_map"))]
     if args.bundle and not args.backbone:  # the backbone file the bundle records is read too
-        from xbm.train.pretrain import _header_field
+        from xbm.io import header_field
 
-        recorded = _header_field(args.bundle, "backbone_file")
+        recorded = header_field(args.bundle, "backbone_file")
         if isinstance(recorded, str):
             inputs.append(("backbone file the --bundle records", recorded))
     inputs = [(f, v) for f, v in inputs if v]

@@ -22,7 +22,7 @@ from torch import nn
 
 from xbm.config import check_seed, is_finite_number
 from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning, user_stacklevel
-from xbm.io import load_safetensors, save_safetensors, tensors_hash
+from xbm.io import header_field, load_safetensors, save_safetensors, tensors_hash
 from xbm.train.loop import _progress, cosine_lambda, evaluate, seed_everything
 
 BACKBONE_FORMAT = "xbm-backbone/1"
@@ -438,31 +438,17 @@ def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.Pat
     return meta
 
 
-def _header_field(path: str | Path, key: str) -> Any:
-    """One JSON field of a safetensors file's header, read without its tensors; None for a
-    missing or unreadable file or field (loading the file says what is wrong with it)."""
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get(key, "null"))
-    except Exception:  # missing, a folder, not safetensors, a field that is no JSON
-        return None
-
-
 def backbone_file_hash(path: str | Path) -> str | None:
     """The content hash a backbone file's header records; None for a missing or unreadable
     file (the tensors themselves are checked against it when the file is loaded)."""
-    found = _header_field(path, "content_hash")
+    found = header_field(path, "content_hash")
     return found if isinstance(found, str) else None
 
 
 def backbone_file_arch(path: str | Path) -> dict[str, Any] | None:
     """The architecture a backbone file's header records, read without its tensors; None for
     a missing or unreadable file (loading it says why)."""
-    arch = _header_field(path, "arch")
+    arch = header_field(path, "arch")
     return arch if isinstance(arch, dict) else None
 
 
@@ -470,7 +456,7 @@ def backbone_file_recipe(path: str | Path) -> dict[str, Any] | None:
     """The pretraining recipe (``PretrainConfig`` fields) a backbone file's header records,
     read without its tensors; None for an imported backbone, which has none, or a missing or
     unreadable file."""
-    recipe = _header_field(path, "config")
+    recipe = header_field(path, "config")
     return recipe if isinstance(recipe, dict) else None
 
 
