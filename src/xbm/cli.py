@@ -331,10 +331,16 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
     elif bundle_tasks:
         side = max(task_image_size(t) for t in bundle_tasks)
     else:
-        pretrained = (recipe or {}).get("image_size")
-        side = int(pretrained) if isinstance(pretrained, int) and pretrained >= 8 else 28
+        side = recipe_side(recipe) or 28
     _check_side(side, arch)
     return side
+
+
+def recipe_side(recipe: dict[str, Any] | None) -> int | None:
+    """The image side a backbone's recorded recipe was pretrained at; None where it records
+    none (an imported backbone) or an unusable one."""
+    side = (recipe or {}).get("image_size")
+    return side if isinstance(side, int) and not isinstance(side, bool) and side >= 8 else None
 
 
 def _check_side(side: int, arch: dict[str, Any] | None) -> None:

@@ -216,10 +216,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                   f"from the backbone's {arch.get(field)}; drop it")
         args.model, args.width, args.in_channels = (arch["name"], arch.get("width"),
                                                      arch.get("in_channels"))
-        side = (bmeta.get("config") or {}).get("image_size")  # the side it was pretrained at
-        if args.input_size is None and isinstance(side, int) and not isinstance(side, bool) \
-                and side >= 8:
-            args.input_size = side
+        if args.input_size is None:  # the side it was pretrained at, where it records one
+            from xbm.cli import recipe_side
+
+            args.input_size = recipe_side(bmeta.get("config"))
         if not args.fractions_from:
             args.backbone = None  # its weights do not matter: --model's costs need none
     if not args.bundle and not args.model:
