@@ -1857,3 +1857,47 @@ def test_three_adapt_processes_into_one_bundle_keep_every_task(tmp_path):
 
     names = [t.name for t in read_bundle_meta(bundle)[2]]
     assert names[0] == "first" and sorted(names[1:]) == ["t0", "t1", "t2"], names
+
+
+def test_outputs_never_replace_another_commands_file_of_another_kind(tmp_path, capsys):
+    """A fuzzing review (session 21): `simulate --json-out` wrote JSON over a task bundle or a
+    backbone with exit 0, and `pretrain/import-backbone --force --out` replaced a chip's fault
+    map; `cost --tasks` took a task twice."""
+    from xbm.hardware.faults import FaultMap
+    from xbm.hardware.spec import get_spec
+    from xbm.io import xbm_file_kind
+
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle, other = tmp_path / "b.safetensors", tmp_path / "other.safetensors"
+    common = ["--dataset", "digits", "--backbone", str(bb), "--rows", "16", "--cols", "16",
+              "--train-subset", "16", "--test-subset", "16", "--device", "cpu", "--no-progress"]
+    for out in (bundle, other):
+        assert main(["adapt", *common, "--out", str(out)]) == 0
+    capsys.readouterr()
+    chip = tmp_path / "chip.safetensors"
+    assert main(["simulate", "--fault-aware", *common, "--epochs", "1", "--adc-bits", "8",
+                 "--backend", "torch", "--save-fault-map", str(chip)]) == 0
+    capsys.readouterr()
+    assert [xbm_file_kind(p) for p in (bb, bundle, chip, tmp_path / "none")] == \
+        ["backbone", "task bundle", "fault map", None]
+    bb2 = _rgb_backbone_file(tmp_path / "bb2.safetensors")  # a backbone the bundle does not name
+    kept = {p: p.read_bytes() for p in (bb, bb2, bundle, other, chip)}
+    for target, kind in ((other, "task bundle"), (bb2, "backbone")):
+        assert main(["simulate", "--bundle", str(bundle), "--adc-bits", "8", "--backend",
+                     "torch", "--device", "cpu", "--no-progress", "--json-out",
+                     str(target)]) == 2
+        assert f"--json-out {target} is a {kind}, not a results file" in _one_line_error(capsys)
+    assert main(["pretrain", "--model", "small_cnn", "--dataset", "digits", "--force", "--out",
+                 str(chip), "--device", "cpu", "--no-progress"]) == 2
+    assert "is a fault map, not a backbone" in _one_line_error(capsys)
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert FaultMap.load(chip).spec["rows"] == get_spec(rows=16, cols=16).rows
+    assert main(["cost", "--bundle", str(bundle), "--tasks", "digits,digits"]) == 2
+    assert "--tasks lists digits twice" in _one_line_error(capsys)
+    # a results file of its own is rewritten, as before
+    res = tmp_path / "r.json"
+    res.write_text("{}")
+    assert main(["simulate", "--bundle", str(bundle), "--adc-bits", "8", "--backend", "torch",
+                 "--device", "cpu", "--no-progress", "--json-out", str(res)]) == 0
+    assert json.loads(res.read_text())["rows"]

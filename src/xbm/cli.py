@@ -191,12 +191,14 @@ def _check_backbone_suffix(out: Path) -> None:
     safetensors."""
     if out.suffix != ".safetensors":
         raise XbmError(f"--out {out}: a backbone is saved as safetensors; name it *.safetensors")
-    from xbm.io import header_field
+    from xbm.io import xbm_file_kind
 
-    if str(header_field(out, "format") or "").startswith("xbm-task-bundle"):
-        # --force replaces a backbone; a bundle's learned tasks would be lost with it
-        raise XbmError(f"--out {out} is a task bundle, not a backbone; pass another --out "
-                       "(--force does not replace a bundle)")
+    kind = xbm_file_kind(out)
+    if kind not in (None, "backbone"):
+        # --force replaces a backbone; a bundle's learned tasks (or a chip's fault map) would
+        # be lost with it
+        raise XbmError(f"--out {out} is a {kind}, not a backbone; pass another --out (--force "
+                       f"does not replace a {kind})")
 
 
 def cmd_import_backbone(args: argparse.Namespace) -> int:
@@ -454,12 +456,12 @@ def _check_spec_flags(args: argparse.Namespace, spec, bundle: str,
 def _check_bundle_out(out: str, bundle: str | None) -> None:
     """The bundle ``adapt`` writes: a writable path, and no existing file other than the bundle
     being extended (that would lose its tasks, or clobber an unrelated file)."""
-    from xbm.io import check_output, header_field
+    from xbm.io import check_output, xbm_file_kind
 
     flag = "--bundle" if bundle is not None and Path(out) == Path(bundle) else "--out"
     p = check_output(out, "file", flag, ".safetensors")
     if p.exists() and (bundle is None or p.resolve() != Path(bundle).resolve()):
-        if str(header_field(p, "format") or "").startswith("xbm-backbone"):
+        if xbm_file_kind(p) == "backbone":
             raise XbmError(f"{p} is a backbone file; pass it as --backbone, and as --out a new "
                            "file for the task bundle")
         raise XbmError(f"{p} already exists; pass --bundle {p} to add this task to it, another "

@@ -170,6 +170,19 @@ def header_field(path: str | os.PathLike, key: str) -> object:
         return None
 
 
+#: What each xbm file format is called in messages (the ``format`` field of its header).
+_KINDS = {"xbm-backbone": "backbone", "xbm-task-bundle": "task bundle",
+          "xbm-fault-map": "fault map"}
+
+
+def xbm_file_kind(path: str | os.PathLike) -> str | None:
+    """"backbone", "task bundle" or "fault map" for a file xbm wrote, by its header; None for
+    anything else (a missing file included). Outputs use it so that no command writes over
+    another command's file of another kind."""
+    fmt = header_field(path, "format")
+    return _KINDS.get(fmt.split("/")[0]) if isinstance(fmt, str) else None
+
+
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Load a safetensors file written by :func:`save_safetensors`.
 

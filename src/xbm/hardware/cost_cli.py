@@ -264,6 +264,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
         picked = None if args.tasks is None else \
             [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown_tasks = [t for t in picked or [] if t not in mtm.tasks]
+        twice = sorted({t for t in picked or [] if picked.count(t) > 1})
+        if twice:
+            raise ConfigError(f"--tasks lists {', '.join(twice)} twice; name each task once")
         if picked == [] or unknown_tasks:
             what = f"has no task {unknown_tasks[0]!r}" if unknown_tasks else "names no task"
             raise ConfigError(f"--tasks {args.tasks!r} {what}; {args.bundle} holds "

@@ -371,8 +371,9 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
     outputs = [(f, getattr(args, a, None)) for f, a in (("--json-out", "json_out"),
                                                          ("--out", "out"),
                                                          ("--save-fault-map", "save_fault_map"))]
+    from xbm.io import header_field, xbm_file_kind
+
     if args.bundle and not args.backbone:  # the backbone file the bundle records is read too
-        from xbm.io import header_field
 
         recorded = header_field(args.bundle, "backbone_file")
         if isinstance(recorded, str):
@@ -389,6 +390,10 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
                 raise XbmError(f"{fo} and {fo2} are the same file {out}; give each its own")
         if fo != "--json-out" and Path(out).expanduser().exists():
             raise XbmError(f"{fo} {out} already exists; pass a new path (or delete the file)")
+        kind = xbm_file_kind(Path(out).expanduser())
+        if fo == "--json-out" and kind:  # a results file is rewritten; another command's not
+            raise XbmError(f"--json-out {out} is a {kind}, not a results file; pass another "
+                           "path")
 
 
 # -- fault-aware -----------------------------------------------------------------------------
