@@ -18,23 +18,9 @@
 # A dry run on a CPU: XBM_GPU_DEVICE=cpu XBM_DRY=1 PYTHON=.venv/bin/python (tiny sizes).
 # Session 20 ran it twice: as it stands, then (after the Python-API fixes) with
 # RN50_EXTRA="--cuda-graph --profile piggyback+bf16,xbm+bf16".
-set -u
-mkdir -p "$1"
-OUT=$(realpath "$1")
-DATA=$(realpath "$2")
-BUDGET=${3:-420}
-DEV=${XBM_GPU_DEVICE:-cuda}
+GPU_LOG=check.log GPU_TGZ=gpu.tgz GPU_BUDGET=420
+. "$(dirname "$0")/gpu_lib.sh" "$@"
 DRY=${XBM_DRY:-0}
-T0=$(date +%s)
-WORK=$(mktemp -d)
-LOG="$OUT/check.log"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XBM_CACHE="$WORK/cache"
-PY=${PYTHON:-python3}
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
-say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/gpu.tgz.tmp" -C "$WORK" --exclude=cache . && mv "$OUT/gpu.tgz.tmp" "$OUT/gpu.tgz"; }
 
 say "env"
 { nvidia-smi 2>&1 | head -15
@@ -56,13 +42,9 @@ demo_pid=$!
 if [ "$DRY" = 1 ]; then
   echo "dry run: tests skipped" >"$WORK/pytest.log"
 else
-  XDIST=""
-  $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  OMP_NUM_THREADS=1 timeout "$(upto 160)" $PY -m pytest -q -p no:cacheprovider $XDIST \
-    >"$WORK/pytest.log" 2>&1
+  run_tests 8 160
 fi
-say "tests: $(tail -1 "$WORK/pytest.log")"
-grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" >>"$LOG"
+report_tests
 wait "$demo_pid"; say "demo exit $?"
 if grep -q '^method ' "$WORK/demo.log"; then
   grep -E "backbone|hash" "$WORK/demo.log" | head -5 >>"$LOG"

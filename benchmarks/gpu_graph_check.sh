@@ -14,24 +14,10 @@
 # The whole suite is not run here (session 14 ran it on this kind of machine; beside the demos
 # its workers starved their pretraining of CPU).
 # GRAPH_FLAG= (empty) dry-runs it on a CPU with XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python.
-set -u
-mkdir -p "$1"
-OUT=$(realpath "$1")
-DATA=$(realpath "$2")
-BUDGET=${3:-330}
-DEV=${XBM_GPU_DEVICE:-cuda}
+GPU_LOG=graph_check.log GPU_TGZ=graph.tgz GPU_BUDGET=330
+. "$(dirname "$0")/gpu_lib.sh" "$@"
 GRAPH=${GRAPH_FLAG---cuda-graph}
-T0=$(date +%s)
-WORK=$(mktemp -d)
-LOG="$OUT/graph_check.log"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XBM_CACHE="$WORK/cache"
-PY=${PYTHON:-python3}
 CFG=(); [ -n "${XBM_DEMO_YAML:-}" ] && CFG=(--config "$XBM_DEMO_YAML")
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
-say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/graph.tgz.tmp" -C "$WORK" --exclude=cache . && mv "$OUT/graph.tgz.tmp" "$OUT/graph.tgz"; }
 summary() {
   $PY - "$WORK" "$1" <<'PYEOF' >>"$LOG" 2>&1
 import json, pathlib, sys

@@ -14,23 +14,9 @@
 # OUT_DIR/lr_scan.tgz (every results.json and log).
 # Dry run on a CPU: XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python XBM_EXTRA="--width 8 --epochs 1
 # --train-subset 64 --test-subset 64 --pretrain-epochs 1 --pretrain-subset 256" (no graphs there).
-set -u
-mkdir -p "$1"
-OUT=$(realpath "$1")
-DATA=$(realpath "$2")
-BUDGET=${3:-420}
-DEV=${XBM_GPU_DEVICE:-cuda}
-T0=$(date +%s)
-WORK=$(mktemp -d)
-LOG="$OUT/lr_scan.log"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XBM_CACHE="$WORK/cache"
-PY=${PYTHON:-python3}
+GPU_LOG=lr_scan.log GPU_TGZ=lr_scan.tgz GPU_BUDGET=420
+. "$(dirname "$0")/gpu_lib.sh" "$@"
 read -r -a EXTRA <<<"${XBM_EXTRA:-}"
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
-say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/lr_scan.tgz.tmp" -C "$WORK" --exclude=cache . && mv "$OUT/lr_scan.tgz.tmp" "$OUT/lr_scan.tgz"; }
 summary() {
   $PY - "$WORK" "$1" <<'PYEOF' >>"$LOG" 2>&1
 import json, pathlib, sys

@@ -29,25 +29,9 @@
 # script on a CPU: XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python).
 # Everything lands in OUT_DIR/session.log and OUT_DIR/gpu.tgz (re-packed after each step, so a
 # cut-off run still returns what finished).
-set -u
-mkdir -p "$1"
-OUT=$(realpath "$1")
-DATA=$(realpath "$2")
-BUDGET=${3:-540}
+GPU_LOG=session.log GPU_TGZ=gpu.tgz GPU_BUDGET=540
+. "$(dirname "$0")/gpu_lib.sh" "$@"
 WIDTH=${4:-64}
-DEV=${XBM_GPU_DEVICE:-cuda}
-T0=$(date +%s)
-WORK=$(mktemp -d)
-LOG="$OUT/session.log"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export XBM_CACHE="$WORK/cache"
-PY=${PYTHON:-python3}
-
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-# seconds a step may run so that RESERVE seconds of the budget stay for what follows (at least 5)
-upto() { local t=$(($(left) - $1)); echo $((t > 5 ? t : 5)); }
-say() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/gpu.tgz.tmp" -C "$WORK" --exclude=cache --exclude=smoke_cache . && mv "$OUT/gpu.tgz.tmp" "$OUT/gpu.tgz"; }
 
 say "env"
 { nvidia-smi 2>&1 | head -15
@@ -104,12 +88,8 @@ for r in "${runs[@]}"; do
   ) >"$WORK/demo_$r.log" 2>&1 &
   pids+=($!)
 done
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n 4"
-OMP_NUM_THREADS=1 timeout "$(upto 180)" $PY -m pytest -q -p no:cacheprovider $XDIST \
-  >"$WORK/pytest.log" 2>&1
-say "tests: $(tail -1 "$WORK/pytest.log")"
-grep -E "^(FAILED|ERROR)" "$WORK/pytest.log" >>"$LOG"
+run_tests 4 180
+report_tests
 for i in "${!pids[@]}"; do
   r=${runs[$i]}
   wait "${pids[$i]}"; say "demo $r exit $?"
