@@ -742,3 +742,82 @@ def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeyp
         monkeypatch.setattr(xfolder, "_memory_bytes", lambda c=copies: 2 * c * need)
         assert xd.load_image_folder(root, image_size=64, channels=3).train_x.shape[1:] == \
             (3, 64, 64)
+
+
+def test_memory_limit_is_read_at_the_process_own_cgroup_and_its_ancestors(tmp_path, monkeypatch):
+    """A limit set without a cgroup namespace (Slurm, systemd-run) sits at the process's own
+    cgroup path, or at a parent's: both bind, the mount root's too; "max" is no limit."""
+    from xbm.data import folder as xfolder
+
+    limit_files = xfolder._cgroup_limit_files
+    root = tmp_path / "cg"
+    job = root / "slurm" / "job_7" / "step_0"
+    job.mkdir(parents=True)
+    (root / "memory.max").write_text("max\n")
+    (root / "slurm" / "job_7" / "memory.max").write_text(f"{3 * 2**30}\n")  # the parent's
+    (job / "memory.max").write_text("max\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/slurm/job_7/step_0\n")
+    files = limit_files(root, proc)
+    assert job / "memory.max" in files and root / "slurm" / "job_7" / "memory.max" in files
+    assert root / "slurm" / "memory.max" in files and root / "memory.max" in files
+    monkeypatch.setattr(xfolder, "_cgroup_limit_files", lambda: files)
+    assert xfolder._memory_bytes() == min(3 * 2**30, xfolder.os.sysconf("SC_PAGE_SIZE")
+                                          * xfolder.os.sysconf("SC_PHYS_PAGES"))
+    # cgroup v1: the memory controller's own hierarchy, the lowest of the chain
+    v1 = root / "memory" / "process_api" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+    proc.write_text("9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n")
+    files = limit_files(root, proc)
+    assert v1 / "memory.limit_in_bytes" in files
+    assert root / "memory" / "process_api" / "memory.limit_in_bytes" in files
+    assert not any(f.name == "memory.max" and f.parent != root for f in files)
+    monkeypatch.setattr(xfolder, "_cgroup_limit_files", lambda: files)
+    assert xfolder._memory_bytes() == 2**30
+    # no /proc/self/cgroup (not Linux): the mount roots only
+    assert limit_files(root, tmp_path / "absent") == [
+        root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+
+
+def test_folder_says_what_a_class_folder_holds_that_is_not_read(tmp_path):
+    """Images one level deeper than the class folders, and links to missing images, are not
+    read: said, not skipped in silence; a stray labels file is not worth a word."""
+    import warnings
+
+    from PIL import Image
+
+    for c in ("a", "b"):
+        for i in range(5):
+            (tmp_path / c).mkdir(exist_ok=True)
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "labels.csv").write_text("x\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xd.load_image_folder(tmp_path)
+    (tmp_path / "b" / "more").mkdir()
+    Image.new("L", (8, 8), 9).save(tmp_path / "b" / "more" / "9.png")
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.warns(UserWarning) as got:
+        d = xd.load_image_folder(tmp_path)
+    text = " | ".join(str(w.message) for w in got)
+    assert "1 sub-folder(s) (more/) not read" in text and str(tmp_path / "b") in text
+    assert "1 link(s) to missing images skipped (gone.png)" in text
+    assert d.train_y.numel() + d.test_y.numel() == 10
+
+
+def test_images_look_grey_tolerates_a_tint_but_not_a_coloured_mark():
+    """A grey scan with a faint tint (channels a few levels apart) is grey; one image with a
+    small red mark among many grey ones is colour; one channel is grey."""
+    from xbm.data.folder import images_look_grey
+
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 200, (50, 1, 32, 32), generator=g, dtype=torch.uint8)
+    tinted = torch.cat([grey, grey + 4, grey + 9], dim=1)
+    assert images_look_grey(grey) and images_look_grey(tinted)
+    assert images_look_grey(tinted, chunk=7)
+    marked = tinted.clone()
+    marked[37, 0, 10:13, 10:13] = 255  # 9 of 1,024 pixels: 0.9%
+    marked[37, 1:, 10:13, 10:13] = 0
+    assert not images_look_grey(marked) and not images_look_grey(marked, chunk=7)
+    assert not images_look_grey(torch.zeros(2, 2, 4, 4, dtype=torch.uint8))

@@ -344,3 +344,22 @@ def test_column_mask_of_the_wrong_shape_is_a_clear_error():
         apply_column_mask(w, torch.ones(3, 4), 8)
     with pytest.raises(ValueError, match="does not fit"):
         apply_column_mask(w, torch.ones(4, 5), 8)
+
+
+def test_map_builds_every_model_without_importing_torchdynamo():
+    """`xbm map` needs no weights: building on the meta device must not draw initial values,
+    whose meta kernels import TorchDynamo (a second or two added to every `xbm map`)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from xbm.cli import main\n"
+            "from xbm.models import list_models\n"
+            "for m in list_models():\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main(['map', '--model', m, '--json']) == 0, m\n"
+            "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo'))[:3])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

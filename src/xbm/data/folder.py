@@ -107,6 +107,22 @@ def _in_colour(img) -> bool:
     return float(coloured.mean()) >= _COLOUR_SHARE
 
 
+def images_look_grey(x: torch.Tensor, chunk: int = 1024) -> bool:
+    """Whether no image of a uint8 ``(N, 3, H, W)`` batch holds colour by :func:`_in_colour`'s
+    measure (a grey scan with a faint tint, or JPEG noise between channels, still counts as
+    grey); one channel is grey by definition. Read a chunk at a time, stopping at the first
+    image in colour, so a large set costs no int16 copy of itself."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        return x.dim() == 4 and x.shape[1] == 1
+    for i in range(0, x.shape[0], chunk):
+        part = x[i:i + chunk].to(torch.int16)
+        spread = part.amax(dim=1) - part.amin(dim=1)  # (n, H, W)
+        share = (spread > _COLOUR_SPREAD).flatten(1).float().mean(dim=1)
+        if bool((share >= _COLOUR_SHARE).any()):
+            return False
+    return True
+
+
 def _read_image(path: Path, mode: str, image_size: int, look_for_colour: bool = False
                 ) -> tuple[np.ndarray, bool]:
     """The image as a (channels, side, side) uint8 array in ``mode``, and, if asked, whether
@@ -131,19 +147,52 @@ def _read_image(path: Path, mode: str, image_size: int, look_for_colour: bool = 
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), colour
 
 
+def _cgroup_limit_files(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                        proc_cgroup: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """Every cgroup memory-limit file that bounds this process: its own cgroup's and each
+    ancestor's, cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``). A limit set
+    without a cgroup namespace (Slurm, ``systemd-run -p MemoryMax``) sits at the process's own
+    path (``/proc/self/cgroup``), not at the mount root, and a parent's limit binds too."""
+    own: list[tuple[Path, str]] = []  # (controller folder, path inside it)
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:  # "0::/user.slice/x.scope" (v2), "4:memory:/slurm/job_1" (v1)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            own.append((cgroup_root, parts[2]))
+        elif "memory" in parts[1].split(","):
+            own.append((cgroup_root / "memory", parts[2]))
+    files = [cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"]
+    for base, rel in own:
+        name = "memory.max" if base == cgroup_root else "memory.limit_in_bytes"
+        folder = base / rel.strip("/") if rel.strip("/") else base
+        while True:  # the cgroup itself, then its ancestors up to the controller's root
+            if base / name != folder / name:
+                files.append(folder / name)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return list(dict.fromkeys(files))
+
+
 def _memory_bytes() -> int | None:
-    """The memory this process may use: the machine's physical memory, or a container's
-    (cgroup) limit where one is lower; None where the OS does not say."""
+    """The memory this process may use: the machine's physical memory, or the lowest cgroup
+    limit over its own cgroup and their ancestors (``_cgroup_limit_files``) where one is lower;
+    None where the OS does not say."""
     try:
         have = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
         return None
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for limit in _cgroup_limit_files():
         try:
-            text = Path(limit).read_text().strip()
+            text = limit.read_text().strip()
         except OSError:
             continue
-        if text.isdigit():
+        if text.isdigit():  # "max" (v2) means none; v1's "no limit" is a huge number
             have = min(have, int(text))
     return have
 
@@ -156,12 +205,31 @@ def _list_split(root: Path, classes: list[str]) -> list[tuple[int, Path]]:
         if not folder.is_dir():
             continue  # a class may be absent from one split (checked by the caller)
         files = _images_in(folder)
+        _warn_skipped(folder)
         if not files:
             raise DatasetNotFoundError(f"{folder}: class folder has no images "
                                        f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove "
                                        "the folder")
         listed += [(label, f) for f in files]
     return listed
+
+
+def _warn_skipped(folder: Path) -> None:
+    """Say what a class folder holds that is not read: sub-folders (a class's images are the
+    files directly in its folder; images one level deeper would otherwise vanish without a
+    word) and links to images that do not exist. Other files (a labels.csv) pass unremarked."""
+    nested = sorted(p.name for p in _listdir(folder) if p.is_dir() and not p.name.startswith("."))
+    broken = sorted(p.name for p in _listdir(folder)
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists())
+    if nested:
+        shown = ", ".join(n + "/" for n in nested[:3]) + (", ..." if len(nested) > 3 else "")
+        warnings.warn(f"{folder}: {len(nested)} sub-folder(s) ({shown}) not read: a class's "
+                      "images are the files directly in its folder; move them up a level to "
+                      "use them", stacklevel=2)
+    if broken:
+        shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+        warnings.warn(f"{folder}: {len(broken)} link(s) to missing images skipped ({shown})",
+                      stacklevel=2)
 
 
 def _check_memory(root: Path, n: int, channels: int, image_size: int, copies: int) -> None:

@@ -298,7 +298,9 @@ class EnergyPreset:
         """Refuse a crossbar spec these constants cannot describe (one-line error naming it)."""
         if spec.adc_bits > MAX_ADC_BITS:
             raise ConfigError(f"CrossbarSpec.adc_bits ({spec.adc_bits}) exceeds {MAX_ADC_BITS}; "
-                              "no ADC model covers that resolution")
+                              "no ADC energy model covers that resolution (it extrapolates a "
+                              "reference converter, ISAAC's 8-bit ADC by default); cost at <= 16 "
+                              "bits (xbm simulate takes up to 32, for accuracy alone)")
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,8 @@ def _conv_bn_relu(in_ch: int, out_ch: int) -> list[nn.Module]:
 
 
 def _init_weights(model: nn.Module) -> None:
+    if any(p.is_meta for p in model.parameters()):  # no values to draw (and a draw on the
+        return  # meta device imports TorchDynamo, a second or two per `xbm map`)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -140,6 +140,8 @@ class ResNet(nn.Module):
     def _init_weights(self) -> None:
         # He init for ReLU nets; BN starts as identity. Same scheme as torchvision, so training
         # from scratch behaves like the reference recipes people compare against.
+        if self.fc.weight.is_meta:  # no values to draw (and a draw on the meta device imports
+            return  # TorchDynamo, a second or two per `xbm map`)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

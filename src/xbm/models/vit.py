@@ -92,6 +92,8 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.pos_embed.is_meta:  # no values to draw (and a draw on the meta device imports
+            return  # TorchDynamo, a second or two per `xbm map`)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():

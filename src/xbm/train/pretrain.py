@@ -249,18 +249,18 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     """Train ``cfg.model`` on ``cfg.dataset`` and save it (atomically) to ``out``."""
     from xbm.data import load_dataset
     from xbm.data.augment import get_augment
+    from xbm.data.folder import images_look_grey
 
     cfg = cfg.for_device(device)
     augment = get_augment(cfg.augment)
     data = load_dataset(cfg.dataset, root=root, image_size=cfg.image_size,
                         channels=cfg.channels)
     data.say_if_colour_was_dropped()
-    if data.in_channels == 3 and torch.equal(data.train_x[:, 0], data.train_x[:, 1]) and \
-            torch.equal(data.train_x[:, 1], data.train_x[:, 2]):
-        warnings.warn(f"{cfg.dataset}: every training image is grayscale, read as three equal "
-                      "RGB channels: the backbone can learn no colour features from it, and "
-                      "pretraining it with one channel does the same with a third of the input "
-                      "work", XbmWarning, stacklevel=user_stacklevel())
+    if data.in_channels == 3 and images_look_grey(data.train_x):
+        warnings.warn(f"{cfg.dataset}: every training image is grayscale, read as three "
+                      "(near-)equal RGB channels: the backbone can learn no colour features "
+                      "from it, and pretraining it with one channel does the same with a third "
+                      "of the input work", XbmWarning, stacklevel=user_stacklevel())
     if cfg.train_subset and cfg.train_subset > len(data.train_y):
         # it would train on the whole set, cached under a name that says otherwise
         raise ConfigError(f"train_subset {cfg.train_subset} exceeds the {len(data.train_y)} "
