@@ -87,3 +87,39 @@ def _same_backbone(ns):
     fresh = xbm.create_model("small_cnn", num_classes=4, in_channels=1)
     fresh.load_state_dict(backbone_state(ns["model"].model), strict=False)
     return fresh
+
+
+def _cli_generator():
+    spec = importlib.util.spec_from_file_location("gen_cli_docs", ROOT / "scripts/gen_cli_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_reference_is_current_and_names_every_flag():
+    """docs/cli.md is the parser's own account: every sub-command and every flag, so a flag
+    added without docs fails here (run: python scripts/gen_cli_docs.py)."""
+    import argparse
+
+    from xbm.cli import build_parser
+
+    gen = _cli_generator()
+    assert gen.main(["--check"]) == 0, "run: python scripts/gen_cli_docs.py"
+    text = (ROOT / "docs/cli.md").read_text()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in sub.choices.items():
+        section = text.split(f"## `xbm {name}`\n")[1].split("\n## ")[0]
+        for a in sp._actions:
+            for flag in a.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}`" in section, (name, flag)
+
+
+def test_cli_reference_check_fails_on_a_stale_file(tmp_path):
+    gen = _cli_generator()
+    stale = tmp_path / "cli.md"
+    stale.write_text(f"# mine\n\n{gen.MARKER}\n\n| old |\n")
+    assert gen.main(["--check", "--path", str(stale)]) == 1
+    assert gen.main(["--path", str(stale)]) == 0
+    assert stale.read_text().startswith("# mine\n")  # the hand-written head is kept
+    assert gen.main(["--check", "--path", str(stale)]) == 0

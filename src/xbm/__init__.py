@@ -1,6 +1,6 @@
 """xbm: crossbar-aware multi-task adaption on ReRAM in-memory-computing DNN accelerators.
 
-The names here are the Python API of the README's "In Python": convert a backbone
+The names here are the Python API of the README's "From Python": convert a backbone
 (:class:`MultiTaskModel`, or :func:`apply` alone), add tasks with a registered method
 (:func:`list_methods`; each method's config dataclass is in :mod:`xbm.methods`), train and
 evaluate them (:func:`train_task`, :func:`evaluate_task`). Every error a user can cause is an

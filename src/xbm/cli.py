@@ -1,8 +1,9 @@
 """xbm: crossbar-aware multi-task adaption on ReRAM in-memory-computing accelerators.
 
-Sub-commands: ``demo`` (the main job), ``pretrain``, ``adapt``, ``eval``, ``map``, ``methods``, and
-those that other modules register (``cost``, ``simulate``). Every user error ends in one line
-``xbm: error: ...`` on stderr and exit status 2, with nothing half-written.
+Sub-commands: ``demo`` (the main job), ``pretrain``, ``import-backbone``, ``adapt``, ``eval``,
+``map``, ``methods``, ``models``, and those that other modules register (``cost``,
+``simulate``). Every user error ends in one line ``xbm: error: ...`` on stderr and exit
+status 2, with nothing half-written.
 """
 
 from __future__ import annotations

@@ -497,9 +497,9 @@ class MultiTaskModel(nn.Module):
         """Add the tasks saved in a bundle; returns their names.
 
         The active task stays what it was (``set_task`` one of the names to use it), and the
-        loaded tasks' parameters are frozen: they are trained. If anything in the file does not
-        fit (another backbone or crossbar spec, a task name this model already has, a corrupt
-        tensor), nothing is added.
+        loaded tasks' parameters are frozen (``requires_grad=False``): they are already
+        trained. If anything in the file does not fit (another backbone or crossbar spec, a task
+        name this model already has, a corrupt tensor), nothing is added.
 
         Raises:
             BundleError: the file is not a bundle of this backbone and spec, or is corrupt.

@@ -418,7 +418,9 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     hw.add_argument("--energy-spec", action="store_true",
                     help="take the crossbar geometry the energy preset's source assumed "
                          "(explicit --rows etc. still win)")
-    hw.add_argument("--adc-bits", type=int, help="ADC resolution (default 8)")
+    hw.add_argument("--adc-bits", type=int, help="ADC resolution (default: the crossbar "
+                    "preset's, 8 for default, 6 for mnsim; with --energy-spec the energy "
+                    "preset's source's)")
     hw.add_argument("--dac-bits", type=int, help="input bits per wordline cycle (default 1)")
     hw.add_argument("--input-bits", type=int, help="activation precision (default 8)")
     if add_spec_args is not None:

@@ -93,7 +93,8 @@ class DeviceParams:
 
     verify_reads_per_pulse: float = 1.0
     """Verify reads after each write pulse (write-and-verify programming). 1 = read after every
-    pulse; 0 = open-loop programming."""
+    pulse; 0 = open-loop programming. [assumption: write-and-verify with one verify read per
+    pulse, the simplest closed loop; no source gives a count for these presets]"""
 
     write_conductance: str = "mean"
     """Conductance a write pulse sees in V^2*G*t: ``mean`` = (G_on + G_off)/2, the average over a
@@ -184,8 +185,10 @@ class PeripheryParams:
 
     mask_bit_write_energy_j: float = 0.0889e-12
     """Energy to bring one mask bit from on-chip memory into the mask register: an eDRAM read,
-    20.45 pJ per 256-bit access = 0.0799 pJ/bit (ISAAC, IsaacEDRAM), plus a register write,
-    0.009 pJ/bit at 40 nm (Aladdin, hwcomponents-library aladdin.py, AladdinRegister)."""
+    20.45 pJ per 256-bit access = 0.0799 pJ/bit (ISAAC, IsaacEDRAM), plus a register access,
+    0.009 pJ/bit at 40 nm (Aladdin, hwcomponents-library aladdin.py, AladdinRegister: the figure
+    of its ``read`` action; the library's table puts ``write`` at 0, so charging the access
+    figure for the write is the conservative reading)."""
 
     mask_write_bits_per_cycle: int = 256
     """Mask bits written per digital cycle (the eDRAM port width of ISAAC, 256 bits)."""
@@ -241,6 +244,11 @@ class PeripheryParams:
 SPEC_OVERRIDE_FIELDS = ("rows", "cols", "weight_bits", "cell_bits", "signed", "pe_rows", "pe_cols",
                         "input_bits", "dac_bits", "adc_bits")
 
+#: The highest ADC resolution the cost model prices. [assumption] The ADC energy extrapolates
+#: one reference converter (ISAAC's 8-bit ADC by default) by ``adc_energy_bit_scaling`` per bit;
+#: 16 is a round bound well past the 5-8-bit ADCs of ReRAM accelerator designs (ISAAC 8,
+#: MNSIM 2.0's preset 6, NeuroSim's 5), beyond which the extrapolation means nothing.
+#: ``xbm simulate`` takes up to 32 bits, for accuracy alone.
 MAX_ADC_BITS = 16
 
 
@@ -421,10 +429,15 @@ _SHARED_NOTES = {
     "periphery.dac_energy_j": f"{_ISAAC}, IsaacDAC",
     "periphery.shift_add_energy_j": f"{_ISAAC}, IsaacShiftAdd",
     "periphery.mask_bit_write_energy_j": "ISAAC eDRAM 20.45 pJ/256 bit + Aladdin register "
-                                         "0.009 pJ/bit (hwcomponents-library)",
+                                         "access 0.009 pJ/bit (hwcomponents-library; its "
+                                         "read figure, write listed as 0)",
     "periphery.mask_write_bits_per_cycle": "ISAAC eDRAM port width",
     "periphery.wordline_activity": "assumption: random input bits",
     "periphery.parallel_write_crossbars": "assumption: one crossbar programmed at a time",
+    "periphery.adc_ref_bits": "the resolution of the adc_energy_ref_j figure",
+    "periphery.adc_energy_bit_scaling": "Walden figure of merit, energy x2 per bit "
+                                        "[assumption]",
+    "device.verify_reads_per_pulse": "assumption: write-and-verify, one verify read per pulse",
 }
 
 _NEUROSIM_DEVICE = DeviceParams()

@@ -173,8 +173,7 @@ SPEC_PRESETS: dict[str, CrossbarSpec] = {
         rows=256, cols=256, weight_bits=8, cell_bits=1, adc_bits=6, dac_bits=1,
         name="mnsim",
         source="MNSIM 2.0 (thu-nics/MNSIM-2.0 SimConfig.ini): 256x256 crossbars, PE 2x2; "
-               "ADC.py choice 4: 6-bit SAR, as the mnsim energy preset (8 bits, uncited, "
-               "before session 19)",
+               "ADC.py choice 4: 6-bit SAR, as the mnsim energy preset",
     ),
     "neurosim": CrossbarSpec(
         rows=128, cols=128, weight_bits=8, cell_bits=1, adc_bits=5, dac_bits=1,

@@ -72,7 +72,7 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 #: Seconds between the plain progress lines written where stderr is not a terminal (a log
 #: file, CI, ``| tee``): a bar would fill the log with carriage returns, and nothing at all
-#: left a 7-minute pretraining silent. ``XBM_PROGRESS=1`` forces the bar.
+#: left minutes of pretraining silent. ``XBM_PROGRESS=1`` forces the bar.
 LOG_PROGRESS_SECONDS = 30.0
 
 

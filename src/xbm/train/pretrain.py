@@ -44,8 +44,9 @@ GPU_WIDTH = 64
 
 def default_width(device: torch.device | str) -> int:
     """The backbone width to use where the user gave none: ``GPU_WIDTH`` on CUDA, else
-    ``CPU_WIDTH``. One rule for ``demo``, ``pretrain``, ``adapt`` and ``eval``, so their
-    default backbone is the same cached one on a given machine."""
+    ``CPU_WIDTH``. One rule for ``demo``, ``pretrain``, ``adapt`` and ``simulate --fault-aware``, so
+    their default backbone is the same cached one on a given machine (``eval`` takes the
+    bundle's own)."""
     return GPU_WIDTH if torch.device(device).type == "cuda" else CPU_WIDTH
 
 
