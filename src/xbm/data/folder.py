@@ -218,18 +218,19 @@ def _warn_skipped(folder: Path) -> None:
     """Say what a class folder holds that is not read: sub-folders (a class's images are the
     files directly in its folder; images one level deeper would otherwise vanish without a
     word) and links to images that do not exist. Other files (a labels.csv) pass unremarked."""
-    nested = sorted(p.name for p in _listdir(folder) if p.is_dir() and not p.name.startswith("."))
-    broken = sorted(p.name for p in _listdir(folder)
+    entries = _listdir(folder)
+    nested = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
+    broken = sorted(p.name for p in entries
                     if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists())
     if nested:
         shown = ", ".join(n + "/" for n in nested[:3]) + (", ..." if len(nested) > 3 else "")
         warnings.warn(f"{folder}: {len(nested)} sub-folder(s) ({shown}) not read: a class's "
                       "images are the files directly in its folder; move them up a level to "
-                      "use them", stacklevel=2)
+                      "use them", XbmWarning, stacklevel=user_stacklevel())
     if broken:
         shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
         warnings.warn(f"{folder}: {len(broken)} link(s) to missing images skipped ({shown})",
-                      stacklevel=2)
+                      XbmWarning, stacklevel=user_stacklevel())
 
 
 def _check_memory(root: Path, n: int, channels: int, image_size: int, copies: int) -> None:
