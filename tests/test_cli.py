@@ -1901,3 +1901,42 @@ def test_outputs_never_replace_another_commands_file_of_another_kind(tmp_path, c
     assert main(["simulate", "--bundle", str(bundle), "--adc-bits", "8", "--backend", "torch",
                  "--device", "cpu", "--no-progress", "--json-out", str(res)]) == 0
     assert json.loads(res.read_text())["rows"]
+
+
+@needs_data
+@pytest.mark.filterwarnings("ignore:the backbone reached")
+def test_demo_checks_fail_when_a_method_writes_the_backbone_or_a_task_moves(tmp_path,
+                                                                            monkeypatch):
+    """The demo's checks can fail: a method that writes one backbone weight at a task's end,
+    and a task whose accuracy moves between its evaluations, are both caught."""
+    import torch
+
+    from xbm.methods.base import METHODS
+    from xbm.methods.xbm import XBM
+    from xbm.nn import CrossbarLayer
+    from xbm.train import demo
+
+    class Rogue(XBM):
+        name = "rogue"
+
+        def on_task_end(self, model, task):
+            layer = next(m for m in model.modules() if isinstance(m, CrossbarLayer))
+            with torch.no_grad():
+                layer.weight.view(-1)[0] += 1.0
+
+    monkeypatch.setitem(METHODS, "rogue", Rogue)
+    seen: dict[str, int] = {}
+    real = demo.evaluate_task
+
+    def drifting(mtm, task, loader, device):
+        seen[task] = seen.get(task, 0) + 1
+        acc = real(mtm, task, loader, device)
+        return acc + (1.0 if task == "mnist" and seen[task] == 2 else 0.0)
+
+    monkeypatch.setattr(demo, "evaluate_task", drifting)
+    cfg = demo.DemoConfig(methods=["rogue"], width=4, pretrain_epochs=1, pretrain_subset=256,
+                          train_subset=64, test_subset=64, epochs=1, device="cpu")
+    res = demo.run_demo(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert res["checks"]["rogue"]["backbone_bit_identical"] is False
+    assert res["checks"]["rogue"]["earlier_tasks_unchanged"] is False
+    assert demo.format_table(res).splitlines()[-1].startswith("checks: FAILED rogue:")

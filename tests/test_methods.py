@@ -372,3 +372,40 @@ def test_final_loss_is_the_last_steps_loss(task_a, monkeypatch):
     res = train_task(mtm, "a", loader, 3, torch.device("cpu"), progress=True)
     assert res.steps == len(seen) == 3 * len(loader)
     assert res.final_loss == float(seen[-1].detach()) and math.isfinite(res.final_loss)
+
+
+@pytest.mark.parametrize("method", ["piggyback", "xbm"])
+def test_mask_defaults_are_piggybacks_recipe_and_fresh_scores_start_on(method):
+    """Scores start at 1e-2 against a threshold of 5e-3 (Piggyback's and KSM's recipe), so every
+    weight or column starts on: a new task starts as the backbone."""
+    cfg = create_method(method).config
+    assert (cfg.mask_init, cfg.threshold) == (1e-2, 5e-3)
+    mtm = make_mtm()
+    mtm.add_task("t", 3, method)
+    for _, _, st in mtm.layer_states("t"):
+        assert torch.equal(st.score, torch.full_like(st.score, 1e-2))
+    assert mtm.masked_off_columns("t") == 0 and mtm.reprogrammed_cells("t") == 0
+
+
+@pytest.mark.parametrize("method", ["piggyback", "xbm"])
+def test_a_score_exactly_at_the_threshold_is_off_everywhere(method):
+    """mask = score > threshold: a score equal to the threshold is off in the forward (its
+    weights read as 0) and counted off by masked_off_columns / reprogrammed_cells alike."""
+    mtm = make_mtm()
+    mtm.add_task("t", 3, method)
+    name, layer, st = next(iter(mtm.layer_states("t")))
+    at = torch.tensor(5e-3, dtype=st.score.dtype)
+    above = torch.nextafter(at, torch.tensor(1.0, dtype=st.score.dtype))
+    out0 = st.score[0] if method == "piggyback" else st.score[:, 0]  # output 0's scores
+    out1 = st.score[1] if method == "piggyback" else st.score[:, 1]
+    with torch.no_grad():
+        out0.fill_(at.item())  # exactly at the threshold
+        out1.fill_(above.item())  # the next float above it
+    w, _ = layer.effective_weight_and_bias("t")
+    assert torch.equal(w[0], torch.zeros_like(w[0]))
+    assert torch.equal(w[1], layer.weight[1])
+    n_off = out0.numel()
+    if method == "xbm":
+        assert mtm.masked_off_columns("t") == n_off
+    else:
+        assert mtm.reprogrammed_cells("t") == n_off * layer.spec.cells_per_weight

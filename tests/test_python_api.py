@@ -306,3 +306,131 @@ def test_map_model_on_a_converted_model_lists_only_its_crossbar_layers() -> None
     fresh = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
     assert [lm.kind for lm in xbm.map_model(fresh, SPEC, head_name="9").layers] == \
         ["Conv2d", "Linear"]
+
+
+def _randomise_norms(model: nn.Module, seed: int = 3) -> None:
+    """Non-default statistics and affine values in every norm layer: with a fresh layer's (0, 1,
+    1, 0) a task's copy made from scratch would look the same as one copied from the base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                n = m.weight.numel()
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "vit_tiny"])
+def test_a_new_task_starts_from_the_base_task_norms_and_gets_a_head_with_bias(model) -> None:
+    """Per-task BatchNorm/LayerNorm copies start as the backbone's trained ones (statistics and
+    affine values), so a new XBM task whose masks are all on and whose head is the base head
+    computes exactly the base task's function; its head has a bias, as the base head does."""
+    torch.manual_seed(0)
+    net = create_model(model, num_classes=4, in_channels=1, width=8 if model == "small_cnn"
+                       else 16)
+    _randomise_norms(net)
+    mtm = MultiTaskModel(net, SPEC).eval()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), mtm.use_task("base"):
+        want = mtm(x)
+    mtm.add_task("t", 4, "xbm", {"per_task_bn": True})
+    head = mtm.model.fc.xbm_tasks["t"]
+    assert head.bias is not None
+    with torch.no_grad():
+        head.weight.copy_(mtm.model.fc.weight)
+        head.bias.copy_(mtm.model.fc.bias)
+        got = mtm(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mixed_runs_in_eval_mode_and_leaves_statistics_and_flags_alone() -> None:
+    """forward_mixed is inference: from a model left in training mode it must give the eval-mode
+    logits, update no BatchNorm statistics (the base's or a task's), and restore every flag."""
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    mtm.add_task("b", 5, "piggyback")
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    tasks = ["a", "b", "base", "a", "b", "base"]
+    mtm.eval()
+    want = []
+    with torch.no_grad():
+        for i, t in enumerate(tasks):
+            with mtm.use_task(t):
+                want.append(mtm(x[i:i + 1])[0])
+    mtm.train()
+    flags = {n: m.training for n, m in mtm.named_modules()}
+    stats = {k: v.clone() for k, v in mtm.state_dict().items() if "running" in k}
+    got = mtm.forward_mixed(x, tasks)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert {n: m.training for n, m in mtm.named_modules()} == flags
+    after = mtm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
+
+
+@pytest.mark.parametrize("field,value", [("cell_bits", 2), ("cols", 32), ("weight_bits", 4),
+                                         ("pe_rows", 4), ("signed", "offset")])
+def test_a_bundle_refuses_a_spec_that_differs_in_any_field(tmp_path, field, value) -> None:
+    """Every hardware field of the spec must match to load a bundle (not only rows): one field
+    off is refused, naming it, and no task is left behind."""
+    spec = xbm.get_spec(rows=16, cols=16, weight_bits=8, cell_bits=4)
+    src = MultiTaskModel(_backbone(), spec)
+    src.add_task("t", 3, "xbm")
+    src.save_bundle(tmp_path / "b.safetensors")
+    try:
+        other = spec.replace(**{field: value})
+    except ConfigError:
+        pytest.skip(f"{field}={value!r} is not a valid spec here")
+    dst = MultiTaskModel(_backbone(), other)
+    with pytest.raises(XbmError, match=field):
+        dst.load_bundle(tmp_path / "b.safetensors")
+    assert dst.task_names() == []
+    assert MultiTaskModel(_backbone(), spec).load_bundle(tmp_path / "b.safetensors") == ["t"]
+
+
+def test_finetune_trains_its_own_bias_and_leaves_the_backbone_bias() -> None:
+    """A crossbar layer with a bias (a Linear): finetune's task trains its own copy of the
+    bias, which is what its forward uses; the backbone's bias stays as programmed."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.body(x.flatten(1))))
+
+    mtm = MultiTaskModel(Net(), SPEC)
+    layer = mtm.model.body
+    bias0 = layer.bias.detach().clone()
+    mtm.add_task("t", 3, "finetune", {"lr": 1e-2})
+    st = layer.xbm_tasks["t"]
+    assert layer.effective_weight_and_bias("t")[1] is st.bias
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD([p for p in mtm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(mtm(x), y).backward()
+        opt.step()
+    assert not torch.equal(st.bias, bias0) and torch.equal(layer.bias, bias0)
+    with torch.no_grad():  # the forward reads the task's bias: moving it moves the output
+        before = mtm(x).clone()
+        st.bias.add_(1.0)
+        assert not torch.equal(mtm(x), before)
+
+
+def test_tensors_hash_covers_names_dtypes_and_values() -> None:
+    from xbm.io import tensors_hash
+
+    a, b = torch.arange(4.0), torch.arange(4.0) + 1
+    h = tensors_hash({"x": a, "y": b})
+    assert h == tensors_hash({"y": b.clone(), "x": a.clone()})  # order-independent
+    assert h != tensors_hash({"x": b, "y": a})  # two tensors' names swapped
+    assert h != tensors_hash({"x": a, "z": b})
+    assert h != tensors_hash({"x": a.double(), "y": b})
+    assert h != tensors_hash({"x": a, "y": b.reshape(2, 2)})

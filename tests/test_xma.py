@@ -127,6 +127,7 @@ def test_quantiser_boundaries():
     cfg = XMAConfig(levels=[0, 0.25, 0.5, 1, 2])  # exponents -2..1, zero below -2.5
     s = torch.tensor([0.0, 0.49, 0.5, 100.0, -0.51, -1.6, -2.49, -2.51, -50.0])
     assert _quant(cfg, s).tolist() == [1, 1, 2, 2, 0.5, 0.25, 0.25, 0, 0]
+    assert _quant(cfg, torch.tensor([-2.5])).tolist() == [0.25]  # 0 strictly below the cut
     binary = XMAConfig(levels=[0, 1])
     assert _quant(binary, torch.tensor([-0.49, -0.51, 3.0])).tolist() == [1, 0, 1]
     gap = XMAConfig(levels=[0, 0.125, 1])  # exponents -3, 0: midpoint -1.5; zero below -3.5
@@ -585,3 +586,75 @@ def test_a_budget_below_one_pe_warns_and_names_the_budget_that_takes_one():
     states = list(mtm.layer_states("u"))
     assert sum(mtm.methods["u"].selected_pes(la, st) for _, la, st in states) == 1
     assert mtm.reprogrammed_cells("u") > 0
+
+
+def _reopen_selection(mtm: MultiTaskModel, task: str) -> XMA2:
+    """A trained-in-warm-up XMA2 task whose selection can be made again by hand."""
+    method = mtm.methods[task]
+    method._selected = False
+    for _, _, st in mtm.layer_states(task):
+        st.phase.zero_()
+    return method
+
+
+def _warm_task(budget: float) -> MultiTaskModel:
+    mtm = _mtm(SMALL_SPEC)
+    seed_everything(0)
+    mtm.add_task("t", 4, "xma2", {"pe_budget": budget, "warmup_steps": 50})
+    train, _ = _loaders()
+    train_task(mtm, "t", train, 1, DEV, progress=False)  # 4 steps: still in warm-up
+    return mtm
+
+
+def test_pe_score_sums_the_magnitude_of_each_weight_gradient():
+    """A PE's tier-1 score is sum |dL/dw| over its weights, each taken alone: gradients of
+    opposite signs in one PE must add up, not cancel (checked against a direct per-PE sum)."""
+    mtm = _warm_task(0.25)
+    method = _reopen_selection(mtm, "t")
+    ref = []
+    for _, la, st in mtm.layer_states("t"):
+        g = torch.ones_like(st.weight)
+        g.view(g.shape[0], -1)[:, 1::2] *= -1  # alternate signs along each column's rows
+        g *= torch.arange(1, g.shape[0] + 1, dtype=g.dtype).view(-1, *[1] * (g.dim() - 1))
+        st._grad_acc = g
+        spec, w = la.spec, la.weight  # each weight's PE, by explicit index maths
+        pe_r = (torch.arange(w[0].numel()) // spec.rows) // spec.pe_rows
+        pe_c = (torch.arange(w.shape[0]) // (spec.cols // spec.physical_columns_per_weight)
+                ) // spec.pe_cols
+        pe = (pe_r[None, :] * st.pe_mask.shape[1] + pe_c[:, None]).reshape(-1)
+        ref.append(torch.zeros(st.pe_mask.numel(), dtype=g.dtype).index_add_(
+            0, pe, g.abs().reshape(g.shape[0], -1).reshape(-1)))
+    method.select()
+    got = torch.cat([st.pe_score.reshape(-1) for _, _, st in mtm.layer_states("t")])
+    torch.testing.assert_close(got, torch.cat(ref))
+
+
+def test_pes_without_gradient_are_never_selected():
+    """A PE whose weights got no gradient in the warm-up has score 0 and is never picked, even
+    where the budget would allow it: re-programming it could not help the task."""
+    mtm = _warm_task(1.0)
+    method = _reopen_selection(mtm, "t")
+    states = list(mtm.layer_states("t"))
+    for i, (_, _, st) in enumerate(states):
+        st._grad_acc = torch.zeros_like(st.weight) if i == 0 else torch.ones_like(st.weight)
+    method.select()
+    assert not states[0][2].pe_mask.any()
+    assert all(st.pe_mask[st.pe_score > 0].all() for _, _, st in states[1:])
+
+
+def test_spare_pes_count_every_cell_of_a_selected_pe_even_unchanged_ones():
+    """With spare PEs, a selected PE is written in full into its spare: its weights that the task
+    left at the backbone's values cost cells too. Without spare PEs only changed weights do."""
+    for spare in (True, False):
+        mtm = _mtm(SMALL_SPEC)
+        _train(mtm, "a", "xma2", {"pe_budget": 0.25, "warmup_steps": 2, "spare_pes": spare})
+        total = 0
+        for _, la, st in mtm.layer_states("a"):
+            inside = _weight_pe_mask(la, st).bool()
+            with torch.no_grad():  # put back half of the selected weights
+                keep = inside & (torch.rand(st.weight.shape,
+                                            generator=torch.Generator().manual_seed(0)) < 0.5)
+                st.weight[keep] = la.weight[keep]
+            changed = (st.weight != la.weight) & inside
+            total += int((inside if spare else changed).sum()) * la.spec.cells_per_weight
+        assert mtm.reprogrammed_cells("a") == total > 0
