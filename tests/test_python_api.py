@@ -434,3 +434,26 @@ def test_tensors_hash_covers_names_dtypes_and_values() -> None:
     assert h != tensors_hash({"x": a, "z": b})
     assert h != tensors_hash({"x": a.double(), "y": b})
     assert h != tensors_hash({"x": a, "y": b.reshape(2, 2)})
+
+
+def test_a_model_converted_by_apply_becomes_a_multitask_model_on_its_spec() -> None:
+    """xbm.apply then MultiTaskModel was a dead end ("already converted"): the converted model
+    is taken as it is on the same spec; another spec, a filter_fn, or a model that already
+    holds tasks are one-line errors; apply itself still refuses a second conversion."""
+    net = _backbone()
+    xbm.apply(net, SPEC, lambda n, m: n != "features.0")
+    mtm = MultiTaskModel(net, SPEC)
+    assert mtm.model is net and "features.0" not in [lm.name for lm in mtm.mapping().layers]
+    mtm.add_task("t", 3, "xbm")
+    xbm.train_task(mtm, "t", _loader(), 1, torch.device("cpu"), progress=False)
+    assert mtm.mask_bits("t") > 0
+    with pytest.raises(XbmError, match=r"already holds task\(s\) t"):
+        MultiTaskModel(net, SPEC)
+    other = _backbone()
+    xbm.apply(other, SPEC)
+    with pytest.raises(XbmError, match="other crossbars .*rows=16; here rows=32"):
+        MultiTaskModel(other, xbm.get_spec(rows=32, cols=16))
+    with pytest.raises(XbmError, match="leave filter_fn out"):
+        MultiTaskModel(other, SPEC, filter_fn=lambda n, m: True)
+    with pytest.raises(XbmError, match="already converted"):
+        xbm.apply(other, SPEC)

@@ -508,6 +508,7 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["backbone_bit_identical"] is True
     assert res["precision"] == "bf16" and res["image_size"] == 16
+    assert (res["saved_bundle"], res["saved_fault_map"]) == (str(bundle), str(chip))
     assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
     assert main(["cost", "--backbone", str(bb), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 16, 16]

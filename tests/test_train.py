@@ -1,5 +1,7 @@
 """Training-loop helpers."""
 
+import re
+
 
 def test_progress_off_a_terminal_writes_timed_plain_lines(capsys, monkeypatch):
     """Where stderr is no terminal (a log, CI) a long loop still says how far it is, in plain
@@ -15,6 +17,12 @@ def test_progress_off_a_terminal_writes_timed_plain_lines(capsys, monkeypatch):
     assert lines[0].startswith("pretrain ep 1/3: 1/4 (25%), ") and lines[0].endswith("s left")
     assert len(lines) == 3  # not after the last item: the loop's own summary follows
     assert loop._progress(range(3), 3, "off", False) == range(3)
+    # with epochs still to come, the time left in all too (the epoch's alone misled)
+    assert list(loop._progress(range(4), 4, "pretrain ep 1/3", True, later_epochs=2)) == \
+        list(range(4))
+    line = capsys.readouterr().err.splitlines()[0]
+    left, every = (float(v) for v in re.findall(r"~(\d+)s", line))
+    assert re.search(r"~\d+s left in this epoch, ~\d+s in all$", line) and every >= left
 
 
 def test_labels_beyond_the_tasks_classes_are_an_xbm_error():

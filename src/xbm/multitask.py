@@ -150,13 +150,42 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if not (k.startswith(marker) or f".{marker}" in k)}
 
 
+def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
+           head_name: str) -> nn.Module:
+    """A model ``xbm.apply`` already converted, taken as it is: on the same crossbars, with no
+    task of its own yet (the bookkeeping of tasks lives in the MultiTaskModel), and with its
+    layers chosen by ``apply``'s own ``filter_fn``."""
+    if filter_fn is not None:
+        raise XbmError("model is already converted to crossbar layers (xbm.apply), whose "
+                       "filter_fn chose them; leave filter_fn out here, or pass the unconverted "
+                       "model with filter_fn=")
+    held = sorted({t for _, m in task_aware_modules(model) for t in m.xbm_tasks})
+    if held:
+        raise XbmError(f"model already holds task(s) {', '.join(held)} (it belongs to another "
+                       "MultiTaskModel); use that one, or a fresh model and load_bundle")
+    head = dict(model.named_modules()).get(head_name)
+    if not isinstance(head, TaskHead):
+        raise XbmError(f"model is already converted, but its head is not {head_name!r}; pass "
+                       "head_name= the name it was converted with")
+    for name, m in model.named_modules():
+        if isinstance(m, CrossbarLayer) and m.spec.geometry_dict() != spec.geometry_dict():
+            diff = sorted(k for k, v in spec.geometry_dict().items()
+                          if m.spec.geometry_dict().get(k) != v)
+            raise XbmError(f"model is already converted to other crossbars ({name}: "
+                           f"{', '.join(f'{k}={getattr(m.spec, k)}' for k in diff)}; here "
+                           f"{', '.join(f'{k}={getattr(spec, k)}' for k in diff)}); pass the "
+                           "spec it was converted with, or convert a fresh model")
+    return model
+
+
 class MultiTaskModel(nn.Module):
     """A backbone on crossbars plus per-task state, keyed by task name.
 
     The backbone is converted **in place** (``self.model is backbone``): its parameters keep
     their identity, values and state-dict keys, so the programmed weights are exactly the
     tensors that were loaded, before or after the conversion. A backbone can be converted once;
-    build a new one for a second model.
+    build a new one for a second model. A model that :func:`xbm.apply` converted (on the same
+    spec, without ``filter_fn`` here) is taken as it is.
 
     Args:
         backbone: the pretrained torch model; its classifier is the Linear named ``head_name``.
@@ -189,7 +218,10 @@ class MultiTaskModel(nn.Module):
         self.backbone_file = os.path.abspath(os.path.expanduser(backbone_file)) \
             if backbone_file else None
         self.head_name = head_name
-        self.model = apply(backbone, self.spec, filter_fn, head_name)
+        if any(True for _ in task_aware_modules(backbone)):
+            self.model = _adopt(backbone, self.spec, filter_fn, head_name)
+        else:
+            self.model = apply(backbone, self.spec, filter_fn, head_name)
         # the wrapper's flag is the backbone's (nn.Module starts every module in training
         # mode): `mtm.training` then says what a plain forward does, and helpers that
         # restore it do not turn an eval-mode backbone back to training

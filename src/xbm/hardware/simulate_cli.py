@@ -494,6 +494,8 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
             "backbone_bit_identical": identical, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "epochs": args.epochs, "precision": precision,
             "image_size": image_size,
+            "saved_bundle": str(args.out) if args.out else None,
+            "saved_fault_map": str(args.save_fault_map) if args.save_fault_map else None,
             **_run_settings(args)}
 
 
@@ -611,6 +613,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                title="the fault-unaware task on a fault-free chip, by ADC resolution (delta: "
                "against its ideal accuracy)")
         print(f"backbone bit-identical: {res['backbone_bit_identical']}")
+        if res.get("saved_bundle"):
+            print(f"saved {res['saved_bundle']} (the fault-aware task and its fault-unaware "
+                  "twin; xbm eval and xbm simulate --bundle take it)")
+        if res.get("saved_fault_map"):
+            print(f"saved {res['saved_fault_map']} (the chip's stuck cells; xbm simulate "
+                  "--fault-map takes it)")
     for p in res.get("plots", []):
         print(f"plot: {p}")
     return 0

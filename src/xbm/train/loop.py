@@ -78,12 +78,15 @@ LOG_PROGRESS_SECONDS = 30.0
 
 class _LogProgress:
     """Iterate ``iterable``, writing ``desc: i/total (p%), Ns, ~Ms left`` to stderr at most
-    every :data:`LOG_PROGRESS_SECONDS` (so a short loop writes nothing)."""
+    every :data:`LOG_PROGRESS_SECONDS` (so a short loop writes nothing). With
+    ``later_epochs`` (whole epochs still to come after this one) the line also gives the time
+    left in all, so a log reader is not told "11 s left" with two epochs to go."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str,
-                 every: float | None = None) -> None:
+                 every: float | None = None, later_epochs: int = 0) -> None:
         self.iterable, self.total, self.desc = iterable, total, desc
         self.every = LOG_PROGRESS_SECONDS if every is None else every
+        self.later_epochs = later_epochs
 
     def __iter__(self):
         t0 = last = time.perf_counter()
@@ -92,17 +95,24 @@ class _LogProgress:
             now = time.perf_counter()
             if now - last >= self.every and i < self.total:
                 last = now
-                left = (now - t0) / i * (self.total - i)
+                per_step = (now - t0) / i
+                left = per_step * (self.total - i)
+                tail = f"~{left:.0f}s left"
+                if self.later_epochs:
+                    every_left = left + per_step * self.total * self.later_epochs
+                    tail = f"~{left:.0f}s left in this epoch, ~{every_left:.0f}s in all"
                 print(f"{self.desc}: {i}/{self.total} ({100 * i / self.total:.0f}%), "
-                      f"{now - t0:.0f}s, ~{left:.0f}s left", file=sys.stderr, flush=True)
+                      f"{now - t0:.0f}s, {tail}", file=sys.stderr, flush=True)
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    """A progress bar on a terminal, timed plain lines elsewhere, nothing when disabled."""
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool,
+              later_epochs: int = 0):
+    """A progress bar on a terminal, timed plain lines elsewhere, nothing when disabled.
+    ``later_epochs``: whole epochs after this one, for the plain lines' time left in all."""
     if not enabled:
         return iterable
     if not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1":
-        return _LogProgress(iterable, total, desc)
+        return _LogProgress(iterable, total, desc, later_epochs=later_epochs)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
@@ -375,7 +385,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     t0 = time.perf_counter()
     for epoch in range(epochs):
         it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
-                       f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress)
+                       f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
+                       later_epochs=epochs - epoch - 1)
         for batch in it:
             x, y = _pair(batch)
             if y.device.type == "cpu":  # checked before the move: no GPU synchronisation

@@ -308,7 +308,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     model.train()
     for epoch in range(cfg.epochs):
         it = _progress(train_loader, len(train_loader), f"pretrain ep {epoch + 1}/{cfg.epochs}",
-                       progress)
+                       progress, later_epochs=cfg.epochs - epoch - 1)
         for x, y in it:
             x, y = x.to(device), y.to(device)
             if augment is not None:
