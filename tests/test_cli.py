@@ -874,7 +874,22 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     assert main(["pretrain", *tiny]) == 0  # into the cache
     capsys.readouterr()
     assert main(["pretrain", *tiny]) == 0
-    assert capsys.readouterr().out.startswith("already cached: ")
+    said = capsys.readouterr().out
+    assert said.startswith("already cached: ")
+    assert re.search(r"\(accuracy \d+\.\d\d% on [\d,]+ test images, hash ", said), said
+
+
+def test_a_backbone_accuracy_says_how_many_test_images_it_was_measured_on():
+    """A demo scores its backbone on its test subset; the cache keeps that figure for every later
+    command of the recipe, so it is always said with its image count (older files: from the
+    recorded test_subset, else the bare figure)."""
+    from xbm.train.pretrain import accuracy_text
+
+    assert accuracy_text({"accuracy": 12.5, "test_images": 200}) == "12.50% on 200 test images"
+    assert accuracy_text({"accuracy": 88.0, "config": {"test_subset": 2000}}) == \
+        "88.00% on 2,000 test images"
+    assert accuracy_text({"accuracy": 88.0, "config": {"test_subset": None}}) == "88.00%"
+    assert accuracy_text({"accuracy": None}) == accuracy_text({}) == "unknown"
 
 
 def test_cli_warnings_are_one_line(capsys, monkeypatch):

@@ -115,7 +115,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from xbm.io import check_output
     from xbm.train import distributed as xdist
     from xbm.train import resolve_device
-    from xbm.train.pretrain import PretrainConfig, cache_dir, load_backbone, pretrain
+    from xbm.train.pretrain import (
+        PretrainConfig,
+        accuracy_text,
+        cache_dir,
+        load_backbone,
+        pretrain,
+    )
 
     _check_counts(args, ("epochs", "batch_size", "train_subset"))
     device = resolve_device(args.device)
@@ -143,7 +149,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 raise XbmError(f"cached backbone is unusable ({exc}); pass --force to pretrain "
                                "it anew") from None
         if not args.force:
-            print(f"already cached: {out} (accuracy {old['accuracy']:.2f}%, hash {old_hash}); "
+            print(f"already cached: {out} (accuracy {accuracy_text(old)}, hash {old_hash}); "
                   "pass --force to pretrain it again")
             return 0
     check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)", ".safetensors")
@@ -172,7 +178,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         else:
             print(f"kept the previous backbone as {kept} (hash {old_hash}), so bundles made on "
                   "it still load")
-    print(f"saved {out} (accuracy {meta['accuracy']:.2f}%, hash {meta['content_hash']})")
+    print(f"saved {out} (accuracy {accuracy_text(meta)}, hash {meta['content_hash']})")
     default = PretrainConfig(model=cfg.model, width=cfg.width).for_device(device)
     if out.resolve() == (cache_dir() / "backbones" / default.cache_name(args.data_root)).resolve():
         model = "" if cfg.model == DEFAULT_MODEL else f"--model {cfg.model} "

@@ -42,6 +42,20 @@ CPU_WIDTH = 16
 GPU_WIDTH = 64
 
 
+def accuracy_text(meta: dict[str, Any]) -> str:
+    """A backbone's recorded accuracy and what it was measured on: a demo pretrains on the
+    whole base task but scores it on the demo's test subset, and a later ``xbm pretrain`` of
+    the same recipe finds that figure in the cache (the subset is not part of the cache key)."""
+    acc = meta.get("accuracy")
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool):
+        return "unknown"
+    n = meta.get("test_images")
+    if not isinstance(n, int) or isinstance(n, bool):  # backbones saved before it was kept
+        sub = (meta.get("config") or {}).get("test_subset")
+        return f"{acc:.2f}%" + (f" on {sub:,} test images" if isinstance(sub, int) else "")
+    return f"{acc:.2f}% on {n:,} test images"
+
+
 def default_width(device: torch.device | str) -> int:
     """The backbone width to use where the user gave none: ``GPU_WIDTH`` on CUDA, else
     ``CPU_WIDTH``. One rule for ``demo``, ``pretrain``, ``adapt`` and ``simulate --fault-aware``, so
@@ -363,11 +377,13 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         "config": cfg.__dict__ | ({"data_root": os.path.abspath(os.path.expanduser(root))}
                                   if root else {}),
         "accuracy": acc,
+        "test_images": int(data.test_y.numel()),
         "train_seconds": secs,
         "content_hash": tensors_hash(state),
         "torch": torch.__version__,
     }
-    log(f"pretrained: {cfg.dataset} test accuracy {acc:.2f}% in {secs:.0f}s")
+    log(f"pretrained: {cfg.dataset} test accuracy {acc:.2f}% ({len(data.test_y):,} test images) "
+        f"in {secs:.0f}s")
     if out is not None:
         save_safetensors(out, state, meta)
     return model, meta
@@ -583,9 +599,7 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
             raise BundleError(f"cached backbone {p} holds {arch.get('name')} width "
                               f"{arch.get('width')}, but its name says {cfg.model} width "
                               f"{cfg.width}; delete it and run again to pretrain it anew")
-        acc = meta.get("accuracy")
-        acc_text = f"{acc:.2f}%" if isinstance(acc, (int, float)) else "unknown"
-        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {acc_text})")
+        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
         return model, meta, p
     if not path:
         log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
