@@ -589,6 +589,16 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
     assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100
     assert res["bundle"] == str(path) and res["test_subset"] == 40 and res["seed"] == 0
     assert res["backbone_hash"] == read_bundle_meta(path)[0]["backbone_hash"]
+    # a row per task as it finishes: on stdout, or on stderr beside --json (stdout: JSON alone)
+    assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--json",
+                 "--device", "cpu"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["tasks"] == res["tasks"]
+    assert got.err.startswith("evaluating 1 task(s): task ") and "\nt     xbm " in got.err
+    assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["task", "method", "dataset", "accuracy", "test", "images"]
+    assert lines[1].split()[:3] == ["t", "xbm", "animal-mnist"] and lines[1].endswith("40")
 
 
 def test_usage_errors_are_one_line(capsys):

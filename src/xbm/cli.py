@@ -690,26 +690,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     backbone, bmeta = xdist.main_first(lambda: _backbone(args, device, meta))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
+    todo = [args.task] if args.task else names
     out = []
-    for t in ([args.task] if args.task else names):
+    # a row as each task finishes (a bundle of many tasks on a CPU takes minutes); under --json
+    # stdout holds the JSON alone, so the rows go to stderr as progress, unless --no-progress
+    wt = max([4, *(len(t) for t in todo)])
+    wd = max([7, *(len(mtm.tasks[t].dataset or "") for t in todo)])
+    head = f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy  test images"
+    rows_to = None if args.json and args.no_progress else sys.stderr if args.json else sys.stdout
+    if rows_to is not None and xdist.is_main():
+        print(head if not args.json else f"evaluating {len(todo)} task(s): {head}",
+              file=rows_to, flush=True)
+    for t in todo:
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
         ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=args.seed,
                                     channels=(bmeta.get("arch") or {}).get("in_channels"))
         _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
         acc = evaluate_task(mtm, t, test_loader, device)
-        out.append({"task": t, "method": mtm.tasks[t].method, "dataset": ds,
-                    "accuracy": round(acc, 4), "test_images": len(data.test_y)})
+        r = {"task": t, "method": mtm.tasks[t].method, "dataset": ds,
+             "accuracy": round(acc, 4), "test_images": len(data.test_y)}
+        out.append(r)
+        if rows_to is not None and xdist.is_main():
+            print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
+                  f"{r['accuracy']:>7.2f}%  {r['test_images']:>11,}", file=rows_to, flush=True)
     if args.json:  # an object, as adapt's and cost's: what was evaluated, then the tasks
         print(json.dumps({"bundle": str(args.bundle), "backbone_hash": bmeta.get("content_hash"),
                           "seed": args.seed, "test_subset": args.test_subset, "tasks": out},
                          indent=2))
-    else:
-        wt = max([4, *(len(r["task"]) for r in out)])
-        wd = max([7, *(len(r["dataset"]) for r in out)])
-        print(f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy  test images")
-        for r in out:
-            print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
-                  f"{r['accuracy']:>7.2f}%  {r['test_images']:>11,}")
     return 0
 
 
