@@ -457,3 +457,24 @@ def test_a_model_converted_by_apply_becomes_a_multitask_model_on_its_spec() -> N
         MultiTaskModel(other, SPEC, filter_fn=lambda n, m: True)
     with pytest.raises(XbmError, match="already converted"):
         xbm.apply(other, SPEC)
+
+
+def test_set_trainable_picks_the_task_a_hand_written_loop_trains() -> None:
+    """set_task routes forwards and leaves trainability alone (it also serves evaluation);
+    set_trainable makes one task's parameters the only trainable ones, as add_task does."""
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    ids = {t: {id(p) for p in mtm._task_params(t)} for t in ("a",)}
+    mtm.add_task("b", 3, "piggyback")
+    ids["b"] = {id(p) for p in mtm._task_params("b")}
+    trainable = lambda: {id(p) for p in mtm.parameters() if p.requires_grad}  # noqa: E731
+    assert trainable() == ids["b"]
+    mtm.set_task("a")
+    assert trainable() == ids["b"]
+    mtm.set_trainable("a")
+    assert trainable() == ids["a"] and mtm.active_task == "a"
+    with pytest.raises(XbmError, match="pretrained backbone's own task"):
+        mtm.set_trainable("base")
+    with pytest.raises(XbmError, match="unknown task 'c'"):
+        mtm.set_trainable("c")
+    assert trainable() == ids["a"]

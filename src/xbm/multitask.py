@@ -315,9 +315,7 @@ class MultiTaskModel(nn.Module):
             raise
         self.tasks[name] = TaskInfo(name, m.name, m.config.to_dict(), num_classes, dataset)
         self.methods[name] = m
-        for t in self.tasks:
-            for p in self._task_params(t):
-                p.requires_grad_(t == name)
+        self.set_trainable(name)
         self.set_task(name)
         return m
 
@@ -337,8 +335,19 @@ class MultiTaskModel(nn.Module):
         if self._active == name:
             self.set_task(BASE_TASK)
 
+    def set_trainable(self, name: str) -> None:
+        """Make ``name``'s own parameters the only trainable ones (``requires_grad``), as
+        :meth:`add_task` does for a new task: a hand-written loop over the trainable parameters
+        then trains that task, e.g. an earlier one further. ``set_task`` only routes forwards;
+        it does not change this (it also serves evaluation, which must not)."""
+        self._require(name)
+        for t in self.tasks:
+            for p in self._task_params(t):
+                p.requires_grad_(t == name)
+
     def set_task(self, name: str) -> None:
-        """Route every forward through `name` (`base` = the backbone as pretrained)."""
+        """Route every forward through `name` (`base` = the backbone as pretrained). Which task
+        is trainable stays as it was: :meth:`set_trainable` changes that."""
         if not isinstance(name, str):
             raise XbmError(f"set_task takes a task name, got {type(name).__name__}")
         if name != BASE_TASK:
