@@ -1965,3 +1965,33 @@ def test_demo_checks_fail_when_a_method_writes_the_backbone_or_a_task_moves(tmp_
     assert res["checks"]["rogue"]["backbone_bit_identical"] is False
     assert res["checks"]["rogue"]["earlier_tasks_unchanged"] is False
     assert demo.format_table(res).splitlines()[-1].startswith("checks: FAILED rogue:")
+
+
+@needs_data
+def test_eval_task_base_scores_the_backbone_on_its_pretraining_set(tmp_path, capsys):
+    """`xbm eval --task base` scores the backbone's own task on the set it was pretrained on, at
+    its side: the figure pretraining recorded (up to the odd image that the channels-last
+    layout of pretraining rounds the other way), and unchanged by the bundle's tasks."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+    from xbm.train.pretrain import PretrainConfig, load_backbone, pretrain
+
+    bb = tmp_path / "bb.safetensors"
+    pretrain(PretrainConfig(model="small_cnn", width=4, dataset="mnist", epochs=2,
+                            train_subset=1024, batch_size=32, lr=1e-2, image_size=16, augment="none",
+                            mixup=0.0), torch.device("cpu"), bb, progress=False,
+             log=lambda *a: None)
+    model, meta = load_backbone(bb)
+    mtm = MultiTaskModel(model, CrossbarSpec(rows=16, cols=16), arch=meta["arch"],
+                         backbone_file=bb)
+    mtm.add_task("t", 10, "xbm", dataset="mnist")
+    bundle = tmp_path / "b.safetensors"
+    mtm.save_bundle(bundle)
+    assert main(["eval", "--bundle", str(bundle), "--task", "base", "--json", "--device", "cpu",
+                 "--no-progress"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert rec["task"] == "base" and rec["dataset"] == "mnist" and rec["test_images"] == 10_000
+    assert meta["accuracy"] > 50  # a backbone that learned something, not a constant guess
+    assert rec["accuracy"] == pytest.approx(meta["accuracy"], abs=0.05)
+    assert main(["eval", "--bundle", str(bundle), "--task", "nope", "--device", "cpu"]) == 2
+    assert "(and 'base', the backbone's own task)" in capsys.readouterr().err

@@ -319,6 +319,27 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
 
 
+def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any]):
+    """The backbone's own task (``--task base``): its pretraining dataset, or ``--dataset``, at
+    the side and channels it was pretrained at; returns what :func:`_task_data` does. The
+    pretraining accuracy was measured on the subset ``--test-subset N --seed S`` draws when N
+    and S are the recipe's test subset and seed."""
+    from xbm.data import load_dataset
+
+    ds = args.dataset or bmeta.get("dataset")
+    if not ds or ds in ("unknown", "imported"):
+        raise XbmError("the backbone records no pretraining dataset (an imported one); pass "
+                       "--dataset NAME to evaluate the base task on it")
+    side = recipe_side(bmeta.get("config")) or 28
+    arch = bmeta.get("arch") or {}
+    data = load_dataset(ds, root=args.data_root, channels=arch.get("in_channels"),
+                        image_size=side)
+    if arch.get("num_classes") not in (None, data.num_classes):
+        raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
+                       f"{data.num_classes}; pass the --dataset it was pretrained on")
+    return ds, data.subset(None, args.test_subset, seed=args.seed), side
+
+
 def task_image_size(task: Any) -> int:
     """The image side a bundle's task was learned at (28 for tasks from before it was recorded,
     when every task was 28x28)."""
@@ -684,9 +705,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_counts(args, ("batch_size", "test_subset"))
     device = resolve_device(args.device)
     meta, spec, infos = read_bundle_meta(args.bundle)  # before the backbone: cheap checks first
-    if args.task and args.task not in {t.name for t in infos}:
+    if args.task and args.task != "base" and args.task not in {t.name for t in infos}:
         raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
-                       f"{', '.join(t.name for t in infos) or 'no tasks'}")
+                       f"{', '.join(t.name for t in infos) or 'no tasks'} (and 'base', the "
+                       "backbone's own task)")
     backbone, bmeta = xdist.main_first(lambda: _backbone(args, device, meta))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
@@ -695,7 +717,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # a row as each task finishes (a bundle of many tasks on a CPU takes minutes); under --json
     # stdout holds the JSON alone, so the rows go to stderr as progress, unless --no-progress
     wt = max([4, *(len(t) for t in todo)])
-    wd = max([7, *(len(mtm.tasks[t].dataset or "") for t in todo)])
+    wd = max([7, *(len((mtm.tasks[t].dataset if t in mtm.tasks else bmeta.get("dataset"))
+                       or "") for t in todo)])
     head = f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy  test images"
     rows_to = None if args.json and args.no_progress else sys.stderr if args.json else sys.stdout
     if rows_to is not None and xdist.is_main():
@@ -703,11 +726,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=rows_to, flush=True)
     for t in todo:
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
-        ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset, seed=args.seed,
-                                    channels=(bmeta.get("arch") or {}).get("in_channels"))
+        if t == "base":
+            ds, data, size = _base_task_data(args, bmeta)
+        else:
+            ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset,
+                                        seed=args.seed,
+                                        channels=(bmeta.get("arch") or {}).get("in_channels"))
         _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
         acc = evaluate_task(mtm, t, test_loader, device)
-        r = {"task": t, "method": mtm.tasks[t].method, "dataset": ds,
+        r = {"task": t, "method": "base" if t == "base" else mtm.tasks[t].method, "dataset": ds,
              "accuracy": round(acc, 4), "test_images": len(data.test_y)}
         out.append(r)
         if rows_to is not None and xdist.is_main():
@@ -944,8 +971,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate the tasks of a bundle")
     ev.add_argument("--bundle", required=True, help="task bundle `xbm adapt` wrote")
-    ev.add_argument("--task", help="only this task (default: every task of the bundle)")
-    ev.add_argument("--dataset", help="dataset (default: the one the task recorded)")
+    ev.add_argument("--task", help="only this task (default: every task of the bundle); base: "
+                    "the backbone's own task, on the dataset it was pretrained on")
+    ev.add_argument("--dataset", help="dataset (default: the one the task recorded, or the "
+                    "backbone's pretraining set for --task base)")
     ev.add_argument("--backbone", help="backbone .safetensors (default: the cached one whose "
                     "hash the bundle records, or the backbone file the bundle records)")
     ev.add_argument("--batch-size", type=int, default=256, help="default: %(default)s")
