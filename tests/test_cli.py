@@ -1978,8 +1978,9 @@ def test_eval_task_base_scores_the_backbone_on_its_pretraining_set(tmp_path, cap
 
     bb = tmp_path / "bb.safetensors"
     pretrain(PretrainConfig(model="small_cnn", width=4, dataset="mnist", epochs=2,
-                            train_subset=1024, batch_size=32, lr=1e-2, image_size=16, augment="none",
-                            mixup=0.0), torch.device("cpu"), bb, progress=False,
+                            train_subset=1024, batch_size=32, lr=1e-2, image_size=16,
+                            augment="none", mixup=0.0), torch.device("cpu"), bb,
+             progress=False,
              log=lambda *a: None)
     model, meta = load_backbone(bb)
     mtm = MultiTaskModel(model, CrossbarSpec(rows=16, cols=16), arch=meta["arch"],
