@@ -409,3 +409,37 @@ def test_a_score_exactly_at_the_threshold_is_off_everywhere(method):
         assert mtm.masked_off_columns("t") == n_off
     else:
         assert mtm.reprogrammed_cells("t") == n_off * layer.spec.cells_per_weight
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "vit_tiny"])
+def test_every_method_exports_a_plain_torch_model_that_computes_its_task(model, task_a):
+    """export_task (PEFT's merge_and_unload): for every registered method, a copy with no xbm
+    class left, the backbone's state-dict keys, and the task's function; its state dict loads
+    into a freshly built model of the architecture, which then computes the same; the
+    converted model and its backbone are left as they were."""
+    torch.manual_seed(0)
+    kw = {"width": 16} if model == "vit_tiny" else {}
+    mtm = MultiTaskModel(create_model(model, num_classes=4, in_channels=1, **kw),
+                         get_spec(rows=16, cols=16))
+    train, _ = task_a.loaders(16, seed=0)
+    for m in ALL:
+        seed_everything(0)
+        mtm.add_task(m, 3, m, TABLE_CONFIGS.get(m))
+        train_task(mtm, m, train, 1, torch.device("cpu"), progress=False)
+    before = snapshot(mtm)
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    for t in ["base", *ALL]:
+        plain = mtm.export_task(t)
+        assert not [type(m) for m in plain.modules() if type(m).__module__ == "xbm.nn.layers"]
+        mtm.eval()
+        with torch.no_grad(), mtm.use_task(t):
+            want = mtm(x)
+            torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+            fresh = create_model(model, num_classes=want.shape[1], in_channels=1, **kw).eval()
+            fresh.load_state_dict(plain.state_dict())  # strict: the same keys and shapes
+            torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+    assert sum(int(st.pe_mask.sum()) for _, _, st in mtm.layer_states("xma2")) > 0
+    after = mtm.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(XbmError, match="unknown task 'nope'"):
+        mtm.export_task("nope")

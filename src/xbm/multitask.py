@@ -335,6 +335,17 @@ class MultiTaskModel(nn.Module):
         if self._active == name:
             self.set_task(BASE_TASK)
 
+    def export_task(self, name: str) -> nn.Module:
+        """A plain torch copy of the backbone that computes task ``name`` (``base``: as
+        pretrained): no xbm class left, the backbone's state-dict keys, eval mode; for
+        deployment or export elsewhere (:func:`xbm.nn.export_task`, PEFT's
+        ``merge_and_unload``). This model is not touched."""
+        from xbm.nn import export_task
+
+        if name != BASE_TASK:
+            self._require(name)
+        return export_task(self.model, name)
+
     def set_trainable(self, name: str) -> None:
         """Make ``name``'s own parameters the only trainable ones (``requires_grad``), as
         :meth:`add_task` does for a new task: a hand-written loop over the trainable parameters

@@ -1,6 +1,6 @@
 """Crossbar layers and the conversion entry point."""
 
-from xbm.nn.convert import apply, crossbar_layers, task_aware_modules
+from xbm.nn.convert import apply, crossbar_layers, export_task, task_aware_modules
 from xbm.nn.layers import (
     BASE_TASK,
     CrossbarConv2d,
@@ -23,5 +23,6 @@ __all__ = [
     "TaskLayerNorm",
     "apply",
     "crossbar_layers",
+    "export_task",
     "task_aware_modules",
 ]

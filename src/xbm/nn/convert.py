@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from xbm.errors import XbmError, XbmWarning, user_stacklevel
@@ -107,3 +108,87 @@ def crossbar_layers(model: nn.Module) -> list[tuple[str, CrossbarLayer]]:
 def task_aware_modules(model: nn.Module) -> list[tuple[str, TaskAware]]:
     """(name, module) of every task-aware module in a converted model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TaskAware)]
+
+
+_PLAIN_OF: dict[type, type] = {v: k for k, v in _CLASS_MAP.items()} | {
+    v: k for k, v in _NORM_MAP.items()}
+
+
+def export_task(model: nn.Module, task: str) -> nn.Module:
+    """A plain torch copy of a converted ``model`` that computes ``task`` (``base``: the
+    backbone as pretrained): PEFT's ``merge_and_unload`` for crossbar tasks.
+
+    Each crossbar layer becomes the ``nn.Conv2d``/``nn.Linear`` it was, holding the task's
+    effective weight and bias (mask times programmed weight, a column's shift level folded in,
+    XMA2's re-programmed PEs, finetune's own weights); a norm layer becomes the task's own copy
+    (per-task BN) or the backbone's; the head becomes the task's. No xbm class is left, so the
+    copy runs, saves and exports (TorchScript, ONNX, ``torch.export``) as any torch model, with
+    the backbone's state-dict keys. It is what the chip computes in ideal arithmetic, for
+    inference and deployment elsewhere: the crossbar bookkeeping (mask bits, re-programmed
+    cells) stays with the converted model. The copy is returned in eval mode; ``model`` itself
+    is not touched.
+
+    Raises:
+        XbmError: ``model`` is not converted, or has no task ``task``.
+    """
+    import copy
+
+    from xbm.nn.layers import BASE_TASK
+
+    aware = [(n, m) for n, m in model.named_modules() if isinstance(m, TaskAware)]
+    if not aware:
+        raise XbmError("export_task takes a model converted by xbm.apply or a MultiTaskModel's "
+                       ".model; this one has no crossbar layers")
+    known = {t for _, m in aware for t in m.xbm_tasks}
+    if task != BASE_TASK and task not in known:
+        raise XbmError(f"no task {task!r} to export; the model has "
+                       f"{', '.join([BASE_TASK, *sorted(known)])}")
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in [(n, m) for n, m in out.named_modules() if isinstance(m, TaskAware)]:
+            own = mod.xbm_tasks[task] if task in mod.xbm_tasks else None  # noqa: SIM401
+            if isinstance(mod, CrossbarLayer):
+                w, b = mod.effective_weight_and_bias(task)
+                w, b = w.detach().clone(), None if b is None else b.detach().clone()
+                new = _plain_copy(mod)
+                new.weight = nn.Parameter(w, requires_grad=False)
+                if b is not None:
+                    new.bias = nn.Parameter(b, requires_grad=False)
+            elif isinstance(mod, TaskHead) or own is not None:
+                new = own if own is not None else _plain_copy(mod)  # the task's head or norm
+            else:  # a norm the task shares with the backbone
+                new = _plain_copy(mod)
+            _replace(out, name, new)
+    return out.eval()
+
+
+def _plain_copy(mod: nn.Module) -> nn.Module:
+    """``mod`` as the plain torch class it was converted from, with its own parameters, buffers
+    and settings, and none of the task bookkeeping or hooks (training-time hooks of a method
+    must not follow a deployed copy)."""
+    plain = _PLAIN_OF.get(type(mod)) or (nn.Linear if isinstance(mod, TaskHead) else None)
+    if plain is None:
+        raise XbmError(f"cannot export a {type(mod).__name__}: no plain torch class known")
+    new = plain.__new__(plain)
+    nn.Module.__init__(new)  # fresh module internals: no hooks, no children
+    internal = set(new.__dict__)
+    for k, v in mod.__dict__.items():
+        if k not in internal and k not in _TASK_ATTRS:  # in_channels, stride, eps, ...
+            new.__dict__[k] = v
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
+    new.training = mod.training
+    return new
+
+
+_TASK_ATTRS = frozenset({"active_task", "spec", "methods", "simulator", "matrix_rows",
+                         "matrix_cols"})
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if not leaf:
+        raise XbmError("export_task: the model itself is a converted layer; wrap it in a module")
+    setattr(parent, leaf, new)
