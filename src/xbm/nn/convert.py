@@ -122,11 +122,10 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
     effective weight and bias (mask times programmed weight, a column's shift level folded in,
     XMA2's re-programmed PEs, finetune's own weights); a norm layer becomes the task's own copy
     (per-task BN) or the backbone's; the head becomes the task's. No xbm class is left, so the
-    copy runs, saves and exports (TorchScript, ONNX, ``torch.export``) as any torch model, with
-    the backbone's state-dict keys. It is what the chip computes in ideal arithmetic, for
-    inference and deployment elsewhere: the crossbar bookkeeping (mask bits, re-programmed
-    cells) stays with the converted model. The copy is returned in eval mode; ``model`` itself
-    is not touched.
+    copy runs, saves and loads as any torch model, with the backbone's state-dict keys. It is
+    what the chip computes in ideal arithmetic, for inference and deployment elsewhere: the
+    crossbar bookkeeping (mask bits, re-programmed cells) stays with the converted model. The
+    copy is returned in eval mode; ``model`` itself is not touched.
 
     Raises:
         XbmError: ``model`` is not converted, or has no task ``task``.
