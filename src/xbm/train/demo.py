@@ -52,8 +52,8 @@ class DemoConfig:
     """Defaults are sized for 10 minutes on 2 CPU cores, pretraining included (width 16, two
     adaption epochs, bf16 autocast where the CPU has native bf16 units: 461 s on a fresh clone;
     docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
-    longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes, at
-    one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA
+    longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes (478 s
+    on an emulated AVX2-only CPU, pretraining included), at one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA
     graphs, where with these defaults XBM came within 0.52 points of Piggyback and XMA within
     0.33 (mean of three seeds; 2.5 minutes on an H200 shared by three demos;
     docs/benchmarks.md, "GPU session 4")."""
@@ -208,7 +208,8 @@ def fp32_time_note(cfg: DemoConfig, device: torch.device, precision: str) -> str
         return None
     return ("note: this CPU has no native bf16 units, so the demo runs in fp32; on 2 cores expect "
             "more than 10 minutes (a 2-core box forced to fp32 took 667 s, against 427-500 s in "
-            "bf16); --epochs 1 fits in 10, at one epoch's accuracy (docs/benchmarks.md)")
+            "bf16); --epochs 1 fits in 10 (478 s on an emulated AVX2-only CPU, pretraining "
+            "included), at one epoch's accuracy (docs/benchmarks.md)")
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
