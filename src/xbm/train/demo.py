@@ -53,10 +53,10 @@ class DemoConfig:
     adaption epochs, bf16 autocast where the CPU has native bf16 units: 461 s on a fresh clone;
     docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
     longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes (478 s
-    on an emulated AVX2-only CPU, pretraining included), at one epoch's accuracy. On CUDA the width defaults to 64 and the steps replay from CUDA
-    graphs, where with these defaults XBM came within 0.52 points of Piggyback and XMA within
-    0.33 (mean of three seeds; 2.5 minutes on an H200 shared by three demos;
-    docs/benchmarks.md, "GPU session 4")."""
+    on an emulated AVX2-only CPU, pretraining included), at one epoch's accuracy. On CUDA the
+    width defaults to 64 and the steps replay from CUDA graphs, where with these defaults XBM
+    came within 0.52 points of Piggyback and XMA within 0.33 (mean of three seeds; 2.5 minutes
+    on an H200 shared by three demos; docs/benchmarks.md, "GPU session 4")."""
 
     benchmark: str = "mnist-family"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
