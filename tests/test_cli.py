@@ -1316,6 +1316,12 @@ def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
     assert main(["cost", "--bundle", str(out), "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)
     assert cost["input_shape"] == [1, 3, 16, 16], cost.get("input_shape")
+    # the on-chip workload is the papers' default; the steps these tasks trained are said beside
+    note = [n for n in cost["notes"] if n.startswith("on-chip adaption is priced at the default")]
+    assert note and re.search(rf"{rec['task']} \d+ steps at batch 8: --iterations N", note[0]), \
+        cost["notes"]
+    assert main(["cost", "--bundle", str(out), "--iterations", "100", "--json"]) == 0
+    assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "on-chip" in n]
     # a second task joins at the bundle's side unless told otherwise
     assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--bundle", str(out),
                  "--train-subset", "40", "--test-subset", "40", "--device", "cpu",

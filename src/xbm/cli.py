@@ -615,12 +615,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
         mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
+    # the training workload, for `xbm cost --bundle` to compare with its on-chip default
+    mtm.tasks[task].extra["batch_size"] = args.batch_size
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)
     tr = train_task(mtm, task, train_loader, args.epochs, device, progress=not args.no_progress,
                     precision=precision, cuda_graph=cuda_graph)
     acc = evaluate_task(mtm, task, test_loader, device)
+    mtm.tasks[task].extra["train_steps"] = tr.steps
     if xdist.is_main():
         from xbm.io import folder_lock
 

@@ -113,7 +113,8 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
                                   f"got {v:g}")
             into[method] = v
     return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
-                       iterations=args.iterations, batch_size=args.batch_size,
+                       iterations=Assumptions.iterations if args.iterations is None
+                       else args.iterations, batch_size=args.batch_size,
                        backward_factor=args.backward_factor, churn=args.churn,
                        training_skips_off_columns=args.training_skips_off_columns)
 
@@ -294,6 +295,15 @@ def cmd_cost(args: argparse.Namespace) -> int:
         size = args.input_size or (sizes[0] if recorded else None)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
                                  size, args.in_channels)
+        trained = {t: mtm.tasks[t].extra.get("train_steps") for t in tasks}
+        if args.iterations is None and any(isinstance(v, int) for v in trained.values()):
+            did = ", ".join(f"{t} {v} steps at batch {mtm.tasks[t].extra.get('batch_size', '?')}"
+                            for t, v in trained.items() if isinstance(v, int))
+            report.notes.append(
+                f"on-chip adaption is priced at the default {assumptions.iterations} iterations "
+                f"x batch {assumptions.batch_size} (30 epochs of Flowers-102, the papers' "
+                f"protocol); these tasks trained {did}: --iterations N --batch-size B prices "
+                "that workload instead")
     else:
         if args.tasks is not None:
             raise ConfigError("--tasks picks tasks of a --bundle; drop it, or pass --bundle")
@@ -440,7 +450,7 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     fr.add_argument("--fractions-from", metavar="BUNDLE",
                     help="measure both fractions per method from a bundle's tasks")
     wl = p.add_argument_group("on-chip adaption workload")
-    wl.add_argument("--iterations", type=int, default=a.iterations,
+    wl.add_argument("--iterations", type=int,
                     help=f"training iterations (default {a.iterations}: 30 epochs of Flowers-102 "
                          "at batch 32)")
     wl.add_argument("--batch-size", type=int, default=a.batch_size,
