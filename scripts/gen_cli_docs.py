@@ -11,6 +11,7 @@ Usage: python scripts/gen_cli_docs.py [--check] [--path docs/cli.md]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +57,23 @@ def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 
 def render_commands() -> str:
+    """The commands' sections, rendered by a fresh interpreter: the parser's help lists the
+    registries (methods, presets), to which a process may have added its own (a test, a
+    notebook), and the reference must show xbm's alone."""
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [src, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    done = subprocess.run([sys.executable, __file__, "--commands-only"], capture_output=True,
+                          text=True, env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"rendering the commands failed:\n{done.stderr}")
+    return done.stdout
+
+
+def _render_commands_here() -> str:
     """A section per sub-command: its one-line purpose, then a table per argument group."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from xbm.cli import build_parser
 
     parser = build_parser()
@@ -88,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--path", default=str(Path(__file__).resolve().parents[1] / "docs/cli.md"))
     p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
+    p.add_argument("--commands-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.commands_only:
+        sys.stdout.write(_render_commands_here())
+        return 0
     path = Path(args.path)
     current = path.read_text() if path.exists() else None
     new = render(current)

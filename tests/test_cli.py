@@ -2002,3 +2002,23 @@ def test_eval_task_base_scores_the_backbone_on_its_pretraining_set(tmp_path, cap
     assert rec["accuracy"] == pytest.approx(meta["accuracy"], abs=0.05)
     assert main(["eval", "--bundle", str(bundle), "--task", "nope", "--device", "cpu"]) == 2
     assert "(and 'base', the backbone's own task)" in capsys.readouterr().err
+    # the same weights imported: no recipe, so the side is the one its tasks were learned at
+    torch.save(mtm.export_task("base").state_dict(), tmp_path / "w.pth")  # plain weights
+    imported = tmp_path / "imp.safetensors"
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint",
+                 str(tmp_path / "w.pth"), "--num-classes", "10", "--in-channels", "1",
+                 "--width", "4", "--out", str(imported)]) == 0
+    model2, meta2 = load_backbone(imported)
+    mtm2 = MultiTaskModel(model2, CrossbarSpec(rows=16, cols=16), arch=meta2["arch"],
+                          backbone_file=imported)
+    mtm2.add_task("t", 10, "xbm", dataset="mnist")
+    mtm2.tasks["t"].extra["image_size"] = 16
+    bundle2 = tmp_path / "b2.safetensors"
+    mtm2.save_bundle(bundle2)
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle2), "--task", "base", "--device", "cpu"]) == 2
+    assert "records no pretraining dataset" in capsys.readouterr().err
+    assert main(["eval", "--bundle", str(bundle2), "--task", "base", "--dataset", "mnist",
+                 "--json", "--device", "cpu", "--no-progress"]) == 0
+    (rec2,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert rec2["accuracy"] == rec["accuracy"]  # the same weights at the same side

@@ -123,3 +123,13 @@ def test_cli_reference_check_fails_on_a_stale_file(tmp_path):
     assert gen.main(["--path", str(stale)]) == 0
     assert stale.read_text().startswith("# mine\n")  # the hand-written head is kept
     assert gen.main(["--check", "--path", str(stale)]) == 0
+
+
+def test_cli_reference_ignores_what_this_process_registered(monkeypatch):
+    """A method registered in this process (a test's, a notebook's) must not enter the
+    reference, which renders in a fresh interpreter."""
+    from xbm.methods.base import METHODS
+    from xbm.methods.xbm import XBM
+
+    monkeypatch.setitem(METHODS, "mine-only-here", XBM)
+    assert _cli_generator().main(["--check"]) == 0

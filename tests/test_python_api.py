@@ -478,3 +478,57 @@ def test_set_trainable_picks_the_task_a_hand_written_loop_trains() -> None:
     with pytest.raises(XbmError, match="unknown task 'c'"):
         mtm.set_trainable("c")
     assert trainable() == ids["a"]
+
+
+def test_export_task_keeps_a_shared_layer_shared_and_leaves_hooks_and_other_tasks_behind():
+    """A layer used under two names is exported once, as the task's, at both names; no hook
+    (a logger's, which may hold a lock that cannot be copied) follows the copy; other tasks'
+    state is not copied; given the MultiTaskModel itself, its backbone is exported."""
+    import threading
+
+    from xbm.nn import export_task
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a  # the same layer, twice
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(Shared(), SPEC)
+    for t in ("t", "u"):
+        mtm.add_task(t, 3, "finetune")
+        with torch.no_grad():
+            for p in mtm._task_params(t):
+                p.add_(torch.randn_like(p) * 0.3)
+
+    class Logger:
+        def __init__(self) -> None:
+            self.lock, self.calls = threading.Lock(), 0
+
+        def hook(self, *_a) -> None:
+            with self.lock:
+                self.calls += 1
+
+    log = Logger()
+    mtm.model.a.register_forward_hook(log.hook)
+    mtm.model.fc.register_forward_hook(log.hook)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    mtm.eval()
+    with torch.no_grad(), mtm.use_task("t"):
+        want = mtm(x)
+    calls = log.calls
+    plain = export_task(mtm, "t")  # the MultiTaskModel: its backbone is exported
+    assert type(plain) is Shared and plain.a is plain.b
+    assert type(plain.a) is nn.Linear and type(plain.fc) is nn.Linear
+    torch.testing.assert_close(plain(x), want)
+    assert log.calls == calls  # no hook came along
+    n_plain = sum(p.numel() for p in plain.parameters())
+    assert n_plain == 8 * 8 + 8 + 8 * 3 + 3  # one task's worth, not every task's
+    fresh = Shared()
+    fresh.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), want)

@@ -319,21 +319,32 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
 
 
-def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any]):
+def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any]):
     """The backbone's own task (``--task base``): its pretraining dataset, or ``--dataset``, at
-    the side and channels it was pretrained at; returns what :func:`_task_data` does. The
+    the side it was pretrained at (an imported backbone records none: the side its tasks were
+    learned at, else 28) and in its channels; returns what :func:`_task_data` does. The
     pretraining accuracy was measured on the subset ``--test-subset N --seed S`` draws when N
     and S are the recipe's test subset and seed."""
     from xbm.data import load_dataset
+    from xbm.data.registry import FOLDER_PREFIX
+    from xbm.errors import DatasetNotFoundError
 
+    recipe = bmeta.get("config") or {}
     ds = args.dataset or bmeta.get("dataset")
     if not ds or ds in ("unknown", "imported"):
         raise XbmError("the backbone records no pretraining dataset (an imported one); pass "
                        "--dataset NAME to evaluate the base task on it")
-    side = recipe_side(bmeta.get("config")) or 28
+    sides = sorted({task_image_size(t) for t in tasks})
+    side = recipe_side(recipe) or (sides[0] if len(sides) == 1 else 28)
     arch = bmeta.get("arch") or {}
-    data = load_dataset(ds, root=args.data_root, channels=arch.get("in_channels"),
-                        image_size=side)
+    root = args.data_root or (recipe.get("data_root") if not args.dataset else None)
+    try:
+        data = load_dataset(ds, root=root, channels=arch.get("in_channels"), image_size=side)
+    except DatasetNotFoundError as exc:
+        if args.dataset or not str(ds).startswith(FOLDER_PREFIX):
+            raise
+        raise DatasetNotFoundError(f"{exc}; the backbone was pretrained on these images: pass "
+                                   "--dataset folder:PATH where they are now") from None
     if arch.get("num_classes") not in (None, data.num_classes):
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
                        f"{data.num_classes}; pass the --dataset it was pretrained on")
@@ -730,7 +741,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for t in todo:
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
         if t == "base":
-            ds, data, size = _base_task_data(args, bmeta)
+            ds, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
         else:
             ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset,
                                         seed=args.seed,

@@ -160,7 +160,7 @@ def _cgroup_limit_files(cgroup_root: Path = Path("/sys/fs/cgroup"),
         lines = []
     for line in lines:  # "0::/user.slice/x.scope" (v2), "4:memory:/slurm/job_1" (v1)
         parts = line.split(":", 2)
-        if len(parts) != 3:
+        if len(parts) != 3 or ".." in parts[2].split("/"):  # a path outside our namespace
             continue
         if parts[0] == "0" and parts[1] == "":
             own.append((cgroup_root, parts[2]))

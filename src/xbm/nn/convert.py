@@ -121,11 +121,15 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
     Each crossbar layer becomes the ``nn.Conv2d``/``nn.Linear`` it was, holding the task's
     effective weight and bias (mask times programmed weight, a column's shift level folded in,
     XMA2's re-programmed PEs, finetune's own weights); a norm layer becomes the task's own copy
-    (per-task BN) or the backbone's; the head becomes the task's. No xbm class is left, so the
-    copy runs, saves and loads as any torch model, with the backbone's state-dict keys. It is
-    what the chip computes in ideal arithmetic, for inference and deployment elsewhere: the
-    crossbar bookkeeping (mask bits, re-programmed cells) stays with the converted model. The
-    copy is returned in eval mode; ``model`` itself is not touched.
+    (per-task BN) or the backbone's; the head becomes the task's (which has a bias even where
+    the backbone's head has none). No xbm class is left, so the copy runs, saves and loads as any
+    torch model, with the backbone's state-dict keys. It is what the chip computes in ideal
+    arithmetic, for inference and deployment elsewhere: the crossbar bookkeeping (mask bits,
+    re-programmed cells) stays with the converted model.
+
+    Only what the task computes with is copied (not the other tasks' state, a simulator or the
+    methods' training bookkeeping), and no hook is carried over. The copy is returned in eval
+    mode; ``model`` itself is not touched. A module used under two names stays one module.
 
     Raises:
         XbmError: ``model`` is not converted, or has no task ``task``.
@@ -134,30 +138,51 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
 
     from xbm.nn.layers import BASE_TASK
 
-    aware = [(n, m) for n, m in model.named_modules() if isinstance(m, TaskAware)]
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and callable(getattr(model, "export_task", None)):
+        model = inner  # a MultiTaskModel: its converted backbone
+    aware = {id(m): (n, m) for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, TaskAware)}
     if not aware:
-        raise XbmError("export_task takes a model converted by xbm.apply or a MultiTaskModel's "
-                       ".model; this one has no crossbar layers")
-    known = {t for _, m in aware for t in m.xbm_tasks}
+        raise XbmError("export_task takes a model converted by xbm.apply or a MultiTaskModel; "
+                       "this one has no crossbar layers")
+    known = {t for _, m in aware.values() for t in m.xbm_tasks}
     if task != BASE_TASK and task not in known:
         raise XbmError(f"no task {task!r} to export; the model has "
                        f"{', '.join([BASE_TASK, *sorted(known)])}")
-    out = copy.deepcopy(model)
+    # deepcopy's memo, seeded: what must not be copied maps to its replacement beforehand
+    memo: dict[int, object] = {}
     with torch.no_grad():
-        for name, mod in [(n, m) for n, m in out.named_modules() if isinstance(m, TaskAware)]:
-            own = mod.xbm_tasks[task] if task in mod.xbm_tasks else None  # noqa: SIM401
+        for _, mod in aware.values():
+            memo[id(mod.xbm_tasks)] = nn.ModuleDict()  # every task's state: not copied
             if isinstance(mod, CrossbarLayer):
-                w, b = mod.effective_weight_and_bias(task)
-                w, b = w.detach().clone(), None if b is None else b.detach().clone()
-                new = _plain_copy(mod)
-                new.weight = nn.Parameter(w, requires_grad=False)
-                if b is not None:
-                    new.bias = nn.Parameter(b, requires_grad=False)
-            elif isinstance(mod, TaskHead) or own is not None:
-                new = own if own is not None else _plain_copy(mod)  # the task's head or norm
-            else:  # a norm the task shares with the backbone
-                new = _plain_copy(mod)
-            _replace(out, name, new)
+                memo[id(mod.methods)] = {}
+                if mod.simulator is not None:
+                    memo[id(mod.simulator)] = None
+                w, b = mod.effective_weight_and_bias(task)  # the task's, into the copy
+                memo[id(mod.weight)] = nn.Parameter(w.detach().clone(), requires_grad=False)
+                if b is not None and mod.bias is not None:
+                    memo[id(mod.bias)] = nn.Parameter(b.detach().clone(), requires_grad=False)
+        for m in model.modules():  # hooks stay behind (a method's, a logger's)
+            for k, v in vars(m).items():
+                if k.startswith("_") and "hooks" in k and isinstance(v, dict):
+                    memo[id(v)] = type(v)()
+        out = copy.deepcopy(model, memo)
+        if isinstance(out, TaskAware):
+            raise XbmError("export_task: the model itself is a converted layer; wrap it in a "
+                           "module")
+        done: dict[int, nn.Module] = {}
+        for _, mod in aware.values():
+            twin = memo[id(mod)]  # the module's copy in `out`
+            if id(mod) not in done:
+                own = mod.xbm_tasks[task] if task in mod.xbm_tasks else None  # noqa: SIM401
+                if not isinstance(mod, CrossbarLayer) and own is not None:
+                    done[id(mod)] = copy.deepcopy(own)  # the task's head or norm
+                else:  # a crossbar layer (its weights are the task's) or a shared norm
+                    done[id(mod)] = _plain_copy(twin)
+        for name, mod in [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+                          if id(m) in aware]:
+            _replace(out, name, done[id(mod)])
     return out.eval()
 
 

@@ -386,7 +386,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     for epoch in range(epochs):
         it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
                        f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
-                       later_epochs=epochs - epoch - 1)
+                       later_epochs=0 if max_steps is not None else epochs - epoch - 1)
         for batch in it:
             x, y = _pair(batch)
             if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
