@@ -777,7 +777,8 @@ def test_memory_limit_is_read_at_the_process_own_cgroup_and_its_ancestors(tmp_pa
     assert xfolder._memory_bytes() == 2**30
     # a path outside this namespace's view ("0::/../.."): the mount roots only
     proc.write_text("0::/../../etc\n")
-    assert limit_files(root, proc) == [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    assert limit_files(root, proc) == [root / "memory.max",
+                                       root / "memory" / "memory.limit_in_bytes"]
     # no /proc/self/cgroup (not Linux): the mount roots only
     assert limit_files(root, tmp_path / "absent") == [
         root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
