@@ -346,9 +346,10 @@ def test_column_mask_of_the_wrong_shape_is_a_clear_error():
         apply_column_mask(w, torch.ones(4, 5), 8)
 
 
-def test_map_builds_every_model_without_importing_torchdynamo():
-    """`xbm map` needs no weights: building on the meta device must not draw initial values,
-    whose meta kernels import TorchDynamo (a second or two added to every `xbm map`)."""
+def test_map_and_cost_build_every_model_without_importing_torchdynamo():
+    """`xbm map` and `xbm cost --model` need no weights: building on the meta device must not
+    draw initial values, and cost's shape pass runs on a zero-filled CPU twin, since meta
+    kernels import TorchDynamo (a second or two added to every command)."""
     import subprocess
     import sys
 
@@ -358,6 +359,7 @@ def test_map_builds_every_model_without_importing_torchdynamo():
             "for m in list_models():\n"
             "    with contextlib.redirect_stdout(io.StringIO()):\n"
             "        assert main(['map', '--model', m, '--json']) == 0, m\n"
+            "        assert main(['cost', '--model', m, '--json']) == 0, m\n"
             "print(sorted(k for k in sys.modules if k.startswith('torch._dynamo'))[:3])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
