@@ -833,7 +833,10 @@ def test_simulate_chip_seed_varies_the_chip_on_one_test_set(tmp_path, capsys):
 def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
     path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{tmp_path / 'gone'}")
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu"]) == 2
-    err = _one_line_error(capsys)
+    got = capsys.readouterr()
+    assert got.out == ""  # no table header above an error, with no rows under it
+    err = got.err.strip()
+    assert err.startswith("xbm: error:") and len(err.splitlines()) == 1, err
     assert "image folder does not exist" in err and "pass --dataset folder:PATH" in err
     imgs = _folder(tmp_path / "imgs")  # pointing at where the images are now works
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",

@@ -825,3 +825,6 @@ def test_images_look_grey_tolerates_a_tint_but_not_a_coloured_mark():
     marked[37, 1:, 10:13, 10:13] = 0
     assert not images_look_grey(marked) and not images_look_grey(marked, chunk=7)
     assert not images_look_grey(torch.zeros(2, 2, 4, 4, dtype=torch.uint8))
+    assert not images_look_grey(torch.zeros(0, 3, 4, 4, dtype=torch.uint8))  # nothing to judge
+    with pytest.raises(TypeError, match="uint8"):
+        images_look_grey(torch.rand(2, 3, 4, 4))  # [0, 1] floats would always look grey

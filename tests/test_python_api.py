@@ -459,6 +459,28 @@ def test_a_model_converted_by_apply_becomes_a_multitask_model_on_its_spec() -> N
         xbm.apply(other, SPEC)
 
 
+def test_a_backbone_belongs_to_one_multitask_model_at_a_time() -> None:
+    """Two wrappers on one converted backbone, before either had a task, were both accepted,
+    and a task name used by the first could be added again through the second, overwriting
+    its state on the shared layers. A wrapper that is gone frees the backbone again."""
+    import copy
+    import gc
+
+    net = _backbone()
+    first = MultiTaskModel(net, SPEC)
+    with pytest.raises(XbmError, match="already belongs to another MultiTaskModel"):
+        MultiTaskModel(net, SPEC)
+    assert MultiTaskModel(copy.deepcopy(net), SPEC).model is not net  # a copy is its own
+    twin = copy.deepcopy(first)  # a copied wrapper owns its copied backbone, not net
+    with pytest.raises(XbmError, match="already belongs"):
+        MultiTaskModel(twin.model, SPEC)
+    del first, twin
+    gc.collect()
+    again = MultiTaskModel(net, SPEC)
+    again.add_task("t", 3, "xbm")
+    assert again.model is net
+
+
 def test_set_trainable_picks_the_task_a_hand_written_loop_trains() -> None:
     """set_task routes forwards and leaves trainability alone (it also serves evaluation);
     set_trainable makes one task's parameters the only trainable ones, as add_task does."""

@@ -735,10 +735,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        or "") for t in todo)])
     head = f"{'task':<{wt}}  {'method':<13} {'dataset':<{wd}}  accuracy  test images"
     rows_to = None if args.json and args.no_progress else sys.stderr if args.json else sys.stdout
-    if rows_to is not None and xdist.is_main():
-        print(head if not args.json else f"evaluating {len(todo)} task(s): {head}",
-              file=rows_to, flush=True)
-    for t in todo:
+    if rows_to is not None and not xdist.is_main():
+        rows_to = None
+    for i, t in enumerate(todo):
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
         if t == "base":
             ds, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
@@ -747,11 +746,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                         seed=args.seed,
                                         channels=(bmeta.get("arch") or {}).get("in_channels"))
         _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
+        if i == 0 and rows_to is not None:  # once the first task's data is found: a missing
+            # dataset's error then stands alone, not under a table header with no rows
+            print(head if not args.json else f"evaluating {len(todo)} task(s): {head}",
+                  file=rows_to, flush=True)
         acc = evaluate_task(mtm, t, test_loader, device)
         r = {"task": t, "method": "base" if t == "base" else mtm.tasks[t].method, "dataset": ds,
              "accuracy": round(acc, 4), "test_images": len(data.test_y)}
         out.append(r)
-        if rows_to is not None and xdist.is_main():
+        if rows_to is not None:
             print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
                   f"{r['accuracy']:>7.2f}%  {r['test_images']:>11,}", file=rows_to, flush=True)
     if args.json:  # an object, as adapt's and cost's: what was evaluated, then the tasks

@@ -8,9 +8,11 @@ the programmed backbone is shared and, for methods that claim so, never changes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import operator
 import os
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,6 +152,18 @@ def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if not (k.startswith(marker) or f".{marker}" in k)}
 
 
+# which MultiTaskModel holds each converted model: tasks live in the wrapper, so a second
+# wrapper on the same layers would add tasks the first cannot see (and overwrite its state)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _owner(model: nn.Module) -> Any:
+    ref = _OWNERS.get(model)
+    if ref is not None and ref() is not None:
+        gc.collect()  # a wrapper dropped by the user but still in a reference cycle
+    return ref() if ref is not None else None
+
+
 def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
            head_name: str) -> nn.Module:
     """A model ``xbm.apply`` already converted, taken as it is: on the same crossbars, with no
@@ -163,6 +177,10 @@ def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
     if held:
         raise XbmError(f"model already holds task(s) {', '.join(held)} (it belongs to another "
                        "MultiTaskModel); use that one, or a fresh model and load_bundle")
+    if _owner(model) is not None:
+        raise XbmError("model already belongs to another MultiTaskModel (its .model): tasks "
+                       "added through two wrappers would overwrite each other's state on the "
+                       "shared layers; use that one, or copy.deepcopy the backbone first")
     head = dict(model.named_modules()).get(head_name)
     if not isinstance(head, TaskHead):
         raise XbmError(f"model is already converted, but its head is not {head_name!r}; pass "
@@ -222,6 +240,7 @@ class MultiTaskModel(nn.Module):
             self.model = _adopt(backbone, self.spec, filter_fn, head_name)
         else:
             self.model = apply(backbone, self.spec, filter_fn, head_name)
+        _OWNERS[self.model] = weakref.ref(self)
         # the wrapper's flag is the backbone's (nn.Module starts every module in training
         # mode): `mtm.training` then says what a plain forward does, and helpers that
         # restore it do not turn an eval-mode backbone back to training
@@ -229,6 +248,12 @@ class MultiTaskModel(nn.Module):
         self.tasks: dict[str, TaskInfo] = {}
         self.methods: dict[str, AdaptionMethod] = {}
         self._active = BASE_TASK
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and unpickling rebuild a wrapper around a new backbone: it owns that one
+        super().__setstate__(state)
+        if "model" in self._modules:
+            _OWNERS[self.model] = weakref.ref(self)
 
     @property
     def backbone_hash(self) -> str:

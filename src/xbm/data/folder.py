@@ -111,9 +111,16 @@ def images_look_grey(x: torch.Tensor, chunk: int = 1024) -> bool:
     """Whether no image of a uint8 ``(N, 3, H, W)`` batch holds colour by :func:`_in_colour`'s
     measure (a grey scan with a faint tint, or JPEG noise between channels, still counts as
     grey); one channel is grey by definition. Read a chunk at a time, stopping at the first
-    image in colour, so a large set costs no int16 copy of itself."""
-    if x.dim() != 4 or x.shape[1] != 3:
-        return x.dim() == 4 and x.shape[1] == 1
+    image in colour, so a large set costs no int16 copy of itself. An empty batch shows nothing,
+    so it is not called grey; a non-uint8 batch is refused, since the colour thresholds are in
+    8-bit steps (a float image in [0, 1] would always look grey)."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"images_look_grey takes uint8 images, got {x.dtype}: convert with "
+                        "(x * 255).round().to(torch.uint8) first")
+    if x.dim() != 4 or x.shape[0] == 0:
+        return False
+    if x.shape[1] != 3:
+        return x.shape[1] == 1
     for i in range(0, x.shape[0], chunk):
         part = x[i:i + chunk].to(torch.int16)
         spread = part.amax(dim=1) - part.amin(dim=1)  # (n, H, W)

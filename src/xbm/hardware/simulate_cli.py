@@ -500,7 +500,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- plots -----------------------------------------------------------------------------------
-def _save_plot(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str,
+def _save_plot(fig: Any, ax: Any, path: Path, xlabel: str,
                legend_size: int | None = 6) -> str:
     """Label the accuracy axis, add the legend, write ``path`` and free the figure."""
     ax.set_xlabel(xlabel)
@@ -511,9 +511,9 @@ def _save_plot(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str,
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    from xbm.report.plots import save_figure
+
+    return str(save_figure(fig, path, dpi=120, tight=False))
 
 
 def _line_plot(plt: Any, rows: list[dict[str, Any]], x: str, key: tuple[str, ...],
@@ -544,19 +544,19 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
                 if r["path"] == "ideal":
                     ax.axhline(r["accuracy"], ls="--", lw=0.8, color="gray",
                                label=f"{r['task']} ideal")
-            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_adc_bits.png",
+            written.append(_save_plot(fig, ax, out / "accuracy_vs_adc_bits.png",
                                       "ADC bits"))
         if len({r["fault_rate"] for r in fr}) > 1:  # a sweep of one rate has no curve
             fig, ax = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
                                  lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
-            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_fault_rate.png",
+            written.append(_save_plot(fig, ax, out / "accuracy_vs_fault_rate.png",
                                       "stuck-at cell rate"))
     else:
         rows = [r for r in res["adc_sweep"] if isinstance(r["adc_bits"], int)]
         if rows:
             fig, ax = _line_plot(plt, rows, "adc_bits", (), lambda k: "faithful")
             ax.axhline(res["rows"][0]["ideal_clean"], ls="--", color="gray", label="ideal")
-            written.append(_save_plot(plt, fig, ax, out / "accuracy_vs_adc_bits.png",
+            written.append(_save_plot(fig, ax, out / "accuracy_vs_adc_bits.png",
                                       "ADC bits", legend_size=None))
     return written
 

@@ -12,7 +12,6 @@ leaves a truncated image behind.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +48,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path, dpi: int = 130, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG through a temporary file, then free it: an interrupted write
+    leaves no half-drawn image under the name (every command's plots go through here)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-        # mkstemp creates 0600 files; a plot is meant to be shared: honour the umask instead
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+    with atomic_path(path) as tmp:  # which also gives the file the umask's permissions
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     _pyplot().close(fig)
     return path
 
@@ -161,7 +158,7 @@ def plot_energy_breakdown(report: dict[str, Any], path: str | Path) -> Path:
                  f" crossbars, preset {report.get('energy_preset', {}).get('name')}, on-chip = "
                  f"{a.get('iterations')} it. x batch {a.get('batch_size')})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _new_task_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -200,7 +197,7 @@ def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("mask memory per task (bits, symlog)")
     ax.set_title("accuracy vs mask memory")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def deploy_energy_of_run(run: dict[str, Any], preset: Any) -> float:
@@ -233,7 +230,7 @@ def plot_accuracy_vs_energy(results: dict[str, Any], path: str | Path, preset: A
     ax.set_xlabel(f"adaption energy per task (J, symlog; preset {priced_by})")
     ax.set_title("accuracy vs adaption energy (deploy)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = [

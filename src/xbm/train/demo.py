@@ -51,12 +51,13 @@ RESULTS_SCHEMA = "xbm-results/1"
 class DemoConfig:
     """Defaults are sized for 10 minutes on 2 CPU cores, pretraining included (width 16, two
     adaption epochs, bf16 autocast where the CPU has native bf16 units: 461 s on a fresh clone;
-    docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and takes
-    longer (667 s on the same box forced to fp32): there ``epochs=1`` fits the 10 minutes (478 s
-    on an emulated AVX2-only CPU, pretraining included), at one epoch's accuracy. On CUDA the
-    width defaults to 64 and the steps replay from CUDA graphs, where with these defaults XBM
-    came within 0.52 points of Piggyback and XMA within 0.33 (mean of three seeds; 2.5 minutes
-    on an H200 shared by three demos; docs/benchmarks.md, "GPU session 4")."""
+    docs/benchmarks.md, "Two adaption epochs"). A CPU without native bf16 runs in fp32 and may
+    take longer: two 2-core boxes forced to fp32 took 478 s (an AMX Xeon) and 667 s (an
+    AVX512-BF16 EPYC), an emulated AVX2-only CPU 762 s; ``epochs=1`` fits the 10 minutes there
+    (478 s on the emulated AVX2-only CPU, pretraining included), at one epoch's accuracy. On
+    CUDA the width defaults to 64 and the steps replay from CUDA graphs, where with these
+    defaults XBM came within 0.52 points of Piggyback and XMA within 0.33 (mean of three seeds;
+    2.5 minutes on an H200 shared by three demos; docs/benchmarks.md, "GPU session 4")."""
 
     benchmark: str = "mnist-family"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -73,7 +74,7 @@ class DemoConfig:
     epoch gave XBM +2.8 points and Piggyback +1.3 on the mean of three seeds at width 16, taking
     XBM from 3.3 to 1.8 points under Piggyback (docs/benchmarks.md, "Two adaption epochs").
     On a CPU with native bf16 ``precision="auto"`` wins most of the time back; in fp32 the
-    demo takes 667 s instead of 498 s on the same box."""
+    demo took 667 s instead of 498 s on one box (478 s on another, whose fp32 is faster)."""
     train_subset: int | None = 6000
     test_subset: int | None = 2000
     batch_size: int = 32
@@ -206,10 +207,11 @@ def fp32_time_note(cfg: DemoConfig, device: torch.device, precision: str) -> str
     if device.type != "cpu" or cfg.precision != "auto" or precision != "fp32" or \
             cfg.epochs != DemoConfig.epochs:
         return None
-    return ("note: this CPU has no native bf16 units, so the demo runs in fp32; on 2 cores expect "
-            "more than 10 minutes (a 2-core box forced to fp32 took 667 s, against 427-500 s in "
-            "bf16); --epochs 1 fits in 10 (478 s on an emulated AVX2-only CPU, pretraining "
-            "included), at one epoch's accuracy (docs/benchmarks.md)")
+    return ("note: this CPU has no native bf16 units, so the demo runs in fp32; on 2 cores it "
+            "may take more than 10 minutes (2-core boxes forced to fp32 took 478 s and 667 s, an "
+            "emulated AVX2-only CPU 762 s, against 427-500 s in bf16); --epochs 1 fits in 10 "
+            "(478 s on the emulated AVX2-only CPU, pretraining included), at one epoch's "
+            "accuracy (docs/benchmarks.md)")
 
 
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
