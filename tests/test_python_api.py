@@ -554,3 +554,182 @@ def test_export_task_keeps_a_shared_layer_shared_and_leaves_hooks_and_other_task
     fresh = Shared()
     fresh.load_state_dict(plain.state_dict())
     torch.testing.assert_close(fresh.eval()(x), want)
+
+
+# -- from an audit of the Python API (session 23): each of these was silent or a traceback ---
+class _Net(nn.Module):
+    """conv -> norm -> pooled Linear head, with the norm and head given."""
+
+    def __init__(self, norm: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = norm
+        self.fc = head if head is not None else nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class _BNAct(nn.BatchNorm2d):  # as timm's BatchNormAct2d: a subclass with its own forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class _CosineHead(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.normalize(self.weight, dim=1)
+        return 10 * nn.functional.linear(nn.functional.normalize(x, dim=1), w)
+
+
+@pytest.mark.parametrize("norm", [
+    lambda: _BNAct(4), lambda: nn.SyncBatchNorm(4),
+    lambda: nn.InstanceNorm2d(4, track_running_stats=True)],
+    ids=["bn-subclass", "syncbn", "instancenorm-tracked"])
+def test_norms_with_statistics_that_cannot_be_per_task_are_refused(norm) -> None:
+    """They stayed plain, so a mask task's training forwards moved the backbone's statistics
+    (and an earlier task's outputs) with no word."""
+    net = _Net(norm()).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(XbmError, match="norm with running statistics that xbm cannot make "
+                                       "per-task"):
+        MultiTaskModel(net, SPEC)
+    assert type(net.conv) is nn.Conv2d  # refused before anything was converted
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_norm_without_statistics_and_plain_bn_are_taken() -> None:
+    MultiTaskModel(_Net(nn.InstanceNorm2d(4)), SPEC)  # no running statistics: nothing to move
+    MultiTaskModel(_Net(nn.BatchNorm2d(4)), SPEC)
+
+
+def test_a_head_with_its_own_forward_is_refused() -> None:
+    net = _Net(nn.BatchNorm2d(4), _CosineHead(4, 3))
+    with pytest.raises(XbmError, match="classifier 'fc' is a _CosineHead, a subclass of "
+                                       "nn.Linear"):
+        MultiTaskModel(net, SPEC)
+    assert type(net.fc) is _CosineHead and type(net.conv) is nn.Conv2d
+
+
+@pytest.mark.parametrize("y,needle", [
+    (torch.zeros(8, 1, dtype=torch.long), r"one class index per image, shape \(8,\), got shape "
+                                          r"\(8, 1\)"),
+    (torch.zeros(4, dtype=torch.long), r"shape \(8,\), got shape \(4,\)"),
+    (torch.zeros(8), "integer class indices, got torch.float32"),
+    (torch.zeros(8, dtype=torch.bool), "integer class indices, got torch.bool"),
+])
+def test_labels_of_the_wrong_shape_or_type_are_refused(y, needle) -> None:
+    """(N, 1) labels scored 400% in evaluate (an N x N comparison table)."""
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    batch = [(torch.randn(8, 1, 28, 28), y)]
+    with pytest.raises(XbmError, match=needle):
+        xbm.evaluate_task(mtm, "t", batch)
+    with pytest.raises(XbmError, match=needle):
+        xbm.train_task(mtm, "t", batch, 1, "cpu", progress=False)
+
+
+def test_a_failed_training_leaves_the_model_as_documented() -> None:
+    """A bad batch mid-epoch left the model in training mode with the failed task active and
+    trainable: the next no_grad forward moved its BatchNorm statistics."""
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    xbm.train_task(mtm, "a", _loader(), 1, "cpu", progress=False)
+    mtm.add_task("b", 3, "piggyback")
+    mtm.set_task("a")
+    good = next(iter(_loader()))
+    bad = (torch.randn(8, 1, 28, 28), torch.full((8,), 7))  # labels beyond b's 3 classes
+    with pytest.raises(XbmError, match="task 'b' has 3 classes"):
+        xbm.train_task(mtm, "b", [good, bad], 1, "cpu", progress=False)
+    assert mtm.active_task == "a" and not mtm.training
+    assert not any(p.requires_grad for p in mtm.parameters())
+
+
+def test_train_task_freezes_every_parameter_and_checks_max_steps_and_device() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    mtm.add_task("b", 3, "xbm")
+    mtm.set_trainable("a")
+    xbm.train_task(mtm, "b", _loader(), 1, "cpu", progress=False)
+    assert not any(p.requires_grad for p in mtm.parameters())  # a's too, as documented
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ConfigError, match="max_steps must be a positive integer"):
+            xbm.train_task(mtm, "b", _loader(), 1, "cpu", progress=False, max_steps=bad)
+    with pytest.raises(ConfigError, match="'meta' is not supported"):
+        xbm.train_task(mtm, "b", _loader(), 1, "meta", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            xbm.train_task(mtm, "b", _loader(), 1, "cuda", progress=False)
+
+
+def test_a_method_takes_exactly_its_config_class_and_a_copy_of_it() -> None:
+    from xbm.methods import XMA2Config, XMAConfig
+
+    with pytest.raises(ConfigError, match="takes a XMAConfig, got XMA2Config; its extra fields "
+                                          "would be ignored"):
+        create_method("xma", XMA2Config(pe_budget=0.2))
+    cfg = XBMConfig(threshold=5e-3)
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm", config=cfg)
+    cfg.threshold = 9e-3  # reused for the next task: a's config must not follow
+    mtm.add_task("b", 3, "xbm", config=cfg)
+    assert mtm.methods["a"].config.threshold == 5e-3 == mtm.tasks["a"].config["threshold"]
+    assert mtm.methods["b"].config.threshold == 9e-3
+    assert isinstance(create_method("xma", XMAConfig()).config, XMAConfig)
+
+
+def test_xma2_trains_after_a_forward_under_inference_mode(tmp_path) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xma2", {"warmup_steps": 1, "pe_budget": 0.5})
+    xbm.train_task(mtm, "a", _loader(), 1, "cpu", progress=False)
+    mtm.save_bundle(tmp_path / "b.safetensors")
+    loaded = MultiTaskModel(_backbone(), SPEC)
+    loaded.load_bundle(tmp_path / "b.safetensors")
+    loaded.set_task("a")
+    with torch.inference_mode():  # deployment: builds the selection cache as inference tensors
+        loaded(torch.randn(2, 1, 28, 28))
+    xbm.train_task(loaded, "a", _loader(), 1, "cpu", progress=False)  # failed in autograd
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "to", "forward", "training", "keys"])
+def test_task_names_taken_by_the_module_api_are_refused(name) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    with pytest.raises(XbmError, match=f"task name '{name}' is taken by torch's module API"):
+        mtm.add_task(name, 3, "xbm")
+    assert mtm.task_names() == []
+
+
+def test_bundle_records_and_arch_are_checked_before_training(tmp_path) -> None:
+    from pathlib import Path
+
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm", dataset=Path("data/birds"))
+    assert mtm.tasks["a"].dataset == "data/birds"  # a path is recorded as its string
+    with pytest.raises(XbmError, match="dataset must be a name or a path"):
+        mtm.add_task("b", 3, "xbm", dataset=5)
+    with pytest.raises(XbmError, match="tasks lists a more than once"):
+        mtm.save_bundle(tmp_path / "b.safetensors", tasks=["a", "a"])
+    assert not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(XbmError, match="arch must hold JSON values"):
+        MultiTaskModel(_backbone(), SPEC, arch={"name": "x", "file": Path("w.pt")})
+
+
+def test_a_method_whose_state_aliases_the_backbone_is_refused() -> None:
+    """A custom method that wrapped the programmed weight without copying it would have had
+    Adam rewrite the backbone while reporting no re-programmed cell."""
+    from xbm.methods import AdaptionMethod, MethodConfig
+
+    class Aliasing(AdaptionMethod):
+        name = "aliasing-test"
+        config_class = MethodConfig
+
+        def create_layer_state(self, layer: nn.Module) -> nn.Module:
+            st = nn.Module()
+            st.w = nn.Parameter(layer.weight.detach())  # no .clone(): the same storage
+            return st
+
+    net = _backbone()
+    mtm = MultiTaskModel(net, SPEC)
+    with pytest.raises(XbmError, match="shares memory with the programmed backbone"):
+        mtm.add_task("a", 3, Aliasing())
+    assert mtm.task_names() == []
+    assert not any("a" in m.xbm_tasks for _, m in xbm.nn.task_aware_modules(mtm.model))

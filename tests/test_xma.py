@@ -458,13 +458,26 @@ def test_param_groups_split_scores_and_weights():
 
 
 def test_method_object_is_per_task():
+    """Refused before training too: one XMA2 object for two tasks made one PE selection over
+    both (about twice the budget for the first, none for the second); removing the task frees
+    the object."""
     mtm = _mtm(SMALL_SPEC)
     m = create_method("xma2", {"pe_budget": 0.1, "warmup_steps": 1})
     mtm.add_task("a", 4, m)
+    with pytest.raises(XbmError, match="already serves task 'a'"):
+        mtm.add_task("b", 4, m)
+    assert mtm.task_names() == ["a"]
     train, _ = _loaders()
     train_task(mtm, "a", train, 1, DEV, progress=False)
-    with pytest.raises(XbmError, match="one per task"):
+    with pytest.raises(XbmError, match="already serves task 'a'"):
         mtm.add_task("b", 4, m)
+    other = _mtm(SMALL_SPEC)
+    with pytest.raises(XbmError, match="already serves task 'a'"):
+        other.add_task("b", 4, m)  # another model: the object still holds a's selection
+    fresh = create_method("xma2", {"pe_budget": 0.1, "warmup_steps": 1})
+    mtm.add_task("b", 4, fresh)
+    mtm.remove_task("b")
+    mtm.add_task("c", 4, fresh)  # removed: free again
 
 
 # -- XMA2: earlier tasks, the shared chip, bundles -------------------------------------------

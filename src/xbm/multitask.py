@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import operator
 import os
 import re
@@ -127,9 +128,12 @@ def check_task_name(name: object, flag: str | None = None) -> None:
     Raises:
         XbmError: naming ``flag`` when given.
     """
+    what = f"{flag} {name!r}" if flag else f"task name {name!r}"
     if not isinstance(name, str) or not _TASK_NAME.match(name):
-        what = f"{flag} {name!r}" if flag else f"task name {name!r}"
         raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'")
+    if hasattr(nn.ModuleDict(), name):  # a task's state lives in ModuleDicts under its name
+        raise XbmError(f"{what} is taken by torch's module API (nn.ModuleDict.{name}); pick "
+                       f"another, e.g. {name.strip('_') + '-task'!r}")
 
 
 def _as_spec(spec: CrossbarSpec | str) -> CrossbarSpec:
@@ -232,6 +236,12 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})
+        for what, v in (("arch", self.arch), ("backbone_recipe", backbone_recipe)):
+            try:  # recorded in bundles as JSON: fail here, not in save_bundle after training
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise XbmError(f"{what} must hold JSON values (names, numbers, lists), since "
+                               f"bundles record it: {exc}") from None
         self.backbone_recipe = dict(backbone_recipe) if backbone_recipe else None
         self.backbone_file = os.path.abspath(os.path.expanduser(backbone_file)) \
             if backbone_file else None
@@ -306,14 +316,27 @@ class MultiTaskModel(nn.Module):
             raise XbmError(f"task {name!r}: num_classes must be a positive integer, got "
                            f"{num_classes!r}")
         num_classes = n
+        if dataset is not None:
+            if isinstance(dataset, os.PathLike):
+                dataset = os.fspath(dataset)
+            if not isinstance(dataset, str):
+                raise XbmError(f"task {name!r}: dataset must be a name or a path (recorded in "
+                               f"bundles), got {type(dataset).__name__}")
         if isinstance(method, AdaptionMethod):
             if config is not None:
                 raise XbmError(f"task {name!r}: pass either a method object (which has its own "
                                "config) or a method name with config=, not both")
+            serves = getattr(method, "_xbm_task", None)
+            if serves is not None:  # its per-task bookkeeping (XMA2's PE selection) is one task's
+                raise XbmError(f"task {name!r}: this {method.name} method object already serves "
+                               f"task {serves!r}; give each task its own, e.g. "
+                               f"add_task({name!r}, {method.name!r}, config=...)")
             m = method
         else:
             m = create_method(method, config)
         ref = next(self.model.parameters())
+        backbone_storage = {t.untyped_storage().data_ptr()
+                            for t in backbone_state(self.model).values() if t.numel()}
         try:
             for _, mod in task_aware_modules(self.model):
                 if isinstance(mod, CrossbarLayer):
@@ -334,12 +357,20 @@ class MultiTaskModel(nn.Module):
                     like = next((b for b in mod.buffers(recurse=False)
                                  if b.is_floating_point()), ref)
                 own.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+                shared = [k for k, t in own.state_dict(keep_vars=True).items()
+                          if t.numel() and t.untyped_storage().data_ptr() in backbone_storage]
+                if shared:  # training it would write the programmed cells in place
+                    raise XbmError(f"task {name!r}: the {m.name} method's state {shared[0]!r} "
+                                   "shares memory with the programmed backbone, so training it "
+                                   "would rewrite the backbone; its create_layer_state must "
+                                   "copy (.detach().clone()) what it takes from the layer")
         except Exception:
             for _, mod in task_aware_modules(self.model):
                 mod.remove_task(name)
             raise
         self.tasks[name] = TaskInfo(name, m.name, m.config.to_dict(), num_classes, dataset)
         self.methods[name] = m
+        m._xbm_task = name
         self.set_trainable(name)
         self.set_task(name)
         return m
@@ -356,7 +387,7 @@ class MultiTaskModel(nn.Module):
         for _, mod in task_aware_modules(self.model):
             mod.remove_task(name)
         del self.tasks[name]
-        del self.methods[name]
+        self.methods.pop(name)._xbm_task = None
         if self._active == name:
             self.set_task(BASE_TASK)
 
@@ -548,6 +579,9 @@ class MultiTaskModel(nn.Module):
         tasks = list(self.tasks) if tasks is None else list(tasks)
         for t in tasks:
             self._require(t)
+        twice = sorted({t for t in tasks if tasks.count(t) > 1})
+        if twice:  # a bundle holds each task once (loading one twice would fail)
+            raise XbmError(f"save_bundle: tasks lists {', '.join(twice)} more than once")
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)

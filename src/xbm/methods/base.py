@@ -7,6 +7,7 @@ registers both by name. The CLI choices, the docs table and the test matrix all 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
@@ -97,12 +98,17 @@ class AdaptionMethod:
     falls back to eager steps."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
-        self.config = config if config is not None else self.config_class()
-        if not isinstance(self.config, self.config_class):
+        # exactly the method's own config class: a subclass's extra fields (XMA2Config given to
+        # xma) would do nothing here and make the saved bundle unreadable
+        if config is not None and type(config) is not self.config_class:
             raise ConfigError(
                 f"method {self.name!r} takes a {self.config_class.__name__}, "
-                f"got {type(self.config).__name__}"
-            )
+                f"got {type(config).__name__}"
+                + ("; its extra fields would be ignored" if isinstance(config, self.config_class)
+                   else ""))
+        # a copy: a config edited after add_task (say, to reuse it for the next task) must not
+        # change a task already added, nor what its bundle records
+        self.config = copy.deepcopy(config) if config is not None else self.config_class()
 
     # -- per-layer state ---------------------------------------------------------------------
     def create_layer_state(self, layer: nn.Module) -> nn.Module:

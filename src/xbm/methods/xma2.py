@@ -275,7 +275,10 @@ class XMA2(XMA):
         place) and device moves all invalidate it.
         """
         pm = state.pe_mask
-        key = (pm.data_ptr(), pm._version, layer.weight.data_ptr())
+        # inference mode too: masks built under torch.inference_mode are inference tensors,
+        # which a later training step cannot save for backward
+        key = (pm.data_ptr(), pm._version, layer.weight.data_ptr(),
+               torch.is_inference_mode_enabled())
         cached = state.__dict__.get("_sel_cache")
         if cached is None or cached[0] != key:
             if bool(pm.any()):

@@ -233,10 +233,17 @@ def _device_of(mtm: nn.Module, device: torch.device | str | None) -> torch.devic
     if device is None:
         return next(mtm.parameters()).device
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
                           ) from None
+    # what the CLI's --device refuses, refused here too, not as an AssertionError from torch
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported (xbm runs on cpu and cuda); use "
+                          "'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
 
 
 def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -304,6 +311,9 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     epochs = int(epochs)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(
+            max_steps, numbers.Integral) or max_steps < 1):  # 0 trained a step at full lr
+        raise ConfigError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     if precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"unknown adaption precision {precision!r}; choose one of: "
                           f"{', '.join(TRAIN_PRECISIONS)}")
@@ -329,106 +339,116 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     graphed = graphed and method.graph_safe
     capturable = graphed if capturable is None else bool(capturable)
     cfg = method.config
+    prev_task = mtm.active_task
     mtm.set_task(task)
-    method.on_task_start(mtm, task)
-    groups = mtm.task_parameters(task)
-    param_groups = method.param_groups(groups["state"])
-    head_norm = groups["head"] + groups["norm"]
-    if head_norm:
-        param_groups.append({"params": head_norm, "lr": cfg.head_lr})
-    if not hasattr(loader, "__len__"):  # a generator: TypeError "has no len()" otherwise
-        raise XbmError(f"train_task needs a loader with a length (the cosine schedule spans "
-                       f"epochs x len(loader) steps), got a {type(loader).__name__}; pass a "
-                       "torch DataLoader or a list of (images, labels) batches")
-    per_epoch = len(loader) // world  # every rank takes the same number of steps
-    if per_epoch == 0:
-        raise XbmError(f"the loader yields {len(loader)} batch(es), too few for {world} "
-                       "process(es); give it more training images or a smaller batch size "
-                       "(xbm adapt: --batch-size)")
-    for g in param_groups:
-        for p in g["params"]:
-            p.requires_grad_(True)
-    opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay, capturable=capturable)
-    trainable = [p for g in param_groups for p in g["params"]]
-    total = epochs * per_epoch
-    if max_steps is not None:
-        total = min(total, max_steps)
-    if capturable:
-        # the schedule writes into device tensors that the captured Adam step reads
-        lam, base_lrs = cosine_lambda(total), [float(g["lr"]) for g in opt.param_groups]
-        for g in opt.param_groups:
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
+    done = False
+    try:
+        method.on_task_start(mtm, task)
+        groups = mtm.task_parameters(task)
+        param_groups = method.param_groups(groups["state"])
+        head_norm = groups["head"] + groups["norm"]
+        if head_norm:
+            param_groups.append({"params": head_norm, "lr": cfg.head_lr})
+        if not hasattr(loader, "__len__"):  # a generator: TypeError "has no len()" otherwise
+            raise XbmError(f"train_task needs a loader with a length (the cosine schedule spans "
+                           f"epochs x len(loader) steps), got a {type(loader).__name__}; pass a "
+                           "torch DataLoader or a list of (images, labels) batches")
+        per_epoch = len(loader) // world  # every rank takes the same number of steps
+        if per_epoch == 0:
+            raise XbmError(f"the loader yields {len(loader)} batch(es), too few for {world} "
+                           "process(es); give it more training images or a smaller batch size "
+                           "(xbm adapt: --batch-size)")
+        for g in param_groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        opt = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay, capturable=capturable)
+        trainable = [p for g in param_groups for p in g["params"]]
+        total = epochs * per_epoch
+        if max_steps is not None:
+            total = min(total, max_steps)
+        if capturable:
+            # the schedule writes into device tensors that the captured Adam step reads
+            lam, base_lrs = cosine_lambda(total), [float(g["lr"]) for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
 
-    def one_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # a fresh autocast context per step: autocast caches its bf16 copies of leaf tensors
-        # until the context exits, so one around the loop would keep stale heads (and a graph
-        # must not cache at all)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
-                            cache_enabled=not graphed):
-            loss = F.cross_entropy(mtm(x), y)
-        loss.backward()
-        xdist.all_reduce_grads(trainable)
-        opt.step()
-        # detached: a loss kept alive keeps its autograd graph, whose cached AccumulateGrad
-        # nodes remember the warm-up's side stream; a capture reusing them warns of, and
-        # synchronises on, the stale stream
-        return loss.detach()
+        def one_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            # a fresh autocast context per step: autocast caches its bf16 copies of leaf tensors
+            # until the context exits, so one around the loop would keep stale heads (and a graph
+            # must not cache at all)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                                cache_enabled=not graphed):
+                loss = F.cross_entropy(mtm(x), y)
+            loss.backward()
+            xdist.all_reduce_grads(trainable)
+            opt.step()
+            # detached: a loss kept alive keeps its autograd graph, whose cached AccumulateGrad
+            # nodes remember the warm-up's side stream; a capture reusing them warns of, and
+            # synchronises on, the stale stream
+            return loss.detach()
 
-    def zero_grad() -> None:
-        opt.zero_grad(set_to_none=True)
+        def zero_grad() -> None:
+            opt.zero_grad(set_to_none=True)
 
-    graph_step = _GraphedStep(one_step, device, method.graph_ready) if graphed else None
-    mtm.train()
-    step, last_loss = 0, None
-    t0 = time.perf_counter()
-    for epoch in range(epochs):
-        it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
-                       f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
-                       later_epochs=0 if max_steps is not None else epochs - epoch - 1)
-        for batch in it:
-            x, y = _pair(batch)
-            if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
-                _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
-                                   _ADD_TASK_FIX)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if capturable:
-                for g, base in zip(opt.param_groups, base_lrs, strict=True):
-                    g["lr"].fill_(base * lam(step))
-            if graph_step is not None:
-                loss = graph_step(x, y, zero_grad)
-            else:
-                zero_grad()
-                loss = one_step(x, y)
-                if not capturable:
-                    sched.step()
-            step += 1
-            # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
-            # which would serialise the host's launches with the GPU's work on every step
-            last_loss = loss.detach()
-            if (progress and hasattr(it, "set_postfix") and not getattr(it, "disable", False)
-                    and step % POSTFIX_EVERY == 0):
-                it.set_postfix(loss=f"{float(last_loss):.3f}")
+        graph_step = _GraphedStep(one_step, device, method.graph_ready) if graphed else None
+        mtm.train()
+        step, last_loss = 0, None
+        t0 = time.perf_counter()
+        for epoch in range(epochs):
+            it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
+                           f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
+                           later_epochs=0 if max_steps is not None else epochs - epoch - 1)
+            for batch in it:
+                x, y = _pair(batch)
+                if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
+                    _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
+                                       _ADD_TASK_FIX)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if capturable:
+                    for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                        g["lr"].fill_(base * lam(step))
+                if graph_step is not None:
+                    loss = graph_step(x, y, zero_grad)
+                else:
+                    zero_grad()
+                    loss = one_step(x, y)
+                    if not capturable:
+                        sched.step()
+                step += 1
+                # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
+                # which would serialise the host's launches with the GPU's work on every step
+                last_loss = loss.detach()
+                if (progress and hasattr(it, "set_postfix") and not getattr(it, "disable", False)
+                        and step % POSTFIX_EVERY == 0):
+                    it.set_postfix(loss=f"{float(last_loss):.3f}")
+                if step >= total:
+                    break
             if step >= total:
                 break
-        if step >= total:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    loss_v = float("nan") if last_loss is None else float(last_loss)
-    replayed = graph_step is not None and graph_step.graph is not None
-    if graph_step is not None:  # the grads live in the graph's memory pool: let both go
-        zero_grad()
-        del graph_step
-    xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
-    method.on_task_end(mtm, task)
-    for g in param_groups:
-        for p in g["params"]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        loss_v = float("nan") if last_loss is None else float(last_loss)
+        replayed = graph_step is not None and graph_step.graph is not None
+        if graph_step is not None:  # the grads live in the graph's memory pool: let both go
+            zero_grad()
+            del graph_step
+        xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
+        method.on_task_end(mtm, task)
+        done = True
+        return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=replayed)
+    finally:
+        # success or not, the model is left as documented: eval mode, every parameter frozen
+        # (a task made trainable earlier by set_trainable too); a failed run also gives the
+        # previously active task back, so that the next plain forward is not the half-trained
+        # task's, in training mode (which would move its BatchNorm statistics)
+        for p in mtm.parameters():
             p.requires_grad_(False)
-    mtm.eval()
-    return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=replayed)
+        mtm.eval()
+        if not done:
+            mtm.set_task(prev_task)
 
 
 @torch.no_grad()
@@ -470,7 +490,18 @@ def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
                                                     isinstance(batch, (tuple, list)) else ""))
         raise XbmError(f"a batch must be a pair (images, labels) of tensors, got {what}; wrap "
                        "the loader, e.g. ((b['image'], b['label']) for b in loader) as a list")
-    return batch[0], batch[1]
+    x, y = batch
+    # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
+    # of 400%), and float or one-hot labels fail deep inside the loss
+    if y.dim() != 1 or x.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise XbmError(f"a batch's labels must be one class index per image, shape "
+                       f"({x.shape[0] if x.dim() else '?'},), got shape {tuple(y.shape)} for "
+                       f"images of shape {tuple(x.shape)}; e.g. y.reshape(-1), or "
+                       "y.argmax(1) for one-hot labels")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise XbmError(f"a batch's labels must be integer class indices, got {y.dtype}; e.g. "
+                       "y.long()")
+    return x, y
 
 
 #: The fix a training-side label error names.
