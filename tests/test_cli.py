@@ -461,7 +461,7 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
     (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["pretrain", "--lr", "-1"], "lr must be a number > 0"),
     (["pretrain", "--train-subset", "0"], "--train-subset must be >= 1, got 0"),
-    (["pretrain", "--image-size", "4"], "--image-size must be >= 8, got 4"),
+    (["pretrain", "--image-size", "4"], "--image-size must be an integer in [8, 1024], got 4"),
     (["pretrain", "--out", "{tmp}"], "is a folder"),
     (["demo", "--out", "{tmp}/file"], "is an existing file"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--out", "{tmp}"], "is a folder"),
@@ -594,7 +594,10 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
                  "--device", "cpu"]) == 0
     got = capsys.readouterr()
     assert json.loads(got.out)["tasks"] == res["tasks"]
-    assert got.err.startswith("evaluating 1 task(s): task ") and "\nt     xbm " in got.err
+    err_lines = got.err.splitlines()
+    assert err_lines[0] == "evaluating 1 task(s):"
+    assert err_lines[1].split()[:2] == ["task", "method"]
+    assert err_lines[2].startswith("t     xbm ")  # the header over the rows, aligned
     assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["task", "method", "dataset", "accuracy", "test", "images"]
@@ -647,6 +650,7 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     assert rec["precision"] == "bf16"  # as asked, not auto's
     # what the accuracy rests on: 12 images split 80/20 per class (the note on stderr: --json)
     assert (rec["train_images"], rec["test_images"], rec["classes"]) == (10, 2, 2)
+    assert (rec["train_steps"], rec["batch_size"]) == (3, 4)  # ceil(10 / 4) steps, one epoch
     assert "imgs: 10 training and 2 test images, 2 classes (--test-subset 500 is more than " \
         "the 2 there: all used)" in err
     assert rec["task"] == "imgs" and rec["new_bundle"] is True  # named after the folder
@@ -684,6 +688,10 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--rows", "16", "--cols", "16", "--bundle", "old.bin", "--device", "cpu",
                  "--no-progress"]) == 2
     assert "already holds a task 'again'; pass --task NAME" in _one_line_error(capsys)
+    # a given name is checked before the data loads (a missing folder is not reached)
+    assert main(["adapt", "--dataset", "folder:gone", "--task", "again", "--backbone",
+                 str(bb), "--bundle", "old.bin", "--device", "cpu", "--no-progress"]) == 2
+    assert "already holds a task 'again'" in _one_line_error(capsys)
     # a --backbone other than the bundle's: the CLI's fix, not the Python API's wording
     torch.manual_seed(1)
     other = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
@@ -1425,7 +1433,7 @@ def test_a_side_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsy
         (err := _one_line_error(capsys)) and "pass --image-size 16 or more" in err
     assert main(["pretrain", "--image-size", "5000", "--dataset", str(imgs), "--device",
                  "cpu"]) == 2
-    assert "--image-size must be an integer in [1, 1024], got 5000" in _one_line_error(capsys)
+    assert "--image-size must be an integer in [8, 1024], got 5000" in _one_line_error(capsys)
     bb = tmp_path / "vgg.safetensors"
     assert main(["pretrain", "--model", "vgg11_cifar", "--width", "2", "--image-size", "16",
                  "--dataset", str(imgs), "--epochs", "1", "--batch-size", "4", "--augment",
@@ -1443,7 +1451,7 @@ def test_a_side_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsy
 def test_image_size_below_what_a_resnet_takes_is_refused(tmp_path, capsys):
     imgs = _folder(tmp_path / "imgs")
     assert main(["adapt", "--dataset", str(imgs), "--image-size", "4", "--device", "cpu"]) == 2
-    assert "--image-size must be >= 8, got 4" in _one_line_error(capsys)
+    assert "--image-size must be an integer in [8, 1024], got 4" in _one_line_error(capsys)
 
 
 def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_path, capsys):
@@ -1477,7 +1485,9 @@ def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_pa
     other = tmp_path / "other.safetensors"
     assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
                  "--out", str(other), "--width", "4"]) == 2  # the default 10 classes
-    assert "shape mismatch(es): fc.weight" in _one_line_error(capsys) and not other.exists()
+    err = _one_line_error(capsys)
+    assert "shape mismatch(es): fc.weight" in err and not other.exists()
+    assert "its classifier fc.weight has 7 classes: xbm import-backbone --num-classes 7" in err
     # the file works where --backbone goes
     imgs = _folder(tmp_path / "imgs")
     bundle = tmp_path / "b.safetensors"
@@ -1802,6 +1812,16 @@ def test_cost_of_a_bundle_whose_tasks_have_different_sides(tmp_path, capsys):
     assert rep["input_shape"] == [1, 1, 20, 20] and list(rep["tasks"]) == ["big"]
     assert main(["cost", "--bundle", str(bundle), "--tasks", "huge"]) == 2
     assert "--tasks 'huge' has no task 'huge'" in _one_line_error(capsys)
+    # a new task has no one side to follow: adapt asks for one (it took the largest before)
+    third = ["adapt", "--dataset", "digits", "--task", "third", "--bundle", str(bundle),
+             "--backbone", str(bb), "--rows", "16", "--cols", "16", "--train-subset", "16",
+             "--test-subset", "16", "--device", "cpu", "--no-progress"]
+    assert main(third) == 2
+    err = _one_line_error(capsys)
+    assert "tasks were learned at different image sides (16: small; 20: big); pass " \
+        "--image-size" in err, err
+    assert main([*third, "--image-size", "16"]) == 0
+    capsys.readouterr()
     assert main(["cost", "--model", "small_cnn", "--tasks", "big"]) == 2
     assert "--tasks picks tasks of a --bundle" in _one_line_error(capsys)
 
@@ -2025,3 +2045,19 @@ def test_eval_task_base_scores_the_backbone_on_its_pretraining_set(tmp_path, cap
                  "--json", "--device", "cpu", "--no-progress"]) == 0
     (rec2,) = json.loads(capsys.readouterr().out)["tasks"]
     assert rec2["accuracy"] == rec["accuracy"]  # the same weights at the same side
+    # imported with --dataset imagenet: a name xbm cannot load is named as the backbone's own
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint",
+                 str(tmp_path / "w.pth"), "--num-classes", "10", "--in-channels", "1",
+                 "--width", "4", "--dataset", "imagenet", "--out",
+                 str(tmp_path / "imp_in.safetensors")]) == 0
+    model3, meta3 = load_backbone(tmp_path / "imp_in.safetensors")
+    mtm3 = MultiTaskModel(model3, CrossbarSpec(rows=16, cols=16), arch=meta3["arch"],
+                          backbone_file=tmp_path / "imp_in.safetensors")
+    mtm3.add_task("t", 10, "xbm", dataset="mnist")
+    mtm3.save_bundle(tmp_path / "b3.safetensors")
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(tmp_path / "b3.safetensors"), "--task", "base",
+                 "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "records its pretraining dataset as 'imagenet', which xbm cannot load" in err
+    assert "pass --dataset NAME or folder:PATH" in err

@@ -118,6 +118,21 @@ def test_positions_from_forward_hooks() -> None:
     assert C.output_positions(model, (1, 4, 6, 6), ["conv"]) == {"conv": 16}
 
 
+@pytest.mark.parametrize("model_name,side", [("vgg11_cifar", 28), ("resnet18_cifar", 8)])
+def test_positions_where_the_last_feature_map_is_one_pixel(model_name, side) -> None:
+    """A training-mode BatchNorm refused the single image ("Expected more than 1 value per
+    channel"), so `xbm cost --bundle` and a demo with model: vgg11_cifar failed; the pass runs
+    in eval mode and gives every flag back."""
+    from xbm.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(model_name, in_channels=1, width=4)
+    assert model.training
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    pos = C.output_positions(model, (1, 1, side, side), names)
+    assert pos[names[-1]] == 1 and model.training
+
+
 def test_touched_rows(tiny_mapping) -> None:
     (lm,) = tiny_mapping.layers
     slots = 36 * 3  # every matrix row once per column tile

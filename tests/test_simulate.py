@@ -525,6 +525,16 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
     # one chip, one rate: no fault-rate curve to draw (a one-point plot was written before)
     assert not (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
+    # the backbone's own task on the faithful path, as `xbm eval --task base` takes it
+    assert main(["simulate", "--bundle", str(bundle), "--task", "base", "--adc-bits", "8",
+                 "--json", *common]) == 0
+    base_rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {r["task"] for r in base_rows} == {"base"}
+    assert [r["path"] for r in base_rows] == ["ideal", "faithful"]
+    assert main(["eval", "--bundle", str(bundle), "--task", "base", "--test-subset", "32",
+                 "--json", "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["accuracy"] == \
+        base_rows[0]["accuracy"]  # the ideal path is eval's, on the same images
 
 
 def test_hardware_package_exports_simulator_names():

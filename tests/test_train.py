@@ -48,3 +48,28 @@ def test_labels_beyond_the_tasks_classes_are_an_xbm_error():
     with pytest.raises(XbmError, match="task 't' has 3 classes"):
         evaluate_task(mtm, "t", test)
     assert evaluate_task(mtm, "base", test) >= 0  # the backbone's own head has 4
+
+
+def test_plain_progress_lines_run_on_across_a_runs_epochs(capsys, monkeypatch):
+    """Each epoch is its own loop: with the 30 s restarting every epoch, a run of 22-second
+    epochs wrote no line at all. One clock per run carries the 30 s across its epochs."""
+    import types
+
+    from xbm.train import loop
+
+    monkeypatch.delenv("XBM_PROGRESS", raising=False)
+    now = [0.0]
+
+    def tick() -> float:  # 4 s a read: an epoch of 5 steps takes 24 s, under the 30
+        now[0] += 4.0
+        return now[0]
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=tick))
+    for _ in range(2):  # a clock per epoch (the old behaviour): silence
+        list(loop._progress(range(5), 5, "alone", True))
+    assert capsys.readouterr().err == ""
+    clock = loop.ProgressClock()
+    for epoch in range(2):
+        list(loop._progress(range(5), 5, f"run ep {epoch + 1}/2", True, clock=clock))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run ep 2/2: 2/5 (40%), "), lines

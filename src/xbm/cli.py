@@ -334,6 +334,13 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
     if not ds or ds in ("unknown", "imported"):
         raise XbmError("the backbone records no pretraining dataset (an imported one); pass "
                        "--dataset NAME to evaluate the base task on it")
+    from xbm.data.registry import image_folder_path, list_datasets
+
+    if not args.dataset and image_folder_path(ds) is None and ds not in list_datasets():
+        # import-backbone --dataset records what it was trained on, say imagenet
+        raise XbmError(f"the backbone records its pretraining dataset as {ds!r}, which xbm "
+                       "cannot load here; pass --dataset NAME or folder:PATH holding those "
+                       "classes to evaluate the base task")
     sides = sorted({task_image_size(t) for t in tasks})
     side = recipe_side(recipe) or (sides[0] if len(sides) == 1 else 28)
     arch = bmeta.get("arch") or {}
@@ -349,6 +356,17 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
                        f"{data.num_classes}; pass the --dataset it was pretrained on")
     return ds, data.subset(None, args.test_subset, seed=args.seed), side
+
+
+def _check_new_task_name(task: str, bundle: str | None, bundle_tasks: list[Any]) -> None:
+    """A valid name the bundle does not hold yet (adapt)."""
+    from xbm.multitask import check_task_name
+
+    check_task_name(task, "--task")
+    if task in {t.name for t in bundle_tasks}:
+        raise XbmError(f"{bundle} already holds a task {task!r}; pass --task NAME to add "
+                       "this one under another name, or --out NEW.safetensors instead of "
+                       "--bundle for a new bundle")
 
 
 def task_image_size(task: Any) -> int:
@@ -370,7 +388,14 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
     if args.image_size is not None:
         side = int(args.image_size)
     elif bundle_tasks:
-        side = max(task_image_size(t) for t in bundle_tasks)
+        sides = sorted({task_image_size(t) for t in bundle_tasks})
+        if len(sides) > 1:  # no side is "the earlier tasks'": say so rather than pick one
+            by_side = "; ".join(
+                f"{s}: {', '.join(t.name for t in bundle_tasks if task_image_size(t) == s)}"
+                for s in sides)
+            raise XbmError(f"the bundle's tasks were learned at different image sides "
+                           f"({by_side}); pass --image-size for the new task")
+        side = sides[0]
     else:
         side = recipe_side(recipe) or 28
     _check_side(side, arch)
@@ -387,11 +412,11 @@ def recipe_side(recipe: dict[str, Any] | None) -> int | None:
 def _check_side(side: int, arch: dict[str, Any] | None) -> None:
     """``--image-size`` (given or defaulted) against the backbone's architecture: at least 8 (a
     ResNet halves the side five times) and one every layer of the model can run on."""
-    from xbm.models.registry import check_input_side
+    from xbm.models.registry import MAX_IMAGE_SIDE, check_input_side
 
-    if side < 8:
-        raise XbmError(f"--image-size must be >= 8, got {side} (a ResNet halves the side five "
-                       "times)")
+    if not 8 <= side <= MAX_IMAGE_SIDE:
+        raise XbmError(f"--image-size must be an integer in [8, {MAX_IMAGE_SIDE}], got {side} "
+                       "(a ResNet halves the side five times)")
     if arch and arch.get("name"):
         check_input_side(arch["name"], side, in_channels=arch.get("in_channels") or 1,
                          width=arch.get("width"))
@@ -559,6 +584,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
         bundle_meta, spec, bundle_tasks = read_bundle_meta(args.bundle)
         _check_spec_flags(args, spec, args.bundle)
+    if args.task is not None:  # a given name is checked now, before the data loads
+        _check_new_task_name(args.task, args.bundle, bundle_tasks)
     out = args.out or args.bundle
     if out is not None:
         _check_bundle_out(out, args.bundle)
@@ -599,13 +626,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
     task = args.task if args.task is not None else \
         re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
-    from xbm.multitask import check_task_name
-
-    check_task_name(task, "--task")  # now, not after minutes of pretraining
-    if task in {t.name for t in bundle_tasks}:
-        raise XbmError(f"{args.bundle} already holds a task {task!r}; pass --task NAME to add "
-                       "this one under another name, or --out NEW.safetensors instead of "
-                       "--bundle for a new bundle")
+    _check_new_task_name(task, args.bundle, bundle_tasks)  # not after minutes of pretraining
     if out is None:
         out = f"{task}.safetensors"
         _check_bundle_out(out, None)
@@ -645,7 +666,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
            "trainable_params": mtm.trainable_params(task),
-           "train_seconds": round(tr.train_seconds, 3), "precision": precision,
+           "train_seconds": round(tr.train_seconds, 3), "train_steps": tr.steps,
+           "batch_size": args.batch_size, "precision": precision,
            "cuda_graph": tr.cuda_graph, "train_images": len(data.train_y),
            "test_images": len(data.test_y), "classes": data.num_classes,
            "image_size": image_size, "in_channels": data.in_channels,
@@ -748,8 +770,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
         if i == 0 and rows_to is not None:  # once the first task's data is found: a missing
             # dataset's error then stands alone, not under a table header with no rows
-            print(head if not args.json else f"evaluating {len(todo)} task(s): {head}",
-                  file=rows_to, flush=True)
+            if args.json:  # the rows go to stderr beside the JSON: say what they are
+                print(f"evaluating {len(todo)} task(s):", file=rows_to)
+            print(head, file=rows_to, flush=True)
         acc = evaluate_task(mtm, t, test_loader, device)
         r = {"task": t, "method": "base" if t == "base" else mtm.tasks[t].method, "dataset": ds,
              "accuracy": round(acc, 4), "test_images": len(data.test_y)}

@@ -448,8 +448,12 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...],
                     found[n] = int(out.numel() // (out.shape[0] * out.shape[-1]))
             hooks.append(mod.register_forward_hook(hook))
     try:
+        from xbm.nn.modes import eval_mode
+
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
+        # eval mode: a training-mode BatchNorm refuses a batch of one where the last feature map
+        # is 1 x 1 (a VGG at 28 px, a ResNet at 8 px), and shapes do not depend on the mode
+        with torch.no_grad(), eval_mode(model):
             model(torch.zeros(*input_shape, device=device))
     except Exception as exc:
         raise XbmError(f"cannot run the model on a {tuple(input_shape)} input to count output "

@@ -129,7 +129,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
                         "faults); fault-aware XBM")
     sp.add_argument("--bundle", help="task bundle to evaluate (sweep mode)")
-    sp.add_argument("--task", help="only this task of the bundle")
+    sp.add_argument("--task", help="only this task of the bundle (base: the backbone's own "
+                    "task, on its pretraining set or --dataset)")
     sp.add_argument("--fault-aware", action="store_true",
                     help="train XBM with and without the chip's faults and compare")
     sp.add_argument("--dataset", help="dataset (fault-aware mode; sweep: override the task's)")
@@ -291,7 +292,7 @@ def _print(rows: list[dict[str, Any]], cols: list[str], title: str | None = None
 
 # -- sweep -----------------------------------------------------------------------------------
 def _sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone, _check_counts, _check_spec_flags, _task_data
+    from xbm.cli import _backbone, _base_task_data, _check_counts, _check_spec_flags, _task_data
     from xbm.hardware.faults import FaultMap, fault_aware
     from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import evaluate_task, resolve_device
@@ -300,9 +301,10 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     meta, spec, infos = read_bundle_meta(args.bundle)  # cheap checks before the backbone
     _check_spec_flags(args, spec, args.bundle)
-    if args.task and args.task not in {t.name for t in infos}:
+    if args.task and args.task != "base" and args.task not in {t.name for t in infos}:
         raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
-                       f"{', '.join(t.name for t in infos) or 'no tasks'}")
+                       f"{', '.join(t.name for t in infos) or 'no tasks'} (and 'base', the "
+                       "backbone's own task)")
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
@@ -324,9 +326,14 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []
     for t in tasks:
-        _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
-                                   seed=args.seed,
-                                   channels=(bmeta.get("arch") or {}).get("in_channels"))
+        if t == "base":  # the backbone as programmed, on its pretraining set (as xbm eval)
+            _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
+            if args.train_subset:  # the ADC calibration's images
+                data = data.subset(args.train_subset, None, seed=args.seed)
+        else:
+            _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
+                                       seed=args.seed,
+                                       channels=(bmeta.get("arch") or {}).get("in_channels"))
         _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
         calib = _calibration_batches(data, args, size=size)
         ideal = evaluate_task(mtm, t, test_loader, device)

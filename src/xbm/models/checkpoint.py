@@ -149,9 +149,22 @@ def load_torchvision_state_dict(
         raise XbmError(
             f"{source} does not match {type(model).__name__}: " + "; ".join(parts)
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
-            "and width"
+            "and width" + _head_hint(state, expected)
         )
     result = model.load_state_dict(state, strict=False)
     # strict above, on the backbone's keys; only task keys may be left out here
     assert not result.unexpected_keys and all("xbm_tasks." in k for k in result.missing_keys)
     return model
+
+
+def _head_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """The checkpoint's own class count where only the classifier's shape differs (a
+    10-class checkpoint for a 1000-class model): xbm import-backbone takes it as
+    --num-classes."""
+    diff = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    heads = [k for k in diff if k.endswith(".weight") and state[k].dim() == 2]
+    if len(heads) != 1 or any(not k.startswith(heads[0].rsplit(".", 1)[0] + ".") for k in diff):
+        return ""
+    return f" (its classifier {heads[0]} has {state[heads[0]].shape[0]} classes: xbm " \
+        f"import-backbone --num-classes {state[heads[0]].shape[0]})"
+

@@ -76,25 +76,39 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 LOG_PROGRESS_SECONDS = 30.0
 
 
+class ProgressClock:
+    """When the last plain progress line of one run was written (or the run began), shared by
+    that run's epochs: each epoch is its own loop, and a clock that restarted with every epoch
+    let a run of 22-second epochs write no line at all."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+
 class _LogProgress:
     """Iterate ``iterable``, writing ``desc: i/total (p%), Ns, ~Ms left`` to stderr at most
-    every :data:`LOG_PROGRESS_SECONDS` (so a short loop writes nothing). With
-    ``later_epochs`` (whole epochs still to come after this one) the line also gives the time
-    left in all, so a log reader is not told "11 s left" with two epochs to go."""
+    every :data:`LOG_PROGRESS_SECONDS` (so a short loop writes nothing), timed by ``clock``
+    across a run's epochs when given. With ``later_epochs`` (whole epochs still to come after
+    this one) the line also gives the time left in all, so a log reader is not told "11 s
+    left" with two epochs to go."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str,
-                 every: float | None = None, later_epochs: int = 0) -> None:
+                 every: float | None = None, later_epochs: int = 0,
+                 clock: ProgressClock | None = None) -> None:
         self.iterable, self.total, self.desc = iterable, total, desc
         self.every = LOG_PROGRESS_SECONDS if every is None else every
         self.later_epochs = later_epochs
+        self.clock = clock if clock is not None else ProgressClock()
 
     def __iter__(self):
-        t0 = last = time.perf_counter()
+        t0 = time.perf_counter()
+        if self.clock.last is None:
+            self.clock.last = t0
         for i, item in enumerate(self.iterable, 1):
             yield item
             now = time.perf_counter()
-            if now - last >= self.every and i < self.total:
-                last = now
+            if now - self.clock.last >= self.every and i < self.total:
+                self.clock.last = now
                 per_step = (now - t0) / i
                 left = per_step * (self.total - i)
                 tail = f"~{left:.0f}s left"
@@ -106,13 +120,14 @@ class _LogProgress:
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool,
-              later_epochs: int = 0):
+              later_epochs: int = 0, clock: ProgressClock | None = None):
     """A progress bar on a terminal, timed plain lines elsewhere, nothing when disabled.
-    ``later_epochs``: whole epochs after this one, for the plain lines' time left in all."""
+    ``later_epochs``: whole epochs after this one, for the plain lines' time left in all;
+    ``clock``: one per run, so that the plain lines' 30 seconds run on across its epochs."""
     if not enabled:
         return iterable
     if not sys.stderr.isatty() and os.environ.get("XBM_PROGRESS") != "1":
-        return _LogProgress(iterable, total, desc, later_epochs=later_epochs)
+        return _LogProgress(iterable, total, desc, later_epochs=later_epochs, clock=clock)
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
@@ -396,10 +411,12 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         mtm.train()
         step, last_loss = 0, None
         t0 = time.perf_counter()
+        clock = ProgressClock()  # one per run: the plain lines' 30 s carry across epochs
         for epoch in range(epochs):
             it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
                            f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
-                           later_epochs=0 if max_steps is not None else epochs - epoch - 1)
+                           later_epochs=0 if max_steps is not None else epochs - epoch - 1,
+                           clock=clock)
             for batch in it:
                 x, y = _pair(batch)
                 if y.device.type == "cpu":  # checked before the move: no GPU synchronisation

@@ -23,7 +23,7 @@ from torch import nn
 from xbm.config import check_seed, is_finite_number
 from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.io import header_field, load_safetensors, save_safetensors, tensors_hash
-from xbm.train.loop import _progress, cosine_lambda, evaluate, seed_everything
+from xbm.train.loop import ProgressClock, _progress, cosine_lambda, evaluate, seed_everything
 
 BACKBONE_FORMAT = "xbm-backbone/1"
 
@@ -184,9 +184,12 @@ class PretrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"pretraining {f} must be an integer >= 1, got {v!r}")
-        if self.image_size < 8:
-            raise ConfigError(f"pretraining image_size must be >= 8, got {self.image_size} (a "
-                              "ResNet halves the side five times)")
+        from xbm.models.registry import MAX_IMAGE_SIDE
+
+        if not 8 <= self.image_size <= MAX_IMAGE_SIDE:
+            raise ConfigError(f"pretraining image_size must be an integer in [8, "
+                              f"{MAX_IMAGE_SIDE}], got {self.image_size} (a ResNet halves the "
+                              "side five times)")
         if self.channels is not None and (self.channels not in (1, 3)
                                           or isinstance(self.channels, bool)):
             raise ConfigError(f"pretraining channels must be 1 (grayscale) or 3 (RGB), got "
@@ -320,9 +323,10 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         + (", bfloat16 autocast" if bf16 else ""))
     t0 = time.perf_counter()
     model.train()
+    clock = ProgressClock()
     for epoch in range(cfg.epochs):
         it = _progress(train_loader, len(train_loader), f"pretrain ep {epoch + 1}/{cfg.epochs}",
-                       progress, later_epochs=cfg.epochs - epoch - 1)
+                       progress, later_epochs=cfg.epochs - epoch - 1, clock=clock)
         for x, y in it:
             x, y = x.to(device), y.to(device)
             if augment is not None:
