@@ -2061,3 +2061,20 @@ def test_eval_task_base_scores_the_backbone_on_its_pretraining_set(tmp_path, cap
     err = _one_line_error(capsys)
     assert "records its pretraining dataset as 'imagenet', which xbm cannot load" in err
     assert "pass --dataset NAME or folder:PATH" in err
+
+
+def test_a_folder_named_like_a_module_method_gets_a_task_name_that_works(tmp_path, capsys):
+    """A folder called train/ named its task 'train', which torch's module API owns: the
+    error blamed a --task that was never passed. It is now named train-task."""
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    imgs = _folder(tmp_path / "train")
+    out = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--backbone", str(bb), "--rows", "16",
+                 "--cols", "16", "--batch-size", "4", "--out", str(out), "--device", "cpu",
+                 "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "train-task"
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--task", "train", "--backbone",
+                 str(bb), "--rows", "16", "--cols", "16", "--out", str(tmp_path / "c.st"),
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "--task 'train' is taken by torch's module API" in _one_line_error(capsys)

@@ -219,8 +219,21 @@ def test_load_wrong_shape_names_the_key():
     model = _small("resnet50")
     d = model.feature_dim
     expected = rf"shape mismatch.*fc\.weight \(1000, {d}\) vs model \(7, {d}\)"
-    with pytest.raises(XbmError, match=expected):
+    with pytest.raises(XbmError, match=expected) as info:
         load_torchvision_state_dict(model, state)
+    assert "has 1000 classes: xbm import-backbone --num-classes 1000" in str(info.value)
+    # no class-count hint where that would not fix the load
+    wide = dict(state)
+    wide["fc.weight"] = torch.zeros(7, d + 1)  # the head's input differs, not its classes
+    with pytest.raises(XbmError) as info:
+        load_torchvision_state_dict(model, wide)
+    assert "--num-classes" not in str(info.value)
+    gone = dict(state)
+    gone.pop("conv1.weight")  # a key missing besides the head's classes
+    with pytest.raises(XbmError) as info:
+        load_torchvision_state_dict(model, gone)
+    assert "missing key(s): conv1.weight" in str(info.value)
+    assert "--num-classes" not in str(info.value)
 
 
 def test_load_unreadable_files(tmp_path):

@@ -733,3 +733,64 @@ def test_a_method_whose_state_aliases_the_backbone_is_refused() -> None:
         mtm.add_task("a", 3, Aliasing())
     assert mtm.task_names() == []
     assert not any("a" in m.xbm_tasks for _, m in xbm.nn.task_aware_modules(mtm.model))
+
+
+def test_a_method_object_is_free_again_once_its_model_is_gone() -> None:
+    """From a review of the per-task rule: one object reused over fresh models (a loop) and a
+    deep copy of a used object were refused; a shallow copy of a wrapper took over its
+    backbone."""
+    import copy
+    import gc
+
+    meth = create_method("xbm")
+    for _ in range(2):  # a fresh model each pass
+        mtm = MultiTaskModel(_backbone(), SPEC)
+        mtm.add_task("t", 3, meth)
+        del mtm
+        gc.collect()
+    keep = MultiTaskModel(_backbone(), SPEC)
+    keep.add_task("t", 3, meth)
+    other = MultiTaskModel(_backbone(), SPEC)
+    with pytest.raises(XbmError, match=r"already serves task 't' .*add_task\('u', NUM_CLASSES"):
+        other.add_task("u", 3, meth)
+    other.add_task("u", 3, copy.deepcopy(meth))  # a copy serves no task yet
+    keep.remove_task("t")
+    with pytest.raises(XbmError, match="already serves task 't'"):
+        keep.add_task("t2", 3, meth)  # removed, but its bookkeeping was t's
+    twin = copy.deepcopy(keep)  # a whole copy: its methods serve the copy
+    twin.add_task("v", 3, "xbm")
+    assert twin.methods["v"]._xbm_serves[0]() is twin
+    shallow = copy.copy(keep)  # shares keep's backbone, which stays keep's
+    del shallow
+    gc.collect()
+    with pytest.raises(XbmError, match="already belongs"):
+        MultiTaskModel(keep.model, SPEC)
+
+
+def test_add_task_on_a_weightless_meta_model() -> None:
+    """Every meta tensor reports address 0, so the aliasing check took every method's state
+    for the backbone's."""
+    with torch.device("meta"):
+        net = create_model("small_cnn", num_classes=4, in_channels=1)
+    mtm = MultiTaskModel(net, SPEC)
+    for i, m in enumerate(list_methods()):
+        mtm.add_task(f"t{i}", 3, m, {"per_task_bn": False})
+
+
+def test_a_linear_subclass_with_linears_forward_is_a_head() -> None:
+    class Named(nn.Linear):  # a subclass for its name alone: nothing of it is lost
+        pass
+
+    mtm = MultiTaskModel(_Net(nn.BatchNorm2d(4), Named(4, 3)), SPEC)
+    mtm.add_task("t", 3, "xbm")
+
+
+def test_labels_of_any_integer_type_train_and_evaluate() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.randint(0, 3, (8,))
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        batch = [(x, y.to(dtype))]
+        xbm.train_task(mtm, "t", batch, 1, "cpu", progress=False)
+        assert xbm.evaluate_task(mtm, "t", batch) == xbm.evaluate_task(mtm, "t", [(x, y)])

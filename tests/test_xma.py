@@ -459,8 +459,8 @@ def test_param_groups_split_scores_and_weights():
 
 def test_method_object_is_per_task():
     """Refused before training too: one XMA2 object for two tasks made one PE selection over
-    both (about twice the budget for the first, none for the second); removing the task frees
-    the object."""
+    both (about twice the budget for the first, none for the second); a removed task's object
+    stays refused."""
     mtm = _mtm(SMALL_SPEC)
     m = create_method("xma2", {"pe_budget": 0.1, "warmup_steps": 1})
     mtm.add_task("a", 4, m)
@@ -477,7 +477,9 @@ def test_method_object_is_per_task():
     fresh = create_method("xma2", {"pe_budget": 0.1, "warmup_steps": 1})
     mtm.add_task("b", 4, fresh)
     mtm.remove_task("b")
-    mtm.add_task("c", 4, fresh)  # removed: free again
+    with pytest.raises(XbmError, match="already serves task 'b'"):
+        mtm.add_task("c", 4, fresh)  # removed, but its layer states were b's (a stale
+        # selection picked every PE of a reused object)
 
 
 # -- XMA2: earlier tasks, the shared chip, bundles -------------------------------------------

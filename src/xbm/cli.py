@@ -542,6 +542,8 @@ def check_bundle_suffix(path: Path, flag: str) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    import torch
+
     from xbm.data import dataset_reference, load_dataset
     from xbm.methods import get_method_class
     from xbm.multitask import MultiTaskModel
@@ -624,8 +626,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     stem = data.name if folder is None else Path(os.path.abspath(os.path.expanduser(folder))).name
     # accents folded (Ümlaut -> Umlaut), not dropped: names are ASCII, as tensor keys
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
-    task = args.task if args.task is not None else \
-        re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
+    task = args.task
+    if task is None:
+        task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
+        if hasattr(torch.nn.ModuleDict(), task):  # a folder named train/ or eval/: a name
+            task = f"{task[:59]}-task"  # torch's module API owns (check_task_name)
     _check_new_task_name(task, args.bundle, bundle_tasks)  # not after minutes of pretraining
     if out is None:
         out = f"{task}.safetensors"

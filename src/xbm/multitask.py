@@ -14,7 +14,7 @@ import operator
 import os
 import re
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,13 @@ def _owner(model: nn.Module) -> Any:
     return ref() if ref is not None else None
 
 
+def _storages(tensors: Iterable[torch.Tensor]) -> set[tuple[str, int]]:
+    """(device, address) of each tensor's memory; meta and empty tensors have none (every
+    meta tensor reports address 0)."""
+    return {(str(t.device), t.untyped_storage().data_ptr()) for t in tensors
+            if t.numel() and not t.is_meta and t.untyped_storage().data_ptr()}
+
+
 def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
            head_name: str) -> nn.Module:
     """A model ``xbm.apply`` already converted, taken as it is: on the same crossbars, with no
@@ -184,7 +191,7 @@ def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
     if _owner(model) is not None:
         raise XbmError("model already belongs to another MultiTaskModel (its .model): tasks "
                        "added through two wrappers would overwrite each other's state on the "
-                       "shared layers; use that one, or copy.deepcopy the backbone first")
+                       "shared layers; use that one, or give this one a backbone of its own")
     head = dict(model.named_modules()).get(head_name)
     if not isinstance(head, TaskHead):
         raise XbmError(f"model is already converted, but its head is not {head_name!r}; pass "
@@ -260,10 +267,14 @@ class MultiTaskModel(nn.Module):
         self._active = BASE_TASK
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # copy.deepcopy and unpickling rebuild a wrapper around a new backbone: it owns that one
+        # copy.deepcopy and unpickling rebuild a wrapper around a new backbone: it owns that
+        # one, and its methods serve it; a shallow copy.copy shares the original's backbone,
+        # which stays the original's
         super().__setstate__(state)
-        if "model" in self._modules:
+        if "model" in self._modules and _owner(self.model) is None:
             _OWNERS[self.model] = weakref.ref(self)
+            for name, m in self.__dict__.get("methods", {}).items():
+                m._xbm_serves = (weakref.ref(self), name)
 
     @property
     def backbone_hash(self) -> str:
@@ -326,17 +337,19 @@ class MultiTaskModel(nn.Module):
             if config is not None:
                 raise XbmError(f"task {name!r}: pass either a method object (which has its own "
                                "config) or a method name with config=, not both")
-            serves = getattr(method, "_xbm_task", None)
-            if serves is not None:  # its per-task bookkeeping (XMA2's PE selection) is one task's
+            serves = getattr(method, "_xbm_serves", None)
+            if serves is not None and serves[0]() is not None:
+                # its per-task bookkeeping (XMA2's PE selection) is one task's, for good: a
+                # removed task's object is not taken again either
                 raise XbmError(f"task {name!r}: this {method.name} method object already serves "
-                               f"task {serves!r}; give each task its own, e.g. "
-                               f"add_task({name!r}, {method.name!r}, config=...)")
+                               f"task {serves[1]!r} (of a model still alive); give each task "
+                               f"its own, e.g. add_task({name!r}, NUM_CLASSES, "
+                               f"{method.name!r}, config=...)")
             m = method
         else:
             m = create_method(method, config)
         ref = next(self.model.parameters())
-        backbone_storage = {t.untyped_storage().data_ptr()
-                            for t in backbone_state(self.model).values() if t.numel()}
+        backbone_storage = _storages(backbone_state(self.model).values())
         try:
             for _, mod in task_aware_modules(self.model):
                 if isinstance(mod, CrossbarLayer):
@@ -358,7 +371,7 @@ class MultiTaskModel(nn.Module):
                                  if b.is_floating_point()), ref)
                 own.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
                 shared = [k for k, t in own.state_dict(keep_vars=True).items()
-                          if t.numel() and t.untyped_storage().data_ptr() in backbone_storage]
+                          if _storages([t]) & backbone_storage]
                 if shared:  # training it would write the programmed cells in place
                     raise XbmError(f"task {name!r}: the {m.name} method's state {shared[0]!r} "
                                    "shares memory with the programmed backbone, so training it "
@@ -370,7 +383,7 @@ class MultiTaskModel(nn.Module):
             raise
         self.tasks[name] = TaskInfo(name, m.name, m.config.to_dict(), num_classes, dataset)
         self.methods[name] = m
-        m._xbm_task = name
+        m._xbm_serves = (weakref.ref(self), name)
         self.set_trainable(name)
         self.set_task(name)
         return m
@@ -387,7 +400,7 @@ class MultiTaskModel(nn.Module):
         for _, mod in task_aware_modules(self.model):
             mod.remove_task(name)
         del self.tasks[name]
-        self.methods.pop(name)._xbm_task = None
+        del self.methods[name]  # its object stays marked: its bookkeeping was this task's
         if self._active == name:
             self.set_task(BASE_TASK)
 

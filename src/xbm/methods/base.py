@@ -110,6 +110,15 @@ class AdaptionMethod:
         # change a task already added, nor what its bundle records
         self.config = copy.deepcopy(config) if config is not None else self.config_class()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> AdaptionMethod:
+        # a copy serves no task yet (a MultiTaskModel copied whole marks its copies again)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k != "_xbm_serves":
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
     # -- per-layer state ---------------------------------------------------------------------
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
         """Per-task parameters for one crossbar layer (an empty module when there are none)."""

@@ -149,7 +149,7 @@ def load_torchvision_state_dict(
         raise XbmError(
             f"{source} does not match {type(model).__name__}: " + "; ".join(parts)
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
-            "and width" + _head_hint(state, expected)
+            "and width" + ("" if missing or unexpected else _head_hint(state, expected))
         )
     result = model.load_state_dict(state, strict=False)
     # strict above, on the backbone's keys; only task keys may be left out here
@@ -164,6 +164,9 @@ def _head_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     diff = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     heads = [k for k in diff if k.endswith(".weight") and state[k].dim() == 2]
     if len(heads) != 1 or any(not k.startswith(heads[0].rsplit(".", 1)[0] + ".") for k in diff):
+        return ""
+    got, want = state[heads[0]].shape, expected[heads[0]].shape
+    if got[1] != want[1] or got[0] == want[0]:  # not (only) the class count that differs
         return ""
     return f" (its classifier {heads[0]} has {state[heads[0]].shape[0]} classes: xbm " \
         f"import-backbone --num-classes {state[heads[0]].shape[0]})"

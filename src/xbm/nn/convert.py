@@ -49,8 +49,8 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             except the head: which of them go on crossbars (default: all). Subclasses of them
             (e.g. MultiheadAttention's ``out_proj``, whose weight its parent reads directly) and
             other convolutions (Conv1d, ConvTranspose2d, ...) stay digital, with a warning.
-        head_name: the classifier's module name (a plain ``nn.Linear``); each new task gets
-            its own head there.
+        head_name: the classifier's module name (an ``nn.Linear`` with Linear's own forward);
+            each new task gets its own head there.
 
     Returns:
         The same ``model`` object, converted, with every parameter frozen
@@ -58,7 +58,7 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
         converting it; a task's own state (``MultiTaskModel.add_task``) is what learns after.
 
     Raises:
-        XbmError: the head is not a plain ``nn.Linear`` (a subclass's own forward would be
+        XbmError: the head's class overrides ``nn.Linear.forward`` (that forward would be
             lost), or a norm keeps running statistics but is not one xbm makes per-task
             (``nn.BatchNorm1d``/``2d`` themselves): a BatchNorm subclass, ``SyncBatchNorm`` or a
             tracking ``InstanceNorm`` would have its statistics moved by a task's training.
@@ -79,9 +79,10 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             f"model has no Linear classifier named {head_name!r}; pass head_name= the name of its "
             "final Linear layer"
         )
-    if type(head) is not nn.Linear:  # every task's head is a plain Linear: its forward would go
+    if type(head).forward is not nn.Linear.forward:  # every task's head is a plain Linear
         raise XbmError(f"the classifier {head_name!r} is a {type(head).__name__}, a subclass of "
-                       "nn.Linear whose own forward the conversion would replace by a plain "
+                       "nn.Linear with its own forward, which the conversion would replace by a "
+                       "plain "
                        "Linear's (changing the base task); make it an nn.Linear, or wrap the "
                        "model so that the extra computation sits outside the head")
     tracked = [(n, m) for n, m in model.named_modules()
@@ -93,8 +94,8 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
         raise XbmError(f"{n} is a {type(m).__name__}{more}, a norm with running statistics that "
                        "xbm cannot make per-task (only nn.BatchNorm1d, nn.BatchNorm2d and "
                        "nn.LayerNorm themselves): training a task would update the programmed "
-                       "backbone's statistics; replace it with nn.BatchNorm2d/1d (a "
-                       "SyncBatchNorm: convert it back), or build it with "
+                       "backbone's statistics; replace it with the plain nn.BatchNorm1d/2d it "
+                       "stands for (a SyncBatchNorm: convert it back), or build it with "
                        "track_running_stats=False if it needs none")
     stats_free = [n for n, m in model.named_modules()
                   if type(m) in _NORM_MAP and getattr(m, "running_mean", 0) is None]

@@ -518,6 +518,8 @@ def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise XbmError(f"a batch's labels must be integer class indices, got {y.dtype}; e.g. "
                        "y.long()")
+    if y.dtype != torch.int64:  # int32/16/8 labels: the loss takes int64 (or uint8) only
+        y = y.long()
     return x, y
 
 
