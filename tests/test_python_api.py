@@ -794,3 +794,25 @@ def test_labels_of_any_integer_type_train_and_evaluate() -> None:
         batch = [(x, y.to(dtype))]
         xbm.train_task(mtm, "t", batch, 1, "cpu", progress=False)
         assert xbm.evaluate_task(mtm, "t", batch) == xbm.evaluate_task(mtm, "t", [(x, y)])
+
+
+def test_nan_scores_count_as_off_and_a_bundle_with_them_is_refused(tmp_path) -> None:
+    """A NaN score switches its column (or weight) off in the forward (score > threshold is
+    false) but counted as on (score <= threshold is false too); loading such a bundle was
+    silent."""
+    from xbm.errors import BundleError
+
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    for m in ("xbm", "piggyback"):
+        mtm.add_task(m, 3, m)
+        _, layer, st = next(iter(mtm.layer_states(m)))
+        before = (mtm.methods[m].masked_off_columns(layer, st) if m == "xbm"
+                  else mtm.reprogrammed_cells(m))
+        with torch.no_grad():
+            st.score.view(-1)[0] = float("nan")
+        after = (mtm.methods[m].masked_off_columns(layer, st) if m == "xbm"
+                 else mtm.reprogrammed_cells(m))
+        assert after > before  # counted off, as the forward runs it
+    mtm.save_bundle(tmp_path / "b.safetensors", tasks=["xbm"])
+    with pytest.raises(BundleError, match="holds NaN or infinite values .*task 'xbm'"):
+        MultiTaskModel(_backbone(), SPEC).load_bundle(tmp_path / "b.safetensors")

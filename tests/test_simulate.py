@@ -105,6 +105,40 @@ def test_faithful_equals_ideal_with_xbm_mask_and_ragged_tiles():
     assert all(layer.simulator is None for _, layer in crossbar_layers(mtm.model))
 
 
+def test_rewritten_cells_keep_the_backbones_scale():
+    """A task that rewrites cells (Piggyback's zeros) was quantised on its own per-layer scale:
+    masking off a layer's largest weight re-quantised every other cell, a chip unlike the one
+    the cost model prices (the masked cells alone rewritten). The chip's scale is the
+    backbone's, in the faithful path and in the faulted ideal path."""
+    spec = get_spec(rows=8, cols=64, weight_bits=4, cell_bits=2, input_bits=16, dac_bits=4)
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    model = _one_layer_model(conv, 4, spec).eval()
+    layer = model[0]
+    w = layer.weight.detach().clone()
+    masked = w.clone()
+    masked.view(-1)[w.abs().argmax()] = 0.0  # the largest weight masked off
+    layer.chip_view = lambda task=None: (masked, None, None)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(), faithful(model, SimConfig(adc_bits=24, **EAGER), calibration=[x]):
+        y = layer(x)
+    q = 2 ** (spec.weight_bits - 1) - 1
+
+    def on_scale(s: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(masked / s), -q, q) * s
+
+    base, own = w.abs().max() / q, masked.abs().max() / q
+    assert not torch.allclose(on_scale(base), on_scale(own))  # the two chips differ
+    assert torch.allclose(y, F.conv2d(x, on_scale(base)), atol=1e-4)
+    w_int, s_w = quantize_weight(weight_matrix(masked), spec, weight_matrix(w))
+    assert s_w == base and int((w_int != quantize_weight(weight_matrix(w), spec)[0]).sum()) == 1
+    codes = torch.zeros(4, 27, spec.slices, spec.cells_per_slice, dtype=torch.uint8)
+    codes[0, 0, 0, 0] = STUCK_ON  # one stuck cell: the correction is on the backbone's scale
+    faulted = faulted_weight(masked, codes, spec, scale_from=w)
+    delta = (faulted - masked).abs()
+    assert delta.max() > 0 and float(delta[delta > 0].min()) >= float(base) - 1e-6
+
+
 def test_masked_column_contributes_nothing():
     """A masked-off crossbar column == the same chip whose column holds zeros, ADC on."""
     spec = get_spec(rows=8, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=2)
@@ -304,6 +338,12 @@ def test_fault_map_rates_save_load(tmp_path):
     assert not all(torch.equal(other.codes[k], fm.codes[k]) for k in fm.codes)
     with pytest.raises(XbmError):
         fm.check(mtm, get_spec(cell_bits=4))
+    # a map drawn for a simulated cell layout (xbm simulate --sim-cell-bits) is that chip: the
+    # ideal path with faults runs on it (it refused, and `simulate` failed after training)
+    sim_spec = get_spec(rows=16, cols=16, cell_bits=8)
+    wide = FaultMap.generate(mtm, sim_spec, sa0_rate=0.01, sa1_rate=0.01, seed=1)
+    with torch.no_grad(), fault_aware(mtm, wide):
+        mtm(torch.randn(2, 1, 28, 28))
 
 
 def test_faulted_weight():
@@ -623,6 +663,19 @@ def test_settings_that_cannot_be_simulated_are_config_errors():
     for bad in (float("nan"), float("inf"), -0.1, "0.1"):
         with pytest.raises(ConfigError, match="variation must be a finite number >= 0"):
             SimConfig(variation=bad)
+    # each was accepted; levels=nan gave all-NaN logits, quantize_inputs="no" meant yes
+    for field, bad, needle in (("levels", float("nan"), "levels must be an integer >= 2"),
+                               ("levels", 2.5, "levels must be an integer >= 2"),
+                               ("levels", True, "levels must be an integer >= 2"),
+                               ("quantize_inputs", "no", "quantize_inputs must be true or"),
+                               ("calibration_batches", 1.5, "calibration_batches must be an "
+                                                             "integer >= 1"),
+                               ("chunk_elements", 0, "chunk_elements must be an integer"),
+                               ("seed", -3.7, "seed must be an integer"),
+                               ("adc_bits", True, "adc_bits must be a positive integer")):
+        with pytest.raises(ConfigError, match=needle):
+            SimConfig(**{field: bad})
+    assert SimConfig(seed=-3).seed == -3  # any integer: only hashed
     spec = get_spec()
     args = argparse.Namespace(adc_mode="calibrate", adc_bits="8,1", adc_granularity="column",
                               backend="torch", read_noise=0.0, seed=0, levels=None,

@@ -680,6 +680,13 @@ class MultiTaskModel(nn.Module):
                             f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected "
                             f"{tuple(v.shape)}"
                         )
+                    t = tensors[k]
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        # a NaN score switches a column off in the forward but not in the
+                        # accounting's eyes, and a NaN head answers nothing
+                        raise BundleError(f"{path}: tensor {k} holds NaN or infinite values "
+                                          f"(task {ti.name!r} diverged in training?); retrain "
+                                          "it, e.g. at a lower lr")
                 self.model.load_state_dict({k: tensors[k] for k in own}, strict=False)
             known = {k for t in added for k in self.task_state_dict(t)}
             stray = sorted(set(tensors) - known)

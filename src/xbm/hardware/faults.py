@@ -56,15 +56,20 @@ def weight_qmax(spec: CrossbarSpec) -> int:
     return 2 ** (spec.weight_bits - 1) - 1
 
 
-def quantize_weight(weight: torch.Tensor, spec: CrossbarSpec
+def quantize_weight(weight: torch.Tensor, spec: CrossbarSpec,
+                    scale_from: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-layer quantisation of a (Cout, rows) matrix: ``(W_int, s_w)``.
 
     One scale per layer is what a chip with a single digital post-scale per layer can apply; a
-    per-column scale would need a multiplier per bitline.
+    per-column scale would need a multiplier per bitline. ``scale_from`` (the programmed
+    backbone's weight) sets that scale, as the chip fixed it when the backbone was programmed:
+    a task that rewrites some cells (Piggyback's zeros, XMA2's re-programmed PEs) leaves every
+    other cell and the scale as they are, and a rewritten weight beyond the range saturates.
     """
     q = weight_qmax(spec)
-    amax = weight.detach().abs().amax()
+    amax = (weight if scale_from is None else scale_from).detach().abs().amax().to(
+        device=weight.device, dtype=weight.dtype)
     s_w = torch.where(amax > 0, amax / q, torch.ones_like(amax))
     w_int = torch.clamp(torch.round(weight.detach() / s_w), -q, q)
     return w_int, s_w
@@ -268,7 +273,7 @@ def _cells_compatible(a: CrossbarSpec, b: CrossbarSpec) -> bool:
 
 # -- faulted weights for the ideal path ---------------------------------------------------------
 def faulted_weight(weight: torch.Tensor, codes: torch.Tensor | None,
-                   spec: CrossbarSpec) -> torch.Tensor:
+                   spec: CrossbarSpec, scale_from: torch.Tensor | None = None) -> torch.Tensor:
     """The weight a chip with stuck cells computes with, in the ideal (one matmul) path.
 
     Returns ``W + s_w * (W_int_faulted - W_int)``: the float weight plus the change that the
@@ -281,7 +286,8 @@ def faulted_weight(weight: torch.Tensor, codes: torch.Tensor | None,
         return weight
     with torch.no_grad():
         m = weight_matrix(weight)
-        w_int, s_w = quantize_weight(m.float(), spec)
+        w_int, s_w = quantize_weight(m.float(), spec,
+                                     None if scale_from is None else scale_from.float())
         cells = encode_cells(w_int, spec)
         faulty = cells_to_slices(apply_fault_codes(cells, codes.to(m.device), spec), spec)
         delta = (slices_to_int(faulty, spec) - w_int) * s_w
@@ -332,10 +338,11 @@ class FaultyIdealPath:
         self.spec = spec
         self._cache: tuple[Any, torch.Tensor] | None = None
 
-    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+    def _weight(self, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if w.requires_grad or not isinstance(w, nn.Parameter):
-            # a trained or per-call weight (its address may be reused): no caching
-            return faulted_weight(w, self.codes, self.spec)
+            # a trained or per-call weight (its address may be reused): no caching; quantised
+            # on the backbone's scale (ref), which the chip keeps
+            return faulted_weight(w, self.codes, self.spec, ref)
         key = (id(w), w.data_ptr(), w._version, w.device, w.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, faulted_weight(w, self.codes, self.spec))
@@ -343,7 +350,7 @@ class FaultyIdealPath:
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale, b = layer.chip_view()
-        w = self._weight(w)
+        w = self._weight(w, layer.weight)
         if scale is not None:
             w = apply_column_mask(w, scale, layer.spec.rows)
         if isinstance(layer, nn.Conv2d):
@@ -359,7 +366,9 @@ def fault_aware(model: nn.Module, fault_map: FaultMap) -> Iterator[nn.Module]:
     (``train_task``) and its column mask learns to route around the broken columns. The
     programmed backbone tensors are never written; the previous ``simulator`` is restored on exit.
     """
-    fault_map.check(model)
+    # the map is the chip: its cell layout (a simulated --sim-cell-bits one too) is what the
+    # ideal path quantises to, whatever the layers' own specs say
+    fault_map.check(model, fault_map.crossbar_spec)
     spec = fault_map.crossbar_spec
     layers = _crossbar_layers(model)
     saved = [(layer, layer.simulator) for _, layer in layers]

@@ -165,14 +165,23 @@ class SimConfig:
             if getattr(self, f) not in choices:
                 raise ConfigError(f"SimConfig.{f} must be one of {', '.join(choices)}, got "
                                   f"{getattr(self, f)!r}")
+        def integer(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for f in ("adc_bits", "weight_bits", "cell_bits", "input_bits", "dac_bits"):
             v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not integer(v) or v < 1):
                 raise ConfigError(f"SimConfig.{f} must be a positive integer or None, got {v!r}")
         if self.adc_bits is not None and self.adc_bits > 32:
             raise ConfigError("SimConfig.adc_bits must be <= 32; use adc_mode='ideal' for no ADC")
-        if self.levels is not None and self.levels < 2:
-            raise ConfigError(f"SimConfig.levels must be >= 2 or None, got {self.levels}")
+        if self.levels is not None and (not integer(self.levels) or self.levels < 2):
+            raise ConfigError(f"SimConfig.levels must be an integer >= 2 or None, got "
+                              f"{self.levels!r}")
+        if not isinstance(self.quantize_inputs, bool):
+            raise ConfigError(f"SimConfig.quantize_inputs must be true or false, got "
+                              f"{self.quantize_inputs!r}")
+        if not integer(self.seed):  # any integer: it is only hashed (--chip-seed)
+            raise ConfigError(f"SimConfig.seed must be an integer, got {self.seed!r}")
         for f in ("variation", "read_noise"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
@@ -183,10 +192,10 @@ class SimConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                     or v <= 0:
                 raise ConfigError(f"SimConfig.{f} must be a finite number > 0, got {v!r}")
-        if self.calibration_batches < 1:
-            raise ConfigError("SimConfig.calibration_batches must be >= 1")
-        if self.chunk_elements < 1:
-            raise ConfigError("SimConfig.chunk_elements must be >= 1")
+        for f in ("calibration_batches", "chunk_elements"):
+            v = getattr(self, f)
+            if not integer(v) or v < 1:
+                raise ConfigError(f"SimConfig.{f} must be an integer >= 1, got {v!r}")
         if self.adc_mode == "fixed" and not self.quantize_inputs:
             raise ConfigError("adc_mode='fixed' needs quantize_inputs=True (the full-scale range "
                               "is in input levels)")
@@ -452,12 +461,14 @@ class LayerSim:
         self._calls = 0
 
     # -- cells ------------------------------------------------------------------------------
-    def _program(self, w: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Quantise, encode, limit levels, vary and fault the cells of programmed weight ``w``."""
+    def _program(self, w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                 ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Quantise, encode, limit levels, vary and fault the cells of programmed weight ``w``,
+        on the scale of the backbone's weight ``ref`` (the chip's, fixed when it was
+        programmed): a task's rewritten cells change no other cell."""
         cfg, spec = self.config, self.spec
         m = weight_matrix(w.detach()).to(device=device, dtype=torch.float32)
-        w_int, s_w = quantize_weight(m, spec)
+        w_int, s_w = quantize_weight(m, spec, None if ref is None else ref.detach().float())
         cells = encode_cells(w_int, spec)
         top = float(2 ** spec.cell_bits - 1)
         if cfg.levels is not None:
@@ -484,8 +495,8 @@ class LayerSim:
             out["wst"] = self.plan.stack_weights(sl).to(dtype)
         return out
 
-    def _prepared(self, w: torch.Tensor, device: torch.device,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def _prepared(self, w: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                  ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         # Only a parameter (the programmed backbone weight) is cached: a tensor a method builds
         # per call may reuse a freed address with version 0 and different contents.
         if isinstance(w, nn.Parameter):
@@ -494,7 +505,7 @@ class LayerSim:
                 self._cache = (key, self._program(w, device, dtype))
             prep = self._cache[1]
         else:
-            prep = self._program(w, device, dtype)
+            prep = self._program(w, device, dtype, ref)
         if self.config.read_noise > 0:
             g = torch.Generator().manual_seed(_seed(self.config.seed, self.name, "read",
                                                     self._calls))
@@ -563,7 +574,7 @@ class LayerSim:
         dev = xh.device
         dtype = xh.dtype if xh.dtype in (torch.float32, torch.float64) else torch.float32
         w, scale, bias = layer.chip_view()
-        prep = self._prepared(w, dev, dtype)
+        prep = self._prepared(w, dev, dtype, layer.weight)
         S = spec.slices
         g, rt, cg = plan.groups, plan.rt, plan.cout_g
         backend = _resolve_backend(cfg.backend, dev)

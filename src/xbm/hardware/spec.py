@@ -104,7 +104,10 @@ class CrossbarSpec:
 
     @property
     def slices(self) -> int:
-        """Bit-slice columns per weight: ceil(weight_bits / cell_bits)."""
+        """Bit-slice columns per weight: ceil(weight_bits / cell_bits). A differential pair's
+        sides each store a magnitude of at most weight_bits - 1 bits, so with 1-bit cells their
+        top slice always holds 0: kept, as simulators count columns per synapse
+        (docs/assumptions.md, ``signed``)."""
         return math.ceil(self.weight_bits / self.cell_bits)
 
     @property

@@ -69,5 +69,5 @@ class Piggyback(AdaptionMethod):
         return state.score.numel()
 
     def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:
-        off = int((state.score.detach() <= self.config.threshold).sum())
+        off = int((~(state.score.detach() > self.config.threshold)).sum())  # NaN: off, as run
         return off * layer.spec.cells_per_weight

@@ -71,4 +71,4 @@ class XBM(AdaptionMethod):
         return state.score.numel()
 
     def masked_off_columns(self, layer: nn.Module, state: nn.Module) -> int:
-        return int((state.score.detach() <= self.config.threshold).sum())
+        return int((~(state.score.detach() > self.config.threshold)).sum())  # NaN: off, as run
