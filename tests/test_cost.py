@@ -557,6 +557,9 @@ def test_cli_bundle(capsys, tmp_path) -> None:
         mtm.reprogrammed_cells("px") / sum(lm.cells for lm in mtm.mapping().layers))
     (note,) = [n for n in d["notes"] if n.startswith("fractions measured from")]
     assert "rewrite piggyback " in note and "%" in note and "spread evenly" in note
+    # the bundle's 16x16 crossbars are not the ones costed: said (it was not)
+    (other,) = [n for n in d["notes"] if "learned on other crossbars" in n]
+    assert "rows 16 there, 64 here" in other, other
     # a bundle from another backbone: same architecture, other weights
     other, backbone2, _ = _mtm(seed=1)
     bb2 = tmp_path / "bb2.safetensors"

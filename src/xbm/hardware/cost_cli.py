@@ -307,10 +307,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
     else:
         if args.tasks is not None:
             raise ConfigError("--tasks picks tasks of a --bundle; drop it, or pass --bundle")
-        measured = None
+        measured, measured_spec = None, None
         if args.fractions_from:
             mtm = load_bundle_model(args.fractions_from, args.backbone)
-            measured = C.measured_fractions(mtm)
+            measured, measured_spec = C.measured_fractions(mtm), mtm.spec
         assumptions = _assumptions(args, measured)
         spec = _spec(args, preset)
         preset.check_spec(spec)
@@ -332,6 +332,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
                 f"columns off {fmt(measured[1])}; spread evenly over the layers (--bundle "
                 "costs each task's real masks, layer by layer, so their inference energies "
                 "differ); methods the bundle lacks keep the defaults")
+            theirs, mine = measured_spec.geometry_dict(), spec.geometry_dict()
+            if theirs != mine:  # a column of R rows is another column on another array
+                diff = ", ".join(f"{k} {theirs[k]} there, {mine[k]} here" for k in theirs
+                                 if theirs[k] != mine.get(k))
+                report.notes.append(f"the bundle's tasks were learned on other crossbars "
+                                    f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions)
     out = report.to_dict(per_layer=args.per_layer)
