@@ -856,7 +856,8 @@ class CostReport:
                 f"energy preset {self.preset.name!r} describes a device with {levels} "
                 f"conductance levels, fewer than the {2 ** self.spec.cell_bits} a "
                 f"{self.spec.cell_bits}-bit cell needs: its per-cell write and read constants "
-                "are for that device (--energy-spec takes the cells its source assumed)")
+                "are for that device (with --model, --energy-spec costs the cells its "
+                "source assumed; a --bundle's cells are its own)")
 
     def by_method(self) -> dict[str, dict[str, Any]]:
         """``methods`` entries: one per method; several tasks of a method are averaged."""
