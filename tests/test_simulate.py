@@ -130,6 +130,18 @@ def test_rewritten_cells_keep_the_backbones_scale():
     base, own = w.abs().max() / q, masked.abs().max() / q
     assert not torch.allclose(on_scale(base), on_scale(own))  # the two chips differ
     assert torch.allclose(y, F.conv2d(x, on_scale(base)), atol=1e-4)
+    # a task's own weights held as a parameter (finetune's), on the simulator's cached path
+    own_param = nn.Parameter(masked.clone(), requires_grad=False)
+    layer.chip_view = lambda task=None: (own_param, None, None)
+    with torch.no_grad(), faithful(model, SimConfig(adc_bits=24, **EAGER), calibration=[x]):
+        assert torch.allclose(layer(x), y)
+    fm = FaultMap.generate(model, spec, sa0_rate=0.0, sa1_rate=0.0, seed=0)
+    codes = fm.codes[next(iter(fm.codes))]
+    codes[0, 0, 0, 0] = STUCK_ON
+    with torch.no_grad(), fault_aware(model, fm):
+        got = layer(x)  # the ideal path with faults, cached parameter: the backbone's scale
+    assert torch.allclose(got, F.conv2d(x, faulted_weight(masked, codes, spec, w)), atol=1e-5)
+    assert not torch.allclose(got, F.conv2d(x, faulted_weight(masked, codes, spec)))
     w_int, s_w = quantize_weight(weight_matrix(masked), spec, weight_matrix(w))
     assert s_w == base and int((w_int != quantize_weight(weight_matrix(w), spec)[0]).sum()) == 1
     codes = torch.zeros(4, 27, spec.slices, spec.cells_per_slice, dtype=torch.uint8)

@@ -343,9 +343,10 @@ class FaultyIdealPath:
             # a trained or per-call weight (its address may be reused): no caching; quantised
             # on the backbone's scale (ref), which the chip keeps
             return faulted_weight(w, self.codes, self.spec, ref)
-        key = (id(w), w.data_ptr(), w._version, w.device, w.dtype)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, faulted_weight(w, self.codes, self.spec))
+        key = (id(w), w.data_ptr(), w._version, w.device, w.dtype,
+               id(ref), ref.data_ptr(), ref._version)
+        if self._cache is None or self._cache[0] != key:  # a finetuned task's own weights too
+            self._cache = (key, faulted_weight(w, self.codes, self.spec, ref))
         return self._cache[1]
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

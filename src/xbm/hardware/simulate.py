@@ -500,9 +500,10 @@ class LayerSim:
         # Only a parameter (the programmed backbone weight) is cached: a tensor a method builds
         # per call may reuse a freed address with version 0 and different contents.
         if isinstance(w, nn.Parameter):
-            key = (id(w), w.data_ptr(), w._version, tuple(w.shape), device, dtype)
+            key = (id(w), w.data_ptr(), w._version, tuple(w.shape), device, dtype,
+                   None if ref is None else (id(ref), ref.data_ptr(), ref._version))
             if self._cache is None or self._cache[0] != key:
-                self._cache = (key, self._program(w, device, dtype))
+                self._cache = (key, self._program(w, device, dtype, ref))
             prep = self._cache[1]
         else:
             prep = self._program(w, device, dtype, ref)
