@@ -560,6 +560,11 @@ def test_cli_bundle(capsys, tmp_path) -> None:
     # the bundle's 16x16 crossbars are not the ones costed: said (it was not)
     (other,) = [n for n in d["notes"] if "learned on other crossbars" in n]
     assert "rows 16 there, 64 here" in other, other
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm",
+                      "--fractions-from", str(bundle), "--backbone", str(bb), "--rows", "16",
+                      "--cols", "16", "--adc-bits", "6", "--json")
+    assert rc == 0  # the same arrays, another ADC: the same fractions, no note
+    assert not [n for n in json.loads(out)["notes"] if "learned on other crossbars" in n]
     # a bundle from another backbone: same architecture, other weights
     other, backbone2, _ = _mtm(seed=1)
     bb2 = tmp_path / "bb2.safetensors"

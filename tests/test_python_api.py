@@ -813,6 +813,20 @@ def test_nan_scores_count_as_off_and_a_bundle_with_them_is_refused(tmp_path) -> 
         after = (mtm.methods[m].masked_off_columns(layer, st) if m == "xbm"
                  else mtm.reprogrammed_cells(m))
         assert after > before  # counted off, as the forward runs it
-    mtm.save_bundle(tmp_path / "b.safetensors", tasks=["xbm"])
-    with pytest.raises(BundleError, match="holds NaN or infinite values .*task 'xbm'"):
-        MultiTaskModel(_backbone(), SPEC).load_bundle(tmp_path / "b.safetensors")
+    with pytest.raises(XbmError, match="task 'xbm' holds NaN or infinite values"):
+        mtm.save_bundle(tmp_path / "b.safetensors")  # it could not be loaded again
+    assert not (tmp_path / "b.safetensors").exists()
+    # a file that holds one anyway (an older xbm wrote them) is refused on loading
+    from xbm.io import load_safetensors, save_safetensors, tensors_hash
+
+    good = MultiTaskModel(_backbone(), SPEC)
+    good.add_task("t", 3, "xbm")
+    good.save_bundle(tmp_path / "g.safetensors")
+    tensors, meta = load_safetensors(tmp_path / "g.safetensors")
+    key = next(k for k in tensors if k.endswith("score"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    meta["content_hash"] = tensors_hash(tensors)
+    save_safetensors(tmp_path / "n.safetensors", tensors, meta)
+    with pytest.raises(BundleError, match="holds NaN or infinite values .*task 't'"):
+        MultiTaskModel(_backbone(), SPEC).load_bundle(tmp_path / "n.safetensors")

@@ -354,8 +354,11 @@ def test_fault_map_rates_save_load(tmp_path):
     # ideal path with faults runs on it (it refused, and `simulate` failed after training)
     sim_spec = get_spec(rows=16, cols=16, cell_bits=8)
     wide = FaultMap.generate(mtm, sim_spec, sa0_rate=0.01, sa1_rate=0.01, seed=1)
-    with torch.no_grad(), fault_aware(mtm, wide):
+    with torch.no_grad(), fault_aware(mtm, wide, sim_spec):
         mtm(torch.randn(2, 1, 28, 28))
+    # unasked, the layers' own layout: a map for another chip is refused
+    with pytest.raises(XbmError, match="another cell layout"), fault_aware(mtm, wide):
+        pass
 
 
 def test_faulted_weight():
@@ -577,6 +580,12 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
     # one chip, one rate: no fault-rate curve to draw (a one-point plot was written before)
     assert not (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
+    # a simulated cell layout with faults: its map is drawn on that layout, and the ideal path
+    # with faults runs on it (it refused the map it had just drawn)
+    assert main(["simulate", "--bundle", str(bundle), "--sim-cell-bits", "8", "--sim-dac-bits",
+                 "8", "--fault-rates", "0.01", "--adc-bits", "8", "--json", *common]) == 0
+    paths = [r["path"] for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert "ideal+faults" in paths and "faithful" in paths
     # the backbone's own task on the faithful path, as `xbm eval --task base` takes it
     assert main(["simulate", "--bundle", str(bundle), "--task", "base", "--adc-bits", "8",
                  "--json", *common]) == 0
@@ -688,6 +697,13 @@ def test_settings_that_cannot_be_simulated_are_config_errors():
         with pytest.raises(ConfigError, match=needle):
             SimConfig(**{field: bad})
     assert SimConfig(seed=-3).seed == -3  # any integer: only hashed
+    import numpy as np
+
+    with pytest.raises(ConfigError, match="allow_tf32 must be true or false"):
+        SimConfig(allow_tf32="false")  # read as true before
+    ok = SimConfig(levels=np.int64(4), seed=np.int64(2), calibration_batches=np.int32(1),
+                   quantize_inputs=np.True_)  # numpy's values, as before
+    assert ok.levels == 4
     spec = get_spec()
     args = argparse.Namespace(adc_mode="calibrate", adc_bits="8,1", adc_granularity="column",
                               backend="torch", read_noise=0.0, seed=0, levels=None,

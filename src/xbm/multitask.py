@@ -598,6 +598,12 @@ class MultiTaskModel(nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)
+            bad = next((k for k, v in sd.items() if v.is_floating_point()
+                        and not bool(torch.isfinite(v).all())), None)
+            if bad is not None:  # a bundle that holds it could not be loaded again
+                raise XbmError(f"task {t!r} holds NaN or infinite values ({bad}): it diverged "
+                               "in training; retrain it (e.g. at a lower lr), or save the other "
+                               "tasks with save_bundle(path, tasks=[...])")
             pack = self.methods[t].pack_state
             self._map_layer_states(t, sd, lambda _n, layer, st, local, pack=pack:
                                    pack(layer, st, local))

@@ -332,10 +332,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
                 f"columns off {fmt(measured[1])}; spread evenly over the layers (--bundle "
                 "costs each task's real masks, layer by layer, so their inference energies "
                 "differ); methods the bundle lacks keep the defaults")
-            theirs, mine = measured_spec.geometry_dict(), spec.geometry_dict()
+            # the fractions are of crossbar columns and PEs: only the array's and the PE's
+            # shape make them another chip's (bit widths leave them as they are)
+            fields = ("rows", "cols", "pe_rows", "pe_cols")
+            theirs = {k: getattr(measured_spec, k) for k in fields}
+            mine = {k: getattr(spec, k) for k in fields}
             if theirs != mine:  # a column of R rows is another column on another array
-                diff = ", ".join(f"{k} {theirs[k]} there, {mine[k]} here" for k in theirs
-                                 if theirs[k] != mine.get(k))
+                diff = ", ".join(f"{k} {theirs[k]} there, {mine[k]} here" for k in fields
+                                 if theirs[k] != mine[k])
                 report.notes.append(f"the bundle's tasks were learned on other crossbars "
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:

@@ -360,16 +360,17 @@ class FaultyIdealPath:
 
 
 @contextlib.contextmanager
-def fault_aware(model: nn.Module, fault_map: FaultMap) -> Iterator[nn.Module]:
+def fault_aware(model: nn.Module, fault_map: FaultMap,
+                spec: CrossbarSpec | None = None) -> Iterator[nn.Module]:
     """Run ``model`` (ideal path, full speed, differentiable) on the chip described by a fault map.
 
     Inside the block every crossbar layer computes with its faulted cells; train a task in it
     (``train_task``) and its column mask learns to route around the broken columns. The
     programmed backbone tensors are never written; the previous ``simulator`` is restored on exit.
     """
-    # the map is the chip: its cell layout (a simulated --sim-cell-bits one too) is what the
-    # ideal path quantises to, whatever the layers' own specs say
-    fault_map.check(model, fault_map.crossbar_spec)
+    # ``spec``: the cell layout simulated (xbm simulate --sim-cell-bits draws its map on it);
+    # by default each layer's own, so that a map for another chip is refused
+    fault_map.check(model, spec)
     spec = fault_map.crossbar_spec
     layers = _crossbar_layers(model)
     saved = [(layer, layer.simulator) for _, layer in layers]

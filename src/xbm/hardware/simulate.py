@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import numbers
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -165,8 +166,10 @@ class SimConfig:
             if getattr(self, f) not in choices:
                 raise ConfigError(f"SimConfig.{f} must be one of {', '.join(choices)}, got "
                                   f"{getattr(self, f)!r}")
-        def integer(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        import numpy as np
+
+        def integer(v: object) -> bool:  # numpy's integers too (a YAML or numpy sweep value)
+            return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
         for f in ("adc_bits", "weight_bits", "cell_bits", "input_bits", "dac_bits"):
             v = getattr(self, f)
@@ -177,9 +180,10 @@ class SimConfig:
         if self.levels is not None and (not integer(self.levels) or self.levels < 2):
             raise ConfigError(f"SimConfig.levels must be an integer >= 2 or None, got "
                               f"{self.levels!r}")
-        if not isinstance(self.quantize_inputs, bool):
-            raise ConfigError(f"SimConfig.quantize_inputs must be true or false, got "
-                              f"{self.quantize_inputs!r}")
+        for f in ("quantize_inputs", "allow_tf32"):
+            if not isinstance(getattr(self, f), (bool, np.bool_)):
+                raise ConfigError(f"SimConfig.{f} must be true or false, got "
+                                  f"{getattr(self, f)!r}")
         if not integer(self.seed):  # any integer: it is only hashed (--chip-seed)
             raise ConfigError(f"SimConfig.seed must be an integer, got {self.seed!r}")
         for f in ("variation", "read_noise"):

@@ -320,6 +320,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     tasks = [args.task] if args.task else names
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
     if fixed_map is not None:
+        fixed_map.check(mtm, sim_spec)  # another chip's map: refused before any evaluation
         # a saved chip has its own rate: its rows carry it, never another rate's label
         maps = {round(fixed_map.sa0_rate + fixed_map.sa1_rate, 12): fixed_map}
     else:
@@ -341,7 +342,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                      "variation": 0.0, "accuracy": round(ideal, 4), "delta": 0.0})
         for r, fmap in maps.items():
             if fmap is not None:
-                with mtm.use_task(t), fault_aware(mtm, fmap):
+                with mtm.use_task(t), fault_aware(mtm, fmap, sim_spec):
                     acc = evaluate_task(mtm, t, test_loader, device)
                 rows.append({"task": t, "path": "ideal+faults", "adc_bits": None,
                              "fault_rate": r, "variation": 0.0, "accuracy": round(acc, 4),
@@ -457,7 +458,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         mtm.tasks[task].extra["image_size"] = image_size  # a saved --out is fed at it again
         t0 = time.perf_counter()
         if task == "aware":
-            with fault_aware(mtm, fmap):
+            with fault_aware(mtm, fmap, sim_spec):
                 train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
                            precision=precision)
         else:
@@ -469,7 +470,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     cfg8 = _sim_config(args, None, 0.0)
     for task in ("unaware", "aware"):
         ideal = evaluate_task(mtm, task, test_loader, device)
-        with mtm.use_task(task), fault_aware(mtm, fmap):
+        with mtm.use_task(task), fault_aware(mtm, fmap, sim_spec):
             faulty = evaluate_task(mtm, task, test_loader, device)
         sim = evaluate_faithful(mtm, task, cfg8, test_loader, device, calib, fmap)
         rows.append({"task": task, "trained_on": "faulty chip" if task == "aware" else
