@@ -587,7 +587,8 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
     res = json.loads(capsys.readouterr().out)
     (rec,) = res["tasks"]
     assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100
-    assert res["bundle"] == str(path) and res["test_subset"] == 40 and res["seed"] == 0
+    assert res["bundle"] == str(path) and res["test_subset"] == 40 and res["seed"] is None
+    assert res["tasks"][0]["seed"] == 0  # saved from Python: no seed recorded, so 0
     assert res["backbone_hash"] == read_bundle_meta(path)[0]["backbone_hash"]
     # a row per task as it finishes: on stdout, or on stderr beside --json (stdout: JSON alone)
     assert main(["eval", "--bundle", str(path), "--test-subset", "40", "--json",
@@ -1081,6 +1082,13 @@ def test_eval_with_adapts_seed_scores_the_images_adapt_scored(tmp_path, capsys, 
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
                  *common[:-1], "0"]) == 0
     assert not torch.equal(seen[2], seen[0])  # another seed, another subset
+    capsys.readouterr()
+    # no --seed: the one adapt recorded (it was 0, another subset and accuracy, with no note)
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
+                 *common[:-2]]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["seed"] is None and res["tasks"][0]["seed"] == 3
+    assert res["tasks"][0]["accuracy"] == adapted and torch.equal(seen[3], seen[0])
 
 
 @needs_data  # its last step adapts on MNIST

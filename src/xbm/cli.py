@@ -355,7 +355,16 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
     if arch.get("num_classes") not in (None, data.num_classes):
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
                        f"{data.num_classes}; pass the --dataset it was pretrained on")
-    return ds, data.subset(None, args.test_subset, seed=args.seed), side
+    return ds, data.subset(None, args.test_subset, seed=_eval_seed(args, recipe.get("seed"))), side
+
+
+def _eval_seed(args: argparse.Namespace, recorded: object) -> int:
+    """``--seed``, else the seed the task was learned with (``recorded``: adapt's, or for the
+    base task pretraining's), else 0: its ``--test-subset`` then draws the images the task
+    was scored on, so eval repeats the figure adapt printed."""
+    if args.seed is not None:
+        return args.seed
+    return recorded if isinstance(recorded, int) and not isinstance(recorded, bool) else 0
 
 
 def _check_new_task_name(task: str, bundle: str | None, bundle_tasks: list[Any]) -> None:
@@ -654,6 +663,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     mtm.tasks[task].extra["batch_size"] = args.batch_size
+    mtm.tasks[task].extra["seed"] = args.seed  # eval draws its --test-subset with it again
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)
@@ -767,12 +777,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for i, t in enumerate(todo):
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
         if t == "base":
+            seed = _eval_seed(args, (bmeta.get("config") or {}).get("seed"))
             ds, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
         else:
+            seed = _eval_seed(args, (mtm.tasks[t].extra or {}).get("seed"))
             ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset,
-                                        seed=args.seed,
+                                        seed=seed,
                                         channels=(bmeta.get("arch") or {}).get("in_channels"))
-        _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
+        _, test_loader = data.loaders(args.batch_size, seed=seed, size=size)
         if i == 0 and rows_to is not None:  # once the first task's data is found: a missing
             # dataset's error then stands alone, not under a table header with no rows
             if args.json:  # the rows go to stderr beside the JSON: say what they are
@@ -780,7 +792,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(head, file=rows_to, flush=True)
         acc = evaluate_task(mtm, t, test_loader, device)
         r = {"task": t, "method": "base" if t == "base" else mtm.tasks[t].method, "dataset": ds,
-             "accuracy": round(acc, 4), "test_images": len(data.test_y)}
+             "accuracy": round(acc, 4), "test_images": len(data.test_y), "seed": seed}
         out.append(r)
         if rows_to is not None:
             print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
@@ -1026,7 +1038,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-subset", type=int, help="seeded subset of the test images "
                     "(default: all)")
     ev.add_argument("--json", action="store_true", help="print the accuracies as JSON")
-    common(ev, "default 0: draws the --test-subset as `xbm adapt` with this seed drew it")
+    common(ev, "draws the --test-subset as `xbm adapt` with this seed drew it (default: the "
+           "seed each task was learned with, as adapt recorded it, else 0)")
+    ev.set_defaults(seed=None)
     ev.set_defaults(func=cmd_eval)
 
     mp = sub.add_parser("map", help="per-layer crossbar mapping report of a registered model")
