@@ -62,12 +62,19 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise XbmError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise XbmError(f"device {device!r} is not supported (xbm runs on cpu and cuda); use "
-                       "--device cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise XbmError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    _check_supported(dev, device, "--device ")
     return dev
+
+
+def _check_supported(dev: torch.device, given: object, flag: str) -> None:
+    """A device xbm cannot run on, refused in one line (torch's own error was an
+    AssertionError for CUDA on a CPU-only build); ``flag`` prefixes the fix (the CLI's)."""
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {given!r} is not supported (xbm runs on cpu and cuda); use "
+                          f"{flag}cpu or {flag}cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {given!r} requested but CUDA is not available; use "
+                          f"{flag}cpu")
 
 
 #: Seconds between the plain progress lines written where stderr is not a terminal (a log
@@ -252,12 +259,7 @@ def _device_of(mtm: nn.Module, device: torch.device | str | None) -> torch.devic
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
                           ) from None
-    # what the CLI's --device refuses, refused here too, not as an AssertionError from torch
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported (xbm runs on cpu and cuda); use "
-                          "'cpu' or 'cuda'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    _check_supported(dev, device, "device=")  # what the CLI's --device refuses
     return dev
 
 
