@@ -652,6 +652,12 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     # what the accuracy rests on: 12 images split 80/20 per class (the note on stderr: --json)
     assert (rec["train_images"], rec["test_images"], rec["classes"]) == (10, 2, 2)
     assert (rec["train_steps"], rec["batch_size"]) == (3, 4)  # ceil(10 / 4) steps, one epoch
+    from xbm.multitask import MultiTaskModel
+    from xbm.train.pretrain import load_backbone
+
+    again = MultiTaskModel(load_backbone(bb)[0], read_bundle_meta("b.safetensors")[1])
+    again.load_bundle("b.safetensors")
+    assert rec["masked_off_columns"] == again.masked_off_columns("imgs")
     assert "imgs: 10 training and 2 test images, 2 classes (--test-subset 500 is more than " \
         "the 2 there: all used)" in err
     assert rec["task"] == "imgs" and rec["new_bundle"] is True  # named after the folder

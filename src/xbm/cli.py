@@ -680,6 +680,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         new_bundle = order == [task]  # another run may have created it meanwhile
     rec = {"method": args.method, "task": task, "accuracy": round(acc, 4),
            "mask_bits": mtm.mask_bits(task), "reprogrammed_cells": mtm.reprogrammed_cells(task),
+           "masked_off_columns": mtm.masked_off_columns(task),
            "trainable_params": mtm.trainable_params(task),
            "train_seconds": round(tr.train_seconds, 3), "train_steps": tr.steps,
            "batch_size": args.batch_size, "precision": precision,
