@@ -319,12 +319,13 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
 
 
-def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any]):
+def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any],
+                    seed: int):
     """The backbone's own task (``--task base``): its pretraining dataset, or ``--dataset``, at
     the side it was pretrained at (an imported backbone records none: the side its tasks were
-    learned at, else 28) and in its channels; returns what :func:`_task_data` does. The
-    pretraining accuracy was measured on the subset ``--test-subset N --seed S`` draws when N
-    and S are the recipe's test subset and seed."""
+    learned at, else 28) and in its channels, ``--test-subset`` drawn with ``seed``; returns
+    what :func:`_task_data` does. The pretraining accuracy was measured on the subset
+    ``--test-subset N`` draws when N and ``seed`` are the recipe's test subset and seed."""
     from xbm.data import load_dataset
     from xbm.data.registry import FOLDER_PREFIX
     from xbm.errors import DatasetNotFoundError
@@ -355,7 +356,7 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
     if arch.get("num_classes") not in (None, data.num_classes):
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
                        f"{data.num_classes}; pass the --dataset it was pretrained on")
-    return ds, data.subset(None, args.test_subset, seed=_eval_seed(args, recipe.get("seed"))), side
+    return ds, data.subset(None, args.test_subset, seed=seed), side
 
 
 def _eval_seed(args: argparse.Namespace, recorded: object) -> int:
@@ -421,11 +422,9 @@ def recipe_side(recipe: dict[str, Any] | None) -> int | None:
 def _check_side(side: int, arch: dict[str, Any] | None) -> None:
     """``--image-size`` (given or defaulted) against the backbone's architecture: at least 8 (a
     ResNet halves the side five times) and one every layer of the model can run on."""
-    from xbm.models.registry import MAX_IMAGE_SIDE, check_input_side
+    from xbm.models.registry import check_input_side, check_side_range
 
-    if not 8 <= side <= MAX_IMAGE_SIDE:
-        raise XbmError(f"--image-size must be an integer in [8, {MAX_IMAGE_SIDE}], got {side} "
-                       "(a ResNet halves the side five times)")
+    check_side_range(side, "--image-size")
     if arch and arch.get("name"):
         check_input_side(arch["name"], side, in_channels=arch.get("in_channels") or 1,
                          width=arch.get("width"))
@@ -551,11 +550,9 @@ def check_bundle_suffix(path: Path, flag: str) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    import torch
-
     from xbm.data import dataset_reference, load_dataset
     from xbm.methods import get_method_class
-    from xbm.multitask import MultiTaskModel
+    from xbm.multitask import MultiTaskModel, reserved_task_name
     from xbm.train import distributed as xdist
     from xbm.train import (
         evaluate_task,
@@ -638,8 +635,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     task = args.task
     if task is None:
         task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
-        if hasattr(torch.nn.ModuleDict(), task):  # a folder named train/ or eval/: a name
-            task = f"{task[:59]}-task"  # torch's module API owns (check_task_name)
+        if reserved_task_name(task):  # a folder named train/ or eval/
+            task = f"{task[:59]}-task"
     _check_new_task_name(task, args.bundle, bundle_tasks)  # not after minutes of pretraining
     if out is None:
         out = f"{task}.safetensors"
@@ -779,7 +776,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # the same seed as `xbm adapt --seed`, so its --test-subset draws the same images
         if t == "base":
             seed = _eval_seed(args, (bmeta.get("config") or {}).get("seed"))
-            ds, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
+            ds, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()), seed)
         else:
             seed = _eval_seed(args, (mtm.tasks[t].extra or {}).get("seed"))
             ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset,

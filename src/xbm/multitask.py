@@ -131,9 +131,15 @@ def check_task_name(name: object, flag: str | None = None) -> None:
     what = f"{flag} {name!r}" if flag else f"task name {name!r}"
     if not isinstance(name, str) or not _TASK_NAME.match(name):
         raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'")
-    if hasattr(nn.ModuleDict(), name):  # a task's state lives in ModuleDicts under its name
+    if reserved_task_name(name):
         raise XbmError(f"{what} is taken by torch's module API (nn.ModuleDict.{name}); pick "
                        f"another, e.g. {name.strip('_') + '-task'!r}")
+
+
+def reserved_task_name(name: str) -> bool:
+    """A name torch's module API owns (``train``, ``eval``, ``to``, ...): a task's state lives
+    in ``nn.ModuleDict``s under its name, which cannot hold one."""
+    return hasattr(nn.ModuleDict(), name)
 
 
 def _as_spec(spec: CrossbarSpec | str) -> CrossbarSpec:

@@ -286,8 +286,7 @@ def faulted_weight(weight: torch.Tensor, codes: torch.Tensor | None,
         return weight
     with torch.no_grad():
         m = weight_matrix(weight)
-        w_int, s_w = quantize_weight(m.float(), spec,
-                                     None if scale_from is None else scale_from.float())
+        w_int, s_w = quantize_weight(m.float(), spec, scale_from)
         cells = encode_cells(w_int, spec)
         faulty = cells_to_slices(apply_fault_codes(cells, codes.to(m.device), spec), spec)
         delta = (slices_to_int(faulty, spec) - w_int) * s_w

@@ -472,7 +472,7 @@ class LayerSim:
         programmed): a task's rewritten cells change no other cell."""
         cfg, spec = self.config, self.spec
         m = weight_matrix(w.detach()).to(device=device, dtype=torch.float32)
-        w_int, s_w = quantize_weight(m, spec, None if ref is None else ref.detach().float())
+        w_int, s_w = quantize_weight(m, spec, ref)
         cells = encode_cells(w_int, spec)
         top = float(2 ** spec.cell_bits - 1)
         if cfg.levels is not None:

@@ -328,7 +328,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for t in tasks:
         if t == "base":  # the backbone as programmed, on its pretraining set (as xbm eval)
-            _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()))
+            _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()), args.seed)
             if args.train_subset:  # the ADC calibration's images
                 data = data.subset(args.train_subset, None, seed=args.seed)
         else:

@@ -122,6 +122,17 @@ def create_model(
 #: 5000 px is 9.6 GB in float32 before any activation). Python callers have no limit.
 MAX_IMAGE_SIDE = 1024
 
+#: The smallest: a ResNet halves the side five times.
+MIN_IMAGE_SIDE = 8
+
+
+def check_side_range(side: int, what: str) -> None:
+    """``side`` within [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE], the one range every command and the
+    pretraining config take; ``what`` names the flag or field in the message."""
+    if not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
+        raise ConfigError(f"{what} must be an integer in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}], "
+                          f"got {side} (a ResNet halves the side five times)")
+
 
 #: Sides up to which :func:`check_input_side` judges: a model that runs at 256 pixels does at
 #: any larger side, and forwards up to it are cheap on the CPU.

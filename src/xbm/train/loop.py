@@ -358,7 +358,6 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     cfg = method.config
     prev_task = mtm.active_task
     mtm.set_task(task)
-    done = False
     try:
         method.on_task_start(mtm, task)
         groups = mtm.task_parameters(task)
@@ -456,18 +455,19 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
             del graph_step
         xdist.sync_task_state(mtm, f"xbm_tasks.{task}.")
         method.on_task_end(mtm, task)
-        done = True
         return TrainResult(train_seconds=secs, steps=step, final_loss=loss_v, cuda_graph=replayed)
+    except BaseException:
+        # a failed run gives the previously active task back, so that the next plain forward
+        # is not the half-trained task's, in training mode (which would move its BatchNorm
+        # statistics)
+        mtm.set_task(prev_task)
+        raise
     finally:
         # success or not, the model is left as documented: eval mode, every parameter frozen
-        # (a task made trainable earlier by set_trainable too); a failed run also gives the
-        # previously active task back, so that the next plain forward is not the half-trained
-        # task's, in training mode (which would move its BatchNorm statistics)
+        # (a task made trainable earlier by set_trainable too)
         for p in mtm.parameters():
             p.requires_grad_(False)
         mtm.eval()
-        if not done:
-            mtm.set_task(prev_task)
 
 
 @torch.no_grad()

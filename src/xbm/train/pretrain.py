@@ -184,12 +184,9 @@ class PretrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"pretraining {f} must be an integer >= 1, got {v!r}")
-        from xbm.models.registry import MAX_IMAGE_SIDE
+        from xbm.models.registry import check_side_range
 
-        if not 8 <= self.image_size <= MAX_IMAGE_SIDE:
-            raise ConfigError(f"pretraining image_size must be an integer in [8, "
-                              f"{MAX_IMAGE_SIDE}], got {self.image_size} (a ResNet halves the "
-                              "side five times)")
+        check_side_range(self.image_size, "pretraining image_size")
         if self.channels is not None and (self.channels not in (1, 3)
                                           or isinstance(self.channels, bool)):
             raise ConfigError(f"pretraining channels must be 1 (grayscale) or 3 (RGB), got "
