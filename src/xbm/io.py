@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -82,6 +83,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sync_generated_file(path: str | os.PathLike, new: str, current: str | None, *,
+                        check: bool, command: str) -> int:
+    """Write or check a file generated from the code (docs/cli.md, docs/methods.md).
+
+    The docs generators share this so that ``--check`` (what the tests run) and a rewrite
+    agree on what "up to date" means.
+
+    Returns:
+        0 when the file is (now) up to date, 1 when ``check`` found it stale.
+    """
+    if check:
+        if new != current:
+            print(f"{path} is stale: run {command}", file=sys.stderr)
+            return 1
+        return 0
+    write_text_atomic(path, new)
+    return 0
 
 
 def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out",
