@@ -112,10 +112,61 @@ def test_layer_events_hand_case(tiny_mapping) -> None:
     assert none_off.adc_conversions == per * 4 * 15
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4, 32])
+def test_groups_sharing_a_crossbar_are_read_one_after_another(groups) -> None:
+    """A crossbar's columns share its wordlines: columns of g groups in one crossbar take g
+    input vectors, i.e. g reads per input cycle (a depthwise conv was counted as one read,
+    8x too few DAC drives and too short a cycle). Counted here from each crossbar's columns."""
+    spec = CrossbarSpec()
+    lm = map_model(nn.Sequential(nn.Conv2d(32, 32, 3, groups=groups)), spec).layers[0]
+    L, per_group = spec.logical_cols, 32 // groups
+    reads = [len({c // per_group for c in range(t * L, min((t + 1) * L, 32))})
+             for t in range(lm.col_tiles)]
+    assert lm.tile_groups == reads
+    ev = C.layer_events(lm, spec, PRESET, positions=10, masked_off_columns=0)
+    per = 10 * spec.input_cycles
+    assert ev.dac_drives == per * lm.rows * sum(reads)
+    cols = [min(L, 32 - t * L) for t in range(lm.col_tiles)]
+    assert ev.cell_reads == per * lm.rows * spec.cells_per_weight * sum(
+        n * g for n, g in zip(cols, reads, strict=True))
+    one = C.layer_events(dataclasses.replace(lm, groups=1), spec, PRESET, 10, 0)
+    if groups <= 4:  # a group fills whole crossbars: nothing shares wordlines
+        assert (ev.dac_drives, ev.cell_reads, ev.latency_s) == \
+            (one.dac_drives, one.cell_reads, one.latency_s)
+    else:
+        assert ev.dac_drives == max(reads) * one.dac_drives and ev.latency_s > one.latency_s
+
+
 def test_positions_from_forward_hooks() -> None:
     with torch.device("meta"):
         model = Tiny()
     assert C.output_positions(model, (1, 4, 6, 6), ["conv"]) == {"conv": 16}
+
+
+class _FlatMLP(nn.Module):
+    """Takes flat vectors, as an MLP on tabular data does: an image probe cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.fc = nn.Linear(20, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.l1(x)))
+
+
+def test_a_convless_model_without_arch_is_costed_on_flat_vectors(recwarn) -> None:
+    """task_costs on a Python-built MLP failed whatever it was passed (its probe was always an
+    image, (1, C, S, S)); it now probes one flat vector, without the image-size warning."""
+    from xbm.multitask import MultiTaskModel
+
+    mtm = MultiTaskModel(_FlatMLP(), CrossbarSpec(rows=8, cols=8))
+    mtm.add_task("t", 3, "xbm")
+    pos, shape = C.mtm_positions(mtm)
+    assert shape == (1, 20) and set(pos.values()) == {1}
+    assert C.task_costs(mtm, "t")["mask_bits"] > 0
+    assert not [w for w in recwarn if "input size is unknown" in str(w.message)]
+    with pytest.raises(Exception, match=r"\(1, 1, 6, 6\) input"):  # images on request
+        C.mtm_positions(mtm, input_size=6)
 
 
 @pytest.mark.parametrize("model_name,side", [("vgg11_cifar", 28), ("resnet18_cifar", 8)])

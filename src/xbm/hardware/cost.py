@@ -610,6 +610,12 @@ def layer_events(lm: LayerMapping, spec: CrossbarSpec, preset: EnergyPreset, pos
 
     Latency: crossbars of a layer run in parallel and layers in sequence; one input cycle lasts
     max(read pulse, ceil(active conversions per crossbar / ADCs per crossbar) x ADC time).
+
+    A crossbar that holds columns of g convolution groups (:attr:`LayerMapping.tile_groups`:
+    a depthwise conv) is read g times per input cycle, once per group's input vector on the
+    shared wordlines: its DAC drives and cell reads count g times (the other groups' cells
+    conduct too; bitlines are not gated) and its cycle lasts g reads, each converting that
+    group's columns. Ungrouped layers are unaffected.
     """
     per = spec.input_cycles * positions
     cpc = conversions_per_column(spec, preset)
@@ -618,14 +624,19 @@ def layer_events(lm: LayerMapping, spec: CrossbarSpec, preset: EnergyPreset, pos
     conv = per * cpc * (columns - off)
     p = preset.periphery
     conv_slots = spec.logical_cols * cpc  # conversions a full crossbar needs per input cycle
-    used = min(conv_slots, lm.cols * cpc)  # in this layer's busiest crossbar
+    groups = lm.tile_groups
+    g_max = max(groups, default=1)
+    per_read = lm.cols // max(lm.groups, 1) if g_max > 1 else lm.cols  # columns one read senses
+    used = min(conv_slots, per_read * cpc)  # in this layer's busiest crossbar
     active = used * (1 - off / columns) if columns else 0
     adcs = max(1, math.ceil(conv_slots / p.columns_per_adc))
-    cycle = max(preset.device.read_pulse_s,
-                math.ceil(active / adcs) * p.adc_latency_s(spec.adc_bits))
+    cycle = g_max * max(preset.device.read_pulse_s,
+                        math.ceil(active / adcs) * p.adc_latency_s(spec.adc_bits))
+    cpw = lm.cells // max(lm.weights, 1)
+    reads = sum(lm.rows * n * cpw * g for n, g in zip(lm.tile_columns(), groups, strict=True))
     return LayerEvents(
         positions=positions, input_cycles=spec.input_cycles,
-        cell_reads=per * lm.cells, dac_drives=per * lm.rows * lm.col_tiles,
+        cell_reads=per * reads, dac_drives=per * lm.rows * sum(groups),
         adc_conversions=conv, shift_adds=conv, cycle_s=cycle, latency_s=per * cycle)
 
 
@@ -1041,7 +1052,9 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     is never run; otherwise one forward pass of the base task on a zero image. Without a
     recorded architecture (a model built in Python without ``arch=``) the input channels are
     the first convolution's, and the image side, which nothing records, is 28 with a warning:
-    pass ``input_size`` (and ``in_channels`` for a model that starts with a Linear).
+    pass ``input_size`` (and ``in_channels``). Such a model without any convolution (an MLP)
+    is probed with one flat vector of its first Linear's ``in_features`` unless ``input_size``
+    asks for images.
     """
     for what, v in (("input_size", input_size), ("in_channels", in_channels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -1052,13 +1065,18 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     in_ch = in_channels or arch.get("in_channels") or (
         default_in_channels(name) if name else first_conv.in_channels if first_conv else 1)
     size = input_size or (default_input_size(name) if name else None)
-    if size is None:
+    first_linear = next((m for m in mtm.model.modules() if isinstance(m, nn.Linear)), None)
+    if size is None and first_conv is None and first_linear is not None and in_channels is None:
+        shape: tuple[int, ...] = (1, int(first_linear.in_features))  # an MLP takes flat vectors
+    elif size is None:
         size = 28
         warnings.warn("cost model: the model records no architecture (MultiTaskModel(..., "
                       "arch=...)), so its input size is unknown; counting output positions on "
                       "28 x 28 images: pass input_size= for another size",
                       XbmWarning, stacklevel=user_stacklevel())
-    shape = (1, int(in_ch), int(size), int(size))
+        shape = (1, int(in_ch), 28, 28)
+    else:
+        shape = (1, int(in_ch), int(size), int(size))
     cache = _POSITIONS.setdefault(mtm, {})
     if shape in cache:
         return cache[shape], shape

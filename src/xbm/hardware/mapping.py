@@ -188,6 +188,29 @@ class LayerMapping:
     xbm_mask_bits: int
     piggyback_mask_bits: int
     cells: int
+    groups: int = 1
+    """Convolution groups. Their outputs are packed side by side into the column tiles, so a
+    crossbar can hold columns of several groups; they share its wordlines but not its inputs,
+    so each group there needs a read of its own (:attr:`tile_groups`)."""
+    tile_cols: int = 0
+    """Logical columns (whole weights) one crossbar holds, ``spec.logical_cols``."""
+
+    def tile_columns(self) -> list[int]:
+        """Logical columns each column tile holds, in tile order (the last may be partial)."""
+        L = self.tile_cols or self.cols
+        return [min(L, self.cols - t * L) for t in range(self.col_tiles)]
+
+    @property
+    def tile_groups(self) -> list[int]:
+        """Convolution groups whose columns each column tile holds, in tile order: 1 each for
+        an ungrouped layer; a depthwise conv packs many groups into one crossbar."""
+        per = max(self.cols // max(self.groups, 1), 1)  # output columns of one group
+        L = self.tile_cols or self.cols
+        out = []
+        for t, n in enumerate(self.tile_columns()):
+            lo, hi = t * L, t * L + n - 1
+            out.append(hi // per - lo // per + 1)
+        return out
 
     @classmethod
     def of(cls, name: str, module: nn.Module, spec: CrossbarSpec) -> LayerMapping:
@@ -210,6 +233,8 @@ class LayerMapping:
             xbm_mask_bits=rt * cols,
             piggyback_mask_bits=rows * cols,
             cells=rows * cols * spec.cells_per_weight,
+            groups=int(module.groups) if isinstance(module, nn.Conv2d) else 1,
+            tile_cols=spec.logical_cols,
         )
 
     def to_dict(self) -> dict:
