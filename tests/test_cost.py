@@ -697,6 +697,42 @@ def test_xma2_model_estimate_tracks_a_real_selection() -> None:
     assert abs(planned - actual) <= 3 * 16 + 3 * len(states)
 
 
+def test_xma2_default_estimate_uses_the_methods_own_pe_count() -> None:
+    """Without --fraction, XMA2's estimate follows its own rule, K = floor(pe_budget x PEs)
+    whole PEs of the model: it used 10% of every layer's weights, so a model of fewer than 10
+    PEs was priced with re-programmed cells that a real task (K = 0) never writes. On a model
+    whose PEs are all full, the estimate equals a real task's mask bits and cells up to the
+    estimate's per-layer rounding (it spreads the K PEs over the layers by size)."""
+    from xbm.data import make_fixture_task
+    from xbm.methods.xma2 import XMA2Config
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import seed_everything, train_task
+
+    small = C.model_context("small_cnn", CrossbarSpec(), width=8)
+    pes = sum(lm.pes for lm in small.mapping.layers)
+    assert pes * XMA2Config().pe_budget < 1
+    d = C.cost_model(small, ["xma", "xma2"]).to_dict()["methods"]
+    assert d["xma2"]["reprogrammed_cells"] == 0
+    assert d["xma2"]["mask_bits"] == d["xma"]["mask_bits"] + pes
+
+    spec = CrossbarSpec(rows=9, cols=32, weight_bits=8, cell_bits=8, pe_rows=1, pe_cols=1)
+    seed_everything(0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1, width=16), spec)
+    mtm.add_task("t", 4, "xma2", {"warmup_steps": 1})
+    data = make_fixture_task("t", num_classes=4, n_train=32, n_test=8, seed=0)
+    train_task(mtm, "t", data.loaders(16, seed=0)[0], 1, torch.device("cpu"), progress=False)
+    states = [st for _, _, st in mtm.layer_states("t")]
+    assert all(st.score.numel() == 16 * st.pe_mask.numel() for st in states)  # all PEs full
+    assert int(sum(st.pe_mask.sum() for st in states)) >= 1
+    est = C.cost_model(C.model_context("small_cnn", spec, width=16), ["xma2"]).to_dict()
+    est = est["methods"]["xma2"]
+    n = len(states)
+    assert abs(est["mask_bits"] - mtm.mask_bits("t")) <= 3 * n  # half a column's bits a layer
+    assert abs(est["reprogrammed_cells"] - mtm.reprogrammed_cells("t")) <= \
+        n * spec.cells_per_weight
+
+
 def test_cost_plots_say_when_the_results_are_another_models(tmp_path, capsys) -> None:
     """The accuracy plots show a demo's recorded runs: costing another model or preset beside
     them used to pass silently."""

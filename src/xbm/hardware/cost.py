@@ -113,6 +113,10 @@ class MethodDefaults:
     config_fraction: str = ""
     """A field of the method's config whose default is the rewrite fraction (XMA2: ``pe_budget``),
     so the cost default follows the method's own default."""
+    config_fraction_of: str = "weights"
+    """What ``config_fraction`` is a fraction of: ``weights``, or ``pes`` (XMA2's ``pe_budget``:
+    the method re-programs K = floor(f x PEs) whole PEs of the model, so a small model's K is 0;
+    priced as K full PEs, which gradient saliency, a sum over a PE, favours)."""
     pattern: str = "scattered"
     """Where rewritten cells sit, for write latency: ``scattered`` (uniformly random weights, so
     most crossbar rows are touched) or ``packed`` (whole rows/PEs, as XMA2's PE re-programming)."""
@@ -140,8 +144,9 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "xma2": MethodDefaults(
         rewrite_fraction=0.10, rewrite_flag="--fraction xma2=F", column_off_fraction=0.10,
         switch="update", onchip="per-update", pattern="packed", config_fraction="pe_budget",
-        note="tier-1 PEs (XMA2Config.pe_budget of the PEs, taken as that fraction of the "
-             "weights) are fine-tuned and re-programmed"),
+        config_fraction_of="pes",
+        note="tier-1 PEs (K = floor(XMA2Config.pe_budget x PEs) of the model, priced as full "
+             "PEs) are fine-tuned and re-programmed"),
     "xst": MethodDefaults(
         rewrite_fraction=0.10, rewrite_flag="--fraction xst=F", switch="update",
         onchip="per-update", pattern="packed",
@@ -222,12 +227,23 @@ class Assumptions:
                 return float(v)
         return d.rewrite_fraction
 
-    def applied_rewrite(self, name: str) -> float:
+    def applied_rewrite(self, name: str, mapping: MappingReport | None = None,
+                        of: str = "weights") -> float:
         """The fraction of weights a task of ``name`` re-programs: :meth:`rewrite`, or 0 for a
-        method that never re-programs cells, whatever fraction is configured for it."""
+        method that never re-programs cells, whatever fraction is configured for it. With the
+        model's ``mapping``, a default that counts PEs (XMA2's ``pe_budget``) becomes the
+        fraction of weights (or, ``of="columns"``, of crossbar columns, which is what mask bits
+        count) in the K whole PEs the method selects (:func:`pe_budget_fraction`)."""
         from xbm.methods import get_method_class
 
-        return self.rewrite(name) if get_method_class(name).reprograms_cells else 0.0
+        if not get_method_class(name).reprograms_cells:
+            return 0.0
+        f = self.rewrite(name)
+        d = method_defaults(name)[0]
+        if mapping is not None and name not in self.rewrite_fraction and \
+                d.config_fraction and d.config_fraction_of == "pes":
+            return pe_budget_fraction(mapping, f, of)
+        return f
 
     def column_off(self, name: str) -> float:
         return self.column_off_fraction.get(name, method_defaults(name)[0].column_off_fraction)
@@ -286,6 +302,24 @@ def touched_rows(lm: LayerMapping, p: float, pattern: str = "scattered") -> floa
     return slots * (1.0 - (1.0 - p) ** w)
 
 
+def pe_budget_fraction(mapping: MappingReport, budget: float, of: str = "weights") -> float:
+    """What a PE budget re-programs: K = floor(budget x PEs) PEs of the whole model (XMA2's rule,
+    ``XMA2._choose``), each taken as a full PE (pe_rows row tiles of R rows by pe_cols crossbars
+    of logical columns), as a fraction of the model's ``weights`` or of its crossbar
+    ``columns`` (row tile x output), capped at 1."""
+    spec = mapping.spec
+    k = math.floor(budget * sum(lm.pes for lm in mapping.layers) + 1e-9)
+    if of == "columns":
+        full = spec.pe_rows * spec.pe_cols * spec.logical_cols
+        total = sum(lm.row_tiles * lm.cols for lm in mapping.layers)
+    elif of == "weights":
+        full = spec.pe_rows * spec.rows * spec.pe_cols * spec.logical_cols
+        total = sum(lm.weights for lm in mapping.layers)
+    else:
+        raise ValueError(f"of must be 'weights' or 'columns', got {of!r}")
+    return min(1.0, k * full / total) if total else 0.0
+
+
 def default_facts(name: str, mapping: MappingReport, mask_bits: dict[str, int],
                   assumptions: Assumptions) -> list[LayerFacts]:
     """Facts of a typical task of method ``name`` without weights (documented defaults).
@@ -297,7 +331,7 @@ def default_facts(name: str, mapping: MappingReport, mask_bits: dict[str, int],
         assumptions: fractions and workload.
     """
     d, _ = method_defaults(name)
-    f = assumptions.applied_rewrite(name)
+    f = assumptions.applied_rewrite(name, mapping)
     off = assumptions.column_off(name)
     cpw = mapping.spec.cells_per_weight
     sf = 2 * f * (1 - f) if d.switch == "mask" else 1 - (1 - f) ** 2
@@ -535,8 +569,8 @@ def model_context(model_name: str, spec: CrossbarSpec, *, width: int | None = No
 def meta_mask_bits(name: str, ctx: ModelContext, rewrite_fraction: float = 0.0
                    ) -> dict[str, int]:
     """Per layer, the method's ``planned_mask_bits`` on a freshly created (untrained) task state,
-    for a task that re-programs ``rewrite_fraction`` of the weights (XMA2 drops the column bits
-    of the PEs it re-programs).
+    for a task that re-programs ``rewrite_fraction`` of the crossbar columns (XMA2 drops the
+    column bits of the PEs it re-programs).
 
     Most methods count mask bits from state shapes, which works on the weightless meta device. A
     method that reads values while counting gets, one layer at a time, a zero-weight CPU twin of
@@ -1025,9 +1059,9 @@ def cost_model(ctx: ModelContext, methods: Iterable[str], preset: EnergyPreset |
     notes = []
     for m in methods:
         d, known = method_defaults(m)
-        bits = meta_mask_bits(m, ctx, a.applied_rewrite(m))
+        bits = meta_mask_bits(m, ctx, a.applied_rewrite(m, ctx.mapping, of="columns"))
         facts = default_facts(m, ctx.mapping, bits, a)
-        info = {"rewrite_fraction": a.applied_rewrite(m),
+        info = {"rewrite_fraction": a.applied_rewrite(m, ctx.mapping),
                 "rewrite_flag": d.rewrite_flag, "column_off_fraction": a.column_off(m),
                 "switch_model": d.switch, "onchip_model": d.onchip, "pattern": d.pattern,
                 "switch_from": "another task of the same method", "note": d.note,
@@ -1239,7 +1273,8 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
     conversions are skipped at inference; on-chip training converts them).
     """
     grid = grid or SENSITIVITY_GRID
-    bits = {m: meta_mask_bits(m, ctx, assumptions.applied_rewrite(m)) for m in (method, baseline)}
+    bits = {m: meta_mask_bits(m, ctx, assumptions.applied_rewrite(m, ctx.mapping, of="columns"))
+            for m in (method, baseline)}
     rows = []
     for key, values in grid.items():
         for v in values:

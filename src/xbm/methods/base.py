@@ -153,9 +153,10 @@ class AdaptionMethod:
 
     def planned_mask_bits(self, layer: nn.Module, state: nn.Module,
                           rewrite_fraction: float) -> int:
-        """Mask bits of a task that will re-program ``rewrite_fraction`` of the layer's weights,
-        estimated from a fresh state (``xbm cost --model`` has no trained task, and no weights).
-        Default: :meth:`mask_bits` of that state."""
+        """Mask bits of a task that will re-program ``rewrite_fraction`` of the layer's crossbar
+        columns (row tile x output; whole PEs for XMA2), estimated from a fresh state (``xbm
+        cost --model`` has no trained task, and no weights). Default: :meth:`mask_bits` of that
+        state."""
         return self.mask_bits(layer, state)
 
     def reprogrammed_cells(self, layer: nn.Module, state: nn.Module) -> int:

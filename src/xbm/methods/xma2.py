@@ -467,8 +467,8 @@ class XMA2(XMA):
     def planned_mask_bits(self, layer: nn.Module, state: nn.Module,
                           rewrite_fraction: float) -> int:
         """Tier 1's bit per PE, plus tier 2's bits on the columns left frozen when
-        ``rewrite_fraction`` of the weights (whole PEs) are re-programmed: a fresh state has no
-        selection yet, so :meth:`mask_bits` would count every column as frozen."""
+        ``rewrite_fraction`` of the crossbar columns (whole PEs) are re-programmed: a fresh state
+        has no selection yet, so :meth:`mask_bits` would count every column as frozen."""
         return self._bits(state, round(state.score.numel() * (1 - rewrite_fraction)))
 
     def _bits(self, state: nn.Module, frozen_columns: int) -> int:
