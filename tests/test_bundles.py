@@ -113,6 +113,55 @@ def test_not_a_bundle(tmp_path):
         build().load_bundle(p)
 
 
+def test_another_tools_safetensors_file_is_not_called_corrupt(tmp_path):
+    """safetensors' own metadata is not JSON ({"format": "pt"}): such a file was reported as
+    "corrupt or truncated" rather than as not being xbm's."""
+    from safetensors.torch import save_file
+
+    p = tmp_path / "torch.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p), metadata={"format": "pt"})
+    with pytest.raises(BundleError, match="not an xbm task bundle") as e:
+        build().load_bundle(p)
+    assert "corrupt" not in str(e.value)
+
+
+class _Tied(torch.nn.Module):
+    """One conv used under two names (weight tying): a crossbar read twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = self.c2
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["xbm", "xma2", "finetune"])
+def test_a_layer_used_under_two_names_saves_and_loads(tmp_path, method):
+    """state_dict() lists a shared module once per name, and safetensors refuses tensors that
+    share memory: training worked, then save_bundle failed with safetensors' RuntimeError."""
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(_Tied(), get_spec(rows=16, cols=16))
+    cfg = {"warmup_steps": 1, "pe_budget": 0.34} if method == "xma2" else None
+    mtm.add_task("t", 3, method, cfg)
+    data = make_fixture_task("t", num_classes=3, n_train=32, n_test=8, seed=0)
+    train_task(mtm, "t", data.loaders(16, seed=0)[0], 1, torch.device("cpu"), progress=False)
+    path = tmp_path / "tied.safetensors"
+    mtm.save_bundle(path)
+    torch.manual_seed(0)
+    other = MultiTaskModel(_Tied(), get_spec(rows=16, cols=16))
+    assert other.load_bundle(path) == ["t"]
+    x = torch.randn(2, 1, 8, 8)
+    mtm.eval()
+    other.eval()
+    with mtm.use_task("t"), other.use_task("t"):
+        assert torch.equal(mtm(x), other(x))
+
+
 def test_backbone_file_round_trip_and_corruption(tmp_path):
     cfg = PretrainConfig(model="small_cnn", width=4, dataset="animal-mnist", epochs=1,
                          train_subset=128)

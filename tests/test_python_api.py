@@ -767,6 +767,47 @@ def test_a_method_object_is_free_again_once_its_model_is_gone() -> None:
         MultiTaskModel(keep.model, SPEC)
 
 
+def test_a_reused_xma2_object_counts_only_its_current_models_pes() -> None:
+    """XMA2 keeps its layers to choose PEs over the whole model: taken again after its first
+    model was gone, it still held that model's layers, which doubled K (floor(budget x PEs))
+    and so the PEs it re-programmed."""
+    import gc
+
+    from xbm.data import make_fixture_task
+    from xbm.train import train_task
+
+    def trained(meth) -> int:
+        mtm = MultiTaskModel(_backbone(), SPEC)
+        mtm.add_task("a", 3, meth)
+        data = make_fixture_task("a", num_classes=3, n_train=32, n_test=8, seed=0)
+        train_task(mtm, "a", data.loaders(8, seed=0)[0], 1, torch.device("cpu"), progress=False)
+        return int(sum(st.pe_mask.sum() for _, _, st in mtm.layer_states("a")))
+
+    cfg = {"warmup_steps": 2, "pe_budget": 0.5}
+    fresh = trained(create_method("xma2", cfg))
+    meth = create_method("xma2", cfg)
+    first = MultiTaskModel(_backbone(), SPEC)
+    first.add_task("a", 3, meth)  # never trained
+    del first
+    gc.collect()
+    assert fresh >= 1 and trained(meth) == fresh
+
+
+def test_a_model_with_tasks_pickles() -> None:
+    """torch.save(mtm) failed: a method's weak reference to the model it serves cannot be
+    pickled. The copy's methods serve the copy."""
+    import pickle
+
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    mtm.eval()
+    twin = pickle.loads(pickle.dumps(mtm))
+    assert twin.methods["a"]._xbm_serves[0]() is twin
+    assert mtm.methods["a"]._xbm_serves[0]() is mtm
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(mtm(x), twin(x))
+
+
 def test_add_task_on_a_weightless_meta_model() -> None:
     """Every meta tensor reports address 0, so the aliasing check took every method's state
     for the backbone's."""

@@ -222,7 +222,6 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raw_meta = f.metadata() or {}
             for key in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 tensors[key] = f.get_tensor(key)
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
     except BundleError:
         raise
     except Exception as exc:  # safetensors raises several types for corrupt files
@@ -230,4 +229,12 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
             "the file is corrupt or truncated, re-create it"
         ) from None
+    # xbm writes JSON values; another tool's file (torch's {"format": "pt"}) is readable but not
+    # xbm's, which the caller's format check then says, rather than "corrupt"
+    meta: dict[str, object] = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:
+            meta[k] = v
     return tensors, meta

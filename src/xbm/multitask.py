@@ -352,6 +352,8 @@ class MultiTaskModel(nn.Module):
                                f"its own, e.g. add_task({name!r}, NUM_CLASSES, "
                                f"{method.name!r}, config=...)")
             m = method
+            if serves is not None:  # its model is gone
+                m._forget_layers()
         else:
             m = create_method(method, config)
         ref = next(self.model.parameters())
@@ -570,11 +572,18 @@ class MultiTaskModel(nn.Module):
         return backbone_state(self.model)
 
     def task_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """One task's tensors, under their full state-dict keys."""
+        """One task's tensors, under their full state-dict keys. A module used under two names
+        (weight tying) lists its tensors once, under the first name, as ``named_modules`` and
+        :meth:`layer_states` do (a bundle cannot hold one tensor twice)."""
         self._require(name)
         mid = f"{TASK_KEY}.{name}."
-        return {k: v for k, v in self.model.state_dict().items()
-                if k.startswith(mid) or f".{mid}" in k}
+        out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for k, v in self.model.state_dict(keep_vars=True).items():
+            if (k.startswith(mid) or f".{mid}" in k) and id(v) not in seen:
+                seen.add(id(v))
+                out[k] = v.detach()
+        return out
 
     def _map_layer_states(self, task: str, tensors: dict[str, torch.Tensor], fn) -> None:
         """Replace, in place, each crossbar layer's ``task`` tensors in ``tensors`` by

@@ -119,6 +119,16 @@ class AdaptionMethod:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickling (torch.save of a whole MultiTaskModel) as deepcopy: the weak reference to the
+        # model served cannot be pickled, and MultiTaskModel.__setstate__ marks the copy again
+        return {k: v for k, v in self.__dict__.items() if k != "_xbm_serves"}
+
+    def _forget_layers(self) -> None:
+        """Drop what this object keeps of the layers of a model that is gone, before it serves
+        a task of another model (``add_task`` takes a method object again once its model is
+        garbage): none by default."""
+
     # -- per-layer state ---------------------------------------------------------------------
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
         """Per-task parameters for one crossbar layer (an empty module when there are none)."""

@@ -114,7 +114,9 @@ class XMA2Config(XMAConfig):
     chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and left
     178 of the demo's 188 steps per task (one epoch, before session 13; 366 of 376 now) to
     fine-tuning the chosen PEs; 3 and 30 were within 0.3 points on the demo
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). Steps are counted per crossbar layer's training forward: a layer
+    used twice in one forward (weight tying) counts two, so its PEs are chosen after about
+    half the warm-up."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
@@ -228,6 +230,12 @@ class XMA2(XMA):
         self._layers: list[tuple[nn.Module, nn.Module]] = []
         self._selected = False
         self._finished = False
+
+    def _forget_layers(self) -> None:
+        # the layers of a model that is gone: their PEs would count in K and in the selection
+        if not self._finished:
+            self._layers.clear()
+            self._selected = False
 
     # -- state ------------------------------------------------------------------------------
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
