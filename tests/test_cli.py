@@ -699,6 +699,12 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     assert main(["adapt", "--dataset", "folder:gone", "--task", "again", "--backbone",
                  str(bb), "--bundle", "old.bin", "--device", "cpu", "--no-progress"]) == 2
     assert "already holds a task 'again'" in _one_line_error(capsys)
+    # so is a name derived from the folder (b.safetensors holds "imgs"): the error came
+    # after the images were read and counted
+    assert main(["adapt", "--dataset", "imgs", "--backbone", str(bb), "--bundle",
+                 "b.safetensors", "--device", "cpu", "--no-progress"]) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and "already holds a task 'imgs'" in got.err
     # a --backbone other than the bundle's: the CLI's fix, not the Python API's wording
     torch.manual_seed(1)
     other = create_model("small_cnn", num_classes=3, in_channels=1, width=4).state_dict()
@@ -852,13 +858,46 @@ def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
     assert got.out == ""  # no table header above an error, with no rows under it
     err = got.err.strip()
     assert err.startswith("xbm: error:") and len(err.splitlines()) == 1, err
-    assert "image folder does not exist" in err and "pass --dataset folder:PATH" in err
+    assert "image folder does not exist" in err and "pass --task t --dataset folder:PATH" in err
     imgs = _folder(tmp_path / "imgs")  # pointing at where the images are now works
     assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
                  "--dataset", f"folder:{imgs}"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["task", "method", "dataset", "accuracy", "test", "images"]
     assert out[1].startswith("t ") and out[1].split()[-1] == "2"  # 12 images, 20%: 2 to test
+    # more test images asked for than there are: said, as adapt says it
+    assert main(["eval", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+                 "--dataset", f"folder:{imgs}", "--test-subset", "50"]) == 0
+    assert "xbm: warning: task 't': --test-subset 50 is more than the 2 test images of " \
+        "folder:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "simulate"])
+def test_one_dataset_for_tasks_learned_on_different_ones_needs_task(command, tmp_path, capsys):
+    """--dataset without --task stood for every task's data: following the moved-folder
+    advice on a bundle that also held an mnist task printed the folder task's row, then failed
+    on mnist's class count. Refused before any work when the tasks' datasets differ."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    bb = tmp_path / "bb.safetensors"
+    backbone, arch = _tiny_backbone_file(bb)
+    mtm = MultiTaskModel(backbone, CrossbarSpec(rows=16, cols=16), arch=arch)
+    mtm.add_task("imgs", 2, "xbm", dataset=f"folder:{tmp_path / 'gone'}")
+    mtm.add_task("digits", 10, "xbm", dataset="mnist")
+    path = tmp_path / "b.safetensors"
+    mtm.save_bundle(path)
+    imgs = _folder(tmp_path / "imgs")
+    argv = [command, "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+            "--no-progress", "--dataset", f"folder:{imgs}"]
+    if command == "simulate":
+        argv += ["--adc-bits", "8", "--backend", "torch"]
+    assert main(argv) == 2
+    got = capsys.readouterr()
+    assert got.out == ""
+    assert "learned on different ones: imgs (folder:" in got.err and "add --task NAME" in got.err
+    if command == "eval":
+        assert main([*argv, "--task", "imgs"]) == 0
 
 
 @pytest.mark.parametrize("command", ["eval", "simulate"])
@@ -1502,6 +1541,13 @@ def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_pa
     err = _one_line_error(capsys)
     assert "shape mismatch(es): fc.weight" in err and not other.exists()
     assert "its classifier fc.weight has 7 classes: xbm import-backbone --num-classes 7" in err
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(other), "--num-classes", "7"]) == 2  # the default width 8
+    assert "(here: --model, --num-classes, --in-channels, --width)" in _one_line_error(capsys)
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(bb),
+                 "--out", str(other)]) == 2  # an xbm file's tensors are no state dict
+    assert "is an xbm backbone, not a checkpoint of a model; it is one already: pass it as " \
+        "--backbone" in _one_line_error(capsys) and not other.exists()
     # the file works where --backbone goes
     imgs = _folder(tmp_path / "imgs")
     bundle = tmp_path / "b.safetensors"
@@ -1965,7 +2011,7 @@ def test_outputs_never_replace_another_commands_file_of_another_kind(tmp_path, c
     assert "--tasks lists digits twice" in _one_line_error(capsys)
     # a results file of its own is rewritten, as before
     res = tmp_path / "r.json"
-    res.write_text("{}")
+    res.write_text('{"mode": "sweep", "rows": []}')
     assert main(["simulate", "--bundle", str(bundle), "--adc-bits", "8", "--backend", "torch",
                  "--device", "cpu", "--no-progress", "--json-out", str(res)]) == 0
     assert json.loads(res.read_text())["rows"]

@@ -544,6 +544,11 @@ def test_cli_bad_inputs(capsys, tmp_path) -> None:
         capsys, "--model", "small_cnn", "--off-fraction", "linear-probe=0.9")
     err = _one_line_error(capsys, "--model", "small_cnn", "--fraction", "xbm=0.5")
     assert "xbm re-programs no cell" in err and "--off-fraction xbm" in err
+    # two flags for one fraction: the named flag won silently, whatever their order
+    assert "give one" in _one_line_error(capsys, "--model", "small_cnn", "--fraction",
+                                         "piggyback=0.2", "--piggyback-off-fraction", "0.5")
+    assert "give one" in _one_line_error(capsys, "--model", "small_cnn", "--off-fraction",
+                                         "xbm=0.1", "--xbm-off-fraction", "0.5")
     # a signed weight needs 2 bits, a sign-magnitude ADC 2 bits
     assert "weight_bits must be >= 2" in _one_line_error(
         capsys, "--model", "small_cnn", "--weight-bits", "1", "--cell-bits", "1")

@@ -578,6 +578,13 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     rates = [r["fault_rate"] for r in rows if r["path"] != "ideal"]
     assert rates and rates == pytest.approx([0.02] * len(rates))
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
+    # --json-out rewrites its own results (above: sweep.json) but no other file
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("methods: [xbm]\n")
+    assert main(["simulate", "--bundle", str(bundle), "--adc-bits", "8", "--json-out",
+                 str(cfg), *common]) == 2
+    assert "not an `xbm simulate` results file" in capsys.readouterr().err
+    assert cfg.read_text() == "methods: [xbm]\n"
     # one chip, one rate: no fault-rate curve to draw (a one-point plot was written before)
     assert not (tmp_path / "plots" / "accuracy_vs_fault_rate.png").exists()
     # a simulated cell layout with faults: its map is drawn on that layout, and the ideal path
@@ -587,9 +594,12 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     paths = [r["path"] for r in json.loads(capsys.readouterr().out)["rows"]]
     assert "ideal+faults" in paths and "faithful" in paths
     # the backbone's own task on the faithful path, as `xbm eval --task base` takes it
+    # progress lines go to stderr (without --no-progress), so stdout stays the JSON
     assert main(["simulate", "--bundle", str(bundle), "--task", "base", "--adc-bits", "8",
-                 "--json", *common]) == 0
-    base_rows = json.loads(capsys.readouterr().out)["rows"]
+                 "--json", *common[:-1]]) == 0
+    captured = capsys.readouterr()
+    assert "base adc 8 fault 0.0 var 0.0:" in captured.err
+    base_rows = json.loads(captured.out)["rows"]
     assert {r["task"] for r in base_rows} == {"base"}
     assert [r["path"] for r in base_rows] == ["ideal", "faithful"]
     assert main(["eval", "--bundle", str(bundle), "--task", "base", "--test-subset", "32",

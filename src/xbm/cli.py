@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from xbm.config import load_yaml, seed_arg
-from xbm.errors import BundleError, XbmError, XbmWarning
+from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
@@ -222,9 +222,22 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
         raise XbmError(f"--out {out} already exists; pass --force to overwrite it, or another "
                        "--out")
     _check_counts(args, ("num_classes", "in_channels", "width"))
-    meta = import_backbone(args.model, args.checkpoint, out, num_classes=args.num_classes,
-                           in_channels=args.in_channels, width=args.width,
-                           dataset=args.dataset, accuracy=args.accuracy)
+    from xbm.io import xbm_file_kind
+
+    kind = xbm_file_kind(args.checkpoint)
+    if kind is not None:  # its tensors are not a state dict of the model
+        use = ("it is one already: pass it as --backbone" if kind == "backbone" else
+               "pass a state dict (.pt/.pth or .safetensors) of the model's weights")
+        raise XbmError(f"--checkpoint {args.checkpoint} is an xbm {kind}, not a checkpoint of "
+                       f"a model; {use}")
+    try:
+        meta = import_backbone(args.model, args.checkpoint, out, num_classes=args.num_classes,
+                               in_channels=args.in_channels, width=args.width,
+                               dataset=args.dataset, accuracy=args.accuracy)
+    except XbmError as exc:
+        if "build the model with the checkpoint's architecture" not in str(exc):
+            raise
+        raise XbmError(f"{exc} (here: --model, --num-classes, --in-channels, --width)") from None
     a = meta["arch"]
     print(f"saved {out} ({a['name']}, {a['num_classes']} classes, {a['in_channels']} input "
           f"channel(s); hash {meta['content_hash']}); pass --backbone {shlex.quote(str(out))} "
@@ -259,6 +272,20 @@ def _short(names: list[str], n: int = 6) -> str:
                                                      else "") + "]"
 
 
+def check_dataset_flag(args: argparse.Namespace, infos: list[Any]) -> None:
+    """``--dataset`` without ``--task`` stands for the data of every task evaluated: refused
+    (before any work) when the bundle's tasks were learned on different datasets, which left a
+    partial table and a class-count error midway."""
+    if not getattr(args, "dataset", None) or getattr(args, "task", None):
+        return
+    recorded = {t.dataset for t in infos}
+    if len(recorded) > 1:
+        by = ", ".join(f"{t.name} ({t.dataset or 'none recorded'})" for t in infos)
+        raise ConfigError(f"--dataset {args.dataset} would stand for every task's data, but "
+                          f"{args.bundle}'s tasks were learned on different ones: {by}; add "
+                          "--task NAME to evaluate that task on it")
+
+
 def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                test_subset: int | None, seed: int, channels: int | None = None):
     """The data to evaluate a bundle's task on: ``--dataset`` or the one the task recorded.
@@ -289,7 +316,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         if args.dataset or not ds.startswith(FOLDER_PREFIX):
             raise  # a built-in dataset's error already says how to install it
         raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "
-                                   "pass --dataset folder:PATH where they are now") from None
+                                   f"pass --task {task.name} --dataset folder:PATH where they "
+                                   "are now") from None
     recorded = [str(c) for c in (task.extra or {}).get("classes") or []]
     now = [str(c) for c in getattr(data, "classes", None) or []]
     if recorded and now and recorded != now and len(recorded) == len(now):
@@ -316,6 +344,10 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                       f"test split of {ds} may differ from its training split and include "
                       "training images; adapt it again to score it on held-out images",
                       XbmWarning, stacklevel=2)
+    have = len(data.test_y)
+    if test_subset is not None and test_subset > have:  # as adapt says it
+        warnings.warn(f"task {task.name!r}: --test-subset {test_subset} is more than the "
+                      f"{have} test images of {ds}: all used", XbmWarning, stacklevel=2)
     return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
 
 
@@ -592,11 +624,29 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
         bundle_meta, spec, bundle_tasks = read_bundle_meta(args.bundle)
         _check_spec_flags(args, spec, args.bundle)
-    if args.task is not None:  # a given name is checked now, before the data loads
-        _check_new_task_name(args.task, args.bundle, bundle_tasks)
+    # an image folder's task is named after the folder (`folder:data/birds` -> birds), a
+    # registered dataset's after its name; a name keeps only what task names allow (letters,
+    # digits, -, _). Named and checked before the data loads (a large folder takes a while).
+    from xbm.data.registry import image_folder_path
+
+    folder = image_folder_path(args.dataset)
+    # abspath, not resolve(): a symlinked folder is named as the user named it
+    stem = args.dataset if folder is None else \
+        Path(os.path.abspath(os.path.expanduser(folder))).name
+    # accents folded (Ümlaut -> Umlaut), not dropped: names are ASCII, as tensor keys
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    task = args.task
+    if task is None:
+        task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
+        if reserved_task_name(task):  # a folder named train/ or eval/
+            task = f"{task[:59]}-task"
+    _check_new_task_name(task, args.bundle, bundle_tasks)  # before the data loads
     out = args.out or args.bundle
     if out is not None:
         _check_bundle_out(out, args.bundle)
+    else:
+        out = f"{task}.safetensors"
+        _check_bundle_out(out, None)
     # A given backbone file is checked before the dataset loads (a cheap check first); the
     # default backbone may need pretraining, so then the dataset's availability comes first.
     loaded = _backbone(args, device, bundle_meta) if args.backbone or bundle_meta else None
@@ -623,24 +673,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             f"{args.dataset}: {len(data.train_y):,} training and {len(data.test_y):,} test "
             f"images, {data.num_classes} classes" + (f" ({'; '.join(over)})" if over else "")
             + "\n")
-    # an image folder's task is named after the folder (`folder:data/birds` -> birds); a name
-    # keeps only what task names allow (letters, digits, -, _)
-    from xbm.data.registry import image_folder_path
-
-    folder = image_folder_path(args.dataset)
-    # abspath, not resolve(): a symlinked folder is named as the user named it
-    stem = data.name if folder is None else Path(os.path.abspath(os.path.expanduser(folder))).name
-    # accents folded (Ümlaut -> Umlaut), not dropped: names are ASCII, as tensor keys
-    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
-    task = args.task
-    if task is None:
-        task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
-        if reserved_task_name(task):  # a folder named train/ or eval/
-            task = f"{task[:59]}-task"
-    _check_new_task_name(task, args.bundle, bundle_tasks)  # not after minutes of pretraining
-    if out is None:
-        out = f"{task}.safetensors"
-        _check_bundle_out(out, None)
     backbone, meta = loaded if loaded is not None else \
         xdist.main_first(lambda: _backbone(args, device))
     want = (meta.get("arch") or {}).get("in_channels")
@@ -758,6 +790,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
                        f"{', '.join(t.name for t in infos) or 'no tasks'} (and 'base', the "
                        "backbone's own task)")
+    check_dataset_flag(args, infos)
     backbone, bmeta = xdist.main_first(lambda: _backbone(args, device, meta))
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device)
     names = mtm.load_bundle(args.bundle)
@@ -907,7 +940,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-subset", type=int, help="training images per task (default 6000)")
     d.add_argument("--test-subset", type=int, help="test images per task (default 2000)")
     d.add_argument("--batch-size", type=int, help="adaption batch size (default 32)")
-    d.add_argument("--width", type=int, help=WIDTH_HELP)
+    d.add_argument("--width", type=int, help="backbone width (default: 16 on CPU, 64 on CUDA, "
+                   "for every model a --config YAML's model: names)")
     from xbm.hardware.energy import PRESETS as ENERGY_PRESETS
     from xbm.hardware.spec import SPEC_PRESETS
 

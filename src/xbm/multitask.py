@@ -88,8 +88,10 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
         if str(meta.get("format", "")).startswith("xbm-backbone"):
             raise BundleError(f"{path}: this is a backbone, not a task bundle; pass it as "
                               "--backbone, and as --bundle a file `xbm adapt` wrote")
-        raise BundleError(f"{path}: not an xbm task bundle (format {meta.get('format')!r}); "
-                          "pass a file `xbm adapt` wrote")
+        fmt = meta.get("format")
+        what = f"format {fmt!r}" if fmt is not None else "no xbm format field"
+        raise BundleError(f"{path}: not an xbm task bundle ({what}); pass a file `xbm adapt` "
+                          "wrote")
     try:
         spec = CrossbarSpec.from_dict(meta["spec"])
     except (XbmError, TypeError, KeyError, AttributeError, ValueError) as exc:

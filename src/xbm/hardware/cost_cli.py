@@ -107,6 +107,11 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
                                ("finetune_changed_fraction", rewrite, "finetune"),
                                ("xbm_off_fraction", off, "xbm")):
         v = getattr(args, flag)
+        given = given_rewrite if into is rewrite else given_off
+        if v is not None and method in given:
+            other = "--fraction" if into is rewrite else "--off-fraction"
+            raise ConfigError(f"--{flag.replace('_', '-')} and {other} {method}=F both set "
+                              f"{method}'s fraction; give one")
         if v is not None:
             if not 0 <= v <= 1:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be a fraction in [0, 1], "

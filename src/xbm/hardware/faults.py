@@ -220,7 +220,11 @@ class FaultMap:
         layers = dict(_crossbar_layers(model))
         missing = sorted(set(layers) - set(self.codes))
         if missing:
-            raise XbmError(f"fault map has no layer {missing[0]!r}; generate it for this model")
+            raise XbmError(f"fault map has no layer {missing[0]!r}: it was drawn for another "
+                           f"model (it has {len(self.codes)} layers, this model "
+                           f"{len(layers)}); draw one for this model (xbm simulate "
+                           "--fault-aware --save-fault-map FILE on its backbone, or "
+                           "FaultMap.generate)")
         mine = self.crossbar_spec
         for name, layer in layers.items():
             if not _cells_compatible(spec or layer.spec, mine):

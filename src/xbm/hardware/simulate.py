@@ -706,7 +706,8 @@ class LayerSim:
         dev = xh.device
         if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise XbmError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run "
-                           "the kernel in Triton's interpreter); use backend='compile' on CPU")
+                           "the kernel in Triton's interpreter); use backend='compile' "
+                           "(xbm simulate --backend compile) on CPU")
         f32 = torch.float32
         x = xh.to(f32)
         pads = plan.pads

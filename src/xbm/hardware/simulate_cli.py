@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "fault maps (default: --seed). Vary it with --seed fixed to see the spread "
                     "between chips on one test set")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sp.add_argument("--json-out", help="also write the JSON results to this file")
+    sp.add_argument("--json-out", help="also write the JSON results to this file (an earlier "
+                    "results file there is replaced; any other file is refused)")
     sp.add_argument("--plot", help="folder for accuracy-vs-ADC-bits / -fault-rate plots")
     add_spec_args(sp)
     common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and, "
@@ -279,6 +281,13 @@ def _cell(col: str, v: Any) -> str:
     return str(v)
 
 
+def _progress(args: argparse.Namespace, line: str) -> None:
+    """A finished setting's line while the rest runs: on stderr (the table or JSON that follows
+    on stdout repeats it), silenced by --no-progress."""
+    if not args.no_progress:
+        print(line, file=sys.stderr, flush=True)
+
+
 def _print(rows: list[dict[str, Any]], cols: list[str], title: str | None = None) -> None:
     cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -292,7 +301,14 @@ def _print(rows: list[dict[str, Any]], cols: list[str], title: str | None = None
 
 # -- sweep -----------------------------------------------------------------------------------
 def _sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone, _base_task_data, _check_counts, _check_spec_flags, _task_data
+    from xbm.cli import (
+        _backbone,
+        _base_task_data,
+        _check_counts,
+        _check_spec_flags,
+        _task_data,
+        check_dataset_flag,
+    )
     from xbm.hardware.faults import FaultMap, fault_aware
     from xbm.multitask import MultiTaskModel, read_bundle_meta
     from xbm.train import evaluate_task, resolve_device
@@ -305,6 +321,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise XbmError(f"{args.bundle}: no task {args.task!r}; it holds "
                        f"{', '.join(t.name for t in infos) or 'no tasks'} (and 'base', the "
                        "backbone's own task)")
+    check_dataset_flag(args, infos)
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
@@ -354,11 +371,22 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                     rows.append({"task": t, "path": "faithful", "adc_bits": _adc_label(b),
                                  "fault_rate": r, "variation": v, **res,
                                  "delta": round(res["accuracy"] - round(ideal, 4), 4)})
-                    if not args.json:
-                        print(f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
-                              f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)", flush=True)
+                    _progress(args, f"  {t} adc {_adc_label(b)} fault {r} var {v}: "
+                                    f"{res['accuracy']:.2f}% ({res['seconds']:.0f}s)")
     return {"mode": "sweep", "bundle": args.bundle, "spec": spec.to_dict(),
             "simulated_spec": sim_spec.to_dict(), "rows": rows, **_run_settings(args)}
+
+
+def _is_simulate_results(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object that this command wrote (its ``mode``): only such
+    a file is rewritten by --json-out (a config beside it once was)."""
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("mode") in ("sweep", "fault-aware")
 
 
 def _check_distinct_paths(args: argparse.Namespace) -> None:
@@ -402,6 +430,11 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
         if fo == "--json-out" and kind:  # a results file is rewritten; another command's not
             raise XbmError(f"--json-out {out} is a {kind}, not a results file; pass another "
                            "path")
+        if fo == "--json-out" and Path(out).expanduser().is_file() and \
+                not _is_simulate_results(Path(out).expanduser()):
+            raise XbmError(f"--json-out {out} already exists and is not an `xbm simulate` "
+                           "results file (it would be replaced); pass another path, or "
+                           "delete it first")
 
 
 # -- fault-aware -----------------------------------------------------------------------------
@@ -487,9 +520,8 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
                                 calib)
         adc_rows.append({"task": "unaware", "adc_bits": _adc_label(b), **res,
                          "delta": round(res["accuracy"] - clean_ideal, 4)})
-        if not args.json:
-            print(f"  clean chip, adc {_adc_label(b)}: {res['accuracy']:.2f}% "
-                  f"({res['seconds']:.0f}s)", flush=True)
+        _progress(args, f"  clean chip, adc {_adc_label(b)}: {res['accuracy']:.2f}% "
+                        f"({res['seconds']:.0f}s)")
     after = mtm.backbone_state()
     identical = set(before) == set(after) and all(torch.equal(before[k], after[k])
                                                   for k in before)

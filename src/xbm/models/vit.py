@@ -75,7 +75,9 @@ class VisionTransformer(nn.Module):
                  patch_size: int, img_size: int, mlp_ratio: float) -> None:
         super().__init__()
         if width % heads:
-            raise ConfigError(f"vit: width {width} must be divisible by heads {heads}")
+            raise ConfigError(f"vit: width {width} must be divisible by its {heads} attention "
+                              f"heads; pick a multiple of {heads} (--width "
+                              f"{max(heads, width - width % heads)})")
         if img_size % patch_size:
             raise ConfigError(f"vit: img_size {img_size} must be divisible by patch_size "
                               f"{patch_size}")
