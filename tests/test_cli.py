@@ -849,6 +849,10 @@ def test_simulate_chip_seed_varies_the_chip_on_one_test_set(tmp_path, capsys):
     assert _sim_config(args, 8, 0.3).seed == 5  # the chip's draws follow --chip-seed
     args.chip_seed = None
     assert _sim_config(args, 8, 0.3).seed == 1
+    assert runs[()]["adc_offset_trim"] is False and runs[()]["bn_recalibration"] is False
+    args.adc_offset_trim = args.bn_recalibration = True  # --adc-offset-trim --bn-recalibration
+    cfg = _sim_config(args, 8, 0.3)
+    assert cfg.adc_offset_trim is True and cfg.bn_recalibration is True
 
 
 def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):

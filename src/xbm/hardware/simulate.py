@@ -92,6 +92,29 @@ class SimConfig:
     adc_headroom: float = 1.0
     """Factor on the calibrated range (< 1 clips rare large sums for finer steps)."""
 
+    adc_offset_trim: bool = False
+    """Trim each output column's mean ADC error, measured while calibrating, as a digital
+    offset (a per-column trim, as a deployed chip's calibration sets one). Partial sums of a
+    few levels (bit-serial inputs, few-level cells, short tiles) sit on the integer grid, so a
+    deterministic ADC's error there is a fixed offset per column and input pattern, not
+    zero-mean noise; its size is not monotone in the step, which makes accuracy non-monotone
+    in ``adc_bits`` below the lossless resolution (docs/simulation.md, "ADC error on small
+    partial sums"). The reference is the same reads' unquantised partial sums on the
+    calibration batches, layers trimmed in order (each layer's offset is fitted on trimmed
+    inputs). It helps from about 5 bits on and can cost accuracy at 3-4 bits, where the error
+    is a gain as well (measured there; ``bn_recalibration`` absorbs both). Off by default: an
+    untrimmed chip, as every figure before session 24."""
+
+    bn_recalibration: bool = False
+    """Re-estimate the active task's own BatchNorm statistics on the chip's outputs over the
+    calibration batches (after the ADC ranges and the trim), while the simulation is
+    installed; the task's trained statistics come back when it is removed. The ADC's
+    per-column offset and gain errors are then absorbed by the digital BatchNorm after each
+    layer (docs/simulation.md, "ADC error on small partial sums": on a 10%-variation chip it
+    brought a task back to its ideal accuracy). Needs per-task BatchNorm (the default): the
+    base task's and a frozen-BN task's statistics are the programmed model's, and are
+    refused. Off by default."""
+
     input_headroom: float = 1.0
     """Factor on each layer's calibrated input range. Inputs above the largest seen on the
     calibration batches are clipped: on a test set they cost more than the input step does
@@ -180,7 +203,7 @@ class SimConfig:
         if self.levels is not None and (not integer(self.levels) or self.levels < 2):
             raise ConfigError(f"SimConfig.levels must be an integer >= 2 or None, got "
                               f"{self.levels!r}")
-        for f in ("quantize_inputs", "allow_tf32"):
+        for f in ("quantize_inputs", "allow_tf32", "adc_offset_trim", "bn_recalibration"):
             if not isinstance(getattr(self, f), (bool, np.bool_)):
                 raise ConfigError(f"SimConfig.{f} must be true or false, got "
                                   f"{getattr(self, f)!r}")
@@ -443,6 +466,9 @@ class _Calib:
     s_in: float = 1.0
     zp: float = 0.0
     psum_max: torch.Tensor | None = None  # (rt, Cout) max |partial sum| seen
+    adc_offset: torch.Tensor | None = None  # (Cout,) mean ADC error, added back (trim)
+    off_sum: torch.Tensor | None = None  # while calibrating the trim: sum of errors, count
+    off_count: int = 0
     in_ready: bool = False
     adc_ready: bool = False
 
@@ -459,7 +485,7 @@ class LayerSim:
         self.codes = codes
         self.sim = sim
         self.calib: dict[str, _Calib] = {}
-        self.mode = "run"  # "run" | "calib_input" | "calib_adc"
+        self.mode = "run"  # "run" | "calib_input" | "calib_adc" | "calib_offset"
         self._cache: tuple[Any, dict[str, torch.Tensor]] | None = None
         self._var_eps: torch.Tensor | None = None
         self._calls = 0
@@ -627,6 +653,8 @@ class LayerSim:
             plan.cout, device=dev, dtype=dtype)
         if zp:  # digital zero-point correction with each column's measured programmed sum
             b = b - out_scale * zp * (cs * prep["rowsum"].to(dtype)).sum(0)
+        if quantize and cal.adc_offset is not None and self.mode == "run":  # the offset trim
+            b = b + cal.adc_offset.to(dev, dtype)
         bias_g = b.reshape(g, cg).contiguous()
         offset = float(2 ** (spec.weight_bits - 1)) if spec.signed == "offset" else 0.0
         if backend == "triton" and self.mode == "run":
@@ -673,7 +701,10 @@ class LayerSim:
             oh = oh.view(C, n, ho * wo, g, rt * S, cg)
             if self.mode == "calib_adc":
                 self._record(cal, oh)
-            y = reduce(oh, inv, mult, bias_g, adc_lo, adc_hi, quantize)  # (n, M, g, Cg)
+            if self.mode == "calib_offset" and quantize:
+                y = self._trim_step(cal, oh, inv, mult, bias_g, adc_lo, adc_hi)
+            else:
+                y = reduce(oh, inv, mult, bias_g, adc_lo, adc_hi, quantize)  # (n, M, g, Cg)
             y = y.reshape(n, ho, wo, plan.cout)
             if offset:  # digital removal of the weight offset: off * sum of each tile's inputs
                 ones = plan.ones_weights(dtype, dev).contiguous(memory_format=torch.channels_last)
@@ -751,6 +782,20 @@ class LayerSim:
         self.sim._count(self, n * ho * wo * C * S, cs)
         return y.to(xh.dtype if xh.dtype in (torch.float32, torch.float64) else f32)
 
+    @staticmethod
+    def _trim_step(cal: _Calib, oh: torch.Tensor, inv: torch.Tensor, mult: torch.Tensor,
+                   bias_g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Calibrating the offset trim: add this chunk's ADC error (unquantised minus quantised
+        output, per column) to the running sum, and return the quantised output trimmed by the
+        running mean, so that the layers after this one are fitted on trimmed inputs."""
+        yq = _adc_reduce(oh, inv, mult, bias_g, lo, hi, True)  # (n, M, g, Cg)
+        yi = _adc_reduce(oh * inv, inv, mult, bias_g, lo, hi, False)  # mult holds the step
+        d = (yi - yq).double().sum(dim=(0, 1)).reshape(-1).cpu()
+        cal.off_sum = d if cal.off_sum is None else cal.off_sum + d
+        cal.off_count += yq.shape[0] * yq.shape[1]
+        trim = (cal.off_sum / cal.off_count).to(yq.device, yq.dtype)
+        return yq + trim.view(1, 1, *yq.shape[2:])
+
     def _record(self, cal: _Calib, oh: torch.Tensor) -> None:
         """Running max of |partial sum| per (row tile, column) over cycles, slices, pixels."""
         plan = self.plan
@@ -801,6 +846,8 @@ class Simulation:
             self.layers.append((name, layer, LayerSim(name, layer, self.config, codes, self)))
         self._saved: list[tuple[nn.Module, Any]] = []
         self._tf32: tuple[bool, bool] | None = None  # the switches before install()
+        # BatchNorm statistics that bn_recalibration replaced, restored by remove()
+        self._bn_saved: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.conversions = 0
         self.skipped_conversions = 0
 
@@ -835,6 +882,12 @@ class Simulation:
         for layer, sim in self._saved:
             layer.simulator = sim
         self._saved = []
+        with torch.no_grad():
+            for bn, (mean, var, n) in self._bn_saved.items():
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(n)
+        self._bn_saved = {}
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
         self._tf32 = None
 
@@ -849,7 +902,11 @@ class Simulation:
         Two passes over at most ``config.calibration_batches`` batches: the first records each
         layer's input range while the chip (its cells, with faults and variation) computes with
         float inputs and no ADC, the second, with quantised inputs and an ideal ADC, records
-        every crossbar column's largest partial sum. Batches may be tensors or ``(x, y)``.
+        every crossbar column's largest partial sum. With ``config.adc_offset_trim`` a third
+        pass, with the ADCs as set, measures each output column's mean ADC error (the trim);
+        with ``config.bn_recalibration`` a last one re-estimates the task's BatchNorm
+        statistics on the chip (restored when the simulation is removed).
+        Batches may be tensors or ``(x, y)``.
         """
         xs = []
         for item in batches:
@@ -885,10 +942,56 @@ class Simulation:
                     if cal.psum_max is None:
                         cal.psum_max = torch.zeros(ls.plan.rt, ls.plan.cout)
                     cal.adc_ready = True
+                if self.config.adc_offset_trim and self.config.adc_mode != "ideal":
+                    self._set_mode("calib_offset")
+                    for x in xs:
+                        self.model(x)
+                    for _, layer, ls in self.layers:
+                        cal = ls.calib[self.current_task(layer)]
+                        if cal.off_sum is not None and cal.off_count:
+                            cal.adc_offset = (cal.off_sum / cal.off_count).float()
+                        cal.off_sum, cal.off_count = None, 0
+                if self.config.bn_recalibration:
+                    self._recalibrate_bn(xs)
         finally:
             self._set_mode("run")
             if not installed:
                 self.remove()
+
+    def _recalibrate_bn(self, xs: list[torch.Tensor]) -> None:
+        """Cumulative BatchNorm statistics of the active task's own BN copies over ``xs`` on the
+        chip (train-mode BN: each layer normalises with its batch's statistics, so the next is
+        measured on recalibrated inputs); the trained ones are saved for :meth:`remove`."""
+        from xbm.nn.layers import TaskBatchNorm
+
+        bns = []
+        for name, m in self.root.named_modules():
+            if not isinstance(m, TaskBatchNorm) or m.running_mean is None:
+                continue
+            own = m.xbm_tasks[m.active_task] if m.active_task in m.xbm_tasks else None  # noqa: SIM401
+            if own is None:
+                raise ConfigError(
+                    f"bn_recalibration re-estimates a task's own BatchNorm statistics, but "
+                    f"{name} runs the backbone's BatchNorm for task {m.active_task!r} (the "
+                    "base task, or a task without per-task BN), whose statistics are the "
+                    "programmed model's; simulate this task without it")
+            bns.append(own)
+        momenta = []
+        for bn in bns:
+            if bn not in self._bn_saved:
+                self._bn_saved[bn] = (bn.running_mean.clone(), bn.running_var.clone(),
+                                      bn.num_batches_tracked.clone())
+            bn.reset_running_stats()
+            momenta.append(bn.momentum)
+            bn.momentum = None  # a cumulative average over the batches
+            bn.train()  # the caller's eval_mode puts every flag back
+        self._set_mode("run")
+        try:
+            for x in xs:
+                self.model(x)
+        finally:
+            for bn, mom in zip(bns, momenta, strict=True):
+                bn.momentum = mom
 
     def state(self) -> dict[str, Any]:
         """Calibration per layer and task (for reports and debugging)."""

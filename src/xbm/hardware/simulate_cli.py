@@ -163,6 +163,15 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "the full theoretical range; ideal: no ADC quantisation")
     sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"],
                     help="what shares one calibrated ADC range (default tile: one crossbar)")
+    sp.add_argument("--adc-offset-trim", action="store_true",
+                    help="trim each output column's mean ADC error, measured on the "
+                    "calibration batches (SimConfig.adc_offset_trim; default off: an untrimmed "
+                    "chip, whose accuracy need not rise with --adc-bits below the lossless "
+                    "resolution)")
+    sp.add_argument("--bn-recalibration", action="store_true",
+                    help="re-estimate each task's own BatchNorm statistics on the chip's "
+                    "outputs over the calibration batches, for the simulation only "
+                    "(SimConfig.bn_recalibration; needs per-task BN)")
     sp.add_argument("--input-headroom", type=float, default=1.0,
                     help="factor on each layer's calibrated input range (default 1: test "
                     "inputs above the calibration batches' largest are clipped)")
@@ -211,7 +220,10 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     ``--fault-map`` the faults are the file's, and ``chip_seed`` seeds variation and noise."""
     return {"seed": args.seed, "chip_seed": _chip_seed(args), "adc_mode": args.adc_mode,
             "adc_granularity": args.adc_granularity, "read_noise": args.read_noise,
-            "input_headroom": args.input_headroom, "fault_map": getattr(args, "fault_map", None)}
+            "input_headroom": args.input_headroom,
+            "adc_offset_trim": bool(getattr(args, "adc_offset_trim", False)),
+            "bn_recalibration": bool(getattr(args, "bn_recalibration", False)),
+            "fault_map": getattr(args, "fault_map", None)}
 
 
 def _chip_seed(args: argparse.Namespace) -> int:
@@ -227,6 +239,8 @@ def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float
                      adc_granularity=args.adc_granularity, variation=variation,
                      read_noise=args.read_noise, levels=args.levels, seed=_chip_seed(args),
                      input_headroom=getattr(args, "input_headroom", 1.0),
+                     adc_offset_trim=bool(getattr(args, "adc_offset_trim", False)),
+                     bn_recalibration=bool(getattr(args, "bn_recalibration", False)),
                      backend=args.backend, input_bits=args.sim_input_bits,
                      dac_bits=args.sim_dac_bits, cell_bits=args.sim_cell_bits)
 
