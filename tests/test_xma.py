@@ -442,9 +442,25 @@ def test_selection_is_continuous():
 
 def test_short_training_warns_and_selects_nothing():
     mtm = _mtm(SMALL_SPEC)
-    with pytest.warns(UserWarning, match="no PE was re-programmed"):
+    with pytest.warns(UserWarning, match="no PE is re-programmed yet"):
         _train(mtm, "t", "xma2", {"warmup_steps": 100}, epochs=1)
     assert mtm.reprogrammed_cells("t") == 0
+
+
+def test_training_in_chunks_continues_the_warm_up_and_selects():
+    """A first train_task call that ended inside the warm-up closed the selection for good
+    (the task stayed XMA whatever it trained next); now the next call continues the warm-up
+    and selects, as one long call would."""
+    mtm = _mtm(SMALL_SPEC)
+    with pytest.warns(UserWarning, match="no PE is re-programmed yet"):
+        _train(mtm, "t", "xma2", {"warmup_steps": 6, "pe_budget": 0.25}, epochs=1)  # 4 steps
+    states = list(mtm.layer_states("t"))
+    assert not mtm.methods["t"]._selected and all(int(st.phase) == 0 for _, _, st in states)
+    mtm.set_trainable("t")
+    train, _ = _loaders(0, "t")
+    train_task(mtm, "t", train, 1, DEV, progress=False)  # 4 more: past the warm-up
+    assert mtm.methods["t"]._selected and all(int(st.phase) == 1 for _, _, st in states)
+    assert mtm.reprogrammed_cells("t") > 0
 
 
 def test_param_groups_split_scores_and_weights():

@@ -400,7 +400,7 @@ class XMA2(XMA):
     def select(self) -> None:
         """Choose the task's PEs over the whole model (global top-K) and fold the current column
         levels into the chosen PEs' weights. Idempotent; called by the first training forward
-        after the warm-up, or with an empty choice by :meth:`on_task_end`."""
+        after the warm-up (a task still in it has none: it is XMA until then)."""
         if self._selected:
             return
         layers = self._layers
@@ -556,22 +556,19 @@ class XMA2(XMA):
         return groups
 
     def on_task_end(self, model: nn.Module, task: str) -> None:
-        """Finalise: a task that trained fewer steps than the warm-up re-programs nothing (its
-        chosen PEs would never have been fine-tuned), so it is exactly XMA."""
+        """End of a ``train_task`` call. A task still in its warm-up re-programs nothing yet
+        (no PE is selected, so it is exactly XMA) and stays open: a later ``train_task`` call
+        continues the warm-up and then selects (training in short chunks, say to evaluate
+        between them, used to close the selection for good after the first chunk)."""
         if not self._selected:
             steps = max((st._steps for _, st in self._layers), default=0)
             if self.config.pe_budget > 0 and steps <= self.config.warmup_steps:
                 warnings.warn(
-                    f"xma2 task {task!r} trained {steps} step(s), not more than warmup_steps="
-                    f"{self.config.warmup_steps}: no PE was re-programmed (the task is plain XMA); "
-                    "steps are counted on the ideal training path (effective_weight)",
+                    f"xma2 task {task!r} has trained {steps} step(s), not more than "
+                    f"warmup_steps={self.config.warmup_steps}: no PE is re-programmed yet (the "
+                    "task is plain XMA until a later train_task call ends the warm-up); steps "
+                    "are counted on the ideal training path (effective_weight)",
                     XbmWarning, stacklevel=user_stacklevel())
-            with torch.no_grad():
-                for _, st in self._layers:
-                    st._grad_acc = None
-                    st.pe_mask.zero_()
-                    st.phase.fill_(1)
-            self._selected = True
         self._finished = True
 
 
