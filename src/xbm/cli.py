@@ -486,6 +486,16 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
     cfg = PretrainConfig(model=args.model or DEFAULT_MODEL, width=_width(args, device))
     # with --json, stdout carries only the JSON: the backbone's notes go to stderr
     log = (lambda *a: print(*a, file=sys.stderr)) if getattr(args, "json", False) else print
+    if getattr(args, "train_subset", None) is not None:  # as get_backbone looks for it
+        from xbm.train.pretrain import cache_dir
+
+        root = getattr(args, "data_root", None)
+        names = {cfg.for_device(device).cache_name(r) for r in {None, root}}
+        if not any((cache_dir() / "backbones" / n).exists() for n in names):
+            log(f"note: --train-subset {args.train_subset} sizes this task's training set; "
+                "the default backbone it needs first is pretrained on all of its base task "
+                "(for a quicker one: xbm pretrain --train-subset N --out FILE, then "
+                "--backbone FILE)")
     model, meta, _ = get_backbone(cfg, device, root=getattr(args, "data_root", None),
                                   progress=not args.no_progress, log=log)
     return model, meta
