@@ -876,6 +876,19 @@ def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
         "folder:" in capsys.readouterr().err
 
 
+def test_simulate_refuses_bn_recalibration_of_the_programmed_models_statistics(tmp_path,
+                                                                                capsys):
+    imgs = _folder(tmp_path / "imgs")
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{imgs}")
+    argv = ["simulate", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+            "--no-progress", "--adc-bits", "8", "--backend", "torch", "--bn-recalibration"]
+    assert main([*argv, "--task", "base"]) == 2
+    got = capsys.readouterr()
+    assert got.out == "" and "task 'base' runs the backbone's" in got.err
+    assert main([*argv, "--test-subset", "2", "--json"]) == 0  # the task's own BN: fine
+    assert json.loads(capsys.readouterr().out)["bn_recalibration"] is True
+
+
 @pytest.mark.parametrize("command", ["eval", "simulate"])
 def test_one_dataset_for_tasks_learned_on_different_ones_needs_task(command, tmp_path, capsys):
     """--dataset without --task stood for every task's data: following the moved-folder

@@ -137,6 +137,29 @@ def test_groups_sharing_a_crossbar_are_read_one_after_another(groups) -> None:
         assert ev.dac_drives == max(reads) * one.dac_drives and ev.latency_s > one.latency_s
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_a_group_straddling_two_crossbars_is_read_for_its_share_only(groups) -> None:
+    """24 outputs in groups of 12 (or 8) on crossbars of 8 weights: a group spans two
+    crossbars and converts only its columns in each (it was priced as a whole group's
+    conversions in each read, twice the busiest crossbar's cycle on an ADC-bound preset)."""
+    from xbm.hardware.energy import get_preset
+
+    spec, preset = CrossbarSpec(), get_preset("mnsim")
+    lm = map_model(nn.Sequential(nn.Conv2d(24, 24, 3, groups=groups)), spec).layers[0]
+    L, per = spec.logical_cols, 24 // groups
+    cpc = C.conversions_per_column(spec, preset)
+    adcs = max(1, math.ceil(L * cpc / preset.periphery.columns_per_adc))
+    t_adc = preset.periphery.adc_latency_s(spec.adc_bits)
+    busiest = 0.0
+    for t in range(lm.col_tiles):  # columns of each group in crossbar t, counted one by one
+        cols = [c // per for c in range(t * L, min((t + 1) * L, 24))]
+        time = sum(max(preset.device.read_pulse_s, math.ceil(cols.count(g) * cpc / adcs) * t_adc)
+                   for g in sorted(set(cols)))
+        busiest = max(busiest, time)
+    ev = C.layer_events(lm, spec, preset, positions=1, masked_off_columns=0)
+    assert ev.cycle_s == pytest.approx(busiest, rel=1e-12)
+
+
 def test_positions_from_forward_hooks() -> None:
     with torch.device("meta"):
         model = Tiny()

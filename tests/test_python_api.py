@@ -791,6 +791,13 @@ def test_a_reused_xma2_object_counts_only_its_current_models_pes() -> None:
     del first
     gc.collect()
     assert fresh >= 1 and trained(meth) == fresh
+    import copy
+    import pickle
+
+    used = MultiTaskModel(_backbone(), SPEC)
+    used.add_task("a", 3, create_method("xma2", cfg))  # not trained: its copies may serve
+    for twin in (copy.deepcopy(used.methods["a"]), pickle.loads(pickle.dumps(used.methods["a"]))):
+        assert trained(twin) == fresh  # a copy kept the first model's layers too
 
 
 def test_a_model_with_tasks_pickles() -> None:

@@ -327,12 +327,14 @@ def test_bn_recalibration_measures_the_chips_statistics_and_restores_the_tasks()
     bn_name, bn = next((n, m) for n, m in mtm.model.named_modules()
                        if isinstance(m, TaskBatchNorm))
     seen = []
-    hook = bn.xbm_tasks["t"].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    hook = bn.xbm_tasks["t"].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].clone()) if m.training else None)
     cfg = SimConfig(adc_bits=4, bn_recalibration=True, **EAGER)
     with torch.no_grad(), faithful(mtm, cfg, calibration=xs):
         hook.remove()
         own = bn.xbm_tasks["t"]
-        # the last pass is the recalibration's: one input per calibration batch
+        # the last recalibration pass (BN in train mode): one input per calibration batch
+        assert len(seen) == 2 * len(xs)  # two rounds: ranges, statistics, ranges again
         inputs = torch.cat(seen[-len(xs):])
         assert torch.allclose(own.running_mean, inputs.mean(dim=(0, 2, 3)), atol=1e-5)
         assert not torch.equal(own.running_mean, before[f"model.{bn_name}.xbm_tasks.t"
@@ -345,6 +347,33 @@ def test_bn_recalibration_measures_the_chips_statistics_and_restores_the_tasks()
             pytest.raises(ConfigError, match="own BatchNorm"), faithful(mtm, cfg, calibration=xs):
         pass
     assert all(torch.equal(before[k], v) for k, v in mtm.state_dict().items())
+
+
+def test_bn_recalibration_is_repeatable_and_counts_no_conversions():
+    """From a review: a second calibrate started from the recalibrated statistics (other
+    ranges, another output), the recalibration's passes were counted as inference
+    conversions, calibrating before install() silently dropped it, and a model without
+    BatchNorm ran as if recalibrated."""
+    from xbm.hardware.simulate import Simulation
+
+    spec = get_spec(rows=16, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=1)
+    mtm = _xbm_model(spec, seed=1)
+    xs = [torch.relu(torch.randn(6, 1, 16, 16)) for _ in range(2)]
+    cfg = SimConfig(adc_bits=4, bn_recalibration=True, **EAGER)
+    with torch.no_grad(), faithful(mtm, cfg, calibration=xs) as sim:
+        assert sim.conversions == 0 and sim.skipped_conversions == 0
+        once = mtm(xs[0])
+        sim.calibrate(xs)
+        assert torch.equal(mtm(xs[0]), once)
+    sim = Simulation(mtm, cfg)
+    with pytest.raises(ConfigError, match="calibrate inside faithful"):
+        sim.calibrate(xs)
+    torch.manual_seed(0)
+    vit = MultiTaskModel(create_model("vit_tiny", num_classes=4, in_channels=1), spec)
+    vit.add_task("t", 3, "xbm")
+    with pytest.raises(ConfigError, match="no BatchNorm layer"), \
+            faithful(vit.eval(), cfg, calibration=[torch.randn(2, 1, 28, 28)]):
+        pass
 
 
 def test_quantisation_error_decreases_with_bits():

@@ -207,7 +207,9 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """Load a safetensors file written by :func:`save_safetensors`.
 
     Raises:
-        BundleError: the file is missing, truncated, corrupt or has no xbm metadata.
+        BundleError: the file is missing, truncated or corrupt (metadata that is not JSON, as
+            another tool writes, is returned as its strings: the caller's format check names
+            what the file is not).
     """
     from safetensors import safe_open
 

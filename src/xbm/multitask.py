@@ -354,8 +354,9 @@ class MultiTaskModel(nn.Module):
                                f"its own, e.g. add_task({name!r}, NUM_CLASSES, "
                                f"{method.name!r}, config=...)")
             m = method
-            if serves is not None:  # its model is gone
-                m._forget_layers()
+            # its model is gone, or it is a copy (deepcopy, pickle) of one that served a task:
+            # what it kept of those layers is not this model's
+            m._forget_layers()
         else:
             m = create_method(method, config)
         ref = next(self.model.parameters())

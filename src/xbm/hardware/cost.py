@@ -658,14 +658,17 @@ def layer_events(lm: LayerMapping, spec: CrossbarSpec, preset: EnergyPreset, pos
     conv = per * cpc * (columns - off)
     p = preset.periphery
     conv_slots = spec.logical_cols * cpc  # conversions a full crossbar needs per input cycle
-    groups = lm.tile_groups
-    g_max = max(groups, default=1)
-    per_read = lm.cols // max(lm.groups, 1) if g_max > 1 else lm.cols  # columns one read senses
-    used = min(conv_slots, per_read * cpc)  # in this layer's busiest crossbar
-    active = used * (1 - off / columns) if columns else 0
+    tiles = lm.tile_group_columns()
+    groups = [len(cols) for cols in tiles]
     adcs = max(1, math.ceil(conv_slots / p.columns_per_adc))
-    cycle = g_max * max(preset.device.read_pulse_s,
-                        math.ceil(active / adcs) * p.adc_latency_s(spec.adc_bits))
+    on = 1 - off / columns if columns else 0.0
+
+    def read(n: int) -> float:  # one read of n columns: the pulse, or their conversions
+        return max(preset.device.read_pulse_s,
+                   math.ceil(n * cpc * on / adcs) * p.adc_latency_s(spec.adc_bits))
+
+    # the busiest crossbar: one read per group it holds, each converting that group's columns
+    cycle = max((sum(read(n) for n in cols) for cols in tiles), default=read(0))
     cpw = lm.cells // max(lm.weights, 1)
     reads = sum(lm.rows * n * cpw * g for n, g in zip(lm.tile_columns(), groups, strict=True))
     return LayerEvents(
@@ -1087,8 +1090,8 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
     recorded architecture (a model built in Python without ``arch=``) the input channels are
     the first convolution's, and the image side, which nothing records, is 28 with a warning:
     pass ``input_size`` (and ``in_channels``). Such a model without any convolution (an MLP)
-    is probed with one flat vector of its first Linear's ``in_features`` unless ``input_size``
-    asks for images.
+    is probed with one flat vector of its first Linear's ``in_features`` unless
+    ``input_size`` or ``in_channels`` ask for images.
     """
     for what, v in (("input_size", input_size), ("in_channels", in_channels)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -200,17 +200,23 @@ class LayerMapping:
         L = self.tile_cols or self.cols
         return [min(L, self.cols - t * L) for t in range(self.col_tiles)]
 
-    @property
-    def tile_groups(self) -> list[int]:
-        """Convolution groups whose columns each column tile holds, in tile order: 1 each for
-        an ungrouped layer; a depthwise conv packs many groups into one crossbar."""
+    def tile_group_columns(self) -> list[list[int]]:
+        """Per column tile, the columns each convolution group has there (in group order): one
+        entry per tile for an ungrouped layer; a depthwise conv packs many groups into one
+        crossbar, and a group can straddle two."""
         per = max(self.cols // max(self.groups, 1), 1)  # output columns of one group
         L = self.tile_cols or self.cols
         out = []
         for t, n in enumerate(self.tile_columns()):
-            lo, hi = t * L, t * L + n - 1
-            out.append(hi // per - lo // per + 1)
+            lo, hi = t * L, t * L + n  # [lo, hi)
+            out.append([min(hi, (g + 1) * per) - max(lo, g * per)
+                        for g in range(lo // per, (hi - 1) // per + 1)])
         return out
+
+    @property
+    def tile_groups(self) -> list[int]:
+        """Convolution groups whose columns each column tile holds, in tile order."""
+        return [len(cols) for cols in self.tile_group_columns()]
 
     @classmethod
     def of(cls, name: str, module: nn.Module, spec: CrossbarSpec) -> LayerMapping:

@@ -100,15 +100,19 @@ class SimConfig:
     zero-mean noise; its size is not monotone in the step, which makes accuracy non-monotone
     in ``adc_bits`` below the lossless resolution (docs/simulation.md, "ADC error on small
     partial sums"). The reference is the same reads' unquantised partial sums on the
-    calibration batches, layers trimmed in order (each layer's offset is fitted on trimmed
-    inputs). It helps from about 5 bits on and can cost accuracy at 3-4 bits, where the error
-    is a gain as well (measured there; ``bn_recalibration`` absorbs both). Off by default: an
-    untrimmed chip, as every figure before session 24."""
+    calibration batches, fitted in one pass in layer order (each layer on inputs trimmed by
+    the running mean of the layers before it, so the trims depend slightly on chunking and
+    batch order: a review saw them move by up to 5e-4 and a small model's outputs by 4e-4;
+    that pass holds about three copies of each chunk's partial sums). It helps from about 5
+    bits on and can cost accuracy at 3-4 bits, where the error is a gain as well (measured
+    there; ``bn_recalibration`` absorbs both). Off by default: an untrimmed chip, as every
+    figure before session 24."""
 
     bn_recalibration: bool = False
     """Re-estimate the active task's own BatchNorm statistics on the chip's outputs over the
-    calibration batches (after the ADC ranges and the trim), while the simulation is
-    installed; the task's trained statistics come back when it is removed. The ADC's
+    calibration batches, while the simulation is installed (input ranges, ADC ranges and
+    trims are then measured again with them, twice over); the task's trained statistics come
+    back when it is removed, and calibrating again starts from them. The ADC's
     per-column offset and gain errors are then absorbed by the digital BatchNorm after each
     layer (docs/simulation.md, "ADC error on small partial sums": on a 10%-variation chip it
     brought a task back to its ideal accuracy). Needs per-task BatchNorm (the default): the
@@ -903,9 +907,11 @@ class Simulation:
         layer's input range while the chip (its cells, with faults and variation) computes with
         float inputs and no ADC, the second, with quantised inputs and an ideal ADC, records
         every crossbar column's largest partial sum. With ``config.adc_offset_trim`` a third
-        pass, with the ADCs as set, measures each output column's mean ADC error (the trim);
-        with ``config.bn_recalibration`` a last one re-estimates the task's BatchNorm
-        statistics on the chip (restored when the simulation is removed).
+        pass, with the ADCs as set, measures each output column's mean ADC error (the trim).
+        With ``config.bn_recalibration`` the task's BatchNorm statistics are then re-estimated
+        on the chip and the passes above run again with them (twice over: the ranges follow
+        the statistics, and the statistics the ranges); the trained statistics come back when
+        the simulation is removed, and a second ``calibrate`` starts from them again.
         Batches may be tensors or ``(x, y)``.
         """
         xs = []
@@ -916,52 +922,63 @@ class Simulation:
         if not xs:
             raise XbmError("calibration needs at least one batch")
         installed = self._tf32 is not None
+        bns = self._task_bns() if self.config.bn_recalibration else []
+        if bns and not installed:  # remove() below would put the trained statistics back
+            raise ConfigError("bn_recalibration replaces the task's BatchNorm statistics while "
+                              "the simulation is installed: calibrate inside faithful(...) "
+                              "or after Simulation.install()")
         self.install()
         try:
             with eval_mode(self.model):  # each submodule's own flag comes back
-                for _, layer, ls in self.layers:
-                    ls.calib[self.current_task(layer)] = _Calib()
-                self._set_mode("calib_input")
-                for x in xs:
-                    self.model(x)
-                bits = {id(ls): ls.spec.input_bits for _, _, ls in self.layers}
-                for _, layer, ls in self.layers:
-                    cal = ls.calib[self.current_task(layer)]
-                    signed = cal.in_min < 0
-                    levels = 2 ** (bits[id(ls)] - 1) - 1 if signed else 2 ** bits[id(ls)] - 1
-                    top = cal.in_absmax * self.config.input_headroom
-                    cal.s_in = top / levels if top > 0 else 1.0
-                    cal.zp = float(2 ** (bits[id(ls)] - 1)) if signed else 0.0
-                    cal.in_ready = True
-                if self.config.adc_mode == "calibrate":
-                    self._set_mode("calib_adc")
-                    for x in xs:
-                        self.model(x)
-                for _, layer, ls in self.layers:
-                    cal = ls.calib[self.current_task(layer)]
-                    if cal.psum_max is None:
-                        cal.psum_max = torch.zeros(ls.plan.rt, ls.plan.cout)
-                    cal.adc_ready = True
-                if self.config.adc_offset_trim and self.config.adc_mode != "ideal":
-                    self._set_mode("calib_offset")
-                    for x in xs:
-                        self.model(x)
-                    for _, layer, ls in self.layers:
-                        cal = ls.calib[self.current_task(layer)]
-                        if cal.off_sum is not None and cal.off_count:
-                            cal.adc_offset = (cal.off_sum / cal.off_count).float()
-                        cal.off_sum, cal.off_count = None, 0
-                if self.config.bn_recalibration:
-                    self._recalibrate_bn(xs)
+                self._restore_bn(bns)  # a second calibrate starts from the trained statistics
+                self._calibrate_ranges(xs)
+                for _ in range(2 if bns else 0):
+                    self._recalibrate_bn(bns, xs)
+                    self._calibrate_ranges(xs)
         finally:
             self._set_mode("run")
             if not installed:
                 self.remove()
 
-    def _recalibrate_bn(self, xs: list[torch.Tensor]) -> None:
-        """Cumulative BatchNorm statistics of the active task's own BN copies over ``xs`` on the
-        chip (train-mode BN: each layer normalises with its batch's statistics, so the next is
-        measured on recalibrated inputs); the trained ones are saved for :meth:`remove`."""
+    def _calibrate_ranges(self, xs: list[torch.Tensor]) -> None:
+        """Input scales, ADC ranges and (with ``adc_offset_trim``) the trims of the active task,
+        from scratch."""
+        for _, layer, ls in self.layers:
+            ls.calib[self.current_task(layer)] = _Calib()
+        self._set_mode("calib_input")
+        for x in xs:
+            self.model(x)
+        bits = {id(ls): ls.spec.input_bits for _, _, ls in self.layers}
+        for _, layer, ls in self.layers:
+            cal = ls.calib[self.current_task(layer)]
+            signed = cal.in_min < 0
+            levels = 2 ** (bits[id(ls)] - 1) - 1 if signed else 2 ** bits[id(ls)] - 1
+            top = cal.in_absmax * self.config.input_headroom
+            cal.s_in = top / levels if top > 0 else 1.0
+            cal.zp = float(2 ** (bits[id(ls)] - 1)) if signed else 0.0
+            cal.in_ready = True
+        if self.config.adc_mode == "calibrate":
+            self._set_mode("calib_adc")
+            for x in xs:
+                self.model(x)
+        for _, layer, ls in self.layers:
+            cal = ls.calib[self.current_task(layer)]
+            if cal.psum_max is None:
+                cal.psum_max = torch.zeros(ls.plan.rt, ls.plan.cout)
+            cal.adc_ready = True
+        if self.config.adc_offset_trim and self.config.adc_mode != "ideal":
+            self._set_mode("calib_offset")
+            for x in xs:
+                self.model(x)
+            for _, layer, ls in self.layers:
+                cal = ls.calib[self.current_task(layer)]
+                if cal.off_sum is not None and cal.off_count:
+                    cal.adc_offset = (cal.off_sum / cal.off_count).float()
+                cal.off_sum, cal.off_count = None, 0
+        self._set_mode("run")
+
+    def _task_bns(self) -> list[nn.Module]:
+        """The active task's own BatchNorm copies (what ``bn_recalibration`` re-estimates)."""
         from xbm.nn.layers import TaskBatchNorm
 
         bns = []
@@ -976,6 +993,26 @@ class Simulation:
                     "base task, or a task without per-task BN), whose statistics are the "
                     "programmed model's; simulate this task without it")
             bns.append(own)
+        if not bns:
+            raise ConfigError("bn_recalibration: this model has no BatchNorm layer with running "
+                              "statistics (a ViT's LayerNorm keeps none), so it would change "
+                              "nothing; drop it")
+        return bns
+
+    def _restore_bn(self, bns: list[nn.Module]) -> None:
+        with torch.no_grad():
+            for bn in bns:
+                if bn in self._bn_saved:
+                    mean, var, n = self._bn_saved[bn]
+                    bn.running_mean.copy_(mean)
+                    bn.running_var.copy_(var)
+                    bn.num_batches_tracked.copy_(n)
+
+    def _recalibrate_bn(self, bns: list[nn.Module], xs: list[torch.Tensor]) -> None:
+        """Cumulative statistics of ``bns`` over ``xs`` on the chip (train-mode BN: each layer
+        normalises with its batch's statistics, so the next is measured on recalibrated
+        inputs); the trained ones are saved for :meth:`remove`. Not counted as inference
+        conversions."""
         momenta = []
         for bn in bns:
             if bn not in self._bn_saved:
@@ -986,12 +1023,15 @@ class Simulation:
             bn.momentum = None  # a cumulative average over the batches
             bn.train()  # the caller's eval_mode puts every flag back
         self._set_mode("run")
+        counts = (self.conversions, self.skipped_conversions)
         try:
             for x in xs:
                 self.model(x)
         finally:
+            self.conversions, self.skipped_conversions = counts
             for bn, mom in zip(bns, momenta, strict=True):
                 bn.momentum = mom
+                bn.eval()
 
     def state(self) -> dict[str, Any]:
         """Calibration per layer and task (for reports and debugging)."""

@@ -336,6 +336,15 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
                        f"{', '.join(t.name for t in infos) or 'no tasks'} (and 'base', the "
                        "backbone's own task)")
     check_dataset_flag(args, infos)
+    if args.bn_recalibration:  # refused before any work, not after earlier tasks' sweeps
+        frozen = ["base"] if args.task == "base" else [
+            t.name for t in infos if (args.task in (None, t.name))
+            and not (t.config or {}).get("per_task_bn", True)]
+        if frozen:
+            raise ConfigError(f"--bn-recalibration re-estimates a task's own BatchNorm "
+                              f"statistics; task {frozen[0]!r} runs the backbone's (the base "
+                              "task, or per_task_bn off), whose statistics are the programmed "
+                              "model's: drop the flag, or pick other tasks with --task")
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")

@@ -125,9 +125,9 @@ class AdaptionMethod:
         return {k: v for k, v in self.__dict__.items() if k != "_xbm_serves"}
 
     def _forget_layers(self) -> None:
-        """Drop what this object keeps of the layers of a model that is gone, before it serves
-        a task of another model (``add_task`` takes a method object again once its model is
-        garbage): none by default."""
+        """Drop what this object keeps of another model's layers before it serves a task
+        (``add_task`` takes an object whose model is gone, or a copy of one): none by
+        default."""
 
     # -- per-layer state ---------------------------------------------------------------------
     def create_layer_state(self, layer: nn.Module) -> nn.Module:
