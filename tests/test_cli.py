@@ -1399,10 +1399,25 @@ def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
     assert cost["input_shape"] == [1, 3, 16, 16], cost.get("input_shape")
     # the on-chip workload is the papers' default; the steps these tasks trained are said beside
     note = [n for n in cost["notes"] if n.startswith("on-chip adaption is priced at the default")]
-    assert note and re.search(rf"{rec['task']} \d+ steps at batch 8: --iterations N", note[0]), \
-        cost["notes"]
+    assert note and re.search(rf"{rec['task']} \d+ steps at batch 8: --workload recorded",
+                              note[0]), cost["notes"]
     assert main(["cost", "--bundle", str(out), "--iterations", "100", "--json"]) == 0
     assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if "on-chip" in n]
+    # --workload recorded prices what the task trained: its on-chip energy scales with it
+    assert main(["cost", "--bundle", str(out), "--workload", "recorded", "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    steps = rec["train_steps"]
+    assert main(["cost", "--bundle", str(out), "--iterations", str(steps), "--batch-size", "8",
+                 "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert own["methods"]["xbm"]["onchip_adaption_energy_j"] == pytest.approx(
+        same["methods"]["xbm"]["onchip_adaption_energy_j"], rel=1e-12)
+    assert own["methods"]["xbm"]["onchip_adaption_energy_j"] < \
+        cost["methods"]["xbm"]["onchip_adaption_energy_j"]
+    assert any(f"{rec['task']} {steps} steps x batch 8" in n for n in own["notes"])
+    assert main(["cost", "--bundle", str(out), "--workload", "recorded", "--iterations",
+                 "5"]) == 2
+    assert "drop --iterations/--batch-size" in _one_line_error(capsys)
     # a second task joins at the bundle's side unless told otherwise
     assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--bundle", str(out),
                  "--train-subset", "40", "--test-subset", "40", "--device", "cpu",

@@ -1206,10 +1206,17 @@ def switch_matrix(mtm: MultiTaskModel, preset: EnergyPreset | str | None = None,
 
 def bundle_report(mtm: MultiTaskModel, preset: EnergyPreset, assumptions: Assumptions,
                   tasks: list[str], model_name: str, input_size: int | None = None,
-                  in_channels: int | None = None) -> CostReport:
-    """Costs of learned tasks (deploy from the base task) plus their switch-energy matrix."""
-    costs = [task_cost(mtm, t, preset, assumptions=assumptions, input_size=input_size,
-                       in_channels=in_channels) for t in tasks]
+                  in_channels: int | None = None,
+                  per_task: dict[str, Assumptions] | None = None) -> CostReport:
+    """Costs of learned tasks (deploy from the base task) plus their switch-energy matrix;
+    ``per_task``: a task's own assumptions (its recorded on-chip workload) over
+    ``assumptions``."""
+    per_task = per_task or {}
+    costs = [task_cost(mtm, t, preset, assumptions=per_task.get(t, assumptions),
+                       input_size=input_size, in_channels=in_channels) for t in tasks]
+    for c, t in zip(costs, tasks, strict=True):
+        a = per_task.get(t, assumptions)
+        c.info["onchip_workload"] = {"iterations": a.iterations, "batch_size": a.batch_size}
     _, shape = mtm_positions(mtm, input_size, in_channels)
     return CostReport(model_name, mtm.spec, preset, assumptions, mtm.mapping(), shape, costs,
                       switch_matrix=switch_matrix(mtm, preset, tasks, assumptions, input_size,

@@ -119,9 +119,33 @@ def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = 
             into[method] = v
     return Assumptions(rewrite_fraction=rewrite, column_off_fraction=off,
                        iterations=Assumptions.iterations if args.iterations is None
-                       else args.iterations, batch_size=args.batch_size,
+                       else args.iterations, batch_size=Assumptions.batch_size
+                       if args.batch_size is None else args.batch_size,
                        backward_factor=args.backward_factor, churn=args.churn,
                        training_skips_off_columns=args.training_skips_off_columns)
+
+
+def _recorded_workloads(args: argparse.Namespace, mtm: Any, tasks: list[str],
+                        assumptions: Any) -> tuple[dict[str, Any], list[str]]:
+    """``--workload recorded``: per task, the assumptions with its recorded steps and batch
+    (``xbm adapt`` records both), and the tasks that recorded none (priced at the default)."""
+    if args.workload != "recorded":
+        return {}, []
+    if args.iterations is not None or args.batch_size is not None:
+        raise ConfigError("--workload recorded takes each task's own steps and batch; drop "
+                          "--iterations/--batch-size, or price one workload with them "
+                          "(--workload protocol)")
+    from dataclasses import replace
+
+    per_task, none = {}, []
+    for t in tasks:
+        extra = mtm.tasks[t].extra or {}
+        steps, batch = extra.get("train_steps"), extra.get("batch_size")
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (steps, batch)):
+            per_task[t] = replace(assumptions, iterations=steps, batch_size=batch)
+        else:
+            none.append(t)
+    return per_task, none
 
 
 def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
@@ -298,20 +322,31 @@ def cmd_cost(args: argparse.Namespace) -> int:
                               "cost them at one with --input-size, or the tasks of one side "
                               "with --tasks")
         size = args.input_size or (sizes[0] if recorded else None)
+        per_task, own = _recorded_workloads(args, mtm, tasks, assumptions)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
-                                 size, args.in_channels)
+                                 size, args.in_channels, per_task=per_task)
         trained = {t: mtm.tasks[t].extra.get("train_steps") for t in tasks}
-        if args.iterations is None and any(isinstance(v, int) for v in trained.values()):
+        if per_task:
+            report.notes.append(
+                "on-chip adaption is priced at each task's recorded workload: "
+                + ", ".join(f"{t} {a.iterations} steps x batch {a.batch_size}"
+                            for t, a in per_task.items())
+                + ("" if not own else f"; {', '.join(own)} recorded none: the default "
+                   f"{assumptions.iterations} x {assumptions.batch_size}"))
+        elif args.iterations is None and any(isinstance(v, int) for v in trained.values()):
             did = ", ".join(f"{t} {v} steps at batch {mtm.tasks[t].extra.get('batch_size', '?')}"
                             for t, v in trained.items() if isinstance(v, int))
             report.notes.append(
                 f"on-chip adaption is priced at the default {assumptions.iterations} iterations "
                 f"x batch {assumptions.batch_size} (30 epochs of Flowers-102, the papers' "
-                f"protocol); these tasks trained {did}: --iterations N --batch-size B prices "
-                "that workload instead")
+                f"protocol); these tasks trained {did}: --workload recorded prices that "
+                "workload instead")
     else:
         if args.tasks is not None:
             raise ConfigError("--tasks picks tasks of a --bundle; drop it, or pass --bundle")
+        if args.workload == "recorded":
+            raise ConfigError("--workload recorded prices the steps a --bundle's tasks "
+                              "trained; without one, give --iterations/--batch-size")
         measured, measured_spec = None, None
         if args.fractions_from:
             mtm = load_bundle_model(args.fractions_from, args.backbone)
@@ -468,8 +503,13 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     wl.add_argument("--iterations", type=int,
                     help=f"training iterations (default {a.iterations}: 30 epochs of Flowers-102 "
                          "at batch 32)")
-    wl.add_argument("--batch-size", type=int, default=a.batch_size,
+    wl.add_argument("--batch-size", type=int,
                     help=f"images per iteration (default {a.batch_size})")
+    wl.add_argument("--workload", choices=["protocol", "recorded"], default="protocol",
+                    help="with --bundle, the on-chip adaption priced: protocol (default: "
+                    "--iterations x --batch-size for every task, the papers' 30 epochs of "
+                    "Flowers-102 unless given) or recorded (each task's own steps and batch "
+                    "as `xbm adapt` recorded them)")
     wl.add_argument("--backward-factor", type=float, default=a.backward_factor,
                     help="crossbar passes per backward step (default 1: one transposed read)")
     wl.add_argument("--churn", type=float, default=a.churn,
