@@ -889,6 +889,18 @@ def test_simulate_refuses_bn_recalibration_of_the_programmed_models_statistics(t
     assert json.loads(capsys.readouterr().out)["bn_recalibration"] is True
 
 
+def test_cost_workload_recorded_says_which_tasks_recorded_none(tmp_path, capsys):
+    """A task saved from Python records no steps: --workload recorded prices it at the default
+    and says so (it suggested the very flag the user had given, or said nothing)."""
+    imgs = _folder(tmp_path / "imgs")
+    path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{imgs}")
+    assert main(["cost", "--bundle", str(path), "--backbone", str(bb), "--workload",
+                 "recorded", "--json"]) == 0
+    notes = [n for n in json.loads(capsys.readouterr().out)["notes"] if "on-chip" in n]
+    assert len(notes) == 1 and "t recorded none, priced at the default 1913 x 32" in notes[0]
+    assert "--workload recorded prices" not in notes[0]
+
+
 @pytest.mark.parametrize("command", ["eval", "simulate"])
 def test_one_dataset_for_tasks_learned_on_different_ones_needs_task(command, tmp_path, capsys):
     """--dataset without --task stood for every task's data: following the moved-folder
@@ -1415,6 +1427,7 @@ def test_rgb_folder_on_a_3_channel_backbone_end_to_end(tmp_path, capsys):
     assert own["methods"]["xbm"]["onchip_adaption_energy_j"] < \
         cost["methods"]["xbm"]["onchip_adaption_energy_j"]
     assert any(f"{rec['task']} {steps} steps x batch 8" in n for n in own["notes"])
+    assert own["onchip_workloads"] == {rec["task"]: {"iterations": steps, "batch_size": 8}}
     assert main(["cost", "--bundle", str(out), "--workload", "recorded", "--iterations",
                  "5"]) == 2
     assert "drop --iterations/--batch-size" in _one_line_error(capsys)

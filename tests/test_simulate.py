@@ -368,6 +368,24 @@ def test_bn_recalibration_is_repeatable_and_counts_no_conversions():
     sim = Simulation(mtm, cfg)
     with pytest.raises(ConfigError, match="calibrate inside faithful"):
         sim.calibrate(xs)
+    # a calibrate that fails midway leaves the trained statistics and no calibration
+    from xbm.nn.layers import TaskBatchNorm
+
+    own = next(m for m in mtm.model.modules() if isinstance(m, TaskBatchNorm)).xbm_tasks["t"]
+    trained = own.running_mean.clone()
+
+    def fail(m, a):
+        if m.training:
+            raise RuntimeError("interrupted")
+
+    hook = own.register_forward_pre_hook(fail)
+    with torch.no_grad(), faithful(mtm, cfg) as sim:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            sim.calibrate(xs)
+        hook.remove()
+        assert torch.equal(own.running_mean, trained)
+        with pytest.raises(XbmError, match="not calibrated"):
+            mtm(xs[0])
     torch.manual_seed(0)
     vit = MultiTaskModel(create_model("vit_tiny", num_classes=4, in_channels=1), spec)
     vit.add_task("t", 3, "xbm")

@@ -702,6 +702,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     mtm.tasks[task].extra["batch_size"] = args.batch_size
+    # under torchrun each process takes every world-th batch: a step is world x batch images
+    mtm.tasks[task].extra["processes"] = xdist.world_size()
     mtm.tasks[task].extra["seed"] = args.seed  # eval draws its --test-subset with it again
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,
                                              test_batch_size=max(args.batch_size, 256))

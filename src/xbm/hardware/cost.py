@@ -896,6 +896,9 @@ class CostReport:
     costs: list[MethodCost]
     switch_matrix: dict[str, dict[str, float]] | None = None
     notes: list[str] = field(default_factory=list)
+    workloads: dict[str, dict[str, int]] | None = None
+    """Per task, the on-chip workload it was priced at when not every task has
+    ``assumptions``' (``xbm cost --bundle --workload recorded``)."""
 
     def __post_init__(self) -> None:
         levels = self.preset.device.conductance_levels
@@ -938,6 +941,8 @@ class CostReport:
                 "mask_bits_ratio": c["mask_bits"] / pb["mask_bits"] if pb["mask_bits"] else None}
             for s, k in settings.items():
                 row[f"{s}_energy_saving"] = 1 - c[k] / pb[k] if pb[k] else None
+            if self.workloads:  # tasks priced at their own workloads: not comparable
+                row["onchip_energy_saving"] = None
             row["switch_energy_ratio"] = pb["switch_energy_j"] / c["switch_energy_j"] \
                 if c["switch_energy_j"] else None
             out[f"{name}_vs_piggyback"] = row
@@ -958,6 +963,7 @@ class CostReport:
             "energy_preset": self.preset.to_dict(),
             "constants": derived_constants(self.preset, self.spec),
             "assumptions": self.assumptions.to_dict(),
+            "onchip_workloads": self.workloads,
             "mask_memory": {
                 "column_bits": t["xbm_mask_bits"], "element_bits": t["piggyback_mask_bits"],
                 "column_vs_element": t["xbm_mask_bits"] / max(t["piggyback_mask_bits"], 1),
@@ -1014,8 +1020,10 @@ class CostReport:
             else "another learned task of the same method"
         lines.append(
             f"adapt = deploy a task trained off-chip (re-program + mask write); switch = from "
-            f"{src}; on-chip = {a.iterations} iterations x batch {a.batch_size} "
-            f"(forward + {a.backward_factor:g} backward pass; "
+            f"{src}; on-chip = "
+            + ("each task's recorded workload (notes) " if self.workloads else
+               f"{a.iterations} iterations x batch {a.batch_size} ")
+            + f"(forward + {a.backward_factor:g} backward pass; "
             + ("switched-off columns skipped, as at inference" if a.training_skips_off_columns
                else "every column converted") + ") + re-programming")
         for c in self.costs:
@@ -1214,13 +1222,15 @@ def bundle_report(mtm: MultiTaskModel, preset: EnergyPreset, assumptions: Assump
     per_task = per_task or {}
     costs = [task_cost(mtm, t, preset, assumptions=per_task.get(t, assumptions),
                        input_size=input_size, in_channels=in_channels) for t in tasks]
+    workloads = {t: {"iterations": per_task.get(t, assumptions).iterations,
+                     "batch_size": per_task.get(t, assumptions).batch_size} for t in tasks}
     for c, t in zip(costs, tasks, strict=True):
-        a = per_task.get(t, assumptions)
-        c.info["onchip_workload"] = {"iterations": a.iterations, "batch_size": a.batch_size}
+        c.info["onchip_workload"] = workloads[t]
     _, shape = mtm_positions(mtm, input_size, in_channels)
     return CostReport(model_name, mtm.spec, preset, assumptions, mtm.mapping(), shape, costs,
                       switch_matrix=switch_matrix(mtm, preset, tasks, assumptions, input_size,
-                                                  in_channels))
+                                                  in_channels),
+                      workloads=workloads if per_task else None)
 
 
 def measured_fractions(mtm: MultiTaskModel) -> tuple[dict[str, float], dict[str, float]]:

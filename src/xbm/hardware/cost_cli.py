@@ -141,8 +141,10 @@ def _recorded_workloads(args: argparse.Namespace, mtm: Any, tasks: list[str],
     for t in tasks:
         extra = mtm.tasks[t].extra or {}
         steps, batch = extra.get("train_steps"), extra.get("batch_size")
-        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (steps, batch)):
-            per_task[t] = replace(assumptions, iterations=steps, batch_size=batch)
+        world = extra.get("processes", 1)  # torchrun: one step is world x batch images
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+               for v in (steps, batch, world)):
+            per_task[t] = replace(assumptions, iterations=steps, batch_size=batch * world)
         else:
             none.append(t)
     return per_task, none
@@ -326,13 +328,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
                                  size, args.in_channels, per_task=per_task)
         trained = {t: mtm.tasks[t].extra.get("train_steps") for t in tasks}
-        if per_task:
+        if args.workload == "recorded":
+            said = ", ".join(f"{t} {a.iterations} steps x batch {a.batch_size}"
+                             for t, a in per_task.items())
             report.notes.append(
-                "on-chip adaption is priced at each task's recorded workload: "
-                + ", ".join(f"{t} {a.iterations} steps x batch {a.batch_size}"
-                            for t, a in per_task.items())
-                + ("" if not own else f"; {', '.join(own)} recorded none: the default "
-                   f"{assumptions.iterations} x {assumptions.batch_size}"))
+                "on-chip adaption is priced at each task's recorded workload"
+                + (f": {said}" if said else "")
+                + ("" if not own else f"{'; ' if said else ': '}{', '.join(own)} recorded "
+                   f"none, priced at the default {assumptions.iterations} x "
+                   f"{assumptions.batch_size}")
+                + ("; the methods' on-chip savings against Piggyback are left out (their "
+                   "tasks trained different workloads)" if per_task else ""))
         elif args.iterations is None and any(isinstance(v, int) for v in trained.values()):
             did = ", ".join(f"{t} {v} steps at batch {mtm.tasks[t].extra.get('batch_size', '?')}"
                             for t, v in trained.items() if isinstance(v, int))

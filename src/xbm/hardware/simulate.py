@@ -935,6 +935,13 @@ class Simulation:
                 for _ in range(2 if bns else 0):
                     self._recalibrate_bn(bns, xs)
                     self._calibrate_ranges(xs)
+        except BaseException:
+            # nothing half-done stays: the trained statistics, and no calibration (the next
+            # forward asks for one)
+            self._restore_bn(bns)
+            for _, layer, ls in self.layers:
+                ls.calib[self.current_task(layer)] = _Calib()
+            raise
         finally:
             self._set_mode("run")
             if not installed:

@@ -566,8 +566,9 @@ class XMA2(XMA):
                 warnings.warn(
                     f"xma2 task {task!r} has trained {steps} step(s), not more than "
                     f"warmup_steps={self.config.warmup_steps}: no PE is re-programmed yet (the "
-                    "task is plain XMA until a later train_task call ends the warm-up); steps "
-                    "are counted on the ideal training path (effective_weight)",
+                    "task is plain XMA until a later train_task call on this model ends the "
+                    "warm-up; a bundle saved now starts it again when loaded); steps are "
+                    "counted on the ideal training path (effective_weight)",
                     XbmWarning, stacklevel=user_stacklevel())
         self._finished = True
 
