@@ -886,11 +886,7 @@ class Simulation:
         for layer, sim in self._saved:
             layer.simulator = sim
         self._saved = []
-        with torch.no_grad():
-            for bn, (mean, var, n) in self._bn_saved.items():
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                bn.num_batches_tracked.copy_(n)
+        self._restore_bn(list(self._bn_saved))
         self._bn_saved = {}
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
         self._tf32 = None
@@ -1007,6 +1003,7 @@ class Simulation:
         return bns
 
     def _restore_bn(self, bns: list[nn.Module]) -> None:
+        """Put back the trained statistics of those of ``bns`` that a recalibration replaced."""
         with torch.no_grad():
             for bn in bns:
                 if bn in self._bn_saved:
