@@ -427,6 +427,25 @@ def test_bad_method_configs_fail_before_any_training(yaml_text, needle, tmp_path
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
 
 
+def test_method_configs_of_a_method_not_run_are_named(tmp_path, capsys, monkeypatch):
+    """A shared YAML under a narrower --methods: the fields left unused are said, not dropped
+    silently (an invalid --device then stops the run before any work)."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("method_configs: {xma: {lr: 0.5}, xbm: {lr: 0.001}}\n")
+    rc = main(["demo", "--config", str(cfg), "--methods", "xbm", "--out", str(tmp_path / "o"),
+               "--no-progress", "--device", "nope"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "invalid device 'nope'" in err, err
+    assert "xbm: warning: method_configs for xma set but not used: the demo runs xbm; add it " \
+        "to methods (--methods)" in err, err
+    assert not (tmp_path / "o").exists()
+    cfg.write_text("method_configs: {xbm: {lr: 0.001}}\n")  # every entry used: no warning
+    assert main(["demo", "--config", str(cfg), "--methods", "xbm", "--out", str(tmp_path / "o"),
+                 "--no-progress", "--device", "nope"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("xbm: error:") and len(err.splitlines()) == 1, err

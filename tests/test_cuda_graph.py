@@ -105,6 +105,9 @@ def test_xma2_is_ready_for_a_graph_only_after_its_pe_selection(task):
     assert meth.graph_ready() is False
     mtm(x).sum().backward()  # the warm-up step: gradients gathered, nothing selected yet
     assert meth.graph_ready() is False
+    mtm(x)  # no optimizer step since: still the warm-up's step
+    assert meth.graph_ready() is False
+    torch.optim.SGD([p for p in mtm.parameters() if p.requires_grad], lr=0.1).step()
     mtm(x)  # the first forward after the warm-up selects the PEs
     assert meth.graph_ready() is True
     assert METHODS["xbm"]().graph_ready() is True

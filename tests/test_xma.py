@@ -463,6 +463,38 @@ def test_training_in_chunks_continues_the_warm_up_and_selects():
     assert mtm.reprogrammed_cells("t") > 0
 
 
+class _Tied(torch.nn.Module):
+    """One conv applied twice per forward (weight tying): its layer forwards twice per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("steps,selected", [(3, False), (4, False), (5, True)])
+def test_warm_up_counts_optimizer_steps_not_forwards(steps, selected):
+    """A layer used twice per forward counted two warm-up steps per training step, so a
+    tied model selected its PEs after half the warm-up; gradient checkpointing and
+    accumulation would do the same. A step is now a forward after the optimizer moved the
+    layer's scores: the selection comes at the first forward after warmup_steps steps."""
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(_Tied(), SMALL_SPEC)
+    m = mtm.add_task("t", 4, "xma2", {"warmup_steps": 4, "pe_budget": 0.25})
+    train, _ = _loaders(0, "t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_task(mtm, "t", train, 2, DEV, progress=False, max_steps=steps)  # 4 a epoch
+    assert m._selected is selected
+    tied = [st for name, _, st in mtm.layer_states("t") if name == "c2"]
+    assert [st._steps for st in tied] == [min(steps, 4)]
+
+
 def test_param_groups_split_scores_and_weights():
     mtm = _mtm(SMALL_SPEC)
     m = mtm.add_task("t", 4, "xma2", {"lr": 0.07, "weight_lr": 3e-4})

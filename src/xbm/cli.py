@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from xbm.config import load_yaml, seed_arg
-from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning
+from xbm.errors import ArchitectureMismatchError, BundleError, ConfigError, XbmError, XbmWarning
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
@@ -234,9 +234,7 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
         meta = import_backbone(args.model, args.checkpoint, out, num_classes=args.num_classes,
                                in_channels=args.in_channels, width=args.width,
                                dataset=args.dataset, accuracy=args.accuracy)
-    except XbmError as exc:
-        if "build the model with the checkpoint's architecture" not in str(exc):
-            raise
+    except ArchitectureMismatchError as exc:
         raise XbmError(f"{exc} (here: --model, --num-classes, --in-channels, --width)") from None
     a = meta["arch"]
     print(f"saved {out} ({a['name']}, {a['num_classes']} classes, {a['in_channels']} input "

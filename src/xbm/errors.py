@@ -33,6 +33,11 @@ class BundleError(XbmError):
     """A saved backbone or task bundle is corrupt, truncated or belongs to another backbone/spec."""
 
 
+class ArchitectureMismatchError(XbmError):
+    """A state dict's keys or shapes do not fit the model built for it: the caller knows which
+    of its own arguments (or CLI flags) choose the architecture, so it can name them."""
+
+
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     """Build the standard 'unknown X' error listing valid choices."""
     listed = ", ".join(sorted(choices))

@@ -114,9 +114,9 @@ class XMA2Config(XMAConfig):
     chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and left
     178 of the demo's 188 steps per task (one epoch, before session 13; 366 of 376 now) to
     fine-tuning the chosen PEs; 3 and 30 were within 0.3 points on the demo
-    (docs/benchmarks.md). Steps are counted per crossbar layer's training forward: a layer
-    used twice in one forward (weight tying) counts two, so its PEs are chosen after about
-    half the warm-up."""
+    (docs/benchmarks.md). A step is a training forward after the optimizer last updated the
+    layer's column scores, so a layer used twice per forward (weight tying), gradient
+    checkpointing's second forward and gradient accumulation each count one step per update."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;
@@ -253,6 +253,7 @@ class XMA2(XMA):
         if self.config.pe_budget > 0:
             state.weight = nn.Parameter(layer.weight.detach().clone())
         state._steps = 0
+        state._step_version = -1
         state._grad_acc = None
         self._layers.append((layer, state))
         return state
@@ -368,17 +369,24 @@ class XMA2(XMA):
         return chosen
 
     def _tick(self, layer: nn.Module, state: nn.Module) -> bool:
-        """Count a training forward; select PEs once the warm-up is over. Returns True when this
+        """Count a training step (a training forward after the optimizer last changed the
+        layer's column scores); select PEs once the warm-up is over. Returns True when this
         forward's gradient feeds the tier-1 statistics."""
         if not (layer.training and torch.is_grad_enabled()) or self._selected:
             return False
         if state.phase.item():  # a task loaded from a bundle: its selection is final
             self._selected = True
             return False
+        version = state.score._version  # the optimizer's in-place update bumps it
+        if state._steps and version == state._step_version:
+            # no optimizer step since this layer's last forward: the same training step (a
+            # layer used twice per forward, or gradient accumulation), counted once
+            return self._collecting()
         if state._steps >= self.config.warmup_steps:
             self.select()
             return False
         state._steps += 1
+        state._step_version = version
         return self._collecting()
 
     @staticmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xbm.errors import XbmError
+from xbm.errors import ArchitectureMismatchError, XbmError
 
 _SHOWN = 3  # keys named per category; enough to spot a prefix or num_classes problem
 
@@ -146,7 +146,7 @@ def load_torchvision_state_dict(
             parts.append(f"{len(unexpected)} unexpected key(s): {_shorten(unexpected)}")
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} shape mismatch(es): {_shorten(wrong_shape)}")
-        raise XbmError(
+        raise ArchitectureMismatchError(
             f"{source} does not match {type(model).__name__}: " + "; ".join(parts)
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
             "and width" + ("" if missing or unexpected else _head_hint(state, expected))

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from xbm.config import check_seed, from_fields
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import check_output, write_json_atomic
@@ -235,6 +236,12 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         if not isinstance(fields, dict):
             raise ConfigError(f"method_configs.{m} must be a mapping of fields, got {fields!r}")
         cls.config_class.from_dict(dict(fields))
+    idle = [m for m in cfg.method_configs if m not in cfg.methods]
+    if idle:  # a --methods that left them out, or a method missing from methods: say which
+        warnings.warn(
+            f"method_configs for {', '.join(idle)} set but not used: the demo runs "
+            f"{', '.join(cfg.methods)}; add {'them' if len(idle) > 1 else 'it'} to methods "
+            "(--methods) to run with those fields", XbmWarning, stacklevel=user_stacklevel())
     bench = get_benchmark(cfg.benchmark)
     spec = cfg.spec()
     device = resolve_device(cfg.device)
