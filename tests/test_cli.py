@@ -828,6 +828,43 @@ def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
     return path, bb
 
 
+def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):
+    """A task adapted with --data-root was evaluated on the installed dataset (or asked for
+    an install it never used) when eval had no --data-root: it now reads the recorded root,
+    and a root that has moved is named with the flag."""
+    import numpy as np
+
+    from xbm.data import write_idx
+
+    root = tmp_path / "fm"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20), ("t10k", 7)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz",
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", "fashion-mnist", "--data-root", str(root), "--method",
+                 "xbm", "--backbone", str(bb), "--epochs", "1", "--batch-size", "8", "--out",
+                 str(bundle), "--device", "cpu", "--no-progress", "--rows", "16", "--cols",
+                 "16"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json",
+                 "--device", "cpu", "--no-progress"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert rec["test_images"] == 7  # the root's test set, not the installed 10,000
+    root.rename(tmp_path / "moved")
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--device", "cpu",
+                 "--no-progress"]) == 2
+    assert f"was trained on the files in --data-root {root}: pass --data-root where they " \
+        "are now" in _one_line_error(capsys)
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json", "--device",
+                 "cpu", "--no-progress", "--data-root", str(tmp_path / "moved")]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["test_images"] == 7
+
+
 def test_eval_refuses_a_dataset_whose_classes_differ_from_the_tasks(tmp_path, capsys):
     """A 10-class task read on a 2-class folder used to print a plausible accuracy, exit 0."""
     imgs = _folder(tmp_path / "imgs")

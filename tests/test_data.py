@@ -112,6 +112,46 @@ def test_idx_corrupt_gzip(tmp_path):
         xd.read_idx(path)
 
 
+def _damaged_deflate(payload: bytes) -> bytes:
+    """``payload`` gzipped with one byte of its deflate stream flipped so that zlib itself
+    fails (zlib.error, neither OSError nor EOFError): a damaged copy, not a short one."""
+    import zlib
+
+    good = gzip.compress(payload, mtime=0)
+    for i in range(10, len(good) - 8):
+        bad = bytearray(good)
+        bad[i] ^= 0xFF
+        try:
+            gzip.decompress(bytes(bad))
+        except zlib.error:
+            return bytes(bad)
+        except Exception:  # noqa: BLE001 - another kind of damage: try the next byte
+            continue
+    raise AssertionError("no byte flip made zlib fail")
+
+
+def test_idx_damaged_deflate_is_one_line(tmp_path):
+    path = tmp_path / "x.gz"
+    payload = bytes([0, 0, 0x08, 1]) + (400).to_bytes(4, "big") + bytes(range(200)) * 2
+    path.write_bytes(_damaged_deflate(payload))
+    with pytest.raises(XbmError, match="x.gz: corrupt gzip data"):
+        xd.read_idx(path)
+
+
+def test_numpy_pickle_damaged_is_one_line(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from xbm.data.builtin import load_numpy_pickle
+
+    path = tmp_path / "d.pkl.gz"
+    payload = pickle.dumps((np.arange(300, dtype=np.uint8), np.arange(7)), protocol=2)
+    path.write_bytes(_damaged_deflate(payload))
+    with pytest.raises(XbmError, match="d.pkl.gz: unreadable data file .*reinstall it"):
+        load_numpy_pickle(path, "reinstall it")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fashion-MNIST
 # ------------------------------------------------------------------------------------------------
@@ -126,6 +166,15 @@ def test_fashion_mnist_from_root(tmp_path, gz):
     assert task.classes[0] == "T-shirt/top" and task.classes[-1] == "Ankle boot"
     assert (task.num_classes, task.in_channels, task.image_size) == (10, 1, 28)
     assert task.train_y.tolist() == [i % 10 for i in range(20)]
+
+
+def test_a_root_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    """``--data-root=~/fm`` reaches the loader unexpanded (no shell expands it after "="), and
+    so does a YAML's ``data_root: ~/fm``: it used to be "not found" in a folder that exists."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_fashion_root(tmp_path / "fm")
+    task = xd.load_dataset("fashion-mnist", root="~/fm")
+    assert task.train_x.shape == (20, 1, 28, 28)
 
 
 def test_fashion_mnist_missing_file_in_root(tmp_path):
@@ -330,9 +379,23 @@ def test_letters_reads_a_data_root_and_never_writes_it(tmp_path, monkeypatch):
     assert torch.equal(b.train_x, a.train_x.flip(-1))
     # a corrupt copy in the root is not used, and not repaired there either
     (root / "letters" / cached.name).write_bytes(b"truncated")
-    c = xd.load_dataset("letters", root=str(root))
+    with pytest.warns(XbmWarning, match="found only unreadable files: rendering it afresh"):
+        c = xd.load_dataset("letters", root=str(root))
     assert torch.equal(c.train_x, a.train_x)
     assert (root / "letters" / cached.name).read_bytes() == b"truncated"
+    (root / "letters" / cached.name).unlink()
+    # a machine with other library versions names its file otherwise: found by its parameters
+    other = dict(blob, key=dict(blob["key"], torch="2.12.0", pillow="9.0.0"))
+    torch.save(other, root / "letters" / "letters-v1-0123456789abcdef.pt")
+    d = xd.load_dataset("letters", root=str(root))
+    assert torch.equal(d.train_x, a.train_x.flip(-1))
+    # another seed's rendering is not this task's: passed over, and said so
+    (root / "letters" / "letters-v1-0123456789abcdef.pt").unlink()
+    torch.save(dict(other, key=dict(other["key"], seed=7)), root / "letters" / "s7.pt")
+    with pytest.warns(XbmWarning, match=r"holds no rendering of this task's parameters \(seed "
+                      r"0, 2/1 per class.*found s7.pt \(seed 7"):
+        e = xd.load_dataset("letters", root=str(root))
+    assert torch.equal(e.train_x, a.train_x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,6 +612,20 @@ def test_subset_seeded_and_stratified():
     assert torch.equal(full.train_x, task.train_x) and full.train_x is not task.train_x
     with pytest.raises(ConfigError):
         task.subset(train=-1, seed=0)
+
+
+@pytest.mark.parametrize("n", [None, 40])
+def test_subset_of_repeated_grayscale_stays_one_channel_in_memory(n):
+    """A grayscale task repeated for an RGB backbone is an expand view; subset (which adapt
+    always calls) copied it into three real channels, three times the memory."""
+    task = xd.make_fixture_task("t", 5, 200, 100, seed=0).with_channels(3)
+    sub = task.subset(n, n, seed=1)
+    ref = xd.make_fixture_task("t", 5, 200, 100, seed=0).subset(n, n, seed=1)
+    for got, want in ((sub.train_x, ref.train_x), (sub.test_x, ref.test_x)):
+        assert got.shape[1] == 3 and got.stride(1) == 0
+        assert torch.equal(got, want.expand(-1, 3, -1, -1))
+        assert got.untyped_storage().nbytes() == want.numel()  # one channel's bytes
+    assert sub.train_x.data_ptr() != task.train_x.data_ptr()  # still a copy of its own
 
 
 def test_fixture_task_is_learnable():

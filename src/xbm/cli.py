@@ -79,6 +79,9 @@ WIDTH_HELP = ("backbone width (default: 16 on CPU, 64 on CUDA, for every --model
               "rule; map and cost use each model's own default, which xbm models lists)")
 WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
                      "existing --bundle, which fix the backbone, it must match it")
+#: eval and simulate: a bundle's task reads the files adapt read
+TASK_ROOT_HELP = ("folder with dataset files (default: the --data-root each task was adapted "
+                  "from, as adapt recorded it, else installed)")
 BACKBONE_HELP = ("backbone .safetensors that xbm pretrain or xbm import-backbone wrote "
                  "(default: with an existing --bundle, the cached backbone whose content hash "
                  "the bundle records, or the file it records; else the cached demo backbone of "
@@ -307,10 +310,16 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         raise XbmError(f"task {task.name!r} records no dataset (a bundle saved from Python "
                        "without dataset=); evaluate it alone with --task "
                        f"{task.name} --dataset NAME")
+    # the files adapt read (its --data-root), unless another dataset or root is named
+    recorded_root = None if args.dataset else (task.extra or {}).get("data_root")
     try:
-        data = load_dataset(ds, root=args.data_root, channels=channels,
+        data = load_dataset(ds, root=args.data_root or recorded_root, channels=channels,
                             image_size=task_image_size(task))
     except DatasetNotFoundError as exc:
+        if recorded_root and not args.data_root:
+            raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on the files in "
+                                       f"--data-root {recorded_root}: pass --data-root where "
+                                       "they are now") from None
         if args.dataset or not ds.startswith(FOLDER_PREFIX):
             raise  # a built-in dataset's error already says how to install it
         raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "
@@ -698,6 +707,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
         mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
+    if args.data_root and image_folder_path(args.dataset) is None:  # eval reads the same files
+        mtm.tasks[task].extra["data_root"] = os.path.abspath(os.path.expanduser(args.data_root))
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     mtm.tasks[task].extra["batch_size"] = args.batch_size
     # under torchrun each process takes every world-th batch: a step is world x batch images
@@ -912,10 +923,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"xbm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, seed_help: str) -> None:
+    def common(sp: argparse.ArgumentParser, seed_help: str,
+               root_help: str = "folder with dataset files (default: installed)") -> None:
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
         sp.add_argument("--seed", type=seed_arg, default=0, help=seed_help)
-        sp.add_argument("--data-root", help="folder with dataset files (default: installed)")
+        sp.add_argument("--data-root", help=root_help)
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     d = sub.add_parser("demo", help="the main job: pretrain, adapt with every method, compare")
@@ -1081,7 +1093,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all)")
     ev.add_argument("--json", action="store_true", help="print the accuracies as JSON")
     common(ev, "draws the --test-subset as `xbm adapt` with this seed drew it (default: the "
-           "seed each task was learned with, as adapt recorded it, else 0)")
+           "seed each task was learned with, as adapt recorded it, else 0)",
+           root_help=TASK_ROOT_HELP)
     ev.set_defaults(seed=None)
     ev.set_defaults(func=cmd_eval)
 

@@ -150,7 +150,8 @@ def load_numpy_pickle(path: Path, fix: str):
     try:
         with gzip.open(path, "rb") as f:
             return _NumpyUnpickler(f, encoding="latin1").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - damaged bytes surface as any type: zlib.error,
+        # a LookupError or MemoryError from a flipped opcode or length, UnpicklingError, ...
         raise XbmError(f"{path}: unreadable data file ({type(exc).__name__}: {exc}); "
                        f"the file is corrupt, {fix}") from None
 

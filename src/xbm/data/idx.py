@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # zlib: damaged deflate data
             raise XbmError(f"{path}: corrupt gzip data ({exc}); re-download or reinstall it"
                            ) from None
     return parse_idx(raw, str(path))

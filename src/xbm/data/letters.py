@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from xbm.data.registry import cache_dir, register_dataset
 from xbm.data.splits import generator
 from xbm.data.task import TaskData
-from xbm.errors import DatasetNotFoundError, XbmWarning
+from xbm.errors import DatasetNotFoundError, XbmWarning, user_stacklevel
 from xbm.io import atomic_path
 
 #: Bump when the generation procedure changes so stale caches are not reused.
@@ -239,6 +239,43 @@ def load_letters(root: str | None = None, seed: int = 0) -> TaskData:
     if root is not None:
         key = _cache_key(font_paths(), TRAIN_PER_CLASS, TEST_PER_CLASS, seed, IMAGE_SIZE)
         task = _read_cache(_cache_file(root, key), key)  # a corrupt copy there is left alone
+        if task is None:
+            task = _copied_rendering(Path(root) / "letters", key)
         if task is not None:
             return task
     return make_letters(seed=seed)
+
+
+#: Key fields that make a rendering another one; the rest name the libraries that drew it.
+_RENDERING_FIELDS = ("version", "n_train", "n_test", "seed", "image_size", "fonts")
+
+
+def _copied_rendering(folder: Path, key: dict) -> TaskData | None:
+    """A rendering copied into a data root from a machine with other library versions: its
+    file name hashes those versions too, so it is found by its recorded parameters. Copying it
+    is how a user asks for those very images; one drawn with other parameters (another seed)
+    is not used, and the user is told why their copy was passed over."""
+    files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    want = {k: key[k] for k in _RENDERING_FIELDS}
+    seen = []
+    for f in files:
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - corrupt or foreign: not a rendering
+            continue
+        got = blob.get("key") if isinstance(blob, dict) else None
+        if not isinstance(got, dict) or any(k not in blob for k in _FIELDS):
+            continue
+        if {k: got.get(k) for k in _RENDERING_FIELDS} == want:
+            return TaskData("letters", *(blob[k] for k in _FIELDS), list(LETTERS_CLASSES))
+        seen.append(f"{f.name} (seed {got.get('seed')}, {got.get('n_train')}/"
+                    f"{got.get('n_test')} per class, side {got.get('image_size')})")
+    if files:
+        warnings.warn(
+            f"letters: {folder} holds no rendering of this task's parameters (seed {key['seed']}, "
+            f"{key['n_train']}/{key['n_test']} per class, side {key['image_size']}, fonts "
+            f"{', '.join(key['fonts'])}, letters {key['version']}); found "
+            f"{'; '.join(seen) if seen else 'only unreadable files'}: rendering it afresh",
+            XbmWarning, stacklevel=user_stacklevel())
+    return None
+

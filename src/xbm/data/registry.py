@@ -110,5 +110,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
         builder = _REGISTRY[name]
     except KeyError:
         raise unknown("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"]) from None
-    data = builder(None if root is None else str(root), seed)
+    # a root given as --data-root=~/x or in a YAML reaches here unexpanded (no shell did it);
+    # the backbone cache name and recorded recipe use the expanded path too
+    data = builder(None if root is None else os.path.expanduser(os.fspath(root)), seed)
     return data if channels is None else data.with_channels(channels)

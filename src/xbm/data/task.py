@@ -214,13 +214,22 @@ class TaskData:
         Returns:
             A new TaskData sharing no storage with this one; samples keep their stored order.
         """
+        def take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+            if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 0:
+                # grayscale repeated for an RGB backbone (with_channels): copy one channel and
+                # expand it again, rather than three times the images (141 MB, not 47, for
+                # Fashion-MNIST's training set)
+                one = x[:, :1]
+                return (one.clone() if idx is None else one[idx]).expand(-1, x.shape[1], -1, -1)
+            return x.clone() if idx is None else x[idx]
+
         def pick(x: torch.Tensor, y: torch.Tensor, n: int | None, s: int):
             if n is None or n >= y.shape[0]:
-                return x.clone(), y.clone()
+                return take(x, None), y.clone()
             if n < 0:
                 raise ConfigError(f"subset size must be >= 0, got {n}; pass a count or None")
             idx, _ = stratified_pick(y, n, s)
-            return x[idx], y[idx]
+            return take(x, idx), y[idx]
 
         tx, ty = pick(self.train_x, self.train_y, train, seed * 2)
         vx, vy = pick(self.test_x, self.test_y, test, seed * 2 + 1)

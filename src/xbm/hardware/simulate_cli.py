@@ -125,7 +125,7 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
-    from xbm.cli import BACKBONE_HELP, MODEL_HELP
+    from xbm.cli import BACKBONE_HELP, MODEL_HELP, TASK_ROOT_HELP
 
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
                         "faults); fault-aware XBM")
@@ -211,7 +211,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     add_spec_args(sp)
     common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and, "
            "unless --chip-seed, the chip's variation, noise and faults; the default backbone "
-           "is the seed-0 one")
+           "is the seed-0 one", root_help=TASK_ROOT_HELP)
     sp.set_defaults(func=cmd_simulate)
 
 
