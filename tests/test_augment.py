@@ -214,9 +214,44 @@ def test_a_data_root_falls_back_to_the_cached_default_backbone(tmp_path, monkeyp
     save_safetensors(default, state, {"format": "xbm-backbone/1", "arch": arch,
                                       "dataset": "fashion-mnist", "accuracy": 0.0,
                                       "content_hash": tensors_hash(state)})
+    said = []
     _, _, path = get_backbone(cfg, torch.device("cpu"), root=str(tmp_path / "task_data"),
-                              log=lambda *a: None)
+                              log=said.append)
     assert path == default
+    # said, with the command that would pretrain one on the root instead
+    assert "no backbone pretrained on --data-root" in said[0] and "the cached default one " \
+        "serves, pretrained on the installed fashion-mnist" in said[0]
+    assert f"--data-root {tmp_path / 'task_data'}" in said[0] and "xbm pretrain --model " \
+        "small_cnn --width 2" in said[0]
+
+
+def test_a_cached_backbone_of_another_recipe_is_refused(tmp_path, monkeypatch):
+    """A cache name rounded lr and mixup to six digits (1.0000004e-3 took 1e-3's backbone),
+    and a file renamed or copied into the cache was loaded on its name alone: names now keep
+    every digit, and the recipe the file records must be the one asked for."""
+    import torch
+
+    from xbm.errors import BundleError
+    from xbm.train.pretrain import cache_dir, get_backbone, pretrain
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    assert PretrainConfig(lr=1.0000004e-3, precision="fp32").cache_name() != \
+        PretrainConfig(lr=1e-3, precision="fp32").cache_name()
+    assert "-lr0.002-" in PretrainConfig(precision="fp32").cache_name()  # as every earlier name
+    root = tmp_path / "fm"
+    root.mkdir()
+    _write_idx_root(root)
+    made = PretrainConfig(model="small_cnn", width=2, dataset="mnist", epochs=1, batch_size=8,
+                          precision="fp32", lr=3e-3)
+    asked = PretrainConfig(model="small_cnn", width=2, dataset="mnist", epochs=1, batch_size=8,
+                           precision="fp32")
+    out = cache_dir() / "backbones" / asked.cache_name()
+    pretrain(made, torch.device("cpu"), out, root=str(root), progress=False, log=lambda *a: None)
+    with pytest.raises(BundleError, match=r"was pretrained with another recipe than its name "
+                       r"says \(lr 0.003 vs 0.002: recorded vs asked\); delete it"):
+        get_backbone(asked, torch.device("cpu"), log=lambda *a: None)
+    _, _, p = get_backbone(asked, torch.device("cpu"), path=out, log=lambda *a: None)
+    assert p == out  # a file the user names is theirs to choose
 
 
 def _write_idx_root(root) -> None:

@@ -26,6 +26,7 @@ from xbm.train import seed_everything, train_task
 from xbm.train import distributed as xdist
 
 out, method, batch, cfg = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+skew = int(sys.argv[5]) if len(sys.argv) > 5 else 0  # a per-rank seed for the task's init
 torch.set_num_threads(1)
 xdist.init_from_env()
 pre_sync = {}
@@ -43,7 +44,7 @@ torch.manual_seed(0)
 mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
                      get_spec(rows=16, cols=16))
 task = make_fixture_task("a", num_classes=3, n_train=64, n_test=32, seed=1)
-seed_everything(5)
+seed_everything(5 + skew * xdist.rank())
 mtm.add_task("a", 3, method, cfg)
 loader, _ = task.loaders(batch, seed=0)
 res = train_task(mtm, "a", loader, 2, torch.device("cpu"), progress=False)
@@ -73,12 +74,13 @@ def _torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Com
                           capture_output=True, text=True, timeout=240)
 
 
-def _train(tmp_path: Path, method: str, cfg: dict, batch: int, nproc: int) -> list[dict]:
+def _train(tmp_path: Path, method: str, cfg: dict, batch: int, nproc: int,
+           skew: int = 0) -> list[dict]:
     out = tmp_path / f"{method}-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    args = [str(script), str(out), method, str(batch), json.dumps(cfg)]
+    args = [str(script), str(out), method, str(batch), json.dumps(cfg), str(skew)]
     if nproc == 1:
         res = subprocess.run([sys.executable, *args], env=_env(), capture_output=True,
                              text=True, timeout=240)
@@ -110,6 +112,17 @@ def test_ranks_end_with_identical_task_state(tmp_path, method, cfg):
         assert sum(int(v.sum()) for v in r0["pre_sync"].values()) > 0  # some PE was chosen
         for k in r0["pre_sync"]:
             assert torch.equal(r0["pre_sync"][k], r1["pre_sync"][k]), k
+
+
+def test_ranks_start_from_rank_0s_task_state(tmp_path):
+    """A script that seeds each rank differently draws another head on rank 1. Each rank then
+    trained its own model on averaged gradients, and the end's broadcast hid it: the result
+    depended on a state that was thrown away. Rank 0's state is now broadcast first, so rank
+    1's seed changes nothing."""
+    same = _train(tmp_path, "xbm", {}, 8, 2)[0]["state"]
+    skewed = _train(tmp_path, "xbm", {}, 8, 2, skew=1)[0]["state"]
+    for k in same:
+        assert torch.equal(same[k], skewed[k]), k
 
 
 def test_two_ranks_equal_one_process_with_the_joint_batch(tmp_path):

@@ -73,3 +73,30 @@ def test_plain_progress_lines_run_on_across_a_runs_epochs(capsys, monkeypatch):
         list(loop._progress(range(5), 5, f"run ep {epoch + 1}/2", True, clock=clock))
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("run ep 2/2: 2/5 (40%), "), lines
+
+
+def test_progress_with_max_steps_counts_the_steps_that_run(capsys, monkeypatch):
+    """max_steps=3 of 8 batches an epoch, 3 epochs, showed "ep 1/3: 2/8 (25%)" and stopped
+    there; the lines now give the epochs and steps that actually run."""
+    import torch
+
+    from xbm.data import make_fixture_task
+    from xbm.hardware import CrossbarSpec
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import loop, train_task
+
+    monkeypatch.delenv("XBM_PROGRESS", raising=False)
+    monkeypatch.setattr(loop, "LOG_PROGRESS_SECONDS", 0.0)
+    data = make_fixture_task("f", num_classes=4, n_train=64, n_test=8, seed=0)
+    train, _ = data.loaders(8, seed=0)  # 8 batches an epoch
+    for max_steps, want in ((3, ["ep 1/1: 1/3 ", "ep 1/1: 2/3 "]),
+                            (11, [f"ep 1/2: {i}/8 " for i in range(1, 8)]
+                             + ["ep 2/2: 1/3 ", "ep 2/2: 2/3 "])):
+        mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                             CrossbarSpec(rows=16, cols=16))
+        mtm.add_task("t", 4, "xbm")
+        res = train_task(mtm, "t", train, 3, torch.device("cpu"), max_steps=max_steps)
+        lines = capsys.readouterr().err.splitlines()
+        assert res.steps == max_steps
+        assert [ln.split("] ", 1)[1].split("(")[0] for ln in lines] == want, lines

@@ -23,7 +23,7 @@ from xbm.config import check_seed, from_fields
 from xbm.errors import ConfigError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
-from xbm.io import check_output, write_json_atomic
+from xbm.io import check_output, tensors_hash, write_json_atomic
 from xbm.methods import create_method, get_method_class
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
@@ -281,6 +281,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             # base evaluation, the check, stays its own)
             base_acc = evaluate(mtm, base_test, device)
         after_train: dict[str, float] = {}
+        task_hash: dict[str, str] = {}
         per_task: dict[str, dict[str, Any]] = {}
         for d in tasks:
             mtm.add_task(d.name, d.num_classes, method, cfg.method_configs.get(method),
@@ -291,6 +292,9 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                             precision=precision, cuda_graph=cuda_graph)
             acc = evaluate_task(mtm, d.name, test_loader, device)
             after_train[d.name] = acc
+            # every tensor of the task as learned: the final check compares the tensors, not
+            # only an accuracy that a small change might leave as it was
+            task_hash[d.name] = tensors_hash(mtm.task_state_dict(d.name))
             per_task[d.name] = {
                 "mask_bits": mtm.mask_bits(d.name),
                 "reprogrammed_cells": mtm.reprogrammed_cells(d.name),
@@ -318,14 +322,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                                     accuracy_after_training=round(after_train[d.name], 4),
                                     **per_task[d.name]))
         after = mtm.backbone_state()
+        # the converted model's tensors, and the backbone file's own hash: nothing between
+        # loading the file and the last task changed a cell
         identical = all(torch.equal(before[k], after[k]) for k in before) and \
-            set(before) == set(after)
+            set(before) == set(after) and mtm.backbone_hash == bmeta["content_hash"]
         checks[method] = {
             "backbone_bit_identical": identical,
             "base_accuracy_unchanged": final_base == base_acc,
             "earlier_tasks_unchanged": all(
                 r["accuracy"] == r["accuracy_after_training"]
-                for r in runs if r["method"] == method and not r["base_task"]),
+                for r in runs if r["method"] == method and not r["base_task"]) and all(
+                tensors_hash(mtm.task_state_dict(t)) == h for t, h in task_hash.items()),
         }
     brecipe = bmeta.get("config", {})  # backbones cached before a field existed lack it
     results = {
@@ -344,7 +351,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
                            for m in cfg.methods},
         "backbone": {k: bmeta[k] for k in ("arch", "dataset", "accuracy", "content_hash", "seed",
                                            "epochs")}
-        | {k: brecipe.get(k, v) for k, v in LEGACY_RECIPE.items()} | {"path": str(bpath)},
+        | {k: brecipe.get(k, v) for k, v in LEGACY_RECIPE.items()} | {"path": str(bpath)}
+        # the images its accuracy was measured on when pretrained (a cached backbone's may be
+        # another --test-subset than this run's; None: not recorded)
+        | {"test_images": bmeta.get("test_images")},
         "mapping_totals": mapping["totals"] if mapping else {},
         "energy_preset": cfg.energy,
         "device": str(device),

@@ -140,7 +140,20 @@ def sync_task_state(module: nn.Module, prefix: str) -> None:
             if k.endswith(("running_mean", "running_var")) and t.is_floating_point():
                 dist.all_reduce(t)
                 t /= world
-        for _, t in named:
+    broadcast_task_state(module, prefix)
+
+
+def broadcast_task_state(module: nn.Module, prefix: str) -> None:
+    """Give every rank rank 0's parameters and buffers under ``prefix``: called before a task
+    trains, so that ranks whose initial state differs (a head drawn under another seed, in a
+    Python script that seeds per rank) compute their gradients on one model, not each on its
+    own (the end's broadcast would hide it)."""
+    if not active():
+        return
+    named = [t for k, t in list(module.named_parameters()) + list(module.named_buffers())
+             if prefix in k]
+    with torch.no_grad():
+        for t in named:
             # through a copy_, so the tensor's version counter moves and caches keyed on it
             # (XMA2's PE selection) see the new values
             tmp = t.detach().clone()
@@ -148,6 +161,6 @@ def sync_task_state(module: nn.Module, prefix: str) -> None:
             t.detach().copy_(tmp)
 
 
-__all__ = ["active", "all_reduce_grads", "barrier", "init_from_env", "is_main", "launched",
-           "local_gpu", "main_first", "rank", "shutdown", "sum_over_ranks", "sync_task_state",
-           "world_size"]
+__all__ = ["active", "all_reduce_grads", "barrier", "broadcast_task_state", "init_from_env",
+           "is_main", "launched", "local_gpu", "main_first", "rank", "shutdown",
+           "sum_over_ranks", "sync_task_state", "world_size"]

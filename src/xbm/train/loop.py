@@ -360,6 +360,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
     mtm.set_task(task)
     try:
         method.on_task_start(mtm, task)
+        xdist.broadcast_task_state(mtm, f"xbm_tasks.{task}.")  # one starting model for all ranks
         groups = mtm.task_parameters(task)
         param_groups = method.param_groups(groups["state"])
         head_norm = groups["head"] + groups["norm"]
@@ -413,11 +414,13 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         step, last_loss = 0, None
         t0 = time.perf_counter()
         clock = ProgressClock()  # one per run: the plain lines' 30 s carry across epochs
-        for epoch in range(epochs):
-            it = _progress(_shard(loader, world, rank, per_epoch), per_epoch,
-                           f"{task} [{method.name}] ep {epoch + 1}/{epochs}", progress,
-                           later_epochs=0 if max_steps is not None else epochs - epoch - 1,
-                           clock=clock)
+        # the epochs that run: max_steps may end the run early, inside an epoch
+        run_epochs = min(epochs, -(-total // per_epoch))
+        for epoch in range(run_epochs):
+            it = _progress(_shard(loader, world, rank, per_epoch),
+                           min(per_epoch, total - epoch * per_epoch),
+                           f"{task} [{method.name}] ep {epoch + 1}/{run_epochs}", progress,
+                           later_epochs=run_epochs - epoch - 1, clock=clock)
             for batch in it:
                 x, y = _pair(batch)
                 if y.device.type == "cpu":  # checked before the move: no GPU synchronisation

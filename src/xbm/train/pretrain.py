@@ -222,7 +222,7 @@ class PretrainConfig:
                              "for_device(device) first")
         sub = f"-n{self.train_subset}" if self.train_subset else ""
         aug = "" if self.augment == "none" else f"-{self.augment}"
-        aug += f"-mixup{self.mixup:g}" if self.mixup > 0 else ""
+        aug += f"-mixup{_num(self.mixup)}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
         aug += "-rgb" if self.channels == 3 else ""  # None, 1: every earlier backbone's name
         if root is not None and str(root):
@@ -230,7 +230,28 @@ class PretrainConfig:
             aug += "-root" + hashlib.sha256(where.encode()).hexdigest()[:8]
         return (f"{self.model}-w{self.width}-{_file_safe(self.dataset)}-e{self.epochs}"
                 f"-b{self.batch_size}"
-                f"-lr{self.lr:g}-s{self.seed}{sub}-{self.image_size}px{aug}.safetensors")
+                f"-lr{_num(self.lr)}-s{self.seed}{sub}-{self.image_size}px{aug}.safetensors")
+
+    def differs_from(self, other: PretrainConfig) -> list[str]:
+        """The fields that change the weights (every one :meth:`cache_name` names) on which
+        ``other`` differs, each as ``name: mine vs other``."""
+        def norm(f: str, v: Any) -> Any:
+            return (3 if v == 3 else 1) if f == "channels" else v  # None: 1 (as stored)
+
+        return [f"{f} {getattr(self, f)!r} vs {getattr(other, f)!r}" for f in WEIGHT_FIELDS
+                if norm(f, getattr(self, f)) != norm(f, getattr(other, f))]
+
+
+#: PretrainConfig fields that change a backbone's weights (test_subset only scores it).
+WEIGHT_FIELDS = ("model", "width", "dataset", "epochs", "batch_size", "lr", "seed",
+                 "train_subset", "image_size", "channels", "augment", "mixup", "precision")
+
+
+def _num(x: float) -> str:
+    """A float in a cache name: ``%g`` as every earlier name has it, or the full ``repr`` where
+    ``%g`` would round (lr 1.0000004e-3 and 1e-3 shared one file)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -583,6 +604,11 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
         default = cache_dir() / "backbones" / cfg.cache_name()
         if default.exists():
             p = default
+            cmd = pretrain_command(cfg.__dict__ | {"data_root": os.path.abspath(
+                os.path.expanduser(os.fspath(root)))}) or "xbm pretrain --data-root ROOT ..."
+            log(f"no backbone pretrained on --data-root {root} is cached: the cached default "
+                f"one serves, pretrained on the installed {cfg.dataset} (to pretrain one on the "
+                f"root's copy: {cmd})")
     if p.exists():
         try:
             model, meta = load_backbone(p)
@@ -600,6 +626,12 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
             raise BundleError(f"cached backbone {p} holds {arch.get('name')} width "
                               f"{arch.get('width')}, but its name says {cfg.model} width "
                               f"{cfg.width}; delete it and run again to pretrain it anew")
+        recorded = recipe_config(meta.get("config"))
+        diff = recorded.differs_from(cfg) if recorded is not None and not path else []
+        if diff:  # renamed or copied in, or named by an older rule: not the recipe asked for
+            raise BundleError(f"cached backbone {p} was pretrained with another recipe than "
+                              f"its name says ({'; '.join(diff)}: recorded vs asked); delete "
+                              "it and run again to pretrain it anew")
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
         return model, meta, p
     if not path:
