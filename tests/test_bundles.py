@@ -81,10 +81,14 @@ def test_corrupt_and_truncated_bundles(trained, tmp_path):
     trunc.write_bytes(data[: len(data) // 2])
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a bundle at all")
-    for p in (trunc, junk, tmp_path / "missing.safetensors"):
+    for p, says in ((trunc, "the file is corrupt or truncated, re-create it"),
+                    (junk, "the file is corrupt or truncated, re-create it"),
+                    (tmp_path / "missing.safetensors", "no such file; check the path")):
         fresh = build()
-        with pytest.raises(BundleError):
+        with pytest.raises(BundleError) as info:
             fresh.load_bundle(p)
+        msg = str(info.value)  # one line that names the file, the problem and the fix
+        assert msg.startswith(f"{p}: ") and msg.endswith(says) and "\n" not in msg, msg
         assert_untouched(fresh)
 
 

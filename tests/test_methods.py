@@ -42,7 +42,7 @@ def task_b():
 
 
 def test_registry_has_the_issue_methods():
-    for name in ("finetune", "linear-probe", "piggyback", "xbm"):
+    for name in ("finetune", "linear-probe", "piggyback", "xbm", "xma", "xma2"):
         assert name in METHODS
 
 
@@ -51,13 +51,16 @@ def test_registry_has_the_issue_methods():
 TABLE_CONFIGS: dict[str, dict] = {"xma2": {"warmup_steps": 1, "pe_budget": 0.25}}
 
 
+@pytest.mark.parametrize("per_task_bn", [True, False], ids=["task-bn", "frozen-bn"])
 @pytest.mark.parametrize("method", ALL)
-def test_training_step_touches_only_the_task_state(method, task_a, task_b):
+def test_training_step_touches_only_the_task_state(method, per_task_bn, task_a, task_b):
+    """Also with Piggyback's frozen BN (per_task_bn off), where every task runs the shared
+    BatchNorm: its statistics are backbone state and must not move."""
     mtm = make_mtm()
     x = torch.randn(4, 1, 28, 28)
     base_out = mtm(x).detach()
     programmed = {k: v.clone() for k, v in mtm.backbone_state().items()}  # before any task
-    cfg = TABLE_CONFIGS.get(method)
+    cfg = {**TABLE_CONFIGS.get(method, {}), "per_task_bn": per_task_bn}
     mtm.add_task("a", task_a.num_classes, method, cfg)
     seed_everything(0)
     loader, test = task_a.loaders(16, seed=0)
@@ -109,7 +112,19 @@ def test_every_method_reports_costs(method):
     mtm = make_mtm()
     mtm.add_task("a", 3, method)
     assert mtm.trainable_params("a") > 0
-    assert mtm.mask_bits("a") >= 0 and mtm.reprogrammed_cells("a") >= 0
+    # each method's mask memory by its formula, over the crossbar layers: Piggyback one bit per
+    # weight, XBM one per crossbar column, XMA ceil(log2 levels) per column, XMA2 that plus a
+    # bit per PE; the rest none
+    layers = [layer for _, layer in crossbar_layers(mtm.model)]
+    weights = sum(la.weight.numel() for la in layers)
+    columns = sum(math.ceil(la.matrix_rows / 16) * la.matrix_cols for la in layers)
+    level_bits = math.ceil(math.log2(len(mtm.methods["a"].config.levels))) \
+        if method in ("xma", "xma2") else 0
+    pes = sum(st.pe_mask.numel() for _, _, st in mtm.layer_states("a")) if method == "xma2" \
+        else 0
+    want = {"piggyback": weights, "xbm": columns, "xma": level_bits * columns,
+            "xma2": level_bits * columns + pes}.get(method, 0)
+    assert mtm.mask_bits("a") == want
     if not METHODS[method].reprograms_cells:
         assert mtm.reprogrammed_cells("a") == 0
 

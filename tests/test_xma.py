@@ -241,6 +241,8 @@ def test_budget_zero_is_xma_exactly(warmup):
         assert b.methods["t"]._selected
         assert all(int(st.phase) == 1 for _, _, st in b.layer_states("t"))
         assert max(st._steps for _, _, st in b.layer_states("t")) == warmup
+    else:  # still in the warm-up: at budget 0 it gathered no gradient statistics
+        assert all(st._grad_acc is None for _, _, st in b.layer_states("t"))
     x = _x()
     assert torch.equal(_outputs(a, "t", x), _outputs(b, "t", x))
     for (_, _, sa), (_, _, sb) in zip(a.layer_states("t"), b.layer_states("t"), strict=True):
@@ -690,6 +692,34 @@ def test_pe_score_sums_the_magnitude_of_each_weight_gradient():
     method.select()
     got = torch.cat([st.pe_score.reshape(-1) for _, _, st in mtm.layer_states("t")])
     torch.testing.assert_close(got, torch.cat(ref))
+
+
+def test_warm_up_sums_each_steps_gradient_before_the_magnitude(monkeypatch):
+    """The tier-1 statistic through the real hook: the warm-up's per-step gradients of each
+    layer's effective weight add up signed (sum over steps, then |.| per weight at the
+    selection), one term per step. The test above sets the sum by hand; here a hook that took
+    |g| per step or kept the last step's only would fail."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    real = XMA2._accumulate
+
+    def recording(state, grad):
+        seen.setdefault(id(state), []).append(grad.detach().clone())
+        real(state, grad)
+
+    monkeypatch.setattr(XMA2, "_accumulate", staticmethod(recording))
+    mtm = _warm_task(0.25)  # 4 warm-up steps of 50
+    states = [st for _, _, st in mtm.layer_states("t")]
+    assert all(len(seen[id(st)]) == 4 for st in states)
+    for st in states:
+        torch.testing.assert_close(st._grad_acc, torch.stack(seen[id(st)]).sum(0))
+    method = _reopen_selection(mtm, "t")
+    expect = torch.cat([method._importance(la, st) for _, la, st in mtm.layer_states("t")])
+    method.select()
+    got = torch.cat([st.pe_score.reshape(-1) for st in states])
+    torch.testing.assert_close(got, expect)
+    signed = torch.stack(seen[id(states[0])]).sum(0).abs().sum()
+    unsigned = torch.stack(seen[id(states[0])]).abs().sum(0).sum()
+    assert signed < unsigned  # the steps' gradients do cancel somewhere: the order matters
 
 
 def test_pes_without_gradient_are_never_selected():
