@@ -230,6 +230,36 @@ def test_apply_warns_about_weight_layers_it_leaves_digital() -> None:
             MultiTaskModel(create_model(name, num_classes=4, in_channels=1), SPEC)
 
 
+def test_apply_warns_about_recurrent_bilinear_and_attention_weights() -> None:
+    """An LSTM, a Bilinear and MultiheadAttention's fused input projection stayed digital
+    without a word (only convolutions and Linear subclasses were named); an Embedding, a
+    lookup and no matrix-vector product, is not named."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.bil = nn.Bilinear(8, 8, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.rnn(self.emb(x))[0]
+            h = self.att(h, h, h)[0] + self.bil(h, h)
+            return self.fc(self.proj(h).mean(1))
+
+    with pytest.warns(UserWarning) as rec:
+        mtm = MultiTaskModel(Mixed(), SPEC)
+    (msg,) = [str(w.message) for w in rec if "stay off the crossbars" in str(w.message)]
+    for layer in ("rnn (LSTM)", "bil (Bilinear)", "att (MultiheadAttention)",
+                  "att.out_proj (NonDynamicallyQuantizableLinear)"):
+        assert layer in msg, msg
+    assert "emb" not in msg
+    assert [lm.name for lm in mtm.mapping().layers] == ["proj"]
+
+
 def test_filter_is_never_asked_about_the_head() -> None:
     seen = []
     mtm = MultiTaskModel(_backbone(), SPEC, filter_fn=lambda n, m: seen.append(n) or True)
@@ -554,6 +584,41 @@ def test_export_task_keeps_a_shared_layer_shared_and_leaves_hooks_and_other_task
     fresh = Shared()
     fresh.load_state_dict(plain.state_dict())
     torch.testing.assert_close(fresh.eval()(x), want)
+
+
+def test_export_task_unties_a_parameter_shared_by_two_crossbar_layers():
+    """Two modules holding one Parameter (tying across modules) were exported with the second
+    layer's task weight in both, silently: each crossbar layer now gets its own task weight,
+    and a digital module sharing the Parameter keeps the programmed one."""
+    from xbm.nn import export_task
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+            self.b.bias = self.a.bias
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(Tied(), SPEC)
+    mtm.add_task("t", 3, "xbm")
+    with torch.no_grad():  # a: every column on; b: most off
+        mtm.model.a.xbm_tasks["t"].score.fill_(1.0)
+        mtm.model.b.xbm_tasks["t"].score.fill_(-1.0)
+        mtm.model.b.xbm_tasks["t"].score[0, :3] = 1.0
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    mtm.eval()
+    with torch.no_grad(), mtm.use_task("t"):
+        want = mtm(x)
+    plain = export_task(mtm, "t")
+    assert plain.a.weight is not plain.b.weight
+    torch.testing.assert_close(plain(x), want)
+    assert torch.equal(plain.a.weight, mtm.model.a.weight)  # all on: the programmed weight
 
 
 # -- from an audit of the Python API (session 23): each of these was silent or a traceback ---

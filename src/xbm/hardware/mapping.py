@@ -330,11 +330,14 @@ def crossbar_modules(model: nn.Module, filter_fn: FilterFn | None = None,
 def unmapped_weight_layers(model: nn.Module, filter_fn: FilterFn | None = None,
                            head_name: str = "fc") -> list[str]:
     """Layers with a weight matrix that cannot go on crossbars although a user would expect
-    them to: subclasses of Conv2d/Linear that the filter selects, and every other convolution
-    (Conv1d, Conv3d, transposed). ``xbm.apply`` warns about them."""
+    them to: subclasses of Conv2d/Linear that the filter selects, every other convolution
+    (Conv1d, Conv3d, transposed), and the other layers built on weight matrices (recurrent
+    layers and cells, Bilinear, MultiheadAttention's fused input projection). ``xbm.apply``
+    warns about them; lookup tables (Embedding) and norms are not matrix-vector products."""
     from torch.nn.modules.conv import _ConvNd
 
     fn = filter_fn or default_filter(head_name)
+    matrix_layers = (nn.RNNBase, nn.RNNCellBase, nn.Bilinear, nn.MultiheadAttention)
     out = []
     for name, mod in model.named_modules():
         if name == head_name or is_convertible(mod):
@@ -342,7 +345,7 @@ def unmapped_weight_layers(model: nn.Module, filter_fn: FilterFn | None = None,
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             if fn(name, mod):
                 out.append(f"{name} ({type(mod).__name__})")
-        elif isinstance(mod, _ConvNd):
+        elif isinstance(mod, (_ConvNd, *matrix_layers)):
             out.append(f"{name} ({type(mod).__name__})")
     return out
 

@@ -155,7 +155,9 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
 
     Only what the task computes with is copied (not the other tasks' state, a simulator or the
     methods' training bookkeeping), and no hook is carried over. The copy is returned in eval
-    mode; ``model`` itself is not touched. A module used under two names stays one module.
+    mode; ``model`` itself is not touched. A module used under two names stays one module; a
+    Parameter shared by two modules is untied, since each crossbar layer computes with its own
+    task weight (a digital module sharing it keeps the programmed one).
 
     Raises:
         XbmError: ``model`` is not converted, or has no task ``task``.
@@ -176,6 +178,14 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
     if task != BASE_TASK and task not in known:
         raise XbmError(f"no task {task!r} to export; the model has "
                        f"{', '.join([BASE_TASK, *sorted(known)])}")
+    # a Parameter held by two modules (weight tying across modules): each crossbar layer has
+    # its own task weight, so such a tie cannot carry over; the copy gets the programmed tensor
+    # once (for any digital holder) and each crossbar layer its own weight afterwards
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    shared: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     # deepcopy's memo, seeded: what must not be copied maps to its replacement beforehand
     memo: dict[int, object] = {}
     with torch.no_grad():
@@ -186,9 +196,15 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
                 if mod.simulator is not None:
                     memo[id(mod.simulator)] = None
                 w, b = mod.effective_weight_and_bias(task)  # the task's, into the copy
-                memo[id(mod.weight)] = nn.Parameter(w.detach().clone(), requires_grad=False)
-                if b is not None and mod.bias is not None:
-                    memo[id(mod.bias)] = nn.Parameter(b.detach().clone(), requires_grad=False)
+                w = nn.Parameter(w.detach().clone(), requires_grad=False)
+                b = None if b is None or mod.bias is None else \
+                    nn.Parameter(b.detach().clone(), requires_grad=False)
+                if owners[id(mod.weight)] > 1 or (b is not None and owners[id(mod.bias)] > 1):
+                    shared[id(mod)] = (w, b)
+                    continue
+                memo[id(mod.weight)] = w
+                if b is not None:
+                    memo[id(mod.bias)] = b
         for m in model.modules():  # hooks stay behind (a method's, a logger's)
             for k, v in vars(m).items():
                 if k.startswith("_") and "hooks" in k and isinstance(v, dict):
@@ -206,6 +222,11 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
                     done[id(mod)] = copy.deepcopy(own)  # the task's head or norm
                 else:  # a crossbar layer (its weights are the task's) or a shared norm
                     done[id(mod)] = _plain_copy(twin)
+                    if id(mod) in shared:  # untied: this layer's own task weight and bias
+                        w, b = shared[id(mod)]
+                        done[id(mod)]._parameters["weight"] = w
+                        if b is not None:
+                            done[id(mod)]._parameters["bias"] = b
         for name, mod in [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                           if id(m) in aware]:
             _replace(out, name, done[id(mod)])
