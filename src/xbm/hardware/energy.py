@@ -9,8 +9,8 @@ reproduces publish none of their constants (papers.md, open question 7): every n
 prints must be traceable to one of these fields.
 
 Presets are data. ``xbm cost --dump-preset neurosim > my.yaml`` writes one as YAML with the source
-of each value as a comment; ``xbm cost --preset-file my.yaml`` reads an edited copy back, validated
-field by field.
+of each value as a comment; ``xbm cost --model resnet50 --preset-file my.yaml`` reads an edited
+copy back, validated field by field.
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ class EnergyPreset:
             return json.dumps(v)  # a quoted YAML-compatible string
 
         lines = [f"# xbm energy preset {self.name!r}; edit and load with "
-                 "`xbm cost --preset-file FILE`.",
+                 "`xbm cost --model NAME --preset-file FILE` (or --bundle, --backbone).",
                  "# Units are in the field names (_v volts, _s seconds, _j joules, _ohm ohms).",
                  f"name: {scalar(self.name)}", f"source: {scalar(self.source)}"]
         for part in ("device", "periphery"):
