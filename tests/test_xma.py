@@ -497,6 +497,31 @@ def test_warm_up_counts_optimizer_steps_not_forwards(steps, selected):
     assert [st._steps for st in tied] == [min(steps, 4)]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_warm_up_counts_the_steps_of_a_users_own_loop(fused):
+    """A custom loop: a tied layer, two forwards per step, an optimizer of the user's own. A
+    fused Adam updates in place without moving the version counter, so the step is also told
+    by the scores' values: the PEs are chosen after warmup_steps steps either way."""
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(_Tied(), SMALL_SPEC)
+    m = mtm.add_task("t", 4, "xma2", {"warmup_steps": 3, "pe_budget": 0.25})
+    mtm.set_trainable("t")
+    params = [p for p in mtm.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.Adam(params, lr=0.01, fused=fused)
+    except (RuntimeError, TypeError) as exc:  # an older torch without CPU fused Adam
+        pytest.skip(str(exc))
+    mtm.train()
+    x, y = next(iter(_loaders(0, "t")[0]))
+    for step in range(1, 4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(mtm(x), y).backward()
+        opt.step()
+        assert not m._selected, step  # 3 steps of warm-up (6 forwards of the tied layer)...
+    mtm(x)
+    assert m._selected  # ...then the next forward selects
+
+
 def test_param_groups_split_scores_and_weights():
     mtm = _mtm(SMALL_SPEC)
     m = mtm.add_task("t", 4, "xma2", {"lr": 0.07, "weight_lr": 3e-4})

@@ -254,6 +254,7 @@ class XMA2(XMA):
             state.weight = nn.Parameter(layer.weight.detach().clone())
         state._steps = 0
         state._step_version = -1
+        state._step_score = None
         state._grad_acc = None
         self._layers.append((layer, state))
         return state
@@ -377,8 +378,11 @@ class XMA2(XMA):
         if state.phase.item():  # a task loaded from a bundle: its selection is final
             self._selected = True
             return False
-        version = state.score._version  # the optimizer's in-place update bumps it
-        if state._steps and version == state._step_version:
+        score, last = state.score.detach(), state._step_score
+        # the optimizer's in-place update bumps the version; a fused Adam's does not, so the
+        # values are compared too (warm-up forwards only; a moved model counts a new step)
+        if state._steps and score._version == state._step_version and last is not None and \
+                last.device == score.device and torch.equal(score, last):
             # no optimizer step since this layer's last forward: the same training step (a
             # layer used twice per forward, or gradient accumulation), counted once
             return self._collecting()
@@ -386,7 +390,8 @@ class XMA2(XMA):
             self.select()
             return False
         state._steps += 1
-        state._step_version = version
+        state._step_version = score._version
+        state._step_score = score.clone()
         return self._collecting()
 
     @staticmethod
@@ -433,7 +438,7 @@ class XMA2(XMA):
             st.pe_mask.copy_(chosen[start:start + n].view_as(st.pe_mask))
             start += n
             st.phase.fill_(1)
-            st._grad_acc = None
+            st._grad_acc = st._step_score = None
             selection = self._selection(layer, st)
             if selection is not None:
                 # Inside the chosen PEs the column scale becomes 1 and the weights take over
