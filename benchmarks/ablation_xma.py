@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(comma list)")
     p.add_argument("--no-baselines", action="store_true", help="skip XBM and Piggyback")
     p.add_argument("--lr-sweep", action="store_true",
-                   help="also XMA at score lr 0.1, 0.3, 3 and XMA2 10%% at weight lr 1e-3, 2e-2")
+                   help="also XMA at score lr " + ", ".join(f"{v:g}" for v in LR_SWEEP)
+                   + " and XMA2 10%% at weight lr "
+                   + ", ".join(f"{v:g}" for v in WEIGHT_LR_SWEEP))
     p.add_argument("--random-control", action="store_true",
                    help="also XMA2 at 10%% with a random PE ranking")
     p.add_argument("--width", type=int, default=d.width,

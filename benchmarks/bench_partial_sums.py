@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.k < 1 or args.k % 2 == 0:  # the conv pads k // 2: only an odd k keeps the size
+        ap.error(f"--k must be an odd kernel size (1, 3, 5, ...), got {args.k}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     k, R = args.k, args.rows
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         fn()
     names = list(fns)
     for rep in range(args.reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
+        order = list(names)
+        random.Random(rep).shuffle(order)  # no variant mostly after the same one
+        for n in order:
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)

@@ -4,11 +4,12 @@
 
 For each method two identical models (same seed) take the same batches: one eagerly, one through
 a step captured once with ``torch.cuda.graph`` (the capture recipe of ``bench_methods.py
---cuda-graph``: three eager warm-up steps on a side stream, capture with the grads unset,
-replays). Both use Adam in its capturable form at a constant learning rate, so the kernels are
-the same and the replayed steps should match the eager ones bit for bit. After every replay it
-prints, per method, the largest difference of the loss, of the task state's gradients and of
-the task state itself, and the first tensor that differs.
+--cuda-graph``: eager warm-up steps on a side stream, three or, for a method with a warm-up of
+its own (XMA2's PE selection, which a replay would skip), until ``graph_ready()``; capture with
+the grads unset; replays). Both use Adam in its capturable form at a constant learning rate, so
+the kernels are the same and the replayed steps should match the eager ones bit for bit. After
+every replay it prints, per method, the largest difference of the loss, of the task state's
+gradients and of the task state itself, and the first tensor that differs.
 
 Why it exists: session 14's graphed ``train_task`` disagreed with eager training for XBM and
 XMA (not for Piggyback, fine-tuning or the linear probe; docs/benchmarks.md, "GPU session 3"),
@@ -63,13 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:  # as xbm.train.seed_everything does on CUDA
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    warmup = 3
+    from xbm.methods import get_method_class
+
+    def warmup_of(method: str) -> int:
+        """Eager steps before the capture: 3, or past the method's own warm-up (XMA2 selects
+        its PEs at the first forward after ``warmup_steps`` steps)."""
+        own = getattr(get_method_class(method).config_class(), "warmup_steps", 0)
+        return max(3, own + 2)
+
     gen = torch.Generator().manual_seed(1)
+    most = max(warmup_of(m) for m in args.methods.split(","))
     batches = [(torch.randn(args.batch, 1, 28, 28, generator=gen).to(dev),
                 torch.randint(0, 10, (args.batch,), generator=gen).to(dev))
-               for _ in range(warmup + args.replays)]
+               for _ in range(most + args.replays)]
     worst_all = 0.0
     for method in args.methods.split(","):
+        warmup = warmup_of(method)
         runs = {}
         for mode in ("eager", "graph"):
             mtm, opt, named = build(method, args, dev)
@@ -85,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             graph = None
             side = torch.cuda.Stream(dev) if cuda else None
             for i, (x, y) in enumerate(batches):
+                if i >= warmup + args.replays:
+                    break
                 if mode == "graph" and cuda and i >= warmup:
                     if graph is None:
+                        if not mtm.methods["t"].graph_ready():
+                            raise SystemExit(f"{method}: not ready for a graph after {warmup} "
+                                             "eager steps")
                         static["x"], static["y"] = x.clone(), y.clone()
                         opt.zero_grad(set_to_none=True)
                         graph = torch.cuda.CUDAGraph()

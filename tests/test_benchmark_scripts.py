@@ -52,6 +52,34 @@ def test_graph_step_check_dry_run(capsys):
     assert "0.000e+00 (bit-identical) on cpu (no CUDA: both ran eagerly)" in out
 
 
+def test_graph_step_check_dry_run_through_xma2s_warm_up(capsys):
+    """XMA2 selects its PEs after its own warm-up (10 steps), which a replay would skip, so the
+    script now steps eagerly past it before a capture (checked for graph_ready on CUDA; here the
+    dry run only shows the longer schedule runs)."""
+    rc = _load("graph_step_check").main(["--device", "cpu", "--methods", "xma2", "--width",
+                                         "2", "--batch", "4", "--replays", "1"])
+    assert rc == 0 and "xma2:" in capsys.readouterr().out
+
+
+def test_bench_partial_sums_tiny(capsys):
+    mod = _load("bench_partial_sums")
+    assert mod.main(["--reps", "2", "--threads", "1", "--batch", "2", "--cin", "4", "--cout",
+                     "4", "--size", "5"]) in (0, None)
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("frozen", "weight-mask", "partial-sums"))
+    with pytest.raises(SystemExit):  # an even kernel changes the output size: refused
+        mod.main(["--k", "2"])
+    assert "--k must be an odd kernel size" in capsys.readouterr().err
+
+
+def test_bench_simulate_tiny(tmp_path):
+    out = tmp_path / "s.json"
+    _load("bench_simulate").main(["--batch", "2", "--reps", "1", "--threads", "1",
+                                  "--backends", "torch", "--configs", "a", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["ratio_to_plain"]["plain"] == 1.0 and res["ratio_to_plain"]["a/torch"] > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run (a GPU runs the probe)")
 def test_graph_probe_dry_run(tmp_path):
     import subprocess
