@@ -858,8 +858,20 @@ def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):
     root.rename(tmp_path / "moved")
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--device", "cpu",
                  "--no-progress"]) == 2
-    assert f"was trained on the files in --data-root {root}: pass --data-root where they " \
-        "are now" in _one_line_error(capsys)
+    err = _one_line_error(capsys)
+    assert f"{root} is gone; task 'fashion-mnist' was trained on the files in --data-root " \
+        f"{root}: pass --data-root where they are now, or --dataset fashion-mnist for the " \
+        "installed copy" in err, err
+    # --dataset, even the task's own, reads the installed copy, and says so
+    rc = main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json", "--device",
+               "cpu", "--no-progress", "--dataset", "fashion-mnist", "--test-subset", "20"])
+    out, err = capsys.readouterr()
+    assert f"reads the installed copy, not the --data-root {root} the task was adapted " \
+        "from" in err
+    if rc == 0:
+        assert json.loads(out)["tasks"][0]["test_images"] == 20  # of the installed 10,000
+    else:
+        assert "dataset-fashion-mnist" in err  # not installed: the install command is named
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json", "--device",
                  "cpu", "--no-progress", "--data-root", str(tmp_path / "moved")]) == 0
     assert json.loads(capsys.readouterr().out)["tasks"][0]["test_images"] == 7

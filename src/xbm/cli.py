@@ -80,8 +80,8 @@ WIDTH_HELP = ("backbone width (default: 16 on CPU, 64 on CUDA, for every --model
 WIDTH_HELP_BUNDLE = ("default backbone width (16 on CPU, 64 on CUDA); with --backbone or an "
                      "existing --bundle, which fix the backbone, it must match it")
 #: eval and simulate: a bundle's task reads the files adapt read
-TASK_ROOT_HELP = ("folder with dataset files (default: the --data-root each task was adapted "
-                  "from, as adapt recorded it, else installed)")
+TASK_ROOT_HELP = ("folder with dataset files (default: installed; a bundle's task without "
+                  "--dataset reads the --data-root it was adapted from, as adapt recorded it)")
 BACKBONE_HELP = ("backbone .safetensors that xbm pretrain or xbm import-backbone wrote "
                  "(default: with an existing --bundle, the cached backbone whose content hash "
                  "the bundle records, or the file it records; else the cached demo backbone of "
@@ -310,16 +310,26 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         raise XbmError(f"task {task.name!r} records no dataset (a bundle saved from Python "
                        "without dataset=); evaluate it alone with --task "
                        f"{task.name} --dataset NAME")
-    # the files adapt read (its --data-root), unless another dataset or root is named
-    recorded_root = None if args.dataset else (task.extra or {}).get("data_root")
+    # the files adapt read (its --data-root), unless a dataset or a root is named: --dataset
+    # NAME, even the task's own, reads the installed copy (said, when it is the task's own)
+    recorded_root = (task.extra or {}).get("data_root")
+    if args.dataset or args.data_root:
+        if recorded_root and not args.data_root and args.dataset == task.dataset:
+            warnings.warn(f"task {task.name!r}: --dataset {ds} reads the installed copy, not "
+                          f"the --data-root {recorded_root} the task was adapted from (leave "
+                          "out --dataset to read that)", XbmWarning, stacklevel=2)
+        recorded_root = None
+    moved = (f"task {task.name!r} was trained on the files in --data-root {recorded_root}: pass "
+             f"--data-root where they are now, or --dataset {ds} for the installed copy")
+    if recorded_root and not os.path.isdir(recorded_root):
+        # letters would render afresh and digits ignores a root: neither would say it moved
+        raise DatasetNotFoundError(f"{recorded_root} is gone; {moved}")
     try:
         data = load_dataset(ds, root=args.data_root or recorded_root, channels=channels,
                             image_size=task_image_size(task))
     except DatasetNotFoundError as exc:
-        if recorded_root and not args.data_root:
-            raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on the files in "
-                                       f"--data-root {recorded_root}: pass --data-root where "
-                                       "they are now") from None
+        if recorded_root:
+            raise DatasetNotFoundError(f"{exc}; {moved}") from None
         if args.dataset or not ds.startswith(FOLDER_PREFIX):
             raise  # a built-in dataset's error already says how to install it
         raise DatasetNotFoundError(f"{exc}; task {task.name!r} was trained on these images: "

@@ -275,7 +275,8 @@ def _copied_rendering(folder: Path, key: dict) -> TaskData | None:
             f"letters: {folder} holds no rendering of this task's parameters (seed {key['seed']}, "
             f"{key['n_train']}/{key['n_test']} per class, side {key['image_size']}, fonts "
             f"{', '.join(key['fonts'])}, letters {key['version']}); found "
-            f"{'; '.join(seen) if seen else 'only unreadable files'}: rendering it afresh",
+            f"{'; '.join(seen) if seen else 'only unreadable files'}: using the cache's "
+            "rendering (rendered now if it has none)",
             XbmWarning, stacklevel=user_stacklevel())
     return None
 

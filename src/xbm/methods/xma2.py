@@ -115,8 +115,10 @@ class XMA2Config(XMAConfig):
     178 of the demo's 188 steps per task (one epoch, before session 13; 366 of 376 now) to
     fine-tuning the chosen PEs; 3 and 30 were within 0.3 points on the demo
     (docs/benchmarks.md). A step is a training forward after the optimizer last updated the
-    layer's column scores, so a layer used twice per forward (weight tying), gradient
-    checkpointing's second forward and gradient accumulation each count one step per update."""
+    layer's column scores (its version counter or, for a fused optimizer, which leaves that
+    alone, its values), so a layer used twice per forward (weight tying), gradient
+    checkpointing's second forward and gradient accumulation each count one step per update. An
+    update too small to change a score's value (bf16 scores, a fused optimizer) is not seen."""
 
     weight_lr: float = 5e-3
     """Adam learning rate of the re-programmed PEs' weights. Finetune uses 5e-4 for all weights;

@@ -228,7 +228,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     if not isinstance(cfg.method_configs, dict):
         raise ConfigError("demo config method_configs must map method names to their fields, "
                           f"e.g. {{xbm: {{lr: 1e-3}}}}; got {cfg.method_configs!r}")
-    for m, fields in cfg.method_configs.items():  # a registered method not run is fine
+    for m, fields in cfg.method_configs.items():  # checked even for a method not run
         try:  # a misspelt name is not silently ignored
             cls = get_method_class(m)
         except XbmError as exc:

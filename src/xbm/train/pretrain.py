@@ -234,7 +234,7 @@ class PretrainConfig:
 
     def differs_from(self, other: PretrainConfig) -> list[str]:
         """The fields that change the weights (every one :meth:`cache_name` names) on which
-        ``other`` differs, each as ``name: mine vs other``."""
+        ``other`` differs, each as ``"name mine vs other"``."""
         def norm(f: str, v: Any) -> Any:
             return (3 if v == 3 else 1) if f == "channels" else v  # None: 1 (as stored)
 
@@ -628,6 +628,9 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
                               f"{cfg.width}; delete it and run again to pretrain it anew")
         recorded = recipe_config(meta.get("config"))
         diff = recorded.differs_from(cfg) if recorded is not None and not path else []
+        if not path and cfg.channels is not None and arch.get("in_channels") not in (
+                None, cfg.channels):  # channels None (as stored) of an RGB dataset: one name
+            diff.append(f"in_channels {arch.get('in_channels')!r} vs {cfg.channels!r}")
         if diff:  # renamed or copied in, or named by an older rule: not the recipe asked for
             raise BundleError(f"cached backbone {p} was pretrained with another recipe than "
                               f"its name says ({'; '.join(diff)}: recorded vs asked); delete "
