@@ -466,6 +466,11 @@ def _one_line_error(capsys) -> str:
     ("device: [1]\n", "demo device must be a name (a string), got [1]"),
     ("data_root: 5\n", "demo data_root must be a name (a string), got 5"),
     ("preset: [a]\n", "demo preset must be a name (a string)"),
+    # a YAML key read as a number or a bool crashed the field listing with a TypeError
+    ("1: 2\n", "field names must be text, got 1"),
+    ("on: x\n", "field names must be text, got True"),
+    ("method_configs: {xbm: {threshold: null}}\n", "XBMConfig.threshold must be a number, got "
+     "None (null); leave it out for the default"),
 ])
 def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
@@ -533,6 +538,18 @@ def test_bundle_is_checked_against_its_content_hash_and_its_spec(tmp_path, tiny_
     assert main(["adapt", "--dataset", "mnist", "--method", "xbm", "--bundle", str(path),
                  "--rows", "32", "--device", "cpu"]) == 2
     assert "--rows 32 contradicts the bundle" in _one_line_error(capsys)
+    # a --preset is compared with the bundle's spec, not by its name: the default preset's
+    # 64x64 contradicts this 16x16 bundle (it passed, being named "default"), and the same
+    # geometry with the flags that made it agrees (its command line again, with --bundle)
+    assert main(["adapt", "--dataset", "mnist", "--method", "xbm", "--bundle", str(path),
+                 "--preset", "default", "--device", "cpu"]) == 2
+    assert "--preset default contradicts the bundle" in (err := _one_line_error(capsys)) and \
+        "rows=16, cols=16" in err
+    assert main(["adapt", "--dataset", "mnist", "--method", "xbm", "--bundle", str(path),
+                 "--preset", "default", "--rows", "16", "--cols", "16", "--device",
+                 "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "contradicts" not in err and "no cached backbone" in err  # past the spec check
     # no cached backbone with the bundle's hash: an error at once, not a pretraining
     assert main(["eval", "--bundle", str(path), "--device", "cpu"]) == 2
     assert "no cached backbone matches its backbone hash" in _one_line_error(capsys)
@@ -1411,6 +1428,10 @@ def test_yaml_exponents_are_numbers_as_written(tmp_path):
     assert d["method_configs"] == {"piggyback": {"lr": 0.001}, "xma": {"lr": 0.5}}
     assert isinstance(d["method_configs"]["piggyback"]["lr"], float) and d["seed"] == 1
     assert (d["name"], d["version"]) == ("1e3x", "1.0.0")  # not numbers: left as text
+    # YAML 1.2 integers: 1.1 read a leading zero as octal and 1:30 as base 60, silently
+    cfg.write_text("seed: 0042\nepochs: 010\ntime: 1:30\nhex: 0x1F\noct: 0o17\nneg: -3\n")
+    assert _load_yaml(str(cfg)) == {"seed": 42, "epochs": 10, "time": "1:30", "hex": 31,
+                                    "oct": 15, "neg": -3}
     preset = tmp_path / "p.yaml"
     preset.write_text(get_preset("default").to_yaml().replace(
         "write_pulse_s: 5.0e-08", "write_pulse_s: 5e-08"))

@@ -943,3 +943,36 @@ def test_nan_scores_count_as_off_and_a_bundle_with_them_is_refused(tmp_path) -> 
     save_safetensors(tmp_path / "n.safetensors", tensors, meta)
     with pytest.raises(BundleError, match="holds NaN or infinite values .*task 't'"):
         MultiTaskModel(_backbone(), SPEC).load_bundle(tmp_path / "n.safetensors")
+
+
+def test_a_config_edited_after_construction_is_checked_again_by_add_task(tmp_path) -> None:
+    """``c.levels = [0, 3]`` after construction passed add_task and save_bundle, and the bundle
+    then failed to load as "corrupt"; a NaN lr trained to chance without a word."""
+    from xbm.methods.xma import XMAConfig
+
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    c = XMAConfig()
+    c.levels = [0, 3]
+    with pytest.raises(ConfigError, match="levels"):
+        mtm.add_task("a", 3, "xma", c)
+    c = XMAConfig()
+    c.lr = float("nan")
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        mtm.add_task("a", 3, "xma", c)
+    assert "a" not in mtm.tasks
+    with pytest.raises(ConfigError, match="threshold must be a number, got None"):
+        XBMConfig(threshold=None)
+
+
+def test_energy_constants_that_overflow_are_refused() -> None:
+    """Each field finite, but a product overflowing: OverflowError tracebacks, or Infinity
+    written into `xbm cost --json`."""
+    from xbm.hardware.energy import get_preset
+
+    p = get_preset("default")
+    with pytest.raises(ConfigError, match="16-bit ADC energy is not a finite number"):
+        p.with_overrides({"periphery.adc_energy_bit_scaling": 1e40})
+    with pytest.raises(ConfigError, match="write_pulse_energy_j is not a finite number"):
+        p.with_overrides({"device.write_voltage_v": 1e200})
+    with pytest.raises(ConfigError, match="r_on_ohm must be a finite number"):
+        p.with_overrides({"device.r_on_ohm": 10 ** 400})

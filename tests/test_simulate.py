@@ -892,3 +892,16 @@ def test_simulate_refuses_the_other_modes_flags(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "drop" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_values_must_be_finite():
+    """--variation inf passed the [0, inf] check and was refused by SimConfig only after the
+    backbone, the data and the ideal evaluation had run."""
+    from xbm.hardware.simulate_cli import _floats
+
+    assert _floats("0,0.1", "--variation") == [0.0, 0.1]
+    for bad in ("inf", "0.1,inf", "nan"):
+        with pytest.raises(XbmError, match="--variation values must be finite and >= 0"):
+            _floats(bad, "--variation")
+    with pytest.raises(XbmError, match=r"--fault-rates values must be \[0, 1\], got 1.5"):
+        _floats("1.5", "--fault-rates", 0, 1)

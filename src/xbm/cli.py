@@ -52,9 +52,11 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     """Crossbar-spec flags shared by every command that maps a model."""
     from xbm.hardware.spec import SPEC_PRESETS
 
-    p.add_argument("--preset", default="default",
+    # default None, not "default": with an existing bundle a preset named on the command line
+    # is compared with the bundle's spec, and only one that was named
+    p.add_argument("--preset",
                    help=f"crossbar preset: {', '.join(sorted(SPEC_PRESETS))} (default: "
-                   "%(default)s = pytorx, 64x64)")
+                   "default = pytorx, 64x64)")
     add_geometry_args(p)
 
 
@@ -71,7 +73,8 @@ def add_geometry_args(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace):
     from xbm.hardware import get_spec
 
-    return get_spec(args.preset, rows=args.rows, cols=args.cols, weight_bits=args.weight_bits,
+    return get_spec(args.preset or "default", rows=args.rows, cols=args.cols,
+                    weight_bits=args.weight_bits,
                     cell_bits=args.cell_bits)
 
 
@@ -573,11 +576,20 @@ def _check_spec_flags(args: argparse.Namespace, spec, bundle: str,
     """A spec flag given with an existing bundle must agree with the bundle's spec (``extra``:
     more spec fields that the command has flags for)."""
     from xbm.errors import ConfigError
+    from xbm.hardware import get_spec
 
-    if getattr(args, "preset", "default") != "default":
-        raise ConfigError(f"--preset {args.preset} contradicts the bundle {bundle}, which fixes "
-                          "the crossbar spec; drop the flag")
-    for k in ("rows", "cols", "weight_bits", "cell_bits", *extra):
+    fields = ("rows", "cols", "weight_bits", "cell_bits", *extra)
+    if getattr(args, "preset", None) is not None:  # the same command line as the bundle's: fine
+        named = get_spec(args.preset)
+        flags = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+        named = named.replace(**flags) if flags else named
+        have = spec.geometry_dict()
+        diff = [k for k, v in named.geometry_dict().items() if have.get(k) != v]
+        if diff:
+            raise ConfigError(f"--preset {args.preset} contradicts the bundle {bundle}, which "
+                              f"was learned with {', '.join(f'{k}={have[k]}' for k in diff)}; "
+                              "drop the flag")
+    for k in fields:
         v = getattr(args, k, None)
         if v is not None and getattr(spec, k) != v:
             raise ConfigError(f"--{k.replace('_', '-')} {v} contradicts the bundle {bundle}, which "

@@ -26,23 +26,40 @@ _FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                         |\.(?:nan|NaN|NAN))$""", re.X)
 
 
+#: YAML 1.2's integers: decimal (leading zeros allowed, still decimal), ``0o`` octal, ``0x``
+#: hex. YAML 1.1 read ``seed: 0042`` as octal 34 and ``1:30`` as 90 (base 60), silently.
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+
+
+def _yaml12_int(loader: Any, node: Any) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
 @functools.lru_cache(maxsize=1)
 def _yaml_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """SafeLoader with YAML 1.2 floats."""
+        """SafeLoader with YAML 1.2 numbers."""
 
-    # drop 1.1's float resolver for the first characters a number can start with, then add ours
+    # drop 1.1's number resolvers for the first characters a number can start with, then add
+    # ours
+    numeric = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
     Loader.yaml_implicit_resolvers = {
-        ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in numeric]
         for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+    Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
     return Loader
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 floats (``1e-3`` is a number, as in JSON).
+    """``yaml.safe_load`` with YAML 1.2 numbers (``1e-3`` is a float, as in JSON; ``0042`` is
+    42, not octal 34; ``1:30`` is text, not 90).
 
     Raises:
         yaml.YAMLError: as ``yaml.safe_load``.
@@ -58,6 +75,10 @@ def from_fields(cls: type[T], d: dict[str, Any], owner: str | None = None) -> T:
     Validation of the values themselves stays in each dataclass's ``__post_init__``.
     """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:  # YAML reads `1:` or `on:` as a number or a bool
+        raise ConfigError(f"{owner or cls.__name__}: field names must be text, got "
+                          f"{', '.join(repr(k) for k in odd)}; valid: {', '.join(sorted(names))}")
     extra = set(d) - names
     if extra:
         raise ConfigError(
@@ -82,6 +103,11 @@ def _float_fields(cls: type, kind: type = float) -> set[str]:
     return out
 
 
+def _plain_number_fields(cls: type) -> set[str]:
+    """Fields typed ``float`` or ``int`` without ``| None``: None is no value for them."""
+    return (_float_fields(cls) | _float_fields(cls, int)) - _float_fields(cls, type(None))
+
+
 def is_finite_number(v: object) -> bool:
     """A real number (not a bool) that is neither nan nor infinite; an int beyond any float
     counts as not finite rather than raising ``OverflowError``."""
@@ -104,12 +130,16 @@ def check_number_fields(obj: Any) -> None:
     """
     cls = type(obj)
     floats = _float_fields(cls)
+    plain = _plain_number_fields(cls)
     for kind, abc, what, names in ((float, numbers.Real, "a number", floats),
                                    (int, numbers.Integral, "an integer",
                                     _float_fields(cls, int) - floats)):
         for name in sorted(names):
             v = getattr(obj, name, None)
             if v is None:
+                if name in plain:  # `threshold: null` compared None with a float later
+                    raise ConfigError(f"{cls.__name__}.{name} must be {what}, got None (null); "
+                                      "leave it out for the default")
                 continue
             if isinstance(v, bool) or not isinstance(v, abc):
                 raise ConfigError(f"{cls.__name__}.{name} must be {what}, got {v!r} "

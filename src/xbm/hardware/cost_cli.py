@@ -79,11 +79,11 @@ def _explicit_spec(args: argparse.Namespace) -> dict[str, Any]:
 def _spec(args: argparse.Namespace, preset):
     from xbm.hardware import get_spec
 
-    if args.energy_spec and args.preset != "default":
+    if args.energy_spec and args.preset not in (None, "default"):
         raise ConfigError(f"--preset {args.preset} and --energy-spec both choose the crossbar "
                           "geometry (a crossbar preset, or the energy preset's source); pass one "
                           "(--rows, --cols and the bit flags still override either)")
-    spec = get_spec(args.preset)
+    spec = get_spec(args.preset or "default")
     if args.energy_spec and preset.spec_overrides:
         spec = spec.replace(**preset.spec_overrides)
     explicit = _explicit_spec(args)
@@ -393,6 +393,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
     out = report.to_dict(per_layer=args.per_layer)
     if sens is not None:
         out["sensitivity"] = sens
+    try:  # constants that are each finite can still multiply to infinity over a model
+        json.dumps(out, allow_nan=False)
+    except ValueError:
+        raise XbmError("the cost figures overflow to infinity with these energy constants; "
+                       "check the --set-energy / --preset-file values (one is far out of "
+                       "range)") from None
     written = _plots(args, out, preset, costed) if args.plot else []
     if args.json:
         print(json.dumps(out, indent=2))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xbm.config import load_yaml
+from xbm.config import is_finite_number, load_yaml
 from xbm.errors import ConfigError, unknown
 
 WRITE_CONDUCTANCE_CHOICES = ("mean", "on", "off")
@@ -33,8 +32,8 @@ def _check_positive(owner: str, obj: Any, names: tuple[str, ...], allow_zero: tu
     """Raise a one-line ConfigError naming the first field that is not a positive number."""
     for name in names:
         v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{owner}.{name} must be a number, got {v!r}")
+        if not is_finite_number(v):  # an int beyond any float too (math.isfinite overflowed)
+            raise ConfigError(f"{owner}.{name} must be a finite number, got {v!r}")
         if name in allow_zero:
             if v < 0:
                 raise ConfigError(f"{owner}.{name} must be >= 0, got {v!r}")
@@ -284,10 +283,28 @@ class EnergyPreset:
             raise ConfigError("energy preset field 'device' must be a DeviceParams")
         if not isinstance(self.periphery, PeripheryParams):
             raise ConfigError("energy preset field 'periphery' must be a PeripheryParams")
-        bad = sorted(set(self.spec_overrides) - set(SPEC_OVERRIDE_FIELDS))
+        bad = sorted(set(self.spec_overrides) - set(SPEC_OVERRIDE_FIELDS), key=repr)
         if bad:
             raise ConfigError(f"spec_overrides.{bad[0]} is not a crossbar field; valid: "
                               f"{', '.join(SPEC_OVERRIDE_FIELDS)}")
+        # every field finite can still make a product overflow (1e200 V squared): the report
+        # would print inf or raise OverflowError; the constants the cost model derives must be
+        # numbers, checked here once
+        d, p = self.device, self.periphery
+        derived = (("device.write_pulse_energy_j", lambda: d.write_pulse_energy_j),
+                   ("device.cell_read_energy_j", lambda: d.cell_read_energy_j),
+                   ("the write energy per cell", self.write_energy_per_cell_j),
+                   ("the write time per row", self.write_time_per_row_s),
+                   (f"the {MAX_ADC_BITS}-bit ADC energy", lambda: p.adc_energy_j(MAX_ADC_BITS)),
+                   ("the 1-bit ADC energy", lambda: p.adc_energy_j(1)))
+        for what, value in derived:
+            try:
+                ok = is_finite_number(value())
+            except (OverflowError, ZeroDivisionError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{what} is not a finite number with these constants (a "
+                                  "value far out of range); check the fields it is made of")
 
     # -- derived constants --------------------------------------------------------------------
     def write_energy_per_cell_j(self) -> float:
@@ -328,7 +345,7 @@ class EnergyPreset:
         if not isinstance(d, dict):
             raise ConfigError(f"{origin} must be a mapping of field: value")
         top = {"name", "source", "device", "periphery", "spec_overrides", "notes"}
-        extra = sorted(set(d) - top)
+        extra = sorted(set(d) - top, key=repr)  # a YAML `1:` key is a number: no str sort
         if extra:
             raise ConfigError(f"{origin}: unknown field {extra[0]!r}; valid: "
                               f"{', '.join(sorted(top))}")
@@ -338,7 +355,7 @@ class EnergyPreset:
             if not isinstance(sub, dict):
                 raise ConfigError(f"{origin}: {key} must be a mapping of field: value")
             names = {f.name for f in dataclasses.fields(klass)}
-            bad = sorted(set(sub) - names)
+            bad = sorted(set(sub) - names, key=repr)
             if bad:
                 raise ConfigError(f"{origin}: unknown field {key}.{bad[0]}; valid: "
                                   f"{', '.join(sorted(names))}")

@@ -39,9 +39,12 @@ def _floats(s: str, flag: str = "", lo: float = 0.0, hi: float = math.inf) -> li
         out = [float(v) for v in items]
     except ValueError:
         raise ConfigError(f"{flag} expected a comma list of numbers, got {s!r}") from None
-    bad = [v for v in out if not (lo <= v <= hi)]
+    # finite too: inf passed "[0, inf]" here and was refused by SimConfig only after the
+    # backbone, the data and the ideal evaluation
+    bad = [v for v in out if not (math.isfinite(v) and lo <= v <= hi)]
     if bad:
-        raise ConfigError(f"{flag} values must lie in [{lo:g}, {hi:g}], got {bad[0]:g}")
+        where = f"[{lo:g}, {hi:g}]" if math.isfinite(hi) else f"finite and >= {lo:g}"
+        raise ConfigError(f"{flag} values must be {where}, got {bad[0]:g}")
     return _once(out, flag)
 
 

@@ -107,8 +107,11 @@ class AdaptionMethod:
                 + ("; its extra fields would be ignored" if isinstance(config, self.config_class)
                    else ""))
         # a copy: a config edited after add_task (say, to reuse it for the next task) must not
-        # change a task already added, nor what its bundle records
-        self.config = copy.deepcopy(config) if config is not None else self.config_class()
+        # change a task already added, nor what its bundle records; built anew from its fields,
+        # so that one edited after construction (c.levels = [0, 3]) is checked again here,
+        # not found when its bundle fails to load
+        self.config = type(config).from_dict(config.to_dict()) if config is not None \
+            else self.config_class()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AdaptionMethod:
         # a copy serves no task yet (a MultiTaskModel copied whole marks its copies again)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xbm.config import is_finite_number
 from xbm.errors import ConfigError
 from xbm.hardware.mapping import apply_column_mask
 from xbm.methods.base import AdaptionMethod, MethodConfig, register_method
@@ -50,7 +51,7 @@ DEFAULT_LEVELS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 def is_power_of_two(x: float) -> bool:
     """True for 2^k with integer k (k may be negative): the values a shifter can apply."""
-    if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+    if not (is_finite_number(x) and x > 0):  # an int beyond any float: not finite, no raise
         return False
     mantissa, _ = math.frexp(float(x))
     return mantissa == 0.5
