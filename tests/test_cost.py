@@ -824,3 +824,33 @@ def test_a_device_with_too_few_levels_for_the_cells_is_noted(capsys) -> None:
     rc, out, _ = _run(capsys, "--model", "small_cnn", "--energy", "mnsim", "--energy-spec",
                       "--json")
     assert rc == 0 and not any("conductance levels" in n for n in json.loads(out)["notes"])
+
+
+def test_a_huge_input_counts_positions_on_the_meta_device():
+    """`xbm cost --input-size 100000` ran the CPU shape pass and allocated 40 GB of
+    activations; past CPU_SHAPE_PASS_INPUT the meta device counts, without memory."""
+    import torch
+
+    from xbm.hardware import cost as C
+    from xbm.models import create_model
+
+    with torch.device("meta"):
+        model = create_model("small_cnn", in_channels=1)
+    small = C._shape_twin(model, (1, 1, 28, 28))
+    assert small is not model and not next(small.parameters()).is_meta  # the fast CPU twin
+    assert C._shape_twin(model, (1, 1, 4096, 4096)) is model  # stays on meta
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    got = C.output_positions(model, (1, 1, 4096, 4096), names)
+    assert got[names[0]] == 4096 * 4096  # a padded 3x3 conv keeps the side
+
+
+def test_set_energy_reads_values_as_set_does(capsys):
+    """--set-energy parsed JSON only: `differential_in_analog=False` (as --set takes it) was
+    an error; a folder given as --preset-file said "does not exist"."""
+    from xbm.cli import main
+
+    assert main(["cost", "--model", "small_cnn", "--set-energy",
+                 "periphery.differential_in_analog=False", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["cost", "--model", "small_cnn", "--preset-file", "."]) == 2
+    assert "is a folder; pass a YAML file" in capsys.readouterr().err

@@ -472,7 +472,7 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...],
     wanted = set(names)
     found: dict[str, int] = {}
     hooks = []
-    model = _shape_twin(model)
+    model = _shape_twin(model, input_shape)
     for n, mod in model.named_modules():
         if n in wanted:
             def hook(m: nn.Module, inp: Any, out: torch.Tensor, n: str = n) -> None:
@@ -509,17 +509,21 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...],
 #: torch's decompositions, whose first use imports TorchDynamo (1.4-2.3 s per `xbm cost`), while
 #: a zero-filled CPU twin of a ResNet-50 (25.6 M) takes 100 MB and a tenth of a second.
 CPU_SHAPE_PASS_ELEMENTS = 64_000_000
+#: Largest input (elements) the CPU shape pass takes: activations grow with it (`xbm cost
+#: --input-size 100000` allocated 40 GB); beyond it the meta device counts, with no memory.
+CPU_SHAPE_PASS_INPUT = 3 * 1024 * 1024
 
 
-def _shape_twin(model: nn.Module) -> nn.Module:
+def _shape_twin(model: nn.Module, input_shape: tuple[int, ...] = ()) -> nn.Module:
     """``model`` itself, or for a weightless (meta) model small enough, a zero-filled CPU copy
     with the same module names: output shapes need no weights, and the CPU runs them faster
-    than the meta device's first use (above)."""
+    than the meta device's first use (above), at sizes whose activations fit easily."""
     import copy
 
     tensors = [*model.parameters(), *model.buffers()]
     if not tensors or not all(t.is_meta for t in tensors) or \
-            sum(t.numel() for t in tensors) > CPU_SHAPE_PASS_ELEMENTS:
+            sum(t.numel() for t in tensors) > CPU_SHAPE_PASS_ELEMENTS or \
+            math.prod(input_shape) > CPU_SHAPE_PASS_INPUT:
         return model
     twin = copy.deepcopy(model).to_empty(device="cpu")
     with torch.no_grad():

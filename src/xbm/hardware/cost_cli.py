@@ -46,16 +46,15 @@ def _kv(values: list[str] | None, flag: str) -> dict[str, float]:
 
 
 def _overrides(values: list[str] | None) -> dict[str, Any]:
+    from xbm.cli import _parse_value  # as --set reads its values: False, .001, 5e-9 alike
+
     out: dict[str, Any] = {}
     for item in values or []:
         key, sep, v = item.partition("=")
         if not sep:
             raise ConfigError(f"--set-energy takes FIELD=VALUE (e.g. "
                               f"device.write_pulses_per_cell=5), got {item!r}")
-        try:
-            out[key.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[key.strip()] = v
+        out[key.strip()] = _parse_value(v)
     return out
 
 

@@ -552,6 +552,9 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"energy preset file {path} is a folder; pass a YAML file (xbm cost "
+                          "--dump-preset NAME > my.yaml writes one)")
     if not p.is_file():
         raise ConfigError(f"energy preset file {path} does not exist")
     try:
