@@ -976,3 +976,85 @@ def test_energy_constants_that_overflow_are_refused() -> None:
         p.with_overrides({"device.write_voltage_v": 1e200})
     with pytest.raises(ConfigError, match="r_on_ohm must be a finite number"):
         p.with_overrides({"device.r_on_ohm": 10 ** 400})
+
+
+# -- from a review of the multi-task core (session 25) -----------------------------------------
+def test_a_shallow_copy_of_an_xma2_method_shares_no_layer_list() -> None:
+    """copy.copy shared the layer list: the second model's add_task cleared the first's layers
+    (its task then never selected a PE) and marked the copy's selection final with none."""
+    import copy
+
+    from xbm.data import make_fixture_task
+
+    data = make_fixture_task("f", num_classes=3, n_train=32, n_test=8, seed=0)
+    a = MultiTaskModel(_backbone(), SPEC)
+    meth = a.add_task("t", 3, "xma2", {"warmup_steps": 1, "pe_budget": 0.25})
+    b = MultiTaskModel(_backbone(), SPEC)
+    other = b.add_task("u", 3, copy.copy(meth))
+    assert other is not meth and other._layers is not meth._layers
+    xbm.train_task(a, "t", data.loaders(8, seed=0)[0], 1, "cpu", progress=False)
+    assert a.reprogrammed_cells("t") > 0  # a's own layers were selected among
+    assert all(int(st.phase) == 0 for _, _, st in b.layer_states("u"))
+
+
+def test_an_interrupted_load_bundle_leaves_the_model_as_it_was(tmp_path, monkeypatch) -> None:
+    """A KeyboardInterrupt (a notebook's stop button) skipped the rollback: half the bundle's
+    tasks stayed, one trainable, and loading again was refused."""
+    src = MultiTaskModel(_backbone(), SPEC)
+    src.add_task("a", 3, "xbm")
+    src.add_task("b", 3, "xbm")
+    path = tmp_path / "two.safetensors"
+    src.save_bundle(path)
+    dst = MultiTaskModel(_backbone(), SPEC)
+    dst.add_task("mine", 3, "xbm")
+    real, calls = MultiTaskModel.add_task, []
+
+    def interrupted(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(MultiTaskModel, "add_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dst.load_bundle(path)
+    monkeypatch.undo()
+    assert list(dst.tasks) == ["mine"] and dst.active_task == "mine"
+    assert dst.load_bundle(path) == ["a", "b"]  # and it loads when asked again
+
+
+def test_use_task_restores_base_when_the_block_removed_the_previous_task() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    mtm.add_task("b", 3, "xbm")
+    mtm.set_task("a")
+    with mtm.use_task("b"):
+        mtm.remove_task("a")
+    assert mtm.active_task == "base"
+
+
+def test_predict_mixed_checks_the_length_of_an_empty_task_list() -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    with pytest.raises(XbmError, match="7 samples but 0 task names"):
+        mtm.predict_mixed(torch.randn(7, 1, 28, 28), [])
+    assert mtm.predict_mixed(torch.randn(0, 1, 28, 28), []).shape == (0,)
+
+
+def test_a_whole_model_state_dict_needs_its_tasks_first() -> None:
+    """A strict load_state_dict with task keys this model lacks failed in torch after copying
+    the backbone's tensors (changing its hash); strict=False dropped the tasks silently."""
+    src = MultiTaskModel(_backbone(), SPEC)
+    src.add_task("a", 3, "xbm")
+    sd = src.state_dict()
+    torch.manual_seed(1)
+    dst = MultiTaskModel(_backbone(), SPEC)
+    before = dst.backbone_hash
+    with pytest.raises(XbmError, match=r"holds task\(s\) a that this model lacks; add_task"):
+        dst.load_state_dict(sd)
+    assert dst.backbone_hash == before  # nothing copied
+    with pytest.warns(xbm.XbmWarning, match="their tensors are not loaded"):
+        dst.load_state_dict(sd, strict=False)
+    dst.add_task("a", 3, "xbm")
+    dst.load_state_dict(sd)  # with the task in place it round-trips
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in sd.items())

@@ -284,6 +284,36 @@ class MultiTaskModel(nn.Module):
             for name, m in self.__dict__.get("methods", {}).items():
                 m._xbm_serves = (weakref.ref(self), name)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, after a check that every task the state dict holds
+        exists here: a task's tensors need the task (its method, its state shapes) in place,
+        and torch would copy the backbone's tensors before failing on them in strict mode (or
+        drop them with ``strict=False``). Tasks travel as bundles (:meth:`save_bundle`,
+        :meth:`load_bundle`); a whole-model state dict round-trips once the same tasks are
+        added with the same methods and configs.
+
+        Raises:
+            XbmError: the state dict holds tasks this model lacks (strict mode; a warning
+                otherwise), before anything is copied.
+        """
+        import warnings
+
+        from xbm.errors import XbmWarning, user_stacklevel
+        from xbm.nn.layers import TASK_KEY
+
+        found = {m.group(1) for k in state_dict
+                 if (m := re.search(rf"(?:^|\.){TASK_KEY}\.([^.]+)\.", str(k)))}
+        missing = sorted(found - set(self.tasks))
+        if missing:
+            msg = (f"the state dict holds task(s) {', '.join(missing)} that this model lacks; "
+                   "add_task them first with the same methods and configs, or move tasks as "
+                   "bundles (save_bundle / load_bundle)")
+            if strict:
+                raise XbmError(msg)
+            warnings.warn(f"{msg}: their tensors are not loaded", XbmWarning,
+                          stacklevel=user_stacklevel())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def backbone_hash(self) -> str:
         """Content hash of the programmed backbone's tensors, as they are now: computed on
@@ -388,7 +418,7 @@ class MultiTaskModel(nn.Module):
                                    "shares memory with the programmed backbone, so training it "
                                    "would rewrite the backbone; its create_layer_state must "
                                    "copy (.detach().clone()) what it takes from the layer")
-        except Exception:
+        except BaseException:  # an interrupt too: nothing half-added stays
             for _, mod in task_aware_modules(self.model):
                 mod.remove_task(name)
             raise
@@ -455,8 +485,8 @@ class MultiTaskModel(nn.Module):
         self.set_task(name)
         try:
             yield
-        finally:
-            self.set_task(prev)
+        finally:  # the previous task, unless the block removed it: then base, as remove_task
+            self.set_task(prev if prev == BASE_TASK or prev in self.tasks else BASE_TASK)
 
     def _require(self, name: str) -> None:
         if name == BASE_TASK:
@@ -507,8 +537,9 @@ class MultiTaskModel(nn.Module):
         """Top-1 class of every sample under its own task (see :meth:`forward_mixed`)."""
         if isinstance(tasks, str):
             tasks = [tasks] * x.shape[0]
-        return torch.stack([lg.argmax() for lg in self.forward_mixed(x, tasks)]) if len(tasks) \
-            else torch.zeros(0, dtype=torch.long, device=x.device)
+        if x.shape[0] == 0 and not len(tasks):
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        return torch.stack([lg.argmax() for lg in self.forward_mixed(x, tasks)])
 
     # -- parameters -------------------------------------------------------------------------
     def task_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
@@ -717,7 +748,7 @@ class MultiTaskModel(nn.Module):
             if stray:
                 raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}"
                                   f"{_LAYER_SET_HINT}")
-        except Exception:
+        except BaseException:  # an interrupt (Ctrl-C in a notebook) too
             for t in added:  # leave the model as it was
                 self.remove_task(t)
             raise

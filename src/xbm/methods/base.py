@@ -122,6 +122,11 @@ class AdaptionMethod:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
 
+    def __copy__(self) -> AdaptionMethod:
+        # a shallow copy is a deep one: a copy shares no container (XMA2's layer list) with
+        # the object it came from, which may serve a task in another model
+        return copy.deepcopy(self)
+
     def __getstate__(self) -> dict[str, Any]:
         # pickling (torch.save of a whole MultiTaskModel) as deepcopy: the weak reference to the
         # model served cannot be pickled, and MultiTaskModel.__setstate__ marks the copy again

@@ -236,7 +236,7 @@ class XMA2(XMA):
     def _forget_layers(self) -> None:
         # the layers of a model that is gone: their PEs would count in K and in the selection
         if not self._finished:
-            self._layers.clear()
+            self._layers = []  # rebound, not cleared: a copy.copy shares the list
             self._selected = False
 
     # -- state ------------------------------------------------------------------------------
