@@ -436,8 +436,9 @@ def format_table(results: dict[str, Any]) -> str:
     failed = [f"{m}: {k}" for m, c in checks.items() for k, ok in c.items() if not ok]
     if checks:
         out.append("checks: " + ("the programmed backbone tensors bit-identical after every "
-                                 "method, the base and earlier tasks' accuracies unchanged "
-                                 "(reprog cells: what the chip would rewrite)" if not failed
+                                 "method, the base task's accuracy and the earlier tasks' "
+                                 "accuracies and tensors unchanged (reprog cells: what the "
+                                 "chip would rewrite)" if not failed
                                  else "FAILED " + "; ".join(failed)))
     return "\n".join(out)
 
