@@ -477,7 +477,9 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml_text)
     rc = main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"])
-    assert rc == 2 and needle in _one_line_error(capsys)
+    err = _one_line_error(capsys)
+    assert rc == 2 and needle in err
+    assert err.endswith(f"(in --config {cfg})"), err  # the value came from the file: said
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from xbm.config import load_yaml, seed_arg
-from xbm.errors import ArchitectureMismatchError, BundleError, ConfigError, XbmError, XbmWarning
+from xbm.errors import (
+    ArchitectureMismatchError,
+    BundleError,
+    ConfigError,
+    UnknownNameError,
+    XbmError,
+    XbmWarning,
+)
 
 EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 
@@ -99,6 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xbm.train.demo import DemoConfig, format_table, run_demo
 
     fields: dict[str, Any] = _load_yaml(args.config) if args.config else {}
+    from_file = set(fields)
     for k in ("methods", "epochs", "train_subset", "test_subset", "seed", "device", "width",
               "pretrain_epochs", "pretrain_seed", "pretrain_subset", "pretrain_augment",
               "pretrain_mixup", "pretrain_precision", "precision", "batch_size", "rows", "cols",
@@ -107,8 +115,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         v = getattr(args, k, None)
         if v is not None:
             fields[k] = v
-    cfg = DemoConfig.from_dict(fields)
-    results = run_demo(cfg, args.out, progress=not args.no_progress)
+            from_file.discard(k)
+    try:
+        cfg = DemoConfig.from_dict(fields)
+        results = run_demo(cfg, args.out, progress=not args.no_progress)
+    except (ConfigError, UnknownNameError) as exc:  # a value the YAML gave: say where it is
+        # (a pretrain_* field is named by the PretrainConfig field it fills)
+        names = {n for k in from_file for n in (str(k), str(k).removeprefix("pretrain_"))}
+        if not (args.config and any(re.search(rf"(?<!\w){re.escape(n)}\b", str(exc))
+                                    for n in names)):
+            raise
+        raise type(exc)(f"{exc} (in --config {args.config})") from None
     print()
     print(format_table(results))
     print(f"\nresults: {Path(args.out) / 'results.json'}  ({results['wall_seconds']:.0f}s)")

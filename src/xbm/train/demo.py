@@ -235,7 +235,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             raise ConfigError(f"method_configs: {exc}") from None
         if not isinstance(fields, dict):
             raise ConfigError(f"method_configs.{m} must be a mapping of fields, got {fields!r}")
-        cls.config_class.from_dict(dict(fields))
+        try:
+            cls.config_class.from_dict(dict(fields))
+        except ConfigError as exc:
+            raise ConfigError(f"method_configs.{m}: {exc}") from None
     idle = [m for m in cfg.method_configs if m not in cfg.methods]
     if idle:  # a --methods that left them out, or a method missing from methods: say which
         warnings.warn(
