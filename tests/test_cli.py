@@ -1318,6 +1318,10 @@ def test_name_the_flag_leaves_other_messages_alone():
     assert _name_the_flag("SimConfig.adc_bits must be a positive integer",
                           ["--adc-bits=0"]) == "--adc-bits: SimConfig.adc_bits must be a " \
         "positive integer"
+    # a comparison between two fields names the flag too ("--sim-dac-bits 9" said only
+    # "CrossbarSpec.dac_bits (9) exceeds input_bits (8)")
+    msg = "CrossbarSpec.dac_bits (9) exceeds input_bits (8); lower it"
+    assert _name_the_flag(msg, ["simulate", "--sim-dac-bits", "9"]) == f"--sim-dac-bits: {msg}"
     # the flag named exactly as the field wins over a prefixed one typed earlier, and a prefix
     # is stripped only where the message names its class
     msg = "demo epochs must be an integer >= 1, got 0"

@@ -1223,7 +1223,9 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
     flags = [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
 
     def says(field: str) -> bool:
-        return bool(field) and re.search(rf"(?<![\w-]){re.escape(field)} must\b", message)
+        # "rows must be ..." or a comparison, "dac_bits (9) exceeds input_bits (8)"
+        return bool(field) and re.search(rf"(?<![\w-]){re.escape(field)}(?: must\b| \(\d)",
+                                         message)
 
     # a flag named exactly as the field first (--epochs for "demo epochs", not
     # --pretrain-epochs); a prefixed flag only where the message names its class
@@ -1232,8 +1234,9 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
             return f"{flag}: {message}"
     for flag in flags:
         name = flag[2:].replace("-", "_")
-        for prefix, owner in (("pretrain_", "PretrainConfig."), ("sim_", "SimConfig.")):
-            if name.startswith(prefix) and owner in message and \
+        for prefix, owners in (("pretrain_", ("PretrainConfig.",)),
+                               ("sim_", ("SimConfig.", "CrossbarSpec."))):
+            if name.startswith(prefix) and any(o in message for o in owners) and \
                     says(name.removeprefix(prefix)):
                 return f"{flag}: {message}"
     return message
