@@ -905,3 +905,69 @@ def test_sweep_values_must_be_finite():
             _floats(bad, "--variation")
     with pytest.raises(XbmError, match=r"--fault-rates values must be \[0, 1\], got 1.5"):
         _floats("1.5", "--fault-rates", 0, 1)
+
+
+def test_offset_cells_with_analog_signed_inputs_keep_negative_sums():
+    """quantize_inputs off: a signed input's partial sums go negative, and offset cells' ADC
+    range was unsigned, so a calibrated ADC clipped them to 0 (182% off at 24 bits)."""
+    from xbm.hardware import get_spec
+
+    spec = get_spec(rows=8, cols=64, signed="offset", weight_bits=16, cell_bits=4,
+                    input_bits=16, dac_bits=4)
+    torch.manual_seed(0)
+    model = _one_layer_model(nn.Conv2d(3, 4, 3, padding=1), 4, spec).eval()
+    x = torch.randn(2, 3, 6, 6)  # signed, as a first layer's input
+    layer = model[0]
+    with torch.no_grad():
+        ref = layer(x)
+        cfg = SimConfig(quantize_inputs=False, adc_mode="calibrate", adc_bits=24, **EAGER)
+        with faithful(model, cfg, calibration=[x]):
+            y = layer(x)
+    assert float((y - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_calibrate_honours_its_task_and_a_reinstall_needs_a_new_calibration(tmp_path):
+    """calibrate(task=...) calibrated the active task instead; a Simulation removed and
+    installed again after bn_recalibration ran the trained statistics with ranges measured
+    under the recalibrated ones, silently."""
+    from xbm.hardware import get_spec
+    from xbm.hardware.faults import FaultMap
+    from xbm.hardware.simulate import Simulation
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    torch.manual_seed(1)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1, width=4),
+                         get_spec(rows=16, cols=64))
+    mtm.add_task("a", 3, "xbm")
+    mtm.add_task("b", 3, "xbm")
+    mtm.set_task("a")
+    mtm.eval()
+    xs = [torch.relu(torch.randn(4, 1, 16, 16)) for _ in range(2)]
+    sim = Simulation(mtm, SimConfig(adc_bits=4, backend="torch"))
+    with torch.no_grad():
+        sim.install()
+        sim.calibrate(xs, task="b")
+        assert mtm.active_task == "a"
+        with mtm.use_task("b"):
+            mtm(xs[0])  # calibrated: runs
+        with pytest.raises(XbmError, match="not calibrated for task 'a'"):
+            mtm(xs[0])
+        sim.remove()
+        rec = Simulation(mtm, SimConfig(adc_bits=4, bn_recalibration=True, backend="torch"))
+        rec.install()
+        rec.calibrate(xs)
+        rec.remove()
+        rec.install()
+        with pytest.raises(XbmError, match="calibrated for task 'a'"):
+            mtm(xs[0])
+        rec.remove()
+    # a fault map whose codes are not ok / stuck off / stuck on is refused on loading
+    fmap = FaultMap.generate(mtm, get_spec(rows=16, cols=64), sa0_rate=0.01, sa1_rate=0.01,
+                             seed=0)
+    name = next(iter(fmap.codes))
+    fmap.codes[name] = torch.full_like(fmap.codes[name], 7)
+    path = tmp_path / "bad.safetensors"
+    fmap.save(path)
+    with pytest.raises(XbmError, match=r"cell codes are not all in \(0, 1, 2\)"):
+        FaultMap.load(path)

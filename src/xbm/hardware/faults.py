@@ -267,6 +267,13 @@ class FaultMap:
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BundleError(f"{path}: the fault map's metadata is unreadable ({exc}); make it "
                               "again with xbm simulate --fault-aware --save-fault-map") from None
+        known = (FAULT_OK, STUCK_OFF, STUCK_ON)
+        for name, t in tensors.items():  # any other code ran as a healthy cell, unsaid
+            if t.is_floating_point() or t.is_complex() or not bool(
+                    torch.isin(t, torch.tensor(known, dtype=t.dtype)).all()):
+                raise BundleError(f"{path}: layer {name}'s cell codes are not all in {known} "
+                                  "(ok, stuck off, stuck on); make the map again with xbm "
+                                  "simulate --fault-aware --save-fault-map")
         return cls(spec=dict(spec), codes=dict(tensors), sa0_rate=rates[0], sa1_rate=rates[1],
                    seed=seed, extra=dict(extra))
 

@@ -558,7 +558,9 @@ class LayerSim:
         if cfg.adc_mode == "ideal" or self.mode in ("calib_adc", "calib_input"):
             return None, 0.0, 0.0
         b = spec.adc_bits
-        signed = spec.signed == "differential"
+        # offset cells read non-negative sums of non-negative input levels; analog inputs
+        # (quantize_inputs off) keep their sign, so their sums need the signed range too
+        signed = spec.signed == "differential" or (not cfg.quantize_inputs and cal.in_min < 0)
         qmax = 2 ** (b - 1) - 1 if signed else 2 ** b - 1
         lo, hi = (-float(qmax), float(qmax)) if signed else (0.0, float(qmax))
         if cfg.adc_mode == "fixed":
@@ -852,6 +854,7 @@ class Simulation:
         self._tf32: tuple[bool, bool] | None = None  # the switches before install()
         # BatchNorm statistics that bn_recalibration replaced, restored by remove()
         self._bn_saved: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._bn_tasks: set[str] = set()  # tasks whose ranges were measured with those
         self.conversions = 0
         self.skipped_conversions = 0
 
@@ -888,6 +891,12 @@ class Simulation:
         self._saved = []
         self._restore_bn(list(self._bn_saved))
         self._bn_saved = {}
+        # their input and ADC ranges (and trims) were measured with the recalibrated statistics
+        # just put back: a later install must calibrate again, not run on mixed states
+        for _, _, ls in self.layers:
+            for t in self._bn_tasks:
+                ls.calib.pop(t, None)
+        self._bn_tasks = set()
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._tf32
         self._tf32 = None
 
@@ -908,11 +917,21 @@ class Simulation:
         on the chip and the passes above run again with them (twice over: the ranges follow
         the statistics, and the statistics the ranges); the trained statistics come back when
         the simulation is removed, and a second ``calibrate`` starts from them again.
-        Batches may be tensors or ``(x, y)``.
+        Batches may be tensors or ``(x, y)``, on any device (they are moved to the model's).
+        ``task``: calibrate this task (of a MultiTaskModel) rather than the active one.
         """
+        if task is not None:
+            use = getattr(self.model, "use_task", None)
+            if use is None:
+                raise ConfigError("calibrate(task=...) needs a MultiTaskModel; set the task on "
+                                  "the model and call calibrate(batches)")
+            with use(task):
+                return self.calibrate(batches)
+        dev = self.layers[0][1].weight.device
         xs = []
         for item in batches:
-            xs.append(item[0] if isinstance(item, (tuple, list)) else item)
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            xs.append(x.to(dev) if isinstance(x, torch.Tensor) else x)  # CPU loaders on CUDA
             if len(xs) >= self.config.calibration_batches:
                 break
         if not xs:
@@ -924,6 +943,8 @@ class Simulation:
                               "the simulation is installed: calibrate inside faithful(...) "
                               "or after Simulation.install()")
         self.install()
+        if bns:
+            self._bn_tasks.add(self.current_task(self.layers[0][1]))
         try:
             with eval_mode(self.model):  # each submodule's own flag comes back
                 self._restore_bn(bns)  # a second calibrate starts from the trained statistics

@@ -104,6 +104,8 @@ FAULT_AWARE_ONLY = (("fault_rate", "--fault-rate"), ("save_fault_map", "--save-f
 def _check_mode_flags(args: argparse.Namespace) -> None:
     """Refuse a flag of the other mode: the sweep ran with a fault rate it never used, and the
     fault-aware mode with the sweep's rates, both without a word."""
+    if not 0 <= args.sa1_fraction <= 1:  # both modes, before any loading or pretraining
+        raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
     if args.fault_aware:
         wrong = [flag for attr, flag in SWEEP_ONLY if getattr(args, attr, None) is not None]
         if wrong:
