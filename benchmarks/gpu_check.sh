@@ -13,7 +13,9 @@
 #      where the GPU is compute-bound rather than launch-bound: every method eagerly, in fp32
 #      and under bf16 autocast;
 #   3. the same benchmark at session 15's row (resnet18_cifar width 64, batch 32, eager and as
-#      CUDA graphs), to see the step ratios unchanged.
+#      CUDA graphs), to see the step ratios unchanged;
+#   4. `xbm simulate` end to end on the device (a tiny small_cnn backbone and XBM task), which
+#      no GPU session had run: its calibration batches come from CPU loaders.
 # Everything lands in OUT_DIR/check.log and OUT_DIR/gpu.tgz (re-packed after each step).
 # A dry run on a CPU: XBM_GPU_DEVICE=cpu XBM_DRY=1 PYTHON=.venv/bin/python (tiny sizes).
 # Session 20 ran it twice: as it stands, then (after the Python-API fixes) with
@@ -66,9 +68,22 @@ say "3. bench_methods on $DEV: resnet18_cifar width 64, batch 32 (session 15's r
 graph=()
 [ "$DEV" = cuda ] && graph=(--cuda-graph)
 if [ "$DRY" = 1 ]; then small=(--width 8 --reps 2); else small=(--width 64 --reps 30); fi
-timeout "$(upto 5)" $PY benchmarks/bench_methods.py --device "$DEV" "${small[@]}" --batch 32 \
+timeout "$(upto 60)" $PY benchmarks/bench_methods.py --device "$DEV" "${small[@]}" --batch 32 \
   --methods linear-probe,piggyback,xbm,xma "${graph[@]}" --json "$WORK/bench_w64.json" 2>&1 \
   | grep -v "^USDT" >"$WORK/bench_w64.log"
 cat "$WORK/bench_w64.log" >>"$LOG"
+pack
+
+say "4. xbm simulate on $DEV (session 25: calibration batches moved to the model's device)"
+sim=(--device "$DEV" --data-root "$DATA" --no-progress)
+{ timeout "$(upto 40)" $PY -m xbm pretrain --model small_cnn --width 4 --epochs 1 \
+    --train-subset 512 --out "$WORK/sim_bb.safetensors" --force "${sim[@]}" &&
+  timeout "$(upto 25)" $PY -m xbm adapt --dataset mnist --method xbm --train-subset 256 \
+    --test-subset 128 --epochs 1 --backbone "$WORK/sim_bb.safetensors" \
+    --out "$WORK/sim.safetensors" "${sim[@]}" &&
+  timeout "$(upto 5)" $PY -m xbm simulate --bundle "$WORK/sim.safetensors" \
+    --backbone "$WORK/sim_bb.safetensors" --adc-bits 4,8 --test-subset 128 "${sim[@]}"
+  echo "simulate chain exit $?"; } >"$WORK/simulate.log" 2>&1
+tail -12 "$WORK/simulate.log" >>"$LOG"
 pack
 say "done"
