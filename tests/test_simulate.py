@@ -971,3 +971,43 @@ def test_calibrate_honours_its_task_and_a_reinstall_needs_a_new_calibration(tmp_
     fmap.save(path)
     with pytest.raises(XbmError, match=r"cell codes are not all in \(0, 1, 2\)"):
         FaultMap.load(path)
+
+
+def test_spare_pes_do_not_sit_on_the_backbones_faulty_cells():
+    """XMA2 with spare_pes keeps its selected PEs' weights in spare PEs: stuck cells of the
+    backbone PEs they replace changed the faithful and the fault-aware outputs (by 64%), as if
+    the task read those cells. Faults elsewhere still count."""
+    from xbm.hardware import get_spec
+    from xbm.hardware.faults import STUCK_ON, FaultMap, fault_aware
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    spec = get_spec(rows=16, cols=16)
+    torch.manual_seed(0)
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1, width=4), spec)
+    meth = mtm.add_task("t", 3, "xma2", {"pe_budget": 0.5, "pe_score": "random",
+                                         "spare_pes": True})
+    meth.select()
+    mtm.eval()
+    inside = FaultMap.generate(mtm, sa0_rate=0.0, sa1_rate=0.0, seed=0)
+    outside = FaultMap.generate(mtm, sa0_rate=0.0, sa1_rate=0.0, seed=0)
+    for name, layer, _ in mtm.layer_states("t"):
+        on_spare = layer.spare_weights()
+        assert on_spare is not None and bool(on_spare.any())
+        m = on_spare.reshape(layer.weight.shape[0], -1)
+        inside.codes[name][m] = STUCK_ON
+        outside.codes[name][~m] = STUCK_ON
+    x = torch.randn(4, 1, 16, 16)
+    cfg = SimConfig(adc_mode="ideal", weight_bits=8, **EAGER)
+    with torch.no_grad():
+        with faithful(mtm, cfg, calibration=[x]):
+            clean = mtm(x)
+        with faithful(mtm, cfg, inside, calibration=[x]):
+            assert torch.equal(mtm(x), clean)
+        with faithful(mtm, cfg, outside, calibration=[x]):
+            assert not torch.allclose(mtm(x), clean)
+        ideal = mtm(x)
+        with fault_aware(mtm, inside):
+            assert torch.equal(mtm(x), ideal)
+        with fault_aware(mtm, outside):
+            assert not torch.allclose(mtm(x), ideal)

@@ -361,7 +361,10 @@ class FaultyIdealPath:
 
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale, b = layer.chip_view()
-        w = self._weight(w, layer.weight)
+        spare = layer.spare_weights()
+        faulted = self._weight(w, layer.weight)
+        # weights in spare crossbars (XMA2's spare PEs) do not sit on the faulty cells
+        w = faulted if spare is None else torch.where(spare, w, faulted)
         if scale is not None:
             w = apply_column_mask(w, scale, layer.spec.rows)
         if isinstance(layer, nn.Conv2d):

@@ -496,10 +496,12 @@ class LayerSim:
 
     # -- cells ------------------------------------------------------------------------------
     def _program(self, w: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                 ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 ref: torch.Tensor | None = None, spare: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
         """Quantise, encode, limit levels, vary and fault the cells of programmed weight ``w``,
         on the scale of the backbone's weight ``ref`` (the chip's, fixed when it was
-        programmed): a task's rewritten cells change no other cell."""
+        programmed): a task's rewritten cells change no other cell. ``spare``: weights held in
+        spare crossbars, which the backbone's variation and faults do not touch."""
         cfg, spec = self.config, self.spec
         m = weight_matrix(w.detach()).to(device=device, dtype=torch.float32)
         w_int, s_w = quantize_weight(m, spec, ref)
@@ -508,6 +510,7 @@ class LayerSim:
         if cfg.levels is not None:
             k = (cfg.levels - 1) / top
             cells = torch.round(cells * k) / k
+        clean = cells
         if cfg.variation > 0:
             if self._var_eps is None or self._var_eps.shape != cells.shape:
                 g = torch.Generator().manual_seed(_seed(cfg.seed, self.name, "program"))
@@ -518,6 +521,10 @@ class LayerSim:
             else:
                 cells = torch.clamp(cells * (1 + cfg.variation * eps), min=0.0)
         cells = apply_fault_codes(cells, self.codes, spec)
+        if spare is not None:  # spare PEs: their own cells, not the backbone's faulty ones
+            on_spare = weight_matrix(spare).to(device)
+            cells = torch.where(on_spare.reshape(*on_spare.shape, *[1] * (cells.dim() - 2)),
+                                clean, cells)
         # zero-point correction: each column's programmed sum as a calibration read after
         # programming measures it (faults and variation included, read noise not)
         actual = slices_to_int(cells_to_slices(cells, spec), spec)
@@ -530,17 +537,18 @@ class LayerSim:
         return out
 
     def _prepared(self, w: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                  ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  ref: torch.Tensor | None = None, spare: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
         # Only a parameter (the programmed backbone weight) is cached: a tensor a method builds
         # per call may reuse a freed address with version 0 and different contents.
-        if isinstance(w, nn.Parameter):
+        if isinstance(w, nn.Parameter) and spare is None:
             key = (id(w), w.data_ptr(), w._version, tuple(w.shape), device, dtype,
                    None if ref is None else (id(ref), ref.data_ptr(), ref._version))
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self._program(w, device, dtype, ref))
             prep = self._cache[1]
         else:
-            prep = self._program(w, device, dtype, ref)
+            prep = self._program(w, device, dtype, ref, spare)
         if self.config.read_noise > 0:
             g = torch.Generator().manual_seed(_seed(self.config.seed, self.name, "read",
                                                     self._calls))
@@ -611,7 +619,7 @@ class LayerSim:
         dev = xh.device
         dtype = xh.dtype if xh.dtype in (torch.float32, torch.float64) else torch.float32
         w, scale, bias = layer.chip_view()
-        prep = self._prepared(w, dev, dtype, layer.weight)
+        prep = self._prepared(w, dev, dtype, layer.weight, layer.spare_weights())
         S = spec.slices
         g, rt, cg = plan.groups, plan.rt, plan.cout_g
         backend = _resolve_backend(cfg.backend, dev)

@@ -160,6 +160,13 @@ class AdaptionMethod:
         """
         return self.effective_weight(layer, state)
 
+    def spare_weights(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        """Bool mask (the weight's shape) of the weights this task keeps in spare crossbars
+        rather than the backbone's (XMA2's spare PEs): the chip's fault map and programming
+        variation, drawn per backbone cell, do not apply to them. None: every weight of
+        :meth:`programmed_weight` sits in the backbone's cells."""
+        return None
+
     def column_scale(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
         """Per crossbar column factor (row_tiles, Cout) applied to the digitised partial sums, or
         None. Column methods act here, on the ADC outputs, never on the cells."""

@@ -476,6 +476,13 @@ class XMA2(XMA):
         """What the backbone's own crossbars hold while this task runs (spare PEs leave them)."""
         return layer.weight if self.config.spare_pes else self.programmed_weight(layer, state)
 
+    def spare_weights(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
+        """With ``spare_pes`` the selected PEs' weights, which live in spare PEs."""
+        if not self.config.spare_pes:
+            return None
+        selection = self._selection(layer, state)
+        return None if selection is None else selection[1]
+
     def column_scale(self, layer: nn.Module, state: nn.Module) -> torch.Tensor | None:
         selection = self._selection(layer, state)
         return self._column_levels(state, None if selection is None else selection[0])

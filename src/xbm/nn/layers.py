@@ -125,6 +125,14 @@ class CrossbarLayer(TaskAware):
         return (method.programmed_weight(self, state), scale.reshape(-1),
                 method.effective_bias(self, state))
 
+    def spare_weights(self, task: str | None = None) -> torch.Tensor | None:
+        """The weights ``task`` keeps in spare crossbars (see
+        :meth:`~xbm.methods.AdaptionMethod.spare_weights`), or None."""
+        task = self.active_task if task is None else task
+        if task == BASE_TASK or task not in self.methods:
+            return None
+        return self.methods[task].spare_weights(self, self.xbm_tasks[task])
+
     def chip_view(self, task: str | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(weight in the cells, per-column ADC-output scale (row_tiles, Cout) or None, bias) for
