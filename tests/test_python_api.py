@@ -1058,3 +1058,16 @@ def test_a_whole_model_state_dict_needs_its_tasks_first() -> None:
     dst.add_task("a", 3, "xbm")
     dst.load_state_dict(sd)  # with the task in place it round-trips
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in sd.items())
+
+
+def test_numpy_numbers_are_numbers_for_levels_and_the_spec() -> None:
+    """``levels=np.array(...)`` or float32 levels, and ``rows=np.int64(64)``, were refused as
+    not numbers, although every other field takes numpy's scalars (made plain for JSON)."""
+    from xbm.methods.xma import XMAConfig
+
+    assert XMAConfig(levels=np.array([0, 0.5, 1.0], dtype=np.float32)).levels == [0.0, 0.5, 1.0]
+    assert XMAConfig(levels=[np.float32(0), np.float32(1)]).levels == [0.0, 1.0]
+    spec = xbm.CrossbarSpec(rows=np.int64(32))
+    assert spec.rows == 32 and type(spec.rows) is int
+    with pytest.raises(ConfigError, match="levels holds"):
+        XMAConfig(levels=np.array([0, 0.3, 1.0]))  # still a power of two or 0

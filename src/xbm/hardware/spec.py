@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,10 @@ class CrossbarSpec:
         for f in ("rows", "cols", "weight_bits", "cell_bits", "pe_rows", "pe_cols", "input_bits",
                   "dac_bits", "adc_bits"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"CrossbarSpec.{f} must be a positive integer, got {v!r}")
+            if type(v) is not int:  # numpy's integers: plain ints for JSON metadata
+                object.__setattr__(self, f, int(v))
         if self.weight_bits < 2:
             raise ConfigError(
                 f"CrossbarSpec.weight_bits must be >= 2, got {self.weight_bits}: a signed weight "

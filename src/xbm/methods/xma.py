@@ -35,6 +35,7 @@ What this module assumes, and why:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,8 @@ def validate_levels(levels: Any, owner: str = "XMAConfig") -> list[float]:
         ConfigError: not a non-empty list; an entry is neither 0 nor a power of two; not sorted
             ascending without duplicates; or 1 is missing.
     """
+    if hasattr(levels, "tolist") and not isinstance(levels, (list, tuple)):
+        levels = levels.tolist()  # a numpy array or a tensor, as np.linspace gives
     if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)):
         raise ConfigError(f"{owner}.levels must be a list such as [0, 0.25, 0.5, 1, 2], "
                           f"got {levels!r}")
@@ -75,7 +78,7 @@ def validate_levels(levels: Any, owner: str = "XMAConfig") -> list[float]:
         raise ConfigError(f"{owner}.levels must not be empty; e.g. [0, 0.25, 0.5, 1, 2]")
     out: list[float] = []
     for v in levels:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy's floats too
             raise ConfigError(f"{owner}.levels holds {v!r}; every level must be a number")
         if v != 0 and not is_power_of_two(v):
             raise ConfigError(
