@@ -17,7 +17,6 @@ WORKER = """
 import json
 import sys
 import torch
-import torch.distributed as dist
 from xbm.data import make_fixture_task
 from xbm.hardware import get_spec
 from xbm.models import create_model
@@ -69,8 +68,7 @@ with torch.no_grad(), mtm.use_task("a"):
 torch.save({"state": mtm.task_state_dict("a"), "steps": res.steps, "logits": logits,
             "pre_sync": pre_sync, "bcast": bcast, "world": xdist.world_size()},
            f"{out}/rank{xdist.rank()}.pt")
-if dist.is_initialized():
-    dist.destroy_process_group()
+xdist.shutdown()
 """
 
 

@@ -61,8 +61,17 @@ def init_from_env() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (NCCL warns if a process exits without this)."""
+    """Leave the process group (NCCL warns if a process exits without this).
+
+    A barrier first, so that no rank tears its transport down while another still talks to it:
+    a gloo rank then aborted at exit now and then ("terminate called without an active
+    exception", SIGABRT, seen in 2 of some 30 test runs)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            if dist.get_world_size() > 1:
+                dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: leave all the same
+            pass
         dist.destroy_process_group()
 
 
