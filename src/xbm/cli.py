@@ -561,8 +561,6 @@ def check_bundle_backbone(bundle: str | Path, bundle_meta: dict[str, Any], backb
 def _check_arch_flags(args: argparse.Namespace, arch: dict[str, Any], source: str) -> None:
     """``--model``/``--width`` pick the default backbone; given with a backbone file or a bundle
     (which fix the architecture) they must agree with it rather than be silently ignored."""
-    from xbm.errors import ConfigError
-
     have = f"{arch.get('name')}, width {arch.get('width')}"
     model = getattr(args, "model", None)
     if model is not None and model != arch.get("name"):
@@ -592,7 +590,6 @@ def _check_spec_flags(args: argparse.Namespace, spec, bundle: str,
                       extra: tuple[str, ...] = ()) -> None:
     """A spec flag given with an existing bundle must agree with the bundle's spec (``extra``:
     more spec fields that the command has flags for)."""
-    from xbm.errors import ConfigError
     from xbm.hardware import get_spec
 
     fields = ("rows", "cols", "weight_bits", "cell_bits", *extra)
@@ -746,7 +743,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
         mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
-    if args.data_root and image_folder_path(args.dataset) is None:  # eval reads the same files
+    if args.data_root and folder is None:  # eval reads the same files
         mtm.tasks[task].extra["data_root"] = os.path.abspath(os.path.expanduser(args.data_root))
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     mtm.tasks[task].extra["batch_size"] = args.batch_size

@@ -13,6 +13,7 @@ import json
 import operator
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xbm.errors import BundleError, XbmError
+from xbm.errors import BundleError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.mapping import FilterFn, MappingReport, map_model
 from xbm.hardware.spec import CrossbarSpec
 from xbm.io import load_safetensors, save_safetensors, tensors_hash
@@ -296,11 +297,6 @@ class MultiTaskModel(nn.Module):
             XbmError: the state dict holds tasks this model lacks (strict mode; a warning
                 otherwise), before anything is copied.
         """
-        import warnings
-
-        from xbm.errors import XbmWarning, user_stacklevel
-        from xbm.nn.layers import TASK_KEY
-
         found = {m.group(1) for k in state_dict
                  if (m := re.search(rf"(?:^|\.){TASK_KEY}\.([^.]+)\.", str(k)))}
         missing = sorted(found - set(self.tasks))

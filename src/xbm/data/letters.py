@@ -173,18 +173,27 @@ TRAIN_PER_CLASS, TEST_PER_CLASS, IMAGE_SIZE = 500, 100, 28
 _FIELDS = ("train_x", "train_y", "test_x", "test_y")
 
 
+def _load_rendering(path: Path) -> tuple[dict, TaskData] | None:
+    """(recorded key, task) of the rendering stored in ``path``; None for a missing, corrupt
+    or foreign file."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - corrupt or foreign: not a rendering
+        return None
+    if not isinstance(blob, dict) or not isinstance(blob.get("key"), dict) or \
+            any(k not in blob for k in _FIELDS):
+        return None
+    return blob["key"], TaskData("letters", *(blob[k] for k in _FIELDS),
+                                 list(LETTERS_CLASSES))
+
+
 def _read_cache(cache_file: Path, key: dict) -> TaskData | None:
     """The rendering stored in ``cache_file`` if it is one of ``key``'s parameters; None for a
     missing, corrupt or foreign file."""
-    if not cache_file.is_file():
-        return None
-    try:
-        blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-    except Exception:  # corrupt or foreign: not a rendering
-        return None
-    if not isinstance(blob, dict) or blob.get("key") != key:
-        return None
-    return TaskData("letters", *(blob[k] for k in _FIELDS), list(LETTERS_CLASSES))
+    found = _load_rendering(cache_file)
+    return found[1] if found is not None and found[0] == key else None
 
 
 def make_letters(n_train_per_class: int | None = None, n_test_per_class: int | None = None,
@@ -236,11 +245,9 @@ def load_letters(root: str | None = None, seed: int = 0) -> TaskData:
     is rendered and cached in :func:`~xbm.data.registry.cache_dir`, as without a root. A data
     root holds the user's copies of the packaged datasets, and may be shared or read-only.
     """
-    if root is not None:
+    if root is not None:  # a corrupt copy there is left alone
         key = _cache_key(font_paths(), TRAIN_PER_CLASS, TEST_PER_CLASS, seed, IMAGE_SIZE)
-        task = _read_cache(_cache_file(root, key), key)  # a corrupt copy there is left alone
-        if task is None:
-            task = _copied_rendering(Path(root) / "letters", key)
+        task = _copied_rendering(_cache_file(root, key), key)
         if task is not None:
             return task
     return make_letters(seed=seed)
@@ -250,24 +257,23 @@ def load_letters(root: str | None = None, seed: int = 0) -> TaskData:
 _RENDERING_FIELDS = ("version", "n_train", "n_test", "seed", "image_size", "fonts")
 
 
-def _copied_rendering(folder: Path, key: dict) -> TaskData | None:
-    """A rendering copied into a data root from a machine with other library versions: its
-    file name hashes those versions too, so it is found by its recorded parameters. Copying it
-    is how a user asks for those very images; one drawn with other parameters (another seed)
-    is not used, and the user is told why their copy was passed over."""
-    files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+def _copied_rendering(exact: Path, key: dict) -> TaskData | None:
+    """A rendering copied into a data root (``exact``: the name this machine's key gives it):
+    that one first, else one from a machine with other library versions, whose file name
+    hashes those versions too, found by its recorded parameters. Copying it is how a user asks
+    for those very images; one drawn with other parameters (another seed) is not used, and the
+    user is told why their copy was passed over."""
+    folder = exact.parent
+    files = sorted(sorted(folder.glob("*.pt")), key=lambda f: f != exact) if folder.is_dir() else []
     want = {k: key[k] for k in _RENDERING_FIELDS}
     seen = []
     for f in files:
-        try:
-            blob = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - corrupt or foreign: not a rendering
+        found = _load_rendering(f)
+        if found is None:
             continue
-        got = blob.get("key") if isinstance(blob, dict) else None
-        if not isinstance(got, dict) or any(k not in blob for k in _FIELDS):
-            continue
+        got, task = found
         if {k: got.get(k) for k in _RENDERING_FIELDS} == want:
-            return TaskData("letters", *(blob[k] for k in _FIELDS), list(LETTERS_CLASSES))
+            return task
         seen.append(f"{f.name} (seed {got.get('seed')}, {got.get('n_train')}/"
                     f"{got.get('n_test')} per class, side {got.get('image_size')})")
     if files:

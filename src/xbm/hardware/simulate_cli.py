@@ -280,8 +280,7 @@ def evaluate_faithful(mtm, task: str, config, loader, device, calibration,
 def _fault_map(mtm, spec, rate: float, args: argparse.Namespace):
     from xbm.hardware.faults import FaultMap
 
-    if not 0 <= args.sa1_fraction <= 1:
-        raise ConfigError("--sa1-fraction must be within [0, 1]")
+    # --sa1-fraction was checked by _check_mode_flags, before any work
     return FaultMap.generate(mtm, spec, sa0_rate=rate * (1 - args.sa1_fraction),
                              sa1_rate=rate * args.sa1_fraction, seed=_chip_seed(args))
 
@@ -356,8 +355,6 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     variation = "0" if args.variation is None else args.variation  # "" is still an error
     adc_bits, variations = _adc_bits(args, spec), _floats(variation, "--variation")
     rates = _floats("0" if args.fault_rates is None else args.fault_rates, "--fault-rates", 0, 1)
-    if not 0 <= args.sa1_fraction <= 1:
-        raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
     fixed_map = FaultMap.load(args.fault_map) if args.fault_map else None  # before the backbone
     backbone, bmeta = _backbone(args, device, meta)
     mtm = MultiTaskModel(backbone, spec, arch=bmeta["arch"]).to(device).eval()
