@@ -15,6 +15,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 WORKER = """
 import json
+import os
 import sys
 import torch
 from xbm.data import make_fixture_task
@@ -68,14 +69,22 @@ with torch.no_grad(), mtm.use_task("a"):
 torch.save({"state": mtm.task_state_dict("a"), "steps": res.steps, "logits": logits,
             "pre_sync": pre_sync, "bcast": bcast, "world": xdist.world_size()},
            f"{out}/rank{xdist.rank()}.pt")
+me = xdist.rank()
 xdist.shutdown()
+# the process group's threads (gloo's) must be gone now, not left to interpreter teardown
+task_dir = "/proc/self/task"
+left = sorted(open(f"{task_dir}/{t}/comm").read().strip() for t in os.listdir(task_dir)
+              if "gloo" in open(f"{task_dir}/{t}/comm").read()) if os.path.isdir(task_dir) else None
+with open(f"{out}/rank{me}.threads.json", "w") as f:
+    json.dump(left, f)
 """
 
 
 def _env() -> dict[str, str]:
     # CPU ranks even on a GPU machine (it may have fewer GPUs than ranks)
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONFAULTHANDLER="1")  # a rank that aborts prints where
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
@@ -100,7 +109,9 @@ def _train(tmp_path: Path, method: str, cfg: dict, batch: int, nproc: int,
     else:
         res = _torchrun(tmp_path, args, nproc)
     assert res.returncode == 0, res.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+    return [{**torch.load(out / f"rank{r}.pt", weights_only=False),
+             "threads_after_shutdown": json.loads((out / f"rank{r}.threads.json").read_text())}
+            for r in range(nproc)]
 
 
 @pytest.mark.parametrize("method,cfg", [
@@ -125,6 +136,18 @@ def test_ranks_end_with_identical_task_state(tmp_path, method, cfg):
         assert sum(int(v.sum()) for v in r0["pre_sync"].values()) > 0  # some PE was chosen
         for k in r0["pre_sync"]:
             assert torch.equal(r0["pre_sync"][k], r1["pre_sync"][k]), k
+
+
+def test_shutdown_frees_the_process_group(tmp_path):
+    """After training, xdist.shutdown() leaves no gloo thread behind. The first optimizer
+    imports torch._dynamo, which imports torch.distributed.nn, whose default arguments bind the
+    default group when imported: imported after init_process_group, it kept the group (and its
+    threads) alive past destroy_process_group, into interpreter teardown, where a rank aborted
+    now and then (SIGABRT, "terminate called without an active exception", in CI)."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux's /proc to list a process's threads")
+    ranks = _train(tmp_path, "xbm", {}, 8, 2)
+    assert [r["threads_after_shutdown"] for r in ranks] == [[], []]
 
 
 def test_ranks_start_from_rank_0s_task_state(tmp_path):

@@ -53,6 +53,13 @@ def init_from_env() -> None:
     """
     if not launched() or dist.is_initialized():
         return
+    # torch.distributed.nn binds ``group.WORLD`` as default arguments when it is imported.
+    # Imported after init_process_group (torch._dynamo imports it, and the first optimizer
+    # imports torch._dynamo), it holds the default group for the life of the process:
+    # destroy_process_group then cannot free it, gloo's threads outlive shutdown() and die in
+    # interpreter teardown, where a rank aborted now and then (SIGABRT, "terminate called
+    # without an active exception"). Imported first, its defaults are None.
+    import torch.distributed.nn  # noqa: F401
     gpu = local_gpu()
     if gpu is not None:
         torch.cuda.set_device(gpu)
@@ -63,9 +70,10 @@ def init_from_env() -> None:
 def shutdown() -> None:
     """Leave the process group (NCCL warns if a process exits without this).
 
-    A barrier first, so that no rank tears its transport down while another still talks to it:
-    a gloo rank then aborted at exit now and then ("terminate called without an active
-    exception", SIGABRT, seen in 2 of some 30 test runs)."""
+    A barrier first, so that no rank tears its transport down while another still talks to it.
+    The group is freed here, its threads joined, only because ``init_from_env`` imports
+    torch.distributed.nn before it creates the group (see there): otherwise the group outlived
+    this call and a gloo rank aborted at exit now and then."""
     if dist.is_available() and dist.is_initialized():
         try:
             if dist.get_world_size() > 1:
