@@ -896,6 +896,26 @@ def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tasks"][0]["test_images"] == 7
 
 
+def test_a_root_digits_never_read_is_not_recorded(tmp_path, capsys):
+    """digits ships in scikit-learn and ignores --data-root; adapt recorded the root all the
+    same, and eval then refused the task once that folder was gone."""
+    root = tmp_path / "root"
+    root.mkdir()
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", "digits", "--data-root", str(root), "--method", "xbm",
+                 "--backbone", str(bb), "--epochs", "1", "--batch-size", "64", "--train-subset",
+                 "128", "--out", str(bundle), "--device", "cpu", "--no-progress", "--rows", "16",
+                 "--cols", "16"]) == 0
+    root.rmdir()
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json", "--device",
+                 "cpu", "--no-progress", "--test-subset", "40"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert rec["task"] == "digits" and rec["test_images"] == 40
+
+
 def test_eval_refuses_a_dataset_whose_classes_differ_from_the_tasks(tmp_path, capsys):
     """A 10-class task read on a 2-class folder used to print a plausible accuracy, exit 0."""
     imgs = _folder(tmp_path / "imgs")

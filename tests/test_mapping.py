@@ -237,6 +237,7 @@ def test_weights_never_straddle_crossbars_when_slices_do_not_divide_cols():
     ({"rows": 0}, "rows"), ({"cols": -1}, "cols"), ({"cell_bits": 9}, "cell_bits"),
     ({"signed": "magic"}, "signed"), ({"dac_bits": 16}, "dac_bits"),
     ({"cols": 4, "weight_bits": 8, "cell_bits": 1}, "cols"), ({"rows": 2.5}, "rows"),
+    ({"name": None}, "name must be a string"), ({"source": 3}, "source must be a string"),
 ])
 def test_spec_rejects_impossible_values(bad, field):
     with pytest.raises(ConfigError, match=field):

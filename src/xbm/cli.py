@@ -680,7 +680,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # an image folder's task is named after the folder (`folder:data/birds` -> birds), a
     # registered dataset's after its name; a name keeps only what task names allow (letters,
     # digits, -, _). Named and checked before the data loads (a large folder takes a while).
-    from xbm.data.registry import image_folder_path
+    from xbm.data.registry import image_folder_path, reads_root
 
     folder = image_folder_path(args.dataset)
     # abspath, not resolve(): a symlinked folder is named as the user named it
@@ -743,7 +743,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
         mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
     mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
-    if args.data_root and folder is None:  # eval reads the same files
+    # eval reads the same files; digits ships in scikit-learn and an image folder is its own
+    # root, so a root they never read is not recorded (eval would need it to exist)
+    if args.data_root and reads_root(args.dataset):
         mtm.tasks[task].extra["data_root"] = os.path.abspath(os.path.expanduser(args.data_root))
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     mtm.tasks[task].extra["batch_size"] = args.batch_size

@@ -27,6 +27,7 @@ from xbm.data.registry import (
     dataset_reference,
     list_datasets,
     load_dataset,
+    reads_root,
     register_dataset,
 )
 from xbm.data.splits import stratified_pick
@@ -62,6 +63,7 @@ __all__ = [
     "normalise",
     "parse_idx",
     "read_idx",
+    "reads_root",
     "register_dataset",
     "stratified_pick",
     "write_idx",

@@ -294,7 +294,7 @@ def upsample_digits(images: np.ndarray, size: int = 28) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-@register_dataset("digits")
+@register_dataset("digits", reads_root=False)
 def load_digits(root: str | None = None, seed: int = 0) -> TaskData:
     """scikit-learn's 1797 8x8 digits, upsampled to 28x28, stratified 1437/360 split by ``seed``.
 

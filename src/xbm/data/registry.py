@@ -17,12 +17,16 @@ from xbm.errors import unknown
 Builder = Callable[[str | None, int], TaskData]
 
 _REGISTRY: dict[str, Builder] = {}
+_NO_ROOT: set[str] = set()  # datasets whose builder ignores a root (they ship in a package)
 
 FOLDER_PREFIX = "folder:"
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, *, reads_root: bool = True) -> Callable[[Builder], Builder]:
     """Decorator registering ``fn(root, seed) -> TaskData`` under ``name``.
+
+    ``reads_root=False`` declares that the builder ignores ``root`` (the data ships inside a
+    package): a task adapted with ``--data-root`` then records no root for ``xbm eval`` to need.
 
     Raises:
         ValueError: the name is taken or uses the reserved ``folder:`` prefix (a programming
@@ -35,9 +39,17 @@ def register_dataset(name: str) -> Callable[[Builder], Builder]:
 
     def deco(fn: Builder) -> Builder:
         _REGISTRY[name] = fn
+        if not reads_root:
+            _NO_ROOT.add(name)
         return fn
 
     return deco
+
+
+def reads_root(name: str) -> bool:
+    """Whether the dataset ``name`` reads its files from a ``root`` (``--data-root``); an
+    image folder does not (its path is the root)."""
+    return name in _REGISTRY and name not in _NO_ROOT
 
 
 def list_datasets() -> list[str]:

@@ -66,6 +66,10 @@ class CrossbarSpec:
     """Citation for the preset's values."""
 
     def __post_init__(self) -> None:
+        for f in ("name", "source"):  # both go into reports and bundle metadata as text
+            if not isinstance(getattr(self, f), str):
+                raise ConfigError(f"CrossbarSpec.{f} must be a string, got "
+                                  f"{getattr(self, f)!r}")
         for f in ("rows", "cols", "weight_bits", "cell_bits", "pe_rows", "pe_cols", "input_bits",
                   "dac_bits", "adc_bits"):
             v = getattr(self, f)
