@@ -212,7 +212,19 @@ def test_touched_rows(tiny_mapping) -> None:
     slots = 36 * 3  # every matrix row once per column tile
     assert C.touched_rows(lm, 0.0) == 0
     assert C.touched_rows(lm, 1.0) == pytest.approx(slots)
-    assert C.touched_rows(lm, 0.1) == pytest.approx(slots * (1 - 0.9 ** (5 / 3)))
+    # 5 outputs on tiles of 2, 2 and 1 columns (SPEC: 2 logical columns per crossbar). A row
+    # of a 2-column tile is untouched only if both its weights are: 0.9^2; of the last, 0.9.
+    # (It was the averaged width, 36*3*(1 - 0.9^(5/3)) = 17.39, not the tiles' 17.28.)
+    assert lm.tile_columns() == [2, 2, 1]
+    assert C.touched_rows(lm, 0.1) == pytest.approx(36 * (2 * (1 - 0.81) + (1 - 0.9)))
+    # and a brute-force expectation over every rewrite pattern of one tile's row agrees
+    import itertools
+
+    def expected(width: int, p: float) -> float:
+        return sum(p ** sum(bits) * (1 - p) ** (width - sum(bits))
+                   for bits in itertools.product((0, 1), repeat=width) if any(bits))
+
+    assert C.touched_rows(lm, 0.3) == pytest.approx(36 * sum(expected(w, 0.3) for w in (2, 2, 1)))
     assert C.touched_rows(lm, 0.1, "packed") == pytest.approx(0.1 * slots)
 
 
@@ -235,7 +247,7 @@ def test_piggyback_deploy_switch_onchip(tiny_mapping) -> None:
     assert f.switch_cells == 32 * 8
     assert c.energy("switch") == pytest.approx(256 * E_CELL + 180 * 1e-13)
     # latency: touched rows x pulses x (write + verify) + ceil(180 bits / 4) digital cycles
-    rows = 108 * (1 - 0.9 ** (5 / 3))
+    rows = 36 * (2 * (1 - 0.9 ** 2) + (1 - 0.9))  # tiles of 2, 2 and 1 columns
     assert c.time("deploy") == pytest.approx(rows * 10 * 2e-8 + 45 * 1e-9)
     # inference per image: no column is switched off
     infer = (16 * 4 * 1440 * E_READ * 0.5 + 6912 * 1e-13 + 16 * 4 * 4 * 15 * (E_ADC + 1e-14))
@@ -854,3 +866,81 @@ def test_set_energy_reads_values_as_set_does(capsys):
     capsys.readouterr()
     assert main(["cost", "--model", "small_cnn", "--preset-file", "."]) == 2
     assert "is a folder; pass a YAML file" in capsys.readouterr().err
+
+
+def test_an_overridden_constant_loses_the_presets_citation(capsys) -> None:
+    """--set-energy changed a value but kept its note (NeuroSim's writeVoltage for 1.5 V, which
+    NeuroSim sets to 4 V) and the preset's name: reports passed edited constants off as cited."""
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm", "--set-energy",
+                      "device.write_voltage_v=1.5", "--json")
+    assert rc == 0
+    p = json.loads(out)["energy_preset"]
+    assert p["name"] == "default+set" and p["device"]["write_voltage_v"] == 1.5
+    note = p["notes"]["device.write_voltage_v"]
+    assert note.startswith("set by an override; the default preset has 4.0 (") and \
+        "writeVoltage" in note
+    assert p["notes"]["device.write_pulse_s"] == PRESETS["default"].notes["device.write_pulse_s"]
+    # an override that changes nothing leaves the preset as cited
+    same = PRESETS["default"].with_overrides({"device.write_voltage_v": 4.0})
+    assert same.name == "default" and same.notes == PRESETS["default"].notes
+    # --dump-preset applies them (it used to print the preset unchanged, exit 0)
+    rc, out, _ = _run(capsys, "--dump-preset", "default", "--set-energy",
+                      "device.write_pulses_per_cell=5")
+    assert rc == 0 and "  write_pulses_per_cell: 5" in out and 'name: "default+set"' in out
+
+
+def test_write_conductance_on_and_off_need_no_quotes(capsys, tmp_path) -> None:
+    """YAML 1.1 and --set-energy read on/off as booleans: "must be one of mean, on, off, got
+    True" for the docs' own `write_conductance: on`."""
+    for word in ("on", "off"):
+        rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback",
+                          "--set-energy", f"device.write_conductance={word}", "--json")
+        assert rc == 0 and json.loads(out)["energy_preset"]["device"]["write_conductance"] == word
+    rc, text, _ = _run(capsys, "--dump-preset", "default")
+    f = tmp_path / "p.yaml"
+    f.write_text(text.replace('write_conductance: "mean"', "write_conductance: off"))
+    assert "write_conductance: off" in f.read_text()
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--preset-file", str(f), "--json")
+    assert rc == 0 and json.loads(out)["energy_preset"]["device"]["write_conductance"] == "off"
+
+
+def test_dump_preset_refuses_flags_it_would_ignore(capsys) -> None:
+    err = _one_line_error(capsys, "--dump-preset", "default", "--model", "nonet", "--energy",
+                          "isaac")
+    assert "--dump-preset prints a preset as YAML and costs nothing; drop --model, --energy" \
+        in err
+    assert "must be a finite number, got 'abc'" in _one_line_error(
+        capsys, "--dump-preset", "default", "--set-energy", "device.write_voltage_v=abc")
+
+
+def test_sensitivity_sweeps_the_methods_named(capsys) -> None:
+    """--sensitivity always swept XBM against Piggyback, whatever --methods said."""
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xma,finetune",
+                      "--sensitivity", "--json")
+    assert rc == 0
+    row = json.loads(out)["sensitivity"][0]
+    assert "xma_deploy_j" in row and "finetune_deploy_j" in row and "xbm_deploy_j" not in row
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xma,finetune",
+                      "--sensitivity")
+    assert "| finetune deploy J | xma deploy J |" in out
+    assert "pass --methods METHOD,BASELINE (default xbm,piggyback), got 1 method(s)" in \
+        _one_line_error(capsys, "--model", "small_cnn", "--methods", "finetune",
+                        "--sensitivity")
+
+
+def test_workloads_beyond_any_run_are_refused(capsys) -> None:
+    """A 401-digit --iterations overflowed to a traceback (OverflowError, exit 1)."""
+    big = "1" + "0" * 400
+    for flag in ("--iterations", "--batch-size"):
+        err = _one_line_error(capsys, "--model", "small_cnn", "--methods", "xbm", flag, big)
+        assert "must be at most 1e+12, got 10000000...(401 digits)" in err, err
+
+
+def test_isaac_stores_weights_biased() -> None:
+    """ISAAC keeps a 16-bit weight in 8 cells (biased, one cell per 2-bit slice), not 16 as
+    differential pairs would; the crossbar preset and the energy preset's geometry agree."""
+    from xbm.hardware import get_spec
+
+    spec = get_spec("isaac")
+    assert spec.signed == "offset" and spec.cells_per_weight == 8
+    assert PRESETS["isaac"].spec_overrides["signed"] == "offset"

@@ -171,6 +171,16 @@ def method_defaults(name: str) -> tuple[MethodDefaults, bool]:
     return MethodDefaults(note="no defaults known; the class declares no re-programming"), False
 
 
+MAX_WORKLOAD = 10**12
+"""Upper bound on ``iterations`` and ``batch_size``: a trillion is past any training run, and
+event counts beyond it reach float overflow on large models."""
+
+
+def _short_int(v: int) -> str:
+    s = str(v)
+    return s if len(s) <= 24 else f"{s[:8]}...({len(s)} digits)"
+
+
 @dataclass
 class Assumptions:
     """The workload and the defaults that stand in for learned values."""
@@ -181,7 +191,9 @@ class Assumptions:
     """Per method name: overrides :attr:`MethodDefaults.column_off_fraction`."""
     iterations: int = 1913
     """On-chip training iterations. 1913 = 30 epochs (Piggyback's recipe) x 2040 Flowers-102
-    train+val images / batch 32, the smallest of the fine-grained benchmark's datasets."""
+    train+val images / batch 32 = 1912.5, rounded up; Flowers-102 is the smallest of the
+    fine-grained benchmark's datasets. (A loader that keeps the last partial batch takes
+    ceil(2040/32) = 64 batches per epoch, 1920 iterations: 0.4% more.)"""
     batch_size: int = 32
     """Images per iteration (Piggyback and KSM: 32)."""
     backward_factor: float = 1.0
@@ -203,6 +215,9 @@ class Assumptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            if v > MAX_WORKLOAD:  # far beyond any run; larger ones overflow the float sums
+                raise ConfigError(f"{name} must be at most {MAX_WORKLOAD:.0e}, got "
+                                  f"{_short_int(v)}")
         if not isinstance(self.training_skips_off_columns, bool):
             raise ConfigError("training_skips_off_columns must be true or false, got "
                               f"{self.training_skips_off_columns!r}")
@@ -288,8 +303,9 @@ def row_slots(lm: LayerMapping) -> int:
 def touched_rows(lm: LayerMapping, p: float, pattern: str = "scattered") -> float:
     """Expected crossbar rows touched when a fraction ``p`` of the layer's weights is rewritten.
 
-    ``scattered``: each crossbar row holds w = cols / col_tiles weights, each rewritten
-    independently with probability p, so a row is touched with probability 1 - (1 - p)^w.
+    ``scattered``: a crossbar row of column tile t holds that tile's w_t weights, each
+    rewritten independently with probability p, so it is touched with probability
+    1 - (1 - p)^w_t (a ragged last tile's rows hold fewer weights, so are touched less often).
     ``packed``: rewritten weights fill whole rows, p x rows.
     """
     p = min(max(p, 0.0), 1.0)
@@ -298,8 +314,7 @@ def touched_rows(lm: LayerMapping, p: float, pattern: str = "scattered") -> floa
         return 0.0
     if pattern == "packed":
         return p * slots
-    w = lm.cols / lm.col_tiles
-    return slots * (1.0 - (1.0 - p) ** w)
+    return lm.rows * sum(1.0 - (1.0 - p) ** w for w in lm.tile_columns())
 
 
 def pe_budget_fraction(mapping: MappingReport, budget: float, of: str = "weights") -> float:

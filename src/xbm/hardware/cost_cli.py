@@ -227,7 +227,20 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.dump_preset:
         from xbm.hardware.energy import get_preset
 
-        sys.stdout.write(get_preset(args.dump_preset).to_yaml())
+        # it prints a preset and costs nothing: a flag that chooses what to cost would be
+        # silently dropped (and --set-energy edits the printed preset)
+        ignored = [flag for flag, v in (
+            ("--model", args.model), ("--bundle", args.bundle), ("--backbone", args.backbone),
+            ("--methods", args.methods), ("--energy", args.energy),
+            ("--preset-file", args.preset_file), ("--sensitivity", args.sensitivity),
+            ("--plot", args.plot), ("--json", args.json)) if v]
+        if ignored:
+            raise ConfigError(f"--dump-preset prints a preset as YAML and costs nothing; drop "
+                              f"{', '.join(ignored)} (cost with --preset-file FILE after "
+                              "editing the dump)")
+        preset = get_preset(args.dump_preset)
+        changes = _overrides(args.set_energy)
+        sys.stdout.write((preset.with_overrides(changes) if changes else preset).to_yaml())
         return 0
     preset = _preset(args)
     if args.bundle and args.model:
@@ -260,6 +273,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if methods == []:
         raise ConfigError("--methods is empty; name methods (e.g. --methods xbm,piggyback) or "
                           "drop the flag for every one")
+    # --sensitivity compares a method with a baseline: --methods METHOD,BASELINE names them
+    sens_pair = ("xbm", "piggyback")
+    if args.sensitivity and methods is not None:
+        if len(methods) != 2:
+            raise ConfigError(f"--sensitivity sweeps one method's saving over a baseline; pass "
+                              f"--methods METHOD,BASELINE (default xbm,piggyback), got "
+                              f"{len(methods)} method(s)")
+        sens_pair = (methods[0], methods[1])
     if methods is not None:
         from xbm.methods import get_method_class
 
@@ -388,16 +409,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
                 report.notes.append(f"the bundle's tasks were learned on other crossbars "
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
-            sens = C.sensitivity(ctx, preset, assumptions)
+            sens = C.sensitivity(ctx, preset, assumptions, *sens_pair)
     out = report.to_dict(per_layer=args.per_layer)
     if sens is not None:
         out["sensitivity"] = sens
     try:  # constants that are each finite can still multiply to infinity over a model
         json.dumps(out, allow_nan=False)
     except ValueError:
-        raise XbmError("the cost figures overflow to infinity with these energy constants; "
-                       "check the --set-energy / --preset-file values (one is far out of "
-                       "range)") from None
+        raise XbmError("the cost figures overflow to infinity; a value is far out of range: "
+                       "check the energy constants (--set-energy, --preset-file) and the "
+                       "workload (--iterations, --batch-size, --backward-factor, "
+                       "--churn)") from None
     written = _plots(args, out, preset, costed) if args.plot else []
     if args.json:
         print(json.dumps(out, indent=2))
@@ -405,7 +427,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         print(report.table(per_layer=args.per_layer))
         if sens is not None:
             print()
-            print(C.format_sensitivity(sens))
+            print(C.format_sensitivity(sens, *sens_pair))
     for p in written:
         print(f"wrote {p}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -535,7 +557,8 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
     out.add_argument("--json", action="store_true", help="print the full report as JSON")
     out.add_argument("--per-layer", action="store_true", help="add per-layer tables")
     out.add_argument("--sensitivity", action="store_true",
-                     help="sweep the uncertain constants (XBM vs Piggyback savings)")
+                     help="sweep the uncertain constants: the saving of --methods "
+                          "METHOD,BASELINE (default xbm,piggyback)")
     out.add_argument("--plot", metavar="DIR", help="write PNG plots (needs matplotlib)")
     out.add_argument("--results", help=f"demo results.json for accuracy plots (default "
                                        f"{DEFAULT_RESULTS} if it exists)")

@@ -375,8 +375,13 @@ class EnergyPreset:
             raise ConfigError(f"{origin}: {exc}") from None
 
     def with_overrides(self, changes: dict[str, Any]) -> EnergyPreset:
-        """A copy with dotted fields changed, e.g. ``{"device.write_pulses_per_cell": 5}``."""
+        """A copy with dotted fields changed, e.g. ``{"device.write_pulses_per_cell": 5}``.
+
+        A changed value no longer carries the preset's citation: its note says it was set
+        here (and what the preset had), and the name gains ``+set`` so reports do not pass
+        the edited constants off as the named preset's."""
         d = self.to_dict()
+        notes = dict(self.notes)
         for key, value in changes.items():
             part, _, name = key.partition(".")
             if part not in ("device", "periphery") or not name:
@@ -386,7 +391,20 @@ class EnergyPreset:
                 raise ConfigError(f"energy override: unknown field {key}; valid: "
                                   f"{', '.join(part + '.' + n for n in sorted(d[part]))}")
             d[part][name] = value
-        return EnergyPreset.from_dict(d, origin=f"preset {self.name!r}")
+        out = EnergyPreset.from_dict(d, origin=f"preset {self.name!r}")
+        changed = [k for k in changes
+                   if getattr(getattr(out, k.split(".")[0]), k.split(".")[1])
+                   != getattr(getattr(self, k.split(".")[0]), k.split(".")[1])]
+        if not changed:
+            return out
+        for k in changed:
+            part, name = k.split(".")
+            was = getattr(getattr(self, part), name)
+            cited = self.notes.get(k)
+            notes[k] = (f"set by an override; the {self.name} preset has {was!r}"
+                        + (f" ({cited})" if cited else ""))
+        name = self.name if self.name.endswith("+set") else f"{self.name}+set"
+        return dataclasses.replace(out, name=name, notes=notes)
 
     def to_yaml(self) -> str:
         """YAML text with each value's source as a comment; :func:`load_preset_file` reads it."""
@@ -429,6 +447,9 @@ def _coerce_numbers(klass: type, values: dict[str, Any]) -> dict[str, Any]:
     types = {f.name: str(f.type) for f in dataclasses.fields(klass)}
     out = dict(values)
     for k, v in values.items():
+        if k == "write_conductance" and isinstance(v, bool):
+            # YAML 1.1 and --set-energy read the choices on/off as booleans
+            out[k] = "on" if v else "off"
         if isinstance(v, str) and types.get(k) in ("float", "int"):
             with contextlib.suppress(ValueError):  # left as text: validation names the field
                 out[k] = float(v) if types[k] == "float" else int(v)
@@ -526,7 +547,7 @@ PRESETS: dict[str, EnergyPreset] = {
         device=_NEUROSIM_DEVICE,
         periphery=PeripheryParams(columns_per_adc=128),
         spec_overrides={"rows": 128, "cols": 128, "weight_bits": 16, "cell_bits": 2,
-                        "adc_bits": 8, "dac_bits": 1},
+                        "signed": "offset", "adc_bits": 8, "dac_bits": 1},
         notes=_NEUROSIM_NOTES | {
             "periphery.columns_per_adc": "ISAAC: 8 ADCs per IMA of 8 crossbars = one per "
                                          "128 columns",

@@ -174,10 +174,12 @@ SPEC_PRESETS: dict[str, CrossbarSpec] = {
         "8-bit weights and inputs, conductance pairs",
     ),
     "isaac": CrossbarSpec(
-        rows=128, cols=128, weight_bits=16, cell_bits=2, adc_bits=8, dac_bits=1,
+        rows=128, cols=128, weight_bits=16, cell_bits=2, signed="offset", adc_bits=8,
+        dac_bits=1,
         name="isaac",
-        source="ISAAC (Shafiee et al., ISCA 2016): 128x128 arrays, 2-bit cells, 16-bit weights, "
-        "1-bit DAC, 8-bit ADC",
+        source="ISAAC (Shafiee et al., ISCA 2016): 128x128 arrays, 2-bit cells, 16-bit weights "
+        "stored biased (one cell per slice, the bias removed digitally; CrossSim's ISAAC.json: "
+        "offset mapping), 1-bit DAC, 8-bit ADC",
     ),
     "mnsim": CrossbarSpec(
         rows=256, cols=256, weight_bits=8, cell_bits=1, adc_bits=6, dac_bits=1,
