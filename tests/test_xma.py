@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -776,3 +777,114 @@ def test_spare_pes_count_every_cell_of_a_selected_pe_even_unchanged_ones():
             changed = (st.weight != la.weight) & inside
             total += int((inside if spare else changed).sum()) * la.spec.cells_per_weight
         assert mtm.reprogrammed_cells("a") == total > 0
+
+
+def test_xma2_selects_its_pes_when_a_loop_trains_in_eval_mode() -> None:
+    """A hand-written loop that keeps the model in eval mode (frozen BatchNorm) never counted a
+    warm-up step, so the task silently stayed plain XMA: no PE was ever selected."""
+    mtm = _mtm()
+    mtm.add_task("t", 3, "xma2", {"warmup_steps": 2, "pe_budget": 0.25})
+    method = mtm.methods["t"]
+    mtm.set_task("t")
+    params = [p for g in mtm.task_parameters("t").values() for p in g]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    mtm.eval()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(mtm(x), y).backward()
+        opt.step()
+    assert method._selected
+    assert sum(int(st.pe_mask.sum()) for _, st in method._layers) > 0
+    # evaluation (no grad) and frozen scores count nothing
+    mtm2 = _mtm()
+    mtm2.add_task("t", 3, "xma2", {"warmup_steps": 1, "pe_budget": 0.25})
+    mtm2.set_task("t")
+    mtm2.train()
+    with torch.no_grad():
+        for _ in range(3):
+            mtm2(torch.randn(2, 1, 28, 28))
+    for p in mtm2.task_parameters("t")["state"]:
+        p.requires_grad_(False)
+    for _ in range(3):
+        mtm2(torch.randn(2, 1, 28, 28))  # frozen scores: not a training step
+    assert not mtm2.methods["t"]._selected
+    assert all(st._steps == 0 for _, st in mtm2.methods["t"]._layers)
+
+
+def test_xma2_energy_budget_needs_a_pe_budget() -> None:
+    with pytest.raises(ConfigError, match="energy_budget_j=1e-09 with pe_budget 0"):
+        XMA2Config(pe_budget=0.0, energy_budget_j=1e-9)
+
+
+@pytest.mark.parametrize("levels,msg", [
+    ([0, 2.0 ** -200, 1], "2^-200"), ([1, 2.0 ** 17], "2^17"),
+])
+def test_xma_levels_lie_within_a_shifters_reach(levels, msg) -> None:
+    """2^-200 is 0 in float32 and 2^200 inf: a configured level that is not the one applied
+    (the model's output was non-finite and the level histogram counted a column twice)."""
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        XMAConfig(levels=levels)
+    XMAConfig(levels=[0, 2.0 ** -16, 1, 2.0 ** 16])  # the bounds themselves are allowed
+
+
+@pytest.mark.parametrize("score,ok", [(0.0, True), (0.49, True), (-0.49, True), (-0.6, False),
+                                      (-50.0, False), (3.0, True)])
+def test_xma_score_init_must_start_at_level_1(score, ok) -> None:
+    """score_init=-50 put every column at level 0 (every output the same): the task must start
+    as the backbone, as its levels must contain 1."""
+    if ok:
+        XMAConfig(score_init=score)
+    else:
+        with pytest.raises(ConfigError, match="not 1, so the task would not start"):
+            XMAConfig(score_init=score)
+
+
+def test_a_nan_xma_score_switches_its_column_off() -> None:
+    """bucketize put a NaN score in the top bucket: a diverged column stayed on at full scale,
+    where XBM leaves a NaN column off."""
+    m = XMA(XMAConfig())
+    e = torch.tensor(m.config.exponents)
+    scores = torch.tensor([[0.0, float("nan"), -5.0]])
+    got = ShiftQuantizeSTE.apply(scores, e, m.config.zero_below)
+    assert got.tolist() == [[1.0, 0.0, 0.0]]
+    # without a 0 level: the lowest one
+    m2 = XMA(XMAConfig(levels=[0.5, 1, 2]))
+    got = ShiftQuantizeSTE.apply(scores, torch.tensor(m2.config.exponents), m2.config.zero_below)
+    assert got.tolist() == [[1.0, 0.5, 0.5]]
+
+
+def test_xma_trains_under_torch_compile_from_its_first_forward() -> None:
+    """The level tables were built inside the column mask's autograd node on a first forward,
+    which Dynamo refuses ("intermediate tensor ... created inside a higher-order op")."""
+    pytest.importorskip("torch._dynamo")
+    mtm = _mtm()
+    mtm.add_task("t", 3, "xma")
+    mtm.set_task("t")
+    mtm.train()
+    for p in mtm.task_parameters("t")["state"]:
+        p.requires_grad_(True)
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(mtm, backend="aot_eager")
+    compiled(x).sum().backward()
+    score = next(p for p in mtm.task_parameters("t")["state"])
+    assert score.grad is not None and torch.isfinite(score.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_backbone_is_refused(dtype) -> None:
+    """Task state takes the backbone's dtype: in float16 Adam's eps and small squared gradients
+    underflow (XBM, XMA and Piggyback trained to NaN), in bfloat16 XBM's 5e-3 threshold and
+    a 5.001e-3 init round alike (every column started off)."""
+    import xbm
+
+    model = create_model("small_cnn", num_classes=4, in_channels=1).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(XbmError, match=f"the model holds {name} tensors; convert a float32"):
+        xbm.apply(model, "default")
+    with pytest.raises(XbmError, match="model.float()"):
+        MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1).to(dtype),
+                       CrossbarSpec())

@@ -34,6 +34,7 @@ What this module assumes, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ def is_power_of_two(x: float) -> bool:
         return False
     mantissa, _ = math.frexp(float(x))
     return mantissa == 0.5
+
+
+MAX_SHIFT = 16
+"""Levels lie within 2^-16..2^16: a shift of a digitised partial sum by more than 16 bits
+leaves an 8-16-bit datapath, and 2^-200 (say) is 0 in float32, so a configured level would not be
+the one applied."""
 
 
 def validate_levels(levels: Any, owner: str = "XMAConfig") -> list[float]:
@@ -85,6 +92,12 @@ def validate_levels(levels: Any, owner: str = "XMAConfig") -> list[float]:
                 f"{owner}.levels holds {v!r}; every level must be 0 or a power of two "
                 "(2^k, k an integer), the only scales a shift can apply"
             )
+        if v != 0 and abs(math.log2(float(v))) > MAX_SHIFT:
+            raise ConfigError(
+                f"{owner}.levels holds {v!r} = 2^{int(math.log2(float(v)))}; a shift-and-add "
+                f"unit shifts by a few bits, so levels lie within 2^-{MAX_SHIFT}..2^{MAX_SHIFT} "
+                "(further out they also leave float32's exact range: 0 or inf)"
+            )
         out.append(float(v))
     if any(b <= a for a, b in zip(out, out[1:], strict=False)):
         raise ConfigError(f"{owner}.levels must be sorted ascending without duplicates, "
@@ -112,7 +125,11 @@ def shift_quantize(scores: torch.Tensor, mids: torch.Tensor, values: torch.Tenso
     level, as round-half-up would; scores under ``zero_below`` give 0."""
     levels = values[torch.bucketize(scores, mids, right=True)]
     if zero_below != -math.inf:
-        levels = levels.masked_fill(scores < zero_below, 0.0)
+        # a NaN score (a diverged run) gives 0 too, as XBM leaves a NaN column off; bucketize
+        # puts NaN in the top bucket, a column at its largest scale
+        levels = levels.masked_fill((scores < zero_below) | scores.isnan(), 0.0)
+    else:
+        levels = torch.where(scores.isnan(), values[0], levels)
     return levels.to(scores.dtype)
 
 
@@ -139,12 +156,14 @@ class XMAConfig(MethodConfig):
     publish its levels, quantiser or training recipe (papers.md section 6)."""
 
     levels: list[float] = field(default_factory=lambda: list(DEFAULT_LEVELS))
-    """Allowed column scales: 0 and/or powers of two, ascending, containing 1. Default
+    """Allowed column scales: 0 and/or powers of two within 2^-16..2^16, ascending, containing
+    1. Default
     {0, 2^-3, 2^-2, 2^-1, 1}: right shifts only, so no accumulator overflow; 3 bits per column
     (module docstring; the paper's set is not public)."""
 
     score_init: float = 0.0
-    """Initial log2-space score. 0 = level 1 everywhere, so the task starts as the backbone."""
+    """Initial log2-space score. 0 = level 1 everywhere, so the task starts as the backbone; a
+    score that quantises to another level is refused."""
 
     lr: float = 0.3
     """Adam learning rate of the log2 scores. One level is 1/2 away in score space (XBM's threshold
@@ -161,6 +180,13 @@ class XMAConfig(MethodConfig):
         self.levels = validate_levels(self.levels, type(self).__name__)
         if not (isinstance(self.score_init, (int, float)) and math.isfinite(self.score_init)):
             raise ConfigError(f"{type(self).__name__}.score_init must be a finite number")
+        e = torch.tensor(self.exponents or [0.0], dtype=torch.float64)
+        start = float(shift_quantize(torch.tensor([float(self.score_init)], dtype=torch.float64),
+                                     *shift_tables(e), self.zero_below)[0])
+        if start != 1.0:  # the task must start as the backbone, as levels must contain 1
+            raise ConfigError(f"{type(self).__name__}.score_init {self.score_init!r} starts every "
+                              f"column at level {start:g}, not 1, so the task would not start "
+                              "as the pretrained backbone; use a score near 0 (the default)")
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -224,8 +250,13 @@ class XMA(AdaptionMethod):
     def effective_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         # quantised inside the column mask's own autograd node (bit-identical to
         # apply_column_mask(weight, self.levels(state), R); one Python node per layer fewer)
+        # the tables are looked up here, outside the autograd node: built inside it (on a first
+        # forward under torch.compile) they are tensors Dynamo refuses to see created there
+        _, mids, values = self._tables_for(state.score)
         return apply_column_mask(layer.weight, state.score, layer.spec.rows,
-                                 quantize=self._quantize)
+                                 quantize=functools.partial(
+                                     shift_quantize, mids=mids, values=values,
+                                     zero_below=self.config.zero_below))
 
     def _quantize(self, scores: torch.Tensor) -> torch.Tensor:
         """``ShiftQuantizeSTE``'s forward, with its tables built once per device and dtype."""

@@ -6,8 +6,9 @@ frozen PE. The paper's tier-1 rule, PE quota, PE size and training order are not
 (papers.md section 7, open question 5); this module's choices, and why:
 
 * **PE** = ``spec.pe_rows`` row tiles x ``spec.pe_cols`` column tiles of one layer, a column tile
-  being the logical output columns whose first bit-slice lies in that crossbar (``j * slices_phys //
-  C``), so the PE grid is the one :class:`xbm.hardware.mapping.LayerMapping` counts in ``pes``.
+  being the ``spec.logical_cols`` whole weights one crossbar holds (output column j lies in tile
+  ``j // spec.logical_cols``), so the PE grid is the one
+  :class:`xbm.hardware.mapping.LayerMapping` counts in ``pes``.
 * **Tier-1 score = accumulated gradient saliency.** During a short warm-up (``warmup_steps``
   training steps) every layer accumulates the gradient of the loss with respect to its effective
   weight, G = sum_t dL/dW_eff; a PE's score is sum over its weights of |G|. Adam moves every free
@@ -114,7 +115,8 @@ class XMA2Config(XMAConfig):
     chosen. 10 batches (320 images at the demo's batch 32) give a stable gradient sum and left
     178 of the demo's 188 steps per task (one epoch, before session 13; 366 of 376 now) to
     fine-tuning the chosen PEs; 3 and 30 were within 0.3 points on the demo
-    (docs/benchmarks.md). A step is a training forward after the optimizer last updated the
+    (docs/benchmarks.md). A step is a forward with grad enabled and trainable scores (in
+    train or eval mode) after the optimizer last updated the
     layer's column scores (its version counter or, for a fused optimizer, which leaves that
     alone, its values), so a layer used twice per forward (weight tying), gradient
     checkpointing's second forward and gradient accumulation each count one step per update. An
@@ -197,6 +199,10 @@ class XMA2Config(XMAConfig):
                               "gradients; use pe_score 'random' for a selection without warm-up")
         if not isinstance(self.spare_pes, bool):
             raise ConfigError(f"{name}.spare_pes must be true or false")
+        if e is not None and b == 0:  # _choose takes no PE at a zero budget, whatever the joules
+            raise ConfigError(f"{name}: energy_budget_j={e!r} with pe_budget 0 re-programs "
+                              "nothing (the energy budget caps the PEs pe_budget allows); set "
+                              "pe_budget > 0, or energy_budget_j null")
 
 
 def pe_grid(layer: nn.Module) -> tuple[int, int, torch.Tensor]:
@@ -372,10 +378,13 @@ class XMA2(XMA):
         return chosen
 
     def _tick(self, layer: nn.Module, state: nn.Module) -> bool:
-        """Count a training step (a training forward after the optimizer last changed the
-        layer's column scores); select PEs once the warm-up is over. Returns True when this
-        forward's gradient feeds the tier-1 statistics."""
-        if not (layer.training and torch.is_grad_enabled()) or self._selected:
+        """Count a training step (a forward with grad enabled and trainable scores, after the
+        optimizer last changed the layer's column scores); select PEs once the warm-up is over.
+        Returns True when this forward's gradient feeds the tier-1 statistics."""
+        # a step trains the scores: grad mode on and the scores trainable. Not layer.training:
+        # a loop that keeps the model in eval mode (frozen BatchNorm, Piggyback's convention)
+        # never ended the warm-up, and the task silently stayed plain XMA
+        if not (torch.is_grad_enabled() and state.score.requires_grad) or self._selected:
             return False
         if state.phase.item():  # a task loaded from a bundle: its selection is final
             self._selected = True
