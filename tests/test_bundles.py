@@ -92,6 +92,31 @@ def test_corrupt_and_truncated_bundles(trained, tmp_path):
         assert_untouched(fresh)
 
 
+def test_a_changed_header_byte_is_caught(trained, tmp_path):
+    """The content hash covers the tensors only: one flipped bit in a task record (28 -> 20,
+    its image size) still parsed, and eval then fed the task 20-pixel images and reported
+    another accuracy, exit 0."""
+    from xbm.multitask import read_bundle_meta
+
+    _, path = trained
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, JSON header
+    header = data[8:8 + n]
+    assert header.count(b'\\"dataset\\": \\"fixture\\"') == 2
+    changed = header.replace(b'\\"dataset\\": \\"fixture\\"', b'\\"dataset\\": \\"fixturf\\"', 1)
+    assert len(changed) == len(header)
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(data[:8] + changed + data[8 + n:])
+    for load in (lambda p: build().load_bundle(p), read_bundle_meta):
+        with pytest.raises(BundleError, match="metadata hash mismatch; the bundle's header"):
+            load(bad)
+    fresh = build()
+    with pytest.raises(BundleError):
+        fresh.load_bundle(bad)
+    assert_untouched(fresh)
+    assert build().load_bundle(path) == ["xbm", "piggyback"]  # the untouched file loads
+
+
 def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_path):
     mtm, _ = trained
     tensors = mtm.task_state_dict("xbm")
@@ -294,3 +319,52 @@ def test_pretrain_keeps_a_registered_colour_datasets_channels(monkeypatch):
     with pytest.raises(ConfigError, match="needs a 3-channel backbone"):
         pretrain(PretrainConfig(**recipe, channels=1), torch.device("cpu"), progress=False,
                  log=lambda *a: None)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX links and permission bits")
+def test_a_write_through_a_link_keeps_the_link_and_the_files_permissions(tmp_path):
+    """Updating a bundle through a symbolic link replaced the link by a plain file (the file it
+    pointed to kept the old tasks), and a chmod 600 bundle came back world-readable."""
+    import os
+    import stat
+
+    from xbm.io import atomic_path
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = shared / "real.bin"
+    real.write_text("old")
+    os.chmod(real, 0o600)
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    with atomic_path(link) as tmp:
+        tmp.write_text("new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert sorted(p.name for p in shared.iterdir()) == ["real.bin"]  # no temporary left
+    fresh = tmp_path / "fresh.bin"  # a new file: the usual 0666 & ~umask
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_path(fresh) as tmp:
+        tmp.write_text("x")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_tensor_of_another_dtype_is_refused(trained, tmp_path):
+    """Only shapes were compared: a head bias stored as int64 (hashes recomputed) was cast
+    silently by load_state_dict."""
+    from xbm.io import load_safetensors, metadata_hash, tensors_hash
+
+    _, path = trained
+    tensors, meta = load_safetensors(path)
+    key = next(k for k in tensors if k.startswith("fc.") and k.endswith(".bias"))
+    tensors[key] = tensors[key].round().to(torch.int64)
+    meta["content_hash"] = tensors_hash(tensors)
+    meta["meta_hash"] = metadata_hash(meta)
+    bad = tmp_path / "dtype.safetensors"
+    save_safetensors(bad, tensors, meta)
+    fresh = build()
+    with pytest.raises(BundleError, match=f"tensor {key} is torch.int64, expected torch.float32"):
+        fresh.load_bundle(bad)
+    assert_untouched(fresh)

@@ -339,20 +339,33 @@ def test_methods_lists_registry(capsys):
 
 
 def _bundle(tmp_path, tiny_mtm, **meta_changes):
-    """A real task bundle of the tiny model, with some metadata replaced."""
-    from xbm.io import load_safetensors, save_safetensors
+    """A real task bundle of the tiny model, with some metadata replaced (and its metadata
+    hash made to match, so that the checks of each field are what answers)."""
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors
 
     tiny_mtm.add_task("t", 3, "xbm")
     path = tmp_path / "b.safetensors"
     tiny_mtm.save_bundle(path)
     tensors, meta = load_safetensors(path)
-    save_safetensors(path, tensors, meta | meta_changes)
+    meta = meta | meta_changes
+    meta["meta_hash"] = metadata_hash(meta)
+    save_safetensors(path, tensors, meta)
     return path
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"spec": [64, 64]}, "unreadable crossbar spec"),
-    ({"spec": "64x64"}, "unreadable crossbar spec"),
+    ({"spec": [64, 64]}, "crossbar spec is a list, not a mapping"),
+    ({"spec": "64x64"}, "crossbar spec is a str, not a mapping"),
+    ({"spec": {"rows": 0}}, "unreadable crossbar spec"),
+    ({"head_name": ["fc"]}, "head_name is ['fc'], not a layer name"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {}, "num_classes": 3,
+                 "extra": "abc"}]}, "extra is a str, not a mapping"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {}, "num_classes": 3,
+                 "extra": {"classes": 5}}]}, "extra.classes is 5, not a list"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {}, "num_classes": 3,
+                 "extra": {"image_size": "28"}}]}, "extra.image_size is '28', not a int"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {}, "num_classes": 2 ** 33}]},
+     "records 8589934592 classes but its head fc.xbm_tasks.t.weight has shape (3, "),
     ({"tasks": {"t": 1}}, "task list is a dict"),
     ({"tasks": [{"name": "t"}]}, "task record 0 is unreadable"),
     ({"tasks": [{"name": "t", "method": "nope", "config": {}, "num_classes": 3}]},

@@ -170,11 +170,12 @@ def test_load_bundle_keeps_the_trainable_flags_of_the_tasks_the_model_had(tmp_pa
         mtm.add_task("mine", 3, "xma")  # trainable, about to be trained by hand
         path = tmp_path / "a.safetensors"
         if corrupt:  # a stray tensor: the load fails after adding the task
-            from xbm.io import load_safetensors, save_safetensors, tensors_hash
+            from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
 
             tensors, meta = load_safetensors(path)
             tensors["stray.weight"] = torch.zeros(1)
             meta["content_hash"] = tensors_hash(tensors)
+            meta["meta_hash"] = metadata_hash(meta)
             path = tmp_path / "stray.safetensors"
             save_safetensors(path, tensors, meta)
             with pytest.raises(XbmError, match="unexpected tensor stray.weight"):
@@ -930,7 +931,7 @@ def test_nan_scores_count_as_off_and_a_bundle_with_them_is_refused(tmp_path) -> 
         mtm.save_bundle(tmp_path / "b.safetensors")  # it could not be loaded again
     assert not (tmp_path / "b.safetensors").exists()
     # a file that holds one anyway (an older xbm wrote them) is refused on loading
-    from xbm.io import load_safetensors, save_safetensors, tensors_hash
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
 
     good = MultiTaskModel(_backbone(), SPEC)
     good.add_task("t", 3, "xbm")
@@ -940,6 +941,7 @@ def test_nan_scores_count_as_off_and_a_bundle_with_them_is_refused(tmp_path) -> 
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] = float("nan")
     meta["content_hash"] = tensors_hash(tensors)
+    meta["meta_hash"] = metadata_hash(meta)
     save_safetensors(tmp_path / "n.safetensors", tensors, meta)
     with pytest.raises(BundleError, match="holds NaN or infinite values .*task 't'"):
         MultiTaskModel(_backbone(), SPEC).load_bundle(tmp_path / "n.safetensors")

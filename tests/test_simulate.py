@@ -688,6 +688,14 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     assert res["precision"] == "bf16" and res["image_size"] == 16
     assert (res["saved_bundle"], res["saved_fault_map"]) == (str(bundle), str(chip))
     assert [r["task"] for r in res["rows"]] == ["unaware", "aware"]
+    # the saved tasks record what adapt's do (it kept the image size alone: eval then read the
+    # installed copy of a --data-root task, and a relative folder only from the same directory)
+    from xbm.multitask import read_bundle_meta
+
+    for info in read_bundle_meta(bundle)[2]:
+        assert info.dataset == "mnist"
+        assert info.extra["image_size"] == 16 and info.extra["batch_size"] == 32
+        assert info.extra["seed"] == 0 and info.extra["classes"] == [str(i) for i in range(10)]
     assert main(["cost", "--backbone", str(bb), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 16, 16]
     assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)

@@ -601,7 +601,7 @@ def test_spare_pes_leave_the_backbone_cells_alone():
 
 def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
     from xbm.errors import BundleError
-    from xbm.io import load_safetensors, save_safetensors, tensors_hash
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
 
     mtm = _mtm(SMALL_SPEC)
     _train(mtm, "t", "xma2", {"pe_budget": 0.1, "warmup_steps": 2})
@@ -612,7 +612,8 @@ def test_xma2_bundle_with_wrong_selected_count_is_refused(tmp_path):
     tensors[key] = tensors[key][:-1].clone()
     bad = tmp_path / "bad.safetensors"
     # a consistent content hash, so the structural check is what refuses it
-    save_safetensors(bad, tensors, meta | {"content_hash": tensors_hash(tensors)})
+    meta = meta | {"content_hash": tensors_hash(tensors)}
+    save_safetensors(bad, tensors, meta | {"meta_hash": metadata_hash(meta)})
     fresh = _mtm(SMALL_SPEC)
     with pytest.raises(BundleError, match="weight_selected"):
         fresh.load_bundle(bad)

@@ -634,6 +634,28 @@ def check_bundle_suffix(path: Path, flag: str) -> None:
                        "*.safetensors")
 
 
+def record_task_data(mtm: Any, task: str, args: argparse.Namespace, data: Any,
+                     image_size: int) -> None:
+    """Record in a new task what ``xbm eval`` needs to read its data again: the class names,
+    the image size, the data root (for datasets that read one), the batch size and the seed.
+    Shared by every command that saves a task (adapt, ``simulate --fault-aware --out``); pass
+    ``dataset=dataset_reference(...)`` to ``add_task`` too, so a folder is found from anywhere.
+    """
+    from xbm.data.registry import reads_root
+
+    extra = mtm.tasks[task].extra
+    if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
+        extra["classes"] = [str(c) for c in data.classes]
+    extra["image_size"] = image_size  # eval feeds the task at this size again
+    # eval reads the same files; digits ships in scikit-learn and an image folder is its own
+    # root, so a root they never read is not recorded (eval would need it to exist)
+    if args.data_root and reads_root(args.dataset):
+        extra["data_root"] = os.path.abspath(os.path.expanduser(args.data_root))
+    # the training workload, for `xbm cost --bundle` to compare with its on-chip default
+    extra["batch_size"] = args.batch_size
+    extra["seed"] = args.seed  # eval draws its --test-subset with it again
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
     from xbm.data import dataset_reference, load_dataset
     from xbm.methods import get_method_class
@@ -680,7 +702,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # an image folder's task is named after the folder (`folder:data/birds` -> birds), a
     # registered dataset's after its name; a name keeps only what task names allow (letters,
     # digits, -, _). Named and checked before the data loads (a large folder takes a while).
-    from xbm.data.registry import image_folder_path, reads_root
+    from xbm.data.registry import image_folder_path
 
     folder = image_folder_path(args.dataset)
     # abspath, not resolve(): a symlinked folder is named as the user named it
@@ -740,18 +762,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # an image folder is recorded by its absolute path, so eval finds it from anywhere
     mtm.add_task(task, data.num_classes, args.method, method_cfg,
                  dataset=dataset_reference(args.dataset))
-    if getattr(data, "classes", None):  # eval and simulate check them (a renamed class folder)
-        mtm.tasks[task].extra["classes"] = [str(c) for c in data.classes]
-    mtm.tasks[task].extra["image_size"] = image_size  # eval feeds the task at this size again
-    # eval reads the same files; digits ships in scikit-learn and an image folder is its own
-    # root, so a root they never read is not recorded (eval would need it to exist)
-    if args.data_root and reads_root(args.dataset):
-        mtm.tasks[task].extra["data_root"] = os.path.abspath(os.path.expanduser(args.data_root))
-    # the training workload, for `xbm cost --bundle` to compare with its on-chip default
-    mtm.tasks[task].extra["batch_size"] = args.batch_size
+    record_task_data(mtm, task, args, data, image_size)
     # under torchrun each process takes every world-th batch: a step is world x batch images
     mtm.tasks[task].extra["processes"] = xdist.world_size()
-    mtm.tasks[task].extra["seed"] = args.seed  # eval draws its --test-subset with it again
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,
                                              test_batch_size=max(args.batch_size, 256))
     precision = resolve_precision(args.precision, device)

@@ -22,21 +22,35 @@ from xbm.errors import BundleError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    A ``path`` that is a symbolic link is written through (the file it points to is replaced,
+    the link stays; renaming onto the link itself replaced it by a plain file and left the
+    target stale). A file being replaced keeps its permissions (a private ``chmod 600`` bundle
+    stayed private); a new one gets the usual ``0666 & ~umask``. The data is flushed to disk
+    before the rename, so a crash leaves the old file or the new one, never an empty one.
+    """
     path = Path(path)
+    target = Path(os.path.realpath(path))  # the file a link points to, or path itself
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:  # name the file the user asked for, not a temporary one
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_path, path)
+        try:
+            mode = target.stat().st_mode & 0o7777  # an existing file keeps its permissions
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp_path, mode)
+        _fsync(tmp_path)
+        os.replace(tmp_path, target)
+        _fsync(target.parent)  # the rename itself
     except OSError as exc:
         if exc.filename is not None and Path(exc.filename) == tmp_path:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
@@ -44,6 +58,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to disk; where the system refuses (a folder on some
+    file systems, Windows), it is skipped: the rename stays atomic for running processes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -63,7 +91,8 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    # the folder of the file a link points to: that is where atomic_path writes
+    folder = os.path.dirname(os.path.realpath(os.fspath(path)))
     try:
         os.makedirs(folder, exist_ok=True)  # the write would create it: lock it from the start
         fd = os.open(folder, os.O_RDONLY)
@@ -164,6 +193,15 @@ def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def metadata_hash(meta: Mapping[str, object]) -> str:
+    """A hash of a file's JSON metadata (every field but ``meta_hash`` itself), in canonical
+    form: a changed task record, spec or architecture is caught as the tensors' hash catches a
+    changed tensor."""
+    body = {k: v for k, v in meta.items() if k != "meta_hash"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

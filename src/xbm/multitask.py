@@ -26,7 +26,7 @@ from torch import nn
 from xbm.errors import BundleError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.mapping import FilterFn, MappingReport, map_model
 from xbm.hardware.spec import CrossbarSpec
-from xbm.io import load_safetensors, save_safetensors, tensors_hash
+from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
 from xbm.methods import AdaptionMethod, MethodConfig, create_method
 from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
 from xbm.nn.layers import TASK_KEY
@@ -59,9 +59,23 @@ def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, li
             task records, an unknown method or an invalid method config).
     """
     tensors, meta = load_safetensors(path)
+    _check_meta_hash(path, meta)
     spec, tasks = _check_bundle_meta(path, meta)
     _check_bundle_hash(path, tensors, meta)
+    _check_head_shapes(path, tensors, meta.get("head_name", "fc"), tasks)
     return meta, spec, tasks
+
+
+def _check_head_shapes(path: str | Path, tensors: dict[str, torch.Tensor], head_name: str,
+                       tasks: list[TaskInfo]) -> None:
+    """A task's recorded class count against its head tensor, before ``add_task`` builds a
+    head that size (an edited 2^33 tried to allocate half a terabyte)."""
+    for ti in tasks:
+        hk = f"{head_name}.{TASK_KEY}.{ti.name}.weight"
+        if hk in tensors and tensors[hk].shape[:1] != (ti.num_classes,):
+            raise BundleError(f"{path}: task {ti.name!r} records {ti.num_classes} classes but "
+                              f"its head {hk} has shape {tuple(tensors[hk].shape)}; the file is "
+                              "corrupt, re-create it with xbm adapt")
 
 
 #: Why a bundle's task tensors may not match this model's layers although the backbone hash
@@ -81,6 +95,17 @@ def _check_bundle_hash(path: str | Path, tensors: dict[str, torch.Tensor],
                           "with xbm adapt")
 
 
+def _check_meta_hash(path: str | Path, meta: dict[str, Any]) -> None:
+    """Bundles record a hash of their metadata too: a flipped byte in a task record (its image
+    size, classes, method config) or in the spec still parses, and changed results silently.
+    Bundles written before session 26 have none and are not checked."""
+    want = meta.get("meta_hash")
+    if want is not None and metadata_hash(meta) != want:
+        raise BundleError(f"{path}: metadata hash mismatch; the bundle's header (its task "
+                          "records, spec or architecture) was changed or is corrupt; re-create "
+                          "it with xbm adapt")
+
+
 def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
                        ) -> tuple[CrossbarSpec, list[TaskInfo]]:
     from xbm.methods import get_method_class
@@ -93,10 +118,17 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
         what = f"format {fmt!r}" if fmt is not None else "no xbm format field"
         raise BundleError(f"{path}: not an xbm task bundle ({what}); pass a file `xbm adapt` "
                           "wrote")
+    if not isinstance(meta.get("spec"), dict):
+        raise BundleError(f"{path}: bundle's crossbar spec is a "
+                          f"{type(meta.get('spec')).__name__}, not a mapping; the file is "
+                          "corrupt, re-create it with xbm adapt")
     try:
         spec = CrossbarSpec.from_dict(meta["spec"])
     except (XbmError, TypeError, KeyError, AttributeError, ValueError) as exc:
         raise BundleError(f"{path}: bundle has an unreadable crossbar spec ({exc})") from None
+    if not isinstance(meta.get("head_name", "fc"), str):
+        raise BundleError(f"{path}: bundle's head_name is {meta.get('head_name')!r}, not a "
+                          "layer name; the file is corrupt, re-create it with xbm adapt")
     records = meta.get("tasks", [])
     if not isinstance(records, list):
         raise BundleError(f"{path}: bundle's task list is a {type(records).__name__}, not a "
@@ -118,11 +150,37 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
                     or ti.num_classes < 1:
                 raise TypeError("name, config or num_classes has the wrong type")
             get_method_class(ti.method).config_class.from_dict(dict(ti.config))
+            _check_task_extra(ti)
         except (XbmError, TypeError, AttributeError, ValueError) as exc:
             raise BundleError(f"{path}: task record {i} is unreadable ({exc}); the file is "
                               "corrupt or from another xbm version") from None
         tasks.append(ti)
     return spec, tasks
+
+
+#: The ``extra`` fields xbm writes into a task record, and the type each must have: eval, cost
+#: and simulate read them back (a string where a list belongs crashed them with a traceback).
+_EXTRA_TYPES: dict[str, tuple[type, ...]] = {
+    "classes": (list,), "image_size": (int,), "seed": (int,), "batch_size": (int,),
+    "processes": (int,), "train_steps": (int,), "data_root": (str,),
+}
+
+
+def _check_task_extra(ti: TaskInfo) -> None:
+    if ti.dataset is not None and not isinstance(ti.dataset, str):
+        raise TypeError(f"dataset is a {type(ti.dataset).__name__}, not a name")
+    if not isinstance(ti.extra, dict):
+        raise TypeError(f"extra is a {type(ti.extra).__name__}, not a mapping")
+    for key, types in _EXTRA_TYPES.items():
+        v = ti.extra.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise TypeError(f"extra.{key} is {v!r}, not a {types[0].__name__}")
+        if key == "classes" and not all(isinstance(c, str) for c in v):
+            raise TypeError("extra.classes holds a name that is not a string")
+        if types == (int,) and key != "seed" and v < 1:
+            raise TypeError(f"extra.{key} is {v!r}, not a positive integer")
 
 
 def check_task_name(name: object, flag: str | None = None) -> None:
@@ -666,6 +724,7 @@ class MultiTaskModel(nn.Module):
             meta["backbone_recipe"] = self.backbone_recipe
         if self.backbone_file:
             meta["backbone_file"] = self.backbone_file
+        meta["meta_hash"] = metadata_hash(meta)
         save_safetensors(path, tensors, meta)
 
     def load_bundle(self, path: str | Path) -> list[str]:
@@ -681,6 +740,7 @@ class MultiTaskModel(nn.Module):
             XbmError: a task of the bundle has the name of a task this model already has.
         """
         tensors, meta = load_safetensors(path)
+        _check_meta_hash(path, meta)
         spec, infos = _check_bundle_meta(path, meta)
         _check_bundle_hash(path, tensors, meta)
         if meta.get("backbone_hash") != self.backbone_hash:
@@ -705,6 +765,7 @@ class MultiTaskModel(nn.Module):
         # add_task freezes every other task: the tasks this model had keep their flags
         had = [p for t in self.tasks for p in self._task_params(t)]
         flags = [p.requires_grad for p in had]
+        _check_head_shapes(path, tensors, self.head_name, infos)
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
@@ -731,6 +792,10 @@ class MultiTaskModel(nn.Module):
                             f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected "
                             f"{tuple(v.shape)}"
                         )
+                    if tensors[k].dtype != v.dtype:  # load_state_dict would cast it silently
+                        raise BundleError(
+                            f"{path}: tensor {k} is {tensors[k].dtype}, expected {v.dtype}; the "
+                            "file is corrupt or was edited, re-create it with xbm adapt")
                     t = tensors[k]
                     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                         # a NaN score switches a column off in the forward but not in the

@@ -464,8 +464,8 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
 
 # -- fault-aware -----------------------------------------------------------------------------
 def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
-    from xbm.cli import _backbone, _check_counts, spec_from_args
-    from xbm.data import load_dataset
+    from xbm.cli import _backbone, _check_counts, record_task_data, spec_from_args
+    from xbm.data import dataset_reference, load_dataset
     from xbm.hardware.faults import fault_aware, fault_summary
     from xbm.multitask import MultiTaskModel
     from xbm.train import evaluate_task, resolve_device, seed_everything, train_task
@@ -512,8 +512,9 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     timings = {}
     for task in ("unaware", "aware"):
         seed_everything(args.seed)
-        mtm.add_task(task, data.num_classes, "xbm", dataset=args.dataset)
-        mtm.tasks[task].extra["image_size"] = image_size  # a saved --out is fed at it again
+        # a saved --out records what adapt's tasks do: eval reads their data again
+        mtm.add_task(task, data.num_classes, "xbm", dataset=dataset_reference(args.dataset))
+        record_task_data(mtm, task, args, data, image_size)
         t0 = time.perf_counter()
         if task == "aware":
             with fault_aware(mtm, fmap, sim_spec):
@@ -551,7 +552,13 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     identical = set(before) == set(after) and all(torch.equal(before[k], after[k])
                                                   for k in before)
     if args.out:
-        mtm.save_bundle(args.out)
+        from xbm.io import folder_lock
+
+        with folder_lock(args.out):  # checked at the start; another run may have made it since
+            if Path(args.out).expanduser().exists():
+                raise XbmError(f"--out {args.out} appeared while this run trained (another "
+                               "command wrote it); nothing was overwritten: pass another --out")
+            mtm.save_bundle(args.out)
     return {"mode": "fault-aware", "dataset": args.dataset, "spec": spec.to_dict(),
             "simulated_spec": sim_spec.to_dict(), "fault_rate": args.fault_rate,
             "sa1_fraction": args.sa1_fraction, "faults": fault_summary(fmap, mtm),
