@@ -373,6 +373,8 @@ def _bundle(tmp_path, tiny_mtm, **meta_changes):
     ({"tasks": [{"name": "t", "method": "xbm", "config": {"lr": -1}, "num_classes": 3}]},
      "lr must be > 0"),
     ({"format": "other/1"}, "not an xbm task bundle"),
+    ({"tasks": [{"name": "t", "method": "xbm", "config": {}, "num_classes": 3}] * 2},
+     "task record 1 repeats the task name 't'; the file is corrupt"),
 ])
 @pytest.mark.parametrize("command", ["eval", "adapt"])
 def test_corrupt_bundle_metadata_is_one_line_before_any_backbone(

@@ -154,6 +154,9 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
         except (XbmError, TypeError, AttributeError, ValueError) as exc:
             raise BundleError(f"{path}: task record {i} is unreadable ({exc}); the file is "
                               "corrupt or from another xbm version") from None
+        if any(t.name == ti.name for t in tasks):
+            raise BundleError(f"{path}: task record {i} repeats the task name {ti.name!r}; the "
+                              "file is corrupt, re-create it with xbm adapt")
         tasks.append(ti)
     return spec, tasks
 
