@@ -368,3 +368,43 @@ def test_a_tensor_of_another_dtype_is_refused(trained, tmp_path):
     with pytest.raises(BundleError, match=f"tensor {key} is torch.int64, expected torch.float32"):
         fresh.load_bundle(bad)
     assert_untouched(fresh)
+
+
+def test_metadata_with_integer_keys_round_trips(tmp_path):
+    """The header hash was taken over the dict in memory but checked over its JSON copy, whose
+    keys are strings: {9: .., 10: ..} sorted otherwise and a good bundle read as corrupt (and
+    keys of mixed types could not be saved at all)."""
+    mtm = build()
+    mtm.add_task("a", 3, "xbm")
+    mtm.tasks["a"].extra["per_class_counts"] = {9: 5, 10: 7}
+    mtm.tasks["a"].extra["mixed"] = {1: "x", "b": 2}
+    path = tmp_path / "k.safetensors"
+    mtm.save_bundle(path)
+    fresh = build()
+    assert fresh.load_bundle(path) == ["a"]
+    assert fresh.tasks["a"].extra["per_class_counts"] == {"9": 5, "10": 7}
+
+
+def test_save_bundle_refuses_extras_the_loader_would(tmp_path):
+    """extra["classes"] = [0, 1, 2] saved, and the loader then called the file corrupt."""
+    from xbm.errors import XbmError
+
+    mtm = build()
+    mtm.add_task("a", 3, "xbm")
+    mtm.tasks["a"].extra["classes"] = [0, 1, 2]
+    with pytest.raises(XbmError, match="task 'a': extra.classes holds a name that is not a "
+                       "string"):
+        mtm.save_bundle(tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_converted_half_precision_model_is_refused_too():
+    """apply() refuses a bfloat16 model, but one converted first and cast afterwards took the
+    already-converted branch and trained bfloat16 task state."""
+    from xbm.errors import XbmError
+    from xbm.nn import apply
+
+    model = apply(create_model("small_cnn", num_classes=4, in_channels=1), get_spec(rows=16,
+                                                                                   cols=16))
+    with pytest.raises(XbmError, match="the model holds bfloat16 tensors"):
+        MultiTaskModel(model.to(torch.bfloat16), get_spec(rows=16, cols=16))

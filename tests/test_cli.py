@@ -929,6 +929,20 @@ def test_a_root_digits_never_read_is_not_recorded(tmp_path, capsys):
                  "cpu", "--no-progress", "--test-subset", "40"]) == 0
     (rec,) = json.loads(capsys.readouterr().out)["tasks"]
     assert rec["task"] == "digits" and rec["test_images"] == 40
+    # a bundle written before this fix records the root: eval ignores a root digits never reads
+    from xbm.multitask import MultiTaskModel, read_bundle_meta
+    from xbm.train.pretrain import load_backbone
+
+    model, bmeta = load_backbone(str(bb))
+    mtm = MultiTaskModel(model, read_bundle_meta(bundle)[1], arch=bmeta["arch"])
+    mtm.load_bundle(bundle)
+    mtm.tasks["digits"].extra["data_root"] = str(tmp_path / "gone")
+    old = tmp_path / "old.safetensors"
+    mtm.save_bundle(old)
+    assert main(["eval", "--bundle", str(old), "--backbone", str(bb), "--json", "--device",
+                 "cpu", "--no-progress", "--test-subset", "40"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["test_images"] == 40
+
 
 
 def test_eval_refuses_a_dataset_whose_classes_differ_from_the_tasks(tmp_path, capsys):
@@ -1840,7 +1854,7 @@ def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
     # results whose runs are not records: refused before any plot is written
     for runs, needle in (([1], "run 0 is not a record (got 1)"),
                          ([{"method": "xbm", "task": "a", "accuracy": 1, "mask_bits": "x"}],
-                          "run 0's mask_bits is 'x', not a number"),
+                          "run 0's mask_bits is 'x', not a finite number"),
                          ([], "has no new-task runs to plot")):
         Path("r.json").write_text(json.dumps({"runs": runs}))
         assert main(["cost", "--model", "small_cnn", "--plot", "pl", "--results", "r.json"]) == 2

@@ -923,9 +923,19 @@ def test_sensitivity_sweeps_the_methods_named(capsys) -> None:
     rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xma,finetune",
                       "--sensitivity")
     assert "| finetune deploy J | xma deploy J |" in out
-    assert "pass --methods METHOD,BASELINE (default xbm,piggyback), got 1 method(s)" in \
+    assert "pass --methods METHOD,BASELINE (default xbm,piggyback), got finetune" in \
         _one_line_error(capsys, "--model", "small_cnn", "--methods", "finetune",
                         "--sensitivity")
+    # a longer list that holds both still sweeps XBM over Piggyback, as before
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm,piggyback,xma",
+                      "--sensitivity", "--json")
+    rows = json.loads(out)["sensitivity"]
+    assert rc == 0 and "xbm_deploy_j" in rows[0] and "piggyback_deploy_j" in rows[0]
+    assert "piggyback_off_fraction" in {r["parameter"] for r in rows}
+    # without Piggyback in the pair, its off-fraction rows (all equal) are left out
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xma,finetune",
+                      "--sensitivity", "--json")
+    assert "piggyback_off_fraction" not in {r["parameter"] for r in json.loads(out)["sensitivity"]}
 
 
 def test_workloads_beyond_any_run_are_refused(capsys) -> None:
@@ -944,3 +954,43 @@ def test_isaac_stores_weights_biased() -> None:
     spec = get_spec("isaac")
     assert spec.signed == "offset" and spec.cells_per_weight == 8
     assert PRESETS["isaac"].spec_overrides["signed"] == "offset"
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"adaption_energy_j": "abc"}, "adaption_energy_j is 'abc', not a finite number or null"),
+    ({"adaption_energy_j": None, "reprogrammed_cells": None},
+     "records neither adaption_energy_j nor reprogrammed_cells"),
+    ({"accuracy": float("nan")}, "accuracy is nan, not a finite number"),
+    ({"adaption_energy_j": float("inf")}, "adaption_energy_j is inf"),
+    ({"base_task": "false"}, "base_task is 'false', not true or false"),
+])
+def test_results_the_plots_cannot_draw_are_refused_before_any_plot(tmp_path, capsys, change,
+                                                                   says) -> None:
+    """A string energy crashed the third plot after two were saved (a mix of new and stale
+    PNGs, a traceback); NaN and inf were drawn as nothing; "false" counted as a base task."""
+    pytest.importorskip("matplotlib")
+    runs = [{"method": m, "task": "a", "base_task": False, "accuracy": 90.0, "mask_bits": 10,
+             "reprogrammed_cells": 0, "adaption_energy_j": 1e-9} for m in ("xbm", "piggyback")]
+    runs[1] = runs[1] | change
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "plots"
+    assert says in _one_line_error(capsys, "--model", "small_cnn", "--plot", str(out),
+                                   "--results", str(res))
+    assert not out.exists() or not list(out.iterdir())
+    res.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "base_task"}
+                                        for r in runs[:1]]}))
+    assert "lacks field 'base_task' (a results.json from an older xbm)" in _one_line_error(
+        capsys, "--model", "small_cnn", "--plot", str(out), "--results", str(res))
+
+
+def test_a_path_flag_given_with_equals_expands_its_tilde(tmp_path, capsys, monkeypatch) -> None:
+    """`--plot=~/p` reaches xbm unexpanded (no shell does it): plots went to a folder named ~
+    in the working directory."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    rc, _, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm", "--plot=~/plots")
+    assert rc == 0
+    assert (tmp_path / "home" / "plots" / "energy_breakdown.png").is_file()
+    assert not (tmp_path / "~").exists()

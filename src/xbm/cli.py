@@ -333,6 +333,10 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     # the files adapt read (its --data-root), unless a dataset or a root is named: --dataset
     # NAME, even the task's own, reads the installed copy (said, when it is the task's own)
     recorded_root = (task.extra or {}).get("data_root")
+    from xbm.data.registry import reads_root
+
+    if recorded_root and not reads_root(ds):  # bundles from before session 26 (digits)
+        recorded_root = None
     if args.dataset or args.data_root:
         if recorded_root and not args.data_root and args.dataset == task.dataset:
             warnings.warn(f"task {task.name!r}: --dataset {ds} reads the installed copy, not "
@@ -1174,6 +1178,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Arguments that name files or folders: a leading ``~`` is expanded (``--out=~/x`` and
+#: ``--out ~/x`` then mean the same).
+_PATH_ARGS = ("out", "plot", "json_out", "results", "save_fault_map", "bundle", "backbone",
+              "fault_map", "config", "preset_file", "data_root", "fractions_from")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1185,6 +1195,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xbm: error: --{empty[0].replace('_', '-')} is empty; give it a value or leave "
               "it out", file=sys.stderr)
         return 2
+    for name in _PATH_ARGS:  # `--plot=~/p` reaches us unexpanded (no shell did it): a folder
+        v = getattr(args, name, None)  # literally named ~ was made in the working directory
+        if isinstance(v, str) and v.startswith("~"):
+            setattr(args, name, os.path.expanduser(v))
     from xbm.train import distributed as xdist
 
     if xdist.launched():  # under torchrun: join the group; only rank 0 prints

@@ -157,7 +157,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
         if p.is_dir():
             raise XbmError(f"{flag} {p} is a folder; pass a file path such as "
                            f"{p / ('out' + suffix)}")
-        target = p.parent
+        # a link is written through (atomic_path): the folder of the file it points to
+        target = Path(os.path.realpath(p)).parent if p.is_symlink() else p.parent
     probe = target
     while not probe.exists():  # the nearest existing ancestor must let us create the rest
         if probe.parent == probe:
@@ -199,7 +200,9 @@ def metadata_hash(meta: Mapping[str, object]) -> str:
     """A hash of a file's JSON metadata (every field but ``meta_hash`` itself), in canonical
     form: a changed task record, spec or architecture is caught as the tensors' hash catches a
     changed tensor."""
-    body = {k: v for k, v in meta.items() if k != "meta_hash"}
+    # hashed as a reader sees it: JSON makes every key a string (so {9: .., 10: ..} sorts
+    # otherwise once read back), and keys of mixed types could not be sorted at all
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "meta_hash"}))
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -29,6 +29,7 @@ from xbm.hardware.spec import CrossbarSpec
 from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
 from xbm.methods import AdaptionMethod, MethodConfig, create_method
 from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
+from xbm.nn.convert import check_float_dtypes
 from xbm.nn.layers import TASK_KEY
 from xbm.nn.modes import eval_mode
 
@@ -324,6 +325,7 @@ class MultiTaskModel(nn.Module):
             if backbone_file else None
         self.head_name = head_name
         if any(True for _ in task_aware_modules(backbone)):
+            check_float_dtypes(backbone)  # apply checks a fresh model; a converted one here
             self.model = _adopt(backbone, self.spec, filter_fn, head_name)
         else:
             self.model = apply(backbone, self.spec, filter_fn, head_name)
@@ -375,8 +377,9 @@ class MultiTaskModel(nn.Module):
     def backbone_hash(self) -> str:
         """Content hash of the programmed backbone's tensors, as they are now: computed on
         every call, so that weights loaded after the conversion are the ones a bundle records
-        (and checks on loading). The hash covers dtypes: a backbone cast to bfloat16 holds
-        other values, and its bundles load only onto a bfloat16 copy."""
+        (and checks on loading). The hash covers dtypes: a backbone cast to float64 holds
+        other values, and its bundles load only onto a float64 copy (float16 and bfloat16
+        models are refused: ``xbm.nn.convert.check_float_dtypes``)."""
         return tensors_hash(backbone_state(self.model))
 
     # -- tasks ------------------------------------------------------------------------------
@@ -701,6 +704,13 @@ class MultiTaskModel(nn.Module):
         twice = sorted({t for t in tasks if tasks.count(t) > 1})
         if twice:  # a bundle holds each task once (loading one twice would fail)
             raise XbmError(f"save_bundle: tasks lists {', '.join(twice)} more than once")
+        for t in tasks:  # as load_bundle will check them: refused now, not when loading
+            try:
+                _check_task_extra(self.tasks[t])
+            except TypeError as exc:
+                raise XbmError(f"save_bundle: task {t!r}: {exc}; bundles record these fields "
+                               "for eval (classes as strings, sizes and seeds as integers)"
+                               ) from None
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)

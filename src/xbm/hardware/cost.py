@@ -1316,6 +1316,8 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
             for m in (method, baseline)}
     rows = []
     for key, values in grid.items():
+        if key == "piggyback_off_fraction" and "piggyback" not in (method, baseline):
+            continue  # it moves Piggyback alone: rows of two other methods would all be equal
         for v in values:
             p, a = _vary(preset, assumptions, key, v, method)
             cs = {m: method_cost(m, default_facts(m, ctx.mapping, bits[m], a), ctx.mapping,

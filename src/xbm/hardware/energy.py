@@ -98,7 +98,8 @@ class DeviceParams:
     write_conductance: str = "mean"
     """Conductance a write pulse sees in V^2*G*t: ``mean`` = (G_on + G_off)/2, the average over a
     cell swept through its range (default); ``on`` = G_on, the worst case (highest current);
-    ``off`` = G_off, the best case."""
+    ``off`` = G_off, the best case. YAML 1.1 and ``--set-energy`` read on/off as booleans, so
+    a boolean is taken as on (true, yes) or off (false, no)."""
 
     def __post_init__(self) -> None:
         _check_positive("device", self, (

@@ -599,11 +599,9 @@ def _line_plot(plt: Any, rows: list[dict[str, Any]], x: str, key: tuple[str, ...
 
 
 def _plots(res: dict[str, Any], folder: str) -> list[str]:
-    import matplotlib
+    from xbm.report.plots import _pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()  # a one-line error without matplotlib (checked before the sweep too)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -650,6 +648,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if path:  # checked before the sweep, not after it
             check_output(path, kind, flag)
     _check_distinct_paths(args)
+    if args.plot:  # before minutes of sweeping, not after
+        from xbm.report.plots import _pyplot
+
+        _pyplot()
     if getattr(args, "out", None):
         from xbm.cli import check_bundle_suffix
 

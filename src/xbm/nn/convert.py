@@ -36,6 +36,23 @@ def _swap(module: nn.Module, cls: type) -> None:
     module.__class__ = cls
 
 
+def check_float_dtypes(model: nn.Module) -> None:
+    """Refuse float16 and bfloat16 models. Each task's state (scores, heads, BatchNorm
+    copies) takes the backbone's dtype, and Adam in it fails: float16 underflows to NaN in a step
+    or two, bfloat16 rounds XBM's 5e-3 threshold and the scores' small updates away.
+
+    Raises:
+        XbmError: naming the dtypes and the fix (a float32 model, bf16 through autocast).
+    """
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in
+                  [*model.parameters(), *model.buffers()]
+                  if t.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise XbmError(f"the model holds {' and '.join(low)} tensors; convert a float32 model "
+                       "(model.float()) and train in bfloat16 through autocast instead "
+                       "(train_task(precision='bf16'), xbm adapt --precision bf16)")
+
+
 def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None = None,
           head_name: str = "fc") -> nn.Module:
     """Convert ``model`` in place: selected Conv2d/Linear become crossbar layers, norms and the head
@@ -73,16 +90,7 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
                        f"{type(spec).__name__}; build one with xbm.get_spec('default', rows=64)")
     if any(isinstance(m, TaskAware) for m in model.modules()):
         raise XbmError("model is already converted to crossbar layers; convert a fresh model")
-    low = sorted({str(t.dtype).removeprefix("torch.") for t in
-                  [*model.parameters(), *model.buffers()]
-                  if t.dtype in (torch.float16, torch.bfloat16)})
-    if low:
-        # each task's state (scores, heads, BatchNorm copies) takes the backbone's dtype, and
-        # Adam in it fails: float16 underflows to NaN in a step or two, bfloat16 rounds XBM's
-        # 5e-3 threshold and the scores' small updates away
-        raise XbmError(f"the model holds {' and '.join(low)} tensors; convert a float32 model "
-                       "(model.float()) and train in bfloat16 through autocast instead "
-                       "(train_task(precision='bf16'), xbm adapt --precision bf16)")
+    check_float_dtypes(model)
     head = dict(model.named_modules()).get(head_name)
     if not isinstance(head, nn.Linear):
         raise XbmError(

@@ -12,6 +12,7 @@ leaves a truncated image behind.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,26 @@ def load_results(path: str | Path) -> dict[str, Any]:
             raise XbmError(f"results file {path}: run {i}'s method and task must be names")
         for k in ("accuracy", "mask_bits"):
             v = r[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise XbmError(f"results file {path}: run {i}'s {k} is {v!r}, not a number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise XbmError(f"results file {path}: run {i}'s {k} is {v!r}, not a finite "
+                               "number")
+        # the energy plot reads these (a string crashed it after the first plots were saved)
+        for k in ("adaption_energy_j", "reprogrammed_cells"):
+            v = r.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v)):
+                raise XbmError(f"results file {path}: run {i}'s {k} is {v!r}, not a finite "
+                               "number or null")
+        if r.get("adaption_energy_j") is None and r.get("reprogrammed_cells", 0) is None:
+            raise XbmError(f"results file {path}: run {i} records neither adaption_energy_j "
+                           "nor reprogrammed_cells; the energy plot needs one")
+        if "base_task" in r and not isinstance(r["base_task"], bool):
+            raise XbmError(f"results file {path}: run {i}'s base_task is {r['base_task']!r}, "
+                           "not true or false")
+    if any("base_task" not in r for r in runs):
+        # before base_task was recorded the base task's run would pass for a new task
+        raise XbmError(f"results file {path}: a run lacks field 'base_task' (a results.json "
+                       "from an older xbm); re-run xbm demo")
     if not _new_task_runs(data):
         raise XbmError(f"results file {path} has no new-task runs to plot; pass a demo's "
                        "results.json")
