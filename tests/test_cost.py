@@ -994,3 +994,25 @@ def test_a_path_flag_given_with_equals_expands_its_tilde(tmp_path, capsys, monke
     assert rc == 0
     assert (tmp_path / "home" / "plots" / "energy_breakdown.png").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_plot_axes_tick_zero_and_whole_decades() -> None:
+    """The energy axis's linear stretch ended a decade below the smallest energy, so on the
+    demo's results '0' and '10^-11' were printed on top of each other; all-zero values gave
+    some twenty overlapping labels."""
+    pytest.importorskip("matplotlib")
+    from xbm.report import plots
+
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    plots._zero_and_decades_x(ax, [0.0, 9.886e-10, 2.97e-9, 1.15e-4])
+    assert ax.get_xscale() == "symlog"
+    assert list(ax.get_xticks()) == pytest.approx([0.0] + [10.0 ** k for k in range(-9, -3)])
+    assert ax.xaxis.get_major_formatter()(1e-9, 0) == "$10^{-9}$"
+    ax.clear()
+    plots._zero_and_decades_x(ax, [0.0, 11120.0, 697488.0])  # mask bits: 10^4 joins 10^5
+    assert list(ax.get_xticks()) == pytest.approx([0.0, 1e4, 1e5])
+    ax.clear()
+    plots._zero_and_decades_x(ax, [0.0, 0.0])
+    assert ax.get_xscale() == "linear" and list(ax.get_xticks()) == [0]
+    plt.close(fig)

@@ -212,11 +212,39 @@ def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:
         raise XbmError("results hold no new-task runs to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     _scatter_by_method(ax, runs, lambda r: float(r["mask_bits"]), plt)
-    ax.set_xscale("symlog", linthresh=1.0)
+    _zero_and_decades_x(ax, [float(r["mask_bits"]) for r in runs])
     ax.set_xlabel("mask memory per task (bits, symlog)")
     ax.set_title("accuracy vs mask memory")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _zero_and_decades_x(ax: Any, values: list[float]) -> None:
+    """A symlog x axis for values that are 0 or spread over decades (mask bits, joules): the
+    linear stretch around 0 ends at the smallest positive value, and ticks sit at 0 and at
+    whole decades from there (a threshold a decade lower put a '0' and a '10^-11' label on
+    top of each other). All zeros: a plain axis with one tick at 0."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    positive = [v for v in values if v > 0]
+    if not positive:
+        ax.set_xscale("linear")
+        ax.set_xlim(-1, 1)
+        ax.xaxis.set_major_locator(FixedLocator([0]))
+        return
+    lo, hi = min(positive), max(positive)
+    ax.set_xscale("symlog", linthresh=lo, linscale=0.5)
+    k0, k1 = math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9)
+    decades = [10.0 ** k for k in range(k0, k1 + 1)]
+    if len(decades) < 2 and 10.0 ** (k0 - 1) >= lo / 3:  # one label alone: the decade below,
+        decades.insert(0, 10.0 ** (k0 - 1))  # when it sits clear of the 0 tick
+    decades = decades or [lo]
+    ticks = ([0.0] if any(v == 0 for v in values) else []) + decades
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(FixedLocator([]))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda v, _pos: "0" if v == 0 else f"$10^{{{round(math.log10(v))}}}$"
+        if abs(math.log10(v) - round(math.log10(v))) < 1e-9 else f"{v:.2g}"))
 
 
 def deploy_energy_of_run(run: dict[str, Any], preset: Any) -> float:
@@ -239,13 +267,12 @@ def plot_accuracy_vs_energy(results: dict[str, Any], path: str | Path, preset: A
     if not runs:
         raise XbmError("results hold no new-task runs to plot")
     energies = [deploy_energy_of_run(r, preset) for r in runs]
-    positive = [e for e in energies if e > 0]
     # energies the demo recorded were priced with the demo's preset, whatever ``preset`` is
     priced_by = results.get("energy_preset", preset.name) if all(
         r.get("adaption_energy_j") is not None for r in runs) else preset.name
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     _scatter_by_method(ax, runs, lambda r: deploy_energy_of_run(r, preset), plt)
-    ax.set_xscale("symlog", linthresh=min(positive) / 10 if positive else 1e-15)
+    _zero_and_decades_x(ax, energies)
     ax.set_xlabel(f"adaption energy per task (J, symlog; preset {priced_by})")
     ax.set_title("accuracy vs adaption energy (deploy)")
     fig.tight_layout()
