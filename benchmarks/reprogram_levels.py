@@ -14,7 +14,9 @@ x device levels per cell level).
 
     .venv/bin/python benchmarks/reprogram_levels.py tasks.safetensors [--backbone BB]
 
-Only the ``differential`` signed scheme is supported (the default spec's).
+Both signed schemes are counted: ``differential`` (the default spec's: magnitude digits in one
+polarity of each pair) and ``offset`` (the ``isaac`` preset's: the digits of q + 2^(weight_bits-1)
+in one cell per slice, as the simulator stores them).
 """
 
 from __future__ import annotations
@@ -25,19 +27,24 @@ import sys
 import torch
 
 
-def cell_levels(q: torch.Tensor, cell_bits: int, slices: int) -> torch.Tensor:
-    """Levels of the cells holding integer weights ``q``: (2 polarities, slices, *q.shape)."""
+def cell_levels(q: torch.Tensor, cell_bits: int, slices: int, signed: str = "differential",
+                weight_bits: int = 8) -> torch.Tensor:
+    """Levels of the cells holding integer weights ``q``: (cells per slice, slices, *q.shape):
+    two polarities for ``differential``, one biased cell for ``offset``."""
     mask = 2 ** cell_bits - 1
-    pos, neg = q.clamp(min=0), (-q).clamp(min=0)
+    if signed == "offset":
+        parts = (q + 2 ** (weight_bits - 1),)
+    else:
+        parts = (q.clamp(min=0), (-q).clamp(min=0))
     return torch.stack([torch.stack([(a >> (cell_bits * k)) & mask for k in range(slices)])
-                        for a in (pos, neg)])
+                        for a in parts])
 
 
 def count_levels(mtm, preset) -> list[dict]:
     """Per task that re-programs cells: counted cells, cells whose level changes, their total
     level change, and the write pulses priced and needed (module docstring)."""
     spec = mtm.spec
-    slices = spec.weight_bits // spec.cell_bits
+    slices = spec.slices
     top = 2 ** (spec.weight_bits - 1) - 1
     # device levels per cell level: a 2-bit cell's 4 levels spread over the device's range
     step = (preset.device.conductance_levels - 1) / (2 ** spec.cell_bits - 1)
@@ -53,8 +60,9 @@ def count_levels(mtm, preset) -> list[dict]:
             new = mtm.methods[task].programmed_weight(layer, state).detach().float()
             qb = torch.round(base / scale).clamp(-top, top).long()
             qn = torch.round(new / scale).clamp(-top, top).long()
-            diff = (cell_levels(qb, spec.cell_bits, slices)
-                    - cell_levels(qn, spec.cell_bits, slices)).abs()
+            diff = (cell_levels(qb, spec.cell_bits, slices, spec.signed, spec.weight_bits)
+                    - cell_levels(qn, spec.cell_bits, slices, spec.signed,
+                                  spec.weight_bits)).abs()
             changing += int((diff != 0).sum())
             steps += int(diff.sum())
         rows.append({"task": task, "method": info.method, "counted": counted,
@@ -82,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reprogram_levels: error: {exc}", file=sys.stderr)
         return 2
     spec = mtm.spec
-    if spec.signed != "differential":
-        print(f"reprogram_levels: error: the bundle's spec stores signed weights as "
-              f"{spec.signed!r}; only 'differential' is supported", file=sys.stderr)
-        return 2
     step = (preset.device.conductance_levels - 1) / (2 ** spec.cell_bits - 1)
-    print(f"{args.bundle}: {spec.weight_bits}-bit weights in {spec.weight_bits // spec.cell_bits}"
-          f" slices of {spec.cell_bits}-bit cells, differential pairs; preset {preset.name!r}: "
+    cells = "differential pairs" if spec.signed == "differential" else "offset (biased) cells"
+    print(f"{args.bundle}: {spec.weight_bits}-bit weights in {spec.slices}"
+          f" slices of {spec.cell_bits}-bit cells, {cells}; preset {preset.name!r}: "
           f"{preset.device.write_pulses_per_cell:g} pulses per counted cell, {step:.3g} device "
           "levels per cell level")
     print(f"{'task':<20} {'method':<12} {'counted cells':>14} {'changing':>12} {'share':>7} "

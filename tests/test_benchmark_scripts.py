@@ -260,3 +260,33 @@ def test_ablation_xma_tiny_energy_budgets_only(tmp_path, monkeypatch):
     levels, energy = fig.axes
     assert not levels.get_visible()  # no level runs: hidden, not an empty frame
     assert energy.get_visible() and len(energy.get_lines()) == 2  # one marker set per order
+
+
+def test_reprogram_levels_counts_offset_cells(tmp_path):
+    """The isaac preset now stores weights biased (one cell per slice): the script refused such
+    bundles. A masked-off weight q -> 0 moves each slice's digit of q + 2^(b-1) to that of 2^(b-1),
+    checked digit by digit."""
+    from xbm.hardware import CrossbarSpec
+    from xbm.hardware.energy import get_preset
+    from xbm.models import create_model
+    from xbm.multitask import MultiTaskModel
+
+    torch.manual_seed(0)
+    spec = CrossbarSpec(rows=16, cols=16, signed="offset")
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=3, in_channels=1, width=4), spec,
+                         arch={"name": "small_cnn"})
+    mtm.add_task("pb", 3, "piggyback")
+    want_changing = want_steps = 0
+    zero = [(128 >> (2 * k)) & 3 for k in range(4)]
+    with torch.no_grad():
+        for _, layer, st in mtm.layer_states("pb"):
+            st.score.copy_(torch.where(torch.rand_like(st.score) < 0.3, 0.0, 1.0))
+            w = layer.weight.detach()
+            q = torch.round(w / (w.abs().max() / 127)).clamp(-127, 127).long()
+            for v in q.reshape(-1)[(st.score.reshape(-1) <= 0.005)].tolist():
+                digits = [((v + 128) >> (2 * k)) & 3 for k in range(4)]
+                want_changing += sum(d != z for d, z in zip(digits, zero, strict=True))
+                want_steps += sum(abs(d - z) for d, z in zip(digits, zero, strict=True))
+    (row,) = _load("reprogram_levels").count_levels(mtm, get_preset("default"))
+    assert row["counted"] == mtm.reprogrammed_cells("pb") > 0
+    assert (row["changing"], row["level_steps"]) == (want_changing, want_steps)
