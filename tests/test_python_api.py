@@ -1073,3 +1073,84 @@ def test_numpy_numbers_are_numbers_for_levels_and_the_spec() -> None:
     assert spec.rows == 32 and type(spec.rows) is int
     with pytest.raises(ConfigError, match="levels holds"):
         XMAConfig(levels=np.array([0, 0.3, 1.0]))  # still a power of two or 0
+
+
+def test_a_model_cast_to_half_after_conversion_is_refused() -> None:
+    """mtm.half() after a task was added trained to NaN (and save_bundle then blamed the lr);
+    bfloat16 trained silently with rounded scores."""
+    for dtype in (torch.float16, torch.bfloat16):
+        mtm = MultiTaskModel(_backbone(), SPEC)
+        mtm.add_task("a", 3, "xbm")
+        mtm.to(dtype)
+        with pytest.raises(XbmError, match="the model holds .* tensors; convert a float32"):
+            mtm.add_task("b", 3, "xbm")
+        x, y = torch.randn(8, 1, 28, 28).to(dtype), torch.randint(0, 3, (8,))
+        with pytest.raises(XbmError, match="model.float()"):
+            xbm.train_task(mtm, "a", [(x, y)], 1, torch.device("cpu"), progress=False)
+
+
+def test_forward_passes_every_argument_through() -> None:
+    """Only one tensor reached the wrapped model: forward(x, mask=...) raised a TypeError."""
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x, mask=None):
+            h = self.body(x)
+            return self.fc(h if mask is None else h * mask)
+
+    mtm = MultiTaskModel(Masked(), SPEC).eval()
+    x, mask = torch.randn(2, 6), torch.zeros(2, 8)
+    assert torch.equal(mtm(x, mask=mask), mtm(x, mask))
+    assert not torch.equal(mtm(x), mtm(x, mask))
+
+
+def test_a_bias_free_head_gives_bias_free_task_heads() -> None:
+    """Task heads always had a bias, so an exported task did not load into a fresh model of a
+    bias-free architecture ("Unexpected key(s): fc.bias")."""
+    class NoBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(6, 8)
+            self.fc = nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            return self.fc(self.body(x))
+
+    mtm = MultiTaskModel(NoBias(), SPEC)
+    mtm.add_task("a", 3, "xbm")
+    NoBias().load_state_dict(mtm.export_task("a").state_dict())
+
+
+def test_method_names_follow_the_task_name_rule() -> None:
+    from xbm.methods import register_method
+
+    for bad in ("My Method/1", "base", ""):
+        with pytest.raises(ValueError, match="is invalid"):
+            register_method(bad)
+
+
+def test_head_name_errors_say_what_the_module_is() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)))
+    with pytest.raises(XbmError, match=r"'2' is a Sequential, not an nn.Linear; .* \(its last "
+                       r"Linear is '2.0'\)"):
+        xbm.apply(model, SPEC, head_name="2")
+    with pytest.raises(XbmError, match="model has no module named 'head'"):
+        xbm.apply(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), SPEC, head_name="head")
+
+
+def test_hardware_submodules_are_attributes() -> None:
+    """usage.md writes xbm.hardware.cost.task_costs: an AttributeError after `import xbm`
+    (in a fresh process: this file has imported the submodule already)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = ("import xbm; assert callable(xbm.hardware.cost.task_costs); "
+            "assert callable(xbm.hardware.energy.get_preset)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": src, "PATH": ""}, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -410,6 +410,7 @@ class MultiTaskModel(nn.Module):
         ``filter(lambda p: p.requires_grad, model.parameters())`` trains just this task. If
         anything fails, the model is left as it was.
         """
+        check_float_dtypes(self.model)  # a model cast to float16/bfloat16 after conversion
         check_task_name(name)
         if name == BASE_TASK:
             raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
@@ -559,8 +560,10 @@ class MultiTaskModel(nn.Module):
         names = self.task_names(include_base)
         return ", ".join(names) if names else "no learned task yet (add_task first)"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, whatever it takes (``train_task`` and ``evaluate`` feed
+        ``(x, y)`` batches and call it with ``x`` alone)."""
+        return self.model(*args, **kwargs)
 
     @torch.no_grad()
     def forward_mixed(self, x: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:

@@ -33,7 +33,14 @@ __all__ = [
 ]
 
 
+#: Submodules reachable as attributes after ``import xbm`` (``xbm.hardware.cost.task_costs``,
+#: as the docs write it), imported on first use.
+_SUBMODULES = ("cost", "energy", "simulate", "faults", "mapping", "spec")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"xbm.hardware.{name}")
     raise AttributeError(f"module 'xbm.hardware' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -246,6 +247,11 @@ def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[Adaption
     Raises:
         ValueError: ``name`` is taken by another class (a programming error, not a user one).
     """
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) \
+            or name == "base":
+        raise ValueError(f"method name {name!r} is invalid: use 1-64 letters, digits, '-' or "
+                         "'_' ('base' is the backbone's own task)")
 
     def deco(cls: type[AdaptionMethod]) -> type[AdaptionMethod]:
         old = METHODS.get(name)

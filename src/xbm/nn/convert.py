@@ -91,12 +91,16 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
     if any(isinstance(m, TaskAware) for m in model.modules()):
         raise XbmError("model is already converted to crossbar layers; convert a fresh model")
     check_float_dtypes(model)
-    head = dict(model.named_modules()).get(head_name)
+    modules = dict(model.named_modules())
+    head = modules.get(head_name)
     if not isinstance(head, nn.Linear):
-        raise XbmError(
-            f"model has no Linear classifier named {head_name!r}; pass head_name= the name of its "
-            "final Linear layer"
-        )
+        last = next((n for n, m in reversed(list(model.named_modules()))
+                     if isinstance(m, nn.Linear)), None)
+        what = (f"{head_name!r} is a {type(head).__name__}, not an nn.Linear" if head is not None
+                else f"model has no module named {head_name!r}")
+        hint = f" (its last Linear is {last!r})" if last is not None else ""
+        raise XbmError(f"{what}; pass head_name= the name of the final Linear classifier"
+                       f"{hint}")
     if type(head).forward is not nn.Linear.forward:  # every task's head is a plain Linear
         raise XbmError(f"the classifier {head_name!r} is a {type(head).__name__}, a subclass of "
                        "nn.Linear with its own forward, which the conversion would replace by a "

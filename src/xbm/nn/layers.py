@@ -243,7 +243,9 @@ class TaskHead(nn.Linear, TaskAware):
     """The classifier: the base task's is the backbone's own; every new task gets a fresh one."""
 
     def add_task_head(self, task: str, num_classes: int) -> nn.Linear:
-        head = nn.Linear(self.in_features, num_classes, bias=True)
+        # as the backbone's head: a bias-free classifier's task heads have none either, so an
+        # exported task loads into a fresh model of the architecture
+        head = nn.Linear(self.in_features, num_classes, bias=self.bias is not None)
         head.to(self.weight.device)
         self.xbm_tasks[task] = head
         return head

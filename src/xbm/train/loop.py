@@ -348,6 +348,9 @@ def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tens
         graphed = False
     if capturable and device.type != "cuda":
         raise ConfigError(f"capturable Adam needs a CUDA device, got {device}")
+    from xbm.nn.convert import check_float_dtypes
+
+    check_float_dtypes(mtm.model)  # cast to float16/bfloat16 after its tasks were added
     world, rank = xdist.world_size(), xdist.rank()
     progress = progress and xdist.is_main()
     num_classes = mtm.tasks[task].num_classes
