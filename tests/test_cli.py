@@ -477,7 +477,7 @@ def _one_line_error(capsys) -> str:
     ("precision: fp16\n", "unknown demo precision 'fp16'"),
     ("pretrain_seed: one\n", "pretrain_seed must be an integer"),
     ("seed: 99999999999999999999999\n", "demo seed must be an integer in [0, 4294967295]"),
-    ("pretrain_mixup: .inf\n", "mixup must be a finite number >= 0"),
+    ("pretrain_mixup: .inf\n", "mixup must be a number in [0, 1000]"),
     ("device: [1]\n", "demo device must be a name (a string), got [1]"),
     ("data_root: 5\n", "demo data_root must be a name (a string), got 5"),
     ("preset: [a]\n", "demo preset must be a name (a string)"),
@@ -500,7 +500,7 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
 
 @pytest.mark.parametrize("argv,needle", [
     (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["pretrain", "--lr", "-1"], "lr must be a number > 0"),
+    (["pretrain", "--lr", "-1"], "lr must be a number in (0, 1000]"),
     (["pretrain", "--train-subset", "0"], "--train-subset must be >= 1, got 0"),
     (["pretrain", "--image-size", "4"], "--image-size must be an integer in [8, 1024], got 4"),
     (["pretrain", "--out", "{tmp}"], "is a folder"),
@@ -1341,7 +1341,7 @@ def test_a_backbone_and_a_bundle_swapped_name_the_right_flag(tmp_path, capsys):
     (["adapt", "--dataset", "mnist", "--rows", "0"],
      "--rows: CrossbarSpec.rows must be a positive integer, got 0"),
     (["demo", "--pretrain-mixup", "-1"],
-     "--pretrain-mixup: PretrainConfig.mixup must be a finite number >= 0"),
+     "--pretrain-mixup: PretrainConfig.mixup must be a number in [0, 1000]"),
     (["demo", "--epochs", "0"], "--epochs: demo epochs must be an integer >= 1, got 0"),
     (["cost", "--model", "small_cnn", "--iterations", "0"], "--iterations: iterations must be"),
     (["cost", "--model", "small_cnn", "--piggyback-off-fraction", "1.5"],
@@ -1783,7 +1783,7 @@ def test_bad_input_found_by_a_fuzzing_review(tmp_path, capsys, monkeypatch):
     before = path.read_bytes()
     cases = [
         (["pretrain", "--mixup", "inf", "--out", "x.safetensors"],
-         "PretrainConfig.mixup must be a finite number >= 0"),
+         "PretrainConfig.mixup must be a number in [0, 1000]"),
         (["adapt", "--dataset", "digits", "--seed", str(2**64)],
          "argument --seed: must be an integer in [0, 4294967295]"),
         (["simulate", "--bundle", str(path), "--backbone", str(bb), "--json-out", str(path)],
@@ -2358,3 +2358,55 @@ def test_a_folder_named_like_a_module_method_gets_a_task_name_that_works(tmp_pat
                  str(bb), "--rows", "16", "--cols", "16", "--out", str(tmp_path / "c.st"),
                  "--device", "cpu", "--no-progress"]) == 2
     assert "--task 'train' is taken by torch's module API" in _one_line_error(capsys)
+
+
+def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys):
+    """results.json is written through a symbolic link: a link to a bundle was overwritten with
+    the results (exit 0); a folder there failed only after the whole run."""
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "b.safetensors"
+    victim.write_bytes(b"precious")
+    (out / "results.json").symlink_to(victim)
+    argv = ["demo", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "is a symbolic link" in _one_line_error(capsys)
+    assert victim.read_bytes() == b"precious"
+    os.unlink(out / "results.json")
+    (out / "results.json").mkdir()
+    assert main(argv) == 2
+    assert "results.json is a folder" in _one_line_error(capsys)
+    (out / "results.json").rmdir()
+    (out / "results.json").write_text("notes of mine")
+    assert main(argv) == 2
+    assert "exists and is not an xbm demo results file" in _one_line_error(capsys)
+    assert (out / "results.json").read_text() == "notes of mine"
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["pretrain", "--model", "small_cnn", "--mixup", "1e308"], "mixup must be a number in [0, "
+     "1000]"),
+    (["pretrain", "--model", "small_cnn", "--lr", "1e38"], "lr must be a number in (0, 1000]"),
+    (["map", "--model", "small_cnn", "--rows", "1099511627776"],
+     "CrossbarSpec.rows must be at most 65536"),
+    (["map", "--model", "small_cnn", "--width", "99999999999999999999999"],
+     "does not fit in memory"),
+])
+def test_values_far_past_any_run_are_refused(argv, says, capsys, tmp_path, monkeypatch):
+    """mixup 1e308 hung pretraining forever (Beta sampling), lr 1e38 overflowed inside Adam,
+    2^40 crossbar rows and a 23-digit width ended in tracebacks."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    assert main(argv) == 2
+    assert says in _one_line_error(capsys)
+
+
+def test_method_learning_rates_and_xma_scores_are_bounded():
+    from xbm.errors import ConfigError
+    from xbm.methods import get_method_class
+
+    with pytest.raises(ConfigError, match="lr must be at most 1e3"):
+        get_method_class("xbm").config_class(lr=1e38)
+    with pytest.raises(ConfigError, match="score_init must be a finite number within"):
+        get_method_class("xma").config_class(score_init=1e308)

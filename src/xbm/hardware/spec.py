@@ -19,6 +19,12 @@ from xbm.errors import ConfigError, unknown
 SIGNED_SCHEMES = ("differential", "offset")
 
 
+#: Upper bounds of CrossbarSpec's integer fields, far past any built array (crossbars are
+#: 64-1024 wordlines; weights and inputs at most 32 bits) but within what torch can index.
+MAX_FIELD = {"rows": 65536, "cols": 65536, "weight_bits": 32, "cell_bits": 32, "pe_rows": 4096,
+             "pe_cols": 4096, "input_bits": 32, "dac_bits": 32, "adc_bits": 32}
+
+
 @dataclass(frozen=True)
 class CrossbarSpec:
     """Geometry and precision of the crossbars that hold a programmed backbone."""
@@ -75,6 +81,9 @@ class CrossbarSpec:
             v = getattr(self, f)
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"CrossbarSpec.{f} must be a positive integer, got {v!r}")
+            if v > MAX_FIELD[f]:  # 2^40 rows could not be allocated; 2^64 overflowed torch
+                shown = v if v < 10**24 else f"a {len(str(v))}-digit number"
+                raise ConfigError(f"CrossbarSpec.{f} must be at most {MAX_FIELD[f]}, got {shown}")
             if type(v) is not int:  # numpy's integers: plain ints for JSON metadata
                 object.__setattr__(self, f, int(v))
         if self.weight_bits < 2:

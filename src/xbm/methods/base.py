@@ -59,6 +59,8 @@ class MethodConfig:
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)
                                            and v > 0):
                 raise ConfigError(f"{name}.{f} must be > 0, got {v!r}")
+            if v > 1e3:  # 1e38 overflowed float32 inside Adam (a traceback); 1e308 ran on inf
+                raise ConfigError(f"{name}.{f} must be at most 1e3, got {v!r}")
         if isinstance(self.weight_decay, bool) or not (
                 isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError(f"{name}.weight_decay must be a number >= 0, got "

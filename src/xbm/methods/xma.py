@@ -178,8 +178,10 @@ class XMAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.levels = validate_levels(self.levels, type(self).__name__)
-        if not (isinstance(self.score_init, (int, float)) and math.isfinite(self.score_init)):
-            raise ConfigError(f"{type(self).__name__}.score_init must be a finite number")
+        if not (isinstance(self.score_init, (int, float)) and math.isfinite(self.score_init)
+                and abs(self.score_init) <= 1e6):  # 1e308 overflowed the float32 scores
+            raise ConfigError(f"{type(self).__name__}.score_init must be a finite number within "
+                              f"±1e6, got {self.score_init!r}")
         e = torch.tensor(self.exponents or [0.0], dtype=torch.float64)
         start = float(shift_quantize(torch.tensor([float(self.score_init)], dtype=torch.float64),
                                      *shift_tables(e), self.zero_below)[0])

@@ -109,8 +109,10 @@ def create_model(
         raise ConfigError(f"model {name!r}: {exc}; it accepts: {accepted}") from None
     try:
         return factory(**params)
-    except (MemoryError, RuntimeError) as exc:  # a width that does not fit in memory
-        if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
+    except (MemoryError, RuntimeError, TypeError, OverflowError) as exc:  # too wide to build
+        text = str(exc).lower()
+        if isinstance(exc, (RuntimeError, TypeError)) and not any(
+                w in text for w in ("alloc", "overflow")):
             raise
         sizes = ", ".join(f"{k} {v}" for k, v in params.items())
         raise ConfigError(f"model {name!r} ({sizes}) does not fit in memory: its weights "

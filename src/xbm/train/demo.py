@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import platform
 import time
 import warnings
@@ -215,6 +216,28 @@ def fp32_time_note(cfg: DemoConfig, device: torch.device, precision: str) -> str
             "accuracy (docs/benchmarks.md)")
 
 
+def _check_results_file(path: Path) -> None:
+    """``results.json`` is replaced at the end of a run: refuse, before any work, a folder, a
+    symbolic link (the write goes through it and would overwrite the file it names, a bundle
+    say) or a file that is not an earlier run's results."""
+    import json
+
+    if path.is_symlink():
+        raise XbmError(f"--out: {path} is a symbolic link (to {os.readlink(path)}); the run "
+                       "would write its results through it: remove the link or pass another "
+                       "--out")
+    if path.is_dir():
+        raise XbmError(f"--out: {path} is a folder; remove it or pass another --out")
+    if path.exists():
+        try:
+            ok = isinstance(json.loads(path.read_text(encoding="utf-8")).get("runs"), list)
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise XbmError(f"--out: {path} exists and is not an xbm demo results file; it "
+                           "would be replaced: move it or pass another --out")
+
+
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
              ) -> dict[str, Any]:
     """Run the main job and write ``out_dir/results.json``; returns the results object."""
@@ -223,6 +246,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     # fail fast on unknown names, bad method configs and an unwritable output, before minutes
     # of training
     check_output(out_dir, "dir", "--out")
+    _check_results_file(Path(out_dir).expanduser() / "results.json")
     for m in cfg.methods:
         get_method_class(m)
     if not isinstance(cfg.method_configs, dict):

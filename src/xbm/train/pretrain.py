@@ -127,6 +127,12 @@ def _file_safe(name: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')[-40:]}-{digest}"
 
 
+#: Upper bounds far past any sane value: an Adam learning rate of 1e38 overflows float32
+#: inside the optimizer (a traceback), and mixup's Beta(alpha, alpha) sampler hangs near 1e308.
+MAX_LR = 1e3
+MAX_MIXUP = 1e3
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that decides the pretrained weights (and so the cache key)."""
@@ -196,11 +202,13 @@ class PretrainConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"pretraining {f} must be an integer >= 1 (leave it out for "
                                   f"the whole split), got {v!r}")
-        if not (is_finite_number(self.lr) and self.lr > 0):
-            raise ConfigError(f"pretraining lr must be a number > 0, got {self.lr!r}")
-        if not (is_finite_number(self.mixup) and self.mixup >= 0):  # inf: betavariate hangs
-            raise ConfigError(f"PretrainConfig.mixup must be a finite number >= 0 (0 = off), got "
-                              f"{self.mixup!r}")
+        if not (is_finite_number(self.lr) and 0 < self.lr <= MAX_LR):
+            raise ConfigError(f"pretraining lr must be a number in (0, {MAX_LR:g}], got "
+                              f"{self.lr!r}")
+        # betavariate never returns for alpha near 1e308 (inf too); mixup's alpha is ~0.1-1
+        if not (is_finite_number(self.mixup) and 0 <= self.mixup <= MAX_MIXUP):
+            raise ConfigError(f"PretrainConfig.mixup must be a number in [0, {MAX_MIXUP:g}] "
+                              f"(0 = off), got {self.mixup!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown pretraining precision {self.precision!r}; choose one of "
                               f"{', '.join(PRECISIONS)}")
