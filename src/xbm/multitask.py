@@ -59,12 +59,22 @@ def read_bundle_meta(path: str | Path) -> tuple[dict[str, Any], CrossbarSpec, li
         BundleError: unreadable file, not a bundle, or metadata that does not parse (spec,
             task records, an unknown method or an invalid method config).
     """
+    _, meta, spec, tasks = _read_checked_bundle(path)
+    return meta, spec, tasks
+
+
+def _read_checked_bundle(path: str | Path, head_name: str | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], CrossbarSpec,
+                                    list[TaskInfo]]:
+    """A bundle's tensors, metadata, spec and task records, after every check that needs no
+    model: the header's and the tensors' hashes, the metadata's fields, the heads' sizes (of
+    ``head_name``'s heads; default: the head the bundle records)."""
     tensors, meta = load_safetensors(path)
     _check_meta_hash(path, meta)
     spec, tasks = _check_bundle_meta(path, meta)
     _check_bundle_hash(path, tensors, meta)
-    _check_head_shapes(path, tensors, meta.get("head_name", "fc"), tasks)
-    return meta, spec, tasks
+    _check_head_shapes(path, tensors, head_name or meta.get("head_name", "fc"), tasks)
+    return tensors, meta, spec, tasks
 
 
 def _check_head_shapes(path: str | Path, tensors: dict[str, torch.Tensor], head_name: str,
@@ -755,10 +765,7 @@ class MultiTaskModel(nn.Module):
             BundleError: the file is not a bundle of this backbone and spec, or is corrupt.
             XbmError: a task of the bundle has the name of a task this model already has.
         """
-        tensors, meta = load_safetensors(path)
-        _check_meta_hash(path, meta)
-        spec, infos = _check_bundle_meta(path, meta)
-        _check_bundle_hash(path, tensors, meta)
+        tensors, meta, spec, infos = _read_checked_bundle(path, self.head_name)
         if meta.get("backbone_hash") != self.backbone_hash:
             raise BundleError(
                 f"{path}: bundle belongs to backbone {meta.get('backbone_hash')}, this model's "
@@ -781,7 +788,6 @@ class MultiTaskModel(nn.Module):
         # add_task freezes every other task: the tasks this model had keep their flags
         had = [p for t in self.tasks for p in self._task_params(t)]
         flags = [p.requires_grad for p in had]
-        _check_head_shapes(path, tensors, self.head_name, infos)
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
