@@ -408,3 +408,18 @@ def test_a_converted_half_precision_model_is_refused_too():
                                                                                    cols=16))
     with pytest.raises(XbmError, match="the model holds bfloat16 tensors"):
         MultiTaskModel(model.to(torch.bfloat16), get_spec(rows=16, cols=16))
+
+
+def test_an_empty_xbm_cache_is_unset(monkeypatch, tmp_path):
+    """Backbones went to ./backbones under XBM_CACHE='' (the data cache already read it as
+    unset), and a ~ in it was not expanded."""
+    from pathlib import Path
+
+    from xbm.data.registry import cache_dir as data_cache_dir
+    from xbm.train.pretrain import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XBM_CACHE", "")
+    assert cache_dir() == data_cache_dir() == Path.home() / ".cache" / "xbm"
+    monkeypatch.setenv("XBM_CACHE", "~/c")
+    assert cache_dir() == tmp_path / "c"

@@ -29,8 +29,12 @@ BACKBONE_FORMAT = "xbm-backbone/1"
 
 
 def cache_dir() -> Path:
-    """Where backbones and generated data are cached (``$XBM_CACHE``, default ~/.cache/xbm)."""
-    return Path(os.environ.get("XBM_CACHE", Path.home() / ".cache" / "xbm"))
+    """Where backbones and generated data are cached (``$XBM_CACHE``, default ~/.cache/xbm):
+    the data package's rule, so an empty ``XBM_CACHE`` is unset here too (it wrote backbones
+    into ./backbones) and a ``~`` in it is expanded."""
+    from xbm.data.registry import cache_dir as data_cache_dir
+
+    return data_cache_dir()
 
 
 #: The default backbone width on CPU: what the demo's 10-minute budget on 2 cores allows.
