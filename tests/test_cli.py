@@ -2410,3 +2410,51 @@ def test_method_learning_rates_and_xma_scores_are_bounded():
         get_method_class("xbm").config_class(lr=1e38)
     with pytest.raises(ConfigError, match="score_init must be a finite number within"):
         get_method_class("xma").config_class(score_init=1e308)
+
+
+@needs_data
+def test_demo_checks_subsets_model_and_cache_before_pretraining(tmp_path, capsys, monkeypatch):
+    """An oversized --pretrain-subset was refused only inside pretraining and named
+    --train-subset; an unwritable cache failed after the minutes of pretraining; a task's
+    oversized subset was used whole without a word; an unknown model in the config failed
+    after the datasets were read."""
+    import xbm.train.pretrain as pt
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretrained before the checks")
+
+    monkeypatch.setattr(pt, "pretrain", no_pretraining)
+    out = tmp_path / "run"
+    argv = ["demo", "--out", str(out), *TINY]
+    assert main([*argv, "--pretrain-subset", "60001"]) == 2
+    err = _one_line_error(capsys)
+    assert "pretrain_subset (--pretrain-subset) 60001 exceeds the 60,000 training images of " \
+        "fashion-mnist" in err and "--train-subset" not in err
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model: resnet9000\n")
+    calls = []
+    import xbm.data as xdata
+
+    real = xdata.load_dataset
+    monkeypatch.setattr(xdata, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main([*argv, "--config", str(cfg)]) == 2
+    assert "unknown model 'resnet9000'" in _one_line_error(capsys) and calls == []
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XBM_CACHE", str(blocker))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the letters cache's warning
+    assert err.startswith("xbm: error: ")
+    assert "the backbone cache ($XBM_CACHE):" in err and "is a file" in err and \
+        err.endswith("set XBM_CACHE to a writable folder")
+    # a subset larger than a task's set: the run says which sets are used whole (checked
+    # before the backbone is sought, so the stubbed pretraining shows it came first)
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(AssertionError, match="pretrained before the checks"):
+        main(["demo", "--out", str(out), *TINY, "--train-subset", "9000", "--test-subset",
+              "2500"])
+    printed = capsys.readouterr().out
+    assert "note: --train-subset 9000 is more than animal-mnist's 8,000 training images: all " \
+        "of them are used; --test-subset 2500 is more than animal-mnist's 2,000 test images" \
+        in printed
+    assert "mnist's 60,000" not in printed  # MNIST has that many: not listed

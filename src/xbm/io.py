@@ -134,12 +134,13 @@ def sync_generated_file(path: str | os.PathLike, new: str, current: str | None, 
 
 
 def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out",
-                 suffix: str = "") -> Path:
+                 suffix: str = "", fix: str | None = None) -> Path:
     """Fail now, not after minutes of work, if ``path`` cannot be written.
 
     ``kind`` is ``"file"`` (written atomically next to itself, so its folder must be writable
     and it must not be a folder; ``suffix`` is the one the file path suggested for a folder
-    should have) or ``"dir"`` (created if missing; must not be a file). Nothing
+    should have) or ``"dir"`` (created if missing; must not be a file). ``fix`` replaces the
+    advice to pass another path where the path is not a flag's (a cache's, say). Nothing
     is left behind: a missing folder only has to be creatable, and the nearest existing folder is
     probed with an empty temporary file, removed at once.
 
@@ -151,12 +152,13 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
     p = Path(path).expanduser()
     if kind == "dir":
         if p.exists() and not p.is_dir():
-            raise XbmError(f"{flag} {p} is an existing file, not a folder; pass a folder")
+            raise XbmError(f"{flag} {p} is an existing file, not a folder; "
+                           f"{fix or 'pass a folder'}")
         target = p
     else:
         if p.is_dir():
-            raise XbmError(f"{flag} {p} is a folder; pass a file path such as "
-                           f"{p / ('out' + suffix)}")
+            raise XbmError(f"{flag} {p} is a folder; "
+                           f"{fix or 'pass a file path such as ' + str(p / ('out' + suffix))}")
         # a link is written through (atomic_path): the folder of the file it points to
         target = Path(os.path.realpath(p)).parent if p.is_symlink() else p.parent
     probe = target
@@ -166,14 +168,14 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
         probe = probe.parent
     if not probe.is_dir():
         raise XbmError(f"{flag} {p}: {probe} is a file, so the folder cannot be created; "
-                       "pass another path")
+                       f"{fix or 'pass another path'}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise XbmError(f"{flag} {p}: {probe} is not writable; pass a writable path")
+        raise XbmError(f"{flag} {p}: {probe} is not writable; {fix or 'pass a writable path'}")
     try:  # access() answers for the permission bits only: root passes it even on /proc
         fd, tmp = tempfile.mkstemp(prefix=".xbm-probe.", suffix=".tmp", dir=probe)
     except OSError as exc:
         raise XbmError(f"{flag} {p}: cannot create files in {probe} "
-                       f"({exc.strerror or exc}); pass a writable path") from None
+                       f"({exc.strerror or exc}); {fix or 'pass a writable path'}") from None
     os.close(fd)
     os.unlink(tmp)
     return p

@@ -26,6 +26,7 @@ from xbm.hardware.cost import task_costs
 from xbm.hardware.spec import CrossbarSpec, get_spec
 from xbm.io import check_output, tensors_hash, write_json_atomic
 from xbm.methods import create_method, get_method_class
+from xbm.models.registry import model_defaults
 from xbm.multitask import MultiTaskModel
 from xbm.train import distributed as xdist
 from xbm.train.loop import (
@@ -238,6 +239,28 @@ def _check_results_file(path: Path) -> None:
                            "would be replaced: move it or pass another --out")
 
 
+def _check_subsets(cfg: DemoConfig, base: Any, tasks: list[Any], log=print) -> None:
+    """Subset sizes against the datasets, before any work. A pretraining subset larger than
+    the base task's training set is refused (the backbone would train on all of it, cached
+    under a name that says otherwise); a task's train or test subset larger than its set uses
+    all of it, and the run says so, since its accuracy rests on fewer images than asked."""
+    n_base = len(base.train_y)
+    if cfg.pretrain_subset is not None and cfg.pretrain_subset > n_base:
+        raise ConfigError(f"demo pretrain_subset (--pretrain-subset) {cfg.pretrain_subset} "
+                          f"exceeds the {n_base:,} training images of {base.name}, the base "
+                          "task; drop it to pretrain on them all")
+    over = []
+    for flag, n, kind, sets in (("--train-subset", cfg.train_subset, "training", tasks),
+                                ("--test-subset", cfg.test_subset, "test", [base, *tasks])):
+        sizes = [(d.name, len(d.train_y if kind == "training" else d.test_y)) for d in sets]
+        small = [f"{name}'s {have:,}" for name, have in sizes if n is not None and n > have]
+        if small:
+            over.append(f"{flag} {n} is more than {', '.join(small)} {kind} images: all of "
+                        "them are used")
+    if over and xdist.is_main():
+        log(f"note: {'; '.join(over)}")
+
+
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
              ) -> dict[str, Any]:
     """Run the main job and write ``out_dir/results.json``; returns the results object."""
@@ -270,6 +293,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             f"{', '.join(cfg.methods)}; add {'them' if len(idle) > 1 else 'it'} to methods "
             "(--methods) to run with those fields", XbmWarning, stacklevel=user_stacklevel())
     bench = get_benchmark(cfg.benchmark)
+    model_defaults(cfg.model)  # an unknown model name, before the datasets and pretraining
     spec = cfg.spec()
     device = resolve_device(cfg.device)
     cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device)  # what runs (torchrun: eager)
@@ -284,16 +308,17 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         note = fp32_time_note(cfg, device, precision)
         if note:
             log(note)
+    # every dataset first: a missing one or an oversized subset fails before the pretraining
+    base_full = load_dataset(bench.base, root=cfg.data_root)
+    full = [load_dataset(name, root=cfg.data_root) for name in bench.tasks]
+    _check_subsets(cfg, base_full, full, log)
+    base_data = base_full.subset(None, cfg.test_subset, seed=cfg.seed)
+    del base_full
+    tasks = [d.subset(cfg.train_subset, cfg.test_subset, seed=cfg.seed) for d in full]
+    del full
     backbone, bmeta, bpath = xdist.main_first(lambda: get_backbone(
         pcfg, device, root=cfg.data_root, progress=progress and xdist.is_main(), log=log))
-    base_data = load_dataset(bench.base, root=cfg.data_root).subset(None, cfg.test_subset,
-                                                                     seed=cfg.seed)
     _, base_test = base_data.loaders(cfg.eval_batch_size, seed=cfg.seed)
-    tasks = []
-    for name in bench.tasks:
-        d = load_dataset(name, root=cfg.data_root).subset(cfg.train_subset, cfg.test_subset,
-                                                          seed=cfg.seed)
-        tasks.append(d)
     runs: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     mapping = None

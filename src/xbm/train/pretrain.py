@@ -650,6 +650,11 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
         return model, meta, p
     if not path:
+        from xbm.io import check_output
+
+        # an unwritable cache fails now, not after the minutes of pretraining
+        check_output(p, "file", "the backbone cache ($XBM_CACHE):",
+                     fix="set XBM_CACHE to a writable folder")
         log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
             "load it; a command that takes --backbone PATH uses a backbone file you have "
             "instead)")
