@@ -2458,3 +2458,37 @@ def test_demo_checks_subsets_model_and_cache_before_pretraining(tmp_path, capsys
         "of them are used; --test-subset 2500 is more than animal-mnist's 2,000 test images" \
         in printed
     assert "mnist's 60,000" not in printed  # MNIST has that many: not listed
+
+
+def test_input_files_say_folder_dangling_link_or_missing_and_read_dev_null(tmp_path):
+    """A folder given as --checkpoint, a dangling link or /dev/null were all said "does not
+    exist". /dev/null is the empty file (a config with no fields), a pipe is read as text."""
+    import os
+
+    from xbm.cli import _load_yaml
+    from xbm.errors import XbmError
+    from xbm.hardware.energy import load_preset_file
+    from xbm.models.checkpoint import _read
+    from xbm.report.plots import load_results
+
+    link = tmp_path / "link.yaml"
+    link.symlink_to(tmp_path / "gone.yaml")
+    readers = (_load_yaml, load_preset_file, lambda p: _read(Path(p)), load_results)
+    for read in readers:
+        for path, says in ((tmp_path, "is a folder"), (tmp_path / "none", "does not exist"),
+                           (link, f"is a symbolic link to {tmp_path / 'gone.yaml'}, which does "
+                            "not exist")):
+            with pytest.raises(XbmError) as info:
+                read(str(path))
+            msg = str(info.value).replace(repr(str(path)), str(path))  # checkpoint quotes
+            assert f"{path} {says}; " in msg, msg
+    assert _load_yaml(os.devnull) == {}
+    with pytest.raises(XbmError, match="is empty"):
+        _read(Path(os.devnull))
+    r, w = os.pipe()
+    os.write(w, b"epochs: 3\n")
+    os.close(w)
+    try:
+        assert _load_yaml(f"/dev/fd/{r}") == {"epochs": 3}
+    finally:
+        os.close(r)

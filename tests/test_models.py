@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -357,3 +359,22 @@ def _vgg_runs(side: int) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda v: torch.empty_like(v, device="meta"), "is a meta tensor"),
+    (lambda v: v.to_sparse(), "is a sparse tensor"),
+    (lambda v: v.to(torch.complex64), "is a torch.complex64 tensor"),
+    (lambda v: v > 0, "is a torch.bool tensor"),
+])
+def test_checkpoint_tensors_that_hold_no_weights_are_refused_by_name(make, says, tmp_path):
+    """A meta-device state dict (shapes without data) failed inside load_state_dict, one
+    traceback line per entry; sparse, complex and bool tensors are not a backbone's weights."""
+    model = _small("small_cnn")
+    sd = dict(model.state_dict())
+    key = next(iter(sd))
+    sd[key] = make(sd[key])
+    path = tmp_path / "ckpt.pth"
+    torch.save(sd, path)
+    with pytest.raises(XbmError, match=f"entry '{re.escape(key)}' {says}"):
+        load_torchvision_state_dict(_small("small_cnn"), path)

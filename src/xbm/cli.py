@@ -36,11 +36,13 @@ EXTENSIONS = ("xbm.hardware.cost_cli", "xbm.hardware.simulate_cli")
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
+    from xbm.io import input_problem
+
     p = Path(path)
-    if p.is_dir():
-        raise XbmError(f"config file {path} is a folder; pass the YAML file in it")
-    if not p.is_file():
-        raise XbmError(f"config file {path} does not exist")
+    problem = input_problem(p)
+    if problem:
+        raise XbmError(f"config file {path} {problem}; pass a YAML file"
+                       + (" (the one in the folder)" if p.is_dir() else ""))
     try:
         data = load_yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

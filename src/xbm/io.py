@@ -133,6 +133,19 @@ def sync_generated_file(path: str | os.PathLike, new: str, current: str | None, 
     return 0
 
 
+def input_problem(path: str | os.PathLike) -> str | None:
+    """What stops ``path`` being read as an input file, or ``None``: a folder, a dangling
+    symbolic link or nothing there. Anything else that exists is read: ``/dev/null`` is the
+    empty file by the Unix convention, and a pipe (``--config <(...)``) is a file's text."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return "is a folder"
+    if not p.exists():
+        return (f"is a symbolic link to {os.readlink(p)}, which does not exist"
+                if p.is_symlink() else "does not exist")
+    return None
+
+
 def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out",
                  suffix: str = "", fix: str | None = None) -> Path:
     """Fail now, not after minutes of work, if ``path`` cannot be written.

@@ -573,12 +573,13 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
     """Read a YAML preset (e.g. one written by ``xbm cost --dump-preset``), validated."""
     import yaml
 
+    from xbm.io import input_problem
+
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"energy preset file {path} is a folder; pass a YAML file (xbm cost "
+    problem = input_problem(p)
+    if problem:
+        raise ConfigError(f"energy preset file {path} {problem}; pass a YAML file (xbm cost "
                           "--dump-preset NAME > my.yaml writes one)")
-    if not p.is_file():
-        raise ConfigError(f"energy preset file {path} does not exist")
     try:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

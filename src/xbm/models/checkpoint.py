@@ -22,8 +22,11 @@ _SHOWN = 3  # keys named per category; enough to spot a prefix or num_classes pr
 
 
 def _read(path: Path) -> Mapping[str, object]:
-    if not path.is_file():
-        raise XbmError(f"checkpoint {str(path)!r} does not exist; pass the path of a .pth, .pt "
+    from xbm.io import input_problem
+
+    problem = input_problem(path)
+    if problem:
+        raise XbmError(f"checkpoint {str(path)!r} {problem}; pass the path of a .pth, .pt "
                        f"or .safetensors state dict")
     if path.suffix != ".safetensors":
         with open(path, "rb") as f:
@@ -112,6 +115,10 @@ def load_torchvision_state_dict(
             what = "a sparse" if value.layout != torch.strided else f"a {value.dtype}"
             raise XbmError(f"{source}: entry {key!r} is {what} tensor; a backbone's weights are "
                            "dense real numbers: save them with .to_dense() / a float dtype")
+        if value.is_meta:  # load_state_dict failed on every entry, a traceback of hundreds
+            raise XbmError(f"{source}: entry {key!r} is a meta tensor (a shape without data, "
+                           "as a model built on the meta device saves); save the state dict "
+                           "after its weights are loaded")
         # DataParallel/DDP's "module.", torch.compile's "_orig_mod." (either order)
         for prefix in ("module.", "_orig_mod.", "module."):
             key = key.removeprefix(prefix)

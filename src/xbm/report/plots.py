@@ -71,9 +71,13 @@ def si_joules(x: float) -> str:
 
 def load_results(path: str | Path) -> dict[str, Any]:
     """A demo results.json, checked for the fields the accuracy plots read."""
+    from xbm.io import input_problem
+
     p = Path(path)
-    if not p.is_file():
-        raise XbmError(f"results file {path} does not exist; run `xbm demo` or pass --results")
+    problem = input_problem(p)
+    if problem:
+        raise XbmError(f"results file {path} {problem}; run `xbm demo` or pass --results "
+                       "FILE (a demo's results.json)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
