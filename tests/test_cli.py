@@ -1371,6 +1371,12 @@ def test_name_the_flag_leaves_other_messages_alone():
     # "CrossbarSpec.dac_bits (9) exceeds input_bits (8)")
     msg = "CrossbarSpec.dac_bits (9) exceeds input_bits (8); lower it"
     assert _name_the_flag(msg, ["simulate", "--sim-dac-bits", "9"]) == f"--sim-dac-bits: {msg}"
+    msg = "SimConfig.mask_init (-0.5) must be >= 0"
+    assert _name_the_flag(msg, ["--mask-init", "-0.5"]) == f"--mask-init: {msg}"
+    # a shape in brackets is no comparison: import-backbone's mismatch named --model
+    msg = "checkpoint 'w.pth' does not match ResNet: 1 shape mismatch(es): conv1.weight " \
+        "(4, 1, 3, 3) vs model (8, 1, 3, 3), fc.bias (10,) vs model (7,)"
+    assert _name_the_flag(msg, ["import-backbone", "--model", "resnet18_cifar"]) == msg
     # the flag named exactly as the field wins over a prefixed one typed earlier, and a prefix
     # is stripped only where the message names its class
     msg = "demo epochs must be an integer >= 1, got 0"

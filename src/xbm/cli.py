@@ -1251,9 +1251,10 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
     flags = [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
 
     def says(field: str) -> bool:
-        # "rows must be ..." or a comparison, "dac_bits (9) exceeds input_bits (8)"
-        return bool(field) and re.search(rf"(?<![\w-]){re.escape(field)}(?: must\b| \(\d)",
-                                         message)
+        # "rows must be ..." or a comparison, "dac_bits (9) exceeds input_bits (8)"; one
+        # value in the brackets, not a shape ("vs model (8, 1, 3, 3)" named no --model)
+        return bool(field) and re.search(
+            rf"(?<![\w-]){re.escape(field)}(?: must\b| \(-?\d[^,()]*\))", message)
 
     # a flag named exactly as the field first (--epochs for "demo epochs", not
     # --pretrain-epochs); a prefixed flag only where the message names its class
