@@ -314,6 +314,28 @@ def test_cost_of_an_arch_less_model_reads_its_channels_and_asks_for_the_size() -
         task_costs(mtm, "t", input_size=16, in_channels=0)
 
 
+
+def test_task_costs_price_the_side_the_task_records_and_take_preset_as_task_cost_does(
+        ) -> None:
+    """A task trained on 16 px images (extra image_size, as xbm adapt records it) was priced
+    on 28 px ones; task_costs named its preset energy_preset= where task_cost says preset=."""
+    mtm = MultiTaskModel(_backbone(in_channels=3), SPEC)
+    mtm.add_task("small", 3, "xbm")
+    mtm.tasks["small"].extra["image_size"] = 16  # what xbm adapt records
+    mtm.add_task("plain", 3, "xbm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recorded side needs no warning
+        recorded = task_costs(mtm, "small")
+    assert recorded == task_costs(mtm, "small", input_size=16)
+    assert recorded["inference_energy_j"] < task_costs(
+        mtm, "small", input_size=28)["inference_energy_j"]
+    assert task_costs(mtm, "small", preset="isaac")["energy_preset"] == "isaac"
+    with pytest.warns(DeprecationWarning, match="now preset="):
+        assert task_costs(mtm, "small", energy_preset="isaac") == \
+            task_costs(mtm, "small", preset="isaac")
+    with pytest.raises(ConfigError, match="pass preset= only"):
+        task_costs(mtm, "small", "isaac", energy_preset="isaac")
+
 def test_a_batchnorm_without_running_statistics_is_refused_at_conversion() -> None:
     """It converted, and then every forward (even the base task's) failed in torch with
     "running_mean must be defined in evaluation mode"."""

@@ -1169,10 +1169,15 @@ def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None 
               reference: str = BASE, assumptions: Assumptions | None = None,
               input_size: int | None = None, in_channels: int | None = None) -> MethodCost:
     """The full cost of one learned task (deploy from the backbone, switch from ``reference``);
-    ``preset``: an energy preset or its name (default: ``default``)."""
+    ``preset``: an energy preset or its name (default: ``default``). ``input_size``: the image
+    side the energies are counted on; default the side the task records it was trained at
+    (``extra["image_size"]``, as ``xbm adapt`` writes), else as :func:`mtm_positions`."""
     preset = _as_preset(preset)
     a = assumptions or Assumptions()
     facts = task_facts(mtm, task, reference, a)
+    if input_size is None:  # a task trained on 64 px images was priced at 28 px, unsaid
+        side = (mtm.tasks[task].extra or {}).get("image_size")
+        input_size = side if isinstance(side, int) and not isinstance(side, bool) else None
     positions, _ = mtm_positions(mtm, input_size, in_channels)
     method = mtm.tasks[task].method
     d, _ = method_defaults(method)
@@ -1181,10 +1186,10 @@ def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None 
                        source=f"task {task!r}", info=info)
 
 
-def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str | None = None,
+def task_costs(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None = None,
                *, reference: str = BASE, input_size: int | None = None,
-               in_channels: int | None = None,
-               assumptions: Assumptions | None = None) -> dict[str, Any]:
+               in_channels: int | None = None, assumptions: Assumptions | None = None,
+               energy_preset: EnergyPreset | str | None = None) -> dict[str, Any]:
     """Flat cost numbers of one learned task, for results tables (the demo's columns).
 
     ``adaption_energy_j`` is the deploy setting: the task was trained off-chip and is programmed
@@ -1197,15 +1202,25 @@ def task_costs(mtm: MultiTaskModel, task: str, energy_preset: EnergyPreset | str
     Args:
         mtm: the multi-task model holding the task.
         task: the task's name.
-        energy_preset: a preset or its name (default: the ``default`` preset).
+        preset: an energy preset or its name (default: the ``default`` preset), as
+            :func:`task_cost` takes it.
         reference: the task the chip switches from.
-        input_size: image side for counting output positions (default: 224 for ImageNet
-            layouts, else 28; a model without a recorded ``arch`` warns that it assumed 28).
+        input_size: image side for counting output positions (default: the side the task
+            records, ``extra["image_size"]``; else 224 for ImageNet layouts and 28 for the
+            others; a model without a recorded ``arch`` warns that it assumed 28).
         in_channels: input channels (default: the recorded architecture's, else the first
             convolution's).
         assumptions: on-chip workload (iterations, batch) for ``onchip_adaption_energy_j``.
+        energy_preset: the former name of ``preset``, still read (deprecated).
     """
-    preset = _as_preset(energy_preset)
+    if energy_preset is not None:
+        if preset is not None:
+            raise ConfigError("task_costs: pass preset= only (energy_preset= is its former "
+                              "name)")
+        warnings.warn("task_costs(energy_preset=) is now preset=, as task_cost takes it",
+                      DeprecationWarning, stacklevel=2)
+        preset = energy_preset
+    preset = _as_preset(preset)
     c = task_cost(mtm, task, preset, reference=reference, assumptions=assumptions,
                   input_size=input_size, in_channels=in_channels)
     return c.summary() | {"energy_preset": preset.name, "switch_from": reference}

@@ -1,6 +1,7 @@
 """Training loops, pretraining and the demo pipeline."""
 
 from xbm.train.loop import (
+    BatchSource,
     TrainResult,
     evaluate,
     evaluate_task,
@@ -10,5 +11,5 @@ from xbm.train.loop import (
     train_task,
 )
 
-__all__ = ["TrainResult", "evaluate", "evaluate_task", "resolve_cuda_graph", "resolve_device",
-           "seed_everything", "train_task"]
+__all__ = ["BatchSource", "TrainResult", "evaluate", "evaluate_task", "resolve_cuda_graph",
+           "resolve_device", "seed_everything", "train_task"]

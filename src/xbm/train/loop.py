@@ -8,8 +8,9 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +264,18 @@ def _device_of(mtm: nn.Module, device: torch.device | str | None) -> torch.devic
     return dev
 
 
-def train_task(mtm: MultiTaskModel, task: str, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+class BatchSource(Protocol):
+    """What :func:`train_task` reads: batches of (images, labels), iterated once per epoch,
+    with a length (its cosine schedule spans epochs x len(loader) steps). A torch DataLoader,
+    a list of batches and :meth:`xbm.data.TaskData.loaders`' loaders all are; a generator,
+    without a length and spent after one pass, is not."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                epochs: int = 1, device: torch.device | str | None = None,
                progress: bool = True, max_steps: int | None = None,
                precision: str = "fp32", cuda_graph: bool | None = False,
