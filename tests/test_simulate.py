@@ -179,6 +179,39 @@ def test_masked_column_contributes_nothing():
         and sim2.skipped_conversions == 0
 
 
+
+@pytest.mark.parametrize("gran", ["layer", "tile", "column"])
+def test_a_masked_column_sets_no_shared_adc_range(gran):
+    """Calibrated ADCs: a masked-off column is not read, so its partial sums must not widen
+    the range its tile (or layer) shares; they did, and coarsened the live columns' steps."""
+    spec = get_spec(rows=8, cols=64, weight_bits=8, cell_bits=2, input_bits=8, dac_bits=2,
+                    adc_bits=4)
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    model = _one_layer_model(conv, 4, spec).eval()
+    layer = model[0]
+    w = layer.weight.detach().clone()
+    big = w.abs().amax(dim=(1, 2, 3))
+    # the masked column: the largest weights of its tile, so its sums set the shared range
+    w[2, :, :, :] = w[2].sign() * big.max()
+    mask = torch.ones(layer.row_tiles, 4)
+    mask[:, 2] = 0.0
+    zeroed = apply_column_mask(w, mask, spec.rows)
+    zeroed[0, 0, 0, 0] = big.max()  # keep the layer's weight scale for the comparison
+    w[0, 0, 0, 0] = big.max()
+    x = torch.randn(4, 3, 7, 7)
+    cfg = SimConfig(adc_mode="calibrate", adc_granularity=gran, **EAGER)
+    layer.chip_view = lambda task=None: (w, mask, None)
+    with torch.no_grad(), faithful(model, cfg, calibration=[x]):
+        masked = layer(x)
+    layer.chip_view = lambda task=None: (zeroed, None, None)
+    with torch.no_grad(), faithful(model, cfg, calibration=[x]):
+        assert quantize_weight(weight_matrix(zeroed), spec)[1] == quantize_weight(
+            weight_matrix(w), spec)[1]
+        direct = layer(x)
+    assert torch.allclose(masked, direct, atol=1e-5), (masked - direct).abs().max()
+
+
 # -- against a slow reference (loops over tiles, slices, cycles) ---------------------------------
 def _reference(layer: nn.Module, x: torch.Tensor, ls, task: str) -> torch.Tensor:
     """Explicit im2col + loops: the conventions of docs/simulation.md, written plainly."""
@@ -187,7 +220,7 @@ def _reference(layer: nn.Module, x: torch.Tensor, ls, task: str) -> torch.Tensor
     m = weight_matrix(w).float()
     w_int, s_w = quantize_weight(m, spec)
     slices = cells_to_slices(encode_cells(w_int, spec), spec).double()  # (Cout, rows, S)
-    step, lo, hi = ls._adc(cal, x.device)
+    step, lo, hi = ls._adc(cal, x.device, scale)
     cout, rows = m.shape
     R = spec.rows
     rt = math.ceil(rows / R)

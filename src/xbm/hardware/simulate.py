@@ -560,8 +560,11 @@ class LayerSim:
         return prep
 
     # -- ADC steps --------------------------------------------------------------------------
-    def _adc(self, cal: _Calib, device: torch.device) -> tuple[torch.Tensor | None, float, float]:
-        """(step (rt, Cout) or None for an ideal ADC, lo, hi)."""
+    def _adc(self, cal: _Calib, device: torch.device, scale: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor | None, float, float]:
+        """(step (rt, Cout) or None for an ideal ADC, lo, hi). ``scale``: the task's column
+        scales (rt, Cout); a masked-off column (scale 0) is not read, so its partial sums do
+        not widen the range its tile or layer shares."""
         cfg, spec, plan = self.config, self.spec, self.plan
         if cfg.adc_mode == "ideal" or self.mode in ("calib_adc", "calib_input"):
             return None, 0.0, 0.0
@@ -582,6 +585,8 @@ class LayerSim:
                            f"{self.sim.current_task(self)!r}; call Simulation.calibrate(batches) "
                            "(or pass calibration= to faithful()) first")
         r = cal.psum_max.to(device) * cfg.adc_headroom
+        if scale is not None and cfg.adc_granularity != "column":
+            r = r * (scale.detach().to(device) != 0)
         if cfg.adc_granularity == "layer":
             r = r.amax().expand_as(r)
         elif cfg.adc_granularity == "tile":
@@ -647,7 +652,7 @@ class LayerSim:
         else:
             pre_pad = pads
         # -- ADC and scales, per (g, tile, slice, column)
-        step, lo, hi = self._adc(cal, dev)
+        step, lo, hi = self._adc(cal, dev, scale)
         quantize = step is not None
         cs = (scale.detach().to(dev, dtype) if scale is not None
               else torch.ones(rt, plan.cout, device=dev, dtype=dtype))  # (rt, Cout)
