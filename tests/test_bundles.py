@@ -423,3 +423,62 @@ def test_an_empty_xbm_cache_is_unset(monkeypatch, tmp_path):
     assert cache_dir() == data_cache_dir() == Path.home() / ".cache" / "xbm"
     monkeypatch.setenv("XBM_CACHE", "~/c")
     assert cache_dir() == tmp_path / "c"
+
+
+def _edit_header(path, out, field, value) -> None:
+    """Rewrite one JSON field of an xbm file's header, keeping every other field (its
+    meta_hash included), as a hand edit or a corrupt byte would."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta[field] = json.dumps(value)
+    save_file(tensors, str(out), metadata=meta)
+
+
+def test_backbone_and_fault_map_headers_are_hashed_too(tmp_path):
+    """A backbone's or fault map's header was not covered by any hash: an edited width in
+    'arch' built another model (or failed oddly), edited rates were simulated as recorded."""
+    from xbm.hardware import get_spec
+    from xbm.hardware.faults import FaultMap
+    from xbm.models import create_model
+    from xbm.train.pretrain import import_backbone, load_backbone
+
+    ckpt = tmp_path / "w.pth"
+    torch.save(create_model("small_cnn", num_classes=4, in_channels=1).state_dict(), ckpt)
+    bb = tmp_path / "bb.safetensors"
+    meta = import_backbone("small_cnn", ckpt, bb, num_classes=4, in_channels=1,
+                           dataset="fixture", accuracy=50.0)
+    assert load_backbone(bb)[1]["meta_hash"] == meta["meta_hash"]
+    edited = tmp_path / "edited.safetensors"
+    _edit_header(bb, edited, "accuracy", 99.0)
+    with pytest.raises(BundleError, match="metadata hash mismatch; the backbone's header was "
+                       "changed or is corrupt; re-run pretrain"):
+        load_backbone(edited)
+    # a backbone written before its header was hashed still loads
+    old = tmp_path / "old.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(bb), framework="pt") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "meta_hash"}
+    _edit_header(bb, old, "accuracy", 50.0)
+    with safe_open(str(old), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(old), metadata=header)
+    assert load_backbone(old)[1]["accuracy"] == 50.0
+
+    mtm = MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
+                         get_spec(rows=16, cols=16))
+    fm = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.02, seed=5)
+    chip = tmp_path / "chip.safetensors"
+    fm.save(chip)
+    assert FaultMap.load(chip).sa1_rate == 0.02
+    _edit_header(chip, edited, "sa1_rate", 0.2)
+    with pytest.raises(BundleError, match="the fault map's header was changed"):
+        FaultMap.load(edited)

@@ -222,6 +222,23 @@ def metadata_hash(meta: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_metadata_hash(path: str | os.PathLike, meta: Mapping[str, object], what: str,
+                        fix: str, holds: str = "") -> None:
+    """A file's header against the ``meta_hash`` it records: a flipped byte in a recorded
+    field (an architecture's width, a fault map's rates) still parses and would change what
+    is built or simulated, unsaid. Files written before a format recorded it have none and
+    are not checked.
+
+    Raises:
+        BundleError: the header was edited or is corrupt; ``fix`` says how to make it again
+            (``holds``: what the header records, for the message).
+    """
+    want = meta.get("meta_hash")
+    if want is not None and metadata_hash(meta) != want:
+        raise BundleError(f"{path}: metadata hash mismatch; the {what}'s header"
+                          f"{f' ({holds})' if holds else ''} was changed or is corrupt; {fix}")
+
+
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                      metadata: Mapping[str, object]) -> None:
     """Save tensors plus JSON-encoded metadata as one safetensors file, atomically."""

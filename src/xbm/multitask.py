@@ -26,7 +26,13 @@ from torch import nn
 from xbm.errors import BundleError, XbmError, XbmWarning, user_stacklevel
 from xbm.hardware.mapping import FilterFn, MappingReport, map_model
 from xbm.hardware.spec import CrossbarSpec
-from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
+from xbm.io import (
+    check_metadata_hash,
+    load_safetensors,
+    metadata_hash,
+    save_safetensors,
+    tensors_hash,
+)
 from xbm.methods import AdaptionMethod, MethodConfig, create_method
 from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
 from xbm.nn.convert import check_float_dtypes
@@ -110,11 +116,8 @@ def _check_meta_hash(path: str | Path, meta: dict[str, Any]) -> None:
     """Bundles record a hash of their metadata too: a flipped byte in a task record (its image
     size, classes, method config) or in the spec still parses, and changed results silently.
     Bundles written before session 26 have none and are not checked."""
-    want = meta.get("meta_hash")
-    if want is not None and metadata_hash(meta) != want:
-        raise BundleError(f"{path}: metadata hash mismatch; the bundle's header (its task "
-                          "records, spec or architecture) was changed or is corrupt; re-create "
-                          "it with xbm adapt")
+    check_metadata_hash(path, meta, "bundle", "re-create it with xbm adapt",
+                        holds="its task records, spec or architecture")
 
 
 def _check_bundle_meta(path: str | Path, meta: dict[str, Any]

@@ -240,20 +240,23 @@ class FaultMap:
 
     def save(self, path: str | Path) -> None:
         """Write the map as one safetensors file (atomically), with its spec and rates."""
-        from xbm.io import save_safetensors
+        from xbm.io import metadata_hash, save_safetensors
 
         meta = {"format": FAULT_MAP_FORMAT, "spec": dict(self.spec), "sa0_rate": self.sa0_rate,
                 "sa1_rate": self.sa1_rate, "seed": self.seed, "extra": self.extra}
+        meta["meta_hash"] = metadata_hash(meta)
         save_safetensors(path, {k: v.to(torch.int8) for k, v in self.codes.items()}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> FaultMap:
         """Read a map written by :meth:`save`."""
-        from xbm.io import load_safetensors
+        from xbm.io import check_metadata_hash, load_safetensors
 
         tensors, meta = load_safetensors(path)
         if meta.get("format") != FAULT_MAP_FORMAT:
             raise BundleError(f"{path}: not an xbm fault map (format {meta.get('format')!r})")
+        check_metadata_hash(path, meta, "fault map", "make it again with xbm simulate "
+                            "--fault-aware --save-fault-map")
         try:  # a hand-edited or foreign header: one line naming it, not a traceback
             spec, extra = meta["spec"], meta.get("extra", {})
             if not isinstance(spec, dict) or not isinstance(extra, dict):

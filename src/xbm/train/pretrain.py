@@ -22,7 +22,14 @@ from torch import nn
 
 from xbm.config import check_seed, is_finite_number
 from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning, user_stacklevel
-from xbm.io import header_field, load_safetensors, save_safetensors, tensors_hash
+from xbm.io import (
+    check_metadata_hash,
+    header_field,
+    load_safetensors,
+    metadata_hash,
+    save_safetensors,
+    tensors_hash,
+)
 from xbm.train.loop import ProgressClock, _progress, cosine_lambda, evaluate, seed_everything
 
 BACKBONE_FORMAT = "xbm-backbone/1"
@@ -416,6 +423,7 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         "content_hash": tensors_hash(state),
         "torch": torch.__version__,
     }
+    meta["meta_hash"] = metadata_hash(meta)
     log(f"pretrained: {cfg.dataset} test accuracy {acc:.2f}% ({len(data.test_y):,} test images) "
         f"in {secs:.0f}s")
     if out is not None:
@@ -438,6 +446,7 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise BundleError(f"{path}: not an xbm backbone file (no backbone metadata); pass a "
                           "file `xbm pretrain` wrote, or convert a state dict of your own with "
                           "`xbm import-backbone`")
+    check_metadata_hash(path, meta, "backbone", "re-run pretrain (or import-backbone)")
     if tensors_hash(tensors) != meta.get("content_hash"):
         raise BundleError(f"{path}: content hash mismatch; the file is corrupt, re-run pretrain")
     model = build_model(meta["arch"])
@@ -485,6 +494,7 @@ def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.Pat
     meta = {"format": BACKBONE_FORMAT, "arch": arch, "dataset": dataset, "accuracy": accuracy,
             "content_hash": tensors_hash(state), "torch": torch.__version__,
             "imported_from": os.path.abspath(os.fspath(checkpoint))}
+    meta["meta_hash"] = metadata_hash(meta)
     save_safetensors(out, {k: v.contiguous() for k, v in state.items()}, meta)
     return meta
 
