@@ -632,7 +632,11 @@ class MultiTaskModel(nn.Module):
 
     def trainable_params(self, name: str) -> int:
         """Parameters the task learns: head, per-task norms and each layer's
-        :meth:`~xbm.methods.AdaptionMethod.trainable_count` (not the storage it allocates)."""
+        :meth:`~xbm.methods.AdaptionMethod.trainable_count` (not the storage it allocates); 0
+        for ``base``, which learns nothing here, as :meth:`mask_bits` and
+        :meth:`reprogrammed_cells` say for it."""
+        if name == BASE_TASK:
+            return 0
         groups = self.task_parameters(name)
         n = sum(p.numel() for p in groups["head"] + groups["norm"])
         m = self.methods[name]
