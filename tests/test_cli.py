@@ -77,6 +77,12 @@ def test_demo_end_to_end_on_a_tiny_subset(tmp_path, capsys, monkeypatch):
     broken = json.loads(json.dumps(res))
     broken["checks"]["xbm"]["earlier_tasks_unchanged"] = False
     assert format_table(broken).splitlines()[-1] == "checks: FAILED xbm: earlier_tasks_unchanged"
+    # the energy columns in one format, as xbm cost prints them (.3g mixed 0.000565 and 2.97e-09)
+    head, _, *body = format_table(res).splitlines()
+    assert head.split()[-7:] == ["adapt", "J", "switch", "J", "trainable", "train", "s"]
+    for row in (line.split() for line in body[:len(methods)]):
+        for v in row[-4:-2]:  # adapt J, switch J (then trainable, train s)
+            assert re.fullmatch(r"\d\.\d{3}e[+-]\d\d", v), (row, v)
     gap = res["summary"]["xbm"]["mean_new_task_accuracy"] - \
         res["summary"]["piggyback"]["mean_new_task_accuracy"]
     assert "mean new-task accuracy vs Piggyback: " in printed and f"xbm {gap:+.2f}" in printed

@@ -687,7 +687,7 @@ def test_cli_methods_listed_twice(capsys) -> None:
                                                 "xbm,piggyback,xbm")
 
 
-def test_plots(tmp_path) -> None:
+def test_plots(tmp_path, monkeypatch) -> None:
     pytest.importorskip("matplotlib")
     from xbm.report import plots
 
@@ -705,6 +705,21 @@ def test_plots(tmp_path) -> None:
     data = plots.load_results(res)
     assert plots.plot_accuracy_vs_mask(data, tmp_path / "m.png").is_file()
     assert plots.plot_accuracy_vs_energy(data, tmp_path / "a.png").is_file()
+    # the title names the run the results came from (two runs' plots looked alike)
+    assert plots.run_label(data) == ""
+    data["config"] = {"benchmark": "mnist-family", "model": "resnet18_cifar", "width": 16,
+                      "seed": 3, "epochs": 2}
+    assert plots.run_label(data) == "mnist-family, resnet18_cifar width 16, seed 3, 2 epoch(s)"
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: seen.append(
+        fig.axes[0].get_title()) or real(fig, path, **kw))
+    plots.plot_accuracy_vs_mask(data, tmp_path / "m2.png")
+    assert seen == ["accuracy vs mask memory\nmnist-family, resnet18_cifar width 16, seed 3, "
+                    "2 epoch(s)"]
+    plt.close("all")
     assert plots.deploy_energy_of_run(runs[2], get_preset()) == pytest.approx(
         640 * get_preset().write_energy_per_cell_j() + 6400 *
         get_preset().periphery.mask_bit_write_energy_j)

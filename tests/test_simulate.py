@@ -829,6 +829,27 @@ def test_simulate_plots_from_results(tmp_path):
     assert all((tmp_path / d).is_dir() for d in "abcd")
 
 
+
+def test_simulate_plot_colours_lines_by_task():
+    """Colours went by line: two tasks' curves and their ideal lines (all grey) could not be
+    matched up. Now each task keeps one colour, its settings take line styles."""
+    from xbm.hardware.simulate_cli import _line_plot
+    from xbm.report.plots import _pyplot
+
+    plt = _pyplot()
+    rows = [{"task": t, "path": "faithful", "adc_bits": b, "fault_rate": r, "variation": 0.0,
+             "accuracy": 50.0 + b} for t in ("a", "b") for r in (0.0, 0.01) for b in (4, 8)]
+    fig, ax, colours = _line_plot(plt, rows, "adc_bits", ("task", "fault_rate", "variation"),
+                                  lambda k: f"{k[0]} {k[1]:g}")
+    try:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert lines["a 0"].get_color() == lines["a 0.01"].get_color() == colours["a"]
+        assert lines["b 0"].get_color() == lines["b 0.01"].get_color() == colours["b"]
+        assert colours["a"] != colours["b"]
+        assert lines["a 0"].get_linestyle() != lines["a 0.01"].get_linestyle()
+    finally:
+        plt.close(fig)
+
 def test_compiled_kernels_run_under_a_raised_recompile_limit(monkeypatch):
     """A network's layers need more compiled variants than dynamo's default 8 (after which it
     silently ran the rest eagerly): every call of a fused function raises the limit while it

@@ -589,13 +589,26 @@ def _save_plot(fig: Any, ax: Any, path: Path, xlabel: str,
 
 
 def _line_plot(plt: Any, rows: list[dict[str, Any]], x: str, key: tuple[str, ...],
-               label: Any) -> tuple[Any, Any]:
-    """Accuracy against ``x``, one line per distinct ``key`` (labelled by ``label(key)``)."""
+               label: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Accuracy against ``x``, one line per distinct ``key`` (labelled by ``label(key)``).
+
+    A task keeps one colour on every line of it (its ideal line too: see the returned
+    task -> colour map) and its settings take line styles, so a plot of two tasks over
+    several fault rates reads by colour, not by the legend alone."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for k in sorted({tuple(r[f] for f in key) for r in rows}):
+    cmap = plt.get_cmap("tab10")
+    keys = sorted({tuple(r[f] for f in key) for r in rows})
+    tasks = sorted({r["task"] for r in rows if "task" in r})
+    colours = {t: cmap(i % 10) for i, t in enumerate(tasks)}
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    for k in keys:
         pts = sorted((r[x], r["accuracy"]) for r in rows if tuple(r[f] for f in key) == k)
-        ax.plot(*zip(*pts, strict=True), marker="o", label=label(k))
-    return fig, ax
+        task = k[key.index("task")] if "task" in key else None
+        n = seen[task] = seen.get(task, -1) + 1  # the task's n-th line: its style
+        kw = {"color": colours[task], "ls": styles[n % len(styles)]} if task in colours else {}
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label(k), **kw)
+    return fig, ax, colours
 
 
 def _plots(res: dict[str, Any], folder: str) -> list[str]:
@@ -608,23 +621,25 @@ def _plots(res: dict[str, Any], folder: str) -> list[str]:
     if res["mode"] == "sweep":
         fr = [r for r in res["rows"] if r["path"] == "faithful"]
         if all(isinstance(r["adc_bits"], int) for r in fr):  # no ADC axis under adc-mode ideal
-            fig, ax = _line_plot(plt, fr, "adc_bits", ("task", "fault_rate", "variation"),
-                                 lambda k: f"{k[0]} faults {k[1]:g} var {k[2]:g}")
+            fig, ax, colours = _line_plot(plt, fr, "adc_bits", ("task", "fault_rate",
+                                                                "variation"),
+                                          lambda k: f"{k[0]} faults {k[1]:g} var {k[2]:g}")
             for r in res["rows"]:
-                if r["path"] == "ideal":
-                    ax.axhline(r["accuracy"], ls="--", lw=0.8, color="gray",
+                if r["path"] == "ideal":  # in the task's colour: which curve it bounds
+                    ax.axhline(r["accuracy"], ls=(0, (1, 2)), lw=1.0,
+                               color=colours.get(r["task"], "gray"),
                                label=f"{r['task']} ideal")
             written.append(_save_plot(fig, ax, out / "accuracy_vs_adc_bits.png",
                                       "ADC bits"))
         if len({r["fault_rate"] for r in fr}) > 1:  # a sweep of one rate has no curve
-            fig, ax = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
-                                 lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
+            fig, ax, _ = _line_plot(plt, fr, "fault_rate", ("task", "adc_bits", "variation"),
+                                    lambda k: f"{k[0]} adc {k[1]} var {k[2]:g}")
             written.append(_save_plot(fig, ax, out / "accuracy_vs_fault_rate.png",
                                       "stuck-at cell rate"))
     else:
         rows = [r for r in res["adc_sweep"] if isinstance(r["adc_bits"], int)]
         if rows:
-            fig, ax = _line_plot(plt, rows, "adc_bits", (), lambda k: "faithful")
+            fig, ax, _ = _line_plot(plt, rows, "adc_bits", (), lambda k: "faithful")
             ax.axhline(res["rows"][0]["ideal_clean"], ls="--", color="gray", label="ideal")
             written.append(_save_plot(fig, ax, out / "accuracy_vs_adc_bits.png",
                                       "ADC bits", legend_size=None))

@@ -208,6 +208,31 @@ def _scatter_by_method(ax: Any, runs: list[dict[str, Any]], xkey: Any, plt: Any)
     ax.legend(fontsize=8, loc="best")
 
 
+def run_label(results: dict[str, Any]) -> str:
+    """Which run a plot shows, for its title: benchmark, backbone, seed and epochs as the
+    results record them (empty for results without a config). Two runs' plots side by side
+    were otherwise told apart by their file names only."""
+    cfg = results.get("config")
+    if not isinstance(cfg, dict):
+        return ""
+    parts = []
+    if isinstance(cfg.get("benchmark"), str):
+        parts.append(cfg["benchmark"])
+    if isinstance(cfg.get("model"), str):
+        width = cfg.get("width")
+        parts.append(cfg["model"] + (f" width {width}" if isinstance(width, int) else ""))
+    for k, what in (("seed", "seed"), ("epochs", "epoch(s)")):
+        v = cfg.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            parts.append(f"seed {v}" if k == "seed" else f"{v} {what}")
+    return ", ".join(parts)
+
+
+def _title(ax: Any, what: str, results: dict[str, Any]) -> None:
+    label = run_label(results)
+    ax.set_title(f"{what}\n{label}" if label else what, fontsize=10 if label else None)
+
+
 def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:
     """New-task accuracy against mask memory per task (x on a symmetric log scale: 0 shows)."""
     plt = _pyplot()
@@ -218,7 +243,7 @@ def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:
     _scatter_by_method(ax, runs, lambda r: float(r["mask_bits"]), plt)
     _zero_and_decades_x(ax, [float(r["mask_bits"]) for r in runs])
     ax.set_xlabel("mask memory per task (bits, symlog)")
-    ax.set_title("accuracy vs mask memory")
+    _title(ax, "accuracy vs mask memory", results)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -278,7 +303,7 @@ def plot_accuracy_vs_energy(results: dict[str, Any], path: str | Path, preset: A
     _scatter_by_method(ax, runs, lambda r: deploy_energy_of_run(r, preset), plt)
     _zero_and_decades_x(ax, energies)
     ax.set_xlabel(f"adaption energy per task (J, symlog; preset {priced_by})")
-    ax.set_title("accuracy vs adaption energy (deploy)")
+    _title(ax, "accuracy vs adaption energy (deploy)", results)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -463,8 +463,8 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append([m, f"{s.get('base_accuracy', 0):.2f}"]
                     + [f"{s['new_task_accuracies'].get(t, float('nan')):.2f}" for t in tasks]
                     + [f"{s['mean_new_task_accuracy']:.2f}", f"{s['mask_bits']:,}", vs,
-                       f"{s['reprogrammed_cells']:,}", f"{s['adaption_energy_j']:.3g}",
-                       f"{s['switch_energy_j']:.3g}", f"{s['trainable_params']:,}",
+                       f"{s['reprogrammed_cells']:,}", f"{s['adaption_energy_j']:.3e}",
+                       f"{s['switch_energy_j']:.3e}", f"{s['trainable_params']:,}",
                        f"{s['train_seconds']:.1f}"])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
