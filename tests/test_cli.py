@@ -2159,10 +2159,12 @@ def test_three_adapt_processes_into_one_bundle_keep_every_task(tmp_path):
                                "--seed", str(i), *common, "--train-subset", "1000",
                                "--epochs", "4"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errs = []
     try:
         for p in procs:
             _, err = p.communicate(timeout=240)
             assert p.returncode == 0, err[-2000:]
+            errs.append(err)
     finally:
         for p in procs:  # none left running into tmp_path if one failed
             if p.poll() is None:
@@ -2172,6 +2174,11 @@ def test_three_adapt_processes_into_one_bundle_keep_every_task(tmp_path):
 
     names = [t.name for t in read_bundle_meta(bundle)[2]]
     assert names[0] == "first" and sorted(names[1:]) == ["t0", "t1", "t2"], names
+    # the runs overlapped (a run read the bundle before another saved and folded that task
+    # in); run one after another, they would pass the checks above without any locking
+    folded = sum("added by another command while this one trained" in e for e in errs)
+    if not folded:
+        pytest.skip("the three runs did not overlap on this machine: inconclusive")
 
 
 def test_outputs_never_replace_another_commands_file_of_another_kind(tmp_path, capsys):
