@@ -327,6 +327,25 @@ def test_adc_offset_trim_removes_each_columns_mean_adc_error():
     assert not torch.allclose(outs["plain"], outs["ideal"], atol=1e-3)
 
 
+
+def test_adc_offset_trim_does_not_depend_on_how_a_batch_is_chunked():
+    """Each chunk was trimmed by the running mean of the chunks before it, so the later layers
+    were calibrated on inputs that depended on chunk_elements (a memory knob), and so were
+    their trims and the outputs."""
+    mtm = _xbm_model(get_spec(adc_bits=4))
+    x = torch.randn(16, 1, 28, 28)
+    outs, trims = [], []
+    for chunk in (1 << 24, 4000):  # one chunk per batch, or a few images per chunk
+        cfg = SimConfig(adc_offset_trim=True, chunk_elements=chunk, **EAGER)
+        with torch.no_grad(), faithful(mtm, cfg, calibration=[x[:8], x[8:]]) as sim:
+            outs.append(mtm(x))
+            trims.append([ls.calib["t"].adc_offset.clone() for _, _, ls in sim.layers
+                          if ls.calib["t"].adc_offset is not None])
+    assert len(trims[0]) == len(trims[1]) >= 2
+    for a, b in zip(*trims, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
 def test_adc_offset_trim_lowers_the_adc_error_of_small_networks_on_the_whole():
     """Over four random masked networks and 3-5 ADC bits, the trimmed chip's output is closer
     to the ideal-ADC one: less than half the summed squared error (measured: 6.0e-4 against

@@ -101,9 +101,10 @@ class SimConfig:
     in ``adc_bits`` below the lossless resolution (docs/simulation.md, "ADC error on small
     partial sums"). The reference is the same reads' unquantised partial sums on the
     calibration batches, fitted in one pass in layer order (each layer on inputs trimmed by
-    the running mean of the layers before it, so the trims depend slightly on chunking and
-    batch order: a review saw them move by up to 5e-4 and a small model's outputs by 4e-4;
-    that pass holds about three copies of each chunk's partial sums). It helps from about 5
+    the layers before it, each batch by the running mean over the batches so far, itself
+    included: the trims depend on the batch order, not on ``chunk_elements``; until session
+    27 each chunk was trimmed by the chunks before it, which moved the trims by up to 5e-4.
+    That pass holds about three copies of each chunk's partial sums). It helps from about 5
     bits on and can cost accuracy at 3-4 bits, where the error is a gain as well (measured
     there; ``bn_recalibration`` absorbs both). Off by default: an untrimmed chip, as every
     figure before session 24."""
@@ -735,11 +736,14 @@ class LayerSim:
                 y = y - out_scale * offset * corr
             self.sim._count(self, n * ho * wo * C * S, scale)
             if chunk >= n_total:
-                return y
+                y_all = y
+                break
             if y_all is None:
                 y_all = torch.empty(n_total, ho, wo, plan.cout, device=dev, dtype=y.dtype)
             y_all[i:i + n] = y
         assert y_all is not None
+        if self.mode == "calib_offset" and quantize:
+            return self._trimmed(cal, y_all)
         return y_all
 
     def _forward_triton(self, xh: torch.Tensor, prep: dict[str, torch.Tensor], cal: _Calib,
@@ -805,15 +809,24 @@ class LayerSim:
     def _trim_step(cal: _Calib, oh: torch.Tensor, inv: torch.Tensor, mult: torch.Tensor,
                    bias_g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Calibrating the offset trim: add this chunk's ADC error (unquantised minus quantised
-        output, per column) to the running sum, and return the quantised output trimmed by the
-        running mean, so that the layers after this one are fitted on trimmed inputs."""
+        output, per column) to the running sum and return the quantised output, untrimmed: the
+        whole batch is trimmed once every chunk is in (:meth:`_trimmed`), so what the later
+        layers are fitted on does not depend on how the batch was chunked."""
         yq = _adc_reduce(oh, inv, mult, bias_g, lo, hi, True)  # (n, M, g, Cg)
         yi = _adc_reduce(oh * inv, inv, mult, bias_g, lo, hi, False)  # mult holds the step
         d = (yi - yq).double().sum(dim=(0, 1)).reshape(-1).cpu()
         cal.off_sum = d if cal.off_sum is None else cal.off_sum + d
         cal.off_count += yq.shape[0] * yq.shape[1]
-        trim = (cal.off_sum / cal.off_count).to(yq.device, yq.dtype)
-        return yq + trim.view(1, 1, *yq.shape[2:])
+        return yq
+
+    @staticmethod
+    def _trimmed(cal: _Calib, y: torch.Tensor) -> torch.Tensor:
+        """A calibration batch's output (N, Ho, Wo, Cout) trimmed by the running mean error
+        over every batch so far, this one whole: the layers after this one are fitted on
+        trimmed inputs, as they will run."""
+        if cal.off_sum is None or not cal.off_count:
+            return y
+        return y + (cal.off_sum / cal.off_count).to(y.device, y.dtype)
 
     def _record(self, cal: _Calib, oh: torch.Tensor) -> None:
         """Running max of |partial sum| per (row tile, column) over cycles, slices, pixels."""
