@@ -2466,6 +2466,9 @@ def test_demo_checks_subsets_model_and_cache_before_pretraining(tmp_path, capsys
     assert err.startswith("xbm: error: ")
     assert "the backbone cache ($XBM_CACHE):" in err and "is a file" in err and \
         err.endswith("set XBM_CACHE to a writable folder")
+    assert main(["pretrain", "--model", "small_cnn", "--epochs", "1", "--no-progress"]) == 2
+    assert _one_line_error(capsys).endswith("set XBM_CACHE to a writable folder, or pass "
+                                            "--out FILE")
     # a subset larger than a task's set: the run says which sets are used whole (checked
     # before the backbone is sought, so the stubbed pretraining shows it came first)
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
@@ -2501,6 +2504,21 @@ def test_input_files_say_folder_dangling_link_or_missing_and_read_dev_null(tmp_p
                 read(str(path))
             msg = str(info.value).replace(repr(str(path)), str(path))  # checkpoint quotes
             assert f"{path} {says}; " in msg, msg
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    with pytest.raises(XbmError, match="is a loop of symbolic links; pass"):
+        _load_yaml(str(loop))
+    # a ~ path from Python is read as the shell would read it (it raised FileNotFoundError)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "c.yaml").write_text("epochs: 2\n")
+    import unittest.mock
+
+    with unittest.mock.patch.dict(os.environ, {"HOME": str(home)}):
+        assert _load_yaml("~/c.yaml") == {"epochs": 2}
+        with pytest.raises(XbmError, match="results file ~/c.yaml is not valid JSON"):
+            load_results("~/c.yaml")
     assert _load_yaml(os.devnull) == {}
     with pytest.raises(XbmError, match="is empty"):
         _read(Path(os.devnull))

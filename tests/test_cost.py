@@ -715,8 +715,15 @@ def test_plots(tmp_path, monkeypatch) -> None:
     seen = []
     real = plots.save_figure
     monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: seen.append(
-        fig.axes[0].get_title()) or real(fig, path, **kw))
+        (fig.axes[0].get_title(), fig.axes[0].title.get_fontsize())) or real(fig, path, **kw))
     plots.plot_accuracy_vs_mask(data, tmp_path / "m2.png")
+    plots.plot_accuracy_vs_mask({"runs": runs}, tmp_path / "m3.png")
+    from matplotlib import font_manager, rcParams
+
+    # a one-line title keeps matplotlib's own size (fontsize=None made it 10 pt)
+    assert seen[1] == ("accuracy vs mask memory", font_manager.FontProperties(
+        size=rcParams["axes.titlesize"]).get_size_in_points())
+    seen = [t for t, _ in seen[:1]]
     assert seen == ["accuracy vs mask memory\nmnist-family, resnet18_cifar width 16, seed 3, "
                     "2 epoch(s)"]
     plt.close("all")
@@ -1031,3 +1038,20 @@ def test_plot_axes_tick_zero_and_whole_decades() -> None:
     plots._zero_and_decades_x(ax, [0.0, 0.0])
     assert ax.get_xscale() == "linear" and list(ax.get_xticks()) == [0]
     plt.close(fig)
+
+
+def test_cost_takes_the_other_commands_names_for_image_side_and_energy_file(capsys, tmp_path
+                                                                            ) -> None:
+    """`xbm cost --image-size 32` was "unrecognized arguments" (every other command calls
+    the side so), and --preset-file loads an energy preset while --preset is the crossbar's."""
+    base = ["--model", "small_cnn", "--methods", "xbm", "--json"]
+    runs = [json.loads(_run(capsys, *base, flag, "32")[1]) for flag in ("--input-size",
+                                                                       "--image-size")]
+    assert runs[0] == runs[1] and runs[0]["input_shape"][-1] == 32
+    preset = tmp_path / "e.yaml"
+    rc, text, _ = _run(capsys, "--dump-preset", "isaac")
+    assert rc == 0
+    preset.write_text(text)
+    a = json.loads(_run(capsys, *base, "--energy-file", str(preset))[1])
+    b = json.loads(_run(capsys, *base, "--preset-file", str(preset))[1])
+    assert a == b and a["energy_preset"]["name"] == "isaac"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -133,3 +135,32 @@ def test_cli_reference_ignores_what_this_process_registered(monkeypatch):
 
     monkeypatch.setitem(METHODS, "mine-only-here", XBM)
     assert _cli_generator().main(["--check"]) == 0
+
+
+def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's "From Python" block, run with tiny sizes: it named loaders and an input
+    that it never defined, so no user could run it as copied."""
+    import re
+
+    import torch
+
+    from xbm.data import load_dataset
+    from xbm.errors import DatasetNotFoundError
+    from xbm.models import create_model
+    from xbm.train.pretrain import import_backbone
+
+    try:
+        load_dataset("mnist"), load_dataset("animal-mnist")
+    except DatasetNotFoundError:
+        pytest.skip("offline datasets not installed (bash scripts/setup.sh)")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for big, small in (("train=6000, test=2000", "train=64, test=32"), ("epochs=2", "epochs=1")):
+        assert big in code, big  # the sizes the test shrinks are still the README's
+        code = code.replace(big, small)
+    monkeypatch.chdir(tmp_path)
+    torch.save(create_model("small_cnn", num_classes=10, in_channels=1).state_dict(), "w.pth")
+    import_backbone("small_cnn", "w.pth", "bb.safetensors", num_classes=10, in_channels=1)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "tasks.safetensors").is_file()

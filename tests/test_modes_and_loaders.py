@@ -96,6 +96,14 @@ def test_the_clis_defaults_from_python_as_the_docs_say():
      "'label']"),
     ([(torch.zeros(2, 1, 12, 12),)], "got a tuple of 1"),
     (_batches(classes=5), "has 3 classes (labels 0 to 2)"),
+    # a dataset passed unbatched: single (image, label) samples (a plain int label, or a
+    # 0-d tensor as a TensorDataset yields) were told to "wrap the loader" or to reshape
+    ([(torch.zeros(1, 12, 12), 2)] * 2, "a batch is (image, int label): it yields single "
+     "samples: batch them, e.g. torch.utils.data.DataLoader("),
+    ([(torch.zeros(1, 12, 12), torch.tensor(2))] * 2, "a batch's label is one number (shape "
+     "()), for images of shape (1, 12, 12): it yields single samples"),
+    ([(torch.zeros(2, 1, 12, 12, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))],
+     "a batch's images are torch.uint8; the model takes floating-point images"),
 ])
 def test_a_loader_of_the_wrong_shape_gets_a_clear_error(loader, needle):
     mtm = _eval_mtm()
@@ -106,6 +114,19 @@ def test_a_loader_of_the_wrong_shape_gets_a_clear_error(loader, needle):
     assert needle in str(err.value)
     if needle.startswith("has 3"):  # the first batch has labels 3 or 4: nothing was trained
         assert all(torch.equal(v, mtm.state_dict()[k]) for k, v in before.items())
+
+
+def test_images_of_another_channel_count_are_named_where_the_model_records_its_own():
+    """3-channel images on a 1-channel backbone failed inside torch's convolution."""
+    mtm = _eval_mtm()
+    mtm.arch = {"name": "small_cnn", "in_channels": 1}
+    mtm.add_task("a", 3, "xbm")
+    rgb = [(torch.zeros(2, 3, 12, 12), torch.zeros(2, dtype=torch.long))]
+    for run in (lambda: train_task(mtm, "a", rgb, device="cpu", progress=False),
+                lambda: evaluate_task(mtm, "a", rgb)):
+        with pytest.raises(XbmError, match=r"have 3 channel\(s\) \(shape \(2, 3, 12, 12\)\), "
+                           r"the backbone takes 1: e.g. TaskData.with_channels\(1\)"):
+            run()
 
 
 def test_evaluation_refuses_labels_the_head_cannot_name():

@@ -336,6 +336,16 @@ def test_task_costs_price_the_side_the_task_records_and_take_preset_as_task_cost
             task_costs(mtm, "small", preset="isaac")
     with pytest.raises(ConfigError, match="pass preset= only"):
         task_costs(mtm, "small", "isaac", energy_preset="isaac")
+    # the report's header states the side the tasks were priced at
+    from xbm.hardware.cost import Assumptions, bundle_report
+    from xbm.hardware.energy import get_preset
+
+    rep = bundle_report(mtm, get_preset(), Assumptions(), ["small"], "m")
+    assert rep.input_shape[-2:] == (16, 16)
+    for bad in (0, 16.0, "16", True):  # a record that is no side is said, not skipped
+        mtm.tasks["small"].extra["image_size"] = bad
+        with pytest.raises(ConfigError, match="task 'small' records image_size"):
+            task_costs(mtm, "small")
 
 def test_a_batchnorm_without_running_statistics_is_refused_at_conversion() -> None:
     """It converted, and then every forward (even the base task's) failed in torch with
@@ -1177,3 +1187,44 @@ def test_hardware_submodules_are_attributes() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": src, "PATH": ""}, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_model_name_or_a_one_argument_filter_is_refused_before_converting() -> None:
+    """MultiTaskModel("small_cnn", ...) failed with "'str' object has no attribute
+    'named_modules'", apply(m, spec, lambda n: ...) with a TypeError deep in the mapping."""
+    with pytest.raises(XbmError, match=r"the backbone must be a torch nn.Module, got str "
+                       r"'small_cnn'; build it first, e.g. xbm.create_model\('small_cnn'"):
+        MultiTaskModel("small_cnn", SPEC)
+    model = _backbone()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(XbmError, match=r"filter_fn must take two arguments, \(name, module\)"):
+        xbm.apply(model, SPEC, lambda name: True)
+    with pytest.raises(XbmError, match="filter_fn must be a function"):
+        MultiTaskModel(model, SPEC, filter_fn=True)
+    assert [type(m) for m in model.modules()] == before  # nothing converted
+    xbm.apply(model, SPEC, lambda *args: True)  # any callable that takes two arguments
+
+
+def test_backbone_weights_are_refused_once_tasks_were_learned_on_the_old_ones(tmp_path
+                                                                               ) -> None:
+    """usage.md said loading weights after the conversion works: after add_task it ran the
+    tasks on weights they were not learned on, and save_bundle recorded the new hash."""
+    donor = _backbone()
+    with torch.no_grad():
+        next(donor.parameters()).add_(1.0)  # other weights
+    path = tmp_path / "w.pth"
+    torch.save(donor.state_dict(), path)
+    backbone = _backbone()
+    same = {k: v.clone() for k, v in backbone.state_dict().items()}
+    mtm = MultiTaskModel(backbone, SPEC)
+    mtm.add_task("a", 3, "xbm")
+    before = mtm.backbone_hash
+    with pytest.raises(XbmError, match="the model holds learned task\\(s\\) a, whose masks.*"
+                       "these weights differ"):
+        xbm.load_torchvision_state_dict(backbone, path)
+    assert mtm.backbone_hash == before
+    xbm.load_torchvision_state_dict(backbone, same)  # its own weights again: harmless
+    fresh = _backbone()
+    mtm2 = MultiTaskModel(fresh, SPEC)
+    xbm.load_torchvision_state_dict(fresh, path)  # converted, no task yet: fine
+    assert mtm2.backbone_hash != before

@@ -38,7 +38,7 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
     from xbm.io import input_problem
 
-    p = Path(path)
+    p = Path(path).expanduser()
     problem = input_problem(p)
     if problem:
         raise XbmError(f"config file {path} {problem}; pass a YAML file"
@@ -177,7 +177,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"already cached: {out} (accuracy {accuracy_text(old)}, hash {old_hash}); "
                   "pass --force to pretrain it again")
             return 0
-    check_output(out, "file", "--out" if args.out else "the cache ($XBM_CACHE)", ".safetensors")
+    check_output(out, "file", "--out" if args.out else "the backbone cache ($XBM_CACHE):",
+                 ".safetensors", fix=None if args.out else "set XBM_CACHE to a writable "
+                 "folder, or pass --out FILE")
     if args.out:
         _check_backbone_suffix(out)
     if args.out and out.exists() and not args.force:

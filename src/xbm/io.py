@@ -141,8 +141,13 @@ def input_problem(path: str | os.PathLike) -> str | None:
     if p.is_dir():
         return "is a folder"
     if not p.exists():
-        return (f"is a symbolic link to {os.readlink(p)}, which does not exist"
-                if p.is_symlink() else "does not exist")
+        if not p.is_symlink():
+            return "does not exist"
+        try:  # a chain of links ends in a missing file; a loop never ends
+            end = Path(p).resolve(strict=False)
+            return f"is a symbolic link to {end}, which does not exist"
+        except RuntimeError:  # Python < 3.13 raises it for a loop
+            return "is a loop of symbolic links"
     return None
 
 

@@ -35,7 +35,7 @@ from xbm.io import (
 )
 from xbm.methods import AdaptionMethod, MethodConfig, create_method
 from xbm.nn import BASE_TASK, CrossbarLayer, TaskHead, apply, task_aware_modules
-from xbm.nn.convert import check_float_dtypes
+from xbm.nn.convert import check_float_dtypes, check_model_and_filter
 from xbm.nn.layers import TASK_KEY
 from xbm.nn.modes import eval_mode
 
@@ -325,6 +325,7 @@ class MultiTaskModel(nn.Module):
                  backbone_recipe: dict[str, Any] | None = None,
                  backbone_file: str | os.PathLike | None = None) -> None:
         super().__init__()
+        check_model_and_filter(backbone, filter_fn)
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})
         for what, v in (("arch", self.arch), ("backbone_recipe", backbone_recipe)):

@@ -1165,6 +1165,21 @@ def _as_preset(preset: EnergyPreset | str | None) -> EnergyPreset:
         else preset
 
 
+def recorded_side(mtm: MultiTaskModel, task: str) -> int | None:
+    """The image side ``task`` records it was trained at (``extra["image_size"]``, as
+    ``xbm adapt`` writes it); None where it records none.
+
+    Raises:
+        ConfigError: the record is not a positive integer (a model built in Python: bundles
+            check it when they load).
+    """
+    side = (mtm.tasks[task].extra or {}).get("image_size")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+        raise ConfigError(f"task {task!r} records image_size {side!r} (its extra), not a "
+                          "positive integer; fix the record, or pass input_size=")
+    return side
+
+
 def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None = None, *,
               reference: str = BASE, assumptions: Assumptions | None = None,
               input_size: int | None = None, in_channels: int | None = None) -> MethodCost:
@@ -1176,8 +1191,7 @@ def task_cost(mtm: MultiTaskModel, task: str, preset: EnergyPreset | str | None 
     a = assumptions or Assumptions()
     facts = task_facts(mtm, task, reference, a)
     if input_size is None:  # a task trained on 64 px images was priced at 28 px, unsaid
-        side = (mtm.tasks[task].extra or {}).get("image_size")
-        input_size = side if isinstance(side, int) and not isinstance(side, bool) else None
+        input_size = recorded_side(mtm, task)
     positions, _ = mtm_positions(mtm, input_size, in_channels)
     method = mtm.tasks[task].method
     d, _ = method_defaults(method)
@@ -1260,6 +1274,9 @@ def bundle_report(mtm: MultiTaskModel, preset: EnergyPreset, assumptions: Assump
                      "batch_size": per_task.get(t, assumptions).batch_size} for t in tasks}
     for c, t in zip(costs, tasks, strict=True):
         c.info["onchip_workload"] = workloads[t]
+    if input_size is None:  # the header's shape is the one the tasks were priced at
+        sides = {recorded_side(mtm, t) for t in tasks}
+        input_size = sides.pop() if len(sides) == 1 else None
     _, shape = mtm_positions(mtm, input_size, in_channels)
     return CostReport(model_name, mtm.spec, preset, assumptions, mtm.mapping(), shape, costs,
                       switch_matrix=switch_matrix(mtm, preset, tasks, assumptions, input_size,

@@ -496,15 +496,19 @@ def register(sub: argparse._SubParsersAction, common: Any = None, add_spec_args:
                                        "--bundle: every task)")
     src.add_argument("--width", type=int, help="backbone width (default: the model's)")
     src.add_argument("--in-channels", type=int, help="input channels (default: the model's)")
-    src.add_argument("--input-size", type=int,
-                     help="image side for output positions (default: with --bundle the side "
+    src.add_argument("--input-size", "--image-size", type=int, dest="input_size",
+                     help="image side for output positions (--image-size, as the other "
+                          "commands call it, is the same flag; default: with --bundle the side "
                           "its tasks were learned at, with --backbone the side it was "
                           "pretrained at; else 224 for ImageNet layouts, 28 for the rest)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--energy",
                     help=f"energy preset: {', '.join(sorted(PRESETS))} (default: default = "
                          "neurosim)")
-    hw.add_argument("--preset-file", help="YAML energy preset (see --dump-preset)")
+    hw.add_argument("--preset-file", "--energy-file", dest="preset_file",
+                    help="YAML energy preset (see --dump-preset); --energy-file is the same "
+                         "flag (an energy preset, as --energy names one; --preset is the "
+                         "crossbar's)")
     hw.add_argument("--dump-preset", metavar="NAME", help="print a preset as editable YAML, exit")
     hw.add_argument("--set-energy", action="append", metavar="FIELD=VALUE",
                     help="override one constant, e.g. device.write_pulses_per_cell=5")

@@ -575,7 +575,7 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
 
     from xbm.io import input_problem
 
-    p = Path(path)
+    p = Path(path).expanduser()
     problem = input_problem(p)
     if problem:
         raise ConfigError(f"energy preset file {path} {problem}; pass a YAML file (xbm cost "

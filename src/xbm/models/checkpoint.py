@@ -22,6 +22,7 @@ _SHOWN = 3  # keys named per category; enough to spot a prefix or num_classes pr
 
 
 def _read(path: Path) -> Mapping[str, object]:
+    path = path.expanduser()
     from xbm.io import input_problem
 
     problem = input_problem(path)
@@ -91,7 +92,9 @@ def load_torchvision_state_dict(
         path_or_dict: a state dict, or a ``.pth``/``.pt`` (torch.save) or ``.safetensors`` file.
 
     Raises:
-        XbmError: the file cannot be read, or its keys/shapes do not match ``model``.
+        XbmError: the file cannot be read, its keys/shapes do not match ``model``, or
+            ``model`` already holds learned tasks and the weights differ from its own
+            (converted models take new weights only before their first ``add_task``).
     """
     if isinstance(path_or_dict, Mapping):
         raw: Mapping[str, object] = path_or_dict
@@ -158,6 +161,15 @@ def load_torchvision_state_dict(
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
             "and width" + ("" if missing or unexpected else _head_hint(state, expected))
         )
+    tasks = sorted({k.split("xbm_tasks.", 1)[1].split(".", 1)[0]
+                    for k in model.state_dict() if "xbm_tasks." in k})
+    if tasks and any(not torch.equal(state[k].to(v.dtype), v.cpu()) for k, v in expected.items()):
+        # the same weights again are harmless; others would run the tasks on weights they
+        # were not learned on, unsaid (and a bundle saved then records the new hash)
+        raise XbmError(f"the model holds learned task(s) {', '.join(tasks)}, whose masks, "
+                       "norms and heads fit the weights it has now, and these weights differ; "
+                       "load the backbone's weights before the first add_task (or into a "
+                       "fresh model)")
     result = model.load_state_dict(state, strict=False)
     # strict above, on the backbone's keys; only task keys may be left out here
     assert not result.unexpected_keys and all("xbm_tasks." in k for k in result.missing_keys)

@@ -53,6 +53,32 @@ def check_float_dtypes(model: nn.Module) -> None:
                        "(train_task(precision='bf16'), xbm adapt --precision bf16)")
 
 
+def check_model_and_filter(model: object, filter_fn: object) -> None:
+    """The two arguments a user passes first, before anything is converted: a model name
+    given for the model failed with "'str' object has no attribute 'named_modules'", a
+    one-argument filter with a TypeError from deep in the mapping."""
+    import inspect
+
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first, e.g. xbm.create_model({model!r}, num_classes=10)"
+                if isinstance(model, str) else "")
+        raise XbmError(f"the backbone must be a torch nn.Module, got {type(model).__name__} "
+                       f"{model!r:.60}{hint}")
+    if filter_fn is None:
+        return
+    if not callable(filter_fn):
+        raise XbmError(f"filter_fn must be a function (name, module) -> bool, got "
+                       f"{filter_fn!r}")
+    try:
+        inspect.signature(filter_fn).bind("name", model)
+    except TypeError:
+        raise XbmError("filter_fn must take two arguments, (name, module), and return whether "
+                       "the layer goes on crossbars; e.g. lambda name, module: name != "
+                       "'conv1'") from None
+    except ValueError:  # a builtin without a signature: called as it is
+        pass
+
+
 def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None = None,
           head_name: str = "fc") -> nn.Module:
     """Convert ``model`` in place: selected Conv2d/Linear become crossbar layers, norms and the head
@@ -81,6 +107,7 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             tracking ``InstanceNorm`` would have its statistics moved by a task's training.
             Nothing is converted then.
     """
+    check_model_and_filter(model, filter_fn)
     if isinstance(spec, str):
         from xbm.hardware import get_spec
 

@@ -73,7 +73,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     """A demo results.json, checked for the fields the accuracy plots read."""
     from xbm.io import input_problem
 
-    p = Path(path)
+    p = Path(path).expanduser()
     problem = input_problem(p)
     if problem:
         raise XbmError(f"results file {path} {problem}; run `xbm demo` or pass --results "
@@ -230,7 +230,10 @@ def run_label(results: dict[str, Any]) -> str:
 
 def _title(ax: Any, what: str, results: dict[str, Any]) -> None:
     label = run_label(results)
-    ax.set_title(f"{what}\n{label}" if label else what, fontsize=10 if label else None)
+    if label:  # two lines in a smaller size; one line keeps matplotlib's title size
+        ax.set_title(f"{what}\n{label}", fontsize=10)
+    else:
+        ax.set_title(what)
 
 
 def plot_accuracy_vs_mask(results: dict[str, Any], path: str | Path) -> Path:

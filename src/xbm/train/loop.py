@@ -426,6 +426,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
 
         graph_step = _GraphedStep(one_step, device, method.graph_ready) if graphed else None
         mtm.train()
+        channels = _input_channels(mtm)
         step, last_loss = 0, None
         t0 = time.perf_counter()
         clock = ProgressClock()  # one per run: the plain lines' 30 s carry across epochs
@@ -437,7 +438,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                            f"{task} [{method.name}] ep {epoch + 1}/{run_epochs}", progress,
                            later_epochs=run_epochs - epoch - 1, clock=clock)
             for batch in it:
-                x, y = _pair(batch)
+                x, y = _pair(batch, channels)
                 if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
                     _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
                                        _ADD_TASK_FIX)
@@ -501,10 +502,11 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     """
     device = _device_of(model, device)
     task = getattr(model, "active_task", None)
+    channels = _input_channels(model)
     correct = total = 0
     with eval_mode(model):  # each submodule's own flag comes back, also on an error
         for batch in loader:
-            x, y = _pair(batch)
+            x, y = _pair(batch, channels)
             x, y = x.to(device), y.to(device)
             logits = model(x)
             _check_label_range(y, logits.shape[1], "a batch has labels",
@@ -517,9 +519,19 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return 100.0 * correct / total
 
 
-def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
+#: The fix for a loader that yields single samples (a Dataset passed as it is).
+_BATCH_IT = ("it yields single samples: batch them, e.g. torch.utils.data.DataLoader(dataset, "
+             "batch_size=128, shuffle=True), or xbm.data.load_dataset(name).loaders(128)")
+
+
+def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch as (images, labels), checked: a dict batch (a Hugging Face style loader) failed
-    with "'str' object has no attribute 'to'"."""
+    with "'str' object has no attribute 'to'"; single samples, integer images and images of
+    another channel count (``channels``: what the model takes, where it records it) failed
+    inside torch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
+            isinstance(batch[0], torch.Tensor) and isinstance(batch[1], (int, float)):
+        raise XbmError(f"a batch is (image, {type(batch[1]).__name__} label): {_BATCH_IT}")
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2
             and all(isinstance(t, torch.Tensor) for t in batch)):
         what = (f"a dict with keys {sorted(map(str, batch))[:4]}" if isinstance(batch, dict)
@@ -528,6 +540,18 @@ def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
         raise XbmError(f"a batch must be a pair (images, labels) of tensors, got {what}; wrap "
                        "the loader, e.g. ((b['image'], b['label']) for b in loader) as a list")
     x, y = batch
+    if y.dim() == 0:
+        raise XbmError(f"a batch's label is one number (shape ()), for images of shape "
+                       f"{tuple(x.shape)}: {_BATCH_IT}")
+    if not x.is_floating_point():
+        raise XbmError(f"a batch's images are {x.dtype}; the model takes floating-point "
+                       "images, normalised as it was trained (xbm's loaders give float32 in "
+                       "[-1, 1]): e.g. x.float() / 127.5 - 1 for uint8 images")
+    if channels is not None and x.dim() == 4 and x.shape[1] != channels:
+        raise XbmError(f"a batch's images have {x.shape[1]} channel(s) (shape "
+                       f"{tuple(x.shape)}), the backbone takes {channels}: e.g. "
+                       f"TaskData.with_channels({channels}) for xbm's datasets, or convert "
+                       "the images (grey to RGB: x.expand(-1, 3, -1, -1))")
     # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
     # of 400%), and float or one-hot labels fail deep inside the loss
     if y.dim() != 1 or x.dim() == 0 or y.shape[0] != x.shape[0]:
@@ -541,6 +565,13 @@ def _pair(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     if y.dtype != torch.int64:  # int32/16/8 labels: the loss takes int64 (or uint8) only
         y = y.long()
     return x, y
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """The image channels a multi-task model records it takes (``arch``); None otherwise."""
+    c = (getattr(model, "arch", None) or {}).get("in_channels") \
+        if isinstance(getattr(model, "arch", None), dict) else None
+    return c if isinstance(c, int) and not isinstance(c, bool) else None
 
 
 #: The fix a training-side label error names.
