@@ -1199,7 +1199,7 @@ def test_pretrain_force_on_the_cache_keeps_the_backbone_bundles_were_made_on(
     with another hash is told to pass its own backbone, not to run a command that cannot help."""
     import json
 
-    from xbm.io import load_safetensors, save_safetensors, tensors_hash
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
     from xbm.train.pretrain import find_cached_backbone
 
     imgs = _folder(tmp_path / "imgs", n=8)
@@ -1212,7 +1212,8 @@ def test_pretrain_force_on_the_cache_keeps_the_backbone_bundles_were_made_on(
     tensors, meta = load_safetensors(cached)
     # stand-in for a backbone another machine made: same recipe, other weights
     other = {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}
-    save_safetensors(cached, other, meta | {"content_hash": tensors_hash(other)})
+    edited = meta | {"content_hash": tensors_hash(other)}
+    save_safetensors(cached, other, edited | {"meta_hash": metadata_hash(edited)})
     old_hash = tensors_hash(other)
     capsys.readouterr()
     assert main(["pretrain", *tiny, "--force"]) == 0
@@ -1847,7 +1848,7 @@ def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
     """A fault map with a broken header, a results file whose runs are not records, a cached
     backbone whose file name promises another model, a negative --fault-rate: each was a
     traceback, a file left behind, or a silent run at chance."""
-    from xbm.io import load_safetensors, save_safetensors
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors
 
     monkeypatch.chdir(tmp_path)
     path, bb = _folder_task_bundle(tmp_path, 2, f"folder:{_folder(tmp_path / 'imgs')}")
@@ -1858,7 +1859,9 @@ def test_more_bad_files_from_the_fuzzing_review(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     tensors, meta = load_safetensors("fm.safetensors")
     for change in ({"spec": 5}, {"sa0_rate": "abc"}, {"seed": "x"}, {"extra": [1]}):
-        save_safetensors("bad.safetensors", tensors, meta | change)
+        # hashed again, as a tool that rewrites the header would: the fields' own checks
+        save_safetensors("bad.safetensors", tensors,
+                         (meta | change) | {"meta_hash": metadata_hash(meta | change)})
         assert main(["simulate", "--bundle", str(path), "--backbone", str(bb),
                      "--fault-map", "bad.safetensors", "--adc-bits", "8", "--backend", "torch",
                      "--device", "cpu", "--no-progress"]) == 2
