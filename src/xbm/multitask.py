@@ -593,8 +593,8 @@ class MultiTaskModel(nn.Module):
         if isinstance(tasks, str):
             tasks = [tasks] * x.shape[0]
         if len(tasks) != x.shape[0]:
-            raise XbmError(f"forward_mixed: {x.shape[0]} samples but {len(tasks)} task names; "
-                           "give one task per sample")
+            raise XbmError(f"a mixed-task batch: {x.shape[0]} samples but {len(tasks)} task "
+                           "names; give one task per sample")
         for t in dict.fromkeys(tasks):
             if t != BASE_TASK:
                 self._require(t)
