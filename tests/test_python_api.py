@@ -3,6 +3,7 @@ as it was when something fails (found by an audit that used xbm from Python, ses
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -57,11 +58,16 @@ def test_weights_loaded_after_conversion_are_the_ones_a_bundle_records(tmp_path)
     assert fresh.load_bundle(tmp_path / "b.safetensors") == ["t"]
 
 
-@pytest.mark.parametrize("num_classes", [4.0, "4", None, True, 0])
-def test_add_task_refuses_a_bad_class_count_before_creating_state(num_classes) -> None:
+@pytest.mark.parametrize("num_classes,says", [
+    (4.0, "a positive integer"), ("4", "a positive integer"), (None, "a positive integer"),
+    (True, "a positive integer"), (0, "a positive integer"),
+    (1, "at least 2 (with one class every prediction is right and the training loss is "
+     "always 0)"),  # it was taken, and training then learned nothing
+])
+def test_add_task_refuses_a_bad_class_count_before_creating_state(num_classes, says) -> None:
     mtm = MultiTaskModel(_backbone(), SPEC)
     keys = set(mtm.state_dict())
-    with pytest.raises(XbmError, match="num_classes must be a positive integer"):
+    with pytest.raises(XbmError, match=re.escape(f"num_classes must be {says}")):
         mtm.add_task("c", num_classes, "xbm")
     assert set(mtm.state_dict()) == keys and mtm.task_names() == []
     mtm.add_task("c", np.int64(4), "xbm")  # a numpy integer is an integer

@@ -439,6 +439,9 @@ class MultiTaskModel(nn.Module):
         if n is None or n < 1:
             raise XbmError(f"task {name!r}: num_classes must be a positive integer, got "
                            f"{num_classes!r}")
+        if n == 1:  # the cross-entropy of one logit is 0: no gradient, nothing is learned
+            raise XbmError(f"task {name!r}: num_classes must be at least 2 (with one class "
+                           "every prediction is right and the training loss is always 0)")
         num_classes = n
         if dataset is not None:
             if isinstance(dataset, os.PathLike):
