@@ -2532,3 +2532,49 @@ def test_input_files_say_folder_dangling_link_or_missing_and_read_dev_null(tmp_p
         assert _load_yaml(f"/dev/fd/{r}") == {"epochs": 3}
     finally:
         os.close(r)
+
+
+def test_eval_base_refuses_a_renamed_class_of_the_pretraining_folder(tmp_path, capsys,
+                                                                     monkeypatch):
+    """A backbone pretrained on an image folder recorded no class names: after cat/ became
+    zcat/ the labels swapped and `eval --task base` scored 0% with exit 0."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _folder(tmp_path / "imgs", n=8)
+    bb = tmp_path / "bb.safetensors"
+    run = ["--device", "cpu", "--no-progress"]
+    assert main(["pretrain", "--model", "small_cnn", "--width", "2", "--dataset",
+                 f"folder:{imgs}", "--epochs", "1", "--batch-size", "4", "--augment", "none",
+                 "--mixup", "0", "--out", str(bb), *run]) == 0
+    from xbm.train.pretrain import load_backbone
+
+    assert load_backbone(bb)[1]["classes"] == ["cat", "dog"]
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone",
+                 str(bb), "--out", str(bundle), "--batch-size", "4", "--rows", "16", "--cols",
+                 "16", *run]) == 0
+    ev = ["eval", "--bundle", str(bundle), "--backbone", str(bb), "--task", "base", *run]
+    assert main(ev) == 0
+    capsys.readouterr()
+    (imgs / "cat").rename(imgs / "zcat")
+    assert main(ev) == 2
+    err = _one_line_error(capsys)
+    assert "the backbone was pretrained on the classes ['cat', 'dog'], but folder:" in err and \
+        "has ['dog', 'zcat']; its labels would not match: restore the class names" in err
+
+
+def test_a_data_root_an_image_folder_never_reads_is_said(tmp_path, capsys, monkeypatch):
+    """--data-root beside an image folder was dropped without a word, and a folder named by
+    its name inside the root was an "unknown dataset" with no hint."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _folder(tmp_path / "root" / "pets")
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    argv = ["adapt", "--method", "xbm", "--backbone", str(bb), "--rows", "16", "--cols", "16",
+            "--batch-size", "4", "--device", "cpu", "--no-progress", "--data-root",
+            str(tmp_path / "root"), "--out", str(tmp_path / "b.safetensors")]
+    assert main([*argv, "--dataset", "pets"]) == 2
+    assert "unknown dataset 'pets'; choose one of: " in (err := _one_line_error(capsys)) and \
+        f"; {imgs} is a folder: pass folder:{imgs} (a data root holds" in err
+    assert main([*argv, "--dataset", f"folder:{imgs}"]) == 0
+    assert f"xbm: warning: --data-root {tmp_path / 'root'} is not read: --dataset " \
+        f"folder:{imgs} is an image folder, read from its own path" in capsys.readouterr().err

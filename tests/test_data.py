@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -256,8 +257,16 @@ def test_mnist_root_half_idx(tmp_path):
 
 def test_mnist_rejects_non_numpy_pickle(tmp_path):
     write_gz_pickle(tmp_path / "mnist.pkl.gz", {"x": Path("/")})  # PosixPath global: refused
-    with pytest.raises(XbmError, match="mnist.pkl.gz.*corrupt"):
+    # the file in the user's root is theirs to replace (the fix named installing the package,
+    # which the root overrides)
+    with pytest.raises(XbmError, match=f"mnist.pkl.gz.*corrupt, copy a good mnist.pkl.gz into "
+                       f"{re.escape(str(tmp_path))}, or drop the root and install it"):
         xd.load_dataset("mnist", root=tmp_path)
+    for f in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        write_gz_pickle(tmp_path / f, {"x": Path("/")})
+    with pytest.raises(XbmError, match="corrupt, copy good animal_data_version_3.gz and "
+                       "animal_label_version_3.gz into"):
+        xd.load_dataset("animal-mnist", root=tmp_path)
 
 
 def test_mnist_missing(tmp_path, monkeypatch):
@@ -458,7 +467,8 @@ def test_image_folder_split_rgb_and_extensions(tmp_path):
 
 
 @pytest.mark.parametrize("train, test", [("train", "val"), ("Train", "Test"),
-                                         ("train", "validation")])
+                                         ("train", "validation"),
+                                         ("training", "testing")])  # mnist_png's layout
 def test_image_folder_split_names(tmp_path, train, test):
     root = tmp_path / "ds"
     for split, n in ((train, 3), (test, 1)):
@@ -481,6 +491,40 @@ def test_image_folder_split_name_clashes(tmp_path):
     assert task.test_y.tolist() == [0, 1]
     (root / "Test" / "a").mkdir(parents=True)  # which of test/ and Test/ would depend on the FS
     with pytest.raises(XbmError, match=r"both (test/ and Test/|Test/ and test/) .*differ only in"):
+        xd.load_image_folder(root, image_size=8)
+
+
+def test_image_folder_passes_over_an_unlabelled_test_folder(tmp_path):
+    """Kaggle's layout: train/<class>/, a labelled val/<class>/ and unlabelled test/*.png.
+    test/ was taken as the split, and after every training image was decoded the run said to
+    remove test/ "to split the training images" (val/ would then be the split)."""
+    root = tmp_path / "ds"
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                write_png(root / split / cls / f"{i}.png", 10 + i)
+    write_png(root / "test" / "0.png", 10)
+    with pytest.warns(XbmWarning, match=r"val/ is the test split \(test/ holds no class "
+                      r"folders: unlabelled images are not read\)"):
+        task = xd.load_image_folder(root, image_size=8)
+    assert task.test_y.tolist() == [0, 1] and task.train_y.numel() == 6
+    import shutil
+
+    shutil.rmtree(root / "val")  # only the unlabelled test/ is left
+    from xbm.data import folder
+
+    decoded = []
+    real = folder._read_split
+    try:  # the empty test split is said before the training images are decoded
+        folder._read_split = lambda *a, **k: decoded.append(1) or real(*a, **k)
+        with pytest.raises(XbmError, match="test: no test images; add images to test/<class>/ "
+                           "or remove test/ to split the training images"):
+            xd.load_image_folder(root, image_size=8)
+    finally:
+        folder._read_split = real
+    assert decoded == []
+    (root / "training").mkdir()
+    with pytest.raises(XbmError, match=r"both train/ and training/ are there; keep one"):
         xd.load_image_folder(root, image_size=8)
 
 

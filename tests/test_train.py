@@ -100,3 +100,14 @@ def test_progress_with_max_steps_counts_the_steps_that_run(capsys, monkeypatch):
         lines = capsys.readouterr().err.splitlines()
         assert res.steps == max_steps
         assert [ln.split("] ", 1)[1].split("(")[0] for ln in lines] == want, lines
+
+
+def test_cache_names_take_a_folder_path_that_is_not_utf8():
+    """A folder path with a byte that is not UTF-8 (os.fsdecode gives a surrogate) crashed
+    the cache naming with UnicodeEncodeError; --out and adapt worked."""
+    from xbm.train.pretrain import _file_safe
+
+    name = "folder:/data/f_\udcffdir"
+    safe = _file_safe(name)
+    assert safe.startswith("folder_data_f_") and "/" not in safe and safe != _file_safe("folder:/x")
+    assert _file_safe(name) == safe  # stable

@@ -430,9 +430,21 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
             raise
         raise DatasetNotFoundError(f"{exc}; the backbone was pretrained on these images: pass "
                                    "--dataset folder:PATH where they are now") from None
+    recorded = bmeta.get("classes")
+    recorded = [str(c) for c in recorded] if isinstance(recorded, list) else []
+    now = [str(c) for c in data.classes]
+    if recorded and recorded != now and len(recorded) == len(now):
+        # an image folder's labels follow its sorted class names: a renamed class swaps them
+        fix = ("evaluate it on its own data (leave out --dataset)" if args.dataset else
+               "restore the class names (an image folder's labels follow their sorted order)")
+        raise XbmError(f"the backbone was pretrained on the classes {_short(recorded)}, but "
+                       f"{ds} has {_short(now)}; its labels would not match: {fix}")
     if arch.get("num_classes") not in (None, data.num_classes):
+        fix = (f"restore the class folders it was pretrained on ({_short(recorded)})"
+               if recorded and str(ds).startswith(FOLDER_PREFIX) and not args.dataset
+               else "pass the --dataset it was pretrained on")
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
-                       f"{data.num_classes}; pass the --dataset it was pretrained on")
+                       f"{data.num_classes}; {fix}")
     return ds, data.subset(None, args.test_subset, seed=seed), side
 
 
@@ -1219,6 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shown, warnings.showwarning = warnings.showwarning, _warn
     try:
+        _say_if_the_root_is_unread(args)
         return int(args.func(args) or 0)
     except XbmError as exc:
         print(f"xbm: error: {_name_the_flag(str(exc), sys.argv[1:] if argv is None else argv)}",
@@ -1239,6 +1252,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.showwarning = shown
         xdist.shutdown()
+
+
+def _say_if_the_root_is_unread(args: argparse.Namespace) -> None:
+    """``--data-root`` beside a ``--dataset`` that never reads it (an image folder is its own
+    root, digits ships with scikit-learn): it was dropped without a word, and a user who
+    meant the folder inside it trained on something else or got "unknown dataset"."""
+    from xbm.data.registry import image_folder_path, list_datasets, reads_root
+
+    root, ds = getattr(args, "data_root", None), getattr(args, "dataset", None)
+    if not (root and ds and args.command in ("adapt", "pretrain", "simulate")) or \
+            reads_root(ds) or (args.command == "simulate" and not args.fault_aware):
+        return
+    if image_folder_path(ds) is None and ds not in list_datasets():
+        return  # an unknown name: its own error says so
+    what = ("an image folder, read from its own path" if image_folder_path(ds) is not None
+            else "read from its installed package, never from a root")
+    warnings.warn(f"--data-root {root} is not read: --dataset {ds} is {what}", XbmWarning,
+                  stacklevel=2)
 
 
 def _name_the_flag(message: str, argv: list[str]) -> str:

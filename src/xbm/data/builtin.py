@@ -214,14 +214,17 @@ def load_mnist(root: str | None = None, seed: int = 0) -> TaskData:
                                        f"packages; {MNIST_FIX} (the unrelated PyPI package "
                                        "`mnist` uses the same import name; uninstall it)")
         path = found
-    obj = load_numpy_pickle(path, MNIST_FIX)
+    # a file in the user's root is theirs to replace; installing the package would not help
+    fix = MNIST_FIX if root is None else (f"copy a good {path.name} into {root}, or drop the "
+                                          f"root and {MNIST_FIX}")
+    obj = load_numpy_pickle(path, fix)
     try:
         (trx, try_), (vax, vay), (tex, tey) = obj
         xs = [np.asarray(a, dtype=np.float32).reshape(-1, 28, 28) for a in (trx, vax, tex)]
         ys = [np.asarray(a, dtype=np.int64).reshape(-1) for a in (try_, vay, tey)]
     except (TypeError, ValueError) as exc:
         raise XbmError(f"{path}: not the MNIST pickle layout ((train), (valid), (test)) ({exc}); "
-                       f"{MNIST_FIX}") from None
+                       f"{fix}") from None
 
     def to_u8(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8)).unsqueeze(1)
@@ -266,12 +269,14 @@ def load_animal_mnist(root: str | None = None, seed: int = 0) -> TaskData:
             raise DatasetNotFoundError("animal-mnist: animal_mnist/data/Animal_MNIST/*.gz not "
                                        f"found in the installed packages; {ANIMAL_FIX}")
         paths = [p for p in found if p is not None]
-    images = np.asarray(load_numpy_pickle(paths[0], ANIMAL_FIX))
-    labels = np.asarray(load_numpy_pickle(paths[1], ANIMAL_FIX))
+    fix = ANIMAL_FIX if root is None else (f"copy good {' and '.join(_ANIMAL_FILES)} into "
+                                           f"{root}, or drop the root and {ANIMAL_FIX}")
+    images = np.asarray(load_numpy_pickle(paths[0], fix))
+    labels = np.asarray(load_numpy_pickle(paths[1], fix))
     if (images.shape[1:] != (28, 28) or labels.shape != (images.shape[0],)
             or images.dtype != np.uint8):
         raise XbmError(f"animal-mnist: unexpected data layout images {images.shape} "
-                       f"{images.dtype}, labels {labels.shape}; {ANIMAL_FIX}")
+                       f"{images.dtype}, labels {labels.shape}; {fix}")
     x = torch.from_numpy(images.copy()).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     n_test = round(y.numel() * ANIMAL_TEST_FRACTION)

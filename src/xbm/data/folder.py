@@ -32,8 +32,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 _LAYOUT_HINT = "expected PATH/<class>/*.png (or PATH/train/<class>/ and PATH/test/<class>/)"
 
-#: Folder names taken as the test split beside ``train/`` (any case), in this order.
-TEST_NAMES = ("test", "val", "valid", "validation")
+#: Folder names taken as the training split (any case), in this order.
+TRAIN_NAMES = ("train", "training")
+#: Folder names taken as the test split beside ``train/`` (any case), in this order; one
+#: without class sub-folders (Kaggle's unlabelled ``test/*.png``) is passed over.
+TEST_NAMES = ("test", "testing", "val", "valid", "validation")
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -346,6 +349,9 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            f"add them to {train_dir.name}/ or remove them from {test_dir.name}/")
         _need_two(train_dir, classes)
         train_list, test_list = _list_split(train_dir, classes), _list_split(test_dir, classes)
+        if not test_list:  # said before minutes of decoding the training images
+            raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
+                           f"or remove {test_dir.name}/ to split the training images")
         _check_memory(root, len(train_list) + len(test_list), channels, image_size, 1)
         train_x, train_y, _, c_train = _read_split(train_list, mode, image_size, mode == "L")
         test_x, test_y, _, c_test = _read_split(test_list, mode, image_size,
@@ -359,7 +365,7 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
     classes = [p.name for p in _class_dirs(root)]
     if not classes:
         raise DatasetNotFoundError(f"{root}: no class sub-folders; {_LAYOUT_HINT}")
-    split_names = [c for c in classes if c.lower() in ("train", *TEST_NAMES)]
+    split_names = [c for c in classes if c.lower() in (*TRAIN_NAMES, *TEST_NAMES)]
     if split_names and len(split_names) == len(classes):
         raise XbmError(f"{root}: found {', '.join(s + '/' for s in split_names)} but not both a "
                        "train/ and a test/ (or val/) folder; add the missing one with the same "
@@ -387,24 +393,38 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
 
 
 def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
-    """The ``train/`` and test folders of ``root`` (names matched in any case). Two folders
-    that differ only in case (``test/`` and ``Test/``) are an error: which one a listing
-    returns first depends on the file system. Several test names (``test/`` and ``val/``) take
-    ``test/``, the first of :data:`TEST_NAMES`, with a warning that the other is not used."""
+    """The training and test folders of ``root`` (:data:`TRAIN_NAMES`, :data:`TEST_NAMES`,
+    matched in any case). Two folders that differ only in case (``test/`` and ``Test/``) are
+    an error: which one a listing returns first depends on the file system. Of several test
+    names (``test/`` and ``val/``) the first in :data:`TEST_NAMES` that holds class folders is
+    the test split, with a warning naming the others: a ``test/`` of unlabelled images (as
+    Kaggle ships one) is passed over for a labelled ``val/``."""
     by_name: dict[str, list[Path]] = {}
     for p in _class_dirs(root):
         by_name.setdefault(p.name.lower(), []).append(p)
-    for key in ("train", *TEST_NAMES):
+    for key in (*TRAIN_NAMES, *TEST_NAMES):
         if len(by_name.get(key, [])) > 1:
             names = " and ".join(f"{p.name}/" for p in by_name[key])
             raise XbmError(f"{root}: both {names} are there, which differ only in case; merge "
                            "them into one folder")
-    train_dir = by_name["train"][0] if "train" in by_name else None
+    trains = [by_name[k][0] for k in TRAIN_NAMES if k in by_name]
+    if len(trains) > 1:
+        raise XbmError(f"{root}: both {trains[0].name}/ and {trains[1].name}/ are there; keep "
+                       "one training folder")
+    train_dir = trains[0] if trains else None
     tests = [by_name[k][0] for k in TEST_NAMES if k in by_name]
-    if train_dir is not None and len(tests) > 1:
-        warnings.warn(f"{root}: {tests[0].name}/ is the test split; "
-                      f"{', '.join(p.name + '/' for p in tests[1:])} not used", XbmWarning,
-                      stacklevel=user_stacklevel())
+    if train_dir is not None and tests:
+        labelled = [p for p in tests if _class_dirs(p)]
+        if labelled and labelled[0] is not tests[0]:
+            warnings.warn(f"{root}: {labelled[0].name}/ is the test split ("
+                          f"{', '.join(p.name + '/' for p in tests if not _class_dirs(p))} "
+                          "holds no class folders: unlabelled images are not read)",
+                          XbmWarning, stacklevel=user_stacklevel())
+        tests = labelled or tests
+        if len(tests) > 1:
+            warnings.warn(f"{root}: {tests[0].name}/ is the test split; "
+                          f"{', '.join(p.name + '/' for p in tests[1:])} not used", XbmWarning,
+                          stacklevel=user_stacklevel())
     return train_dir, (tests[0] if tests else None)
 
 

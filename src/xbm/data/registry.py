@@ -121,7 +121,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise unknown("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"]) from None
+        exc = unknown("dataset", name, [*_REGISTRY, f"{FOLDER_PREFIX}PATH"])
+        inside = Path(os.path.expanduser(os.fspath(root))) / name if root is not None else None
+        if inside is not None and inside.is_dir():  # a folder in the data root, by its name
+            exc.args = (f"{exc}; {inside} is a folder: pass {FOLDER_PREFIX}{inside} (a data "
+                        "root holds the registered datasets' files, not image folders)",)
+        raise exc from None
     # a root given as --data-root=~/x or in a YAML reaches here unexpanded (no shell did it);
     # the backbone cache name and recorded recipe use the expanded path too
     data = builder(None if root is None else os.path.expanduser(os.fspath(root)), seed)

@@ -134,7 +134,7 @@ def _file_safe(name: str) -> str:
     names; others get a short hash of the full name, so two folders never share an entry."""
     if re.fullmatch(r"[A-Za-z0-9._-]+", name):
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')[-40:]}-{digest}"
 
 
@@ -418,6 +418,9 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
         "config": cfg.__dict__ | ({"data_root": os.path.abspath(os.path.expanduser(root))}
                                   if root else {}),
         "accuracy": acc,
+        # the labels' names: an image folder's follow its sorted class folders, so a renamed
+        # class would swap them for `xbm eval --task base` (checked there)
+        "classes": [str(c) for c in data.classes],
         "test_images": int(data.test_y.numel()),
         "train_seconds": secs,
         "content_hash": tensors_hash(state),
