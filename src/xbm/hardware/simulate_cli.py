@@ -214,10 +214,12 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     "results file there is replaced; any other file is refused)")
     sp.add_argument("--plot", help="folder for accuracy-vs-ADC-bits / -fault-rate plots")
     add_spec_args(sp)
-    common(sp, seed_help="default 0: the subsets, the training (fault-aware mode) and, "
-           "unless --chip-seed, the chip's variation, noise and faults; the default backbone "
-           "is the seed-0 one", root_help=TASK_ROOT_HELP)
-    sp.set_defaults(func=cmd_simulate)
+    common(sp, seed_help="the subsets, the training (fault-aware mode) and, unless "
+           "--chip-seed, the chip's variation, noise and faults (default 0; a bundle's tasks "
+           "draw their --test-subset with the seed each was learned with, as xbm eval does, "
+           "so the ideal row repeats its figure); the default backbone is the seed-0 one",
+           root_help=TASK_ROOT_HELP)
+    sp.set_defaults(func=cmd_simulate, seed=None)
 
 
 def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -368,16 +370,21 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     else:
         maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []
+    from xbm.cli import _eval_seed
+
+    given = argparse.Namespace(seed=args.seed if getattr(args, "seed_given", True) else None)
     for t in tasks:
         if t == "base":  # the backbone as programmed, on its pretraining set (as xbm eval)
-            _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()), args.seed)
+            seed = _eval_seed(given, (bmeta.get("config") or {}).get("seed"))
+            _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()), seed)
             if args.train_subset:  # the ADC calibration's images
-                data = data.subset(args.train_subset, None, seed=args.seed)
+                data = data.subset(args.train_subset, None, seed=seed)
         else:
+            seed = _eval_seed(given, (mtm.tasks[t].extra or {}).get("seed"))
             _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
-                                       seed=args.seed,
+                                       seed=seed,
                                        channels=(bmeta.get("arch") or {}).get("in_channels"))
-        _, test_loader = data.loaders(args.batch_size, seed=args.seed, size=size)
+        _, test_loader = data.loaders(args.batch_size, seed=seed, size=size)
         calib = _calibration_batches(data, args, size=size)
         ideal = evaluate_task(mtm, t, test_loader, device)
         rows.append({"task": t, "path": "ideal", "adc_bits": None, "fault_rate": 0.0,
@@ -656,6 +663,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        "torchrun / scripts/distributed.sh")
     from xbm.io import check_output
 
+    # --seed left out: 0 for the chip and the training, the recorded seed for a bundle
+    # task's test subset (as xbm eval: its ideal row then repeats adapt's and eval's figure)
+    args.seed_given = args.seed is not None
+    if args.seed is None:
+        args.seed = 0
     _check_mode_flags(args)  # before anything is checked, loaded or trained
     for flag, path, kind in (("--json-out", args.json_out, "file"), ("--plot", args.plot, "dir"),
                              ("--out", getattr(args, "out", None), "file"),
