@@ -748,9 +748,26 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
         assert info.dataset == "mnist"
         assert info.extra["image_size"] == 16 and info.extra["batch_size"] == 32
         assert info.extra["seed"] == 0 and info.extra["classes"] == [str(i) for i in range(10)]
+        # the workload too (cost --workload recorded priced them at its default)
+        assert info.extra["train_steps"] == 2 and info.extra["processes"] == 1
     assert main(["cost", "--backbone", str(bb), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 16, 16]
     assert FaultMap.load(chip).sa1_rate == pytest.approx(0.01)
+    # a run that fails (or is interrupted) after drawing the chip leaves no map behind: it
+    # was saved before the training, and the same command then refused to overwrite it
+    import xbm.train
+
+    chip2 = tmp_path / "chip2.safetensors"
+    real = xbm.train.train_task
+    xbm.train.train_task = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    try:
+        assert main(["simulate", "--fault-aware", "--dataset", "mnist", "--fault-rate", "0.02",
+                     "--epochs", "1", "--adc-bits", "8", "--save-fault-map", str(chip2),
+                     *common]) == 130
+    finally:
+        xbm.train.train_task = real
+    assert not chip2.exists()
+    capsys.readouterr()
     assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),
                  "--adc-bits", "4,8", "--plot", str(tmp_path / "plots"),
                  "--json-out", str(tmp_path / "sweep.json"), *common]) == 0

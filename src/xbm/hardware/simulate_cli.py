@@ -511,8 +511,6 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     before = {k: v.clone() for k, v in mtm.backbone_state().items()}
     sim_spec = _sim_config(args, None, 0.0).spec_for(spec)
     fmap = _fault_map(mtm, sim_spec, args.fault_rate, args)
-    if args.save_fault_map:
-        fmap.save(args.save_fault_map)
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size)
     progress = not args.no_progress
     precision = resolve_precision(args.precision, device)
@@ -525,12 +523,14 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         if task == "aware":
             with fault_aware(mtm, fmap, sim_spec):
-                train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
-                           precision=precision)
+                tr = train_task(mtm, task, train_loader, args.epochs, device,
+                                progress=progress, precision=precision)
         else:
-            train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
-                       precision=precision)
+            tr = train_task(mtm, task, train_loader, args.epochs, device, progress=progress,
+                            precision=precision)
         timings[task] = round(time.perf_counter() - t0, 2)
+        # the workload, as adapt records it: `xbm cost --workload recorded` prices these steps
+        mtm.tasks[task].extra.update(train_steps=tr.steps, processes=1)
     calib = _calibration_batches(data, args, size=image_size)
     rows: list[dict[str, Any]] = []
     cfg8 = _sim_config(args, None, 0.0)
@@ -566,6 +566,9 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
                 raise XbmError(f"--out {args.out} appeared while this run trained (another "
                                "command wrote it); nothing was overwritten: pass another --out")
             mtm.save_bundle(args.out)
+    if args.save_fault_map:  # with the results, not before the training: an interrupted run
+        # left the map alone, and the same command then refused to overwrite it
+        fmap.save(args.save_fault_map)
     return {"mode": "fault-aware", "dataset": args.dataset, "spec": spec.to_dict(),
             "simulated_spec": sim_spec.to_dict(), "fault_rate": args.fault_rate,
             "sa1_fraction": args.sa1_fraction, "faults": fault_summary(fmap, mtm),
