@@ -640,6 +640,13 @@ def test_cli_bundle(capsys, tmp_path) -> None:
     assert rc == 0 and json.loads(out)["tasks"]["px"]["reprogrammed_cells"] > 0
     cached.unlink()
     # measured fractions calibrate the no-weights defaults
+    # tasks named after their methods: the report still lists its tasks (it had no "tasks")
+    named = tmp_path / "named.safetensors"
+    mtm2, _, _ = _mtm(seed=0)
+    mtm2.add_task("xbm", 3, "xbm")
+    mtm2.save_bundle(named)
+    rc, out, _ = _run(capsys, "--bundle", str(named), "--backbone", str(bb), "--json")
+    assert rc == 0 and list(json.loads(out)["tasks"]) == ["xbm"]
     rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm",
                       "--fractions-from", str(bundle), "--backbone", str(bb), "--json")
     assert rc == 0

@@ -960,12 +960,18 @@ class CostReport:
                 "mask_bits_ratio": c["mask_bits"] / pb["mask_bits"] if pb["mask_bits"] else None}
             for s, k in settings.items():
                 row[f"{s}_energy_saving"] = 1 - c[k] / pb[k] if pb[k] else None
-            if self.workloads:  # tasks priced at their own workloads: not comparable
+            if self.workloads_differ():  # tasks priced at other workloads: not comparable
                 row["onchip_energy_saving"] = None
             row["switch_energy_ratio"] = pb["switch_energy_j"] / c["switch_energy_j"] \
                 if c["switch_energy_j"] else None
             out[f"{name}_vs_piggyback"] = row
         return out
+
+    def workloads_differ(self) -> bool:
+        """Whether the tasks were priced at more than one on-chip workload (``--workload
+        recorded``): their on-chip energies then compare workloads as well as methods."""
+        return len({(w.get("iterations"), w.get("batch_size"))
+                    for w in (self.workloads or {}).values()}) > 1
 
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         t = self.mapping.totals()
@@ -993,7 +999,9 @@ class CostReport:
             "comparisons": self.comparisons(),
             "notes": self.notes,
         }
-        if any(c.label != c.method for c in self.costs):
+        # a bundle's report (it has a switch matrix) always lists its tasks: one whose tasks
+        # happened to be named after their methods had no "tasks" key
+        if self.switch_matrix is not None or any(c.label != c.method for c in self.costs):
             d["tasks"] = {c.label: {"method": c.method} | c.to_dict(per_layer)
                           for c in self.costs}
         if self.switch_matrix is not None:

@@ -358,9 +358,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
                    f"none, priced at the default {assumptions.iterations} x "
                    f"{assumptions.batch_size}")
                 + ("; the methods' on-chip savings against Piggyback are left out (their "
-                   "tasks trained different workloads)" if per_task else ""))
+                   "tasks trained different workloads)" if report.workloads_differ() else ""))
         elif args.iterations is None and any(isinstance(v, int) for v in trained.values()):
-            did = ", ".join(f"{t} {v} steps at batch {mtm.tasks[t].extra.get('batch_size', '?')}"
+            def batch(t: str) -> str:  # under torchrun a step is processes x batch images
+                b, w = mtm.tasks[t].extra.get("batch_size"), mtm.tasks[t].extra.get("processes", 1)
+                return "?" if b is None else (f"{b * w} ({w} processes x {b})"
+                                              if isinstance(w, int) and w > 1 else str(b))
+
+            did = ", ".join(f"{t} {v} steps at batch {batch(t)}"
                             for t, v in trained.items() if isinstance(v, int))
             report.notes.append(
                 f"on-chip adaption is priced at the default {assumptions.iterations} iterations "
