@@ -2580,3 +2580,28 @@ def test_a_data_root_an_image_folder_never_reads_is_said(tmp_path, capsys, monke
     assert main([*argv, "--dataset", f"folder:{imgs}"]) == 0
     assert f"xbm: warning: --data-root {tmp_path / 'root'} is not read: --dataset " \
         f"folder:{imgs} is an image folder, read from its own path" in capsys.readouterr().err
+
+
+def test_adapt_refuses_task_base_before_the_data_and_renames_a_folder_called_base(
+        tmp_path, capsys, monkeypatch):
+    """--task base was refused by add_task, after the data loaded (and, without --backbone,
+    after the default backbone was pretrained); a folder named base/ took the same name."""
+    import xbm.data
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    loaded = []
+    real = xbm.data.load_dataset
+    monkeypatch.setattr(xbm.data, "load_dataset", lambda *a, **k: loaded.append(a) or
+                        real(*a, **k))
+    assert main(["adapt", "--dataset", "mnist", "--method", "xbm", "--task", "base",
+                 "--device", "cpu", "--no-progress"]) == 2
+    assert "--task 'base' is reserved for the pretrained backbone's own task" in \
+        _one_line_error(capsys) and loaded == []
+    imgs = _folder(tmp_path / "base")
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone",
+                 str(bb), "--rows", "16", "--cols", "16", "--batch-size", "4", "--device",
+                 "cpu", "--no-progress", "--out", str(tmp_path / "b.safetensors"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "base-task"

@@ -462,6 +462,9 @@ def _check_new_task_name(task: str, bundle: str | None, bundle_tasks: list[Any])
     from xbm.multitask import check_task_name
 
     check_task_name(task, "--task")
+    if task == "base":  # refused by add_task too, but only after the data and the backbone
+        raise XbmError("--task 'base' is reserved for the pretrained backbone's own task; pick "
+                       "another name")
     if task in {t.name for t in bundle_tasks}:
         raise XbmError(f"{bundle} already holds a task {task!r}; pass --task NAME to add "
                        "this one under another name, or --out NEW.safetensors instead of "
@@ -733,7 +736,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     task = args.task
     if task is None:
         task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
-        if reserved_task_name(task):  # a folder named train/ or eval/
+        if reserved_task_name(task) or task == "base":  # a folder named train/ or base/
             task = f"{task[:59]}-task"
     _check_new_task_name(task, args.bundle, bundle_tasks)  # before the data loads
     out = args.out or args.bundle
