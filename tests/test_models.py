@@ -381,3 +381,23 @@ def test_checkpoint_tensors_that_hold_no_weights_are_refused_by_name(make, says,
     torch.save(sd, path)
     with pytest.raises(XbmError, match=f"entry '{re.escape(key)}' {says}"):
         load_torchvision_state_dict(_small("small_cnn"), path)
+
+
+def test_a_converted_models_state_dict_loads_its_backbone_and_leaves_its_tasks(tmp_path):
+    """import-backbone of a converted model's state_dict() failed on a task's bool pe_mask
+    ("save them with .to_dense() / a float dtype"), or with only float task tensors as dozens
+    of unexpected keys and a hint to rebuild the model with another width."""
+    from xbm.errors import XbmWarning
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    mtm = MultiTaskModel(_small("small_cnn"), CrossbarSpec(rows=16, cols=16))
+    mtm.add_task("x2", 3, "xma2", {"pe_budget": 0.1})
+    mtm.add_task("x", 3, "xbm")
+    path = tmp_path / "converted.pth"
+    torch.save(mtm.model.state_dict(), path)
+    fresh = _small("small_cnn")
+    with pytest.warns(XbmWarning, match="a converted xbm model's state dict: its backbone "
+                      "weights load, the state of its task\\(s\\) x, x2 is left out"):
+        load_torchvision_state_dict(fresh, path)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in mtm.backbone_state().items())

@@ -106,6 +106,19 @@ def load_torchvision_state_dict(
     if not isinstance(raw, Mapping):
         raise XbmError(f"{source} holds a {type(raw).__name__}, not a state dict")
     raw = _unwrap(raw)
+    tasks = sorted({k.split("xbm_tasks.", 1)[1].split(".", 1)[0] for k in raw
+                    if isinstance(k, str) and ".xbm_tasks." in f".{k}"})
+    if tasks:  # a converted model's state_dict(): its backbone is there, by the same names
+        import warnings
+
+        from xbm.errors import XbmWarning, user_stacklevel
+
+        warnings.warn(f"{source} is a converted xbm model's state dict: its backbone weights "
+                      f"load, the state of its task(s) {', '.join(tasks)} is left out (tasks "
+                      "travel in bundles: save_bundle / load_bundle)", XbmWarning,
+                      stacklevel=user_stacklevel())
+        raw = {k: v for k, v in raw.items()
+               if not (isinstance(k, str) and ".xbm_tasks." in f".{k}")}
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
