@@ -702,6 +702,19 @@ def test_plots(tmp_path, monkeypatch) -> None:
     report = C.cost_model(ctx, ["finetune", "piggyback", "xbm"]).to_dict()
     p = plots.plot_energy_breakdown(report, tmp_path / "e.png")
     assert p.read_bytes()[:4] == b"\x89PNG"
+    # --workload recorded: the title states the workload the bars were priced at (it said
+    # the default 1913 iterations while the bars were priced at the tasks' 8 steps)
+    titles = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: titles.append(
+        fig._suptitle.get_text()) or real(fig, path, **kw))
+    for workloads in ({"a": {"iterations": 8, "batch_size": 32}},
+                      {"a": {"iterations": 8, "batch_size": 32},
+                       "b": {"iterations": 9, "batch_size": 32}}):
+        plots.plot_energy_breakdown(report | {"onchip_workloads": workloads}, tmp_path / "w.png")
+    assert titles[0].endswith("on-chip = 8 it. x batch 32)")
+    assert titles[1].endswith("on-chip = each task's recorded workload)")
+    monkeypatch.setattr(plots, "save_figure", real)
     runs = [{"method": m, "task": t, "base_task": False, "accuracy": acc, "mask_bits": bits,
              "reprogrammed_cells": cells}
             for m, bits, cells, acc in (("xbm", 100, 0, 90.0), ("piggyback", 6400, 640, 92.0),

@@ -177,9 +177,15 @@ def plot_energy_breakdown(report: dict[str, Any], path: str | Path) -> Path:
                bbox_to_anchor=(0.5, -0.06))
     s = report.get("spec", {})
     a = report.get("assumptions", {})
+    # --workload recorded prices each task at its own steps: say those, not the default
+    own = {(w.get("iterations"), w.get("batch_size"))
+           for w in (report.get("onchip_workloads") or {}).values()}
+    onchip = (f"{a.get('iterations')} it. x batch {a.get('batch_size')}" if not own else
+              "{} it. x batch {}".format(*own.pop()) if len(own) == 1 else
+              "each task's recorded workload")
     fig.suptitle(f"{report.get('model', '')}: energy by component ({s.get('rows')}x{s.get('cols')}"
                  f" crossbars, preset {report.get('energy_preset', {}).get('name')}, on-chip = "
-                 f"{a.get('iterations')} it. x batch {a.get('batch_size')})", fontsize=10)
+                 f"{onchip})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
