@@ -1115,6 +1115,16 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     said = capsys.readouterr().out
     assert said.startswith("already cached: ")
     assert re.search(r"\(accuracy \d+\.\d\d% on [\d,]+ test images, hash ", said), said
+    # --out of a cached recipe: the cached backbone copied (usage.md: a recipe already in the
+    # cache is reused), not minutes of pretraining again
+    import xbm.train.pretrain as pt
+
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
+    copy = tmp_path / "copy.safetensors"
+    assert main(["pretrain", *tiny, "--out", str(copy)]) == 0
+    assert capsys.readouterr().out.startswith("copied the cached backbone of this recipe")
+    (cached,) = (tmp_path / "cache" / "backbones").glob("*.safetensors")
+    assert copy.read_bytes() == cached.read_bytes()
 
 
 def test_a_backbone_accuracy_says_how_many_test_images_it_was_measured_on():

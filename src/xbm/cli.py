@@ -185,6 +185,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.out and out.exists() and not args.force:
         raise XbmError(f"{out} already exists; bundles made on it would stop loading if it were "
                        "replaced. Pass another --out, or --force to overwrite it")
+    if args.out and not args.force:  # the recipe cached already: the same backbone, copied
+        cached = cache_dir() / "backbones" / cfg.cache_name(getattr(args, "data_root", None))
+        from xbm.train.pretrain import recipe_config
+
+        try:
+            old = load_backbone(cached)[1] if cached.exists() else None
+        except XbmError:  # an unusable cache entry: pretrain into --out as asked
+            old = None
+        recorded = recipe_config((old or {}).get("config"))
+        if recorded is None or recorded.differs_from(cfg):  # renamed in, or an older rule
+            old = None
+        if old is not None:
+            if xdist.is_main():
+                import shutil
+
+                from xbm.io import atomic_path
+
+                with atomic_path(out) as tmp:
+                    shutil.copyfile(cached, tmp)
+                print(f"copied the cached backbone of this recipe ({cached}; accuracy "
+                      f"{accuracy_text(old)}, hash {old['content_hash']}) to {out}; pass "
+                      "--force to pretrain it again")
+            return 0
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
