@@ -720,6 +720,7 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
     assert "imgs: 10 training and 2 test images, 2 classes (--test-subset 500 is more than " \
         "the 2 there: all used)" in err
     assert rec["task"] == "imgs" and rec["new_bundle"] is True  # named after the folder
+    assert rec["processes"] == 1  # one process: a step is batch_size images
     # a symlinked folder is named as the user named it, not after its target
     (tmp_path / "work" / "birds").symlink_to(tmp_path / "work" / "imgs")
     assert main(["adapt", "--dataset", "folder:birds", "--backbone", str(bb), "--rows", "16",
