@@ -777,6 +777,11 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
     # the saved chip's rows carry its own rate (it was labelled with --fault-rates' 0 before)
     rates = [r["fault_rate"] for r in rows if r["path"] != "ideal"]
     assert rates and rates == pytest.approx([0.02] * len(rates))
+    # the saved chip's split of stuck-on and stuck-off cells is its own (--sa1-fraction was
+    # ignored without a word)
+    assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),
+                 "--sa1-fraction", "0.9", *common]) == 2
+    assert "--fault-map holds its own stuck-on/stuck-off split" in capsys.readouterr().err
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
     # --json-out rewrites its own results (above: sweep.json) but no other file
     cfg = tmp_path / "cfg.yaml"

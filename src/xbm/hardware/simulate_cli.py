@@ -153,9 +153,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--fault-rate", type=float,
                     help=f"fault-aware mode: the chip's stuck-at cell rate (default "
                     f"{FAULT_AWARE_RATE:g}; the sweep takes --fault-rates)")
-    sp.add_argument("--sa1-fraction", type=float, default=0.5,
-                    help="share of faulty cells stuck ON, the rest stuck OFF (default "
-                    "%(default)s)")
+    sp.add_argument("--sa1-fraction", type=float,
+                    help="share of faulty cells stuck ON, the rest stuck OFF (default 0.5; "
+                    "a --fault-map has its own)")
     sp.add_argument("--variation", help="sweep mode: comma list of programming variations "
                     "(default 0)")
     sp.add_argument("--read-noise", type=float, default=0.0,
@@ -354,6 +354,9 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     if args.fault_map and args.fault_rates is not None:
         raise ConfigError("--fault-map replaces --fault-rates (the saved chip has its own fault "
                           "rate); pass one of them")
+    if args.fault_map and getattr(args, "sa1_given", False):  # it was ignored without a word
+        raise ConfigError("--fault-map holds its own stuck-on/stuck-off split (the saved "
+                          "chip's); drop --sa1-fraction, or draw a chip with --fault-rates")
     variation = "0" if args.variation is None else args.variation  # "" is still an error
     adc_bits, variations = _adc_bits(args, spec), _floats(variation, "--variation")
     rates = _floats("0" if args.fault_rates is None else args.fault_rates, "--fault-rates", 0, 1)
@@ -671,6 +674,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     args.seed_given = args.seed is not None
     if args.seed is None:
         args.seed = 0
+    args.sa1_given = args.sa1_fraction is not None  # a saved map has its own split
+    if args.sa1_fraction is None:
+        args.sa1_fraction = 0.5
     _check_mode_flags(args)  # before anything is checked, loaded or trained
     for flag, path, kind in (("--json-out", args.json_out, "file"), ("--plot", args.plot, "dir"),
                              ("--out", getattr(args, "out", None), "file"),
