@@ -2616,3 +2616,35 @@ def test_adapt_refuses_task_base_before_the_data_and_renames_a_folder_called_bas
                  "cpu", "--no-progress", "--out", str(tmp_path / "b.safetensors"),
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "base-task"
+
+
+def test_eval_base_takes_the_bundles_recipe_for_an_imported_copy_of_its_backbone(
+        tmp_path, capsys, monkeypatch):
+    """An imported copy of the same weights (same hash) records no recipe: after adapting on
+    it, eval --task base said the backbone records no pretraining dataset, although the
+    bundle kept the recipe it was learned with."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    run = ["--device", "cpu", "--no-progress"]
+    bb = tmp_path / "bb.safetensors"
+    assert main(["pretrain", "--model", "small_cnn", "--width", "2", "--dataset", "digits",
+                 "--epochs", "1", "--out", str(bb), *run]) == 0
+    from xbm.train.pretrain import load_backbone
+
+    model, _ = load_backbone(bb)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    imp = tmp_path / "imp.safetensors"
+    assert main(["import-backbone", "--model", "small_cnn", "--width", "2", "--in-channels",
+                 "1", "--num-classes", "10", "--checkpoint", str(tmp_path / "w.pth"), "--out",
+                 str(imp)]) == 0
+    bundle = tmp_path / "b.safetensors"
+    common = ["--method", "xbm", "--rows", "16", "--cols", "16", "--train-subset", "64",
+              "--test-subset", "32", "--bundle", str(bundle), *run]
+    assert main(["adapt", "--dataset", "digits", "--task", "one", "--backbone", str(bb),
+                 *common]) == 0
+    assert main(["adapt", "--dataset", "digits", "--task", "two", "--backbone", str(imp),
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--backbone", str(imp), "--task", "base",
+                 "--test-subset", "32", "--json", *run]) == 0
+    row = json.loads(capsys.readouterr().out)["tasks"][0]
+    assert row["task"] == "base" and row["dataset"] == "digits"

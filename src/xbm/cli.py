@@ -565,6 +565,14 @@ def _backbone(args: argparse.Namespace, device, bundle_meta: dict[str, Any] | No
             model, meta = load_backbone(bundle_backbone_path(args.bundle, bundle_meta))
             source = f"the bundle {args.bundle}'s backbone"
         _check_arch_flags(args, meta["arch"], source)
+        recipe = (bundle_meta or {}).get("backbone_recipe")
+        if isinstance(recipe, dict) and not isinstance(meta.get("config"), dict) and \
+                meta.get("content_hash") == (bundle_meta or {}).get("backbone_hash"):
+            # an imported copy of the same weights records no recipe; the bundle kept the
+            # one it was learned with (its pretraining dataset: eval --task base needs it)
+            meta = meta | {"config": recipe}
+            if meta.get("dataset") in (None, "unknown", "imported") and recipe.get("dataset"):
+                meta["dataset"] = recipe["dataset"]
         return model, meta
     cfg = PretrainConfig(model=args.model or DEFAULT_MODEL, width=_width(args, device))
     # with --json, stdout carries only the JSON: the backbone's notes go to stderr
