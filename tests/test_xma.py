@@ -345,9 +345,12 @@ def test_trainable_params_count_selected_weights_not_the_copy():
     dense = sum(p.numel() for ps in groups.values() for p in ps)
     selected = sum(int(_weight_pe_mask(la, st).sum()) for _, la, st in mtm.layer_states("t"))
     scores = sum(st.score.numel() for _, _, st in mtm.layer_states("t"))
+    # a selected PE's columns run at scale 1: their scores learn nothing (session 27)
+    dead = sum(int(method._selection(la, st)[0].sum()) for _, la, st in mtm.layer_states("t")
+               if method._selection(la, st) is not None)
     head_norm = sum(p.numel() for p in groups["head"] + groups["norm"])
-    assert selected > 0
-    assert mtm.trainable_params("t") == head_norm + scores + selected < dense
+    assert selected > 0 and dead > 0
+    assert mtm.trainable_params("t") == head_norm + scores - dead + selected < dense
     assert all(method.trainable_count(la, st) >= st.score.numel()
                for _, la, st in mtm.layer_states("t"))
 
@@ -889,3 +892,29 @@ def test_a_half_precision_backbone_is_refused(dtype) -> None:
     with pytest.raises(XbmError, match="model.float()"):
         MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1).to(dtype),
                        CrossbarSpec())
+
+
+def test_small_fixes_of_session_27_review():
+    """A score_init accepted in float64 started every column at level 2 in the float32
+    scores; XMA2's weight_lr had no upper bound (1e38 overflowed inside Adam); XMA2 counted
+    the scores of the selected PEs' columns as trainable, which run at scale 1 and learn
+    nothing (mask_bits already left them out)."""
+    with pytest.raises(ConfigError, match="starts every column at level 2, not 1"):
+        XMAConfig(levels=[0.5, 1, 2], score_init=0.4999999999)
+    XMAConfig(levels=[0.5, 1, 2], score_init=0.49)  # clear of the tie: level 1
+    with pytest.raises(ConfigError, match=r"weight_lr must be in \(0, 1e3\]"):
+        XMA2Config(weight_lr=1e38)
+    mtm = _mtm(SMALL_SPEC)
+    seed_everything(0)
+    mtm.add_task("t", 4, "xma2", {"pe_budget": 0.25, "warmup_steps": 1})
+    train, _ = _loaders()
+    train_task(mtm, "t", train, 1, DEV, progress=False)  # selects after the first step
+    method = mtm.methods["t"]
+    chosen = 0
+    for _, layer, st in mtm.layer_states("t"):
+        sel = method._selection(layer, st)
+        cols = 0 if sel is None else int(sel[0].sum())
+        weights = 0 if sel is None else int(sel[1].sum())
+        chosen += cols
+        assert method.trainable_count(layer, st) == st.score.numel() - cols + weights
+    assert chosen > 0  # some PEs were selected, so the dead scores were there to leave out

@@ -182,9 +182,14 @@ class XMAConfig(MethodConfig):
                 and abs(self.score_init) <= 1e6):  # 1e308 overflowed the float32 scores
             raise ConfigError(f"{type(self).__name__}.score_init must be a finite number within "
                               f"±1e6, got {self.score_init!r}")
-        e = torch.tensor(self.exponents or [0.0], dtype=torch.float64)
-        start = float(shift_quantize(torch.tensor([float(self.score_init)], dtype=torch.float64),
-                                     *shift_tables(e), self.zero_below)[0])
+        # in float32 too, the scores' dtype: 0.4999999999 rounds to a tie point there (0.5)
+        # and started every column at level 2 of {0.5, 1, 2}, although float64 said 1
+        start = 1.0
+        for dt in (torch.float64, torch.float32):
+            e = torch.tensor(self.exponents or [0.0], dtype=dt)
+            got = float(shift_quantize(torch.tensor([float(self.score_init)], dtype=dt),
+                                       *shift_tables(e), self.zero_below)[0])
+            start = got if got != 1.0 else start
         if start != 1.0:  # the task must start as the backbone, as levels must contain 1
             raise ConfigError(f"{type(self).__name__}.score_init {self.score_init!r} starts every "
                               f"column at level {start:g}, not 1, so the task would not start "
@@ -259,11 +264,6 @@ class XMA(AdaptionMethod):
                                  quantize=functools.partial(
                                      shift_quantize, mids=mids, values=values,
                                      zero_below=self.config.zero_below))
-
-    def _quantize(self, scores: torch.Tensor) -> torch.Tensor:
-        """``ShiftQuantizeSTE``'s forward, with its tables built once per device and dtype."""
-        _, mids, values = self._tables_for(scores)
-        return shift_quantize(scores, mids, values, self.config.zero_below)
 
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight

@@ -171,8 +171,9 @@ class XMA2Config(XMAConfig):
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"{name}.warmup_steps must be an integer >= 0, got {w!r}")
-        if not (isinstance(self.weight_lr, (int, float)) and self.weight_lr > 0):
-            raise ConfigError(f"{name}.weight_lr must be > 0, got {self.weight_lr!r}")
+        if not (isinstance(self.weight_lr, (int, float)) and not isinstance(self.weight_lr, bool)
+                and 0 < self.weight_lr <= 1e3):  # 1e38 overflowed inside Adam, as lr did
+            raise ConfigError(f"{name}.weight_lr must be in (0, 1e3], got {self.weight_lr!r}")
         e = self.energy_budget_j
         if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float))
                               or not math.isfinite(e) or e < 0):
@@ -527,9 +528,13 @@ class XMA2(XMA):
         return n * layer.spec.cells_per_weight
 
     def trainable_count(self, layer: nn.Module, state: nn.Module) -> int:
-        """Column scores plus only the selected PEs' weights (the dense copy is storage)."""
+        """Column scores of the frozen PEs plus the selected PEs' weights (the dense copy is
+        storage): a selected PE's columns run at scale 1, so their scores learn nothing, and
+        ``mask_bits`` leaves them out too."""
         selection = self._selection(layer, state)
-        return state.score.numel() + (0 if selection is None else int(selection[1].sum()))
+        if selection is None:
+            return state.score.numel()
+        return state.score.numel() - int(selection[0].sum()) + int(selection[1].sum())
 
     def selected_pes(self, layer: nn.Module, state: nn.Module) -> int:
         """PEs this task re-programs in the layer (spare PEs used, when ``spare_pes``)."""

@@ -196,8 +196,8 @@ def export_task(model: nn.Module, task: str) -> nn.Module:
     Each crossbar layer becomes the ``nn.Conv2d``/``nn.Linear`` it was, holding the task's
     effective weight and bias (mask times programmed weight, a column's shift level folded in,
     XMA2's re-programmed PEs, finetune's own weights); a norm layer becomes the task's own copy
-    (per-task BN) or the backbone's; the head becomes the task's (which has a bias even where
-    the backbone's head has none). No xbm class is left, so the copy runs, saves and loads as any
+    (per-task BN) or the backbone's; the head becomes the task's (with a bias where the
+    backbone's head has one). No crossbar class is left, so the copy runs, saves and loads as any
     torch model, with the backbone's state-dict keys. It is what the chip computes in ideal
     arithmetic, for inference and deployment elsewhere: the crossbar bookkeeping (mask bits,
     re-programmed cells) stays with the converted model.
