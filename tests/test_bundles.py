@@ -482,3 +482,29 @@ def test_backbone_and_fault_map_headers_are_hashed_too(tmp_path):
     _edit_header(chip, edited, "sa1_rate", 0.2)
     with pytest.raises(BundleError, match="the fault map's header was changed"):
         FaultMap.load(edited)
+
+
+def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
+    """As root, an output path of /dev/null was replaced by the atomic rename: /dev/null
+    became a regular file that every later program wrote into (a CLI fuzz did it). A
+    character device or a named pipe is now written into, and stays what it was."""
+    import json
+    import os
+    import stat
+    import threading
+    from pathlib import Path
+
+    from xbm.io import _is_stream, check_output, write_json_atomic
+
+    assert _is_stream(Path(os.devnull)) and not _is_stream(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    assert check_output(fifo, "file", "--json-out") == fifo
+    write_json_atomic(fifo, {"a": 1})
+    reader.join(timeout=30)
+    assert json.loads(got[0]) == {"a": 1}
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still a pipe, not a file renamed onto it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -32,6 +34,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     target = Path(os.path.realpath(path))  # the file a link points to, or path itself
+    if _is_stream(target):  # /dev/null, /dev/stdout, a named pipe: written into, not replaced
+        yield from _through_stream(path, target)
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -58,6 +63,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_stream(path: Path) -> bool:
+    """A character device or a named pipe: an output that is written into. Renaming a file
+    onto it replaced the device (as root, ``--json-out /dev/null`` left a regular file at
+    /dev/null that every later program then wrote into)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def _through_stream(path: Path, target: Path) -> Iterator[Path]:
+    """``atomic_path`` for a stream: the content is written to a temporary file elsewhere,
+    then copied into the stream once complete (a stream cannot be replaced atomically; a
+    failed write sends nothing)."""
+    fd, tmp = tempfile.mkstemp(prefix=".xbm-out.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        try:
+            with open(tmp_path, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -177,6 +211,10 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
         if p.is_dir():
             raise XbmError(f"{flag} {p} is a folder; "
                            f"{fix or 'pass a file path such as ' + str(p / ('out' + suffix))}")
+        if _is_stream(Path(os.path.realpath(p))):  # /dev/null, a pipe: written into
+            if not os.access(os.path.realpath(p), os.W_OK):
+                raise XbmError(f"{flag} {p} is not writable; {fix or 'pass a writable path'}")
+            return p
         # a link is written through (atomic_path): the folder of the file it points to
         target = Path(os.path.realpath(p)).parent if p.is_symlink() else p.parent
     probe = target

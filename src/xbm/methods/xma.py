@@ -265,6 +265,12 @@ class XMA(AdaptionMethod):
                                      shift_quantize, mids=mids, values=values,
                                      zero_below=self.config.zero_below))
 
+    def _quantize(self, scores: torch.Tensor) -> torch.Tensor:
+        """``ShiftQuantizeSTE``'s forward, with its tables built once per device and dtype (the
+        reference tests/test_mapping.py checks the fused path against)."""
+        _, mids, values = self._tables_for(scores)
+        return shift_quantize(scores, mids, values, self.config.zero_below)
+
     def programmed_weight(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         return layer.weight
 
