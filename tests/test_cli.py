@@ -504,6 +504,18 @@ def test_bad_demo_config_values_fail_at_once(yaml_text, needle, tmp_path, capsys
     assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_bad_demo_flag_is_not_blamed_on_the_config_file(tmp_path, capsys, monkeypatch):
+    """--epochs 0 beside a file that sets pretrain_epochs was said to be "(in --config ...)":
+    the file's pretrain_epochs matched the word "epochs" of "demo epochs"."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("pretrain_epochs: 1\nepochs: 1\n")
+    assert main(["demo", "--config", str(cfg), "--epochs", "0", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "demo epochs must be an integer >= 1, got 0" in err and "--config" not in err, err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["pretrain", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["pretrain", "--lr", "-1"], "lr must be a number in (0, 1000]"),
@@ -2648,3 +2660,49 @@ def test_eval_base_takes_the_bundles_recipe_for_an_imported_copy_of_its_backbone
                  "--test-subset", "32", "--json", *run]) == 0
     row = json.loads(capsys.readouterr().out)["tasks"][0]
     assert row["task"] == "base" and row["dataset"] == "digits"
+
+
+def test_cli_fuzz_findings_of_session_27(tmp_path, capsys, monkeypatch):
+    """weight_decay 1e39 overflowed inside Adam (a traceback); a results.json whose backbone
+    is not a mapping crashed cost --plot; --plot naming another output failed after the run;
+    --chip-seed took -1; a method-config file holding 0 or [] ran as {}; a dangling link
+    given as --bundle was "no such file"."""
+    from xbm.errors import XbmError
+    from xbm.methods.xbm import XBMConfig
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(XbmError, match=r"weight_decay must be a number in \[0, 1e3\]"):
+        XBMConfig(weight_decay=1e39)
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"backbone": "abc", "runs": [
+        {"method": "xbm", "task": "a", "base_task": False, "accuracy": 50.0, "mask_bits": 8}]}))
+    assert main(["cost", "--model", "small_cnn", "--plot", str(tmp_path / "p"), "--results",
+                 str(res)]) == 2
+    assert "backbone is 'abc', not a mapping" in _one_line_error(capsys)
+    assert not any((tmp_path / "p").glob("*.png")) if (tmp_path / "p").exists() else True
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    out = tmp_path / "same"
+    assert main(["simulate", "--fault-aware", "--dataset", "digits", "--backbone", str(bb),
+                 "--json-out", str(out), "--plot", str(out), "--device", "cpu"]) == 2
+    assert f"--plot {out} is also the --json-out" in _one_line_error(capsys)
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal, as --seed -1 gets
+        main(["simulate", "--bundle", str(bb), "--chip-seed", "-1"])
+    assert stop.value.code == 2
+    assert "--chip-seed: must be an integer in [0, " in capsys.readouterr().err
+    for text in ("0\n", "[]\n", "false\n"):
+        mc = tmp_path / "mc.yaml"
+        mc.write_text(text)
+        assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--backbone", str(bb),
+                     "--method-config", str(mc), "--device", "cpu"]) == 2
+        assert "must hold a mapping of field: value" in _one_line_error(capsys)
+    link = tmp_path / "gone.safetensors"
+    link.symlink_to(tmp_path / "nothing.safetensors")
+    assert main(["eval", "--bundle", str(link), "--device", "cpu"]) == 2
+    assert "is a symbolic link to" in _one_line_error(capsys)
+    # --plot with nothing to plot (no ADC axis under --adc-mode ideal, one fault rate) said so
+    path, bb2 = _folder_task_bundle(tmp_path, 2, f"folder:{_folder(tmp_path / 'imgs')}")
+    assert main(["simulate", "--bundle", str(path), "--backbone", str(bb2), "--adc-mode",
+                 "ideal", "--plot", str(tmp_path / "pl"), "--backend", "torch", "--device",
+                 "cpu", "--no-progress"]) == 0
+    assert f"xbm: warning: --plot {tmp_path / 'pl'}: nothing to plot" in capsys.readouterr().err

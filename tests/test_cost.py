@@ -951,6 +951,10 @@ def test_dump_preset_refuses_flags_it_would_ignore(capsys) -> None:
                           "isaac")
     assert "--dump-preset prints a preset as YAML and costs nothing; drop --model, --energy" \
         in err
+    # every other flag too (--rows, --adc-bits, --per-layer were dropped without a word)
+    err = _one_line_error(capsys, "--dump-preset", "isaac", "--rows", "32", "--adc-bits", "4",
+                          "--per-layer", "--iterations", "5")
+    assert "drop --adc-bits, --rows, --iterations, --per-layer (cost with" in err, err
     assert "must be a finite number, got 'abc'" in _one_line_error(
         capsys, "--dump-preset", "default", "--set-energy", "device.write_voltage_v=abc")
 

@@ -44,7 +44,9 @@ def _load_yaml(path: str) -> dict[str, Any]:
         raise XbmError(f"config file {path} {problem}; pass a YAML file"
                        + (" (the one in the folder)" if p.is_dir() else ""))
     try:
-        data = load_yaml(p.read_text(encoding="utf-8")) or {}
+        data = load_yaml(p.read_text(encoding="utf-8"))
+        if data is None:  # an empty file (or /dev/null): no fields; 0, false or [] are refused
+            data = {}
     except UnicodeDecodeError:
         raise XbmError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
@@ -122,10 +124,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = DemoConfig.from_dict(fields)
         results = run_demo(cfg, args.out, progress=not args.no_progress)
     except (ConfigError, UnknownNameError) as exc:  # a value the YAML gave: say where it is
-        # (a pretrain_* field is named by the PretrainConfig field it fills)
-        names = {n for k in from_file for n in (str(k), str(k).removeprefix("pretrain_"))}
-        if not (args.config and any(re.search(rf"(?<!\w){re.escape(n)}\b", str(exc))
-                                    for n in names)):
+        # (a pretrain_* field is named by the PretrainConfig field it fills: only there, so
+        # the file's pretrain_epochs is not blamed for a bad --epochs, "demo epochs")
+        text = str(exc)
+        named = any(re.search(rf"(?<!\w){re.escape(str(k))}\b", text) for k in from_file) or \
+            any(re.search(rf"PretrainConfig\.{re.escape(str(k).removeprefix('pretrain_'))}\b",
+                          text) for k in from_file if str(k).startswith("pretrain_"))
+        if not (args.config and named):
             raise
         raise type(exc)(f"{exc} (in --config {args.config})") from None
     print()

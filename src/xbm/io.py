@@ -329,11 +329,13 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """
     from safetensors import safe_open
 
-    path = Path(path)
-    if path.is_dir():
+    path = Path(path).expanduser()
+    problem = input_problem(path)
+    if problem == "is a folder":
         raise BundleError(f"{path}: is a folder; pass the .safetensors file in it")
-    if not path.is_file():
-        raise BundleError(f"{path}: no such file; check the path")
+    if problem:  # a dangling link or a loop of links is said as such, not "no such file"
+        raise BundleError(f"{path}: {'no such file' if problem == 'does not exist' else problem}"
+                          "; check the path")
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:

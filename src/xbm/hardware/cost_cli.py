@@ -225,15 +225,17 @@ def cmd_cost(args: argparse.Namespace) -> int:
                            "results.json")
 
     if args.dump_preset:
-        from xbm.hardware.energy import get_preset
-
         # it prints a preset and costs nothing: a flag that chooses what to cost would be
         # silently dropped (and --set-energy edits the printed preset)
-        ignored = [flag for flag, v in (
-            ("--model", args.model), ("--bundle", args.bundle), ("--backbone", args.backbone),
-            ("--methods", args.methods), ("--energy", args.energy),
-            ("--preset-file", args.preset_file), ("--sensitivity", args.sensitivity),
-            ("--plot", args.plot), ("--json", args.json)) if v]
+        from xbm.cli import build_parser
+        from xbm.hardware.energy import get_preset
+
+        # every flag given besides --set-energy (it was a list of nine: --rows, --adc-bits,
+        # --per-layer, ... were dropped without a word)
+        defaults = vars(build_parser().parse_args(["cost", "--dump-preset", args.dump_preset]))
+        ignored = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                   if k not in ("dump_preset", "set_energy", "func", "command")
+                   and k in defaults and v != defaults[k]]
         if ignored:
             raise ConfigError(f"--dump-preset prints a preset as YAML and costs nothing; drop "
                               f"{', '.join(ignored)} (cost with --preset-file FILE after "

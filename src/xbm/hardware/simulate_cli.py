@@ -131,6 +131,7 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     """Add the ``simulate`` sub-command to the ``xbm`` parser."""
     from xbm.cli import BACKBONE_HELP, MODEL_HELP, TASK_ROOT_HELP
+    from xbm.config import seed_arg
 
     sp = sub.add_parser("simulate", help="accuracy on the crossbar-faithful path (ADC, noise, "
                         "faults); fault-aware XBM")
@@ -205,7 +206,7 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--test-subset", type=int, default=1000,
                     help="test images (default %(default)s)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
-    sp.add_argument("--chip-seed", type=int,
+    sp.add_argument("--chip-seed", type=seed_arg,
                     help="seed of the chip alone: its programming variation, read noise and "
                     "fault maps (default: --seed). Vary it with --seed fixed to see the spread "
                     "between chips on one test set")
@@ -470,6 +471,11 @@ def _check_distinct_paths(args: argparse.Namespace) -> None:
             raise XbmError(f"--json-out {out} already exists and is not an `xbm simulate` "
                            "results file (it would be replaced); pass another path, or "
                            "delete it first")
+    plot = getattr(args, "plot", None)
+    for fo, out in [*inputs, *outputs] if plot else []:  # it failed after the whole run
+        if same(plot, out):
+            raise XbmError(f"--plot {plot} is also the {fo}; give the plots a folder of their "
+                           "own")
 
 
 # -- fault-aware -----------------------------------------------------------------------------
@@ -700,6 +706,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise XbmError("pass --bundle B (sweep) or --fault-aware --dataset D")
     if args.plot:
         res["plots"] = _plots(res, args.plot)
+        if not res["plots"]:  # it ended with an empty folder and no word
+            import warnings
+
+            from xbm.errors import XbmWarning
+
+            warnings.warn(f"--plot {args.plot}: nothing to plot (the plots are accuracy "
+                          "against ADC bits, which --adc-mode ideal has none of, and against "
+                          "two or more fault rates)", XbmWarning, stacklevel=2)
     if args.json_out:
         write_json_atomic(args.json_out, res)
     if args.json:

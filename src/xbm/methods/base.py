@@ -62,8 +62,9 @@ class MethodConfig:
             if v > 1e3:  # 1e38 overflowed float32 inside Adam (a traceback); 1e308 ran on inf
                 raise ConfigError(f"{name}.{f} must be at most 1e3, got {v!r}")
         if isinstance(self.weight_decay, bool) or not (
-                isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ConfigError(f"{name}.weight_decay must be a number >= 0, got "
+                isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay <= 1e3):
+            # 1e39 overflowed float32 inside Adam (a traceback), as lr did
+            raise ConfigError(f"{name}.weight_decay must be a number in [0, 1e3], got "
                               f"{self.weight_decay!r}")
         if not isinstance(self.per_task_bn, bool):
             raise ConfigError(f"{name}.per_task_bn must be true or false, got "

@@ -88,6 +88,13 @@ def load_results(path: str | Path) -> dict[str, Any]:
     runs = data.get("runs") if isinstance(data, dict) else None
     if not isinstance(runs, list):
         raise XbmError(f"results file {path} has no 'runs' list; is it a demo results.json?")
+    bb = data.get("backbone")  # xbm cost compares its model with the one recorded here
+    for what, v in (("backbone", bb), ("backbone.arch",
+                                       bb.get("arch") if isinstance(bb, dict) else None),
+                    ("config", data.get("config"))):
+        if v is not None and not isinstance(v, dict):
+            raise XbmError(f"results file {path}: {what} is {v!r:.40}, not a mapping; is it a "
+                           "demo results.json?")
     for i, r in enumerate(runs):  # what the plots read, checked before any file is written
         if not isinstance(r, dict):
             raise XbmError(f"results file {path}: run {i} is not a record (got {r!r})")
