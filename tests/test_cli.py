@@ -2706,3 +2706,31 @@ def test_cli_fuzz_findings_of_session_27(tmp_path, capsys, monkeypatch):
                  "ideal", "--plot", str(tmp_path / "pl"), "--backend", "torch", "--device",
                  "cpu", "--no-progress"]) == 0
     assert f"xbm: warning: --plot {tmp_path / 'pl'}: nothing to plot" in capsys.readouterr().err
+
+
+def test_simulate_draws_a_tasks_test_subset_as_eval_does(tmp_path, capsys, monkeypatch):
+    """adapt --seed 3 and eval scored the same images; simulate drew its --test-subset with
+    seed 0, so its ideal row differed from both (12.50% against 11.72% in a review's run)."""
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--backbone", str(bb), "--device", "cpu", "--test-subset", "60"]
+    assert main(["adapt", "--dataset", "digits", "--method", "xbm", "--out", str(bundle),
+                 "--seed", "3", "--train-subset", "64", "--batch-size", "16", "--rows", "16",
+                 "--cols", "16", "--no-progress", "--json", *common]) == 0
+    capsys.readouterr()
+    from xbm.data.task import TaskData
+
+    seeds: list[int] = []  # the seed each command draws its 60 test images with
+    real = TaskData.subset
+    monkeypatch.setattr(TaskData, "subset", lambda self, train=None, test=None, seed=0: (
+        seeds.append(seed) if test == 60 else None) or real(self, train, test, seed))
+    assert main(["eval", "--bundle", str(bundle), "--json", *common]) == 0
+    assert main(["simulate", "--bundle", str(bundle), "--adc-mode", "ideal", "--json",
+                 "--backend", "torch", "--no-progress", *common]) == 0
+    assert seeds == [3, 3]  # adapt's --seed, recorded in the bundle
+    assert main(["simulate", "--bundle", str(bundle), "--adc-mode", "ideal", "--json",
+                 "--backend", "torch", "--no-progress", "--seed", "5", *common]) == 0
+    assert seeds == [3, 3, 5]  # a seed given is the seed used
+    capsys.readouterr()
