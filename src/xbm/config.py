@@ -43,7 +43,27 @@ def _yaml_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """SafeLoader with YAML 1.2 numbers."""
+        """SafeLoader with YAML 1.2 numbers and no duplicate keys."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            # `lr: 1e-3` then `lr: 2e-3` kept the last without a word (a merge key `<<` may
+            # still override: that is what it is for)
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line {first.line + 1}); keep "
+                        "one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
 
     # drop 1.1's number resolvers for the first characters a number can start with, then add
     # ours
