@@ -71,6 +71,12 @@ def _unwrap(obj: Mapping[str, object]) -> Mapping[str, object]:
     return obj
 
 
+def _task_names(keys) -> list[str]:
+    """The task names a converted model's state-dict keys hold (``<layer>.xbm_tasks.<task>.``)."""
+    return sorted({k.split("xbm_tasks.", 1)[1].split(".", 1)[0] for k in keys
+                   if isinstance(k, str) and ".xbm_tasks." in f".{k}"})
+
+
 def _shorten(keys: list[str]) -> str:
     more = f", ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
     return ", ".join(keys[:_SHOWN]) + more
@@ -106,8 +112,7 @@ def load_torchvision_state_dict(
     if not isinstance(raw, Mapping):
         raise XbmError(f"{source} holds a {type(raw).__name__}, not a state dict")
     raw = _unwrap(raw)
-    tasks = sorted({k.split("xbm_tasks.", 1)[1].split(".", 1)[0] for k in raw
-                    if isinstance(k, str) and ".xbm_tasks." in f".{k}"})
+    tasks = _task_names(raw)
     if tasks:  # a converted model's state_dict(): its backbone is there, by the same names
         import warnings
 
@@ -142,7 +147,8 @@ def load_torchvision_state_dict(
 
     # a converted model's task state (scores, per-task BN and heads) is not the backbone's:
     # a torchvision checkpoint has none of it, and loading weights leaves it as it is
-    expected = {k: v for k, v in model.state_dict().items() if "xbm_tasks." not in k}
+    full = model.state_dict()
+    expected = {k: v for k, v in full.items() if "xbm_tasks." not in k}
     floats = [k for k, v in expected.items()
               if v.is_floating_point() and k in state and not state[k].is_floating_point()]
     if floats:  # int weights would be cast silently by load_state_dict
@@ -174,8 +180,7 @@ def load_torchvision_state_dict(
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
             "and width" + ("" if missing or unexpected else _head_hint(state, expected))
         )
-    tasks = sorted({k.split("xbm_tasks.", 1)[1].split(".", 1)[0]
-                    for k in model.state_dict() if "xbm_tasks." in k})
+    tasks = _task_names(full)
     if tasks and any(not torch.equal(state[k].to(v.dtype), v.cpu()) for k, v in expected.items()):
         # the same weights again are harmless; others would run the tasks on weights they
         # were not learned on, unsaid (and a bundle saved then records the new hash)
