@@ -14,6 +14,7 @@ import torch
 
 from xbm import data as xd
 from xbm.data import builtin
+from xbm.data.letters import LETTERS_VERSION
 from xbm.errors import (
     ConfigError,
     DatasetNotFoundError,
@@ -341,7 +342,7 @@ def test_letters_deterministic_and_cached(tmp_path):
     assert a.train_x.shape == (78, 1, 28, 28) and a.test_x.shape == (52, 1, 28, 28)
     assert a.classes == [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     assert torch.bincount(a.train_y).tolist() == [3] * 26
-    files = list((tmp_path / "letters").glob("letters-v1-*.pt"))
+    files = list((tmp_path / "letters").glob(f"{LETTERS_VERSION}-*.pt"))
     assert len(files) == 1
     cached = xd.make_letters(3, 2, seed=1, cache=tmp_path)
     fresh = xd.make_letters(3, 2, seed=1, use_cache=False)
@@ -351,6 +352,31 @@ def test_letters_deterministic_and_cached(tmp_path):
     assert not torch.equal(other.train_x, a.train_x)
     assert not torch.equal(a.train_x[:52], a.test_x)  # disjoint random streams
     assert a.train_x.float().mean() > 5  # glyphs are drawn
+
+
+def test_letters_rendering_stays_off_kernels_that_were_not_reproducible(monkeypatch):
+    """letters-v1 rendered other bytes for the same seed in some processes (the demo's letters
+    accuracies moved with them): torch.cos of one float64 tensor gave other bytes in 1 of 26
+    fresh processes here. The renderer now takes cos/sin from Python's math and does no
+    matmul or affine_grid; this keeps it so (a process-level repeat is too rare to test)."""
+    from xbm.data import letters
+
+    def refuse(*_a, **_k):
+        raise AssertionError("letters._augment must not call this kernel")
+
+    protos = torch.rand(2, 26, 12, 12)
+    want = letters._augment(protos, 2, seed=3)
+    for mod, name in ((torch, "cos"), (torch, "sin"), (torch, "bmm"), (torch, "matmul"),
+                      (torch.Tensor, "__matmul__"), (letters.F, "affine_grid")):
+        monkeypatch.setattr(mod, name, refuse)
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = letters._augment(protos, 2, seed=3)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_letters_corrupt_cache_regenerates(tmp_path):

@@ -3,7 +3,7 @@
 A notMNIST-like task that needs no download: every matplotlib install ships the same TrueType
 fonts. Each glyph is rendered once per font as a clean prototype (fitted into a 20x20 box centred in
 28x28, like MNIST digits), then every sample is a prototype under a random affine transform
-(rotation, scale, shear, translation, applied to whole batches with ``affine_grid``/``grid_sample``)
+(rotation, scale, shear, translation, applied to whole batches with ``grid_sample``)
 plus Gaussian pixel noise. This makes generation take well under a second, and the result is
 cached anyway so every run of a study trains on byte-identical data.
 
@@ -32,7 +32,7 @@ from xbm.errors import DatasetNotFoundError, XbmWarning, user_stacklevel
 from xbm.io import atomic_path
 
 #: Bump when the generation procedure changes so stale caches are not reused.
-LETTERS_VERSION = "letters-v1"
+LETTERS_VERSION = "letters-v2"
 LETTERS_CLASSES = list(string.ascii_uppercase)
 
 #: Fonts used, in this order (file names under ``matplotlib.get_data_path()/fonts/ttf``): every
@@ -130,23 +130,36 @@ def _augment(protos: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Ten
     noise_std = uniform(*NOISE_STD_RANGE)
     noise = torch.randn(n, 1, size, size, generator=g)
 
-    # Forward map of the glyph: M = R @ Shear @ S, then shift. affine_grid needs the inverse map
-    # (output pixel -> input pixel): theta = [M^-1, -M^-1 @ shift].
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    shear_m = torch.eye(2).repeat(n, 1, 1)
-    shear_m[:, 0, 1] = shear
-    m = rot @ shear_m @ (torch.eye(2) * scale.view(n, 1, 1))
-    # Closed-form 2x2 inverse: avoids initialising LAPACK (about 0.5 s) for a trivial solve.
-    det = (m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]).view(n, 1, 1)
-    inv = torch.stack([torch.stack([m[:, 1, 1], -m[:, 0, 1]], -1),
-                       torch.stack([-m[:, 1, 0], m[:, 0, 0]], -1)], -2) / det
-    theta = torch.cat([inv, -(inv @ shift.unsqueeze(-1))], dim=2)
+    # Forward map of the glyph: M = R @ Shear @ S, then shift; grid_sample needs the inverse map
+    # (output pixel -> input pixel): p_in = M^-1 @ p_out - M^-1 @ shift. letters-v1 rendered
+    # different bytes for the same seed in some processes: torch.cos of one float64 tensor gave
+    # other bytes in 1 of 26 fresh processes here (the cause inside the kernel was not pinned
+    # down). So the angles go through Python's math.cos/sin, and everything after is
+    # elementwise +, -, *, / in float64 (no matmul or affine_grid), which IEEE rounding fixes
+    # whatever way a kernel splits its work.
+    f64 = torch.float64
+    angles = angle.tolist()
+    cos = torch.tensor([math.cos(a) for a in angles], dtype=f64)
+    sin = torch.tensor([math.sin(a) for a in angles], dtype=f64)
+    scale, shear, shift = scale.to(f64), shear.to(f64), shift.to(f64)
+    m00, m01 = cos * scale, (cos * shear - sin) * scale
+    m10, m11 = sin * scale, (sin * shear + cos) * scale
+    det = m00 * m11 - m01 * m10
+    i00, i01, i10, i11 = m11 / det, -m01 / det, -m10 / det, m00 / det
+    t0 = -(i00 * shift[:, 0] + i01 * shift[:, 1])
+    t1 = -(i10 * shift[:, 0] + i11 * shift[:, 1])
+    # Pixel centres in normalised coordinates (align_corners=False): (2j + 1) / size - 1.
+    lin = (torch.arange(size, dtype=f64) * 2 + 1) / size - 1
+    px, py = lin.view(1, 1, size), lin.view(1, size, 1)
 
-    src = protos[font, y].unsqueeze(1)
-    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    def per(v: torch.Tensor) -> torch.Tensor:
+        return v.view(n, 1, 1)
+
+    grid = torch.stack([per(i00) * px + per(i01) * py + per(t0),
+                        per(i10) * px + per(i11) * py + per(t1)], dim=-1)
+    src = protos[font, y].unsqueeze(1).to(f64)
     x = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = x + noise * noise_std.view(n, 1, 1, 1)
+    x = x + noise.to(f64) * per(noise_std.to(f64)).unsqueeze(1)
     return (x.clamp_(0, 1) * 255).round_().to(torch.uint8), y
 
 
