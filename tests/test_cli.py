@@ -226,6 +226,14 @@ def test_map_width_gives_the_demo_backbones_mapping(capsys):
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "foo"],
      "--set takes FIELD=VALUE"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "lr=fast"], "lr must be a number"),
+    # repeated with two values: the last one won without a word
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "lr=1e-3", "--set",
+      "lr=1e-2"], "--set lr is given twice, as 0.001 and 0.01; keep one"),
+    (["cost", "--model", "small_cnn", "--set-energy", "device.write_pulses_per_cell=5",
+      "--set-energy", "device.write_pulses_per_cell=6"],
+     "--set-energy device.write_pulses_per_cell is given twice, as 5 and 6; keep one"),
+    (["cost", "--model", "small_cnn", "--fraction", "piggyback=0.1", "--fraction",
+      "piggyback=0.2"], "--fraction piggyback is given twice, as 0.1 and 0.2; keep one"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "energy_preset=nvm"],
      "has no field(s) energy_preset"),
     # a bad spec fails before the default backbone would be pretrained (minutes)
@@ -745,10 +753,18 @@ def test_bundle_records_an_image_folder_by_absolute_path(tmp_path, capsys, monke
                  "--cols", "16", "--batch-size", "4", "--out", "b3.safetensors",
                  "--device", "cpu", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "Umlaut"
+    # a folder named -birds/ is not a task `--task -birds` could name again
+    (tmp_path / "work" / "-birds").symlink_to(tmp_path / "work" / "imgs")
+    assert main(["adapt", "--dataset", "folder:-birds", "--backbone", str(bb), "--rows", "16",
+                 "--cols", "16", "--batch-size", "4", "--out", "b5.safetensors",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task"] == "birds"
     for bad, needle in (("", "--task is empty; give it a value or leave it out"),
-                        ("a b", "--task 'a b' is invalid: use 1-64 letters")):
+                        ("a b", "--task 'a b' is invalid: use 1-64 letters"),
+                        ("-x", "--task '-x' is invalid: use 1-64 letters, digits, '-' or '_', "
+                         "not starting with '-' (a command line would read it as a flag)")):
         # an empty --task was the folder's name, silently
-        assert main(["adapt", "--dataset", "imgs", "--task", bad, "--backbone", str(bb),
+        assert main(["adapt", "--dataset", "imgs", f"--task={bad}", "--backbone", str(bb),
                      "--out", "b4.safetensors", "--device", "cpu", "--no-progress"]) == 2
         assert needle in _one_line_error(capsys)
     assert not Path("b4.safetensors").exists()
@@ -2621,6 +2637,15 @@ def test_a_data_root_an_image_folder_never_reads_is_said(tmp_path, capsys, monke
     assert main([*argv, "--dataset", f"folder:{imgs}"]) == 0
     assert f"xbm: warning: --data-root {tmp_path / 'root'} is not read: --dataset " \
         f"folder:{imgs} is an image folder, read from its own path" in capsys.readouterr().err
+    # eval reads each task's own dataset: the root is said per task (it was dropped silently)
+    ev = ["eval", "--bundle", str(tmp_path / "b.safetensors"), "--backbone", str(bb),
+          "--device", "cpu", "--no-progress", "--data-root", str(tmp_path / "root")]
+    assert main(ev) == 0
+    assert f"xbm: warning: --data-root {tmp_path / 'root'} is not read for task 'pets': " \
+        f"--dataset folder:{imgs} is an image folder" in capsys.readouterr().err
+    assert main([*ev, "--task", "base", "--dataset", "digits"]) == 2  # the tiny head has 3
+    assert f"xbm: warning: --data-root {tmp_path / 'root'} is not read for the base task: " \
+        "--dataset digits is read from its installed package" in capsys.readouterr().err
 
 
 def test_adapt_refuses_task_base_before_the_data_and_renames_a_folder_called_base(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from xbm.errors import ConfigError, XbmError
+from xbm.errors import ConfigError, XbmError, XbmWarning
 from xbm.hardware import get_spec
 from xbm.hardware.faults import (
     STUCK_OFF,
@@ -525,6 +526,14 @@ def test_fault_map_rates_save_load(tmp_path):
     assert not all(torch.equal(other.codes[k], fm.codes[k]) for k in fm.codes)
     with pytest.raises(XbmError):
         fm.check(mtm, get_spec(cell_bits=4))
+    # another geometry fits (the codes are per weight cell), but it is another chip: said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm.check(mtm)
+        fm.check(mtm, get_spec())
+    with pytest.warns(XbmWarning, match=r"drawn on 64x64 crossbars, this model is mapped onto "
+                      r"32x64: each stuck cell stays with the weight bits"):
+        fm.check(mtm, get_spec(rows=32))
     # a map drawn for a simulated cell layout (xbm simulate --sim-cell-bits) is that chip: the
     # ideal path with faults runs on it (it refused, and `simulate` failed after training)
     sim_spec = get_spec(rows=16, cols=16, cell_bits=8)

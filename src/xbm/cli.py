@@ -362,6 +362,7 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         raise XbmError(f"task {task.name!r} records no dataset (a bundle saved from Python "
                        "without dataset=); evaluate it alone with --task "
                        f"{task.name} --dataset NAME")
+    _warn_unread_root(args.data_root, ds, f" for task {task.name!r}")
     # the files adapt read (its --data-root), unless a dataset or a root is named: --dataset
     # NAME, even the task's own, reads the installed copy (said, when it is the task's own)
     recorded_root = (task.extra or {}).get("data_root")
@@ -447,6 +448,7 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
         raise XbmError(f"the backbone records its pretraining dataset as {ds!r}, which xbm "
                        "cannot load here; pass --dataset NAME or folder:PATH holding those "
                        "classes to evaluate the base task")
+    _warn_unread_root(args.data_root, ds, " for the base task")
     sides = sorted({task_image_size(t) for t in tasks})
     side = recipe_side(recipe) or (sides[0] if len(sides) == 1 else 28)
     arch = bmeta.get("arch") or {}
@@ -474,6 +476,15 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
         raise XbmError(f"the backbone's head has {arch['num_classes']} classes but {ds} has "
                        f"{data.num_classes}; {fix}")
     return ds, data.subset(None, args.test_subset, seed=seed), side
+
+
+def _once(given: dict[str, Any], key: str, value: Any, flag: str) -> Any:
+    """``value`` for ``key``, unless an earlier ``flag KEY=...`` gave it another: the last
+    one won without a word, so a forgotten earlier copy in a long command line changed
+    nothing the user could see."""
+    if key in given and given[key] != value:
+        raise XbmError(f"{flag} {key} is given twice, as {given[key]!r} and {value!r}; keep one")
+    return value
 
 
 def _eval_seed(args: argparse.Namespace, recorded: object) -> int:
@@ -739,12 +750,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise XbmError(f"--method-config {args.method_config} is an xbm demo config "
                        "(method_configs:); --method-config takes one method's fields, e.g. "
                        f"`lr: 1e-3`: pass this file to xbm demo --config, or {hint}")
+    given: dict[str, Any] = {}
     for kv in args.set or []:
         k, eq, v = kv.partition("=")
         if not eq or not k.strip():
             raise XbmError(f"--set takes FIELD=VALUE (e.g. --set lr=1e-3), got {kv!r}")
-        value = _parse_value(v)
-        method_cfg[k.strip().replace("-", "_")] = value
+        key = k.strip().replace("-", "_")
+        given[key] = _once(given, key, _parse_value(v), "--set")
+        method_cfg[key] = given[key]
     cls.config_class.from_dict(method_cfg)  # validate before training
     _check_counts(args, ("epochs", "batch_size", "train_subset", "test_subset"))
     device = resolve_device(args.device)
@@ -771,7 +784,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
     task = args.task
     if task is None:
-        task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:] or "task"
+        # not led by '-': `--task -birds` would read as a flag (a folder named -birds/)
+        task = re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[-64:].lstrip("-_") \
+            or "task"
         if reserved_task_name(task) or task == "base":  # a folder named train/ or base/
             task = f"{task[:59]}-task"
     _check_new_task_name(task, args.bundle, bundle_tasks)  # before the data loads
@@ -1297,18 +1312,28 @@ def main(argv: list[str] | None = None) -> int:
 def _say_if_the_root_is_unread(args: argparse.Namespace) -> None:
     """``--data-root`` beside a ``--dataset`` that never reads it (an image folder is its own
     root, digits ships with scikit-learn): it was dropped without a word, and a user who
-    meant the folder inside it trained on something else or got "unknown dataset"."""
+    meant the folder inside it trained on something else or got "unknown dataset". ``eval``
+    and the ``simulate`` sweep say it per task, where the dataset is known
+    (:func:`_warn_unread_root`)."""
+    ds = getattr(args, "dataset", None)
+    if args.command not in ("adapt", "pretrain", "simulate") or \
+            (args.command == "simulate" and not args.fault_aware):
+        return
+    _warn_unread_root(getattr(args, "data_root", None), ds)
+
+
+def _warn_unread_root(root: str | None, ds: str | None, who: str = "") -> None:
+    """Warn that ``root`` is not read by the dataset ``ds`` (see
+    :func:`_say_if_the_root_is_unread`); ``who`` names the task it is read for."""
     from xbm.data.registry import image_folder_path, list_datasets, reads_root
 
-    root, ds = getattr(args, "data_root", None), getattr(args, "dataset", None)
-    if not (root and ds and args.command in ("adapt", "pretrain", "simulate")) or \
-            reads_root(ds) or (args.command == "simulate" and not args.fault_aware):
+    if not (root and ds) or reads_root(ds):
         return
     if image_folder_path(ds) is None and ds not in list_datasets():
         return  # an unknown name: its own error says so
     what = ("an image folder, read from its own path" if image_folder_path(ds) is not None
             else "read from its installed package, never from a root")
-    warnings.warn(f"--data-root {root} is not read: --dataset {ds} is {what}", XbmWarning,
+    warnings.warn(f"--data-root {root} is not read{who}: --dataset {ds} is {what}", XbmWarning,
                   stacklevel=2)
 
 

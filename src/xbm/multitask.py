@@ -40,7 +40,7 @@ from xbm.nn.layers import TASK_KEY
 from xbm.nn.modes import eval_mode
 
 BUNDLE_FORMAT = "xbm-task-bundle/1"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 
 
 @dataclass
@@ -201,14 +201,18 @@ def _check_task_extra(ti: TaskInfo) -> None:
 
 
 def check_task_name(name: object, flag: str | None = None) -> None:
-    """Task names key tensors in bundles: 1-64 ASCII letters, digits, ``-`` or ``_``.
+    """Task names key tensors in bundles: 1-64 ASCII letters, digits, ``-`` or ``_``, not led
+    by ``-`` (``--task -x`` would read as a flag, so the task could not be named again).
 
     Raises:
         XbmError: naming ``flag`` when given.
     """
     what = f"{flag} {name!r}" if flag else f"task name {name!r}"
     if not isinstance(name, str) or not _TASK_NAME.match(name):
-        raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'")
+        lead = isinstance(name, str) and name.startswith("-")
+        raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'" +
+                       (", not starting with '-' (a command line would read it as a flag)"
+                        if lead else ""))
     if reserved_task_name(name):
         raise XbmError(f"{what} is taken by torch's module API (nn.ModuleDict.{name}); pick "
                        f"another, e.g. {name.strip('_') + '-task'!r}")

@@ -37,16 +37,19 @@ def _kv(values: list[str] | None, flag: str) -> dict[str, float]:
             raise ConfigError(f"{flag} {name}: unknown method; choose one of "
                               f"{', '.join(METHODS)}")
         try:
-            out[name] = float(v)
+            f = float(v)
         except ValueError:
             raise ConfigError(f"{flag} {name}: {v!r} is not a number") from None
-        if not 0 <= out[name] <= 1:
+        if not 0 <= f <= 1:
             raise ConfigError(f"{flag} {name}: a fraction must lie in [0, 1], got {v}")
+        from xbm.cli import _once
+
+        out[name] = _once(out, name, f, flag)
     return out
 
 
 def _overrides(values: list[str] | None) -> dict[str, Any]:
-    from xbm.cli import _parse_value  # as --set reads its values: False, .001, 5e-9 alike
+    from xbm.cli import _once, _parse_value  # as --set reads values: False, .001, 5e-9 alike
 
     out: dict[str, Any] = {}
     for item in values or []:
@@ -54,7 +57,7 @@ def _overrides(values: list[str] | None) -> dict[str, Any]:
         if not sep:
             raise ConfigError(f"--set-energy takes FIELD=VALUE (e.g. "
                               f"device.write_pulses_per_cell=5), got {item!r}")
-        out[key.strip()] = _parse_value(v)
+        out[key.strip()] = _once(out, key.strip(), _parse_value(v), "--set-energy")
     return out
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xbm.errors import BundleError, ConfigError, XbmError
+from xbm.errors import BundleError, ConfigError, XbmError, XbmWarning
 from xbm.hardware.mapping import apply_column_mask, weight_matrix
 from xbm.hardware.spec import CrossbarSpec
 
@@ -237,6 +238,14 @@ class FaultMap:
                                f"{cell_shape(layer, mine)}: the map was drawn for another "
                                "model or width; pass a map saved on this backbone, or drop "
                                "--fault-map to draw one at --fault-rates")
+        used = spec or next((layer.spec for layer in layers.values()), mine)
+        if (used.rows, used.cols) != (mine.rows, mine.cols):
+            # the codes are per weight cell, so they still fit; but the chip is another one
+            warnings.warn(f"fault map was drawn on {mine.rows}x{mine.cols} crossbars, this model "
+                          f"is mapped onto {used.rows}x{used.cols}: each stuck cell stays with "
+                          "the weight bits it held, not with its tile position, so this is not "
+                          "the same chip; draw a map for this geometry to simulate one",
+                          XbmWarning, stacklevel=2)
 
     def save(self, path: str | Path) -> None:
         """Write the map as one safetensors file (atomically), with its spec and rates."""
