@@ -508,3 +508,21 @@ def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
     assert json.loads(got[0]) == {"a": 1}
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # still a pipe, not a file renamed onto it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left
+    # a shell's `--json-out >(cmd)`: /dev/fd/N, a link whose real path (/proc/PID/fd/
+    # pipe:[...]) cannot be opened; it was refused as "cannot create files in /proc/PID/fd"
+    if not Path("/dev/fd").is_dir():
+        return
+    r, w = os.pipe()
+    try:
+        anon = Path(f"/dev/fd/{w}")
+        assert check_output(anon, "file", "--json-out") == anon
+        write_json_atomic(anon, {"b": 2})
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as f:
+            r = -1
+            assert json.loads(f.read()) == {"b": 2}
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)

@@ -34,8 +34,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     target = Path(os.path.realpath(path))  # the file a link points to, or path itself
-    if _is_stream(target):  # /dev/null, /dev/stdout, a named pipe: written into, not replaced
-        yield from _through_stream(path, target)
+    if _is_stream(path):  # /dev/null, /dev/stdout, a named pipe: written into, not replaced
+        # opened by the name given: a shell's `>(cmd)` is /dev/fd/N, a link whose real path
+        # (/proc/PID/fd/pipe:[...]) cannot be opened, though the link itself can
+        yield from _through_stream(path, path)
         return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -211,8 +213,8 @@ def check_output(path: str | os.PathLike, kind: str = "file", flag: str = "--out
         if p.is_dir():
             raise XbmError(f"{flag} {p} is a folder; "
                            f"{fix or 'pass a file path such as ' + str(p / ('out' + suffix))}")
-        if _is_stream(Path(os.path.realpath(p))):  # /dev/null, a pipe: written into
-            if not os.access(os.path.realpath(p), os.W_OK):
+        if _is_stream(p):  # /dev/null, a pipe, a shell's >(cmd): written into (stat follows
+            if not os.access(p, os.W_OK):  # links, /dev/fd/N's too)
                 raise XbmError(f"{flag} {p} is not writable; {fix or 'pass a writable path'}")
             return p
         # a link is written through (atomic_path): the folder of the file it points to
