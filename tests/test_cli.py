@@ -1557,6 +1557,11 @@ def test_yaml_exponents_are_numbers_as_written(tmp_path):
     cfg.write_text("seed: 0042\nepochs: 010\ntime: 1:30\nhex: 0x1F\noct: 0o17\nneg: -3\n")
     assert _load_yaml(str(cfg)) == {"seed": 42, "epochs": 10, "time": "1:30", "hex": 31,
                                     "oct": 15, "neg": -3}
+    # YAML 1.2 booleans: 1.1 read `pretrain_augment: off` as False ("must be a name, got
+    # False") and a task named no as False
+    cfg.write_text("a: on\nb: yes\nc: no\nd: y\ne: true\nf: False\ng: TRUE\nh: [off, true]\n")
+    assert _load_yaml(str(cfg)) == {"a": "on", "b": "yes", "c": "no", "d": "y", "e": True,
+                                    "f": False, "g": True, "h": ["off", True]}
     preset = tmp_path / "p.yaml"
     preset.write_text(get_preset("default").to_yaml().replace(
         "write_pulse_s: 5.0e-08", "write_pulse_s: 5e-08"))

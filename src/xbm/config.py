@@ -31,6 +31,10 @@ _FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 _INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 
 
+#: YAML 1.2 booleans (the core schema): 1.1's yes/no/on/off/y/n are text.
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
 def _yaml12_int(loader: Any, node: Any) -> int:
     text = loader.construct_scalar(node)
     if text.startswith(("0o", "0x")):
@@ -65,12 +69,13 @@ def _yaml_loader() -> type:
                 seen[key] = key_node.start_mark
             return super().construct_mapping(node, deep=deep)
 
-    # drop 1.1's number resolvers for the first characters a number can start with, then add
-    # ours
-    numeric = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
+    # drop 1.1's number and boolean resolvers, then add 1.2's: 1.1 read `augment: off` as
+    # False and `task: no` as False (the "Norway problem"); only true and false are booleans
+    replaced = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")
     Loader.yaml_implicit_resolvers = {
-        ch: [(tag, rx) for tag, rx in resolvers if tag not in numeric]
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in replaced]
         for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
     Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
     Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
@@ -78,8 +83,9 @@ def _yaml_loader() -> type:
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 numbers (``1e-3`` is a float, as in JSON; ``0042`` is
-    42, not octal 34; ``1:30`` is text, not 90).
+    """``yaml.safe_load`` with YAML 1.2 numbers and booleans (``1e-3`` is a float, as in JSON;
+    ``0042`` is 42, not octal 34; ``1:30`` is text, not 90; ``on``, ``yes`` and ``no`` are
+    text, only ``true`` and ``false`` are booleans).
 
     Raises:
         yaml.YAMLError: as ``yaml.safe_load``.
