@@ -194,6 +194,10 @@ def test_a_data_root_names_its_own_cached_backbone(tmp_path):
     assert mine != default and "-root" in mine and mine.endswith(".safetensors")
     assert cfg.cache_name(tmp_path / "fm_a") == mine != cfg.cache_name(tmp_path / "fm_b")
     assert cfg.cache_name(None) == default
+    # a dataset that reads no root (an image folder, digits): the root names nothing
+    for ds in (f"folder:{tmp_path / 'imgs'}", "digits"):
+        other = dataclasses.replace(cfg, dataset=ds)
+        assert other.cache_name(tmp_path / "fm_a") == other.cache_name()
 
 
 def test_a_data_root_falls_back_to_the_cached_default_backbone(tmp_path, monkeypatch):

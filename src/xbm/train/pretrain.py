@@ -235,7 +235,7 @@ class PretrainConfig:
         precision (:meth:`for_device`), since ``auto`` names different backbones on different
         machines. ``root``, a ``--data-root`` the data came from, adds a hash of its absolute
         path: a backbone trained on a user's own copy must neither replace the default one nor
-        be taken for it."""
+        be taken for it. A dataset that reads no root (an image folder, digits) ignores it."""
         if self.precision == "auto":
             raise ValueError("PretrainConfig.cache_name() needs a resolved precision; call "
                              "for_device(device) first")
@@ -244,7 +244,10 @@ class PretrainConfig:
         aug += f"-mixup{_num(self.mixup)}" if self.mixup > 0 else ""
         aug += "" if self.precision == "fp32" else f"-{self.precision}"
         aug += "-rgb" if self.channels == 3 else ""  # None, 1: every earlier backbone's name
-        if root is not None and str(root):
+        from xbm.data.registry import reads_root
+
+        # a root the dataset never reads (an image folder, digits) names nothing it trained on
+        if root is not None and str(root) and reads_root(self.dataset):
             where = os.path.abspath(os.path.expanduser(os.fspath(root)))
             aug += "-root" + hashlib.sha256(where.encode()).hexdigest()[:8]
         return (f"{self.model}-w{self.width}-{_file_safe(self.dataset)}-e{self.epochs}"
