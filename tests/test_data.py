@@ -616,6 +616,26 @@ def test_register_dataset(monkeypatch):
         xd.register_dataset("tiny")
 
 
+def test_a_same_named_image_folder_in_the_working_directory_is_said(tmp_path, monkeypatch):
+    """``./digits/`` with class sub-folders lost to the registered digits without a word."""
+    from xbm.data import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    xd.register_dataset("tiny")(lambda root, seed: xd.make_fixture_task("tiny", 3, 9, 6, seed))
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xd.load_dataset("tiny")  # no folder
+        (tmp_path / "tiny").mkdir()
+        (tmp_path / "tiny" / "train-images.gz").write_bytes(b"")
+        xd.load_dataset("tiny")  # files only: a data root's layout, not an image folder
+        (tmp_path / "tiny" / "cat").mkdir()
+        xd.load_dataset("tiny", root="tiny")  # given as the root: read as one
+    with pytest.warns(XbmWarning, match=r"dataset 'tiny' is the registered one; the folder "
+                      r"tiny/ in the working directory is not read: pass folder:tiny"):
+        assert xd.load_dataset("tiny").num_classes == 3
+
+
 def test_benchmarks():
     b = xd.get_benchmark("mnist-family")
     assert b.base == "fashion-mnist" and b.tasks == ["mnist", "animal-mnist", "letters"]

@@ -127,7 +127,33 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
             exc.args = (f"{exc}; {inside} is a folder: pass {FOLDER_PREFIX}{inside} (a data "
                         "root holds the registered datasets' files, not image folders)",)
         raise exc from None
+    _say_if_a_folder_is_shadowed(name, root)
     # a root given as --data-root=~/x or in a YAML reaches here unexpanded (no shell did it);
     # the backbone cache name and recorded recipe use the expanded path too
     data = builder(None if root is None else os.path.expanduser(os.fspath(root)), seed)
     return data if channels is None else data.with_channels(channels)
+
+
+def _say_if_a_folder_is_shadowed(name: str, root: str | os.PathLike | None) -> None:
+    """A registered name wins over a same-named image folder in the working directory
+    (``./digits/`` with class sub-folders): the user who meant the folder trained on the
+    built-in dataset without a word. A folder without sub-folders (IDX files, say) is not an
+    image folder, and a folder given as the data root is read as one."""
+    import warnings
+
+    from xbm.errors import XbmWarning, user_stacklevel
+
+    here = Path(name)
+    if not here.is_dir():
+        return
+    if root is not None and Path(os.path.expanduser(os.fspath(root))).resolve() == \
+            here.resolve():
+        return
+    try:
+        classes = any(child.is_dir() for child in here.iterdir())
+    except OSError:
+        return
+    if classes:
+        warnings.warn(f"dataset {name!r} is the registered one; the folder {name}/ in the "
+                      f"working directory is not read: pass {FOLDER_PREFIX}{name} (or ./{name}) "
+                      "to train on its images", XbmWarning, stacklevel=user_stacklevel())
