@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -895,6 +896,48 @@ def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
     path = tmp_path / "b.safetensors"
     mtm.save_bundle(path)
     return path, bb
+
+
+def test_eval_says_when_a_folders_test_images_changed_since_adapt(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Images added to a folder between adapt and eval moved its 80/20 split: eval scored the
+    task on other images, some of them training images, without a word."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    imgs = _folder(tmp_path / "pets", n=10)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    run = ["--device", "cpu", "--no-progress"]
+    assert main(["adapt", "--dataset", f"folder:{imgs}", "--method", "xbm", "--backbone",
+                 str(bb), "--out", str(bundle), "--batch-size", "4", "--rows", "16", "--cols",
+                 "16", "--test-subset", "2", *run]) == 0
+    from xbm.multitask import read_bundle_meta
+
+    (t,) = read_bundle_meta(bundle)[2]
+    assert len(t.extra["test_fingerprint"]) == 16  # of the whole test split, not the subset
+    capsys.readouterr()
+    ev = ["eval", "--bundle", str(bundle), "--backbone", str(bb), *run]
+    assert main(ev) == 0
+    assert "warning" not in capsys.readouterr().err
+    rng = np.random.default_rng(1)
+    for i in range(10, 14):  # new images: some land in the test split
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(
+            imgs / "cat" / f"{i}.png")
+    assert main(ev) == 0
+    assert "xbm: warning: task 'pets': the test images of folder:" in (err := capsys.
+                                                                       readouterr().err) and \
+        "are not those it was adapted with: files were added, removed or changed since " \
+        "(split 80/20 by file name, so some may be images it trained on)" in err
+    with warnings.catch_warnings():  # the same warning again, from the same line
+        warnings.simplefilter("always")
+        assert main([*ev, "--dataset", f"folder:{imgs}"]) == 0  # the same folder, named
+    assert "not those it was adapted with" in capsys.readouterr().err
+    other = _folder(tmp_path / "other", n=10)
+    assert main([*ev, "--dataset", f"folder:{other}"]) == 0  # another one: it is not the same
+    assert "not those it was adapted with" not in capsys.readouterr().err
 
 
 def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):

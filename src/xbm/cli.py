@@ -394,6 +394,16 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                                    "are now") from None
     recorded = [str(c) for c in (task.extra or {}).get("classes") or []]
     now = [str(c) for c in getattr(data, "classes", None) or []]
+    fingerprint = (task.extra or {}).get("test_fingerprint")
+    from xbm.data import dataset_reference
+
+    same = not args.dataset or dataset_reference(args.dataset) == task.dataset
+    if fingerprint and same and recorded == now and fingerprint != data.test_fingerprint():
+        split = (" (split 80/20 by file name, so some may be images it trained on)"
+                 if str(ds).startswith(FOLDER_PREFIX) else "")
+        warnings.warn(f"task {task.name!r}: the test images of {ds} are not those it was "
+                      f"adapted with: files were added, removed or changed since{split}; "
+                      "its accuracy is on other images", XbmWarning, stacklevel=2)
     if recorded and now and recorded != now and len(recorded) == len(now):
         # an image folder's labels follow its sorted class names: a renamed class shifts them
         fix = ("evaluate it on its own data (leave out --dataset)" if args.dataset and
@@ -705,11 +715,13 @@ def check_bundle_suffix(path: Path, flag: str) -> None:
 
 
 def record_task_data(mtm: Any, task: str, args: argparse.Namespace, data: Any,
-                     image_size: int) -> None:
+                     image_size: int, fingerprint: str | None = None) -> None:
     """Record in a new task what ``xbm eval`` needs to read its data again: the class names,
-    the image size, the data root (for datasets that read one), the batch size and the seed.
-    Shared by every command that saves a task (adapt, ``simulate --fault-aware --out``); pass
-    ``dataset=dataset_reference(...)`` to ``add_task`` too, so a folder is found from anywhere.
+    the image size, the data root (for datasets that read one), the batch size and the seed,
+    and ``fingerprint``, the whole test split's :meth:`~xbm.data.TaskData.test_fingerprint`
+    (taken before ``--test-subset``), which eval compares. Shared by every command that saves
+    a task (adapt, ``simulate --fault-aware --out``); pass ``dataset=dataset_reference(...)``
+    to ``add_task`` too, so a folder is found from anywhere.
     """
     from xbm.data.registry import reads_root
 
@@ -724,6 +736,8 @@ def record_task_data(mtm: Any, task: str, args: argparse.Namespace, data: Any,
     # the training workload, for `xbm cost --bundle` to compare with its on-chip default
     extra["batch_size"] = args.batch_size
     extra["seed"] = args.seed  # eval draws its --test-subset with it again
+    if fingerprint is not None:
+        extra["test_fingerprint"] = fingerprint
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -811,6 +825,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                         image_size=image_size)
     data.say_if_colour_was_dropped()
     full = (len(data.train_y), len(data.test_y))
+    fingerprint = data.test_fingerprint()  # of the whole test split, which eval reads again
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     # what the accuracy will rest on: with a few test images each one moves it by whole points
     over = [f"{flag} {n} is more than the {have} there: all used"
@@ -836,7 +851,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # an image folder is recorded by its absolute path, so eval finds it from anywhere
     mtm.add_task(task, data.num_classes, args.method, method_cfg,
                  dataset=dataset_reference(args.dataset))
-    record_task_data(mtm, task, args, data, image_size)
+    record_task_data(mtm, task, args, data, image_size, fingerprint)
     # under torchrun each process takes every world-th batch: a step is world x batch images
     mtm.tasks[task].extra["processes"] = xdist.world_size()
     train_loader, test_loader = data.loaders(args.batch_size, seed=args.seed, size=image_size,

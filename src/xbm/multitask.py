@@ -180,6 +180,7 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
 _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
     "classes": (list,), "image_size": (int,), "seed": (int,), "batch_size": (int,),
     "processes": (int,), "train_steps": (int,), "data_root": (str,),
+    "test_fingerprint": (str,),
 }
 
 

@@ -193,6 +193,20 @@ class TaskData:
                         self.test_x.expand(-1, channels, -1, -1), self.test_y,
                         list(self.classes), colour_read_as_grey=self.colour_read_as_grey)
 
+    def test_fingerprint(self) -> str:
+        """A short hash of the test split (labels and the first channel's pixels, so a
+        grayscale task repeated into RGB keeps its fingerprint): ``xbm adapt`` records it and
+        ``xbm eval`` compares, so an image folder whose files changed in between is said
+        rather than scored on other images (some of them, for a folder split 80/20, training
+        images)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(str(tuple(self.test_x.shape[2:])).encode())
+        h.update(self.test_y.contiguous().numpy().tobytes())
+        h.update(self.test_x[:, :1].contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def image_size(self) -> int:
         """Stored image height (all loaders store square images)."""

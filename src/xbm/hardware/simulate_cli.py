@@ -507,6 +507,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
                         image_size=image_size)
     data.say_if_colour_was_dropped()  # it trains on the task, as adapt does
+    fingerprint = data.test_fingerprint()  # of the whole test split, as adapt records it
     data = data.subset(args.train_subset, args.test_subset, seed=args.seed)
     backbone, bmeta = _backbone(args, device)
     want = (bmeta.get("arch") or {}).get("in_channels")
@@ -528,7 +529,7 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
         seed_everything(args.seed)
         # a saved --out records what adapt's tasks do: eval reads their data again
         mtm.add_task(task, data.num_classes, "xbm", dataset=dataset_reference(args.dataset))
-        record_task_data(mtm, task, args, data, image_size)
+        record_task_data(mtm, task, args, data, image_size, fingerprint)
         t0 = time.perf_counter()
         if task == "aware":
             with fault_aware(mtm, fmap, sim_spec):
