@@ -526,3 +526,28 @@ def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
+
+
+def test_a_bundle_with_a_task_name_the_new_rule_refuses_still_loads(tmp_path):
+    """Session 28 refused new task names led by '-' (``--task -x`` reads as a flag); a bundle
+    that holds one from before (``--task=-birds``, a folder named -birds/) must still load,
+    be evaluated and be extended."""
+    import copy
+
+    from xbm.errors import XbmError
+
+    torch.manual_seed(0)
+    bb = create_model("small_cnn", num_classes=3, in_channels=1, width=4)
+    old = MultiTaskModel(copy.deepcopy(bb), "default")
+    old._loading_bundle = True  # what add_task accepted before session 28
+    old.add_task("-birds", 3, "xbm")
+    old._loading_bundle = False
+    path = tmp_path / "old.safetensors"
+    old.save_bundle(path)
+    mtm = MultiTaskModel(copy.deepcopy(bb), "default")
+    assert mtm.load_bundle(path) == ["-birds"]
+    mtm.add_task("cats", 3, "xbm")  # extended with a new name
+    with pytest.raises(XbmError, match="not starting with '-'"):
+        mtm.add_task("-dogs", 3, "xbm")  # a new name keeps the new rule
+    with pytest.raises(XbmError, match="is invalid"):
+        mtm.add_task("dogs\n", 3, "xbm")  # `$` matched before a trailing newline

@@ -498,7 +498,8 @@ def _one_line_error(capsys) -> str:
     ("preset: [a]\n", "demo preset must be a name (a string)"),
     # a YAML key read as a number or a bool crashed the field listing with a TypeError
     ("1: 2\n", "field names must be text, got 1"),
-    ("on: x\n", "field names must be text, got True"),
+    ("true: x\n", "field names must be text, got True"),
+    ("on: x\n", "demo config has no field(s) on; valid: "),  # YAML 1.2: `on` is text
     ("method_configs: {xbm: {threshold: null}}\n", "XBMConfig.threshold must be a number, got "
      "None (null); leave it out for the default"),
 ])

@@ -356,9 +356,10 @@ def test_letters_deterministic_and_cached(tmp_path):
 
 def test_letters_rendering_stays_off_kernels_that_were_not_reproducible(monkeypatch):
     """letters-v1 rendered other bytes for the same seed in some processes (the demo's letters
-    accuracies moved with them): torch.cos of one float64 tensor gave other bytes in 1 of 26
-    fresh processes here. The renderer now takes cos/sin from Python's math and does no
-    matmul or affine_grid; this keeps it so (a process-level repeat is too rare to test)."""
+    accuracies moved with them), traced to torch.cos of the angles (a float64 variant without
+    matmuls still differed in 1 of 26 fresh processes). The renderer now takes cos/sin from
+    Python's math and does no matmul or affine_grid; this keeps it so (a process-level repeat
+    is too rare to test)."""
     from xbm.data import letters
 
     def refuse(*_a, **_k):
@@ -433,6 +434,13 @@ def test_letters_reads_a_data_root_and_never_writes_it(tmp_path, monkeypatch):
                       r"0, 2/1 per class.*found s7.pt \(seed 7"):
         e = xd.load_dataset("letters", root=str(root))
     assert torch.equal(e.train_x, a.train_x)
+    # an older renderer's copy: its version is named (it read like an exact match)
+    (root / "letters" / "s7.pt").unlink()
+    torch.save(dict(other, key=dict(other["key"], version="letters-v1")), root / "letters" /
+               "v1.pt")
+    with pytest.warns(XbmWarning, match=r"found v1.pt \(letters-v1, another renderer's images: "
+                      r"copy a rendering made with this version, seed 0"):
+        xd.load_dataset("letters", root=str(root))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -532,8 +532,10 @@ def test_fault_map_rates_save_load(tmp_path):
         fm.check(mtm)
         fm.check(mtm, get_spec())
     with pytest.warns(XbmWarning, match=r"drawn on 64x64 crossbars, this model is mapped onto "
-                      r"32x64: each stuck cell stays with the weight bits"):
+                      r"32x64: each stuck cell stays with the weight bits") as said:
         fm.check(mtm, get_spec(rows=32))
+        fm.check(mtm, get_spec(rows=32))  # simulate checks again per evaluation: said once
+    assert sum("drawn on 64x64" in str(w.message) for w in said) == 1
     # a map drawn for a simulated cell layout (xbm simulate --sim-cell-bits) is that chip: the
     # ideal path with faults runs on it (it refused, and `simulate` failed after training)
     sim_spec = get_spec(rows=16, cols=16, cell_bits=8)

@@ -40,7 +40,8 @@ from xbm.nn.layers import TASK_KEY
 from xbm.nn.modes import eval_mode
 
 BUNDLE_FORMAT = "xbm-task-bundle/1"
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}")
+_TASK_NAME_LOADED = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # the rule before session 28
 
 
 @dataclass
@@ -201,15 +202,17 @@ def _check_task_extra(ti: TaskInfo) -> None:
             raise TypeError(f"extra.{key} is {v!r}, not a positive integer")
 
 
-def check_task_name(name: object, flag: str | None = None) -> None:
+def check_task_name(name: object, flag: str | None = None, *, loading: bool = False) -> None:
     """Task names key tensors in bundles: 1-64 ASCII letters, digits, ``-`` or ``_``, not led
-    by ``-`` (``--task -x`` would read as a flag, so the task could not be named again).
+    by ``-`` (``--task -x`` reads as a flag; only ``--task=-x`` names it). A bundle written
+    before session 28 may hold such a name: ``loading`` accepts it, so the bundle still loads.
 
     Raises:
         XbmError: naming ``flag`` when given.
     """
     what = f"{flag} {name!r}" if flag else f"task name {name!r}"
-    if not isinstance(name, str) or not _TASK_NAME.match(name):
+    rule = _TASK_NAME_LOADED if loading else _TASK_NAME
+    if not isinstance(name, str) or not rule.fullmatch(name):
         lead = isinstance(name, str) and name.startswith("-")
         raise XbmError(f"{what} is invalid: use 1-64 letters, digits, '-' or '_'" +
                        (", not starting with '-' (a command line would read it as a flag)"
@@ -324,6 +327,9 @@ class MultiTaskModel(nn.Module):
             again, if its content hash still matches.
     """
 
+    #: True while :meth:`load_bundle` adds a bundle's tasks (their names keep the old rule).
+    _loading_bundle = False
+
     def __init__(self, backbone: nn.Module, spec: CrossbarSpec | str,
                  filter_fn: FilterFn | None = None, head_name: str = "fc",
                  arch: dict[str, Any] | None = None,
@@ -430,7 +436,7 @@ class MultiTaskModel(nn.Module):
         anything fails, the model is left as it was.
         """
         check_float_dtypes(self.model)  # a model cast to float16/bfloat16 after conversion
-        check_task_name(name)
+        check_task_name(name, loading=self._loading_bundle)
         if name == BASE_TASK:
             raise XbmError(f"task name {name!r} is reserved for the pretrained backbone's own "
                            "task; pick another name")
@@ -804,6 +810,7 @@ class MultiTaskModel(nn.Module):
         # add_task freezes every other task: the tasks this model had keep their flags
         had = [p for t in self.tasks for p in self._task_params(t)]
         flags = [p.requires_grad for p in had]
+        self._loading_bundle = True
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
@@ -856,6 +863,7 @@ class MultiTaskModel(nn.Module):
                 for p in self._task_params(t):
                     p.requires_grad_(False)
         finally:
+            self._loading_bundle = False
             for p, f in zip(had, flags, strict=True):
                 p.requires_grad_(f)
             self.set_task(active)

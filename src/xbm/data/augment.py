@@ -61,6 +61,11 @@ class AffineAugment:
         flip = torch.ones(b, dtype=torch.float64)
         if self.hflip:
             flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0).double()
+        # torch.cos here, unlike the letters renderer (math.cos since letters-v2): that one
+        # took 13,000 angles at once and gave other bytes in 1 of 26 processes; this takes a
+        # batch (128), and the default backbone pretrained through it hashed the same
+        # (a9dc5ce8710b4eba) in every fresh process on this box type, sessions 23-28. Moving
+        # to math.cos would change that backbone's bits and every figure measured on it.
         cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                              torch.stack([sin * flip, cos, ty], 1)], 1)

@@ -131,12 +131,13 @@ def _augment(protos: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Ten
     noise = torch.randn(n, 1, size, size, generator=g)
 
     # Forward map of the glyph: M = R @ Shear @ S, then shift; grid_sample needs the inverse map
-    # (output pixel -> input pixel): p_in = M^-1 @ p_out - M^-1 @ shift. letters-v1 rendered
-    # different bytes for the same seed in some processes: torch.cos of one float64 tensor gave
-    # other bytes in 1 of 26 fresh processes here (the cause inside the kernel was not pinned
-    # down). So the angles go through Python's math.cos/sin, and everything after is
-    # elementwise +, -, *, / in float64 (no matmul or affine_grid), which IEEE rounding fixes
-    # whatever way a kernel splits its work.
+    # (output pixel -> input pixel): p_in = M^-1 @ p_out - M^-1 @ shift. letters-v1 (float32
+    # torch.cos/sin, batched matmuls, affine_grid) rendered other bytes for the same seed in 1
+    # of 10 fresh processes here. A float64 version without matmuls or affine_grid still did
+    # in 1 of 26, and the hashes of its steps put the difference in torch.cos of the 13,000
+    # angles (the cause inside the kernel was not pinned down). So the angles go through
+    # Python's math.cos/sin, and everything after is elementwise +, -, *, / in float64, which
+    # IEEE rounding fixes whatever way a kernel splits its work (118 of 118 processes agreed).
     f64 = torch.float64
     angles = angle.tolist()
     cos = torch.tensor([math.cos(a) for a in angles], dtype=f64)
@@ -287,8 +288,13 @@ def _copied_rendering(exact: Path, key: dict) -> TaskData | None:
         got, task = found
         if {k: got.get(k) for k in _RENDERING_FIELDS} == want:
             return task
-        seen.append(f"{f.name} (seed {got.get('seed')}, {got.get('n_train')}/"
-                    f"{got.get('n_test')} per class, side {got.get('image_size')})")
+        older = got.get("version") != key["version"]  # an older renderer's images
+        seen.append(f"{f.name} (" + (f"{got.get('version')}, another renderer's images: "
+                                     "copy a rendering made with this version, " if older
+                                     else "") +
+                    f"seed {got.get('seed')}, {got.get('n_train')}/{got.get('n_test')} per "
+                    f"class, side {got.get('image_size')}" +
+                    ("" if older or got.get("fonts") == key["fonts"] else ", other fonts") + ")")
     if files:
         warnings.warn(
             f"letters: {folder} holds no rendering of this task's parameters (seed {key['seed']}, "

@@ -239,7 +239,10 @@ class FaultMap:
                                "model or width; pass a map saved on this backbone, or drop "
                                "--fault-map to draw one at --fault-rates")
         used = spec or next((layer.spec for layer in layers.values()), mine)
-        if (used.rows, used.cols) != (mine.rows, mine.cols):
+        said = self.__dict__.setdefault("_geometries_said", set())  # once per map: check()
+        if (used.rows, used.cols) != (mine.rows, mine.cols) and \
+                (used.rows, used.cols) not in said:  # runs again in each evaluation
+            said.add((used.rows, used.cols))
             # the codes are per weight cell, so they still fit; but the chip is another one
             warnings.warn(f"fault map was drawn on {mine.rows}x{mine.cols} crossbars, this model "
                           f"is mapped onto {used.rows}x{used.cols}: each stuck cell stays with "
