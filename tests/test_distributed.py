@@ -91,9 +91,13 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    # torchrun makes a torchelastic_* folder under the temp dir and leaves it: in tmp_path,
+    # not in /tmp (a thousand of them had gathered there)
+    tmp = tmp_path / "torchrun-tmp"
+    tmp.mkdir(exist_ok=True)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", *args], env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+                           f"--nproc_per_node={nproc}", *args], env=dict(_env(), TMPDIR=str(tmp)),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
 
 
 def _train(tmp_path: Path, method: str, cfg: dict, batch: int, nproc: int,
