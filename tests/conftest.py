@@ -10,7 +10,6 @@ from xbm.hardware import get_spec
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
 
-
 # no example database in .hypothesis/ of the working directory (the repo); hypothesis still
 # writes its constants cache there, under its own .gitignore
 settings.register_profile("xbm", database=None)

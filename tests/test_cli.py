@@ -2826,3 +2826,87 @@ def test_simulate_draws_a_tasks_test_subset_as_eval_does(tmp_path, capsys, monke
                  "--backend", "torch", "--no-progress", "--seed", "5", *common]) == 0
     assert seeds == [3, 3, 5]  # a seed given is the seed used
     capsys.readouterr()
+
+
+_PLUGIN = '''
+from dataclasses import dataclass
+
+from xbm.data import make_fixture_task, register_dataset
+from xbm.methods import register_method
+from xbm.methods.xbm import XBM, XBMConfig
+
+
+@dataclass
+class HiConfig(XBMConfig):
+    threshold: float = 9e-3
+
+
+@register_method("xbm-hi")
+class XBMHi(XBM):
+    config_class = HiConfig
+    description = "XBM at a higher threshold (a plugin)"
+
+
+@register_dataset("quadrants", reads_root=False)
+def _quadrants(root, seed):
+    return make_fixture_task("quadrants", 3, 24, 12, seed)
+'''
+
+
+def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, monkeypatch):
+    """A method or dataset registered in the user's module could be used from Python only: the
+    CLI said "unknown method" and a bundle of it "import the module that registers it", which
+    a command-line user had no way to do. --plugin MODULE / XBM_PLUGINS import it first."""
+    import sys
+
+    from xbm.data import registry
+    from xbm.methods import base
+
+    monkeypatch.setattr(base, "METHODS", dict(base.METHODS))
+    monkeypatch.setattr("xbm.methods.METHODS", base.METHODS, raising=False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_NO_ROOT", set(registry._NO_ROOT))
+    for name in ("xbm_plugin_my_methods", "my_methods"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_methods.py").write_text(_PLUGIN)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    assert main(["adapt", "--dataset", "quadrants", "--method", "xbm-hi", "--backbone", str(bb),
+                 "--no-progress"]) == 2
+    assert "unknown method 'xbm-hi'; choose one of: " in (err := _one_line_error(capsys)) and \
+        err.endswith("; one of your own: pass --plugin MODULE, the module that registers it")
+    # after the sub-command, as a file's path
+    argv = ["adapt", "--dataset", "quadrants", "--method", "xbm-hi", "--backbone", str(bb),
+            "--rows", "16", "--cols", "16", "--batch-size", "4", "--device", "cpu",
+            "--no-progress", "--out", "b.safetensors", "--json"]
+    assert main([*argv, "--plugin", str(tmp_path / "my_methods.py")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert (rec["method"], rec["task"]) == ("xbm-hi", "quadrants")
+    # a fresh process would not know the method: XBM_PLUGINS names the module by its name
+    del base.METHODS["xbm-hi"], registry._REGISTRY["quadrants"]  # the copies made above
+    monkeypatch.delitem(sys.modules, "xbm_plugin_my_methods", raising=False)
+    ev = ["eval", "--bundle", "b.safetensors", "--backbone", str(bb), "--device", "cpu",
+          "--no-progress"]
+    assert main(ev) == 2
+    assert "which is not registered in this process; pass --plugin MODULE" in \
+        _one_line_error(capsys)
+    monkeypatch.setenv("XBM_PLUGINS", "my_methods")
+    assert main(ev) == 0
+    assert "quadrants" in capsys.readouterr().out
+    monkeypatch.delenv("XBM_PLUGINS")
+    # before the sub-command: `xbm --plugin M methods` lists what it registers
+    assert main(["--plugin", "my_methods", "methods"]) == 0
+    assert "xbm-hi" in capsys.readouterr().out
+    # a missing module, a broken one, a missing file: one line each
+    (tmp_path / "broken.py").write_text("raise RuntimeError('oops')\n")
+    for plugin, needle in (("nope_mod", "plugin nope_mod: no module named 'nope_mod'; run xbm "
+                            "from the folder that holds it"),
+                           ("broken", "plugin broken failed to import: RuntimeError: oops"),
+                           ("./gone.py", "plugin ./gone.py: no such file")):
+        assert main(["--plugin", plugin, "methods"]) == 2
+        assert needle in _one_line_error(capsys)
+    assert main(["methods", "--plugin"]) == 2
+    assert "--plugin needs a module name" in _one_line_error(capsys)

@@ -76,7 +76,8 @@ def test_the_own_method_example_runs_and_round_trips_a_bundle(tmp_path):
              "try:\n read_bundle_meta(sys.argv[1])\nexcept xbm.XbmError as e:\n print(e)",
              str(path)], capture_output=True, text=True, check=True)
         assert "learned by method 'colscale', which is not registered in this process; " \
-               "import the module that registers it" in out.stdout, out
+               "pass --plugin MODULE to xbm (or import, from Python) the module that " \
+               "registers it" in out.stdout, out
     finally:
         METHODS.pop("colscale", None)
 

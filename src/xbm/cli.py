@@ -1062,6 +1062,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="xbm", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"xbm {__version__}")
+    p.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE (a module name, found on PYTHONPATH or in the working "
+                   "directory, or a .py file's path) before anything else, so the methods, "
+                   "datasets, models and presets it registers can be named (repeatable; "
+                   f"also {PLUGINS_ENV}=MOD1,MOD2)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, seed_help: str,
@@ -1270,7 +1275,93 @@ _PATH_ARGS = ("out", "plot", "json_out", "results", "save_fault_map", "bundle", 
               "fault_map", "config", "preset_file", "data_root", "fractions_from")
 
 
+#: Environment variable naming plugin modules (comma-separated), as ``--plugin`` does.
+PLUGINS_ENV = "XBM_PLUGINS"
+
+
+def _take_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its ``--plugin MODULE`` options, the modules): they are imported before
+    the parser is built, whose help lists the registered names, so they may stand anywhere
+    on the command line (up to a ``--``)."""
+    rest, mods, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            rest.extend(argv[i:])
+            break
+        if tok == "--plugin":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise XbmError("--plugin needs a module name or a .py file's path, e.g. "
+                               "--plugin my_methods")
+            mods.append(argv[i + 1])
+            i += 2
+            continue
+        if tok.startswith("--plugin="):
+            mods.append(tok.split("=", 1)[1])
+        else:
+            rest.append(tok)
+        i += 1
+    return rest, mods
+
+
+def load_plugins(names: list[str]) -> None:
+    """Import each of ``names``: a module name (the working directory is searched too, as
+    ``python -m`` would) or the path of a ``.py`` file. What they register
+    (``register_method``, ``register_dataset``, ``register_model``, presets) is then known to
+    every command, as to a Python script that imports them.
+
+    Raises:
+        XbmError: a plugin is missing, empty or fails to import (its error named).
+    """
+    import importlib.util
+
+    for name in names:
+        name = name.strip()
+        if not name:
+            raise XbmError(f"an empty plugin name (in --plugin or {PLUGINS_ENV}); name a module "
+                           "or a .py file")
+        path = Path(os.path.expanduser(name))
+        try:
+            if name.endswith(".py") or os.sep in name or "/" in name:
+                if not path.is_file():
+                    raise XbmError(f"plugin {name}: no such file; pass a .py file's path or an "
+                                   "importable module name")
+                mod_name = f"xbm_plugin_{path.stem}"
+                if mod_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # `xbm` is a script: cwd is not searched
+                importlib.import_module(name)
+        except XbmError:
+            raise
+        except ModuleNotFoundError as exc:
+            if exc.name and name.split(".")[0] == exc.name.split(".")[0]:
+                raise XbmError(f"plugin {name}: no module named {exc.name!r}; run xbm from the "
+                               "folder that holds it, add that folder to PYTHONPATH, or pass "
+                               "the .py file's path") from None
+            raise XbmError(f"plugin {name} failed to import: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the plugin's own bug, named in one line
+            raise XbmError(f"plugin {name} failed to import: {type(exc).__name__}: {exc}"
+                           ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        argv, plugins = _take_plugins(list(sys.argv[1:] if argv is None else argv))
+        env = os.environ.get(PLUGINS_ENV, "")
+        load_plugins([m for m in env.split(",") if m.strip()] + plugins)
+    except XbmError as exc:
+        print(f"xbm: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the sub-command's parser, whose --help lists what it takes
@@ -1304,8 +1395,13 @@ def main(argv: list[str] | None = None) -> int:
         _say_if_the_root_is_unread(args)
         return int(args.func(args) or 0)
     except XbmError as exc:
-        print(f"xbm: error: {_name_the_flag(str(exc), sys.argv[1:] if argv is None else argv)}",
-              file=sys.stderr)
+        msg = _name_the_flag(str(exc), argv)
+        if isinstance(exc, UnknownNameError) and re.match(
+                r"unknown (method|dataset|model|energy preset|crossbar preset|benchmark) ", msg):
+            hint = "; one of your own: pass --plugin MODULE, the module that registers it"
+            at = re.search(r" \(in --config [^)]*\)$", msg)  # stays last: where it came from
+            msg = msg[:at.start()] + hint + msg[at.start():] if at else msg + hint
+        print(f"xbm: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xbm: interrupted", file=sys.stderr)

@@ -155,9 +155,10 @@ def _check_bundle_meta(path: str | Path, meta: dict[str, Any]
         method = info.get("method") if isinstance(info, dict) else None
         if isinstance(method, str) and method not in METHODS:  # a user's method, not imported
             raise BundleError(f"{path}: task {info.get('name')!r} was learned by method "
-                              f"{method!r}, which is not registered in this process; import "
-                              f"the module that registers it (@register_method({method!r})) "
-                              "before loading the bundle")
+                              f"{method!r}, which is not registered in this process; pass "
+                              "--plugin MODULE to xbm (or import, from Python) the module "
+                              f"that registers it (@register_method({method!r})) before "
+                              "loading the bundle")
         try:
             ti = TaskInfo(**info)
             if not isinstance(ti.name, str) or not isinstance(ti.config, dict) \
