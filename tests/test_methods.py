@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -458,3 +459,32 @@ def test_every_method_exports_a_plain_torch_model_that_computes_its_task(model, 
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     with pytest.raises(XbmError, match="unknown task 'nope'"):
         mtm.export_task("nope")
+
+
+def test_a_users_config_fields_are_checked_by_their_types():
+    """A user's config class got no check of its bool and list fields: ``--set frozen=no``
+    set the text 'no' (true), and ``--set levels=oops`` failed mid-training with a traceback."""
+    from dataclasses import dataclass
+
+    from xbm.errors import ConfigError
+    from xbm.methods.xbm import XBMConfig
+
+    @dataclass
+    class Mine(XBMConfig):
+        frozen: bool = False
+        levels: list[float] = None  # None: a common default for a list field
+        counts: tuple[int, ...] = (1, 2)
+
+    Mine()
+    assert Mine(frozen=True, levels=[0.5, 1], counts=(3,)).levels == [0.5, 1]
+    for kw, needle in (
+            ({"frozen": "no"}, "Mine.frozen must be true or false, got 'no' (yes/no/on/off are "
+             "text in YAML 1.2 and in --set: write true or false)"),
+            ({"frozen": 1}, "Mine.frozen must be true or false, got 1"),
+            ({"levels": "oops"}, "Mine.levels must be a list, got 'oops' (str)"),
+            ({"levels": [1, "x"]}, "Mine.levels must be a list of finite numbers"),
+            ({"levels": [1, float("nan")]}, "Mine.levels must be a list of finite numbers"),
+            ({"counts": (1.5,)}, "Mine.counts must be a list of integers"),
+            ({"per_task_bn": "yes"}, "Mine.per_task_bn must be true or false, got 'yes' (yes/no")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            Mine(**kw)

@@ -149,7 +149,8 @@ def check_number_fields(obj: Any) -> None:
     """Every field of a config dataclass typed ``float`` or ``int`` (optionally ``| None``)
     must hold a number of that kind (an int for a float is fine; a bool is not a number), so
     that a wrong type is named as such in Python as it is from YAML, not found later by a
-    comparison that raises a bare TypeError.
+    comparison that raises a bare TypeError. Fields typed ``bool`` or a list of numbers are
+    checked too (:func:`_check_other_fields`).
 
     Raises:
         ConfigError: naming the field, the value and the type it must have.
@@ -174,6 +175,53 @@ def check_number_fields(obj: Any) -> None:
                 raise ConfigError(f"{cls.__name__}.{name} must be a finite number, got {v!r}")
             if type(v) not in (int, float):  # numpy's scalars: plain numbers for JSON metadata
                 object.__setattr__(obj, name, kind(v))
+    _check_other_fields(obj)
+
+
+#: What YAML 1.1 read as booleans; YAML 1.2 (xbm's reader) and ``--set`` leave them text.
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _check_other_fields(obj: Any) -> None:
+    """Fields typed ``bool`` or ``list``/``tuple`` of numbers must hold one (a user's config
+    class too: ``--set frozen=no`` set the text 'no', which counts as true, and ``--set
+    levels=oops`` failed mid-training). Text fields are left to each class, whose messages
+    name what the text must be (a preset name, say)."""
+    cls = type(obj)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: leave the values alone
+        return
+    for f in dataclasses.fields(obj):
+        hint, v = hints.get(f.name), getattr(obj, f.name, None)
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+            typing.get_origin(hint) is typing.Union else (hint,)
+        if v is None:  # `levels: list[float] = None` is common in a user's class; numbers
+            continue   # typed without `| None` were checked above
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            continue
+        kind, where = kinds[0], f"{cls.__name__}.{f.name}"
+        if kind is bool and not isinstance(v, bool):
+            hint_text = (" (yes/no/on/off are text in YAML 1.2 and in --set: write true or "
+                         "false)" if isinstance(v, str) and v.lower() in _YAML11_BOOLS else "")
+            raise ConfigError(f"{where} must be true or false, got {v!r}{hint_text}")
+        origin = typing.get_origin(kind)
+        if origin in (list, tuple):
+            items = typing.get_args(kind)
+            if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+                v = v.tolist()  # a numpy array or a tensor, as np.linspace gives
+            if not isinstance(v, (list, tuple)):
+                raise ConfigError(f"{where} must be a list, got {v!r} ({type(v).__name__}); "
+                                  "e.g. [0.5, 1.0]")
+            if items and items[-1] is Ellipsis:
+                items = items[:1]
+            if len(items) == 1 and items[0] in (float, int):
+                bad = [x for x in v if not is_finite_number(x) or
+                       (items[0] is int and not isinstance(x, numbers.Integral))]
+                if bad:
+                    what = "integers" if items[0] is int else "finite numbers"
+                    raise ConfigError(f"{where} must be a list of {what}, got {v!r}")
 
 
 def _numbers_from_text(cls: type, d: dict[str, Any], owner: str | None) -> dict[str, Any]:
