@@ -449,7 +449,8 @@ def _coerce_numbers(klass: type, values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     for k, v in values.items():
         if k == "write_conductance" and isinstance(v, bool):
-            # YAML 1.1 and --set-energy read the choices on/off as booleans
+            # true/false (or a bool from Python) for the choices on/off; xbm's YAML reader
+            # (1.2) leaves on/off as text, but files written by YAML 1.1 tools may say true
             out[k] = "on" if v else "off"
         if isinstance(v, str) and types.get(k) in ("float", "int"):
             with contextlib.suppress(ValueError):  # left as text: validation names the field
