@@ -366,3 +366,31 @@ def test_map_and_cost_build_every_model_without_importing_torchdynamo():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_models_own_head_name_is_used_everywhere():
+    """A user's model whose classifier is not ``fc`` said so in ``head_name``: ``xbm cost``
+    read it, but ``map_model`` put the classifier on crossbars and ``MultiTaskModel`` refused
+    the model (no module named 'fc'); ``map_model`` also refused a preset name."""
+    import xbm
+    from xbm.hardware.mapping import map_model
+
+    class TinyNet(nn.Module):
+        head_name = "classifier"
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.classifier = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.classifier(self.conv(x).mean((2, 3)))
+
+    report = map_model(TinyNet(), "default")
+    assert [lay.name for lay in report.layers] == ["conv"]
+    assert [lay.name for lay in map_model(TinyNet(), "default", head_name="fc").layers] == \
+        ["conv", "classifier"]  # told otherwise: as told
+    mtm = xbm.MultiTaskModel(TinyNet(), "default")
+    assert mtm.head_name == "classifier"
+    mtm.add_task("t", 5, "xbm")
+    assert mtm(torch.randn(2, 1, 8, 8)).shape == (2, 5)

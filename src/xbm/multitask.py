@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from xbm.errors import BundleError, XbmError, XbmWarning, user_stacklevel
-from xbm.hardware.mapping import FilterFn, MappingReport, map_model
+from xbm.hardware.mapping import FilterFn, MappingReport, map_model, resolve_head_name
 from xbm.hardware.spec import CrossbarSpec
 from xbm.io import (
     check_metadata_hash,
@@ -316,7 +316,8 @@ class MultiTaskModel(nn.Module):
         filter_fn: ``(name, module) -> bool``, asked for every ``nn.Conv2d`` and ``nn.Linear``
             other than the head: which layers go on crossbars (default: all of them).
         head_name: the classifier's module name (``"fc"`` in torchvision's ResNets); every
-            task gets its own head there.
+            task gets its own head there. Default: the backbone's own ``head_name`` attribute
+            (every registered model has one), else ``"fc"``.
         arch: what the backbone is (``name``, ``in_channels``, ``width``, ...; a backbone
             file's metadata ``arch``). Saved with bundles, and the cost model builds a
             weightless copy from it to count output positions.
@@ -332,12 +333,13 @@ class MultiTaskModel(nn.Module):
     _loading_bundle = False
 
     def __init__(self, backbone: nn.Module, spec: CrossbarSpec | str,
-                 filter_fn: FilterFn | None = None, head_name: str = "fc",
+                 filter_fn: FilterFn | None = None, head_name: str | None = None,
                  arch: dict[str, Any] | None = None,
                  backbone_recipe: dict[str, Any] | None = None,
                  backbone_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         check_model_and_filter(backbone, filter_fn)
+        head_name = resolve_head_name(backbone, head_name)
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})
         for what, v in (("arch", self.arch), ("backbone_recipe", backbone_recipe)):

@@ -296,6 +296,16 @@ class MappingReport:
         return "\n".join(lines)
 
 
+def resolve_head_name(model: nn.Module, head_name: str | None) -> str:
+    """``head_name`` if given, else the model's own ``head_name`` attribute (every registered
+    model has one; a user's model that names its classifier otherwise can say so there), else
+    ``"fc"``."""
+    if head_name is not None:
+        return head_name
+    own = getattr(model, "head_name", None)
+    return own if isinstance(own, str) and own else "fc"
+
+
 def default_filter(head_name: str = "fc") -> FilterFn:
     """Put every Conv2d and Linear on crossbars except the classifier head (kept per task)."""
 
@@ -350,14 +360,26 @@ def unmapped_weight_layers(model: nn.Module, filter_fn: FilterFn | None = None,
     return out
 
 
-def map_model(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None = None,
-              head_name: str = "fc") -> MappingReport:
+def map_model(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None = None,
+              head_name: str | None = None) -> MappingReport:
     """The mapping report of a model (works on the meta device: no weights needed).
 
     On a model already converted (``xbm.apply``, ``MultiTaskModel``) without a ``filter_fn``,
     the layers it put on crossbars, whatever filter chose them (the conversion's own
-    ``MultiTaskModel.mapping()``); layers it left digital are not on a crossbar.
+    ``MultiTaskModel.mapping()``); layers it left digital are not on a crossbar. ``spec`` may
+    be a preset name; ``head_name`` defaults to the model's own ``head_name`` attribute, else
+    ``"fc"``, as :func:`xbm.apply` does.
     """
+    if isinstance(spec, str):
+        from xbm.hardware import get_spec
+
+        spec = get_spec(spec)
+    if not isinstance(spec, CrossbarSpec):
+        from xbm.errors import XbmError
+
+        raise XbmError(f"spec must be a CrossbarSpec or a preset name such as 'default', got "
+                       f"{type(spec).__name__}; build one with xbm.get_spec('default', rows=64)")
+    head_name = resolve_head_name(model, head_name)
     if filter_fn is None and any(getattr(m, "is_crossbar_layer", False)
                                  for m in model.modules()):
         def filter_fn(name: str, module: nn.Module) -> bool:

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from xbm.errors import XbmError, XbmWarning, user_stacklevel
-from xbm.hardware.mapping import FilterFn, crossbar_modules, unmapped_weight_layers
+from xbm.hardware.mapping import (
+    FilterFn,
+    crossbar_modules,
+    resolve_head_name,
+    unmapped_weight_layers,
+)
 from xbm.hardware.spec import CrossbarSpec
 from xbm.nn.layers import (
     CrossbarConv2d,
@@ -80,7 +85,7 @@ def check_model_and_filter(model: object, filter_fn: object) -> None:
 
 
 def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None = None,
-          head_name: str = "fc") -> nn.Module:
+          head_name: str | None = None) -> nn.Module:
     """Convert ``model`` in place: selected Conv2d/Linear become crossbar layers, norms and the head
     become task-aware. Parameters keep their identity, values and state-dict keys.
 
@@ -93,7 +98,8 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             (e.g. MultiheadAttention's ``out_proj``, whose weight its parent reads directly) and
             other convolutions (Conv1d, ConvTranspose2d, ...) stay digital, with a warning.
         head_name: the classifier's module name (an ``nn.Linear`` with Linear's own forward);
-            each new task gets its own head there.
+            each new task gets its own head there. Default: the model's own ``head_name``
+            attribute (every registered model has one), else ``"fc"``.
 
     Returns:
         The same ``model`` object, converted, with every parameter frozen
@@ -108,6 +114,7 @@ def apply(model: nn.Module, spec: CrossbarSpec | str, filter_fn: FilterFn | None
             Nothing is converted then.
     """
     check_model_and_filter(model, filter_fn)
+    head_name = resolve_head_name(model, head_name)
     if isinstance(spec, str):
         from xbm.hardware import get_spec
 
