@@ -1079,3 +1079,30 @@ def test_cost_takes_the_other_commands_names_for_image_side_and_energy_file(caps
     a = json.loads(_run(capsys, *base, "--energy-file", str(preset))[1])
     b = json.loads(_run(capsys, *base, "--preset-file", str(preset))[1])
     assert a == b and a["energy_preset"]["name"] == "isaac"
+
+
+def test_an_edited_preset_file_is_not_reported_as_the_cited_preset(tmp_path, capsys):
+    """``--dump-preset neurosim > my.yaml`` with one constant edited was reported as
+    'neurosim', citing NeuroSim's Param.cpp for the edited value; and a chosen preset's source
+    geometry, not applied without --energy-spec, went unsaid."""
+    import json
+
+    rc, text, _ = _run(capsys, "--dump-preset", "neurosim")
+    assert rc == 0 and "write_voltage_v: 4.0" in text
+    mine = tmp_path / "my.yaml"
+    mine.write_text(text.replace("write_voltage_v: 4.0", "write_voltage_v: 2.0"))
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--preset-file", str(mine), "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["energy_preset"]["name"] == "neurosim+edited"
+    assert d["energy_preset"]["notes"]["device.write_voltage_v"].startswith(
+        f"edited in {mine}; the neurosim preset has 4.0 (neurosim/")
+    (tmp_path / "same.yaml").write_text(text)  # unedited: still the preset itself
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--preset-file", str(tmp_path / "same.yaml"),
+                      "--json")
+    assert json.loads(out)["energy_preset"]["name"] == "neurosim"
+    # the source's geometry: said when not applied, silent when it is or for the default
+    said = "note: the source of energy preset neurosim assumed rows 128 (costed: 64)"
+    assert said in _run(capsys, "--model", "small_cnn", "--energy", "neurosim")[1]
+    assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn", "--energy",
+                                                     "neurosim", "--energy-spec")[1]
+    assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn")[1]

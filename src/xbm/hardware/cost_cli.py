@@ -92,6 +92,18 @@ def _spec(args: argparse.Namespace, preset):
     return spec.replace(**explicit) if explicit else spec
 
 
+def _geometry_not_taken(preset, spec, how: str) -> str | None:
+    """A note when the chosen energy preset's source assumed other crossbars than those
+    costed: its constants are then applied to another array (said, so a reader does not take
+    the figures for the source's own chip); ``how`` says why, or what would change it."""
+    theirs = {k: v for k, v in (preset.spec_overrides or {}).items()
+              if getattr(spec, k, v) != v}
+    if not theirs:
+        return None
+    said = ", ".join(f"{k} {v} (costed: {getattr(spec, k)})" for k, v in theirs.items())
+    return f"the source of energy preset {preset.name} assumed {said}; {how}"
+
+
 def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = None):
     from xbm.hardware.cost import Assumptions
 
@@ -420,6 +432,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions, *sens_pair)
+    if args.energy is not None or args.preset_file:  # a preset chosen, not the default's
+        note = _geometry_not_taken(preset, report.spec, "the bundle's crossbars are costed"
+                                   if args.bundle else "flags given override it"
+                                   if args.energy_spec else
+                                   "--energy-spec costs at the source's geometry")
+        if note:
+            report.notes.append(note)
     out = report.to_dict(per_layer=args.per_layer)
     if sens is not None:
         out["sensitivity"] = sens

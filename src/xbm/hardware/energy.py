@@ -589,7 +589,29 @@ def load_preset_file(path: str | Path) -> EnergyPreset:
     except yaml.YAMLError as exc:
         raise ConfigError(f"energy preset file {path} is not valid YAML "
                           f"({exc.__class__.__name__})") from None
-    return EnergyPreset.from_dict(data or {}, origin=f"energy preset file {path}")
+    preset = EnergyPreset.from_dict(data or {}, origin=f"energy preset file {path}")
+    return _mark_edits(preset, path)
+
+
+def _mark_edits(preset: EnergyPreset, path: str | Path) -> EnergyPreset:
+    """A file that keeps a built-in preset's name (``--dump-preset neurosim > my.yaml``, one
+    constant edited) was reported as that preset, citing its source for the edited value.
+    Each value that differs from the named preset's is marked as ``--set-energy`` marks it,
+    and the name gains ``+edited``."""
+    base = PRESETS.get(preset.name)
+    if base is None:
+        return preset
+    mine, theirs = preset.to_dict(), base.to_dict()
+    changed = [(part, k) for part in ("device", "periphery") for k in mine[part]
+               if mine[part][k] != theirs[part].get(k)]
+    if not changed and mine["spec_overrides"] == theirs["spec_overrides"]:
+        return preset
+    notes = dict(preset.notes)
+    for part, k in changed:
+        cited = base.notes.get(f"{part}.{k}")
+        notes[f"{part}.{k}"] = (f"edited in {path}; the {base.name} preset has "
+                                f"{theirs[part][k]!r}" + (f" ({cited})" if cited else ""))
+    return dataclasses.replace(preset, name=f"{base.name}+edited", notes=notes)
 
 
 __all__ = [
