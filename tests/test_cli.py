@@ -2910,3 +2910,24 @@ def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, mon
         assert needle in _one_line_error(capsys)
     assert main(["methods", "--plugin"]) == 2
     assert "--plugin needs a module name" in _one_line_error(capsys)
+
+
+def test_adapt_says_when_a_datasets_images_are_fed_at_another_side(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A dataset stored at 20x20 was resized to the backbone's 28 in every batch; only --json
+    said image_size 28."""
+    from xbm.data import make_fixture_task, register_dataset, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_dataset("small20")(lambda root, seed: make_fixture_task("small20", 3, 24, 12, seed,
+                                                                     image_size=20))
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    argv = ["adapt", "--dataset", "small20", "--method", "xbm", "--backbone", str(bb), "--rows",
+            "16", "--cols", "16", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert "small20: 24 training and 12 test images, 3 classes (stored 20x20, fed at 28x28; " \
+        "--image-size N feeds another side)" in capsys.readouterr().out
+    assert main([*argv, "--image-size", "20", "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert "3 classes\n" in capsys.readouterr().out  # fed as stored: nothing to say

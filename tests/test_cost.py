@@ -190,6 +190,11 @@ def test_a_convless_model_without_arch_is_costed_on_flat_vectors(recwarn) -> Non
     assert not [w for w in recwarn if "input size is unknown" in str(w.message)]
     with pytest.raises(Exception, match=r"\(1, 1, 6, 6\) input"):  # images on request
         C.mtm_positions(mtm, input_size=6)
+    # an arch whose name no registry knows (the user's own, for reference): probed the same
+    # way, not "unknown model" from a weightless rebuild (save_bundle took the name)
+    named = MultiTaskModel(_FlatMLP(), CrossbarSpec(rows=8, cols=8), arch={"name": "my-mlp"})
+    named.add_task("t", 3, "xbm")
+    assert C.mtm_positions(named)[0] == pos and C.task_costs(named, "t")["mask_bits"] > 0
 
 
 @pytest.mark.parametrize("model_name,side", [("vgg11_cifar", 28), ("resnet18_cifar", 8)])

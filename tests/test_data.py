@@ -620,8 +620,16 @@ def test_register_dataset(monkeypatch):
 
     assert "tiny" in xd.list_datasets()
     assert xd.load_dataset("tiny", seed=2).num_classes == 3
-    with pytest.raises(ValueError, match="already registered"):
-        xd.register_dataset("tiny")
+    with pytest.raises(ValueError, match="already registered by "):
+        xd.register_dataset("tiny")(lambda root, seed: None)  # another function
+    _tiny.__code__ = (lambda root, seed: xd.make_fixture_task("tiny", 4, 9, 6, seed)).__code__
+    xd.register_dataset("tiny")(_tiny)  # the same one again (a reloaded module): replaced
+    assert xd.load_dataset("tiny").num_classes == 4
+    # a builder that returns something else: one line naming the fix, not an AttributeError
+    xd.register_dataset("tuple")(lambda root, seed: (torch.zeros(2), torch.zeros(2)))
+    with pytest.raises(XbmError, match=r"dataset 'tuple': its builder returned a tuple, not a "
+                       r"TaskData; return xbm.data.TaskData\("):
+        xd.load_dataset("tuple")
 
 
 def test_a_same_named_image_folder_in_the_working_directory_is_said(tmp_path, monkeypatch):

@@ -488,3 +488,39 @@ def test_a_users_config_fields_are_checked_by_their_types():
             ({"per_task_bn": "yes"}, "Mine.per_task_bn must be true or false, got 'yes' (yes/no")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             Mine(**kw)
+
+
+def test_register_method_checks_its_config_class():
+    """A config class that is no MethodConfig failed at add_task with an AttributeError, and a
+    subclass without @dataclass kept its parent's defaults, ignoring the ones it set."""
+    from dataclasses import dataclass
+
+    from xbm.methods import register_method
+    from xbm.methods.xbm import XBM, XBMConfig
+
+    class Plain:
+        lr: float = 1e-3
+
+    class NoDecorator(XBMConfig):
+        threshold = 9e-3
+
+    for cfg, needle in ((Plain, "config_class must be a subclass of xbm.methods.MethodConfig"),
+                        (NoDecorator, "config_class test_register_method_checks_its_config_"
+                         "class.<locals>.NoDecorator sets threshold but is not a @dataclass "
+                         "itself")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            register_method("mine")(type("Mine", (XBM,), {"config_class": cfg}))
+    assert "mine" not in METHODS
+
+    @dataclass
+    class Fine(XBMConfig):
+        threshold: float = 9e-3
+
+    class Inherits(XBMConfig):  # adds nothing: its parent's fields, as a dataclass
+        """docs only"""
+
+    for cfg in (Fine, Inherits):
+        try:
+            register_method("mine")(type("Mine", (XBM,), {"config_class": cfg}))
+        finally:
+            METHODS.pop("mine", None)

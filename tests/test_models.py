@@ -267,9 +267,22 @@ def test_bad_options_are_config_errors():
         create_model("vit_tiny", width=30, heads=4)
 
 
-def test_register_model_rejects_duplicates():
-    with pytest.raises(ValueError, match="already registered"):
+def test_register_model_rejects_duplicates(monkeypatch):
+    with pytest.raises(ValueError, match="already registered by xbm.models.cnn"):
         register_model("small_cnn")(lambda **kw: nn.Identity())
+    # the same definition run again (a reloaded module, a notebook cell): replaced, as methods
+    from xbm.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def make(first: bool):
+        def mine(**kw):
+            return nn.Identity() if first else nn.Flatten()
+        return mine
+
+    register_model("mine")(make(True))
+    register_model("mine")(make(False))  # same module and qualified name
+    assert isinstance(registry._REGISTRY["mine"](), nn.Flatten)
 
 
 def test_load_a_reference_script_checkpoint_says_how(tmp_path):

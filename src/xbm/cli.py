@@ -832,6 +832,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             for flag, n, have in (("--train-subset", args.train_subset, full[0]),
                                   ("--test-subset", args.test_subset, full[1]))
             if n is not None and n > have]
+    stored = tuple(int(v) for v in data.train_x.shape[2:])
+    if stored != (image_size, image_size):  # resized in each batch: say so, not only in --json
+        over.append(f"stored {stored[0]}x{stored[1]}, fed at {image_size}x{image_size}"
+                    + ("" if args.image_size is not None else
+                       "; --image-size N feeds another side"))
     if xdist.is_main():  # once, not per torchrun rank
         (sys.stderr if args.json else sys.stdout).write(
             f"{args.dataset}: {len(data.train_y):,} training and {len(data.test_y):,} test "

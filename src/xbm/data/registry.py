@@ -28,17 +28,25 @@ def register_dataset(name: str, *, reads_root: bool = True) -> Callable[[Builder
     ``reads_root=False`` declares that the builder ignores ``root`` (the data ships inside a
     package): a task adapted with ``--data-root`` then records no root for ``xbm eval`` to need.
 
+    The same function registered again (a notebook cell or a reloaded module) replaces the
+    earlier registration, as ``register_method`` does.
+
     Raises:
-        ValueError: the name is taken or uses the reserved ``folder:`` prefix (a programming
-            error, not a user one).
+        ValueError: the name is taken by another function or uses the reserved ``folder:``
+            prefix (a programming error, not a user one).
     """
-    if name in _REGISTRY:
-        raise ValueError(f"dataset {name!r} is already registered")
     if name.startswith(FOLDER_PREFIX):
         raise ValueError(f"dataset names may not start with {FOLDER_PREFIX!r}")
 
     def deco(fn: Builder) -> Builder:
+        old = _REGISTRY.get(name)
+        if old is not None and (getattr(old, "__module__", None),
+                                getattr(old, "__qualname__", None)) != \
+                (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)):
+            raise ValueError(f"dataset {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__}; pick another name")
         _REGISTRY[name] = fn
+        _NO_ROOT.discard(name)
         if not reads_root:
             _NO_ROOT.add(name)
         return fn
@@ -131,6 +139,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
     # a root given as --data-root=~/x or in a YAML reaches here unexpanded (no shell did it);
     # the backbone cache name and recorded recipe use the expanded path too
     data = builder(None if root is None else os.path.expanduser(os.fspath(root)), seed)
+    if not isinstance(data, TaskData):  # a user's builder: one line, not an AttributeError
+        from xbm.errors import XbmError
+
+        raise XbmError(f"dataset {name!r}: its builder returned a {type(data).__name__}, not "
+                       "a TaskData; return xbm.data.TaskData(name, train_x, train_y, test_x, "
+                       "test_y, classes) with uint8 (N, C, H, W) images and int64 labels")
     return data if channels is None else data.with_channels(channels)
 
 

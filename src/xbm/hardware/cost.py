@@ -1132,7 +1132,11 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"{what} must be a positive integer, got {v!r}")
     arch = mtm.arch or {}
-    name = arch.get("name")
+    from xbm.models.registry import list_models
+
+    # a name no registry knows (a user's model, recorded for their own reference) cannot be
+    # rebuilt weightless: the model itself is probed, as without a name
+    name = arch.get("name") if arch.get("name") in list_models() else None
     first_conv = next((m for m in mtm.model.modules() if isinstance(m, nn.Conv2d)), None)
     in_ch = in_channels or arch.get("in_channels") or (
         default_in_channels(name) if name else first_conv.in_channels if first_conv else 1)
@@ -1142,9 +1146,10 @@ def mtm_positions(mtm: MultiTaskModel, input_size: int | None = None,
         shape: tuple[int, ...] = (1, int(first_linear.in_features))  # an MLP takes flat vectors
     elif size is None:
         size = 28
-        warnings.warn("cost model: the model records no architecture (MultiTaskModel(..., "
-                      "arch=...)), so its input size is unknown; counting output positions on "
-                      "28 x 28 images: pass input_size= for another size",
+        warnings.warn("cost model: the model records no registered architecture "
+                      "(MultiTaskModel(..., arch={'name': a registered model, ...})), so its "
+                      "input size is unknown; counting output positions on 28 x 28 images: "
+                      "pass input_size= for another size",
                       XbmWarning, stacklevel=user_stacklevel())
         shape = (1, int(in_ch), 28, 28)
     else:

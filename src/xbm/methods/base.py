@@ -257,6 +257,7 @@ def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[Adaption
                          "'_' ('base' is the backbone's own task)")
 
     def deco(cls: type[AdaptionMethod]) -> type[AdaptionMethod]:
+        _check_config_class(name, getattr(cls, "config_class", None))
         old = METHODS.get(name)
         if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
                                                                        cls.__qualname__):
@@ -267,6 +268,24 @@ def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[Adaption
         return cls
 
     return deco
+
+
+def _check_config_class(name: str, cfg: object) -> None:
+    """A method's ``config_class`` must be a ``MethodConfig`` dataclass of its own: a plain
+    class failed at ``add_task`` with an AttributeError, and a subclass without ``@dataclass``
+    kept its parent's defaults, silently ignoring the ones it set."""
+    import dataclasses
+
+    if not (isinstance(cfg, type) and issubclass(cfg, MethodConfig)):
+        raise ValueError(f"method {name!r}: config_class must be a subclass of "
+                         f"xbm.methods.MethodConfig (a @dataclass), got {cfg!r}")
+    mine = vars(cfg)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    own = set(mine.get("__annotations__", {})) | {k for k in mine if k in fields}
+    if own and "__dataclass_fields__" not in mine:
+        raise ValueError(f"method {name!r}: config_class {cfg.__qualname__} sets "
+                         f"{', '.join(sorted(own))} but is not a @dataclass itself, so its "
+                         "values would be ignored; decorate it with @dataclass")
 
 
 def list_methods() -> list[str]:

@@ -25,17 +25,27 @@ _REGISTRY: dict[str, Factory] = {}
 def register_model(name: str) -> Callable[[F], F]:
     """Register a model factory under ``name``.
 
-    Duplicate names are a programming error (two modules fighting over one name would make the
-    backbone a config refers to depend on import order), so they raise immediately.
+    The same function registered again (a notebook cell or a reloaded module) replaces the
+    earlier registration, as ``register_method`` does. Another function under a taken name is
+    a programming error (two modules fighting over one name would make the backbone a config
+    refers to depend on import order), so it raises immediately.
     """
 
     def decorator(fn: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
+        old = _REGISTRY.get(name)
+        if old is not None and not _same_function(old, fn):
+            raise ValueError(f"model {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__}; pick another name")
         _REGISTRY[name] = fn
         return fn
 
     return decorator
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    """The same definition, perhaps re-run: same module and qualified name."""
+    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
+        (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
 
 
 def _factory(name: str) -> Factory:
