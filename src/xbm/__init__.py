@@ -14,12 +14,12 @@ from xbm.models import create_model, list_models, load_torchvision_state_dict
 from xbm.multitask import MultiTaskModel
 from xbm.nn import apply
 from xbm.train.loop import evaluate_task, train_task
-from xbm.train.pretrain import load_backbone
+from xbm.train.pretrain import import_backbone, load_backbone
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "CrossbarSpec", "MultiTaskModel", "XbmError", "XbmWarning",
            "__version__", "apply",
            "create_method", "create_model", "evaluate_task", "get_method_class", "get_spec",
-           "list_methods", "list_models", "load_backbone", "load_torchvision_state_dict",
-           "map_model", "train_task"]
+           "import_backbone", "list_methods", "list_models", "load_backbone",
+           "load_torchvision_state_dict", "map_model", "train_task"]

@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 from xbm.hardware.mapping import LayerMapping, MappingReport, layer_matrix_shape, map_model
-from xbm.hardware.spec import SPEC_PRESETS, CrossbarSpec, get_spec
+from xbm.hardware.spec import SPEC_PRESETS, CrossbarSpec, get_spec, register_spec_preset
 
 # Imported lazily (PEP 562): the simulator pulls in the task-aware layers, which import this
 # package, so an eager import here would be circular.
@@ -30,6 +30,7 @@ __all__ = [
     "get_spec",
     "layer_matrix_shape",
     "map_model",
+    "register_spec_preset",
 ]
 
 

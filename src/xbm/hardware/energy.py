@@ -563,6 +563,33 @@ the most likely basis of their energy figures [inference]."""
 PRESETS["default"] = dataclasses.replace(PRESETS[DEFAULT_PRESET], name="default")
 
 
+#: The presets xbm ships: a user's registration may not replace them.
+_BUILT_IN = frozenset(PRESETS)
+
+
+def register_energy_preset(preset: EnergyPreset) -> EnergyPreset:
+    """Add ``preset`` by its name (``get_preset(name)``, ``xbm cost --energy NAME`` given
+    ``--plugin MODULE``). Its ``source`` must cite where the constants come from, as every
+    built-in preset's does (``notes`` per value, where they differ). Registering the name
+    again (a reloaded module) replaces the earlier one; a built-in preset's name is refused.
+
+    Raises:
+        ValueError: not an EnergyPreset, no name or source, or a built-in name.
+    """
+    if not isinstance(preset, EnergyPreset):
+        raise ValueError(f"register_energy_preset takes an EnergyPreset, got "
+                         f"{type(preset).__name__}")
+    if not preset.name or preset.name == "custom" or preset.name in _BUILT_IN or \
+            preset.name.endswith(("+set", "+edited")):
+        raise ValueError(f"energy preset name {preset.name!r} is taken, empty or reserved; "
+                         "name it EnergyPreset(name='my-chip', ...)")
+    if not preset.source.strip():
+        raise ValueError(f"energy preset {preset.name!r} has no source; cite where its "
+                         "constants come from (EnergyPreset(source=...), notes per value)")
+    PRESETS[preset.name] = preset
+    return preset
+
+
 def get_preset(name: str = "default") -> EnergyPreset:
     """A named preset (``neurosim``, ``mnsim``, ``isaac`` or ``default``)."""
     if name not in PRESETS:
@@ -622,4 +649,5 @@ __all__ = [
     "PeripheryParams",
     "get_preset",
     "load_preset_file",
+    "register_energy_preset",
 ]

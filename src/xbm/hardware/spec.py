@@ -219,4 +219,30 @@ def get_spec(name: str = "default", **overrides: Any) -> CrossbarSpec:
     return spec.replace(**changes) if changes else spec
 
 
-__all__ = ["CrossbarSpec", "SPEC_PRESETS", "get_spec"]
+#: The presets xbm ships: a user's registration may not replace them.
+_BUILT_IN = frozenset(SPEC_PRESETS)
+
+
+def register_spec_preset(spec: CrossbarSpec) -> CrossbarSpec:
+    """Add ``spec`` as a named crossbar preset (``get_spec(spec.name)``, ``--preset NAME``
+    given ``--plugin MODULE``). Its ``source`` must say where its numbers come from, as every
+    built-in preset's does. Registering the name again (a reloaded module) replaces the
+    earlier one; a built-in preset's name is refused.
+
+    Raises:
+        ValueError: not a CrossbarSpec, no name or source, or a built-in name (a programming
+            error, not a user one).
+    """
+    if not isinstance(spec, CrossbarSpec):
+        raise ValueError(f"register_spec_preset takes a CrossbarSpec, got {type(spec).__name__}")
+    if not spec.name or spec.name == "custom" or spec.name in _BUILT_IN:
+        raise ValueError(f"crossbar preset name {spec.name!r} is taken or empty; name it "
+                         "CrossbarSpec(name='my-chip', ...)")
+    if not spec.source.strip():
+        raise ValueError(f"crossbar preset {spec.name!r} has no source; cite where its numbers "
+                         "come from (CrossbarSpec(source='paper or tool, table ...'))")
+    SPEC_PRESETS[spec.name] = spec
+    return spec
+
+
+__all__ = ["CrossbarSpec", "SPEC_PRESETS", "get_spec", "register_spec_preset"]

@@ -12,6 +12,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -464,12 +465,13 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.PathLike,
-                    num_classes: int | None = None, in_channels: int | None = None,
-                    width: int | None = None, dataset: str = "imported",
-                    accuracy: float | None = None) -> dict[str, Any]:
+def import_backbone(model: str, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+                    out: str | os.PathLike, num_classes: int | None = None,
+                    in_channels: int | None = None, width: int | None = None,
+                    dataset: str = "imported", accuracy: float | None = None) -> dict[str, Any]:
     """Write a user's checkpoint (a torchvision-format state dict, ``.pth`` or
-    ``.safetensors``) as an xbm backbone file, so every command's ``--backbone`` takes it.
+    ``.safetensors``, or from Python the state dict itself: ``net.state_dict()`` of a model
+    trained in a script) as an xbm backbone file, so every command's ``--backbone`` takes it.
 
     The weights load strictly by key name (:func:`xbm.models.load_torchvision_state_dict`);
     sizes left out are the model's defaults (``xbm.models.registry.model_defaults``). Returns
@@ -492,14 +494,16 @@ def import_backbone(model: str, checkpoint: str | os.PathLike, out: str | os.Pat
     net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
     load_torchvision_state_dict(net, checkpoint)
     state = net.state_dict()
+    source = "the state dict" if isinstance(checkpoint, Mapping) else \
+        os.path.abspath(os.fspath(checkpoint))
     for k, v in state.items():  # copied into the model's tensors: check what arrived
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise XbmError(f"{checkpoint}: tensor {k} holds NaN or infinite values; a backbone "
+            raise XbmError(f"{source}: tensor {k} holds NaN or infinite values; a backbone "
                            "programmed with them computes nothing useful: export the weights "
                            "again from a healthy checkpoint")
     meta = {"format": BACKBONE_FORMAT, "arch": arch, "dataset": dataset, "accuracy": accuracy,
             "content_hash": tensors_hash(state), "torch": torch.__version__,
-            "imported_from": os.path.abspath(os.fspath(checkpoint))}
+            "imported_from": source}
     meta["meta_hash"] = metadata_hash(meta)
     save_safetensors(out, {k: v.contiguous() for k, v in state.items()}, meta)
     return meta
