@@ -1111,3 +1111,29 @@ def test_an_edited_preset_file_is_not_reported_as_the_cited_preset(tmp_path, cap
     assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn", "--energy",
                                                      "neurosim", "--energy-spec")[1]
     assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn")[1]
+
+
+def test_registering_presets_needs_a_source_and_a_name_of_its_own(monkeypatch):
+    import dataclasses
+
+    from xbm.hardware import CrossbarSpec, energy, get_spec, register_spec_preset, spec
+    from xbm.hardware.energy import get_preset, register_energy_preset
+
+    monkeypatch.setattr(spec, "SPEC_PRESETS", dict(spec.SPEC_PRESETS))  # copies: restored
+    monkeypatch.setattr("xbm.hardware.SPEC_PRESETS", spec.SPEC_PRESETS)
+    monkeypatch.setattr(energy, "PRESETS", dict(energy.PRESETS))
+    for bad, needle in ((CrossbarSpec(name="isaac", source="x"), "taken or empty"),
+                        (CrossbarSpec(rows=32, source="x"), "taken or empty"),
+                        (CrossbarSpec(name="mine"), "has no source")):
+        with pytest.raises(ValueError, match=needle):
+            register_spec_preset(bad)
+    register_spec_preset(CrossbarSpec(name="mine", rows=32, source="datasheet"))
+    assert get_spec("mine").rows == 32
+    base = get_preset("neurosim")
+    for bad, needle in ((base, "taken, empty or reserved"),
+                        (dataclasses.replace(base, name="mine+set"), "reserved"),
+                        (dataclasses.replace(base, name="mine", source=" "), "has no source")):
+        with pytest.raises(ValueError, match=needle):
+            register_energy_preset(bad)
+    register_energy_preset(dataclasses.replace(base, name="mine", source="datasheet"))
+    assert get_preset("mine").source == "datasheet"
