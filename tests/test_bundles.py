@@ -484,7 +484,7 @@ def test_backbone_and_fault_map_headers_are_hashed_too(tmp_path):
         FaultMap.load(edited)
 
 
-def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
+def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path, monkeypatch):
     """As root, an output path of /dev/null was replaced by the atomic rename: /dev/null
     became a regular file that every later program wrote into (a CLI fuzz did it). A
     character device or a named pipe is now written into, and stays what it was."""
@@ -497,6 +497,11 @@ def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
     from xbm.io import _is_stream, check_output, write_json_atomic
 
     assert _is_stream(Path(os.devnull)) and not _is_stream(tmp_path)
+    import tempfile
+
+    staging = tmp_path / "staging"  # a stream's content is staged in the temp dir
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
@@ -507,7 +512,8 @@ def test_outputs_into_a_stream_write_into_it_and_leave_it_a_stream(tmp_path):
     reader.join(timeout=30)
     assert json.loads(got[0]) == {"a": 1}
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # still a pipe, not a file renamed onto it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "staging"]
+    assert list(staging.iterdir()) == []  # no temporary left
     # a shell's `--json-out >(cmd)`: /dev/fd/N, a link whose real path (/proc/PID/fd/
     # pipe:[...]) cannot be opened; it was refused as "cannot create files in /proc/PID/fd"
     if not Path("/dev/fd").is_dir():

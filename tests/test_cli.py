@@ -667,7 +667,12 @@ def test_eval_finds_the_bundles_backbone_by_hash(tmp_path, capsys, monkeypatch):
                  "--device", "cpu", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
     (rec,) = res["tasks"]
-    assert rec["task"] == "t" and rec["dataset"] == "animal-mnist" and 0 <= rec["accuracy"] <= 100
+    assert rec["task"] == "t" and rec["dataset"] == "animal-mnist"
+    from xbm.data import load_dataset
+    from xbm.train import evaluate_task
+
+    _, test = load_dataset("animal-mnist").subset(None, 40, seed=0).loaders(256, seed=0)
+    assert rec["accuracy"] == pytest.approx(evaluate_task(mtm, "t", test, "cpu"))  # its own
     assert res["bundle"] == str(path) and res["test_subset"] == 40 and res["seed"] is None
     assert res["tasks"][0]["seed"] == 0  # saved from Python: no seed recorded, so 0
     assert res["backbone_hash"] == read_bundle_meta(path)[0]["backbone_hash"]

@@ -273,10 +273,18 @@ def test_methods_run_on_real_backbones(model):
     bb = create_model(model, num_classes=4, in_channels=1, **kw)
     mtm = MultiTaskModel(bb, get_spec(rows=32, cols=32))
     for m in ALL:
-        mtm.add_task(m.replace("-", "_"), 3, m)
+        t = m.replace("-", "_")
+        mtm.add_task(t, 3, m)
         out = mtm(torch.randn(2, 1, 28, 28))
         out.sum().backward()
         assert out.shape == (2, 3)
+        # the gradient reaches the task's own head, and no programmed weight takes one
+        head = [p for k, p in mtm.named_parameters() if f"xbm_tasks.{t}." in k and
+                k.startswith("model.fc.")]
+        assert head and all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head)
+        programmed = [p for k, p in mtm.named_parameters() if "xbm_tasks." not in k]
+        assert programmed and all(p.grad is None for p in programmed), m
+        mtm.zero_grad(set_to_none=True)
 
 
 def test_mixed_task_batch_equals_per_task_forward(task_a, task_b):

@@ -299,6 +299,16 @@ def test_norms_without_affine_parameters_get_their_own_copies() -> None:
     mtm = MultiTaskModel(model, SPEC, head_name="5")
     mtm.add_task("t", 2, "xbm")
     assert mtm(torch.randn(2, 1, 28, 28)).shape == (2, 2)
+    own = set(mtm.task_state_dict("t"))  # statistics for the stat-only BN, a weight for LN
+    assert {"1.xbm_tasks.t.running_mean", "1.xbm_tasks.t.running_var",
+            "4.xbm_tasks.t.weight"} <= own
+    before = {k: v.clone() for k, v in mtm.backbone_state().items()}
+    batches = [(torch.randn(4, 1, 28, 28), torch.randint(0, 2, (4,))) for _ in range(3)]
+    xbm.train_task(mtm, "t", batches, 1, "cpu", progress=False)
+    after = mtm.backbone_state()  # the task's copies moved, the programmed ones did not
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(mtm.task_state_dict("t")["1.xbm_tasks.t.running_mean"],
+                           before["1.running_mean"])
 
 
 def test_the_cli_prints_xbm_warnings_as_its_own(tmp_path, capsys) -> None:

@@ -524,7 +524,8 @@ def test_fault_map_rates_save_load(tmp_path):
     other = FaultMap.generate(mtm, sa0_rate=0.01, sa1_rate=0.02, seed=6)
     assert all(torch.equal(again.codes[k], fm.codes[k]) for k in fm.codes)
     assert not all(torch.equal(other.codes[k], fm.codes[k]) for k in fm.codes)
-    with pytest.raises(XbmError):
+    with pytest.raises(XbmError, match="fault map was drawn for another cell layout than "
+                       "layer '.*' uses"):
         fm.check(mtm, get_spec(cell_bits=4))
     # another geometry fits (the codes are per weight cell), but it is another chip: said
     with warnings.catch_warnings():
