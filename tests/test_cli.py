@@ -235,6 +235,8 @@ def test_map_width_gives_the_demo_backbones_mapping(capsys):
      "--set-energy device.write_pulses_per_cell is given twice, as 5 and 6; keep one"),
     (["cost", "--model", "small_cnn", "--fraction", "piggyback=0.1", "--fraction",
       "piggyback=0.2"], "--fraction piggyback is given twice, as 0.1 and 0.2; keep one"),
+    (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "per_task_bn=1", "--set",
+      "per_task_bn=true"], "--set per_task_bn is given twice, as 1 and True; keep one"),
     (["adapt", "--dataset", "mnist", "--method", "xbm", "--set", "energy_preset=nvm"],
      "has no field(s) energy_preset"),
     # a bad spec fails before the default backbone would be pretrained (minutes)

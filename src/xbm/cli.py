@@ -362,7 +362,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         raise XbmError(f"task {task.name!r} records no dataset (a bundle saved from Python "
                        "without dataset=); evaluate it alone with --task "
                        f"{task.name} --dataset NAME")
-    _warn_unread_root(args.data_root, ds, f" for task {task.name!r}")
+    # with --dataset every task reads the same one: said once, not per task
+    _warn_unread_root(args.data_root, ds, "" if args.dataset else f" for task {task.name!r}")
     # the files adapt read (its --data-root), unless a dataset or a root is named: --dataset
     # NAME, even the task's own, reads the installed copy (said, when it is the task's own)
     recorded_root = (task.extra or {}).get("data_root")
@@ -492,9 +493,18 @@ def _once(given: dict[str, Any], key: str, value: Any, flag: str) -> Any:
     """``value`` for ``key``, unless an earlier ``flag KEY=...`` gave it another: the last
     one won without a word, so a forgotten earlier copy in a long command line changed
     nothing the user could see."""
-    if key in given and given[key] != value:
+    if key in given and not _same_value(given[key], value):
         raise XbmError(f"{flag} {key} is given twice, as {given[key]!r} and {value!r}; keep one")
     return value
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """5 and 5.0 are one value, nan and nan too; 1 and true are not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (a != a and b != b)
+    return type(a) is type(b) and a == b
 
 
 def _eval_seed(args: argparse.Namespace, recorded: object) -> int:
