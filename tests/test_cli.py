@@ -2873,8 +2873,9 @@ def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, mon
     monkeypatch.setattr("xbm.methods.METHODS", base.METHODS, raising=False)
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_NO_ROOT", set(registry._NO_ROOT))
-    for name in ("xbm_plugin_my_methods", "my_methods"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in [m for m in sys.modules if m.startswith(("xbm_plugin_my_methods",
+                                                          "my_methods"))]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -2894,7 +2895,8 @@ def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, mon
     assert (rec["method"], rec["task"]) == ("xbm-hi", "quadrants")
     # a fresh process would not know the method: XBM_PLUGINS names the module by its name
     del base.METHODS["xbm-hi"], registry._REGISTRY["quadrants"]  # the copies made above
-    monkeypatch.delitem(sys.modules, "xbm_plugin_my_methods", raising=False)
+    for name in [m for m in sys.modules if m.startswith("xbm_plugin_my_methods")]:
+        monkeypatch.delitem(sys.modules, name)
     ev = ["eval", "--bundle", "b.safetensors", "--backbone", str(bb), "--device", "cpu",
           "--no-progress"]
     assert main(ev) == 2

@@ -1106,11 +1106,20 @@ def test_an_edited_preset_file_is_not_reported_as_the_cited_preset(tmp_path, cap
                       "--json")
     assert json.loads(out)["energy_preset"]["name"] == "neurosim"
     # the source's geometry: said when not applied, silent when it is or for the default
-    said = "note: the source of energy preset neurosim assumed rows 128 (costed: 64)"
+    said = "note: energy preset neurosim is for crossbars with rows 128 (costed: 64)"
     assert said in _run(capsys, "--model", "small_cnn", "--energy", "neurosim")[1]
-    assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn", "--energy",
-                                                     "neurosim", "--energy-spec")[1]
-    assert "the source of energy preset" not in _run(capsys, "--model", "small_cnn")[1]
+    assert "drop --preset isaac and pass --energy-spec" in _run(
+        capsys, "--model", "small_cnn", "--energy", "neurosim", "--preset", "isaac")[1]
+    for quiet in (["--energy", "neurosim", "--energy-spec"], [], ["--energy", "default"]):
+        assert "is for crossbars with" not in _run(capsys, "--model", "small_cnn", *quiet)[1]
+    # a file's own crossbars, edited: noted as edited, not credited to the source
+    (tmp_path / "rows.yaml").write_text(text.replace("  rows: 128", "  rows: 256"))
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--preset-file",
+                      str(tmp_path / "rows.yaml"), "--json")
+    d = json.loads(out)
+    assert d["energy_preset"]["name"] == "neurosim+edited"
+    assert d["energy_preset"]["notes"]["spec_overrides.rows"] == \
+        f"edited in {tmp_path / 'rows.yaml'}; the neurosim preset has 128"
 
 
 def test_registering_presets_needs_a_source_and_a_name_of_its_own(monkeypatch):

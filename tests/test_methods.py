@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -485,6 +486,10 @@ def test_a_users_config_fields_are_checked_by_their_types():
 
     Mine()
     assert Mine(frozen=True, levels=[0.5, 1], counts=(3,)).levels == [0.5, 1]
+    import numpy as np
+
+    as_list = Mine(levels=np.array([0.5, 1.0]))  # kept as a plain list: bundles record JSON
+    assert type(as_list.levels) is list and as_list.levels == [0.5, 1.0]
     for kw, needle in (
             ({"frozen": "no"}, "Mine.frozen must be true or false, got 'no' (yes/no/on/off are "
              "text in YAML 1.2 and in --set: write true or false)"),
@@ -527,7 +532,10 @@ def test_register_method_checks_its_config_class():
     class Inherits(XBMConfig):  # adds nothing: its parent's fields, as a dataclass
         """docs only"""
 
-    for cfg in (Fine, Inherits):
+    class WithClassVar(XBMConfig):  # a ClassVar is no field
+        note: ClassVar[str] = "x"
+
+    for cfg in (Fine, Inherits, WithClassVar):
         try:
             register_method("mine")(type("Mine", (XBM,), {"config_class": cfg}))
         finally:

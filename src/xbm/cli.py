@@ -9,6 +9,7 @@ status 2, with nothing half-written.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -1075,7 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xbm.methods import list_methods
     from xbm.train.pretrain import PRECISIONS, PretrainConfig
 
-    p = _Parser(prog="xbm", description=__doc__.splitlines()[0])
+    # no abbreviations of the top-level flags: `--plugi M` was taken for --plugin, whose
+    # modules are imported before parsing (so an abbreviation would be parsed, not imported)
+    p = _Parser(prog="xbm", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"xbm {__version__}")
     p.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE (a module name, found on PYTHONPATH or in the working "
@@ -1311,6 +1314,10 @@ def _take_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
             mods.append(argv[i + 1])
             i += 2
             continue
+        head = tok.split("=", 1)[0]
+        if len(head) > 3 and head != "--plugin" and "--plugin".startswith(head):
+            raise XbmError(f"{head}: write --plugin in full (its modules are imported before "
+                           "the command line is parsed)")
         if tok.startswith("--plugin="):
             mods.append(tok.split("=", 1)[1])
         else:
@@ -1341,10 +1348,13 @@ def load_plugins(names: list[str]) -> None:
                 if not path.is_file():
                     raise XbmError(f"plugin {name}: no such file; pass a .py file's path or an "
                                    "importable module name")
-                mod_name = f"xbm_plugin_{path.stem}"
-                if mod_name in sys.modules:
+                where = path.resolve()
+                if _loaded_from(where):  # this file, by name or by path: once
                     continue
-                spec = importlib.util.spec_from_file_location(mod_name, path)
+                # keyed by the whole path: two plugins both called p.py are two modules
+                digest = hashlib.sha256(str(where).encode()).hexdigest()[:8]
+                mod_name = f"xbm_plugin_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
+                spec = importlib.util.spec_from_file_location(mod_name, where)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[mod_name] = module
                 try:
@@ -1354,7 +1364,14 @@ def load_plugins(names: list[str]) -> None:
                     raise
             else:
                 if os.getcwd() not in sys.path and "" not in sys.path:
-                    sys.path.insert(0, os.getcwd())  # `xbm` is a script: cwd is not searched
+                    # `xbm` is a script, so the working directory is not searched; appended,
+                    # so a file there cannot shadow an installed package
+                    sys.path.append(os.getcwd())
+                if name not in sys.modules:
+                    found = importlib.util.find_spec(name)
+                    origin = getattr(found, "origin", None)
+                    if origin and _loaded_from(Path(origin).resolve()):
+                        continue  # the same file, loaded by its path already
                 importlib.import_module(name)
         except XbmError:
             raise
@@ -1369,11 +1386,30 @@ def load_plugins(names: list[str]) -> None:
                            ) from None
 
 
+def _loaded_from(path: Path) -> bool:
+    """Whether a loaded module was read from the file ``path``."""
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and f.endswith(".py") and os.path.basename(f) == path.name:
+            try:
+                if Path(f).resolve() == path:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+#: Whether this process loaded plugins (an unknown name's hint then says check the spelling).
+_PLUGINS_LOADED: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         argv, plugins = _take_plugins(list(sys.argv[1:] if argv is None else argv))
         env = os.environ.get(PLUGINS_ENV, "")
-        load_plugins([m for m in env.split(",") if m.strip()] + plugins)
+        names = [m for m in env.split(",") if m.strip()] + plugins
+        load_plugins(names)
+        _PLUGINS_LOADED[:] = names
     except XbmError as exc:
         print(f"xbm: error: {exc}", file=sys.stderr)
         return 2
@@ -1413,7 +1449,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = _name_the_flag(str(exc), argv)
         if isinstance(exc, UnknownNameError) and re.match(
                 r"unknown (method|dataset|model|energy preset|crossbar preset|benchmark) ", msg):
-            hint = "; one of your own: pass --plugin MODULE, the module that registers it"
+            hint = ("; check the spelling, or that your plugin registers it" if _PLUGINS_LOADED
+                    else "; one of your own: pass --plugin MODULE, the module that registers it")
             at = re.search(r" \(in --config [^)]*\)$", msg)  # stays last: where it came from
             msg = msg[:at.start()] + hint + msg[at.start():] if at else msg + hint
         print(f"xbm: error: {msg}", file=sys.stderr)

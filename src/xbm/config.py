@@ -209,8 +209,10 @@ def _check_other_fields(obj: Any) -> None:
         origin = typing.get_origin(kind)
         if origin in (list, tuple):
             items = typing.get_args(kind)
-            if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
-                v = v.tolist()  # a numpy array or a tensor, as np.linspace gives
+            if hasattr(v, "tolist") and not isinstance(v, (list, tuple, str, bytes)):
+                v = v.tolist()  # a numpy array or a tensor, as np.linspace gives: kept as a
+                if isinstance(v, list):  # plain list (bundle metadata is JSON)
+                    object.__setattr__(obj, f.name, v)
             if not isinstance(v, (list, tuple)):
                 raise ConfigError(f"{where} must be a list, got {v!r} ({type(v).__name__}); "
                                   "e.g. [0.5, 1.0]")

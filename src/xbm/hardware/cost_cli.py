@@ -93,15 +93,16 @@ def _spec(args: argparse.Namespace, preset):
 
 
 def _geometry_not_taken(preset, spec, how: str) -> str | None:
-    """A note when the chosen energy preset's source assumed other crossbars than those
-    costed: its constants are then applied to another array (said, so a reader does not take
-    the figures for the source's own chip); ``how`` says why, or what would change it."""
+    """A note when the chosen energy preset is for other crossbars than those costed (its
+    source's, or a preset file's): its constants are then applied to another array (said, so
+    a reader does not take the figures for the source's own chip); ``how`` says why, or what
+    would change it."""
     theirs = {k: v for k, v in (preset.spec_overrides or {}).items()
               if getattr(spec, k, v) != v}
     if not theirs:
         return None
     said = ", ".join(f"{k} {v} (costed: {getattr(spec, k)})" for k, v in theirs.items())
-    return f"the source of energy preset {preset.name} assumed {said}; {how}"
+    return f"energy preset {preset.name} is for crossbars with {said}; {how}"
 
 
 def _assumptions(args: argparse.Namespace, measured: tuple[dict, dict] | None = None):
@@ -432,11 +433,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions, *sens_pair)
-    if args.energy is not None or args.preset_file:  # a preset chosen, not the default's
-        note = _geometry_not_taken(preset, report.spec, "the bundle's crossbars are costed"
-                                   if args.bundle else "flags given override it"
-                                   if args.energy_spec else
-                                   "--energy-spec costs at the source's geometry")
+    if preset.name != "default":  # a preset chosen (the default's is documented)
+        how = ("the bundle's crossbars are costed" if args.bundle else
+               "flags given override it" if args.energy_spec else
+               f"drop --preset {args.preset} and pass --energy-spec to cost at the preset's"
+               if args.preset not in (None, "default") else
+               "--energy-spec costs at the preset's")
+        note = _geometry_not_taken(preset, report.spec, how)
         if note:
             report.notes.append(note)
     out = report.to_dict(per_layer=args.per_layer)

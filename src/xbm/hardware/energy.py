@@ -638,6 +638,11 @@ def _mark_edits(preset: EnergyPreset, path: str | Path) -> EnergyPreset:
         cited = base.notes.get(f"{part}.{k}")
         notes[f"{part}.{k}"] = (f"edited in {path}; the {base.name} preset has "
                                 f"{theirs[part][k]!r}" + (f" ({cited})" if cited else ""))
+    so, to = theirs["spec_overrides"], mine["spec_overrides"]
+    for k in sorted(set(so) | set(to)):  # the crossbars its constants are for
+        if so.get(k) != to.get(k):
+            notes[f"spec_overrides.{k}"] = (f"edited in {path}; the {base.name} preset has "
+                                            f"{so.get(k)!r}")
     return dataclasses.replace(preset, name=f"{base.name}+edited", notes=notes)
 
 

@@ -279,9 +279,13 @@ def _check_config_class(name: str, cfg: object) -> None:
     if not (isinstance(cfg, type) and issubclass(cfg, MethodConfig)):
         raise ValueError(f"method {name!r}: config_class must be a subclass of "
                          f"xbm.methods.MethodConfig (a @dataclass), got {cfg!r}")
+    import inspect
+
     mine = vars(cfg)
     fields = {f.name for f in dataclasses.fields(cfg)}
-    own = set(mine.get("__annotations__", {})) | {k for k in mine if k in fields}
+    notes = {k: a for k, a in inspect.get_annotations(cfg).items()  # its own, not inherited
+             if "ClassVar" not in str(a)}  # a ClassVar is no field: fine without @dataclass
+    own = set(notes) | {k for k in mine if k in fields}
     if own and "__dataclass_fields__" not in mine:
         raise ValueError(f"method {name!r}: config_class {cfg.__qualname__} sets "
                          f"{', '.join(sorted(own))} but is not a @dataclass itself, so its "

@@ -357,9 +357,12 @@ def pretrain(cfg: PretrainConfig, device: torch.device, out: str | Path | None =
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; "
                           "pretrain with --precision fp32")
+    stored = tuple(int(v) for v in data.train_x.shape[2:])
+    resized = "" if stored == (cfg.image_size, cfg.image_size) else \
+        f", stored {stored[0]}x{stored[1]}"  # resized in each batch, as adapt says too
     log(f"pretraining {cfg.model} (width {cfg.width}) on {cfg.dataset}: "
-        f"{len(data.train_y)} images ({data.in_channels}x{cfg.image_size}x{cfg.image_size}) x "
-        f"{cfg.epochs} epochs on {device}, "
+        f"{len(data.train_y)} images ({data.in_channels}x{cfg.image_size}x{cfg.image_size}"
+        f"{resized}) x {cfg.epochs} epochs on {device}, "
         f"augmentation {cfg.augment}" + (f", mixup {cfg.mixup:g}" if cfg.mixup > 0 else "")
         + (", bfloat16 autocast" if bf16 else ""))
     t0 = time.perf_counter()
