@@ -229,6 +229,81 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+#: Flags that choose which runs there are (not how each runs): --resume keeps the finished
+#: runs of a call that had other ones.
+_PLAN_FLAGS = ("levels", "budgets", "energy_budgets", "energy_rank", "no_baselines",
+               "lr_sweep", "random_control")
+
+
+def _floats(p: argparse.ArgumentParser, text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag}: {text!r} is not a comma list of numbers")
+
+
+def _plan(p: argparse.ArgumentParser, args: argparse.Namespace, ranks: list[str]
+          ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
+    """The runs and the task names, every value checked (each run's config as its method
+    checks it, the tasks by name, --out writable), before the backbone: a bad --budgets used
+    to fail after the backbone and the runs before it, at the defaults minutes in."""
+    from xbm.data.registry import image_folder_path, list_datasets
+    from xbm.errors import XbmError
+    from xbm.io import check_output
+    from xbm.methods import get_method_class
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        p.error("--tasks is empty; name the new tasks, e.g. mnist,animal-mnist")
+    for n in names:
+        if image_folder_path(n) is None and n not in list_datasets():
+            p.error(f"--tasks: unknown dataset {n!r}; choose from {', '.join(list_datasets())} "
+                    "or folder:PATH")
+    plan: list[tuple[str, str, dict[str, Any]]] = []
+    if not args.no_baselines:
+        plan += [("xbm", "xbm", {}), ("piggyback", "piggyback", {})]
+    for n in (x.strip() for x in args.levels.split(",") if x.strip()):
+        if n not in LEVEL_SETS:
+            p.error(f"--levels: unknown set {n!r}; choose from {', '.join(LEVEL_SETS)}")
+        plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
+    for b in _floats(p, args.budgets, "--budgets"):
+        # at budget 0 XMA2 is XMA, so it runs with XMA's score lr (XMA2's own default is tuned
+        # for training beside re-programmed PEs); xma2_budget0_equals_xma then checks identity
+        plan.append((f"xma2-{b:g}", "xma2",
+                     {"pe_budget": b, **({"lr": XMAConfig().lr} if b == 0 else {})}))
+    for e in _floats(p, args.energy_budgets, "--energy-budgets"):
+        for r in ranks:
+            suffix = "" if r == "score" else "-density"
+            plan.append((f"xma2-E{e:g}uJ{suffix}", "xma2",
+                         {"pe_budget": 1.0, "energy_budget_j": e * 1e-6, "energy_rank": r}))
+    if args.lr_sweep:
+        plan += [(f"xma-5-lr{lr:g}", "xma", {"lr": lr}) for lr in LR_SWEEP]
+        plan += [(f"xma2-0.1-wlr{w:g}", "xma2", {"pe_budget": 0.1, "weight_lr": w})
+                 for w in WEIGHT_LR_SWEEP]
+    if args.random_control:
+        plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random"}))
+    if not plan:
+        p.error("nothing to run: --no-baselines with empty --levels and --budgets")
+    labels = [label for label, _, _ in plan]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        p.error(f"{', '.join(twice)} would run twice (a value repeated in --levels, --budgets "
+                "or --energy-budgets); give each once")
+    for label, method, cfg in plan:
+        try:
+            get_method_class(method).config_class.from_dict(cfg)
+        except XbmError as exc:
+            p.error(f"run {label}: {exc}")
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if v < 1:
+            p.error(f"{flag} must be at least 1, got {v}")
+    try:
+        check_output(args.out, "dir", "--out")
+    except XbmError as exc:
+        p.error(str(exc))
+    return plan, names
+
+
 def main(argv: list[str] | None = None) -> int:
     d = DemoConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true",
-                   help="reuse the finished runs of an interrupted call with the same options")
+                   help="reuse the finished runs of an interrupted call with the same shared "
+                   "options (the runs themselves may differ: each is matched by label and config)")
     p.add_argument("--data-root")
     args = p.parse_args(argv)
     ranks = [r.strip() for r in args.energy_rank.split(",") if r.strip()]
@@ -285,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if r not in ENERGY_RANKS:
             p.error(f"--energy-rank: unknown order {r!r}; choose from {', '.join(ENERGY_RANKS)}")
 
+    plan, names = _plan(p, args, ranks)  # all checked before minutes of pretraining
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     spec = d.spec()
@@ -299,44 +376,27 @@ def main(argv: list[str] | None = None) -> int:
     pcfg = d.pretrain_config(device)
     args.precision = d.precision_for(device)  # resolved, so run() and the resume key agree
     args.pretrain_precision = pcfg.precision  # resolved too (auto is bf16 or fp32 by CPU)
-    backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,
                                                          seed=args.seed) for n in names]
-    plan: list[tuple[str, str, dict[str, Any]]] = []
-    if not args.no_baselines:
-        plan += [("xbm", "xbm", {}), ("piggyback", "piggyback", {})]
-    for n in (x.strip() for x in args.levels.split(",") if x.strip()):
-        if n not in LEVEL_SETS:
-            p.error(f"--levels: unknown set {n!r}; choose from {', '.join(LEVEL_SETS)}")
-        plan.append((f"xma-{n}", "xma", {"levels": LEVEL_SETS[n]}))
-    for b in (float(x) for x in args.budgets.split(",") if x):
-        # at budget 0 XMA2 is XMA, so it runs with XMA's score lr (XMA2's own default is tuned
-        # for training beside re-programmed PEs); xma2_budget0_equals_xma then checks identity
-        plan.append((f"xma2-{b:g}", "xma2",
-                     {"pe_budget": b, **({"lr": XMAConfig().lr} if b == 0 else {})}))
-    for e in (float(x) for x in args.energy_budgets.split(",") if x.strip()):
-        for r in ranks:
-            suffix = "" if r == "score" else "-density"
-            plan.append((f"xma2-E{e:g}uJ{suffix}", "xma2",
-                         {"pe_budget": 1.0, "energy_budget_j": e * 1e-6, "energy_rank": r}))
-    if args.lr_sweep:
-        plan += [(f"xma-5-lr{lr:g}", "xma", {"lr": lr}) for lr in LR_SWEEP]
-        plan += [(f"xma2-0.1-wlr{w:g}", "xma2", {"pe_budget": 0.1, "weight_lr": w})
-                 for w in WEIGHT_LR_SWEEP]
-    if args.random_control:
-        plan.append(("xma2-random-0.1", "xma2", {"pe_budget": 0.1, "pe_score": "random"}))
+    backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "
           f"{len(plan)} runs x {len(tasks)} task(s) on {device}")
     out = Path(args.out)
     partial = out / "ablation_xma.partial.json"
-    key = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
+    # what every run shares; which runs there are (the plan flags) may change between calls,
+    # runs being matched by label and config
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "resume", *_PLAN_FLAGS)}
     done: dict[str, Any] = {}
     if args.resume and partial.is_file():
         saved = json.loads(partial.read_text())
-        if saved.get("key") == key and saved.get("backbone") == bmeta["content_hash"]:
+        old_key = {k: v for k, v in (saved.get("key") or {}).items() if k not in _PLAN_FLAGS}
+        if old_key == key and saved.get("backbone") == bmeta["content_hash"]:
             done = {r["label"]: r for r in saved["runs"]}
             print(f"resuming: {len(done)} run(s) from {partial}")
+        else:
+            diff = sorted(k for k in set(key) | set(old_key) if key.get(k) != old_key.get(k))
+            why = f"other {', '.join(diff)}" if diff else "another backbone"
+            print(f"--resume: {partial} was run with {why}; running every run again")
     runs = []
     for label, method, cfg in plan:
         if label in done and done[label]["config"] == cfg:

@@ -38,6 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from xbm.config import positive_int
 from xbm.hardware import get_spec
 from xbm.methods import get_method_class, list_methods
 from xbm.models import create_model
@@ -122,14 +123,14 @@ BENCH_CONFIGS = {"xma2": {"warmup_steps": 1}}
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18_cifar")
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--size", type=int, default=28)
-    ap.add_argument("--in-channels", type=int, default=1,
+    ap.add_argument("--width", type=positive_int, default=16)
+    ap.add_argument("--batch", type=positive_int, default=128)
+    ap.add_argument("--size", type=positive_int, default=28)
+    ap.add_argument("--in-channels", type=positive_int, default=1,
                     help="input channels (3 for an ImageNet-layout model such as resnet50)")
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=positive_int, default=64)
+    ap.add_argument("--reps", type=positive_int, default=15)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--methods", default=",".join(list_methods()))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--count-ops", action="store_true",
@@ -149,9 +150,23 @@ def main(argv: list[str] | None = None) -> int:
                          "CPU), and the step's totals")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    from xbm.errors import XbmError
+    from xbm.io import check_output
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:  # all before the timing: a bad --json or method failed after it
+        for m in methods:
+            get_method_class(m)
+        if len(set(methods)) != len(methods) or not methods:
+            raise XbmError(f"--methods {args.methods!r}: name each method once")
+        if args.json:
+            check_output(args.json, "file", "--json")
+    except XbmError as exc:
+        ap.error(str(exc))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here; pass --device cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    methods = args.methods.split(",")
     if args.bf16:
         methods += [f"{m}+bf16" for m in methods]
     if args.fast_path:

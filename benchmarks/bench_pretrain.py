@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from xbm.config import positive_int
 from xbm.data.augment import get_augment
 from xbm.models import create_model
 
@@ -29,9 +30,9 @@ from xbm.models import create_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18_cifar")
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--width", type=positive_int, default=16)
+    ap.add_argument("--batch", type=positive_int, default=128)
+    ap.add_argument("--reps", type=positive_int, default=20)
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     if args.batch % 2:  # xbm.train.pretrain runs such batches in the standard layout

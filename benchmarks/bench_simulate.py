@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -23,8 +22,11 @@ import time
 
 import torch
 
+from xbm.config import positive_int
+from xbm.errors import XbmError
 from xbm.hardware import get_spec
 from xbm.hardware.simulate import SimConfig, faithful
+from xbm.io import check_output, write_json_atomic
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
 
@@ -42,15 +44,23 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=128)
+    ap.add_argument("--reps", type=positive_int, default=7)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default="compile,torch", help="comma list: compile,torch,triton")
     ap.add_argument("--configs", default="a,b", help="comma list of a,b,c")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    bad = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if bad:
+        ap.error(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
+    if args.json:  # before the timing, not after it
+        try:
+            check_output(args.json, "file", "--json")
+        except XbmError as exc:
+            ap.error(str(exc))
     torch.manual_seed(0)
     dev = torch.device(args.device)
     base = create_model("resnet18_cifar", width=16, in_channels=1).eval()
@@ -113,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             res.setdefault("b_over_a", {})[be] = r
             print(f"(b)/(a) [{be}]: {r:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json_atomic(args.json, res)
     return 0
 
 

@@ -199,11 +199,18 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_seeds(out: Path, seeds: list[int], fields: dict[str, Any], log=print) -> list[Path]:
-    """Run the demo for every seed not yet in ``out``; the results.json paths, in seed order."""
+def run_seeds(out: Path, seeds: list[int], fields: dict[str, Any], log=print,
+              ref: str | None = None) -> list[Path]:
+    """Run the demo for every seed not yet in ``out``; the results.json paths, in seed order.
+    ``ref``, the method the gaps are measured from, must be among the methods run: that is
+    checked before any demo runs, not after all of them."""
     from xbm.train.demo import DemoConfig, run_demo
 
     cfgs = {s: DemoConfig.from_dict(fields | {"seed": s}) for s in seeds}  # all checked first
+    if ref is not None and seeds and ref not in cfgs[seeds[0]].methods:
+        raise XbmError(f"--ref {ref} is not among the methods run "
+                       f"({', '.join(cfgs[seeds[0]].methods)}); add it to --methods or pick "
+                       "one of them")
     for s in seeds:  # a kept run must be the run asked for, or the table would mix recipes
         kept = out / f"seed{s}" / "results.json"
         if kept.is_file():
@@ -228,7 +235,7 @@ def run_seeds(out: Path, seeds: list[int], fields: dict[str, Any], log=print) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="folder: OUT/seed<S>/results.json per seed, OUT/seeds.{json,md}")
-    ap.add_argument("--seeds", default="0-2", help="e.g. 0,1,2 or 0-6 (default %(default)s)")
+    ap.add_argument("--seeds", help="e.g. 0,1,2 or 0-6 (default 0-2)")
     ap.add_argument("--pretrain-seed", type=int,
                     help="adapt this seed's backbone under every seed (default: each its own)")
     ap.add_argument("--methods", help="comma list (default: the demo's)")
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.summarize:
             ignored = [f for f, v in (("--pretrain-seed", args.pretrain_seed),
-                                      ("--methods", args.methods), ("--config", args.config))
+                                      ("--methods", args.methods), ("--config", args.config),
+                                      ("--seeds", args.seeds))
                        if v is not None]
             if ignored:  # they shape runs, and --summarize runs nothing
                 raise XbmError(f"{', '.join(ignored)} cannot apply to --summarize, which only "
@@ -260,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 fields["methods"] = args.methods
             if args.pretrain_seed is not None:
                 fields["pretrain_seed"] = args.pretrain_seed
-            paths = run_seeds(Path(args.out), parse_seeds(args.seeds), fields,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+            paths = run_seeds(Path(args.out), parse_seeds(args.seeds or "0-2"), fields,
+                              log=lambda m: print(m, file=sys.stderr, flush=True), ref=args.ref)
             results = [load_results(p) for p in paths]
         summary = summarize(results, ref=args.ref, within=args.within)
     except XbmError as exc:

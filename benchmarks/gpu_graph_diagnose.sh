@@ -14,6 +14,10 @@
 #    ratio after XBM's boolean mask (session 14, not yet timed on a GPU) and the graphed steps.
 # Without CUDA (XBM_GPU_DEVICE=cpu PYTHON=.venv/bin/python) it dry-runs: every step eager.
 set -u
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash benchmarks/gpu_graph_diagnose.sh OUT_DIR" >&2
+  exit 2
+fi
 mkdir -p "$1"
 OUT=$(realpath "$1")
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

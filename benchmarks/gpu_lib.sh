@@ -6,6 +6,14 @@
 # (XBM_GPU_DEVICE, default cuda), T0, WORK (a fresh folder whose cache/ is XBM_CACHE), LOG, PY
 # (PYTHON, default python3), and left / upto / say / pack.
 set -u
+if [ $# -lt 2 ] || [ "${1#-}" != "$1" ] || [ "${2:-x}" != "${2#-}" ]; then
+  echo "usage: bash $0 OUT_DIR DATA_ROOT [BUDGET_SECONDS]" >&2
+  exit 2
+fi
+if [ ! -d "$2" ]; then
+  echo "$0: DATA_ROOT $2 is not a folder" >&2
+  exit 2
+fi
 mkdir -p "$1"
 OUT=$(realpath "$1")
 DATA=$(realpath "$2")

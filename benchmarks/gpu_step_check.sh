@@ -5,6 +5,10 @@
 #
 #   bash benchmarks/gpu_step_check.sh OUT_DIR
 set -u -o pipefail
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash benchmarks/gpu_step_check.sh OUT_DIR" >&2
+  exit 2
+fi
 mkdir -p "$1"
 OUT=$(realpath "$1")
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

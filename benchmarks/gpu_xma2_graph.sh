@@ -8,6 +8,10 @@
 #    at once (4 CPU threads each); 3. bench_methods.py --cuda-graph at width 64, batch 32.
 # DATA_ROOT as for benchmarks/gpu_session.sh. Results in OUT_DIR/log.
 set -u
+if [ $# -lt 2 ] || [ "${1#-}" != "$1" ] || [ "${2:-x}" != "${2#-}" ]; then
+  echo "usage: bash benchmarks/gpu_xma2_graph.sh OUT_DIR DATA_ROOT" >&2
+  exit 2
+fi
 mkdir -p "$1"
 D=$(realpath "$1")
 DATA=$(realpath "$2")

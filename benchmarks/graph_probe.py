@@ -49,6 +49,10 @@ ap.add_argument("--out", default=os.environ.get("OUT", "."))
 ap.add_argument("--methods", default="piggyback,xbm,xma")
 ap.add_argument("--variants", default="as_test,same_stream,override,native,fn_noq")
 args = ap.parse_args()
+_KNOWN = ("as_test", "same_stream", "override", "native", "fn_noq")
+_bad = [v for v in args.variants.split(",") if v not in _KNOWN]
+if _bad:  # an unknown one ran as as_test under the typo's label, in a scarce GPU call
+    ap.error(f"--variants: unknown {', '.join(_bad)}; choose from {', '.join(_KNOWN)}")
 sys.path.insert(0, args.src)
 
 import torch  # noqa: E402

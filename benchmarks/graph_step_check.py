@@ -26,6 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from xbm.config import positive_int
 from xbm.hardware import get_spec
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--replays", type=positive_int, default=5)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

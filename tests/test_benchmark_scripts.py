@@ -181,6 +181,11 @@ def test_demo_seeds_runs_missing_seeds_only(tmp_path, monkeypatch):
     with pytest.raises(mod.XbmError, match="run with another methods"):
         mod.run_seeds(other, [1], {"methods": "piggyback,xbm,xma"})
     assert ran == []  # refused before any seed ran
+    # a --ref that is not run: said before the first demo (it was said after all of them)
+    assert mod.main(["--out", str(tmp_path / "y"), "--seeds", "0", "--methods", "xbm,xma"]) == 2
+    assert ran == [] and not (tmp_path / "y").exists()
+    # --summarize runs nothing: a --seeds beside it was dropped without a word
+    assert mod.main(["--summarize", str(tmp_path / "seed0"), "--seeds", "5"]) == 2
     # the same run twice (a seed's own backbone, named or not) is refused in a table
     a = mod.load_results(_fake_results(tmp_path / "a", 3, {"piggyback": 1.0, "xbm": 1.0}))
     b = mod.load_results(_fake_results(tmp_path / "b", 3, {"piggyback": 1.0, "xbm": 1.0},
@@ -290,3 +295,46 @@ def test_reprogram_levels_counts_offset_cells(tmp_path):
     (row,) = _load("reprogram_levels").count_levels(mtm, get_preset("default"))
     assert row["counted"] == mtm.reprogrammed_cells("pb") > 0
     assert (row["changing"], row["level_steps"]) == (want_changing, want_steps)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--budgets", "abc"], "--budgets: 'abc' is not a comma list of numbers"),
+    (["--budgets", "1.5"], "run xma2-1.5: "),
+    (["--levels", "9"], "--levels: unknown set '9'"),
+    (["--tasks", ""], "--tasks is empty"),
+    (["--tasks", "nope"], "--tasks: unknown dataset 'nope'"),
+    (["--levels", "5,5"], "xma-5 would run twice"),
+    (["--no-baselines", "--levels", "", "--budgets", ""], "nothing to run"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_ablation_xma_checks_its_plan_before_the_backbone(argv, needle, tmp_path, monkeypatch,
+                                                         capsys):
+    """A bad --budgets or --levels failed after the backbone was pretrained (minutes) and the
+    runs before it had trained, some with a traceback."""
+    mod = _load("ablation_xma")
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the backbone was reached")
+
+    monkeypatch.setattr(mod, "get_backbone", no_backbone)
+    with pytest.raises(SystemExit) as info:
+        mod.main(["--out", str(tmp_path / "abl"), *argv])
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "abl").exists()
+
+
+@pytest.mark.parametrize("script", ["gpu_check", "gpu_graph_check", "gpu_lr_scan",
+                                    "gpu_session", "gpu_step_check", "gpu_xma2_graph",
+                                    "gpu_graph_diagnose"])
+def test_gpu_scripts_say_their_usage_and_start_nothing(script, tmp_path):
+    """`--help` became OUT_DIR (mkdir printed its own help), a missing DATA_ROOT was an
+    "unbound variable" inside $(...), and the script went on to launch pytest and demos."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHON="false", XBM_GPU_DEVICE="cpu")
+    for args in (["--help"], []):
+        res = subprocess.run(["bash", str(BENCH / f"{script}.sh"), *args],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stderr.startswith("usage: bash "), res
+    assert list(tmp_path.iterdir()) == []

@@ -259,6 +259,20 @@ def check_seed(value: object, what: str = "seed") -> int:
     return int(value)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (benchmark --reps, --batch, ...): 0
+    gave a StatisticsError or a ZeroDivisionError traceback after the set-up."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
 def seed_arg(text: str) -> int:
     """argparse type of every ``--seed``-like flag (see :func:`check_seed`)."""
     import argparse
