@@ -1,7 +1,8 @@
 """One training step of every method against the frozen-backbone step and the fine-tune step.
 
-Same model, same batch, one process; steps are interleaved round-robin and the median of many
-repetitions is reported, so machine noise hits every method alike. Ratios are what to read.
+Same model, same batch, one process; each repetition runs every method once, in an order
+shuffled per repetition (seeded), and the median of many repetitions is reported, so machine
+noise hits every method alike. Ratios are what to read.
 
     .venv/bin/python benchmarks/bench_methods.py [--width 16] [--batch 128] [--reps 15]
     python benchmarks/bench_methods.py --device cuda     # on a GPU machine

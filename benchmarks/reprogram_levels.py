@@ -14,9 +14,10 @@ x device levels per cell level).
 
     .venv/bin/python benchmarks/reprogram_levels.py tasks.safetensors [--backbone BB]
 
-Both signed schemes are counted: ``differential`` (the default spec's: magnitude digits in one
-polarity of each pair) and ``offset`` (the ``isaac`` preset's: the digits of q + 2^(weight_bits-1)
-in one cell per slice, as the simulator stores them).
+The bundle's own signed scheme is counted (its spec's ``signed``): ``differential`` (the
+default spec's: magnitude digits in one polarity of each pair) or ``offset`` (the ``isaac``
+crossbar preset's: the digits of q + 2^(weight_bits-1) in one cell per slice, as the simulator
+stores them). The energy preset changes the joules, not which cells change.
 """
 
 from __future__ import annotations
