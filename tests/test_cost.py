@@ -1131,8 +1131,8 @@ def test_registering_presets_needs_a_source_and_a_name_of_its_own(monkeypatch):
     monkeypatch.setattr(spec, "SPEC_PRESETS", dict(spec.SPEC_PRESETS))  # copies: restored
     monkeypatch.setattr("xbm.hardware.SPEC_PRESETS", spec.SPEC_PRESETS)
     monkeypatch.setattr(energy, "PRESETS", dict(energy.PRESETS))
-    for bad, needle in ((CrossbarSpec(name="isaac", source="x"), "taken or empty"),
-                        (CrossbarSpec(rows=32, source="x"), "taken or empty"),
+    for bad, needle in ((CrossbarSpec(name="isaac", source="x"), "taken, empty or reserved"),
+                        (CrossbarSpec(rows=32, source="x"), "taken, empty or reserved"),
                         (CrossbarSpec(name="mine"), "has no source")):
         with pytest.raises(ValueError, match=needle):
             register_spec_preset(bad)

@@ -259,6 +259,30 @@ def check_seed(value: object, what: str = "seed") -> int:
     return int(value)
 
 
+def register_named(store: dict[str, Any], item: Any, cls: type, kind: str,
+                   built_in: frozenset[str], reserved: tuple[str, ...] = ()) -> Any:
+    """Add a user's preset ``item`` (a ``cls`` with ``name`` and ``source``) to ``store`` by its
+    name: a name of its own, and a source that cites its numbers, as every built-in preset's
+    does. A name registered before by the user is replaced (a reloaded module).
+
+    Raises:
+        ValueError: another type, an empty, built-in or ``reserved``-suffixed name, or no
+            source (a programming error, not a user one).
+    """
+    what = cls.__name__
+    if not isinstance(item, cls):
+        raise ValueError(f"registering a {kind} takes a {what}, got {type(item).__name__}")
+    name = item.name
+    if not name or name == "custom" or name in built_in or (reserved and name.endswith(reserved)):
+        raise ValueError(f"{kind} name {name!r} is taken, empty or reserved; name it "
+                         f"{what}(name='my-chip', ...)")
+    if not str(item.source).strip():
+        raise ValueError(f"{kind} {name!r} has no source; cite where its numbers come from "
+                         f"({what}(source='paper or tool, table ...'))")
+    store[name] = item
+    return item
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count that must be at least 1 (benchmark --reps, --batch, ...): 0
     gave a StatisticsError or a ZeroDivisionError traceback after the set-up."""

@@ -576,18 +576,10 @@ def register_energy_preset(preset: EnergyPreset) -> EnergyPreset:
     Raises:
         ValueError: not an EnergyPreset, no name or source, or a built-in name.
     """
-    if not isinstance(preset, EnergyPreset):
-        raise ValueError(f"register_energy_preset takes an EnergyPreset, got "
-                         f"{type(preset).__name__}")
-    if not preset.name or preset.name == "custom" or preset.name in _BUILT_IN or \
-            preset.name.endswith(("+set", "+edited")):
-        raise ValueError(f"energy preset name {preset.name!r} is taken, empty or reserved; "
-                         "name it EnergyPreset(name='my-chip', ...)")
-    if not preset.source.strip():
-        raise ValueError(f"energy preset {preset.name!r} has no source; cite where its "
-                         "constants come from (EnergyPreset(source=...), notes per value)")
-    PRESETS[preset.name] = preset
-    return preset
+    from xbm.config import register_named
+
+    return register_named(PRESETS, preset, EnergyPreset, "energy preset", _BUILT_IN,
+                          ("+set", "+edited"))
 
 
 def get_preset(name: str = "default") -> EnergyPreset:

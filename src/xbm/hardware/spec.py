@@ -233,16 +233,9 @@ def register_spec_preset(spec: CrossbarSpec) -> CrossbarSpec:
         ValueError: not a CrossbarSpec, no name or source, or a built-in name (a programming
             error, not a user one).
     """
-    if not isinstance(spec, CrossbarSpec):
-        raise ValueError(f"register_spec_preset takes a CrossbarSpec, got {type(spec).__name__}")
-    if not spec.name or spec.name == "custom" or spec.name in _BUILT_IN:
-        raise ValueError(f"crossbar preset name {spec.name!r} is taken or empty; name it "
-                         "CrossbarSpec(name='my-chip', ...)")
-    if not spec.source.strip():
-        raise ValueError(f"crossbar preset {spec.name!r} has no source; cite where its numbers "
-                         "come from (CrossbarSpec(source='paper or tool, table ...'))")
-    SPEC_PRESETS[spec.name] = spec
-    return spec
+    from xbm.config import register_named
+
+    return register_named(SPEC_PRESETS, spec, CrossbarSpec, "crossbar preset", _BUILT_IN)
 
 
 __all__ = ["CrossbarSpec", "SPEC_PRESETS", "get_spec", "register_spec_preset"]
