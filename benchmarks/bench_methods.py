@@ -171,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.bf16:
         methods += [f"{m}+bf16" for m in methods]
     if args.fast_path:
+        if not {"xbm", "xma"} & set(methods):  # it added nothing, silently
+            ap.error("--fast-path times xbm's and xma's fast path: add xbm or xma to --methods")
         methods += [f"{m}+fast" for m in ("xbm", "xma") if m in methods]
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.cuda_graph:
         if not cuda:
-            raise SystemExit("--cuda-graph needs --device cuda (CUDA graphs are a GPU feature)")
+            ap.error("--cuda-graph needs --device cuda (CUDA graphs are a GPU feature)")
         # not a method with host-side logic in every step (graph_safe false), which a replay
         # would skip; XMA2 is captured after its PE selection (graph_ready)
         methods += [f"{m}+graph" for m in methods
