@@ -255,6 +255,8 @@ def _plan(p: argparse.ArgumentParser, args: argparse.Namespace, ranks: list[str]
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         p.error("--tasks is empty; name the new tasks, e.g. mnist,animal-mnist")
+    if len(set(names)) != len(names):
+        p.error(f"--tasks {args.tasks!r} names a task twice; give each once")
     for n in names:
         if image_folder_path(n) is None and n not in list_datasets():
             p.error(f"--tasks: unknown dataset {n!r}; choose from {', '.join(list_datasets())} "
@@ -287,8 +289,8 @@ def _plan(p: argparse.ArgumentParser, args: argparse.Namespace, ranks: list[str]
     labels = [label for label, _, _ in plan]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
-        p.error(f"{', '.join(twice)} would run twice (a value repeated in --levels, --budgets "
-                "or --energy-budgets); give each once")
+        p.error(f"{', '.join(twice)} would run twice (a value repeated in --levels, --budgets, "
+                "--energy-budgets or --energy-rank); give each once")
     for label, method, cfg in plan:
         try:
             get_method_class(method).config_class.from_dict(cfg)
@@ -403,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(done[label])
             continue
         runs.append(run(label, method, cfg, backbone, bmeta, spec, tasks, args, device))
-        write_json_atomic(partial, {"key": key, "backbone": bmeta["content_hash"], "runs": runs})
+        # the finished runs of an earlier plan are kept too, for a later --resume of it
+        planned = {r["label"] for r in runs}
+        kept = [r for lbl, r in done.items() if lbl not in planned]
+        write_json_atomic(partial, {"key": key, "backbone": bmeta["content_hash"],
+                                    "runs": runs + kept})
     by = {r["label"]: r for r in runs}
     derived: dict[str, Any] = {}
     pb = by.get("piggyback")

@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 fields["methods"] = args.methods
             if args.pretrain_seed is not None:
                 fields["pretrain_seed"] = args.pretrain_seed
-            paths = run_seeds(Path(args.out), parse_seeds(args.seeds or "0-2"), fields,
+            seeds = parse_seeds("0-2" if args.seeds is None else args.seeds)
+            paths = run_seeds(Path(args.out), seeds, fields,
                               log=lambda m: print(m, file=sys.stderr, flush=True), ref=args.ref)
             results = [load_results(p) for p in paths]
         summary = summarize(results, ref=args.ref, within=args.within)

@@ -14,10 +14,14 @@ if [ ! -d "$2" ]; then
   echo "$0: DATA_ROOT $2 is not a folder" >&2
   exit 2
 fi
+BUDGET=${3:-$GPU_BUDGET}
+case $BUDGET in
+  ''|*[!0-9]*) echo "$0: BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2
+               exit 2 ;;
+esac
 mkdir -p "$1"
 OUT=$(realpath "$1")
 DATA=$(realpath "$2")
-BUDGET=${3:-$GPU_BUDGET}
 DEV=${XBM_GPU_DEVICE:-cuda}
 T0=$(date +%s)
 WORK=$(mktemp -d)

@@ -37,9 +37,10 @@ def test_bench_methods_tiny(tmp_path, capfd):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_bench_methods_cuda_graph_needs_cuda():
-    with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
+def test_bench_methods_cuda_graph_needs_cuda(capsys):
+    with pytest.raises(SystemExit) as info:
         _load("bench_methods").main(["--cuda-graph", "--methods", "xbm"])
+    assert info.value.code == 2 and "--cuda-graph needs --device cuda" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run (a GPU runs the check)")
@@ -338,3 +339,37 @@ def test_gpu_scripts_say_their_usage_and_start_nothing(script, tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and res.stderr.startswith("usage: bash "), res
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ablation_xma_resume_keeps_runs_across_plans(tmp_path, monkeypatch, capsys):
+    """--resume was keyed on every flag, the plan's too: one more --levels value reran every
+    finished run. The shared options decide now; runs match by label and config, and runs
+    of an earlier plan stay in the progress file."""
+    mod = _load("ablation_xma")
+    ran: list[str] = []
+
+    class _Data:
+        def subset(self, *a, **k):
+            return self
+
+    def fake_run(label, method, cfg, *a, **k):
+        ran.append(label)
+        return {"label": label, "method": method, "config": cfg, "mask_bits": 10,
+                "mean_accuracy": 50.0, "reprogrammed_cells": 0, "wall_seconds": 0.0,
+                "tasks": {"mnist": {"accuracy": 50.0}}}
+
+    bmeta = {"arch": {"name": "small_cnn"}, "dataset": "x", "accuracy": 1.0,
+             "content_hash": "h"}
+    monkeypatch.setattr(mod, "get_backbone", lambda *a, **k: (None, bmeta, Path("bb")))
+    monkeypatch.setattr(mod, "load_dataset", lambda *a, **k: _Data())
+    monkeypatch.setattr(mod, "run", fake_run)
+    monkeypatch.setattr(mod, "plot", lambda *a, **k: None)
+    base = ["--out", str(tmp_path / "abl"), "--tasks", "mnist", "--device", "cpu",
+            "--no-baselines", "--budgets", "", "--resume"]
+    assert mod.main([*base, "--levels", "2,3"]) == 0 and ran == ["xma-2", "xma-3"]
+    ran.clear()
+    assert mod.main([*base, "--levels", "2,5"]) == 0 and ran == ["xma-5"]  # xma-2 kept
+    ran.clear()
+    assert mod.main([*base, "--levels", "3"]) == 0 and ran == []  # the first plan's, still kept
+    assert mod.main([*base, "--levels", "3", "--epochs", "3"]) == 0 and ran == ["xma-3"]
+    assert "was run with other epochs; running every run again" in capsys.readouterr().out

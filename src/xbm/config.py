@@ -271,7 +271,7 @@ def register_named(store: dict[str, Any], item: Any, cls: type, kind: str,
     """
     what = cls.__name__
     if not isinstance(item, cls):
-        raise ValueError(f"registering a {kind} takes a {what}, got {type(item).__name__}")
+        raise ValueError(f"registering {kind}s takes {what} objects, got {type(item).__name__}")
     name = item.name
     if not name or name == "custom" or name in built_in or (reserved and name.endswith(reserved)):
         raise ValueError(f"{kind} name {name!r} is taken, empty or reserved; name it "
