@@ -43,8 +43,8 @@ from xbm.hardware.mapping import apply_column_mask
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cin", type=positive_int, default=64)
-    ap.add_argument("--cout", type=int, default=64)
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--cout", type=positive_int, default=64)
+    ap.add_argument("--k", type=positive_int, default=3)
     ap.add_argument("--size", type=positive_int, default=7, help="input height = width")
     ap.add_argument("--batch", type=positive_int, default=32)
     ap.add_argument("--rows", type=positive_int, default=64, help="crossbar rows R")

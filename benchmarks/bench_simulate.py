@@ -53,9 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bad = [c for c in args.configs.split(",") if c not in CONFIGS]
-    if bad:
-        ap.error(f"--configs: unknown {', '.join(bad)}; choose from {', '.join(CONFIGS)}")
+    from xbm.hardware.simulate import BACKENDS
+
+    for flag, known in (("configs", CONFIGS), ("backends", BACKENDS)):
+        given = [c.strip() for c in getattr(args, flag).split(",") if c.strip()]
+        bad = [c for c in given if c not in known]
+        if bad or not given or len(set(given)) != len(given):
+            ap.error(f"--{flag}: {getattr(args, flag)!r}: name each of "
+                     f"{', '.join(known)} at most once")
+        setattr(args, flag, ",".join(given))
     if args.json:  # before the timing, not after it
         try:
             check_output(args.json, "file", "--json")
