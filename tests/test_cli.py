@@ -2909,6 +2909,11 @@ def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, mon
     # before the sub-command: `xbm --plugin M methods` lists what it registers
     assert main(["--plugin", "my_methods", "methods"]) == 0
     assert "xbm-hi" in capsys.readouterr().out
+    # a plugin that prints when imported: on stderr, so --json output stays one document
+    (tmp_path / "loud.py").write_text("print('loud plugin loaded')\n")
+    assert main(["--plugin", "loud", "map", "--model", "small_cnn", "--json"]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["model"]["name"] == "small_cnn" and "loud plugin" in got.err
     # a missing module, a broken one, a missing file: one line each
     (tmp_path / "broken.py").write_text("raise RuntimeError('oops')\n")
     for plugin, needle in (("nope_mod", "plugin nope_mod: no module named 'nope_mod'; run xbm "

@@ -1408,7 +1408,10 @@ def main(argv: list[str] | None = None) -> int:
         argv, plugins = _take_plugins(list(sys.argv[1:] if argv is None else argv))
         env = os.environ.get(PLUGINS_ENV, "")
         names = [m for m in env.split(",") if m.strip()] + plugins
-        load_plugins(names)
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints: not in --json output
+            load_plugins(names)
         _PLUGINS_LOADED[:] = names
     except XbmError as exc:
         print(f"xbm: error: {exc}", file=sys.stderr)
