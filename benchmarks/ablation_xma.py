@@ -309,13 +309,19 @@ def _plan(p: argparse.ArgumentParser, args: argparse.Namespace, ranks: list[str]
 def main(argv: list[str] | None = None) -> int:
     d = DemoConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/ablation_xma")
+    p.add_argument("--out", default="runs/ablation_xma",
+                   help="folder for ablation_xma.json, .png and the progress file "
+                   "(default %(default)s)")
     p.add_argument("--tasks", default="mnist,animal-mnist",
                    help="comma list of new tasks (demo benchmark: mnist, animal-mnist, letters)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--train-subset", type=int, default=d.train_subset)
-    p.add_argument("--test-subset", type=int, default=d.test_subset)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="adaption epochs per task (as xbm demo; default %(default)s)")
+    p.add_argument("--train-subset", type=int, default=d.train_subset,
+                   help="training images per task (as xbm demo; default %(default)s)")
+    p.add_argument("--test-subset", type=int, default=d.test_subset,
+                   help="test images per task (as xbm demo; default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="adaption batch size (as xbm demo; default %(default)s)")
     p.add_argument("--levels", default="2,3,5,7,5up",
                    help=f"XMA level sets to run, from {', '.join(LEVEL_SETS)}")
     p.add_argument("--budgets", default="0,0.05,0.1,0.25", help="XMA2 PE budgets to run")
@@ -351,12 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                    help="adaption precision (as xbm demo; auto = bf16 autocast on CPUs with "
                    "native bf16 units)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="adaption and data seed (as xbm demo; default %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present), cpu or cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs of an interrupted call with the same shared "
                    "options (the runs themselves may differ: each is matched by label and config)")
-    p.add_argument("--data-root")
+    p.add_argument("--data-root",
+                   help="folder with the datasets' files (default: the installed packages)")
     args = p.parse_args(argv)
     ranks = [r.strip() for r in args.energy_rank.split(",") if r.strip()]
     for r in ranks:
@@ -443,11 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "ablation_xma.json", results)
     plot(results, out / "ablation_xma.png")
     print()
-    print(f"{'run':<16} {'mean acc':>8} {'mask bits':>10} {'vs PB':>7} {'reprog cells':>12} "
+    lw = max([16, *(len(r["label"]) for r in runs)])  # labels in full, columns aligned
+    print(f"{'run':<{lw}} {'mean acc':>8} {'mask bits':>10} {'vs PB':>7} {'reprog cells':>12} "
           f"{'deploy J':>10}")
     for r in runs:
         vs = derived.get(r["label"], {}).get("mask_memory_vs_piggyback")
-        print(f"{r['label']:<16} {r['mean_accuracy']:>8.2f} {r['mask_bits']:>10,} "
+        print(f"{r['label']:<{lw}} {r['mean_accuracy']:>8.2f} {r['mask_bits']:>10,} "
               f"{(f'{vs:.2%}' if vs is not None else '-'):>7} {r['reprogrammed_cells']:>12,} "
               f"{r.get('adaption_energy_j', float('nan')):>10.3e}")
     print(f"\nwrote {out / 'ablation_xma.json'} and {out / 'ablation_xma.png'} "

@@ -123,15 +123,22 @@ BENCH_CONFIGS = {"xma2": {"warmup_steps": 1}}
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18_cifar")
-    ap.add_argument("--width", type=positive_int, default=16)
-    ap.add_argument("--batch", type=positive_int, default=128)
-    ap.add_argument("--size", type=positive_int, default=28)
+    ap.add_argument("--model", default="resnet18_cifar", help="backbone (default %(default)s)")
+    ap.add_argument("--width", type=positive_int, default=16,
+                    help="backbone width (default %(default)s, the CPU demo's)")
+    ap.add_argument("--batch", type=positive_int, default=128,
+                    help="images per step (default %(default)s)")
+    ap.add_argument("--size", type=positive_int, default=28,
+                    help="image side (default %(default)s)")
     ap.add_argument("--in-channels", type=positive_int, default=1,
                     help="input channels (3 for an ImageNet-layout model such as resnet50)")
-    ap.add_argument("--rows", type=positive_int, default=64)
-    ap.add_argument("--reps", type=positive_int, default=15)
-    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--rows", type=positive_int, default=64,
+                    help="crossbar rows R (default %(default)s)")
+    ap.add_argument("--reps", type=positive_int, default=15,
+                    help="timed repetitions of every step; the median is reported "
+                    "(default %(default)s)")
+    ap.add_argument("--threads", type=positive_int, default=2,
+                    help="torch CPU threads (default %(default)s)")
     ap.add_argument("--methods", default=",".join(list_methods()))
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--count-ops", action="store_true",

@@ -42,14 +42,20 @@ from xbm.hardware.mapping import apply_column_mask
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cin", type=positive_int, default=64)
-    ap.add_argument("--cout", type=positive_int, default=64)
-    ap.add_argument("--k", type=positive_int, default=3)
+    ap.add_argument("--cin", type=positive_int, default=64,
+                    help="input channels (default %(default)s)")
+    ap.add_argument("--cout", type=positive_int, default=64,
+                    help="output channels (default %(default)s)")
+    ap.add_argument("--k", type=positive_int, default=3,
+                    help="kernel side (default %(default)s)")
     ap.add_argument("--size", type=positive_int, default=7, help="input height = width")
-    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--batch", type=positive_int, default=32,
+                    help="images per step (default %(default)s)")
     ap.add_argument("--rows", type=positive_int, default=64, help="crossbar rows R")
-    ap.add_argument("--reps", type=positive_int, default=30)
-    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--reps", type=positive_int, default=30,
+                    help="timed repetitions; the median is reported (default %(default)s)")
+    ap.add_argument("--threads", type=positive_int, default=2,
+                    help="torch CPU threads (default %(default)s)")
     args = ap.parse_args(argv)
     if args.k < 1 or args.k % 2 == 0:  # the conv pads k // 2: only an odd k keeps the size
         ap.error(f"--k must be an odd kernel size (1, 3, 5, ...), got {args.k}")

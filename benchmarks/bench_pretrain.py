@@ -29,10 +29,13 @@ from xbm.models import create_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet18_cifar")
-    ap.add_argument("--width", type=positive_int, default=16)
-    ap.add_argument("--batch", type=positive_int, default=128)
-    ap.add_argument("--reps", type=positive_int, default=20)
+    ap.add_argument("--model", default="resnet18_cifar", help="backbone (default %(default)s)")
+    ap.add_argument("--width", type=positive_int, default=16,
+                    help="backbone width (default %(default)s)")
+    ap.add_argument("--batch", type=positive_int, default=128,
+                    help="images per step (default %(default)s)")
+    ap.add_argument("--reps", type=positive_int, default=20,
+                    help="timed repetitions; the median is reported (default %(default)s)")
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     if args.batch % 2:  # xbm.train.pretrain runs such batches in the standard layout

@@ -44,10 +44,13 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=positive_int, default=128)
-    ap.add_argument("--reps", type=positive_int, default=7)
-    ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=positive_int, default=128,
+                    help="images per forward (default %(default)s)")
+    ap.add_argument("--reps", type=positive_int, default=7,
+                    help="timed repetitions; the median is reported (default %(default)s)")
+    ap.add_argument("--threads", type=positive_int, default=2,
+                    help="torch CPU threads (default %(default)s)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     ap.add_argument("--backends", default="compile,torch", help="comma list: compile,torch,triton")
     ap.add_argument("--configs", default="a,b", help="comma list of a,b,c")
     ap.add_argument("--json", help="write results here")
