@@ -1857,7 +1857,8 @@ def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_pa
                  "--out", str(other), "--width", "4"]) == 2  # the default 10 classes
     err = _one_line_error(capsys)
     assert "shape mismatch(es): fc.weight" in err and not other.exists()
-    assert "its classifier fc.weight has 7 classes: xbm import-backbone --num-classes 7" in err
+    assert "its classifier fc.weight has 7 classes: build the model with num_classes=7, or " \
+        "xbm import-backbone --num-classes 7" in err
     assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
                  "--out", str(other), "--num-classes", "7"]) == 2  # the default width 8
     assert "(here: --model, --num-classes, --in-channels, --width)" in _one_line_error(capsys)

@@ -224,7 +224,8 @@ def test_load_wrong_shape_names_the_key():
     expected = rf"shape mismatch.*fc\.weight \(1000, {d}\) vs model \(7, {d}\)"
     with pytest.raises(XbmError, match=expected) as info:
         load_torchvision_state_dict(model, state)
-    assert "has 1000 classes: xbm import-backbone --num-classes 1000" in str(info.value)
+    assert "has 1000 classes: build the model with num_classes=1000, or xbm import-backbone " \
+        "--num-classes 1000" in str(info.value)
     # no class-count hint where that would not fix the load
     wide = dict(state)
     wide["fc.weight"] = torch.zeros(7, d + 1)  # the head's input differs, not its classes

@@ -196,8 +196,8 @@ def load_torchvision_state_dict(
 
 def _head_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
     """The checkpoint's own class count where only the classifier's shape differs (a
-    10-class checkpoint for a 1000-class model): xbm import-backbone takes it as
-    --num-classes."""
+    10-class checkpoint for a 1000-class model), as Python's ``num_classes=`` and xbm
+    import-backbone's --num-classes take it."""
     diff = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     heads = [k for k in diff if k.endswith(".weight") and state[k].dim() == 2]
     if len(heads) != 1 or any(not k.startswith(heads[0].rsplit(".", 1)[0] + ".") for k in diff):
@@ -205,6 +205,7 @@ def _head_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     got, want = state[heads[0]].shape, expected[heads[0]].shape
     if got[1] != want[1] or got[0] == want[0]:  # not (only) the class count that differs
         return ""
-    return f" (its classifier {heads[0]} has {state[heads[0]].shape[0]} classes: xbm " \
-        f"import-backbone --num-classes {state[heads[0]].shape[0]})"
+    n = state[heads[0]].shape[0]
+    return f" (its classifier {heads[0]} has {n} classes: build the model with " \
+        f"num_classes={n}, or xbm import-backbone --num-classes {n})"
 
