@@ -259,6 +259,13 @@ def check_seed(value: object, what: str = "seed") -> int:
     return int(value)
 
 
+def same_definition(a: object, b: object) -> bool:
+    """The same function or class definition, perhaps run again (a notebook cell, a reloaded
+    module): same module and qualified name. What the registries let replace an entry."""
+    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
+        (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def register_named(store: dict[str, Any], item: Any, cls: type, kind: str,
                    built_in: frozenset[str], reserved: tuple[str, ...] = ()) -> Any:
     """Add a user's preset ``item`` (a ``cls`` with ``name`` and ``source``) to ``store`` by its

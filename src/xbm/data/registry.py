@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from xbm.config import same_definition
 from xbm.data.task import TaskData
 from xbm.errors import unknown
 
@@ -40,9 +41,7 @@ def register_dataset(name: str, *, reads_root: bool = True) -> Callable[[Builder
 
     def deco(fn: Builder) -> Builder:
         old = _REGISTRY.get(name)
-        if old is not None and (getattr(old, "__module__", None),
-                                getattr(old, "__qualname__", None)) != \
-                (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)):
+        if old is not None and not same_definition(old, fn):
             raise ValueError(f"dataset {name!r} is already registered by "
                              f"{old.__module__}.{old.__qualname__}; pick another name")
         _REGISTRY[name] = fn

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from xbm.config import check_number_fields, from_fields
+from xbm.config import check_number_fields, from_fields, same_definition
 from xbm.errors import ConfigError, unknown
 
 
@@ -259,8 +259,7 @@ def register_method(name: str) -> Callable[[type[AdaptionMethod]], type[Adaption
     def deco(cls: type[AdaptionMethod]) -> type[AdaptionMethod]:
         _check_config_class(name, getattr(cls, "config_class", None))
         old = METHODS.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__,
-                                                                       cls.__qualname__):
+        if old is not None and not same_definition(old, cls):
             raise ValueError(f"method {name!r} is already registered by "
                              f"{old.__module__}.{old.__qualname__}; pick another name")
         cls.name = name

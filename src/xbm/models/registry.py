@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from xbm.config import same_definition
 from xbm.errors import ConfigError, unknown
 
 Factory = Callable[..., nn.Module]
@@ -33,19 +34,13 @@ def register_model(name: str) -> Callable[[F], F]:
 
     def decorator(fn: F) -> F:
         old = _REGISTRY.get(name)
-        if old is not None and not _same_function(old, fn):
+        if old is not None and not same_definition(old, fn):
             raise ValueError(f"model {name!r} is already registered by "
                              f"{old.__module__}.{old.__qualname__}; pick another name")
         _REGISTRY[name] = fn
         return fn
 
     return decorator
-
-
-def _same_function(a: Callable, b: Callable) -> bool:
-    """The same definition, perhaps re-run: same module and qualified name."""
-    return (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
-        (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
 
 
 def _factory(name: str) -> Factory:
