@@ -469,6 +469,64 @@ def test_training_in_chunks_continues_the_warm_up_and_selects():
     assert mtm.reprogrammed_cells("t") > 0
 
 
+def _chunked_selection(tmp_path, through_bundle: bool):
+    """Train an XMA2 task for 4 steps (inside its 6-step warm-up), optionally save and reload
+    it into a fresh model of the same backbone, then train 4 more: the PEs it selects."""
+    mtm = _mtm(SMALL_SPEC)
+    with pytest.warns(UserWarning, match="no PE is re-programmed yet"):
+        _train(mtm, "t", "xma2", {"warmup_steps": 6, "pe_budget": 0.25}, epochs=1)
+    if through_bundle:
+        path = tmp_path / "warm.safetensors"
+        mtm.save_bundle(path)
+        mtm = _mtm(SMALL_SPEC)
+        assert mtm.load_bundle(path) == ["t"]
+    mtm.set_trainable("t")
+    seed_everything(1)
+    train, _ = _loaders(0, "t")
+    train_task(mtm, "t", train, 1, DEV, progress=False)
+    assert mtm.methods["t"]._selected and mtm.reprogrammed_cells("t") > 0
+    return mtm, [(st.pe_mask.clone(), st.pe_score.clone()) for _, _, st in mtm.layer_states("t")]
+
+
+def test_a_bundle_saved_inside_the_warm_up_continues_it(tmp_path):
+    """A bundle saved inside the warm-up kept no step count or gradient sum, so the loaded
+    task started its warm-up again and chose its PEs from the later steps' gradients only; now
+    it carries both, and the loaded task selects exactly the PEs that training on would."""
+    _, direct = _chunked_selection(tmp_path, through_bundle=False)
+    loaded, resumed = _chunked_selection(tmp_path, through_bundle=True)
+    for (m0, s0), (m1, s1) in zip(direct, resumed, strict=True):
+        assert torch.equal(m0, m1) and torch.equal(s0, s1)
+    # a selected task's bundle carries no warm-up state, and loads as before
+    path = tmp_path / "done.safetensors"
+    loaded.save_bundle(path)
+    from xbm.io import load_safetensors
+
+    assert not [k for k in load_safetensors(path)[0] if "warmup" in k]
+    assert _mtm(SMALL_SPEC).load_bundle(path) == ["t"]
+
+
+def test_a_bundle_with_a_bad_warm_up_count_is_refused(tmp_path):
+    from xbm.errors import BundleError
+    from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
+
+    mtm = _mtm(SMALL_SPEC)
+    with pytest.warns(UserWarning, match="no PE is re-programmed yet"):
+        _train(mtm, "t", "xma2", {"warmup_steps": 6, "pe_budget": 0.25}, epochs=1)
+    path = tmp_path / "warm.safetensors"
+    mtm.save_bundle(path)
+    tensors, meta = load_safetensors(path)
+    key = next(k for k in tensors if k.endswith("warmup_steps_done"))
+    assert int(tensors[key]) == 4
+    tensors[key] = torch.tensor([7], dtype=torch.int64)
+
+    meta["content_hash"] = tensors_hash(tensors)
+    meta.pop("meta_hash")
+    meta["meta_hash"] = metadata_hash(meta)
+    save_safetensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(BundleError, match="warmup_steps_done is 7, outside 1..warmup_steps=6"):
+        _mtm(SMALL_SPEC).load_bundle(tmp_path / "bad.safetensors")
+
+
 class _Tied(torch.nn.Module):
     """One conv applied twice per forward (weight tying): its layer forwards twice per step."""
 

@@ -80,6 +80,9 @@ if TYPE_CHECKING:
     from xbm.multitask import MultiTaskModel
 
 PE_SCORES = ("grad", "random")
+#: bundle keys of a task saved inside its warm-up (the steps taken and the gradient sum so far)
+WARMUP_STEPS_KEY = "warmup_steps_done"
+WARMUP_GRAD_KEY = "warmup_grad_sum"
 ENERGY_RANKS = ("score", "density")
 
 
@@ -552,6 +555,12 @@ class XMA2(XMA):
         selection = self._selection(layer, state)
         out["weight_selected"] = (weight.new_zeros(0) if selection is None
                                   else weight[selection[1]].contiguous())
+        if not int(state.phase) and state._steps:
+            # saved inside the warm-up: its step count and gradient sum, so that training the
+            # loaded task continues the warm-up where it stopped and selects the same PEs
+            out[WARMUP_STEPS_KEY] = torch.tensor([state._steps], dtype=torch.int64)
+            if state._grad_acc is not None:
+                out[WARMUP_GRAD_KEY] = state._grad_acc.detach().to(weight.dtype).contiguous()
         return out
 
     def unpack_state(self, layer: nn.Module, state: nn.Module, tensors: dict[str, torch.Tensor]
@@ -559,6 +568,7 @@ class XMA2(XMA):
         if "weight_selected" not in tensors:
             return tensors
         out = dict(tensors)
+        self._unpack_warmup(layer, state, out)
         sel_w = out.pop("weight_selected")
         pe_mask = out.get("pe_mask")
         if pe_mask is None:
@@ -578,6 +588,36 @@ class XMA2(XMA):
         weight[wmask] = sel_w.to(weight.dtype).to(weight.device)
         out["weight"] = weight
         return out
+
+    def _unpack_warmup(self, layer: nn.Module, state: nn.Module,
+                       out: dict[str, torch.Tensor]) -> None:
+        """Pop a mid-warm-up bundle's step count and gradient sum from ``out`` into ``state``."""
+        steps = out.pop(WARMUP_STEPS_KEY, None)
+        grad = out.pop(WARMUP_GRAD_KEY, None)
+        if steps is None:
+            if grad is not None:
+                raise BundleError(f"{WARMUP_GRAD_KEY} without {WARMUP_STEPS_KEY}")
+            return
+        phase = out.get("phase")
+        if phase is not None and phase.numel() == 1 and int(phase.reshape(-1)[0]):
+            raise BundleError(f"{WARMUP_STEPS_KEY} on a task whose PEs are already selected")
+        if steps.dtype != torch.int64 or steps.numel() != 1:
+            raise BundleError(f"{WARMUP_STEPS_KEY} must be one int64, got {steps.numel()} "
+                              f"{steps.dtype} value(s)")
+        n = int(steps.reshape(-1)[0])
+        if not 0 < n <= self.config.warmup_steps:
+            raise BundleError(f"{WARMUP_STEPS_KEY} is {n}, outside 1..warmup_steps="
+                              f"{self.config.warmup_steps}")
+        if grad is not None:
+            w = layer.weight
+            if tuple(grad.shape) != tuple(w.shape) or not grad.is_floating_point():
+                raise BundleError(f"{WARMUP_GRAD_KEY} has shape {tuple(grad.shape)} "
+                                  f"({grad.dtype}), the layer's weight {tuple(w.shape)}")
+            if not bool(torch.isfinite(grad).all()):
+                raise BundleError(f"{WARMUP_GRAD_KEY} holds NaN or infinite values")
+            grad = grad.to(w.dtype).to(w.device)
+        state._steps = n
+        state._grad_acc = grad
 
     # -- training hooks ---------------------------------------------------------------------
     def param_groups(self, state_params: list[nn.Parameter]) -> list[dict]:
@@ -602,9 +642,9 @@ class XMA2(XMA):
                 warnings.warn(
                     f"xma2 task {task!r} has trained {steps} step(s), not more than "
                     f"warmup_steps={self.config.warmup_steps}: no PE is re-programmed yet (the "
-                    "task is plain XMA until a later train_task call on this model ends the "
-                    "warm-up; a bundle saved now starts it again when loaded); steps are "
-                    "counted on the ideal training path (effective_weight)",
+                    "task is plain XMA until a later train_task call ends the warm-up, on "
+                    "this model or after the task's bundle is loaded and set_trainable); steps "
+                    "are counted on the ideal training path (effective_weight)",
                     XbmWarning, stacklevel=user_stacklevel())
         self._finished = True
 
