@@ -2925,6 +2925,17 @@ def test_plugins_register_methods_and_datasets_for_the_cli(tmp_path, capsys, mon
         assert needle in _one_line_error(capsys)
     assert main(["methods", "--plugin"]) == 2
     assert "--plugin needs a module name" in _one_line_error(capsys)
+    # a broken XBM_PLUGINS no longer hides the help that would tell how to fix it
+    monkeypatch.setenv("XBM_PLUGINS", "nope_mod")
+    for argv in (["--help"], ["map", "-h"], ["--version"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        got = capsys.readouterr()
+        assert got.out and "xbm: warning: plugin nope_mod: no module named" in got.err
+        assert "(ignored for --help and --version" in got.err
+    assert main(["methods"]) == 2  # every other command still stops
+    assert "plugin nope_mod: no module named" in _one_line_error(capsys)
 
 
 def test_adapt_says_when_a_datasets_images_are_fed_at_another_side(tmp_path, capsys,

@@ -1399,6 +1399,16 @@ def _loaded_from(path: Path) -> bool:
     return False
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+    """Whether the command line asks for help or the version (before any ``--``)."""
+    for tok in argv:
+        if tok == "--":
+            return False
+        if tok in ("-h", "--help", "--version") or (len(tok) > 3 and "--help".startswith(tok)):
+            return True
+    return False
+
+
 #: Whether this process loaded plugins (an unknown name's hint then says check the spelling).
 _PLUGINS_LOADED: list[str] = []
 
@@ -1410,8 +1420,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [m for m in env.split(",") if m.strip()] + plugins
         import contextlib
 
-        with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints: not in --json output
-            load_plugins(names)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # a plugin's prints: not in --json
+                load_plugins(names)
+        except XbmError as exc:
+            if not _asks_for_help(argv):
+                raise
+            # help and the version still answer, without what the plugin would register
+            print(f"xbm: warning: {exc} (ignored for --help and --version, which then list "
+                  "only what is registered without it; other commands stop here)",
+                  file=sys.stderr)
         _PLUGINS_LOADED[:] = names
     except XbmError as exc:
         print(f"xbm: error: {exc}", file=sys.stderr)
