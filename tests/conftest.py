@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import pytest
 import torch
+from hypothesis import configuration as hypothesis_configuration
 from hypothesis import settings
 
 from xbm.hardware import get_spec
 from xbm.models import create_model
 from xbm.multitask import MultiTaskModel
 
-# no example database in .hypothesis/ of the working directory (the repo); hypothesis still
-# writes its constants cache there, under its own .gitignore
+# nothing in .hypothesis/ of the working directory (the repo): no example database, and the
+# constants cache hypothesis keeps goes to a temporary folder removed at exit
 settings.register_profile("xbm", database=None)
 settings.load_profile("xbm")
+if hasattr(hypothesis_configuration, "set_hypothesis_home_dir"):  # hypothesis >= 6.131
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="xbm-hypothesis-")
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+    hypothesis_configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 
 @pytest.fixture(autouse=True)

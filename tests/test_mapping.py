@@ -394,3 +394,13 @@ def test_a_models_own_head_name_is_used_everywhere():
     assert mtm.head_name == "classifier"
     mtm.add_task("t", 5, "xbm")
     assert mtm(torch.randn(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_hypothesis_keeps_nothing_in_the_working_directory():
+    """Its constants cache went to .hypothesis/ of the repository; conftest moves it."""
+    from pathlib import Path
+
+    from hypothesis.configuration import storage_directory
+
+    where = storage_directory("constants", intent_to_write=False).path.resolve()
+    assert Path.cwd().resolve() not in where.parents
