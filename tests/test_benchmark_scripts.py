@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,31 @@ def test_ablation_xma_checks_its_plan_before_the_backbone(argv, needle, tmp_path
         mod.main(["--out", str(tmp_path / "abl"), *argv])
     assert info.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "abl").exists()
+
+
+def test_ablation_xma_learns_the_demos_tasks_by_default(tmp_path, monkeypatch):
+    """Its default --tasks was MNIST and Animal-MNIST, so the default ablation answered issue
+    5's questions on another benchmark than the demo's three tasks."""
+    from xbm.data import get_benchmark
+    from xbm.train.demo import DemoConfig
+
+    mod = _load("ablation_xma")
+    read: list[str] = []
+
+    class _Stop(Exception):
+        pass
+
+    def fake_load(name, root=None):
+        read.append(name)
+        if len(read) == len(get_benchmark(DemoConfig().benchmark).tasks):
+            raise _Stop
+        return types.SimpleNamespace(subset=lambda *a, **k: None)
+
+    monkeypatch.setattr(mod, "load_dataset", fake_load)
+    with pytest.raises(_Stop):
+        mod.main(["--out", str(tmp_path / "abl")])
+    assert read == get_benchmark(DemoConfig().benchmark).tasks == ["mnist", "animal-mnist",
+                                                                    "letters"]
 
 
 @pytest.mark.parametrize("script", ["gpu_check", "gpu_graph_check", "gpu_lr_scan",
