@@ -343,7 +343,11 @@ def test_ablation_xma_learns_the_demos_tasks_by_default(tmp_path, monkeypatch):
             raise _Stop
         return types.SimpleNamespace(subset=lambda *a, **k: None)
 
+    def no_backbone(*a, **k):
+        raise AssertionError(f"the backbone was reached after reading {read}")
+
     monkeypatch.setattr(mod, "load_dataset", fake_load)
+    monkeypatch.setattr(mod, "get_backbone", no_backbone)
     with pytest.raises(_Stop):
         mod.main(["--out", str(tmp_path / "abl")])
     assert read == get_benchmark(DemoConfig().benchmark).tasks == ["mnist", "animal-mnist",
