@@ -989,6 +989,30 @@ def test_sensitivity_sweeps_the_methods_named(capsys) -> None:
     assert "piggyback_off_fraction" not in {r["parameter"] for r in json.loads(out)["sensitivity"]}
 
 
+def test_a_column_off_fraction_prices_only_column_masks(capsys) -> None:
+    """--sensitivity moved the first method's column_off_fraction whatever it was, so with
+    --methods piggyback,xbm Piggyback (no column mask) was priced skipping 70% of its ADC
+    conversions; the Python API likewise took Assumptions(column_off_fraction={'piggyback': F}),
+    which --off-fraction refuses."""
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "piggyback,xbm",
+                      "--sensitivity", "--json")
+    rows = json.loads(out)["sensitivity"]
+    assert rc == 0 and rows and "column_off_fraction" not in {r["parameter"] for r in rows}
+    rc, out, _ = _run(capsys, "--model", "small_cnn", "--methods", "xbm,piggyback",
+                      "--sensitivity", "--json")
+    off = [r for r in json.loads(out)["sensitivity"] if r["parameter"] == "column_off_fraction"]
+    assert len(off) == 5 and off[-1]["xbm_inference_j"] < off[0]["xbm_inference_j"]
+    assert len({r["piggyback_inference_j"] for r in off}) == 1
+    ctx = C.model_context("small_cnn", CrossbarSpec(rows=16, cols=16))
+    for m in ("piggyback", "finetune", "linear-probe"):
+        a = C.Assumptions(column_off_fraction={m: 0.5})
+        assert a.column_off(m) == 0.0
+        cost = C.cost_model(ctx, [m], assumptions=a).costs[0]
+        assert cost.masked_off_columns == 0
+        assert cost.energy("inference") == C.cost_model(ctx, [m]).costs[0].energy("inference")
+    assert C.Assumptions(column_off_fraction={"xbm": 0.5}).column_off("xbm") == 0.5
+
+
 def test_workloads_beyond_any_run_are_refused(capsys) -> None:
     """A 401-digit --iterations overflowed to a traceback (OverflowError, exit 1)."""
     big = "1" + "0" * 400

@@ -171,6 +171,20 @@ def method_defaults(name: str) -> tuple[MethodDefaults, bool]:
     return MethodDefaults(note="no defaults known; the class declares no re-programming"), False
 
 
+def switches_off_columns(name: str) -> bool:
+    """Whether method ``name`` has a per-column mask (its class overrides ``column_scale``), so
+    that a share of its crossbar columns can be switched off. A name that is not registered
+    keeps its table default."""
+    from xbm.errors import UnknownNameError
+    from xbm.methods import AdaptionMethod, get_method_class
+
+    try:
+        cls = get_method_class(name)
+    except UnknownNameError:
+        return True
+    return cls.column_scale is not AdaptionMethod.column_scale
+
+
 MAX_WORKLOAD = 10**12
 """Upper bound on ``iterations`` and ``batch_size``: a trillion is past any training run, and
 event counts beyond it reach float overflow on large models."""
@@ -261,6 +275,11 @@ class Assumptions:
         return f
 
     def column_off(self, name: str) -> float:
+        """The share of crossbar columns a task of ``name`` switches off, or 0 for a method
+        without a column mask (Piggyback, fine-tuning), whatever fraction is configured for it:
+        as :meth:`applied_rewrite` is 0 for a method that re-programs nothing."""
+        if not switches_off_columns(name):
+            return 0.0
         return self.column_off_fraction.get(name, method_defaults(name)[0].column_off_fraction)
 
     def to_dict(self) -> dict[str, Any]:
@@ -1363,6 +1382,8 @@ def sensitivity(ctx: ModelContext, preset: EnergyPreset, assumptions: Assumption
     for key, values in grid.items():
         if key == "piggyback_off_fraction" and "piggyback" not in (method, baseline):
             continue  # it moves Piggyback alone: rows of two other methods would all be equal
+        if key == "column_off_fraction" and not switches_off_columns(method):
+            continue  # ``method`` has no column to switch off (Piggyback, fine-tuning)
         for v in values:
             p, a = _vary(preset, assumptions, key, v, method)
             cs = {m: method_cost(m, default_facts(m, ctx.mapping, bits[m], a), ctx.mapping,

@@ -168,11 +168,12 @@ def _recorded_workloads(args: argparse.Namespace, mtm: Any, tasks: list[str],
 def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
     """A fraction a method cannot have would price what it cannot do: Piggyback's masked-off
     weights are rewritten cells, not skipped ADC conversions, and XBM rewrites no cell."""
-    from xbm.methods import AdaptionMethod, get_method_class
+    from xbm.hardware.cost import switches_off_columns
+    from xbm.methods import get_method_class
 
     for name in off:
         cls = get_method_class(name)
-        if cls.column_scale is AdaptionMethod.column_scale:
+        if not switches_off_columns(name):
             hint = (f"; its re-programmed share is --fraction {name}=F"
                     if cls.reprograms_cells else "")
             raise ConfigError(f"--off-fraction {name}: {name} switches off no crossbar column "
@@ -181,7 +182,7 @@ def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
         cls = get_method_class(name)
         if not cls.reprograms_cells:
             hint = (f"; its switched-off columns are --off-fraction {name}=F"
-                    if cls.column_scale is not AdaptionMethod.column_scale else "")
+                    if switches_off_columns(name) else "")
             raise ConfigError(f"--fraction {name}: {name} re-programs no cell{hint}")
 
 
