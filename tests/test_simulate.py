@@ -997,6 +997,13 @@ def test_input_headroom_widens_the_input_range_only():
      "--fault-rates)"),
     (["--bundle", "b.safetensors", "--epochs", "5", "--out", "o.safetensors"],
      "--out, --epochs are for --fault-aware"),
+    # ADC flags the chosen mode never reads were recorded in the results as in force
+    (["--bundle", "b.safetensors", "--adc-mode", "ideal", "--adc-offset-trim"],
+     "--adc-offset-trim has no effect with --adc-mode ideal"),
+    (["--bundle", "b.safetensors", "--adc-mode", "ideal", "--adc-granularity", "column"],
+     "--adc-granularity has no effect with --adc-mode ideal"),
+    (["--bundle", "b.safetensors", "--adc-mode", "fixed", "--adc-granularity", "tile"],
+     "--adc-granularity has no effect with --adc-mode fixed"),
 ])
 def test_simulate_refuses_the_other_modes_flags(tmp_path, capsys, monkeypatch, argv, needle):
     """A flag of the other mode was silently ignored: the sweep ran fault-free under
@@ -1009,6 +1016,37 @@ def test_simulate_refuses_the_other_modes_flags(tmp_path, capsys, monkeypatch, a
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "drop" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+class _Head(nn.Module):
+    def __init__(self, body: nn.Module, n: int) -> None:
+        super().__init__()
+        self.body, self.fc = body, nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_an_empty_batch_gives_the_ideal_paths_empty_output(conv):
+    """A batch of no samples stopped the faithful path on a bare AssertionError (no chunk
+    ran, so no output was made)."""
+    torch.manual_seed(0)
+    if conv:  # a stride and an explicitly padded (reflect) layer: both output-size rules
+        body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"))
+        x, n = torch.randn(6, 3, 9, 9), 4 * 5 * 5
+    else:
+        body, x, n = nn.Sequential(nn.Linear(20, 10), nn.ReLU()), torch.randn(6, 20), 10
+    model = apply(_Head(body, n), get_spec(rows=16, cols=16)).eval()
+    with torch.no_grad():
+        ref, inner = model(x[:0]), model.body(x[:0])
+        with faithful(model, SimConfig(**EAGER), calibration=[x]) as sim:
+            y, y_inner = model(x[:0]), model.body(x[:0])
+            counted = sim.conversions
+            assert model(x[:2]).shape == (2, 3)
+    assert y.shape == ref.shape == (0, 3) and y_inner.shape == inner.shape
+    assert counted == 0
 
 
 def test_sweep_values_must_be_finite():

@@ -601,6 +601,8 @@ class LayerSim:
 
     # -- forward ----------------------------------------------------------------------------
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # an empty batch: the ideal path's empty output, nothing to count
+            return self._empty(x)
         task = self.sim.current_task(layer)
         cal = self.calib.setdefault(task, _Calib())
         if self.mode == "calib_input":
@@ -618,6 +620,17 @@ class LayerSim:
                 y = self._forward(layer, xh, cal).reshape(*lead, self.plan.cout)
         self._calls += 1
         return y
+
+    def _empty(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of a batch without samples, in the shape and layout of a real one's."""
+        plan = self.plan
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        if not plan.conv:
+            return x.new_zeros((*x.shape[:-1], plan.cout), dtype=dtype)
+        p = plan.pads  # (left, right, top, bottom), as F.pad takes them
+        ho, wo = _out_hw(plan, (x.shape[2] + p[2] + p[3], x.shape[3] + p[0] + p[1]))
+        return x.new_zeros((x.shape[0], plan.cout, max(ho, 0), max(wo, 0)), dtype=dtype
+                           ).contiguous(memory_format=torch.channels_last)
 
     def _forward(self, layer: nn.Module, xh: torch.Tensor, cal: _Calib) -> torch.Tensor:
         """Faithful output, NHWC in and out: (N, H, W, Cin) -> (N, Ho, Wo, Cout)."""

@@ -106,6 +106,18 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
     fault-aware mode with the sweep's rates, both without a word."""
     if not 0 <= args.sa1_fraction <= 1:  # both modes, before any loading or pretraining
         raise ConfigError(f"--sa1-fraction must lie in [0, 1], got {args.sa1_fraction:g}")
+    # ADC flags the chosen --adc-mode never reads: the results recorded them as in force
+    if args.adc_mode == "ideal" and getattr(args, "adc_offset_trim", False):
+        raise ConfigError("--adc-offset-trim has no effect with --adc-mode ideal (no ADC to "
+                          "trim); drop it, or pick --adc-mode calibrate or fixed")
+    if args.adc_granularity is not None and args.adc_mode != "calibrate":
+        raise ConfigError(f"--adc-granularity has no effect with --adc-mode {args.adc_mode} "
+                          "(only a calibrated ADC range is shared by a layer, tile or "
+                          "column); drop it, or pick --adc-mode calibrate")
+    if args.adc_granularity is None:
+        from xbm.hardware.simulate import SimConfig
+
+        args.adc_granularity = SimConfig.adc_granularity
     if args.fault_aware:
         wrong = [flag for attr, flag in SWEEP_ONLY if getattr(args, attr, None) is not None]
         if wrong:
@@ -167,8 +179,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--adc-mode", default="calibrate", choices=["calibrate", "fixed", "ideal"],
                     help="calibrate: each ADC's range from calibration batches (default); fixed: "
                     "the full theoretical range; ideal: no ADC quantisation")
-    sp.add_argument("--adc-granularity", default="tile", choices=["layer", "tile", "column"],
-                    help="what shares one calibrated ADC range (default tile: one crossbar)")
+    sp.add_argument("--adc-granularity", choices=["layer", "tile", "column"],
+                    help="what shares one calibrated ADC range, with --adc-mode calibrate "
+                    "(default tile: one crossbar)")
     sp.add_argument("--adc-offset-trim", action="store_true",
                     help="trim each output column's mean ADC error, measured on the "
                     "calibration batches (SimConfig.adc_offset_trim; default off: an untrimmed "
