@@ -1134,7 +1134,9 @@ def test_an_edited_preset_file_is_not_reported_as_the_cited_preset(tmp_path, cap
     assert said in _run(capsys, "--model", "small_cnn", "--energy", "neurosim")[1]
     assert "drop --preset isaac and pass --energy-spec" in _run(
         capsys, "--model", "small_cnn", "--energy", "neurosim", "--preset", "isaac")[1]
-    for quiet in (["--energy", "neurosim", "--energy-spec"], [], ["--energy", "default"]):
+    # the default edited by --set-energy is still the default's documented geometry
+    for quiet in (["--energy", "neurosim", "--energy-spec"], [], ["--energy", "default"],
+                  ["--set-energy", "device.write_pulses_per_cell=2"]):
         assert "is for crossbars with" not in _run(capsys, "--model", "small_cnn", *quiet)[1]
     # a file's own crossbars, edited: noted as edited, not credited to the source
     (tmp_path / "rows.yaml").write_text(text.replace("  rows: 128", "  rows: 256"))

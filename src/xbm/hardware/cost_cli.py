@@ -434,7 +434,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions, *sens_pair)
-    if preset.name != "default":  # a preset chosen (the default's is documented)
+    # a preset chosen (the default's geometry is documented), edited (+set, +edited) or not
+    if preset.name.split("+", 1)[0] != "default":
         how = ("the bundle's crossbars are costed" if args.bundle else
                "flags given override it" if args.energy_spec else
                f"drop --preset {args.preset} and pass --energy-spec to cost at the preset's"
