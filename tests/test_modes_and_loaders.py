@@ -116,17 +116,57 @@ def test_a_loader_of_the_wrong_shape_gets_a_clear_error(loader, needle):
         assert all(torch.equal(v, mtm.state_dict()[k]) for k, v in before.items())
 
 
-def test_images_of_another_channel_count_are_named_where_the_model_records_its_own():
-    """3-channel images on a 1-channel backbone failed inside torch's convolution."""
+@pytest.mark.parametrize("recorded", [True, False])
+def test_images_of_another_channel_count_are_named(recorded):
+    """3-channel images on a 1-channel backbone failed inside torch's convolution; the hint
+    then named TaskData.with_channels(1), which refuses RGB data. A model that records no
+    ``arch`` is named by its first convolution's refusal of this batch."""
     mtm = _eval_mtm()
-    mtm.arch = {"name": "small_cnn", "in_channels": 1}
+    if recorded:
+        mtm.arch = {"name": "small_cnn", "in_channels": 1}
     mtm.add_task("a", 3, "xbm")
     rgb = [(torch.zeros(2, 3, 12, 12), torch.zeros(2, dtype=torch.long))]
+    who = "the backbone takes" if recorded else "the model's first convolution takes"
     for run in (lambda: train_task(mtm, "a", rgb, device="cpu", progress=False),
                 lambda: evaluate_task(mtm, "a", rgb)):
-        with pytest.raises(XbmError, match=r"have 3 channel\(s\) \(shape \(2, 3, 12, 12\)\), "
-                           r"the backbone takes 1: e.g. TaskData.with_channels\(1\)"):
+        with pytest.raises(XbmError) as err:
             run()
+        assert str(err.value) == (
+            f"a batch's images have 3 channel(s) (shape (2, 3, 12, 12)), {who} 1: "
+            "load_dataset(PATH, channels=1) reads an image folder as grey, or convert the "
+            "images (e.g. x.mean(1, keepdim=True)), or a backbone pretrained on 3 channels "
+            "(xbm pretrain --channels 3)")
+    assert "with_channels" not in str(err.value)
+
+
+def test_grey_images_on_an_rgb_backbone_name_with_channels():
+    torch.manual_seed(0)
+    backbone = create_model("small_cnn", num_classes=4, in_channels=3)
+    mtm = MultiTaskModel(backbone, "default", arch={"name": "small_cnn", "in_channels": 3})
+    mtm.add_task("a", 3, "xbm")
+    grey = [(torch.zeros(2, 1, 12, 12), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(XbmError, match=r"the backbone takes 3: TaskData.with_channels\(3\) for "
+                       r"xbm's datasets, or x.expand\(-1, 3, -1, -1\)$"):
+        train_task(mtm, "a", grey, device="cpu", progress=False)
+
+
+def test_a_models_own_runtime_errors_pass_through():
+    """Only torch's refusal of this very batch's channels is rewritten."""
+    class Inner(nn.Module):  # its second conv gets the wrong channels: the user's own bug
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3)
+            self.c2 = nn.Conv2d(8, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+    mtm = MultiTaskModel(Inner(), "default")
+    mtm.add_task("a", 3, "xbm")
+    with pytest.raises(RuntimeError, match="expected input") as err:
+        evaluate_task(mtm, "a", [(torch.zeros(2, 1, 12, 12), torch.zeros(2, dtype=torch.long))])
+    assert not isinstance(err.value, XbmError)
 
 
 def test_evaluation_refuses_labels_the_head_cannot_name():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -446,13 +448,14 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                 if capturable:
                     for g, base in zip(opt.param_groups, base_lrs, strict=True):
                         g["lr"].fill_(base * lam(step))
-                if graph_step is not None:
-                    loss = graph_step(x, y, zero_grad)
-                else:
-                    zero_grad()
-                    loss = one_step(x, y)
-                    if not capturable:
-                        sched.step()
+                with _channels_named(x):
+                    if graph_step is not None:
+                        loss = graph_step(x, y, zero_grad)
+                    else:
+                        zero_grad()
+                        loss = one_step(x, y)
+                        if not capturable:
+                            sched.step()
                 step += 1
                 # read back only every POSTFIX_EVERY steps: on a GPU each read waits for the device,
                 # which would serialise the host's launches with the GPU's work on every step
@@ -508,7 +511,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
         for batch in loader:
             x, y = _pair(batch, channels)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            with _channels_named(x):
+                logits = model(x)
             _check_label_range(y, logits.shape[1], "a batch has labels",
                                f"task {task!r}" if task else "the model",
                                "evaluate it on its own data, or fix the labels")
@@ -548,10 +552,7 @@ def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, tor
                        "images, normalised as it was trained (xbm's loaders give float32 in "
                        "[-1, 1]): e.g. x.float() / 127.5 - 1 for uint8 images")
     if channels is not None and x.dim() == 4 and x.shape[1] != channels:
-        raise XbmError(f"a batch's images have {x.shape[1]} channel(s) (shape "
-                       f"{tuple(x.shape)}), the backbone takes {channels}: e.g. "
-                       f"TaskData.with_channels({channels}) for xbm's datasets, or convert "
-                       "the images (grey to RGB: x.expand(-1, 3, -1, -1))")
+        raise XbmError(_channel_message(x, channels, "the backbone takes"))
     # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
     # of 400%), and float or one-hot labels fail deep inside the loss
     if y.dim() != 1 or x.dim() == 0 or y.shape[0] != x.shape[0]:
@@ -565,6 +566,46 @@ def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, tor
     if y.dtype != torch.int64:  # int32/16/8 labels: the loss takes int64 (or uint8) only
         y = y.long()
     return x, y
+
+
+def _channel_message(x: torch.Tensor, takes: int, who: str) -> str:
+    """A batch whose images have another channel count than the model takes, and the fix:
+    grey to RGB can be repeated, RGB to grey is the user's choice of conversion."""
+    got = x.shape[1]
+    if got == 1:
+        fix = (f"TaskData.with_channels({takes}) for xbm's datasets, or "
+               f"x.expand(-1, {takes}, -1, -1)" if takes == 3 else
+               "a backbone pretrained on 1 channel (xbm pretrain --channels 1)")
+    else:
+        fix = (f"load_dataset(PATH, channels={takes}) reads an image folder as grey, or "
+               "convert the images (e.g. x.mean(1, keepdim=True))" if takes == 1 else
+               f"convert the images to {takes} channels")
+        fix += f", or a backbone pretrained on {got} channels (xbm pretrain --channels {got})" \
+            if got == 3 else ""
+    return (f"a batch's images have {got} channel(s) (shape {tuple(x.shape)}), {who} "
+            f"{takes}: {fix}")
+
+
+#: torch's message for a convolution's input of another channel count
+_TORCH_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got "
+                             r"(\d+) channels")
+
+
+@contextlib.contextmanager
+def _channels_named(x: torch.Tensor) -> Iterator[None]:
+    """Name the fix when the model's first convolution refuses the batch's channel count: a
+    model without a recorded ``arch`` (a user's own, a backbone built without ``arch=``) is not
+    checked up front, and failed with torch's bare RuntimeError. Only an error about this very
+    batch (its full shape) is rewritten; any other passes through."""
+    try:
+        yield
+    except RuntimeError as exc:
+        m = _TORCH_CHANNELS.search(str(exc))
+        if m and x.dim() == 4 and int(m.group(3)) == x.shape[1] and \
+                [int(v) for v in m.group(1).split(",")] == list(x.shape):
+            raise XbmError(_channel_message(x, int(m.group(2)),
+                                            "the model's first convolution takes")) from exc
+        raise
 
 
 def _input_channels(model: nn.Module) -> int | None:
