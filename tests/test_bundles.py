@@ -135,6 +135,32 @@ def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_pa
     assert_untouched(fresh)  # it failed in the middle: the layers it had reached are clean
 
 
+def test_save_bundle_replaces_only_a_bundle(trained, tmp_path):
+    """save_bundle wrote over any file: a backbone (which every bundle of it depends on), a
+    fault map or a text file became a bundle without a word. The CLI refused already."""
+    from xbm.errors import XbmError
+
+    mtm, path = trained
+    mtm.save_bundle(path)  # its own bundle, updated in place: as before
+    assert build().load_bundle(path) == ["xbm", "piggyback"]
+    backbone = tmp_path / "bb.safetensors"
+    save_safetensors(backbone, {"w": torch.ones(2)}, {"format": "xbm-backbone/1"})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    other = tmp_path / "other.safetensors"
+    save_safetensors(other, {"w": torch.ones(2)}, {"tool": "someone else's"})
+    for target, said in ((backbone, "is an xbm backbone"), (notes, "is not an xbm task bundle"),
+                         (other, "is not an xbm task bundle"), (tmp_path, "is a folder")):
+        before = target.read_bytes() if target.is_file() else None
+        with pytest.raises(XbmError, match=f"save_bundle: .* {said}"):
+            mtm.save_bundle(target)
+        assert before is None or target.read_bytes() == before
+    empty = tmp_path / "empty.safetensors"  # e.g. a NamedTemporaryFile: nothing to lose
+    empty.touch()
+    mtm.save_bundle(empty)
+    assert build().load_bundle(empty) == ["xbm", "piggyback"]
+
+
 def test_not_a_bundle(tmp_path):
     p = tmp_path / "x.safetensors"
     save_safetensors(p, {"a": torch.zeros(1)}, {"format": "other"})

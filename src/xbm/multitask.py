@@ -300,6 +300,23 @@ def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
     return model
 
 
+def _check_bundle_target(path: str | os.PathLike) -> None:
+    """Refuse to write a bundle over an existing file that is not one (``save_bundle``)."""
+    from xbm.io import xbm_file_kind
+
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        raise XbmError(f"save_bundle: {p} is a folder; name a file, e.g. {p / 'tasks.safetensors'}")
+    if not p.exists() or p.stat().st_size == 0:
+        return
+    kind = xbm_file_kind(p)
+    if kind == "task bundle":
+        return
+    what = f"an xbm {kind}" if kind else "not an xbm task bundle"
+    raise XbmError(f"save_bundle: {p} exists and is {what}; a bundle replaces only a bundle: "
+                   "save to another path, or remove the file first")
+
+
 class MultiTaskModel(nn.Module):
     """A backbone on crossbars plus per-task state, keyed by task name.
 
@@ -731,8 +748,14 @@ class MultiTaskModel(nn.Module):
         """Save the named tasks' state (all tasks by default) as one safetensors bundle.
 
         The bundle records the backbone's content hash and the crossbar geometry, and refuses to
-        load onto anything else.
+        load onto anything else. An existing file at ``path`` is replaced only if it is a task
+        bundle (or empty): a backbone, a fault map or any other file is refused, so a typo cannot
+        destroy the backbone every bundle of it depends on.
+
+        Raises:
+            XbmError: ``path`` holds another kind of file, or a task cannot be saved.
         """
+        _check_bundle_target(path)
         if isinstance(tasks, str):
             raise XbmError(f"save_bundle: tasks must be a list of task names, got the string "
                            f"{tasks!r}; write tasks=[{tasks!r}]")
