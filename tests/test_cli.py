@@ -946,6 +946,21 @@ def test_eval_says_when_a_folders_test_images_changed_since_adapt(tmp_path, caps
     other = _folder(tmp_path / "other", n=10)
     assert main([*ev, "--dataset", f"folder:{other}"]) == 0  # another one: it is not the same
     assert "not those it was adapted with" not in capsys.readouterr().err
+    # a folder with its own train/ and test/: the change is said, but no test image can be a
+    # training image, so the 80/20 clause is left out
+    own = tmp_path / "own"
+    _folder(own / "train", n=6), _folder(own / "test", n=3)
+    split_bundle = tmp_path / "s.safetensors"
+    assert main(["adapt", "--dataset", f"folder:{own}", "--method", "xbm", "--backbone",
+                 str(bb), "--out", str(split_bundle), "--batch-size", "4", "--rows", "16",
+                 "--cols", "16", *run]) == 0
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(
+        own / "test" / "cat" / "new.png")
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(split_bundle), "--backbone", str(bb), *run]) == 0
+    err = capsys.readouterr().err
+    assert "are not those it was adapted with: files were added, removed or changed since; " \
+        "its accuracy is on other images" in err and "80/20" not in err
 
 
 def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):
@@ -979,9 +994,9 @@ def test_eval_reads_the_data_root_adapt_trained_from(tmp_path, capsys):
     assert main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--device", "cpu",
                  "--no-progress"]) == 2
     err = _one_line_error(capsys)
-    assert f"{root} is gone; task 'fashion-mnist' was trained on the files in --data-root " \
-        f"{root}: pass --data-root where they are now, or --dataset fashion-mnist for the " \
-        "installed copy" in err, err
+    assert f"{root} is gone; task 'fashion-mnist' was adapted with --data-root {root}: pass " \
+        "--data-root where its files are now, or --dataset fashion-mnist for the installed " \
+        "copy" in err, err
     # --dataset, even the task's own, reads the installed copy, and says so
     rc = main(["eval", "--bundle", str(bundle), "--backbone", str(bb), "--json", "--device",
                "cpu", "--no-progress", "--dataset", "fashion-mnist", "--test-subset", "20"])

@@ -378,8 +378,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                           f"the --data-root {recorded_root} the task was adapted from (leave "
                           "out --dataset to read that)", XbmWarning, stacklevel=2)
         recorded_root = None
-    moved = (f"task {task.name!r} was trained on the files in --data-root {recorded_root}: pass "
-             f"--data-root where they are now, or --dataset {ds} for the installed copy")
+    moved = (f"task {task.name!r} was adapted with --data-root {recorded_root}: pass "
+             f"--data-root where its files are now, or --dataset {ds} for the installed copy")
     if recorded_root and not os.path.isdir(recorded_root):
         # letters would render afresh and digits ignores a root: neither would say it moved
         raise DatasetNotFoundError(f"{recorded_root} is gone; {moved}")
@@ -401,8 +401,12 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
 
     same = not args.dataset or dataset_reference(args.dataset) == task.dataset
     if fingerprint and same and recorded == now and fingerprint != data.test_fingerprint():
+        from xbm.data.folder import has_own_split
+        from xbm.data.registry import image_folder_path
+
+        folder = image_folder_path(str(ds))
         split = (" (split 80/20 by file name, so some may be images it trained on)"
-                 if str(ds).startswith(FOLDER_PREFIX) else "")
+                 if folder is not None and not has_own_split(folder) else "")
         warnings.warn(f"task {task.name!r}: the test images of {ds} are not those it was "
                       f"adapted with: files were added, removed or changed since{split}; "
                       "its accuracy is on other images", XbmWarning, stacklevel=2)

@@ -392,6 +392,19 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                     colour_read_as_grey=colour)
 
 
+def has_own_split(path: str | os.PathLike) -> bool:
+    """Whether the image folder ``path`` brings its own training and test folders (then its
+    test images are never training images); False for one split by ``test_fraction``, or a
+    folder that cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said when the folder is loaded
+            train_dir, test_dir = _split_dirs(Path(os.path.expanduser(path)))
+    except (XbmError, OSError):
+        return False
+    return train_dir is not None and test_dir is not None
+
+
 def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     """The training and test folders of ``root`` (:data:`TRAIN_NAMES`, :data:`TEST_NAMES`,
     matched in any case). Two folders that differ only in case (``test/`` and ``Test/``) are
