@@ -187,3 +187,63 @@ def test_cli_under_torchrun_prints_once(tmp_path):
     res = _torchrun(tmp_path, ["-m", "xbm", "map", "--model", "resnet18_cifar", "--json"])
     assert res.returncode == 0, res.stderr[-3000:]
     json.loads(res.stdout)  # one JSON document: rank 1's stdout is silenced
+
+
+WARM_WORKER = """
+import sys
+import warnings
+import torch
+from xbm.data import make_fixture_task
+from xbm.hardware import get_spec
+from xbm.models import create_model
+from xbm.multitask import MultiTaskModel
+from xbm.train import seed_everything, train_task
+from xbm.train import distributed as xdist
+
+out, mode = sys.argv[1], sys.argv[2]
+warnings.simplefilter("ignore")  # the first call ends inside the warm-up, as intended
+torch.set_num_threads(1)
+xdist.init_from_env()
+spec = get_spec(rows=16, cols=16, pe_rows=1, pe_cols=1)
+task = make_fixture_task("t", num_classes=4, n_train=64, n_test=32, seed=0)
+
+
+def model():
+    torch.manual_seed(0)
+    return MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1), spec)
+
+
+mtm = model()
+seed_everything(0)
+mtm.add_task("t", 4, "xma2", {"warmup_steps": 3, "pe_budget": 0.25})
+train_task(mtm, "t", task.loaders(16, seed=0)[0], 1, torch.device("cpu"), progress=False)
+if mode == "bundle":  # as xbm adapt saves: rank 0 writes, every rank loads
+    if xdist.is_main():
+        mtm.save_bundle(f"{out}/warm.safetensors")
+    xdist.barrier()
+    mtm = model()
+    mtm.load_bundle(f"{out}/warm.safetensors")
+mtm.set_trainable("t")
+seed_everything(1)
+train_task(mtm, "t", task.loaders(16, seed=1)[0], 1, torch.device("cpu"), progress=False)
+assert mtm.methods["t"]._selected
+if xdist.is_main():
+    torch.save([st.pe_score.clone() for _, _, st in mtm.layer_states("t")],
+               f"{out}/{mode}.pt")
+xdist.shutdown()
+"""
+
+
+def test_a_warm_up_bundle_saved_under_torchrun_selects_as_training_on(tmp_path):
+    """Each rank summed the warm-up gradients of its own batches and rank 0 saved only its
+    share, which every rank then loaded: after the load the PEs were chosen from twice rank
+    0's share. Now the sums are gathered on rank 0 when a call ends inside the warm-up."""
+    script = tmp_path / "warm_worker.py"
+    script.write_text(WARM_WORKER)
+    for mode in ("direct", "bundle"):
+        res = _torchrun(tmp_path, [str(script), str(tmp_path), mode])
+        assert res.returncode == 0, res.stderr[-3000:]
+    direct, loaded = (torch.load(tmp_path / f"{m}.pt") for m in ("direct", "bundle"))
+    assert len(direct) == len(loaded) > 0
+    for a, b in zip(direct, loaded, strict=True):
+        assert torch.equal(a, b)

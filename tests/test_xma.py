@@ -505,6 +505,15 @@ def test_a_bundle_saved_inside_the_warm_up_continues_it(tmp_path):
     assert _mtm(SMALL_SPEC).load_bundle(path) == ["t"]
 
 
+def test_the_warm_up_sum_follows_the_gradient_to_its_device():
+    """The sum is a plain attribute, which model.to() leaves behind: a task loaded from a
+    bundle on the CPU and moved to a GPU would add a CUDA gradient into a CPU tensor."""
+    state = torch.nn.Module()
+    state._grad_acc = torch.ones(2, 3)
+    XMA2._accumulate(state, torch.ones(2, 3, device="meta"))
+    assert state._grad_acc.device.type == "meta"
+
+
 def test_a_bundle_with_a_bad_warm_up_count_is_refused(tmp_path):
     from xbm.errors import BundleError
     from xbm.io import load_safetensors, metadata_hash, save_safetensors, tensors_hash
@@ -525,6 +534,12 @@ def test_a_bundle_with_a_bad_warm_up_count_is_refused(tmp_path):
     save_safetensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(BundleError, match="warmup_steps_done is 7, outside 1..warmup_steps=6"):
         _mtm(SMALL_SPEC).load_bundle(tmp_path / "bad.safetensors")
+    # a sum that save_bundle would write but load_bundle refuse: refused when saving
+    st = next(st for _, _, st in mtm.layer_states("t") if st._grad_acc is not None)
+    st._grad_acc[0] = float("inf")
+    with pytest.raises(XbmError, match=r"holds NaN or infinite values \(.*warmup_grad_sum\)"):
+        mtm.save_bundle(tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()
 
 
 class _Tied(torch.nn.Module):

@@ -415,13 +415,16 @@ class XMA2(XMA):
         if state._grad_acc is None:
             state._grad_acc = g.clone()
         else:
+            if state._grad_acc.device != g.device:  # a plain attribute: .to() left it behind
+                state._grad_acc = state._grad_acc.to(g.device)
             state._grad_acc.add_(g)
 
     def _importance(self, layer: nn.Module, state: nn.Module) -> torch.Tensor:
         """Flat per-PE tier-1 score from the accumulated gradients (zeros without any)."""
         if state._grad_acc is None:
             return torch.zeros_like(state.pe_score).reshape(-1)
-        per_col = column_sum_over_tiles(state._grad_acc.abs(), layer.spec.rows)
+        acc = state._grad_acc.to(state.column_pe.device)
+        per_col = column_sum_over_tiles(acc.abs(), layer.spec.rows)
         return self._per_pe(state, per_col, state.pe_score.dtype)
 
     @torch.no_grad()
@@ -616,6 +619,10 @@ class XMA2(XMA):
             if not bool(torch.isfinite(grad).all()):
                 raise BundleError(f"{WARMUP_GRAD_KEY} holds NaN or infinite values")
             grad = grad.to(w.dtype).to(w.device)
+            from xbm.train import distributed as xdist
+
+            if xdist.rank() != 0:  # the bundle holds every rank's sum: counted once, on rank 0
+                grad = torch.zeros_like(grad)
         state._steps = n
         state._grad_acc = grad
 
@@ -637,6 +644,16 @@ class XMA2(XMA):
         continues the warm-up and then selects (training in short chunks, say to evaluate
         between them, used to close the selection for good after the first chunk)."""
         if not self._selected:
+            from xbm.train import distributed as xdist
+
+            if xdist.world_size() > 1:
+                # each rank summed its own batches (select() adds them up): gather them on rank
+                # 0 now, which saves the bundle, so that a bundle saved here holds them all
+                accs = [st._grad_acc for _, st in self._layers if st._grad_acc is not None]
+                xdist.sum_over_ranks(accs)
+                if xdist.rank() != 0:
+                    for acc in accs:
+                        acc.zero_()
             steps = max((st._steps for _, st in self._layers), default=0)
             if self.config.pe_budget > 0 and steps <= self.config.warmup_steps:
                 warnings.warn(
