@@ -135,7 +135,7 @@ def test_bundle_with_a_wrong_tensor_shape_leaves_the_model_clean(trained, tmp_pa
     assert_untouched(fresh)  # it failed in the middle: the layers it had reached are clean
 
 
-def test_save_bundle_replaces_only_a_bundle(trained, tmp_path):
+def test_save_bundle_replaces_only_a_bundle(trained, tmp_path, monkeypatch):
     """save_bundle wrote over any file: a backbone (which every bundle of it depends on), a
     fault map or a text file became a bundle without a word. The CLI refused already."""
     from xbm.errors import XbmError
@@ -155,6 +155,14 @@ def test_save_bundle_replaces_only_a_bundle(trained, tmp_path):
         with pytest.raises(XbmError, match=f"save_bundle: .* {said}"):
             mtm.save_bundle(target)
         assert before is None or target.read_bytes() == before
+    # "~" as the write takes it (not expanded): a backbone in ./~/ is guarded too
+    (tmp_path / "~").mkdir()
+    save_safetensors(tmp_path / "~" / "bb.safetensors", {"w": torch.ones(2)},
+                     {"format": "xbm-backbone/1"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(XbmError, match="is an xbm backbone"):
+        mtm.save_bundle("~/bb.safetensors")
     empty = tmp_path / "empty.safetensors"  # e.g. a NamedTemporaryFile: nothing to lose
     empty.touch()
     mtm.save_bundle(empty)

@@ -938,6 +938,12 @@ def test_add_task_on_a_weightless_meta_model() -> None:
     mtm = MultiTaskModel(net, SPEC)
     for i, m in enumerate(list_methods()):
         mtm.add_task(f"t{i}", 3, m, {"per_task_bn": False})
+    # with per-task norms too: their copies keep the shapes (loading values from meta
+    # tensors failed in torch's load_state_dict)
+    for i, m in enumerate(list_methods()):
+        mtm.add_task(f"n{i}", 3, m)
+    bn = next(b for b in mtm.model.modules() if isinstance(b, nn.BatchNorm2d))
+    assert bn.xbm_tasks["n0"].running_mean.is_meta
 
 
 def test_a_linear_subclass_with_linears_forward_is_a_head() -> None:
@@ -1110,6 +1116,88 @@ def test_a_whole_model_state_dict_needs_its_tasks_first() -> None:
     dst.add_task("a", 3, "xbm")
     dst.load_state_dict(sd)  # with the task in place it round-trips
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in sd.items())
+
+
+def test_a_state_dict_cannot_change_the_backbone_under_tasks_it_leaves() -> None:
+    """A state dict lacking one of this model's tasks copied everything (another backbone
+    included) before torch failed on the task's keys, and with strict=False it swapped the
+    backbone under the task without a word."""
+    src = MultiTaskModel(_backbone(seed=1), SPEC)
+    src.add_task("a", 3, "xma")
+    dst = MultiTaskModel(_backbone(seed=0), SPEC)
+    dst.add_task("a", 3, "xma")
+    dst.add_task("b", 3, "xbm")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(XbmError, match=r"lacks task\(s\) b that this model has; remove_task"):
+        dst.load_state_dict(src.state_dict())
+    only_backbone = {f"model.{k}": v for k, v in src.backbone_state().items()}
+    with pytest.raises(XbmError, match=r"other backbone weights \(model\..* and \d+ more\) "
+                       r"while task\(s\) a, b, learned on this backbone, would stay"):
+        dst.load_state_dict(only_backbone, strict=False)
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())  # untouched
+    same = {f"model.{k}": v.clone() for k, v in dst.backbone_state().items()}
+    dst.load_state_dict(same, strict=False)  # its own weights again: harmless, allowed
+    dst.remove_task("b")
+    dst.load_state_dict(src.state_dict())  # every task replaced too: a whole-model load
+    assert dst.backbone_hash == src.backbone_hash
+
+
+def test_per_task_norms_are_exact_copies_in_float64() -> None:
+    """The copies were built in float32 and cast after loading, so a fresh task's float64
+    statistics were rounded: it did not compute what the base task does."""
+    bb = _backbone().double()
+    with torch.no_grad():
+        for mod in bb.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_var.add_(1 / 3)
+                mod.weight.add_(1 / 3)
+    mtm = MultiTaskModel(bb, SPEC).eval()
+    mtm.add_task("t", 4, "xbm")
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        with mtm.use_task("base"):
+            base = mtm.model.features(x)
+        with mtm.use_task("t"):
+            task = mtm.model.features(x)
+    assert torch.equal(base, task)
+
+
+def test_a_cumulative_batchnorm_copy_averages_its_own_batches() -> None:
+    """With momentum=None the copy inherited the backbone's count of pretraining batches, so
+    its statistics stayed ~96% the backbone's after a task's training."""
+    bb = _backbone()
+    for mod in bb.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = None
+            mod.num_batches_tracked.fill_(500)
+    mtm = MultiTaskModel(bb, SPEC)
+    mtm.add_task("t", 3, "linear-probe")
+    first_bn = next(m for m in mtm.model.modules() if isinstance(m, nn.BatchNorm2d))
+    copy = first_bn.xbm_tasks["t"]
+    assert int(copy.num_batches_tracked) == 0 and int(first_bn.num_batches_tracked) == 500
+    x = torch.randn(8, 1, 28, 28) * 3 + 2
+    mtm.set_task("t")
+    mtm.train()
+    with torch.no_grad():
+        mtm(x)
+    conv = mtm.model.features[0]
+    with torch.no_grad(), mtm.use_task("t"):
+        batch_mean = conv(x).mean((0, 2, 3))
+    assert torch.allclose(copy.running_mean, batch_mean, atol=1e-4)  # one batch: its mean
+
+
+@pytest.mark.parametrize("bad,said", [
+    (xbm.methods.XMAConfig(lr=0.3), "got XMAConfig XMAConfig(lr=0.3"),
+    ({"lr": 0.3}, "got dict {'lr': 0.3}: a config goes in config="),
+    (["xma"], "got list ['xma']: pass a registered name"),
+])
+def test_a_config_in_the_methods_place_is_named(bad, said) -> None:
+    mtm = MultiTaskModel(_backbone(), SPEC)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        mtm.add_task("b", 4, bad)
+    assert mtm.task_names() == []
+    with pytest.raises(ConfigError, match="pass its registered name, 'xma'"):
+        mtm.add_task("b", 4, xbm.methods.get_method_class("xma"))
 
 
 def test_numpy_numbers_are_numbers_for_levels_and_the_spec() -> None:

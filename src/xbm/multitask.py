@@ -304,7 +304,7 @@ def _check_bundle_target(path: str | os.PathLike) -> None:
     """Refuse to write a bundle over an existing file that is not one (``save_bundle``)."""
     from xbm.io import xbm_file_kind
 
-    p = Path(os.path.expanduser(path))
+    p = Path(path)  # as the write takes it: "~" is not expanded there either
     if p.is_dir():
         raise XbmError(f"save_bundle: {p} is a folder; name a file, e.g. {p / 'tasks.safetensors'}")
     if not p.exists() or p.stat().st_size == 0:
@@ -402,8 +402,11 @@ class MultiTaskModel(nn.Module):
         added with the same methods and configs.
 
         Raises:
-            XbmError: the state dict holds tasks this model lacks (strict mode; a warning
-                otherwise), before anything is copied.
+            XbmError: before anything is copied: the state dict holds tasks this model lacks
+                (strict mode; a warning otherwise), lacks tasks this model has (strict mode),
+                or holds other backbone weights while tasks of this model, learned on its
+                backbone, would stay (either mode: they would silently compute with weights
+                they were not learned on).
         """
         found = {m.group(1) for k in state_dict
                  if (m := re.search(rf"(?:^|\.){TASK_KEY}\.([^.]+)\.", str(k)))}
@@ -416,6 +419,23 @@ class MultiTaskModel(nn.Module):
                 raise XbmError(msg)
             warnings.warn(f"{msg}: their tensors are not loaded", XbmWarning,
                           stacklevel=user_stacklevel())
+        kept = [t for t in self.tasks if t not in found]
+        if kept and strict:  # torch would fail on their keys after copying the rest
+            raise XbmError(f"the state dict lacks task(s) {', '.join(kept)} that this model "
+                           "has; remove_task them first, or move tasks as bundles (save_bundle "
+                           "/ load_bundle)")
+        if kept:
+            own = {f"model.{k}": v for k, v in backbone_state(self.model).items()}
+            changed = sorted(
+                k for k, v in own.items() if isinstance(state_dict.get(k), torch.Tensor) and (
+                    tuple(state_dict[k].shape) != tuple(v.shape)
+                    or not torch.equal(state_dict[k].to(v.device, v.dtype), v)))
+            if changed:
+                raise XbmError(
+                    f"the state dict holds other backbone weights ({changed[0]}"
+                    f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}) while "
+                    f"task(s) {', '.join(kept)}, learned on this backbone, would stay; "
+                    "remove_task them first, or load the weights into a fresh model")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
@@ -775,15 +795,16 @@ class MultiTaskModel(nn.Module):
         tensors: dict[str, torch.Tensor] = {}
         for t in tasks:
             sd = self.task_state_dict(t)
+            pack = self.methods[t].pack_state
+            self._map_layer_states(t, sd, lambda _n, layer, st, local, pack=pack:
+                                   pack(layer, st, local))
+            # checked as packed, i.e. as loading checks them (XMA2's warm-up sum too)
             bad = next((k for k, v in sd.items() if v.is_floating_point()
                         and not bool(torch.isfinite(v).all())), None)
             if bad is not None:  # a bundle that holds it could not be loaded again
                 raise XbmError(f"task {t!r} holds NaN or infinite values ({bad}): it diverged "
                                "in training; retrain it (e.g. at a lower lr), or save the other "
                                "tasks with save_bundle(path, tasks=[...])")
-            pack = self.methods[t].pack_state
-            self._map_layer_states(t, sd, lambda _n, layer, st, local, pack=pack:
-                                   pack(layer, st, local))
             tensors.update(sd)
         meta = {
             "format": BUNDLE_FORMAT,

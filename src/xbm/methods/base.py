@@ -301,10 +301,24 @@ def get_method_class(name: str) -> type[AdaptionMethod]:
 
     Raises:
         UnknownNameError: no such method (the message lists the registered ones).
+        ConfigError: ``name`` is not a string (a config or a class in the method's place).
     """
+    if not isinstance(name, str):
+        hint = ("a config goes in config=, e.g. add_task(NAME, NUM_CLASSES, 'xma', "
+                "config=XMAConfig(lr=0.3))" if isinstance(name, (MethodConfig, dict)) else
+                f"pass its registered name, {name.name!r}" if isinstance(name, type) and
+                issubclass(name, AdaptionMethod) and getattr(name, "name", None) else
+                "pass a registered name, e.g. 'xbm'")
+        raise ConfigError(f"a method is named by a string, got {type(name).__name__} "
+                          f"{_short_repr(name)}: {hint}")
     if name not in METHODS:
         raise unknown("method", name, METHODS)
     return METHODS[name]
+
+
+def _short_repr(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def create_method(name: str, config: MethodConfig | dict[str, Any] | None = None

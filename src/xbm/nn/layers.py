@@ -188,10 +188,17 @@ class TaskBatchNorm(TaskAware):
 
     def add_task_bn(self, task: str) -> None:
         cls = _BN_PLAIN[type(self)]
+        # built in the base's dtype and device: loading float64 values into a float32 copy
+        # rounded them, so a fresh task was not exactly the base task
         copy = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                   track_running_stats=self.track_running_stats)
-        copy.load_state_dict(_bn_base_state(self))
-        copy.to(self.running_mean.device if self.running_mean is not None else "cpu")
+                   track_running_stats=self.track_running_stats, **_factory(self))
+        state = _bn_base_state(self)
+        if self.momentum is None and "num_batches_tracked" in state:
+            # a cumulative average: the copy averages the task's own batches, not the
+            # backbone's count of pretraining batches (which kept the task's statistics at the
+            # backbone's)
+            state["num_batches_tracked"].zero_()
+        _load_values(copy, state)
         self.xbm_tasks[task] = copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -200,6 +207,25 @@ class TaskBatchNorm(TaskAware):
         self._check_input_dim(x)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
+
+
+def _factory(norm: nn.Module) -> dict[str, Any]:
+    """The dtype and device of a norm's own tensors (its affine weight, else its statistics),
+    for a per-task copy built like it."""
+    for k in ("weight", "running_mean"):
+        v = getattr(norm, k, None)
+        if isinstance(v, torch.Tensor):
+            return {"device": v.device, "dtype": v.dtype}
+    return {}
+
+
+def _load_values(copy: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The base norm's values into its per-task copy; a weightless (meta-device) model has
+    none to copy, and its copy keeps only the shapes, as the model does (the cost model's
+    use)."""
+    if any(v.is_meta for v in state.values()):
+        return
+    copy.load_state_dict(state)
 
 
 def _bn_base_state(bn: nn.Module) -> dict[str, Any]:
@@ -228,9 +254,8 @@ class TaskLayerNorm(nn.LayerNorm, TaskAware):
     def add_task_bn(self, task: str) -> None:
         copy = nn.LayerNorm(self.normalized_shape, eps=self.eps,
                             elementwise_affine=self.elementwise_affine,
-                            bias=self.bias is not None)
-        copy.load_state_dict(_bn_base_state(self))
-        copy.to(self.weight.device if self.weight is not None else "cpu")
+                            bias=self.bias is not None, **_factory(self))
+        _load_values(copy, _bn_base_state(self))
         self.xbm_tasks[task] = copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
