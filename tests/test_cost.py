@@ -1011,6 +1011,9 @@ def test_a_column_off_fraction_prices_only_column_masks(capsys) -> None:
         assert cost.masked_off_columns == 0
         assert cost.energy("inference") == C.cost_model(ctx, [m]).costs[0].energy("inference")
     assert C.Assumptions(column_off_fraction={"xbm": 0.5}).column_off("xbm") == 0.5
+    # the report records what was priced, not an entry that was not
+    both = C.Assumptions(column_off_fraction={"piggyback": 0.5, "xbm": 0.2})
+    assert both.to_dict()["column_off_fraction"] == {"xbm": 0.2}
 
 
 def test_workloads_beyond_any_run_are_refused(capsys) -> None:
@@ -1138,6 +1141,12 @@ def test_an_edited_preset_file_is_not_reported_as_the_cited_preset(tmp_path, cap
     for quiet in (["--energy", "neurosim", "--energy-spec"], [], ["--energy", "default"],
                   ["--set-energy", "device.write_pulses_per_cell=2"]):
         assert "is for crossbars with" not in _run(capsys, "--model", "small_cnn", *quiet)[1]
+    # ...but a file of the default whose crossbars were edited is said, as any other preset's
+    rc, dumped, _ = _run(capsys, "--dump-preset", "default")
+    assert rc == 0 and "  rows: 128" in dumped
+    (tmp_path / "def256.yaml").write_text(dumped.replace("  rows: 128", "  rows: 256"))
+    assert "note: energy preset default+edited is for crossbars with rows 256 (costed: 64)" in \
+        _run(capsys, "--model", "small_cnn", "--preset-file", str(tmp_path / "def256.yaml"))[1]
     # a file's own crossbars, edited: noted as edited, not credited to the source
     (tmp_path / "rows.yaml").write_text(text.replace("  rows: 128", "  rows: 256"))
     rc, out, _ = _run(capsys, "--model", "small_cnn", "--preset-file",

@@ -139,6 +139,22 @@ def test_images_of_another_channel_count_are_named(recorded):
     assert "with_channels" not in str(err.value)
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_images_without_a_channel_dimension_are_named(recorded):
+    """(N, H, W) images failed with torch's "expected input[1, N, H, W] to have 1 channels":
+    torch takes a 3-D input as one unbatched image of N channels."""
+    mtm = _eval_mtm()
+    if recorded:
+        mtm.arch = {"name": "small_cnn", "in_channels": 1}
+    mtm.add_task("a", 3, "xbm")
+    flat = [(torch.zeros(2, 12, 12), torch.zeros(2, dtype=torch.long))]
+    for run in (lambda: train_task(mtm, "a", flat, device="cpu", progress=False),
+                lambda: evaluate_task(mtm, "a", flat)):
+        with pytest.raises(XbmError, match=r"have shape \(2, 12, 12\), without a channel "
+                           r"dimension .* add it, e.g. x.unsqueeze\(1\)"):
+            run()
+
+
 def test_grey_images_on_an_rgb_backbone_name_with_channels():
     torch.manual_seed(0)
     backbone = create_model("small_cnn", num_classes=4, in_channels=3)
@@ -162,11 +178,18 @@ def test_a_models_own_runtime_errors_pass_through():
         def forward(self, x):
             return self.fc(self.c2(self.c1(x)).mean((2, 3)))
 
-    mtm = MultiTaskModel(Inner(), "default")
-    mtm.add_task("a", 3, "xbm")
-    with pytest.raises(RuntimeError, match="expected input") as err:
-        evaluate_task(mtm, "a", [(torch.zeros(2, 1, 12, 12), torch.zeros(2, dtype=torch.long))])
-    assert not isinstance(err.value, XbmError)
+    class Keeps(Inner):  # its first conv keeps the batch's shape (3 -> 3), the second is wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 3, 3, padding=1)
+            self.c2 = nn.Conv2d(1, 4, 3)
+
+    for model, x in ((Inner(), torch.zeros(2, 1, 12, 12)), (Keeps(), torch.zeros(2, 3, 12, 12))):
+        mtm = MultiTaskModel(model, "default")
+        mtm.add_task("a", 3, "xbm")
+        with pytest.raises(RuntimeError, match="expected input") as err:
+            evaluate_task(mtm, "a", [(x, torch.zeros(2, dtype=torch.long))])
+        assert not isinstance(err.value, XbmError)
 
 
 def test_evaluation_refuses_labels_the_head_cannot_name():

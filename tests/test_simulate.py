@@ -787,7 +787,9 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
                  "--json-out", str(tmp_path / "sweep.json"), *common]) == 0
     out = capsys.readouterr().out
     assert "faithful" in out and "ideal+faults" in out
-    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    rows = sweep["rows"]
+    assert sweep["adc_granularity"] == "tile"  # the default, recorded where a range is shared
     # the saved chip's rows carry its own rate (it was labelled with --fault-rates' 0 before)
     rates = [r["fault_rate"] for r in rows if r["path"] != "ideal"]
     assert rates and rates == pytest.approx([0.02] * len(rates))
@@ -797,6 +799,11 @@ def test_cli_fault_aware_then_sweep(tmp_path, capsys):
                  "--sa1-fraction", "0.9", *common]) == 2
     assert "--fault-map holds its own stuck-on/stuck-off split" in capsys.readouterr().err
     assert (tmp_path / "plots" / "accuracy_vs_adc_bits.png").exists()
+    # no ADC, so nothing shares a range: none recorded ("tile" was, as if in force)
+    assert main(["simulate", "--bundle", str(bundle), "--fault-map", str(chip),
+                 "--adc-mode", "ideal", "--json-out", str(tmp_path / "ideal.json"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "ideal.json").read_text())["adc_granularity"] is None
     # --json-out rewrites its own results (above: sweep.json) but no other file
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("methods: [xbm]\n")
@@ -1047,6 +1054,13 @@ def test_an_empty_batch_gives_the_ideal_paths_empty_output(conv):
             assert model(x[:2]).shape == (2, 3)
     assert y.shape == ref.shape == (0, 3) and y_inner.shape == inner.shape
     assert counted == 0
+    # calibrating on empty batches alone measured nothing and ran uncalibrated, silently
+    with pytest.raises(XbmError, match=r"calibration got 2 batch\(es\) without a sample"), \
+            faithful(model, SimConfig(**EAGER), calibration=[x[:0], x[:0]]):
+        pass
+    assert all(layer.simulator is None for _, layer in crossbar_layers(model))
+    with faithful(model, SimConfig(**EAGER), calibration=[x[:0], x]):  # one with samples: fine
+        pass
 
 
 def test_sweep_values_must_be_finite():

@@ -202,7 +202,9 @@ class Assumptions:
     rewrite_fraction: dict[str, float] = field(default_factory=dict)
     """Per method name: overrides :attr:`MethodDefaults.rewrite_fraction`."""
     column_off_fraction: dict[str, float] = field(default_factory=dict)
-    """Per method name: overrides :attr:`MethodDefaults.column_off_fraction`."""
+    """Per method name: overrides :attr:`MethodDefaults.column_off_fraction`. A method without
+    a column mask (Piggyback, fine-tuning, the linear probe) switches off no column: its entry
+    is not priced and not reported (``xbm cost --off-fraction`` refuses it)."""
     iterations: int = 1913
     """On-chip training iterations. 1913 = 30 epochs (Piggyback's recipe) x 2040 Flowers-102
     train+val images / batch 32 = 1912.5, rounded up; Flowers-102 is the smallest of the
@@ -284,7 +286,8 @@ class Assumptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"rewrite_fraction": dict(self.rewrite_fraction),
-                "column_off_fraction": dict(self.column_off_fraction),
+                "column_off_fraction": {m: v for m, v in self.column_off_fraction.items()
+                                        if switches_off_columns(m)},  # what was priced
                 "iterations": self.iterations, "batch_size": self.batch_size,
                 "backward_factor": self.backward_factor, "churn": self.churn,
                 "training_skips_off_columns": self.training_skips_off_columns}

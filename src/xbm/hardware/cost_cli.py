@@ -434,8 +434,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                     f"({diff}): their fractions are applied here as measured")
         if args.sensitivity:
             sens = C.sensitivity(ctx, preset, assumptions, *sens_pair)
-    # a preset chosen (the default's geometry is documented), edited (+set, +edited) or not
-    if preset.name.split("+", 1)[0] != "default":
+    # a preset chosen (the default's geometry is documented), or the default with its
+    # crossbars edited in a preset file (--set-energy cannot change them)
+    from xbm.hardware.energy import get_preset
+
+    if preset.name.split("+", 1)[0] != "default" or \
+            (preset.spec_overrides or {}) != (get_preset("default").spec_overrides or {}):
         how = ("the bundle's crossbars are costed" if args.bundle else
                "flags given override it" if args.energy_spec else
                f"drop --preset {args.preset} and pass --energy-spec to cost at the preset's"

@@ -975,6 +975,10 @@ class Simulation:
                 break
         if not xs:
             raise XbmError("calibration needs at least one batch")
+        if all(isinstance(x, torch.Tensor) and x.numel() == 0 for x in xs):
+            # no sample: no range could be measured, and the layers would run uncalibrated
+            raise XbmError(f"calibration got {len(xs)} batch(es) without a sample; pass "
+                           "batches of images (e.g. a few of the task's training batches)")
         installed = self._tf32 is not None
         bns = self._task_bns() if self.config.bn_recalibration else []
         if bns and not installed:  # remove() below would put the trained statistics back

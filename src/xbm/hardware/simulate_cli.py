@@ -114,10 +114,6 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--adc-granularity has no effect with --adc-mode {args.adc_mode} "
                           "(only a calibrated ADC range is shared by a layer, tile or "
                           "column); drop it, or pick --adc-mode calibrate")
-    if args.adc_granularity is None:
-        from xbm.hardware.simulate import SimConfig
-
-        args.adc_granularity = SimConfig.adc_granularity
     if args.fault_aware:
         wrong = [flag for attr, flag in SWEEP_ONLY if getattr(args, attr, None) is not None]
         if wrong:
@@ -240,7 +236,9 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The simulation settings a results file records (besides the specs and the rows); with
     ``--fault-map`` the faults are the file's, and ``chip_seed`` seeds variation and noise."""
     return {"seed": args.seed, "chip_seed": _chip_seed(args), "adc_mode": args.adc_mode,
-            "adc_granularity": args.adc_granularity, "read_noise": args.read_noise,
+            # what shares a calibrated range: none without one (fixed and ideal modes)
+            "adc_granularity": _granularity(args) if args.adc_mode == "calibrate" else None,
+            "read_noise": args.read_noise,
             "input_headroom": args.input_headroom,
             "adc_offset_trim": bool(getattr(args, "adc_offset_trim", False)),
             "bn_recalibration": bool(getattr(args, "bn_recalibration", False)),
@@ -253,11 +251,19 @@ def _chip_seed(args: argparse.Namespace) -> int:
     return args.seed if cs is None else cs
 
 
+def _granularity(args: argparse.Namespace) -> str:
+    """``--adc-granularity``, else SimConfig's default (the flag's default is None, so that
+    one given in a mode without a calibrated range can be told apart and refused)."""
+    from xbm.hardware.simulate import SimConfig
+
+    return getattr(args, "adc_granularity", None) or SimConfig.adc_granularity
+
+
 def _sim_config(args: argparse.Namespace, adc_bits: int | None, variation: float):
     from xbm.hardware.simulate import SimConfig
 
     return SimConfig(adc_bits=adc_bits, adc_mode=args.adc_mode,
-                     adc_granularity=args.adc_granularity, variation=variation,
+                     adc_granularity=_granularity(args), variation=variation,
                      read_noise=args.read_noise, levels=args.levels, seed=_chip_seed(args),
                      input_headroom=getattr(args, "input_headroom", 1.0),
                      adc_offset_trim=bool(getattr(args, "adc_offset_trim", False)),

@@ -448,7 +448,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                 if capturable:
                     for g, base in zip(opt.param_groups, base_lrs, strict=True):
                         g["lr"].fill_(base * lam(step))
-                with _channels_named(x):
+                with _channels_named(x, mtm):
                     if graph_step is not None:
                         loss = graph_step(x, y, zero_grad)
                     else:
@@ -511,7 +511,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
         for batch in loader:
             x, y = _pair(batch, channels)
             x, y = x.to(device), y.to(device)
-            with _channels_named(x):
+            with _channels_named(x, model):
                 logits = model(x)
             _check_label_range(y, logits.shape[1], "a batch has labels",
                                f"task {task!r}" if task else "the model",
@@ -551,6 +551,8 @@ def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, tor
         raise XbmError(f"a batch's images are {x.dtype}; the model takes floating-point "
                        "images, normalised as it was trained (xbm's loaders give float32 in "
                        "[-1, 1]): e.g. x.float() / 127.5 - 1 for uint8 images")
+    if channels is not None and x.dim() == 3:  # torch would read it as one unbatched image
+        raise XbmError(_no_channel_message(x))
     if channels is not None and x.dim() == 4 and x.shape[1] != channels:
         raise XbmError(_channel_message(x, channels, "the backbone takes"))
     # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
@@ -586,23 +588,35 @@ def _channel_message(x: torch.Tensor, takes: int, who: str) -> str:
             f"{takes}: {fix}")
 
 
+def _no_channel_message(x: torch.Tensor) -> str:
+    return (f"a batch's images have shape {tuple(x.shape)}, without a channel dimension (torch "
+            "reads that as one image of that many channels): add it, e.g. x.unsqueeze(1) for "
+            "grey images")
+
+
 #: torch's message for a convolution's input of another channel count
 _TORCH_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got "
                              r"(\d+) channels")
 
 
 @contextlib.contextmanager
-def _channels_named(x: torch.Tensor) -> Iterator[None]:
+def _channels_named(x: torch.Tensor, model: nn.Module) -> Iterator[None]:
     """Name the fix when the model's first convolution refuses the batch's channel count: a
     model without a recorded ``arch`` (a user's own, a backbone built without ``arch=``) is not
     checked up front, and failed with torch's bare RuntimeError. Only an error about this very
-    batch (its full shape) is rewritten; any other passes through."""
+    batch (its full shape) in a model none of whose convolutions takes its channel count is
+    rewritten (a first convolution that keeps the shape, then a wrong one, is the model's
+    bug, not the images'); any other passes through."""
     try:
         yield
     except RuntimeError as exc:
         m = _TORCH_CHANNELS.search(str(exc))
+        if m and x.dim() == 3 and [int(v) for v in m.group(1).split(",")] == [1, *x.shape]:
+            raise XbmError(_no_channel_message(x)) from exc  # unbatched, as torch took it
         if m and x.dim() == 4 and int(m.group(3)) == x.shape[1] and \
-                [int(v) for v in m.group(1).split(",")] == list(x.shape):
+                [int(v) for v in m.group(1).split(",")] == list(x.shape) and \
+                not any(getattr(mod, "in_channels", None) == x.shape[1]
+                        for mod in model.modules()):
             raise XbmError(_channel_message(x, int(m.group(2)),
                                             "the model's first convolution takes")) from exc
         raise
