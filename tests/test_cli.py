@@ -1220,6 +1220,14 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     assert capsys.readouterr().out.startswith("copied the cached backbone of this recipe")
     (cached,) = (tmp_path / "cache" / "backbones").glob("*.safetensors")
     assert copy.read_bytes() == cached.read_bytes()
+    # a file of another recipe under this recipe's cache name: "already cached" before, while
+    # adapt and demo refused it; now refused here too, and --force pretrains it anew
+    import shutil
+
+    shutil.copyfile(out, cached)  # out: pretrained at --seed 1
+    assert main(["pretrain", *tiny]) == 2
+    assert "was pretrained with another recipe than its name says (seed 1 vs 0" in \
+        (err := _one_line_error(capsys)) and "pass --force to pretrain it anew" in err, err
 
 
 def test_a_backbone_accuracy_says_how_many_test_images_it_was_measured_on():
@@ -2038,6 +2046,18 @@ def test_import_backbone_names_what_is_wrong_with_an_unreadable_checkpoint(tmp_p
                      str(tmp_path / name), "--out", str(tmp_path / "o.safetensors")]) == 2
         assert needle in _one_line_error(capsys), name
     assert not (tmp_path / "o.safetensors").exists()
+    # a safetensors file under another name is read as one (it was "not a torch checkpoint")
+    from safetensors.torch import save_file
+
+    from xbm.models import create_model
+
+    sd = {k: v.half().contiguous() for k, v in create_model("small_cnn").state_dict().items()}
+    for name in ("st.pth", "st.SAFETENSORS"):
+        save_file(sd, str(tmp_path / name))
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["import-backbone", "--model", "small_cnn", "--checkpoint",
+                     str(tmp_path / name), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert out.exists()
 
 
 def test_the_session_20_code_review_cases(tmp_path, capsys):

@@ -554,8 +554,9 @@ def test_image_folder_passes_over_an_unlabelled_test_folder(tmp_path):
     real = folder._read_split
     try:  # the empty test split is said before the training images are decoded
         folder._read_split = lambda *a, **k: decoded.append(1) or real(*a, **k)
-        with pytest.raises(XbmError, match="test: no test images; add images to test/<class>/ "
-                           "or remove test/ to split the training images"):
+        with pytest.raises(XbmError, match="test: no test images; add images to test/<class>/, "
+                           "or move the class folders of train/ up into .* and remove train/ "
+                           "and test/ to have them split 80/20"):
             xd.load_image_folder(root, image_size=8)
     finally:
         folder._read_split = real
@@ -1016,3 +1017,85 @@ def test_images_look_grey_tolerates_a_tint_but_not_a_coloured_mark():
     assert not images_look_grey(torch.zeros(0, 3, 4, 4, dtype=torch.uint8))  # nothing to judge
     with pytest.raises(TypeError, match="uint8"):
         images_look_grey(torch.rand(2, 3, 4, 4))  # [0, 1] floats would always look grey
+
+
+def _pngs(folder, n, value=10):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), value + i, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_what_a_split_folder_does_not_read_is_said(tmp_path):
+    """A class folder beside train/ and test/, and images loose in the root or in train/,
+    were dropped without a word."""
+    root = tmp_path / "ds"
+    for split, n in (("train", 4), ("test", 2)):
+        for cls in ("cat", "dog"):
+            _pngs(root / split / cls, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tidy split: nothing to say
+        xd.load_image_folder(root, image_size=8)
+    _pngs(root / "bird", 4)
+    _pngs(root / "train", 1)  # train/0.png, loose
+    with pytest.warns(XbmWarning, match=r"ds: not read: bird/ beside train/ and test/ \(a class "
+                      r"belongs in train/<class>/ and test/<class>/\); images directly in "
+                      r"train/ \(they have no class folder\)"):
+        task = xd.load_image_folder(root, image_size=8)
+    assert task.classes == ["cat", "dog"]
+
+
+def test_an_unlabelled_test_folder_beside_classes_is_said(tmp_path):
+    """Kaggle's unlabelled test/*.png beside class folders became a class named 'test'."""
+    root = tmp_path / "ds"
+    for cls in ("cat", "dog"):
+        _pngs(root / cls, 10)
+    _pngs(root / "test", 8)
+    with pytest.warns(XbmWarning, match=r"test/ holds images beside class folders and is taken "
+                      r"as a class named 'test'; if it is an unlabelled test split, move it out"):
+        task = xd.load_image_folder(root, image_size=8)
+    assert task.classes == ["cat", "dog", "test"]
+
+
+def test_a_subset_that_leaves_a_class_untrained_is_said():
+    x = torch.zeros(122, 1, 8, 8, dtype=torch.uint8)
+    y = torch.tensor([0] * 60 + [1] * 57 + [2] * 5)
+    task = xd.TaskData("rare", x, y, x[:6], torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"])
+    with pytest.warns(XbmWarning, match=r"rare: a training subset of 10 leaves class\(es\) "
+                      r"\['c'\] without training images"):
+        sub = task.subset(train=10)
+    assert 2 not in sub.train_y.tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.subset(train=60)  # every class keeps some
+
+
+def test_the_test_fingerprint_sees_every_colour_channel():
+    """It hashed the first channel only, so an edit to green or blue went unseen by eval;
+    grey images repeated into RGB keep their fingerprint."""
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0] = 10
+    x[:, 1:] = 30
+    y = torch.tensor([0, 1, 0, 1])
+    before = xd.TaskData("rgb", x, y, x, y, ["a", "b"]).test_fingerprint()
+    edited = x.clone()
+    edited[0, 2, 0, 0] = 250
+    after = xd.TaskData("rgb", x, y, edited, y, ["a", "b"])
+    assert after.test_fingerprint() != before
+    # bundles before session 29 recorded the first channel's: still what that call gives
+    assert after.test_fingerprint(first_channel_only=True) == xd.TaskData(
+        "rgb", x, y, x, y, ["a", "b"]).test_fingerprint(first_channel_only=True)
+    grey = xd.TaskData("g", x[:, :1], y, x[:, :1], y, ["a", "b"])
+    assert grey.with_channels(3).test_fingerprint() == grey.test_fingerprint()
+    assert grey.with_channels(3).subset(test=4).test_fingerprint() == grey.test_fingerprint()
+
+
+def test_an_idx_header_with_negative_dimensions_is_refused():
+    import struct
+
+    from xbm.data.idx import parse_idx
+
+    data = bytes([0, 0, 8, 2]) + struct.pack(">2i", -2, -3) + bytes(6)
+    with pytest.raises(XbmError, match=r"negative dimensions \(-2, -3\)"):
+        parse_idx(data, "bad.idx")

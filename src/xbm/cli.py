@@ -179,6 +179,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             if not args.force:
                 raise XbmError(f"cached backbone is unusable ({exc}); pass --force to pretrain "
                                "it anew") from None
+        from xbm.train.pretrain import cached_recipe_problem
+
+        problem = cached_recipe_problem(out, old, cfg) if old_hash else None
+        if problem and not args.force:  # what adapt and demo would refuse is not "cached"
+            raise XbmError(f"{problem}; pass --force to pretrain it anew (the file is kept "
+                           "under its hash)")
         if not args.force:
             print(f"already cached: {out} (accuracy {accuracy_text(old)}, hash {old_hash}); "
                   "pass --force to pretrain it again")
@@ -400,7 +406,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     from xbm.data import dataset_reference
 
     same = not args.dataset or dataset_reference(args.dataset) == task.dataset
-    if fingerprint and same and recorded == now and fingerprint != data.test_fingerprint():
+    if fingerprint and same and recorded == now and fingerprint not in (
+            data.test_fingerprint(), data.test_fingerprint(first_channel_only=True)):
         from xbm.data.folder import has_own_split
         from xbm.data.registry import image_folder_path
 

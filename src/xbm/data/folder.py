@@ -350,15 +350,14 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
         _need_two(train_dir, classes)
         train_list, test_list = _list_split(train_dir, classes), _list_split(test_dir, classes)
         if not test_list:  # said before minutes of decoding the training images
-            raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
-                           f"or remove {test_dir.name}/ to split the training images")
+            raise XbmError(f"{test_dir}: no test images; {_no_test_fix(root, train_dir, test_dir)}")
+        _warn_unread(root, train_dir, test_dir)
         _check_memory(root, len(train_list) + len(test_list), channels, image_size, 1)
         train_x, train_y, _, c_train = _read_split(train_list, mode, image_size, mode == "L")
         test_x, test_y, _, c_test = _read_split(test_list, mode, image_size,
                                                 mode == "L" and not c_train)
         if test_y.numel() == 0:
-            raise XbmError(f"{test_dir}: no test images; add images to {test_dir.name}/<class>/ "
-                           f"or remove {test_dir.name}/ to split the training images")
+            raise XbmError(f"{test_dir}: no test images; {_no_test_fix(root, train_dir, test_dir)}")
         _warn_untested(test_dir, classes, test_y, split_dir=True)
         return TaskData(name, train_x, train_y, test_x, test_y, classes,
                         colour_read_as_grey=c_train or c_test)
@@ -378,6 +377,12 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            f"next to class folders ({', '.join(c + '/' for c in others)}); "
                            "put every class under train/ and test/ (or val/), or every class "
                            f"folder directly in {root} to have them split 80/20")
+    for split in split_names:  # Kaggle's unlabelled test/*.png beside class folders
+        if _images_in(root / split) and len(split_names) < len(classes):
+            warnings.warn(f"{root}: {split}/ holds images beside class folders and is taken as "
+                          f"a class named {split!r}; if it is an unlabelled test split, move it "
+                          f"out of {root} (a split is train/<class>/ and test/<class>/)",
+                          XbmWarning, stacklevel=user_stacklevel())
     _need_two(root, classes)
     listed = _list_split(root, classes)
     _check_memory(root, len(listed), channels, image_size, 2)
@@ -439,6 +444,33 @@ def _split_dirs(root: Path) -> tuple[Path | None, Path | None]:
                           f"{', '.join(p.name + '/' for p in tests[1:])} not used", XbmWarning,
                           stacklevel=user_stacklevel())
     return train_dir, (tests[0] if tests else None)
+
+
+def _no_test_fix(root: Path, train_dir: Path, test_dir: Path) -> str:
+    """How to fix a split whose test folder holds no labelled image."""
+    return (f"add images to {test_dir.name}/<class>/, or move the class folders of "
+            f"{train_dir.name}/ up into {root} and remove {train_dir.name}/ and "
+            f"{test_dir.name}/ to have them split 80/20")
+
+
+def _warn_unread(root: Path, train_dir: Path, test_dir: Path) -> None:
+    """With a train/test split, what else the folder holds is not read: a class folder beside
+    the split, or images loose in the root or in a split folder. Said, not dropped silently."""
+    split_names = (*TRAIN_NAMES, *TEST_NAMES)
+    others = [f"{p.name}/" for p in _class_dirs(root)
+              if p.name.lower() not in split_names and (_images_in(p) or _class_dirs(p))]
+    loose = [f"{d.name}/" if d is not root else "the folder itself"
+             for d in (root, train_dir, test_dir) if _images_in(d)]
+    parts = []
+    if others:
+        parts.append(f"{', '.join(others)} beside {train_dir.name}/ and {test_dir.name}/ "
+                     f"(a class belongs in {train_dir.name}/<class>/ and "
+                     f"{test_dir.name}/<class>/)")
+    if loose:
+        parts.append(f"images directly in {', '.join(loose)} (they have no class folder)")
+    if parts:
+        warnings.warn(f"{root}: not read: {'; '.join(parts)}", XbmWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _warn_untested(where: Path, classes: list[str], test_y: torch.Tensor,

@@ -47,6 +47,9 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> torch.Tensor:
     if len(data) < header:
         raise XbmError(f"{source}: truncated IDX header; re-download or reinstall it")
     dims = struct.unpack(f">{ndim}i", data[4:header])
+    if any(d < 0 for d in dims):  # two negatives multiply to a plausible size
+        raise XbmError(f"{source}: IDX header has negative dimensions {dims}; the file is "
+                       "corrupt, re-download or reinstall it")
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
         raise XbmError(f"{source}: IDX size {len(data)} bytes does not match its header "

@@ -193,18 +193,25 @@ class TaskData:
                         self.test_x.expand(-1, channels, -1, -1), self.test_y,
                         list(self.classes), colour_read_as_grey=self.colour_read_as_grey)
 
-    def test_fingerprint(self) -> str:
-        """A short hash of the test split (labels and the first channel's pixels, so a
-        grayscale task repeated into RGB keeps its fingerprint): ``xbm adapt`` records it and
-        ``xbm eval`` compares, so an image folder whose files changed in between is said
-        rather than scored on other images (some of them, for a folder split 80/20, training
-        images)."""
+    def test_fingerprint(self, first_channel_only: bool = False) -> str:
+        """A short hash of the test split (labels and pixels; of the first channel alone where
+        every channel equals it, so a grayscale task repeated into RGB keeps its fingerprint):
+        ``xbm adapt`` records it and ``xbm eval`` compares, so an image folder whose files
+        changed in between is said rather than scored on other images (some of them, for a
+        folder split 80/20, training images). ``first_channel_only``: the first channel
+        whatever the others hold, as bundles before session 29 recorded it."""
         import hashlib
 
         h = hashlib.sha256()
         h.update(str(tuple(self.test_x.shape[2:])).encode())
         h.update(self.test_y.contiguous().numpy().tobytes())
-        h.update(self.test_x[:, :1].contiguous().numpy().tobytes())
+        x = self.test_x
+        if not first_channel_only and x.dim() == 4 and x.shape[1] > 1 and \
+                not bool((x == x[:, :1]).all()):
+            h.update(b"every channel")  # colour: an edit to green or blue is a change too
+            h.update(x.contiguous().numpy().tobytes())
+        else:
+            h.update(x[:, :1].contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     @property
@@ -247,6 +254,13 @@ class TaskData:
 
         tx, ty = pick(self.train_x, self.train_y, train, seed * 2)
         vx, vy = pick(self.test_x, self.test_y, test, seed * 2 + 1)
+        lost = sorted(set(self.train_y.unique().tolist()) - set(ty.unique().tolist()))
+        if lost:  # a rare class's quota rounds to 0: never trained, still scored
+            names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in lost]
+            warnings.warn(f"{self.name}: a training subset of {ty.numel()} leaves class(es) "
+                          f"{names} without training images (each class gets its share of the "
+                          "subset); pass a larger --train-subset (train=)", XbmWarning,
+                          stacklevel=user_stacklevel())
         return TaskData(self.name, tx, ty, vx, vy, list(self.classes),
                         colour_read_as_grey=self.colour_read_as_grey)
 

@@ -29,19 +29,23 @@ def _read(path: Path) -> Mapping[str, object]:
     if problem:
         raise XbmError(f"checkpoint {str(path)!r} {problem}; pass the path of a .pth, .pt "
                        f"or .safetensors state dict")
-    if path.suffix != ".safetensors":
+    safetensors = path.suffix.lower() == ".safetensors"
+    if not safetensors:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
         if not head:
             raise XbmError(f"checkpoint {str(path)!r} is empty; pass the .pth that torch.save "
                            "wrote, or a .safetensors file")
+        # safetensors under another name: an 8-byte little-endian header size, then its JSON
+        safetensors = len(head) == 9 and head[8:9] == b"{" and \
+            0 < int.from_bytes(head[:8], "little") < path.stat().st_size
         # torch.save writes a zip archive (PK..); before PyTorch 1.6, a bare pickle (0x80 ..)
-        if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        if not (safetensors or head.startswith(b"PK") or head[:1] == b"\x80"):
             raise XbmError(f"checkpoint {str(path)!r} is not a torch checkpoint (torch.save "
                            "writes a zip archive) nor a .safetensors file; pass the weights "
                            "file itself")
     try:
-        if path.suffix == ".safetensors":
+        if safetensors:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")

@@ -627,6 +627,26 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
     return found
 
 
+def cached_recipe_problem(p: Path, meta: dict[str, Any], cfg: PretrainConfig) -> str | None:
+    """What makes the cache file ``p`` (its metadata ``meta``) not the backbone of recipe
+    ``cfg``, whose cache name it has: a file copied or renamed in, or named by an older rule.
+    None when it is that recipe's. ``get_backbone`` and ``xbm pretrain`` ask alike, so that
+    pretrain does not call "cached" a file that every default-backbone command refuses."""
+    arch = meta.get("arch") or {}
+    if any(arch.get(k) != v for k, v in (("name", cfg.model), ("width", cfg.width))):
+        return (f"cached backbone {p} holds {arch.get('name')} width {arch.get('width')}, but "
+                f"its name says {cfg.model} width {cfg.width}")
+    recorded = recipe_config(meta.get("config"))
+    diff = recorded.differs_from(cfg) if recorded is not None else []
+    if cfg.channels is not None and arch.get("in_channels") not in (None, cfg.channels):
+        # channels None (as stored) of an RGB dataset: one name
+        diff.append(f"in_channels {arch.get('in_channels')!r} vs {cfg.channels!r}")
+    if diff:
+        return (f"cached backbone {p} was pretrained with another recipe than its name says "
+                f"({'; '.join(diff)}: recorded vs asked)")
+    return None
+
+
 def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = None,
                  progress: bool = True, log=print, path: str | Path | None = None
                  ) -> tuple[nn.Module, dict[str, Any], Path]:
@@ -654,22 +674,9 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
             # silently spending minutes on a new pretraining
             raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
                               "pretrain it anew") from None
-        arch = meta.get("arch") or {}
-        want = {"name": cfg.model, "width": cfg.width}
-        if not path and any(arch.get(k) != v for k, v in want.items()):
-            # a file copied or renamed into the cache: its name promises another model
-            raise BundleError(f"cached backbone {p} holds {arch.get('name')} width "
-                              f"{arch.get('width')}, but its name says {cfg.model} width "
-                              f"{cfg.width}; delete it and run again to pretrain it anew")
-        recorded = recipe_config(meta.get("config"))
-        diff = recorded.differs_from(cfg) if recorded is not None and not path else []
-        if not path and cfg.channels is not None and arch.get("in_channels") not in (
-                None, cfg.channels):  # channels None (as stored) of an RGB dataset: one name
-            diff.append(f"in_channels {arch.get('in_channels')!r} vs {cfg.channels!r}")
-        if diff:  # renamed or copied in, or named by an older rule: not the recipe asked for
-            raise BundleError(f"cached backbone {p} was pretrained with another recipe than "
-                              f"its name says ({'; '.join(diff)}: recorded vs asked); delete "
-                              "it and run again to pretrain it anew")
+        problem = None if path else cached_recipe_problem(p, meta, cfg)
+        if problem:
+            raise BundleError(f"{problem}; delete it and run again to pretrain it anew")
         log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
         return model, meta, p
     if not path:
