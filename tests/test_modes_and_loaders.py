@@ -155,6 +155,45 @@ def test_images_without_a_channel_dimension_are_named(recorded):
             run()
 
 
+@pytest.mark.filterwarnings("ignore:xbm.apply")  # its Conv1d stays digital, as said
+def test_a_three_d_batch_of_a_model_that_takes_one_runs():
+    """The up-front refusal of (N, A, B) batches stopped a Conv1d model (or one of tokens)
+    that records in_channels in its arch."""
+    class OneD(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv1d(2, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.c(x).mean(2))
+
+    mtm = MultiTaskModel(OneD(), "default", arch={"name": "custom1d", "in_channels": 2})
+    mtm.add_task("a", 3, "xbm")
+    batch = [(torch.zeros(4, 2, 20), torch.zeros(4, dtype=torch.long))]
+    assert 0.0 <= evaluate_task(mtm, "a", batch) <= 100.0  # it runs
+
+
+def test_the_first_convolution_is_told_by_its_weight():
+    """A grey model whose second conv takes 3 channels: an RGB batch refused by its first
+    conv is the data's mismatch (the rule "no conv takes 3 channels" missed it)."""
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 3, 3)
+            self.c2 = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+    mtm = MultiTaskModel(Two(), "default")
+    mtm.add_task("a", 3, "xbm")
+    with pytest.raises(XbmError, match=r"have 3 channel\(s\) .*the model's first convolution "
+                       r"takes 1"):
+        evaluate_task(mtm, "a", [(torch.zeros(2, 3, 12, 12), torch.zeros(2, dtype=torch.long))])
+
+
 def test_grey_images_on_an_rgb_backbone_name_with_channels():
     torch.manual_seed(0)
     backbone = create_model("small_cnn", num_classes=4, in_channels=3)

@@ -406,8 +406,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     from xbm.data import dataset_reference
 
     same = not args.dataset or dataset_reference(args.dataset) == task.dataset
-    if fingerprint and same and recorded == now and fingerprint not in (
-            data.test_fingerprint(), data.test_fingerprint(first_channel_only=True)):
+    if fingerprint and same and recorded == now and fingerprint != data.test_fingerprint() \
+            and fingerprint != data.test_fingerprint(first_channel_only=True):  # pre-29 bundles
         from xbm.data.folder import has_own_split
         from xbm.data.registry import image_folder_path
 

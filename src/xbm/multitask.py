@@ -406,7 +406,8 @@ class MultiTaskModel(nn.Module):
                 (strict mode; a warning otherwise), lacks tasks this model has (strict mode),
                 or holds other backbone weights while tasks of this model, learned on its
                 backbone, would stay (either mode: they would silently compute with weights
-                they were not learned on).
+                they were not learned on). Every backbone tensor counts, BatchNorm's
+                ``num_batches_tracked`` too, as in the backbone hash bundles check.
         """
         found = {m.group(1) for k in state_dict
                  if (m := re.search(rf"(?:^|\.){TASK_KEY}\.([^.]+)\.", str(k)))}
@@ -426,8 +427,9 @@ class MultiTaskModel(nn.Module):
                            "/ load_bundle)")
         if kept:
             own = {f"model.{k}": v for k, v in backbone_state(self.model).items()}
-            changed = sorted(
-                k for k, v in own.items() if isinstance(state_dict.get(k), torch.Tensor) and (
+            changed = sorted(  # a weightless (meta) side has no values to compare
+                k for k, v in own.items() if isinstance(state_dict.get(k), torch.Tensor)
+                and not v.is_meta and not state_dict[k].is_meta and (
                     tuple(state_dict[k].shape) != tuple(v.shape)
                     or not torch.equal(state_dict[k].to(v.device, v.dtype), v)))
             if changed:

@@ -206,12 +206,12 @@ class TaskData:
         h.update(str(tuple(self.test_x.shape[2:])).encode())
         h.update(self.test_y.contiguous().numpy().tobytes())
         x = self.test_x
-        if not first_channel_only and x.dim() == 4 and x.shape[1] > 1 and \
-                not bool((x == x[:, :1]).all()):
+        if not first_channel_only and x.dim() == 4 and x.shape[1] > 1 and x.stride(1) != 0 \
+                and not all(torch.equal(x[:, c], x[:, 0]) for c in range(1, x.shape[1])):
             h.update(b"every channel")  # colour: an edit to green or blue is a change too
-            h.update(x.contiguous().numpy().tobytes())
+            h.update(x.contiguous().numpy())
         else:
-            h.update(x[:, :1].contiguous().numpy().tobytes())
+            h.update(x[:, :1].contiguous().numpy())
         return h.hexdigest()[:16]
 
     @property

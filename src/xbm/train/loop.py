@@ -551,8 +551,6 @@ def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, tor
         raise XbmError(f"a batch's images are {x.dtype}; the model takes floating-point "
                        "images, normalised as it was trained (xbm's loaders give float32 in "
                        "[-1, 1]): e.g. x.float() / 127.5 - 1 for uint8 images")
-    if channels is not None and x.dim() == 3:  # torch would read it as one unbatched image
-        raise XbmError(_no_channel_message(x))
     if channels is not None and x.dim() == 4 and x.shape[1] != channels:
         raise XbmError(_channel_message(x, channels, "the backbone takes"))
     # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
@@ -594,29 +592,42 @@ def _no_channel_message(x: torch.Tensor) -> str:
             "grey images")
 
 
-#: torch's message for a convolution's input of another channel count
+#: torch's message for a convolution's input of another channel count, and its weight
 _TORCH_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channels, but got "
                              r"(\d+) channels")
+_TORCH_WEIGHT = re.compile(r"weight of size \[([\d, ]+)\]")
+
+
+def _first_conv_weight_shape(model: nn.Module) -> list[int] | None:
+    """The weight shape of the model's first 2-D convolution (in module order: its stem)."""
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(getattr(mod, "in_channels", None), int) and \
+                isinstance(w, torch.Tensor) and w.dim() == 4:
+            return list(w.shape)
+    return None
 
 
 @contextlib.contextmanager
 def _channels_named(x: torch.Tensor, model: nn.Module) -> Iterator[None]:
-    """Name the fix when the model's first convolution refuses the batch's channel count: a
-    model without a recorded ``arch`` (a user's own, a backbone built without ``arch=``) is not
-    checked up front, and failed with torch's bare RuntimeError. Only an error about this very
-    batch (its full shape) in a model none of whose convolutions takes its channel count is
-    rewritten (a first convolution that keeps the shape, then a wrong one, is the model's
-    bug, not the images'); any other passes through."""
+    """Name the fix when the model's first convolution refuses the batch: a model without a
+    recorded ``arch`` (a user's own, a backbone built without ``arch=``) is not checked up
+    front, and failed with torch's bare RuntimeError. Only torch's refusal of this very batch
+    (its full shape, or the batch taken as one unbatched image: images without a channel
+    dimension) by the model's first convolution (its weight's shape) is rewritten: a later
+    convolution's refusal is the model's own bug, and passes through as it is."""
     try:
         yield
     except RuntimeError as exc:
-        m = _TORCH_CHANNELS.search(str(exc))
-        if m and x.dim() == 3 and [int(v) for v in m.group(1).split(",")] == [1, *x.shape]:
+        text = str(exc)
+        m = _TORCH_CHANNELS.search(text)
+        w = _TORCH_WEIGHT.search(text)
+        first = m is not None and w is not None and \
+            [int(v) for v in w.group(1).split(",")] == _first_conv_weight_shape(model)
+        if first and x.dim() == 3 and [int(v) for v in m.group(1).split(",")] == [1, *x.shape]:
             raise XbmError(_no_channel_message(x)) from exc  # unbatched, as torch took it
-        if m and x.dim() == 4 and int(m.group(3)) == x.shape[1] and \
-                [int(v) for v in m.group(1).split(",")] == list(x.shape) and \
-                not any(getattr(mod, "in_channels", None) == x.shape[1]
-                        for mod in model.modules()):
+        if first and x.dim() == 4 and int(m.group(3)) == x.shape[1] and \
+                [int(v) for v in m.group(1).split(",")] == list(x.shape):
             raise XbmError(_channel_message(x, int(m.group(2)),
                                             "the model's first convolution takes")) from exc
         raise
