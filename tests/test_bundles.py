@@ -169,6 +169,24 @@ def test_save_bundle_replaces_only_a_bundle(trained, tmp_path, monkeypatch):
     assert build().load_bundle(empty) == ["xbm", "piggyback"]
 
 
+def test_loading_a_bundle_leaves_the_rng_alone(trained):
+    """load_bundle drew every stored task's throw-away initialisation from the global RNG, so
+    a task added after it (xbm adapt --bundle with the same --seed) started from other values
+    depending on what the bundle held."""
+    _, path = trained
+
+    def new_task(with_bundle: bool) -> dict[str, torch.Tensor]:
+        mtm = build()
+        torch.manual_seed(7)
+        if with_bundle:
+            mtm.load_bundle(path)
+        mtm.add_task("new", 3, "xma")
+        return {k: v.clone() for k, v in mtm.task_state_dict("new").items()}
+
+    alone, after = new_task(False), new_task(True)
+    assert alone.keys() == after.keys() and all(torch.equal(alone[k], after[k]) for k in alone)
+
+
 def test_not_a_bundle(tmp_path):
     p = tmp_path / "x.safetensors"
     save_safetensors(p, {"a": torch.zeros(1)}, {"format": "other"})

@@ -317,6 +317,21 @@ def _check_bundle_target(path: str | os.PathLike) -> None:
                    "save to another path, or remove the file first")
 
 
+class _RngState:
+    """torch's global RNG states (the CPU's, and those of the CUDA devices ``model`` is on),
+    saved now and put back by :meth:`restore`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = {i: torch.cuda.get_rng_state(i) for i in sorted(
+            {t.device.index or 0 for t in model.parameters() if t.is_cuda})}
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for i, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, i)
+
+
 class MultiTaskModel(nn.Module):
     """A backbone on crossbars plus per-task state, keyed by task name.
 
@@ -860,6 +875,10 @@ class MultiTaskModel(nn.Module):
         had = [p for t in self.tasks for p in self._task_params(t)]
         flags = [p.requires_grad for p in had]
         self._loading_bundle = True
+        # the tasks' fresh initialisation, overwritten by the saved values below, must not
+        # draw from the global RNG: a task added after the load (xbm adapt --bundle, same
+        # --seed) started from other values depending on what the bundle held
+        rng = _RngState(self.model)
         try:
             for ti in infos:
                 self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
@@ -912,6 +931,7 @@ class MultiTaskModel(nn.Module):
                 for p in self._task_params(t):
                     p.requires_grad_(False)
         finally:
+            rng.restore()
             self._loading_bundle = False
             for p, f in zip(had, flags, strict=True):
                 p.requires_grad_(f)
