@@ -2992,3 +2992,40 @@ def test_adapt_says_when_a_datasets_images_are_fed_at_another_side(tmp_path, cap
         "--image-size N feeds another side)" in capsys.readouterr().out
     assert main([*argv, "--image-size", "20", "--out", str(tmp_path / "b.safetensors")]) == 0
     assert "3 classes\n" in capsys.readouterr().out  # fed as stored: nothing to say
+
+
+def test_eval_takes_a_colour_tasks_fingerprint_of_either_form(monkeypatch):
+    """Bundles before session 29 recorded the first channel's fingerprint; the full one covers
+    every channel. Either recorded form of the same images is quiet, an edit in another
+    channel is said."""
+    import argparse
+    import types
+    import warnings
+
+    import torch
+
+    from xbm.cli import _task_data
+    from xbm.data import TaskData, register_dataset, registry
+
+    x = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0], x[:, 1:] = 10, 40
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    edited = x.clone()
+    edited[0, 2, 0, 0] = 250
+    images = {"test": x}
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_dataset("rgb6", reads_root=False)(
+        lambda root, seed: TaskData("rgb6", x, y, images["test"], y, ["a", "b"]))
+    same = TaskData("rgb6", x, y, x, y, ["a", "b"])
+    args = argparse.Namespace(dataset=None, data_root=None)
+    for recorded, changed, said in (
+            (same.test_fingerprint(), x, False),
+            (same.test_fingerprint(first_channel_only=True), x, False),  # a pre-29 bundle
+            (same.test_fingerprint(), edited, True)):
+        images["test"] = changed
+        task = types.SimpleNamespace(name="t", dataset="rgb6", num_classes=2, extra={
+            "classes": ["a", "b"], "test_fingerprint": recorded})
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            _task_data(args, task, None, None, 0, channels=3)
+        assert any("are not those it was adapted with" in str(w.message) for w in got) is said
