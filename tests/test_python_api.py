@@ -944,6 +944,11 @@ def test_add_task_on_a_weightless_meta_model() -> None:
         mtm.add_task(f"n{i}", 3, m)
     bn = next(b for b in mtm.model.modules() if isinstance(b, nn.BatchNorm2d))
     assert bn.xbm_tasks["n0"].running_mean.is_meta
+    # no values: no hash and no bundle, said in one line (torch's "Cannot copy out of meta
+    # tensor" before)
+    for call in (lambda: mtm.backbone_hash, lambda: mtm.save_bundle("never.safetensors")):
+        with pytest.raises(XbmError, match="backbone is on the meta device"):
+            call()
 
 
 def test_a_linear_subclass_with_linears_forward_is_a_head() -> None:

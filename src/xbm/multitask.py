@@ -300,6 +300,14 @@ def _adopt(model: nn.Module, spec: CrossbarSpec, filter_fn: FilterFn | None,
     return model
 
 
+def _refuse_meta(tensors: Any) -> None:
+    """A weightless (meta-device) model has no values to hash or save."""
+    if any(t.is_meta for t in tensors):
+        raise XbmError("this model's backbone is on the meta device (shapes only): it has no "
+                       "content hash, and its tasks cannot be saved; build it with real "
+                       "weights (or load them with load_state_dict(..., assign=True))")
+
+
 def _check_bundle_target(path: str | os.PathLike) -> None:
     """Refuse to write a bundle over an existing file that is not one (``save_bundle``)."""
     from xbm.io import xbm_file_kind
@@ -461,8 +469,14 @@ class MultiTaskModel(nn.Module):
         every call, so that weights loaded after the conversion are the ones a bundle records
         (and checks on loading). The hash covers dtypes: a backbone cast to float64 holds
         other values, and its bundles load only onto a float64 copy (float16 and bfloat16
-        models are refused: ``xbm.nn.convert.check_float_dtypes``)."""
-        return tensors_hash(backbone_state(self.model))
+        models are refused: ``xbm.nn.convert.check_float_dtypes``).
+
+        Raises:
+            XbmError: the model is weightless (on the meta device): it has no values to hash.
+        """
+        state = backbone_state(self.model)
+        _refuse_meta(state.values())
+        return tensors_hash(state)
 
     # -- tasks ------------------------------------------------------------------------------
     @property
@@ -793,6 +807,7 @@ class MultiTaskModel(nn.Module):
             XbmError: ``path`` holds another kind of file, or a task cannot be saved.
         """
         _check_bundle_target(path)
+        _refuse_meta(self.model.parameters())
         if isinstance(tasks, str):
             raise XbmError(f"save_bundle: tasks must be a list of task names, got the string "
                            f"{tasks!r}; write tasks=[{tasks!r}]")
