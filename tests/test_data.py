@@ -1037,6 +1037,11 @@ def test_what_a_split_folder_does_not_read_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a tidy split: nothing to say
         xd.load_image_folder(root, image_size=8)
+    (root / "checkpoints" / "run1").mkdir(parents=True)  # no image below: not a class
+    _pngs(root / "__MACOSX" / "train" / "cat", 1)  # a macOS zip's resource forks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xd.load_image_folder(root, image_size=8)
     _pngs(root / "bird", 4)
     _pngs(root / "train", 1)  # train/0.png, loose
     with pytest.warns(XbmWarning, match=r"ds: not read: bird/ beside train/ and test/ \(a class "
@@ -1056,6 +1061,11 @@ def test_an_unlabelled_test_folder_beside_classes_is_said(tmp_path):
                       r"as a class named 'test'; if it is an unlabelled test split, move it out"):
         task = xd.load_image_folder(root, image_size=8)
     assert task.classes == ["cat", "dog", "test"]
+    # a class called "train" (CIFAR-100 has one) is no unlabelled split: nothing said
+    (root / "test").rename(root / "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xd.load_image_folder(root, image_size=8).classes == ["cat", "dog", "train"]
 
 
 def test_a_subset_that_leaves_a_class_untrained_is_said():
@@ -1069,6 +1079,7 @@ def test_a_subset_that_leaves_a_class_untrained_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         task.subset(train=60)  # every class keeps some
+        task.subset(train=10, warn_untrained=False)  # calibration images only (simulate)
 
 
 def test_the_test_fingerprint_sees_every_colour_channel():

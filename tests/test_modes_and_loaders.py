@@ -147,12 +147,15 @@ def test_images_without_a_channel_dimension_are_named(recorded):
     if recorded:
         mtm.arch = {"name": "small_cnn", "in_channels": 1}
     mtm.add_task("a", 3, "xbm")
-    flat = [(torch.zeros(2, 12, 12), torch.zeros(2, dtype=torch.long))]
-    for run in (lambda: train_task(mtm, "a", flat, device="cpu", progress=False),
-                lambda: evaluate_task(mtm, "a", flat)):
-        with pytest.raises(XbmError, match=r"have shape \(2, 12, 12\), without a channel "
-                           r"dimension .* add it, e.g. x.unsqueeze\(1\)"):
-            run()
+    # a batch of one grey image (N = the channel count) ran as one unbatched image and failed
+    # later, in torch's words
+    for n in (2, 1):
+        flat = [(torch.zeros(n, 12, 12), torch.zeros(n, dtype=torch.long))]
+        for run in (lambda flat=flat: train_task(mtm, "a", flat, device="cpu", progress=False),
+                    lambda flat=flat: evaluate_task(mtm, "a", flat)):
+            with pytest.raises(XbmError, match=rf"have shape \({n}, 12, 12\), without a channel "
+                               r"dimension .* add it, e.g. x.unsqueeze\(1\)"):
+                run()
 
 
 @pytest.mark.filterwarnings("ignore:xbm.apply")  # its Conv1d stays digital, as said

@@ -445,7 +445,9 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     if test_subset is not None and test_subset > have:  # as adapt says it
         warnings.warn(f"task {task.name!r}: --test-subset {test_subset} is more than the "
                       f"{have} test images of {ds}: all used", XbmWarning, stacklevel=2)
-    return ds, data.subset(train_subset, test_subset, seed=seed), task_image_size(task)
+    # its training images only calibrate a simulation (eval takes none): no class goes untrained
+    return ds, data.subset(train_subset, test_subset, seed=seed, warn_untrained=False), \
+        task_image_size(task)
 
 
 def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any],

@@ -378,7 +378,8 @@ def _load(root: Path, image_size: int, channels: int, test_fraction: float,
                            "put every class under train/ and test/ (or val/), or every class "
                            f"folder directly in {root} to have them split 80/20")
     for split in split_names:  # Kaggle's unlabelled test/*.png beside class folders
-        if _images_in(root / split) and len(split_names) < len(classes):
+        if split.lower() in TEST_NAMES and _images_in(root / split) and \
+                len(split_names) < len(classes):  # a class may be called "train" (CIFAR-100)
             warnings.warn(f"{root}: {split}/ holds images beside class folders and is taken as "
                           f"a class named {split!r}; if it is an unlabelled test split, move it "
                           f"out of {root} (a split is train/<class>/ and test/<class>/)",
@@ -456,9 +457,9 @@ def _no_test_fix(root: Path, train_dir: Path, test_dir: Path) -> str:
 def _warn_unread(root: Path, train_dir: Path, test_dir: Path) -> None:
     """With a train/test split, what else the folder holds is not read: a class folder beside
     the split, or images loose in the root or in a split folder. Said, not dropped silently."""
-    split_names = (*TRAIN_NAMES, *TEST_NAMES)
-    others = [f"{p.name}/" for p in _class_dirs(root)
-              if p.name.lower() not in split_names and (_images_in(p) or _class_dirs(p))]
+    split_names = (*TRAIN_NAMES, *TEST_NAMES, "__macosx")  # and a macOS zip's resource forks
+    others = [f"{p.name}/" for p in _class_dirs(root) if p.name.lower() not in split_names
+              and (_images_in(p) or any(_images_in(c) for c in _class_dirs(p)))]
     loose = [f"{d.name}/" if d is not root else "the folder itself"
              for d in (root, train_dir, test_dir) if _images_in(d)]
     parts = []

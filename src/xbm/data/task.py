@@ -224,13 +224,15 @@ class TaskData:
                 f"test={tuple(self.test_x.shape)}, classes={self.num_classes})")
 
     def subset(self, train: int | None = None, test: int | None = None,
-               seed: int = 0) -> TaskData:
+               seed: int = 0, warn_untrained: bool = True) -> TaskData:
         """A seeded, class-stratified random subset (for quick runs and small-data studies).
 
         Args:
             train: number of training samples; ``None`` (or more than available) keeps all.
             test: number of test samples; ``None`` (or more than available) keeps all.
             seed: subset seed; train and test draws use separate streams derived from it.
+            warn_untrained: say when the training subset leaves a class without images
+                (off where the training images only calibrate, as in ``xbm simulate``).
 
         Returns:
             A new TaskData sharing no storage with this one; samples keep their stored order.
@@ -255,7 +257,7 @@ class TaskData:
         tx, ty = pick(self.train_x, self.train_y, train, seed * 2)
         vx, vy = pick(self.test_x, self.test_y, test, seed * 2 + 1)
         lost = sorted(set(self.train_y.unique().tolist()) - set(ty.unique().tolist()))
-        if lost:  # a rare class's quota rounds to 0: never trained, still scored
+        if lost and warn_untrained:  # a rare class's quota rounds to 0: never trained
             names = [self.classes[i] if 0 <= i < len(self.classes) else str(i) for i in lost]
             warnings.warn(f"{self.name}: a training subset of {ty.numel()} leaves class(es) "
                           f"{names} without training images (each class gets its share of the "

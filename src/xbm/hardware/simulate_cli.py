@@ -401,7 +401,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
             seed = _eval_seed(given, (bmeta.get("config") or {}).get("seed"))
             _, data, size = _base_task_data(args, bmeta, list(mtm.tasks.values()), seed)
             if args.train_subset:  # the ADC calibration's images
-                data = data.subset(args.train_subset, None, seed=seed)
+                data = data.subset(args.train_subset, None, seed=seed, warn_untrained=False)
         else:
             seed = _eval_seed(given, (mtm.tasks[t].extra or {}).get("seed"))
             _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,

@@ -428,7 +428,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
 
         graph_step = _GraphedStep(one_step, device, method.graph_ready) if graphed else None
         mtm.train()
-        channels = _input_channels(mtm)
+        channels, images = _input_channels(mtm), _takes_images(mtm)
         step, last_loss = 0, None
         t0 = time.perf_counter()
         clock = ProgressClock()  # one per run: the plain lines' 30 s carry across epochs
@@ -440,7 +440,7 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                            f"{task} [{method.name}] ep {epoch + 1}/{run_epochs}", progress,
                            later_epochs=run_epochs - epoch - 1, clock=clock)
             for batch in it:
-                x, y = _pair(batch, channels)
+                x, y = _pair(batch, channels, images)
                 if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
                     _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
                                        _ADD_TASK_FIX)
@@ -505,11 +505,11 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     """
     device = _device_of(model, device)
     task = getattr(model, "active_task", None)
-    channels = _input_channels(model)
+    channels, images = _input_channels(model), _takes_images(model)
     correct = total = 0
     with eval_mode(model):  # each submodule's own flag comes back, also on an error
         for batch in loader:
-            x, y = _pair(batch, channels)
+            x, y = _pair(batch, channels, images)
             x, y = x.to(device), y.to(device)
             with _channels_named(x, model):
                 logits = model(x)
@@ -528,7 +528,8 @@ _BATCH_IT = ("it yields single samples: batch them, e.g. torch.utils.data.DataLo
              "batch_size=128, shuffle=True), or xbm.data.load_dataset(name).loaders(128)")
 
 
-def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(batch: object, channels: int | None = None, images: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch as (images, labels), checked: a dict batch (a Hugging Face style loader) failed
     with "'str' object has no attribute 'to'"; single samples, integer images and images of
     another channel count (``channels``: what the model takes, where it records it) failed
@@ -551,6 +552,8 @@ def _pair(batch: object, channels: int | None = None) -> tuple[torch.Tensor, tor
         raise XbmError(f"a batch's images are {x.dtype}; the model takes floating-point "
                        "images, normalised as it was trained (xbm's loaders give float32 in "
                        "[-1, 1]): e.g. x.float() / 127.5 - 1 for uint8 images")
+    if images and x.dim() == 3:  # one unbatched image to torch; N = its channels runs on
+        raise XbmError(_no_channel_message(x))
     if channels is not None and x.dim() == 4 and x.shape[1] != channels:
         raise XbmError(_channel_message(x, channels, "the backbone takes"))
     # labels of shape (N, 1) broadcast against (N,) predictions into an N x N table (an accuracy
@@ -599,13 +602,19 @@ _TORCH_WEIGHT = re.compile(r"weight of size \[([\d, ]+)\]")
 
 
 def _first_conv_weight_shape(model: nn.Module) -> list[int] | None:
-    """The weight shape of the model's first 2-D convolution (in module order: its stem)."""
+    """The weight shape of the model's first convolution (in module order: its stem; 4-D for
+    a 2-D convolution, 3-D for a Conv1d)."""
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(getattr(mod, "in_channels", None), int) and \
-                isinstance(w, torch.Tensor) and w.dim() == 4:
+        if isinstance(getattr(mod, "in_channels", None), int) and isinstance(w, torch.Tensor):
             return list(w.shape)
     return None
+
+
+def _takes_images(model: nn.Module) -> bool:
+    """Whether the model's first convolution is a 2-D one, so a batch is (N, C, H, W)."""
+    shape = _first_conv_weight_shape(model)
+    return shape is not None and len(shape) == 4
 
 
 @contextlib.contextmanager
