@@ -2859,8 +2859,8 @@ def test_simulate_draws_a_tasks_test_subset_as_eval_does(tmp_path, capsys, monke
 
     seeds: list[int] = []  # the seed each command draws its 60 test images with
     real = TaskData.subset
-    monkeypatch.setattr(TaskData, "subset", lambda self, train=None, test=None, seed=0: (
-        seeds.append(seed) if test == 60 else None) or real(self, train, test, seed))
+    monkeypatch.setattr(TaskData, "subset", lambda self, train=None, test=None, seed=0, **kw: (
+        seeds.append(seed) if test == 60 else None) or real(self, train, test, seed, **kw))
     assert main(["eval", "--bundle", str(bundle), "--json", *common]) == 0
     assert main(["simulate", "--bundle", str(bundle), "--adc-mode", "ideal", "--json",
                  "--backend", "torch", "--no-progress", *common]) == 0
