@@ -1214,6 +1214,7 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     # cache is reused), not minutes of pretraining again
     import xbm.train.pretrain as pt
 
+    real_pretrain = pt.pretrain
     monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("pretrained again"))
     copy = tmp_path / "copy.safetensors"
     assert main(["pretrain", *tiny, "--out", str(copy)]) == 0
@@ -1228,6 +1229,22 @@ def test_pretrain_never_replaces_a_backbone_silently(tmp_path, capsys, monkeypat
     assert main(["pretrain", *tiny]) == 2
     assert "was pretrained with another recipe than its name says (seed 1 vs 0" in \
         (err := _one_line_error(capsys)) and "pass --force to pretrain it anew" in err, err
+    # two `pretrain --force` at once: the other run moved the cached file to its kept name
+    # between our check and our move, which stopped us with "No such file or directory"
+    import os
+
+    monkeypatch.setattr(pt, "pretrain", real_pretrain)
+    real_replace = os.replace
+
+    def raced(src, dst):
+        if os.fspath(src) == os.fspath(cached) and "-" in os.path.basename(os.fspath(dst)):
+            real_replace(src, dst)  # the other run's move, just before ours
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", raced)
+    assert main(["pretrain", *tiny, "--force"]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert cached.exists() and len(list(cached.parent.glob("*.safetensors"))) == 2
 
 
 def test_a_backbone_accuracy_says_how_many_test_images_it_was_measured_on():

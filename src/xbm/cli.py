@@ -226,7 +226,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     kept = None
     if old_hash:  # --force on a cached recipe: bundles made on the old backbone find it by hash
         kept = out.with_name(f"{out.stem}-{old_hash}.safetensors")
-        os.replace(out, kept)
+        try:
+            os.replace(out, kept)
+        except FileNotFoundError:  # another `pretrain --force` of this recipe kept it already
+            kept = None
     try:
         _, meta = pretrain(cfg, device, out, root=args.data_root, progress=not args.no_progress)
     except BaseException:
