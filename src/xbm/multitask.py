@@ -325,21 +325,6 @@ def _check_bundle_target(path: str | os.PathLike) -> None:
                    "save to another path, or remove the file first")
 
 
-class _RngState:
-    """torch's global RNG states (the CPU's, and those of the CUDA devices ``model`` is on),
-    saved now and put back by :meth:`restore`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = {i: torch.cuda.get_rng_state(i) for i in sorted(
-            {t.device.index or 0 for t in model.parameters() if t.is_cuda})}
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for i, state in self.cuda.items():
-            torch.cuda.set_rng_state(state, i)
-
-
 class MultiTaskModel(nn.Module):
     """A backbone on crossbars plus per-task state, keyed by task name.
 
@@ -893,50 +878,10 @@ class MultiTaskModel(nn.Module):
         # the tasks' fresh initialisation, overwritten by the saved values below, must not
         # draw from the global RNG: a task added after the load (xbm adapt --bundle, same
         # --seed) started from other values depending on what the bundle held
-        rng = _RngState(self.model)
+        cuda = sorted({t.device.index or 0 for t in self.model.parameters() if t.is_cuda})
         try:
-            for ti in infos:
-                self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
-                added.append(ti.name)
-                self.tasks[ti.name].extra = dict(ti.extra or {})  # kept when saved again
-                unpack = self.methods[ti.name].unpack_state
-
-                def _unpack(lname, layer, st, local, task=ti.name, unpack=unpack):
-                    try:
-                        return unpack(layer, st, local)
-                    except BundleError as exc:
-                        raise BundleError(f"{path}: task {task!r}, layer {lname}: {exc}"
-                                          ) from None
-
-                self._map_layer_states(ti.name, tensors, _unpack)
-                own = self.task_state_dict(ti.name)
-                missing = sorted(set(own) - set(tensors))
-                if missing:
-                    raise BundleError(f"{path}: task {ti.name!r} lacks tensor {missing[0]}"
-                                      f"{_LAYER_SET_HINT}")
-                for k, v in own.items():
-                    if tuple(tensors[k].shape) != tuple(v.shape):
-                        raise BundleError(
-                            f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected "
-                            f"{tuple(v.shape)}"
-                        )
-                    if tensors[k].dtype != v.dtype:  # load_state_dict would cast it silently
-                        raise BundleError(
-                            f"{path}: tensor {k} is {tensors[k].dtype}, expected {v.dtype}; the "
-                            "file is corrupt or was edited, re-create it with xbm adapt")
-                    t = tensors[k]
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        # a NaN score switches a column off in the forward but not in the
-                        # accounting's eyes, and a NaN head answers nothing
-                        raise BundleError(f"{path}: tensor {k} holds NaN or infinite values "
-                                          f"(task {ti.name!r} diverged in training?); retrain "
-                                          "it, e.g. at a lower lr")
-                self.model.load_state_dict({k: tensors[k] for k in own}, strict=False)
-            known = {k for t in added for k in self.task_state_dict(t)}
-            stray = sorted(set(tensors) - known)
-            if stray:
-                raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}"
-                                  f"{_LAYER_SET_HINT}")
+            with torch.random.fork_rng(devices=cuda):
+                self._add_bundle_tasks(path, tensors, infos, added)
         except BaseException:  # an interrupt (Ctrl-C in a notebook) too
             for t in added:  # leave the model as it was
                 self.remove_task(t)
@@ -946,7 +891,6 @@ class MultiTaskModel(nn.Module):
                 for p in self._task_params(t):
                     p.requires_grad_(False)
         finally:
-            rng.restore()
             self._loading_bundle = False
             for p, f in zip(had, flags, strict=True):
                 p.requires_grad_(f)
@@ -956,3 +900,50 @@ class MultiTaskModel(nn.Module):
         if self.backbone_file is None and isinstance(meta.get("backbone_file"), str):
             self.backbone_file = meta["backbone_file"]
         return added
+
+    def _add_bundle_tasks(self, path: str | Path, tensors: dict[str, torch.Tensor],
+                          infos: list[TaskInfo], added: list[str]) -> None:
+        """Add each of a bundle's tasks and load its tensors (checked), appending each name to
+        ``added`` as soon as it exists, so that the caller can remove them on failure."""
+        for ti in infos:
+            self.add_task(ti.name, ti.num_classes, ti.method, dict(ti.config), ti.dataset)
+            added.append(ti.name)
+            self.tasks[ti.name].extra = dict(ti.extra or {})  # kept when saved again
+            unpack = self.methods[ti.name].unpack_state
+
+            def _unpack(lname, layer, st, local, task=ti.name, unpack=unpack):
+                try:
+                    return unpack(layer, st, local)
+                except BundleError as exc:
+                    raise BundleError(f"{path}: task {task!r}, layer {lname}: {exc}"
+                                      ) from None
+
+            self._map_layer_states(ti.name, tensors, _unpack)
+            own = self.task_state_dict(ti.name)
+            missing = sorted(set(own) - set(tensors))
+            if missing:
+                raise BundleError(f"{path}: task {ti.name!r} lacks tensor {missing[0]}"
+                                  f"{_LAYER_SET_HINT}")
+            for k, v in own.items():
+                if tuple(tensors[k].shape) != tuple(v.shape):
+                    raise BundleError(
+                        f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, expected "
+                        f"{tuple(v.shape)}"
+                    )
+                if tensors[k].dtype != v.dtype:  # load_state_dict would cast it silently
+                    raise BundleError(
+                        f"{path}: tensor {k} is {tensors[k].dtype}, expected {v.dtype}; the "
+                        "file is corrupt or was edited, re-create it with xbm adapt")
+                t = tensors[k]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    # a NaN score switches a column off in the forward but not in the
+                    # accounting's eyes, and a NaN head answers nothing
+                    raise BundleError(f"{path}: tensor {k} holds NaN or infinite values "
+                                      f"(task {ti.name!r} diverged in training?); retrain "
+                                      "it, e.g. at a lower lr")
+            self.model.load_state_dict({k: tensors[k] for k in own}, strict=False)
+        known = {k for t in added for k in self.task_state_dict(t)}
+        stray = sorted(set(tensors) - known)
+        if stray:
+            raise BundleError(f"{path}: bundle has unexpected tensor {stray[0]}"
+                              f"{_LAYER_SET_HINT}")

@@ -601,6 +601,11 @@ _TORCH_CHANNELS = re.compile(r"expected input\[([\d, ]+)\] to have (\d+) channel
 _TORCH_WEIGHT = re.compile(r"weight of size \[([\d, ]+)\]")
 
 
+def _ints(text: str) -> list[int]:
+    """"2, 3, 12, 12" (a shape in torch's message) as [2, 3, 12, 12]."""
+    return [int(v) for v in text.split(",")]
+
+
 def _first_conv_weight_shape(model: nn.Module) -> list[int] | None:
     """The weight shape of the model's first convolution (in module order: its stem; 4-D for
     a 2-D convolution, 3-D for a Conv1d)."""
@@ -629,14 +634,13 @@ def _channels_named(x: torch.Tensor, model: nn.Module) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         text = str(exc)
-        m = _TORCH_CHANNELS.search(text)
-        w = _TORCH_WEIGHT.search(text)
-        first = m is not None and w is not None and \
-            [int(v) for v in w.group(1).split(",")] == _first_conv_weight_shape(model)
-        if first and x.dim() == 3 and [int(v) for v in m.group(1).split(",")] == [1, *x.shape]:
-            raise XbmError(_no_channel_message(x)) from exc  # unbatched, as torch took it
-        if first and x.dim() == 4 and int(m.group(3)) == x.shape[1] and \
-                [int(v) for v in m.group(1).split(",")] == list(x.shape):
+        m, w = _TORCH_CHANNELS.search(text), _TORCH_WEIGHT.search(text)
+        if m is None or w is None or _ints(w.group(1)) != _first_conv_weight_shape(model):
+            raise
+        seen = _ints(m.group(1))  # the input torch refused
+        if x.dim() == 3 and seen == [1, *x.shape]:  # unbatched, as torch took it
+            raise XbmError(_no_channel_message(x)) from exc
+        if x.dim() == 4 and seen == list(x.shape) and int(m.group(3)) == x.shape[1]:
             raise XbmError(_channel_message(x, int(m.group(2)),
                                             "the model's first convolution takes")) from exc
         raise
