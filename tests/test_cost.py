@@ -1181,3 +1181,38 @@ def test_registering_presets_needs_a_source_and_a_name_of_its_own(monkeypatch):
             register_energy_preset(bad)
     register_energy_preset(dataclasses.replace(base, name="mine", source="datasheet"))
     assert get_preset("mine").source == "datasheet"
+
+
+def test_a_preset_name_belongs_to_the_module_that_registered_it(monkeypatch):
+    """The registering module may register its preset again with edited numbers (a notebook
+    cell run twice); another module's different preset under the name is refused, as the
+    method, model and dataset registries refuse another definition."""
+    import xbm.config
+    from xbm.hardware import CrossbarSpec, energy, get_spec, spec
+
+    monkeypatch.setattr(spec, "SPEC_PRESETS", dict(spec.SPEC_PRESETS))
+    monkeypatch.setattr("xbm.hardware.SPEC_PRESETS", spec.SPEC_PRESETS)
+    monkeypatch.setattr(energy, "PRESETS", dict(energy.PRESETS))
+    monkeypatch.setattr(xbm.config, "_PRESET_OWNERS", {})
+
+    def register_from(module: str, code: str) -> None:
+        exec(code, {"__name__": module, "CrossbarSpec": CrossbarSpec,
+                    "register_spec_preset": spec.register_spec_preset,
+                    "register_energy_preset": energy.register_energy_preset,
+                    "base": energy.get_preset("neurosim"), "dataclasses": dataclasses})
+
+    first = "register_spec_preset(CrossbarSpec(name='chip', rows={}, source='datasheet'))"
+    register_from("plugin_a", first.format(32))
+    register_from("plugin_a", first.format(16))  # re-run with edited numbers: replaced
+    assert get_spec("chip").rows == 16
+    register_from("plugin_b", first.format(16))  # the same preset: harmless
+    with pytest.raises(ValueError, match="already registered by module plugin_a"):
+        register_from("plugin_b", first.format(8))
+    assert get_spec("chip").rows == 16
+    edit = "register_energy_preset(dataclasses.replace(base, name='chip', source='{}'))"
+    register_from("plugin_b", edit.format("v1"))
+    register_from("plugin_b", edit.format("v2"))
+    assert energy.get_preset("chip").source == "v2"
+    with pytest.raises(ValueError, match="energy preset 'chip' is already registered by "
+                                         "module plugin_b"):
+        register_from("plugin_a", edit.format("v3"))

@@ -267,14 +267,22 @@ def same_definition(a: object, b: object) -> bool:
 
 
 def register_named(store: dict[str, Any], item: Any, cls: type, kind: str,
-                   built_in: frozenset[str], reserved: tuple[str, ...] = ()) -> Any:
+                   built_in: frozenset[str], reserved: tuple[str, ...] = (), *,
+                   owner: str | None = None) -> Any:
     """Add a user's preset ``item`` (a ``cls`` with ``name`` and ``source``) to ``store`` by its
     name: a name of its own, and a source that cites its numbers, as every built-in preset's
-    does. A name registered before by the user is replaced (a reloaded module).
+    does.
+
+    ``owner`` is the registering module's ``__name__``. The module that registered a name may
+    register it again (a reloaded module, a notebook cell run twice, perhaps with edited
+    numbers) and replaces its entry. Another module's different preset under that name is
+    refused, as the method, model and dataset registries refuse another definition: which
+    numbers ``--preset NAME`` priced would otherwise depend on import order. An equal preset
+    is accepted from anywhere.
 
     Raises:
-        ValueError: another type, an empty, built-in or ``reserved``-suffixed name, or no
-            source (a programming error, not a user one).
+        ValueError: another type, an empty, built-in, ``reserved``-suffixed or another
+            module's name, or no source (a programming error, not a user one).
     """
     what = cls.__name__
     if not isinstance(item, cls):
@@ -286,8 +294,18 @@ def register_named(store: dict[str, Any], item: Any, cls: type, kind: str,
     if not str(item.source).strip():
         raise ValueError(f"{kind} {name!r} has no source; cite where its numbers come from "
                          f"({what}(source='paper or tool, table ...'))")
+    owners = _PRESET_OWNERS.setdefault(kind, {})
+    if name not in store:
+        owners[name] = owner
+    elif owners.get(name) != owner and store[name] != item:
+        raise ValueError(f"{kind} {name!r} is already registered by module {owners.get(name)}, "
+                         f"with other numbers; pick another name")
     store[name] = item
     return item
+
+
+#: Which module registered each user preset, per kind of preset (see ``register_named``).
+_PRESET_OWNERS: dict[str, dict[str, str | None]] = {}
 
 
 def positive_int(text: str) -> int:

@@ -570,16 +570,21 @@ _BUILT_IN = frozenset(PRESETS)
 def register_energy_preset(preset: EnergyPreset) -> EnergyPreset:
     """Add ``preset`` by its name (``get_preset(name)``, ``xbm cost --energy NAME`` given
     ``--plugin MODULE``). Its ``source`` must cite where the constants come from, as every
-    built-in preset's does (``notes`` per value, where they differ). Registering the name
-    again (a reloaded module) replaces the earlier one; a built-in preset's name is refused.
+    built-in preset's does (``notes`` per value, where they differ). The module that
+    registered a name may register it again (a reloaded module, a notebook cell) and replaces
+    its preset; another module's different preset under that name, or a built-in preset's
+    name, is refused.
 
     Raises:
-        ValueError: not an EnergyPreset, no name or source, or a built-in name.
+        ValueError: not an EnergyPreset, no name or source, a built-in name or another
+            module's.
     """
+    import sys
+
     from xbm.config import register_named
 
     return register_named(PRESETS, preset, EnergyPreset, "energy preset", _BUILT_IN,
-                          ("+set", "+edited"))
+                          ("+set", "+edited"), owner=sys._getframe(1).f_globals.get("__name__"))
 
 
 def get_preset(name: str = "default") -> EnergyPreset:

@@ -226,16 +226,20 @@ _BUILT_IN = frozenset(SPEC_PRESETS)
 def register_spec_preset(spec: CrossbarSpec) -> CrossbarSpec:
     """Add ``spec`` as a named crossbar preset (``get_spec(spec.name)``, ``--preset NAME``
     given ``--plugin MODULE``). Its ``source`` must say where its numbers come from, as every
-    built-in preset's does. Registering the name again (a reloaded module) replaces the
-    earlier one; a built-in preset's name is refused.
+    built-in preset's does. The module that registered a name may register it again (a
+    reloaded module, a notebook cell) and replaces its preset; another module's different
+    preset under that name, or a built-in preset's name, is refused.
 
     Raises:
-        ValueError: not a CrossbarSpec, no name or source, or a built-in name (a programming
-            error, not a user one).
+        ValueError: not a CrossbarSpec, no name or source, a built-in name or another
+            module's (a programming error, not a user one).
     """
+    import sys
+
     from xbm.config import register_named
 
-    return register_named(SPEC_PRESETS, spec, CrossbarSpec, "crossbar preset", _BUILT_IN)
+    return register_named(SPEC_PRESETS, spec, CrossbarSpec, "crossbar preset", _BUILT_IN,
+                          owner=sys._getframe(1).f_globals.get("__name__"))
 
 
 __all__ = ["CrossbarSpec", "SPEC_PRESETS", "get_spec", "register_spec_preset"]
