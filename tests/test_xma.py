@@ -204,6 +204,18 @@ def test_xma_trains_keeps_backbone_and_chip_view_contract():
     assert moved > 0  # 12 steps at the default lr move some columns off level 1
 
 
+def test_a_single_level_learns_only_the_head_and_norms():
+    """levels=[1] quantises every score to 1: the scores reach no output, so they are neither
+    counted as trainable nor given to the optimizer (they were both)."""
+    mtm = _mtm()
+    _train(mtm, "one", "xma", {"levels": [1]}, epochs=1)
+    _train(mtm, "lp", "linear-probe", {}, epochs=1)
+    assert mtm.trainable_params("one") == mtm.trainable_params("lp") > 0
+    assert mtm.mask_bits("one") == 0
+    for _, _, st in mtm.layer_states("one"):
+        assert torch.all(st.score == XMAConfig().score_init)  # untouched by the optimizer
+
+
 # -- XMA2: geometry and budget 0 -------------------------------------------------------------
 def test_pe_grid_matches_mapping():
     mtm = _mtm(SMALL_SPEC)

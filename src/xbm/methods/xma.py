@@ -280,6 +280,14 @@ class XMA(AdaptionMethod):
     def mask_bits(self, layer: nn.Module, state: nn.Module) -> int:
         return self.config.bits_per_column * state.score.numel()
 
+    def trainable_count(self, layer: nn.Module, state: nn.Module) -> int:
+        # a single level (levels=[1]) quantises every score to it: nothing the scores do reaches
+        # the output, so they learn nothing (0 mask bits, no optimizer state; see param_groups)
+        return super().trainable_count(layer, state) if len(self.config.levels) > 1 else 0
+
+    def param_groups(self, state_params: list[nn.Parameter]) -> list[dict[str, Any]]:
+        return super().param_groups(state_params) if len(self.config.levels) > 1 else []
+
     def masked_off_columns(self, layer: nn.Module, state: nn.Module) -> int:
         with torch.no_grad():
             return int((self.column_scale(layer, state) == 0).sum())
