@@ -258,6 +258,58 @@ def test_a_cached_backbone_of_another_recipe_is_refused(tmp_path, monkeypatch):
     assert p == out  # a file the user names is theirs to choose
 
 
+@pytest.mark.filterwarnings("ignore:the backbone reached")
+def test_two_runs_of_one_recipe_pretrain_it_once(tmp_path, monkeypatch):
+    """Two runs that need the same uncached backbone (two demos sharing $XBM_CACHE) both
+    pretrained it and both wrote it. The second now waits on the first's lock and loads what
+    the first cached."""
+    import threading
+    import time
+
+    import torch
+
+    from xbm.train import pretrain as pt
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "fm"
+    root.mkdir()
+    _write_idx_root(root)
+    cfg = PretrainConfig(model="small_cnn", width=2, dataset="mnist", epochs=1, batch_size=8,
+                         precision="fp32")
+    real, calls = pt.pretrain, []
+    started, go = threading.Event(), threading.Event()
+
+    def slow_pretrain(*a, **k):  # the first run holds the lock until the second waits on it
+        calls.append(1)
+        started.set()
+        assert go.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "pretrain", slow_pretrain)
+    results, said = {}, []
+
+    def run(key, log):
+        results[key] = pt.get_backbone(cfg, torch.device("cpu"), root=str(root),
+                                       progress=False, log=log)
+
+    first = threading.Thread(target=run, args=("first", lambda *a: None))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=run, args=("second", said.append))
+    second.start()
+    deadline = time.monotonic() + 30
+    while not any("waiting for it to finish" in m for m in said) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.set()
+    first.join(60)
+    second.join(60)
+    assert len(calls) == 1, "the waiting run pretrained too"
+    assert "another xbm process is pretraining" in said[0]
+    assert said[-1].startswith("loaded cached backbone")
+    assert results["first"][1]["content_hash"] == results["second"][1]["content_hash"]
+    assert results["first"][2] == results["second"][2]
+
+
 def _write_idx_root(root) -> None:
     """Four tiny MNIST-style IDX files (16 training, 8 test images) in ``root``."""
     import numpy as np

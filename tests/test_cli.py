@@ -1370,6 +1370,39 @@ def test_pretrain_force_on_the_cache_keeps_the_backbone_bundles_were_made_on(
     assert "the cache holds another backbone of the same recipe" in err and "--backbone" in err
 
 
+def test_pretrain_waits_for_another_run_of_its_recipe(tmp_path, capsys, monkeypatch):
+    """`xbm pretrain` of a recipe another run is pretraining waits on its lock, then says the
+    recipe is cached rather than pretraining it a second time."""
+    import threading
+    import time
+
+    from xbm.train import pretrain as pt
+
+    imgs = _folder(tmp_path / "imgs", n=8)
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))
+    tiny = ["--model", "small_cnn", "--width", "2", "--dataset", f"folder:{imgs}", "--epochs",
+            "1", "--batch-size", "4", "--augment", "none", "--mixup", "0", "--device", "cpu",
+            "--no-progress"]
+    assert main(["pretrain", *tiny]) == 0  # the file the other run is going to write
+    (cached,) = (tmp_path / "cache" / "backbones").glob("*.safetensors")
+    made = cached.read_bytes()
+    cached.unlink()
+    capsys.readouterr()
+    monkeypatch.setattr(pt, "pretrain", lambda *a, **k: pytest.fail("pretrained it again"))
+    codes, seen = [], ""
+    with pt.pretrain_lock(cached):  # the other run, pretraining
+        waiting = threading.Thread(target=lambda: codes.append(main(["pretrain", *tiny])))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while "waiting for it to finish" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capsys.readouterr().out
+        cached.write_bytes(made)  # ... and caching it
+    waiting.join(60)
+    assert codes == [0]
+    assert "another xbm process is pretraining" in seen
+    assert "pretrained by another run while this one waited" in capsys.readouterr().out
+
 def test_pretrain_command_fills_fields_older_backbones_lacked():
     from xbm.train.pretrain import pretrain_command
 

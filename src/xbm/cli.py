@@ -223,19 +223,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not xdist.is_main():  # pretraining is not distributed: rank 0 trains, the others wait
         xdist.barrier()
         return 0
-    kept = None
-    if old_hash:  # --force on a cached recipe: bundles made on the old backbone find it by hash
-        kept = out.with_name(f"{out.stem}-{old_hash}.safetensors")
+    import contextlib
+
+    from xbm.train.pretrain import pretrain_lock
+
+    # two runs of one cached recipe: the second waits for the first, then finds it cached
+    cache_lock = contextlib.nullcontext() if args.out or args.force else pretrain_lock(out)
+    with cache_lock:
+        if not args.out and not args.force and out.exists():
+            _, old = load_backbone(out)
+            print(f"already cached: {out} (pretrained by another run while this one waited; "
+                  f"accuracy {accuracy_text(old)}, hash {old['content_hash']})")
+            xdist.barrier()  # the other ranks wait there
+            return 0
+        kept = None
+        if old_hash:  # --force on a cached recipe: bundles made on the old backbone find it
+            kept = out.with_name(f"{out.stem}-{old_hash}.safetensors")
+            try:
+                os.replace(out, kept)
+            except FileNotFoundError:  # another `pretrain --force` of this recipe kept it
+                kept = None
         try:
-            os.replace(out, kept)
-        except FileNotFoundError:  # another `pretrain --force` of this recipe kept it already
-            kept = None
-    try:
-        _, meta = pretrain(cfg, device, out, root=args.data_root, progress=not args.no_progress)
-    except BaseException:
-        if kept is not None and not out.exists():
-            os.replace(kept, out)  # nothing new was written: the cache stays as it was
-        raise
+            _, meta = pretrain(cfg, device, out, root=args.data_root,
+                               progress=not args.no_progress)
+        except BaseException:
+            if kept is not None and not out.exists():
+                os.replace(kept, out)  # nothing new was written: the cache stays as it was
+            raise
     xdist.barrier()
     if kept is not None:
         if meta["content_hash"] == old_hash:

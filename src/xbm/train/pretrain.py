@@ -6,13 +6,14 @@ base task and caches it; the cache key holds everything that changes the weights
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -665,28 +666,77 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
                 f"one serves, pretrained on the installed {cfg.dataset} (to pretrain one on the "
                 f"root's copy: {cmd})")
     if p.exists():
-        try:
-            model, meta = load_backbone(p)
-        except BundleError as exc:
-            if path:
-                raise
-            # a damaged cache entry: say which file and how to rebuild it, rather than
-            # silently spending minutes on a new pretraining
-            raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
-                              "pretrain it anew") from None
-        problem = None if path else cached_recipe_problem(p, meta, cfg)
-        if problem:
-            raise BundleError(f"{problem}; delete it and run again to pretrain it anew")
-        log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
-        return model, meta, p
+        return (*_load_cached(p, cfg, bool(path), log), p)
     if not path:
         from xbm.io import check_output
 
         # an unwritable cache fails now, not after the minutes of pretraining
         check_output(p, "file", "the backbone cache ($XBM_CACHE):",
                      fix="set XBM_CACHE to a writable folder")
-        log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
-            "load it; a command that takes --backbone PATH uses a backbone file you have "
-            "instead)")
-    model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
+    with pretrain_lock(p, log):
+        if p.exists():  # another process pretrained it while this one waited
+            return (*_load_cached(p, cfg, bool(path), log), p)
+        if not path:
+            log(f"no cached backbone {p.name} in {p.parent}: pretraining it once (later runs "
+                "load it; a command that takes --backbone PATH uses a backbone file you have "
+                "instead)")
+        model, meta = pretrain(cfg, device, p, root=root, progress=progress, log=log)
     return model, meta, p
+
+
+def _load_cached(p: Path, cfg: PretrainConfig, given: bool, log) -> tuple[nn.Module,
+                                                                          dict[str, Any]]:
+    """Load ``get_backbone``'s file ``p``: a file the user ``given`` as is, a cache entry only
+    if it is intact and of ``cfg``'s recipe."""
+    try:
+        model, meta = load_backbone(p)
+    except BundleError as exc:
+        if given:
+            raise
+        # a damaged cache entry: say which file and how to rebuild it, rather than
+        # silently spending minutes on a new pretraining
+        raise BundleError(f"cached backbone is unusable: {exc}. Delete {p} and run again to "
+                          "pretrain it anew") from None
+    problem = None if given else cached_recipe_problem(p, meta, cfg)
+    if problem:
+        raise BundleError(f"{problem}; delete it and run again to pretrain it anew")
+    log(f"loaded cached backbone {p} ({meta['dataset']} accuracy {accuracy_text(meta)})")
+    return model, meta
+
+
+@contextlib.contextmanager
+def pretrain_lock(p: Path, log=print) -> Iterator[None]:
+    """Hold an exclusive lock on the backbone file ``p`` while it is pretrained, so that two
+    runs that need one recipe (two demos sharing ``$XBM_CACHE``) pretrain it once: the second
+    waits, then loads what the first cached. Before, both spent the minutes and wrote the same
+    file.
+
+    An advisory ``flock`` on ``.NAME.lock`` beside ``p``, which the operating system releases
+    when its process dies, so a killed run leaves no stale lock. Where there is no ``flock``
+    (Windows) or the lock file cannot be made, nothing is locked and concurrent runs duplicate
+    the work, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    lock = p.with_name(f".{p.name}.lock")
+    fd = None
+    if fcntl is not None:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            pass
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another xbm process is pretraining {p.name}: waiting for it to finish, then "
+                f"loading what it caches (its lock: {lock})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the empty lock file stays (removing it would race)
