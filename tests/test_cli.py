@@ -893,6 +893,33 @@ def _tiny_backbone_file(path):
     return backbone, arch
 
 
+def test_a_task_trained_from_python_is_evaluated_at_the_side_it_learned(tmp_path, capsys):
+    """A bundle saved from Python recorded no image side, so `xbm eval` fed its task 28x28
+    images, whatever side it had learned at, and gave another accuracy without a word:
+    train_task now records the side of the images it trains on."""
+    from xbm.data import load_dataset
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+    from xbm.train import evaluate_task, train_task
+
+    imgs = _folder(tmp_path / "imgs", n=8, size=40)
+    bb = tmp_path / "bb.safetensors"
+    backbone, arch = _tiny_backbone_file(bb)
+    mtm = MultiTaskModel(backbone, CrossbarSpec(rows=16, cols=16), arch=arch)
+    mtm.add_task("t", 2, "xma", dataset=f"folder:{imgs}")
+    train, test = load_dataset(f"folder:{imgs}", image_size=36).loaders(4, seed=0, size=36)
+    train_task(mtm, "t", train, 2, torch.device("cpu"), progress=False)
+    assert mtm.tasks["t"].extra["image_size"] == 36
+    acc = evaluate_task(mtm, "t", test, torch.device("cpu"))
+    mtm.save_bundle(tmp_path / "b.safetensors")
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--backbone", str(bb),
+                 "--json", "--no-progress", "--device", "cpu"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert row["image_size"] == 36
+    assert row["accuracy"] == round(acc, 4)
+
+
 def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
     from xbm.hardware import CrossbarSpec
     from xbm.multitask import MultiTaskModel
@@ -1948,6 +1975,52 @@ def test_import_backbone_makes_a_users_checkpoint_usable_by_every_command(tmp_pa
     for argv in (["eval", "--device", "cpu", "--no-progress"], ["cost"]):
         assert main([*argv, "--bundle", str(bundle)]) == 0  # found at the recorded file
     capsys.readouterr()
+
+
+def test_an_imported_backbone_records_its_image_side_and_every_command_feeds_it(tmp_path,
+                                                                               capsys):
+    """An imported backbone recorded no side: adapt fed it 28x28 images and cost assumed 224 for
+    an ImageNet layout. import-backbone now records --image-size, which adapt, eval and cost
+    use; without it they agree on the family's side (224 for an ImageNet layout, 28 else)."""
+    import torch
+
+    from xbm.errors import XbmError
+    from xbm.models import create_model
+    from xbm.train.pretrain import import_backbone, load_backbone
+
+    torch.manual_seed(0)
+    state = create_model("small_cnn", num_classes=2, in_channels=1, width=4).state_dict()
+    ckpt = tmp_path / "mine.pth"
+    torch.save(state, ckpt)
+    bb = tmp_path / "bb.safetensors"
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(bb), "--num-classes", "2", "--width", "4",
+                 "--image-size", "20"]) == 0
+    assert "20x20 images" in capsys.readouterr().out
+    assert load_backbone(bb)[1]["image_size"] == 20
+    bundle = tmp_path / "b.safetensors"
+    assert main(["adapt", "--dataset", str(_folder(tmp_path / "imgs", size=24)), "--method",
+                 "xbm", "--backbone", str(bb), "--rows", "16", "--cols", "16", "--out",
+                 str(bundle), "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 20
+    assert main(["eval", "--bundle", str(bundle), "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["image_size"] == 20
+    assert main(["cost", "--backbone", str(bb), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 20, 20]
+    # left out: the family's side, said
+    assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
+                 "--out", str(tmp_path / "d.safetensors"), "--num-classes", "2",
+                 "--width", "4"]) == 0
+    assert "(they feed it 28x28 images: if it was trained at another side, import it again " \
+        "with --image-size N)" in capsys.readouterr().out
+    big = create_model("resnet18", num_classes=3, width=8).state_dict()
+    meta = import_backbone("resnet18", big, tmp_path / "r.safetensors", num_classes=3, width=8)
+    assert "image_size" not in meta  # the family's side applies
+    assert main(["cost", "--backbone", str(tmp_path / "r.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 3, 224, 224]
+    with pytest.raises(XbmError, match="--image-size must be an integer in"):
+        import_backbone("small_cnn", state, tmp_path / "e.safetensors", num_classes=2,
+                        width=4, image_size=4)
 
 
 def test_models_lists_the_registry_with_default_sizes(capsys):

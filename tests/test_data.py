@@ -904,6 +904,14 @@ def test_colour_read_as_grey_is_recorded_and_said(tmp_path):
             with pytest.warns(XbmWarning, match="in colour and were read as grayscale.*"
                                                 "--channels 3"):
                 as_grey.say_if_colour_was_dropped()
+            # grey by default (no channels=), from Python: load_dataset says it, once
+            with pytest.warns(XbmWarning, match="read as grayscale .*an image folder's "
+                                                "default.*channels=3.*channels=1 reads"):
+                said = xd.load_dataset(str(root))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                said.say_if_colour_was_dropped()  # said already
+                xd.load_dataset(str(root), channels=1)  # grey by choice
 
 
 def test_folder_too_large_for_memory_is_refused_before_reading(tmp_path, monkeypatch):

@@ -312,13 +312,18 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
     try:
         meta = import_backbone(args.model, args.checkpoint, out, num_classes=args.num_classes,
                                in_channels=args.in_channels, width=args.width,
-                               dataset=args.dataset, accuracy=args.accuracy)
+                               dataset=args.dataset, accuracy=args.accuracy,
+                               image_size=args.image_size)
     except ArchitectureMismatchError as exc:
         raise XbmError(f"{exc} (here: --model, --num-classes, --in-channels, --width)") from None
     a = meta["arch"]
+    side = meta.get("image_size") or _family_side(a)
     print(f"saved {out} ({a['name']}, {a['num_classes']} classes, {a['in_channels']} input "
-          f"channel(s); hash {meta['content_hash']}); pass --backbone {shlex.quote(str(out))} "
-          "to xbm adapt, cost or simulate")
+          f"channel(s), {side}x{side} images; hash {meta['content_hash']}); pass --backbone "
+          f"{shlex.quote(str(out))} to xbm adapt, cost or simulate"
+          + ("" if args.image_size is not None else
+             f" (they feed it {side}x{side} images: if it was trained at another side, import "
+             "it again with --image-size N)"))
     return 0
 
 
@@ -364,7 +369,8 @@ def check_dataset_flag(args: argparse.Namespace, infos: list[Any]) -> None:
 
 
 def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
-               test_subset: int | None, seed: int, channels: int | None = None):
+               test_subset: int | None, seed: int, channels: int | None = None,
+               default_side: int = 28):
     """The data to evaluate a bundle's task on: ``--dataset`` or the one the task recorded.
 
     A dataset whose class count differs from the task's head would give a plausible-looking
@@ -372,7 +378,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
     gets an error naming the flag that points at its new place.
 
     The images come as the task was learned: ``channels`` (the backbone's) and the side it
-    recorded (:func:`task_image_size`), which the returned loaders' ``size`` should be.
+    recorded (:func:`task_image_size`; ``default_side`` where it records none), which the
+    returned loaders' ``size`` should be.
 
     Returns:
         (dataset name, TaskData subset, image side).
@@ -408,7 +415,7 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
         raise DatasetNotFoundError(f"{recorded_root} is gone; {moved}")
     try:
         data = load_dataset(ds, root=args.data_root or recorded_root, channels=channels,
-                            image_size=task_image_size(task))
+                            image_size=task_image_size(task, default_side))
     except DatasetNotFoundError as exc:
         if recorded_root:
             raise DatasetNotFoundError(f"{exc}; {moved}") from None
@@ -464,7 +471,7 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                       f"{have} test images of {ds}: all used", XbmWarning, stacklevel=2)
     # its training images only calibrate a simulation (eval takes none): no class goes untrained
     return ds, data.subset(train_subset, test_subset, seed=seed, warn_untrained=False), \
-        task_image_size(task)
+        task_image_size(task, default_side)
 
 
 def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any],
@@ -491,9 +498,11 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
                        "cannot load here; pass --dataset NAME or folder:PATH holding those "
                        "classes to evaluate the base task")
     _warn_unread_root(args.data_root, ds, " for the base task")
+    from xbm.train.pretrain import backbone_side
+
     sides = sorted({task_image_size(t) for t in tasks})
-    side = recipe_side(recipe) or (sides[0] if len(sides) == 1 else 28)
     arch = bmeta.get("arch") or {}
+    side = backbone_side(bmeta) or (sides[0] if len(sides) == 1 else _family_side(arch))
     root = args.data_root or (recipe.get("data_root") if not args.dataset else None)
     try:
         data = load_dataset(ds, root=root, channels=arch.get("in_channels"), image_size=side)
@@ -561,22 +570,27 @@ def _check_new_task_name(task: str, bundle: str | None, bundle_tasks: list[Any])
                        "--bundle for a new bundle")
 
 
-def task_image_size(task: Any) -> int:
-    """The image side a bundle's task was learned at (28 for tasks from before it was recorded,
-    when every task was 28x28)."""
+def task_image_size(task: Any, default: int = 28) -> int:
+    """The image side a bundle's task was learned at; ``default`` for a task that records none
+    (28 for the CLI's tasks from before it was recorded, when every task was 28x28; a caller
+    that has the backbone passes its side, which a task trained from Python before session 30
+    was most likely fed at)."""
     size = (task.extra or {}).get("image_size")
-    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 28
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 \
+        else default
 
 
 def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
-                recipe: dict[str, Any] | None = None,
+                backbone_side: int | None = None,
                 arch: dict[str, Any] | None = None) -> int:
-    """``--image-size``, else the side the bundle's tasks were learned at, else the side the
-    backbone was pretrained at (its recorded recipe), else 28: a bundle's tasks share one
-    backbone, and its BatchNorm statistics and the cost model's positions depend on the side,
-    so a new task follows the earlier ones unless told otherwise. Checked against ``arch``
-    (the backbone's architecture) when given: a side it cannot run on fails now, not as a
-    traceback after the data has loaded."""
+    """``--image-size``, else the side the bundle's tasks were learned at, else the backbone's
+    side (the one it was pretrained at, or ``import-backbone`` recorded:
+    :func:`xbm.train.pretrain.backbone_side`), else the model family's usual side (224 for an
+    ImageNet layout, else 28, as ``xbm cost`` assumes): a bundle's tasks share one backbone,
+    and its BatchNorm statistics and the cost model's positions depend on the side, so a new
+    task follows the earlier ones unless told otherwise. Checked against ``arch`` (the
+    backbone's architecture) when given: a side it cannot run on fails now, not as a traceback
+    after the data has loaded."""
     if args.image_size is not None:
         side = int(args.image_size)
     elif bundle_tasks:
@@ -589,16 +603,29 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
                            f"({by_side}); pass --image-size for the new task")
         side = sides[0]
     else:
-        side = recipe_side(recipe) or 28
+        side = backbone_side or _family_side(arch)
     _check_side(side, arch)
     return side
 
 
-def recipe_side(recipe: dict[str, Any] | None) -> int | None:
-    """The image side a backbone's recorded recipe was pretrained at; None where it records
-    none (an imported backbone) or an unusable one."""
-    side = (recipe or {}).get("image_size")
-    return side if isinstance(side, int) and not isinstance(side, bool) and side >= 8 else None
+def backbone_default_side(bmeta: dict[str, Any]) -> int:
+    """The side a backbone is fed at when nothing else says: the one it records
+    (:func:`xbm.train.pretrain.backbone_side`), else its family's (:func:`_family_side`)."""
+    from xbm.train.pretrain import backbone_side
+
+    return backbone_side(bmeta) or _family_side(bmeta.get("arch"))
+
+
+def _family_side(arch: dict[str, Any] | None) -> int:
+    """The side a backbone that records none is fed at: its family's usual one (224 for a model
+    that defaults to 3 channels, an ImageNet layout; else 28), which ``xbm cost`` assumes too."""
+    from xbm.errors import XbmError as _Err
+    from xbm.hardware.cost import default_input_size
+
+    try:
+        return default_input_size(arch["name"]) if arch and arch.get("name") else 28
+    except _Err:  # a model no longer registered: the file's own error comes later
+        return 28
 
 
 def _check_side(side: int, arch: dict[str, Any] | None) -> None:
@@ -793,7 +820,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         seed_everything,
         train_task,
     )
-    from xbm.train.pretrain import resolve_precision
+    from xbm.train.pretrain import backbone_side, resolve_precision
 
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
@@ -859,7 +886,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # else what the bundle's tasks were learned at, else the backbone's pretraining side, else
     # 28 (the default backbone's input)
     channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
-    image_size = _image_size(args, bundle_tasks, loaded[1].get("config") if loaded else None,
+    image_size = _image_size(args, bundle_tasks, backbone_side(loaded[1]) if loaded else None,
                              loaded[1].get("arch") if loaded else
                              {"name": args.model or DEFAULT_MODEL, "width": _width(args, device)})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
@@ -1022,7 +1049,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seed = _eval_seed(args, (mtm.tasks[t].extra or {}).get("seed"))
             ds, data, size = _task_data(args, mtm.tasks[t], None, args.test_subset,
                                         seed=seed,
-                                        channels=(bmeta.get("arch") or {}).get("in_channels"))
+                                        channels=(bmeta.get("arch") or {}).get("in_channels"),
+                                        default_side=backbone_default_side(bmeta))
         _, test_loader = data.loaders(args.batch_size, seed=seed, size=size)
         if i == 0 and rows_to is not None:  # once the first task's data is found: a missing
             # dataset's error then stands alone, not under a table header with no rows
@@ -1031,7 +1059,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(head, file=rows_to, flush=True)
         acc = evaluate_task(mtm, t, test_loader, device)
         r = {"task": t, "method": "base" if t == "base" else mtm.tasks[t].method, "dataset": ds,
-             "accuracy": round(acc, 4), "test_images": len(data.test_y), "seed": seed}
+             "accuracy": round(acc, 4), "test_images": len(data.test_y), "seed": seed,
+             "image_size": size}
         out.append(r)
         if rows_to is not None:
             print(f"{r['task']:<{wt}}  {r['method']:<13} {r['dataset']:<{wd}}  "
@@ -1232,6 +1261,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what it was trained on, recorded (default %(default)s)")
     im.add_argument("--accuracy", type=float, help="its accuracy there, recorded (default: "
                     "unknown)")
+    im.add_argument("--image-size", type=int,
+                    help="the image side it was trained at, recorded: adapt, eval, cost and "
+                         "simulate feed images at it unless given --image-size/--input-size "
+                         "(not given: they take the family's, 224 for an ImageNet-layout "
+                         "model such as resnet50, else 28)")
     im.add_argument("--force", action="store_true", help="overwrite an existing --out")
     im.set_defaults(func=cmd_import_backbone)
 

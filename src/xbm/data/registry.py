@@ -7,12 +7,13 @@ modules (or user code) can add datasets without editing this package.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from xbm.config import same_definition
 from xbm.data.task import TaskData
-from xbm.errors import unknown
+from xbm.errors import XbmWarning, unknown, user_stacklevel
 
 #: A builder takes ``(root, seed)`` and returns the whole task in memory.
 Builder = Callable[[str | None, int], TaskData]
@@ -123,8 +124,17 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
 
     folder = image_folder_path(name)
     if folder is not None:
-        return load_image_folder(folder, image_size=28 if image_size is None else image_size,
+        data = load_image_folder(folder, image_size=28 if image_size is None else image_size,
                                  channels=1 if channels is None else channels, seed=seed)
+        if channels is None and data.colour_read_as_grey:
+            # grey by default, not by choice: said here, or a script never hears of it
+            warnings.warn(f"{data.name}: the images are in colour and were read as grayscale "
+                          "(an image folder's default); whatever told its classes apart by "
+                          "hue is gone. To keep colour, read it with channels=3 for an RGB "
+                          "backbone (xbm pretrain --channels 3); channels=1 reads it as grey "
+                          "without this warning", XbmWarning, stacklevel=user_stacklevel())
+            data.colour_said = True
+        return data
     try:
         builder = _REGISTRY[name]
     except KeyError:

@@ -132,6 +132,9 @@ class TaskData:
     test_y: torch.Tensor
     classes: list[str] = field(default_factory=list)
     colour_read_as_grey: bool = False
+    #: whether the grey reading was said already (by ``load_dataset``), so that
+    #: :meth:`say_if_colour_was_dropped` does not say it twice
+    colour_said: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Catch builder bugs here, once, rather than as shape errors deep in a training loop.
@@ -162,7 +165,7 @@ class TaskData:
         grayscale: legal, rarely meant, and invisible in the results. Called by the commands
         that train on the task (adapt, pretrain, simulate --fault-aware), not by every command
         that reloads it."""
-        if self.colour_read_as_grey:
+        if self.colour_read_as_grey and not self.colour_said:
             warnings.warn(f"{self.name}: the images are in colour and were read as grayscale, "
                           "for a 1-channel backbone; for colour, pretrain an RGB one "
                           "(xbm pretrain --channels 3) and adapt on it", XbmWarning,

@@ -280,9 +280,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
         args.model, args.width, args.in_channels = (arch["name"], arch.get("width"),
                                                      arch.get("in_channels"))
         if args.input_size is None:  # the side it was pretrained at, where it records one
-            from xbm.cli import recipe_side
+            from xbm.train.pretrain import backbone_side
 
-            args.input_size = recipe_side(bmeta.get("config"))
+            args.input_size = backbone_side(bmeta)
         if not args.fractions_from:
             args.backbone = None  # its weights do not matter: --model's costs need none
     if not args.bundle and not args.model:

@@ -393,7 +393,7 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
     else:
         maps = {r: (_fault_map(mtm, sim_spec, r, args) if r > 0 else None) for r in rates}
     rows: list[dict[str, Any]] = []
-    from xbm.cli import _eval_seed
+    from xbm.cli import _eval_seed, backbone_default_side
 
     given = argparse.Namespace(seed=args.seed if getattr(args, "seed_given", True) else None)
     for t in tasks:
@@ -406,7 +406,8 @@ def _sweep(args: argparse.Namespace) -> dict[str, Any]:
             seed = _eval_seed(given, (mtm.tasks[t].extra or {}).get("seed"))
             _, data, size = _task_data(args, mtm.tasks[t], args.train_subset, args.test_subset,
                                        seed=seed,
-                                       channels=(bmeta.get("arch") or {}).get("in_channels"))
+                                       channels=(bmeta.get("arch") or {}).get("in_channels"),
+                                       default_side=backbone_default_side(bmeta))
         _, test_loader = data.loaders(args.batch_size, seed=seed, size=size)
         calib = _calibration_batches(data, args, size=size)
         ideal = evaluate_task(mtm, t, test_loader, device)
@@ -513,13 +514,13 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     # in the backbone's channels (read from a given file's header: the dataset's errors still
     # come before any pretraining of the default backbone, which is grayscale)
     from xbm.cli import DEFAULT_MODEL, _image_size
-    from xbm.train.pretrain import backbone_file_arch, backbone_file_recipe
+    from xbm.train.pretrain import backbone_file_arch, backbone_file_side
 
     channels = (backbone_file_arch(args.backbone) or {}).get("in_channels") \
         if args.backbone else None
     # the side: --image-size, else the one the backbone was pretrained at (the default
     # backbone's is 28)
-    image_size = _image_size(args, [], backbone_file_recipe(args.backbone)
+    image_size = _image_size(args, [], backbone_file_side(args.backbone)
                              if args.backbone else None,
                              backbone_file_arch(args.backbone) if args.backbone else
                              {"name": args.model or DEFAULT_MODEL})

@@ -441,6 +441,8 @@ def train_task(mtm: MultiTaskModel, task: str, loader: BatchSource,
                            later_epochs=run_epochs - epoch - 1, clock=clock)
             for batch in it:
                 x, y = _pair(batch, channels, images)
+                if step == 0:
+                    _record_side(mtm, task, x, images)
                 if y.device.type == "cpu":  # checked before the move: no GPU synchronisation
                     _check_label_range(y, num_classes, "a batch has labels", f"task {task!r}",
                                        _ADD_TASK_FIX)
@@ -614,6 +616,16 @@ def _first_conv_weight_shape(model: nn.Module) -> list[int] | None:
         if isinstance(getattr(mod, "in_channels", None), int) and isinstance(w, torch.Tensor):
             return list(w.shape)
     return None
+
+
+def _record_side(mtm: MultiTaskModel, task: str, x: torch.Tensor, images: bool) -> None:
+    """Record the side of square images a task is trained on (``extra["image_size"]``), where
+    nothing recorded one: ``xbm eval`` and ``xbm cost`` feed a bundle's task at it. ``xbm
+    adapt`` records it itself; a task trained from Python recorded none, and the CLI fed it
+    28x28 whatever it had learned at."""
+    extra = mtm.tasks[task].extra
+    if images and x.dim() == 4 and x.shape[-1] == x.shape[-2] and "image_size" not in extra:
+        extra["image_size"] = int(x.shape[-1])
 
 
 def _takes_images(model: nn.Module) -> bool:

@@ -472,14 +472,19 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def import_backbone(model: str, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
                     out: str | os.PathLike, num_classes: int | None = None,
                     in_channels: int | None = None, width: int | None = None,
-                    dataset: str = "imported", accuracy: float | None = None) -> dict[str, Any]:
+                    dataset: str = "imported", accuracy: float | None = None,
+                    image_size: int | None = None) -> dict[str, Any]:
     """Write a user's checkpoint (a torchvision-format state dict, ``.pth`` or
     ``.safetensors``, or from Python the state dict itself: ``net.state_dict()`` of a model
     trained in a script) as an xbm backbone file, so every command's ``--backbone`` takes it.
 
     The weights load strictly by key name (:func:`xbm.models.load_torchvision_state_dict`);
-    sizes left out are the model's defaults (``xbm.models.registry.model_defaults``). Returns
-    the metadata written.
+    sizes left out are the model's defaults (``xbm.models.registry.model_defaults``).
+    ``image_size``, the side the checkpoint was trained at, is recorded: ``adapt``, ``eval``,
+    ``cost`` and ``simulate`` feed images at it unless told otherwise. Left out, they take the
+    family's usual side, 224 for a model that defaults to 3 channels (an ImageNet layout),
+    else 28 (``adapt`` and ``eval`` used to take 28 for every model, where ``cost`` took 224).
+    Returns the metadata written.
 
     Raises:
         XbmError: an unknown model, or a checkpoint that cannot be read or does not fit it.
@@ -495,8 +500,17 @@ def import_backbone(model: str, checkpoint: str | os.PathLike | Mapping[str, tor
     if accuracy is not None and not (isinstance(accuracy, (int, float))
                                      and 0 <= accuracy <= 100):
         raise XbmError(f"--accuracy must be a top-1 percentage in [0, 100], got {accuracy!r}")
+    from xbm.models.registry import check_input_side, check_side_range
+
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int):
+            raise XbmError(f"--image-size must be an integer, got {image_size!r}")
+        check_side_range(image_size, "--image-size")
     net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
     load_torchvision_state_dict(net, checkpoint)
+    if image_size is not None:
+        check_input_side(model, image_size, in_channels=arch["in_channels"] or 1,
+                         width=arch["width"])
     state = net.state_dict()
     source = "the state dict" if isinstance(checkpoint, Mapping) else \
         os.path.abspath(os.fspath(checkpoint))
@@ -508,6 +522,8 @@ def import_backbone(model: str, checkpoint: str | os.PathLike | Mapping[str, tor
     meta = {"format": BACKBONE_FORMAT, "arch": arch, "dataset": dataset, "accuracy": accuracy,
             "content_hash": tensors_hash(state), "torch": torch.__version__,
             "imported_from": source}
+    if image_size is not None:
+        meta["image_size"] = image_size
     meta["meta_hash"] = metadata_hash(meta)
     save_safetensors(out, {k: v.contiguous() for k, v in state.items()}, meta)
     return meta
@@ -533,6 +549,25 @@ def backbone_file_recipe(path: str | Path) -> dict[str, Any] | None:
     unreadable file."""
     recipe = header_field(path, "config")
     return recipe if isinstance(recipe, dict) else None
+
+
+def backbone_side(meta: Mapping[str, Any] | None) -> int | None:
+    """The image side a backbone is fed at by default: the side its recorded recipe pretrained
+    at, else the side ``import-backbone`` recorded (``--image-size``); None where it records
+    neither (a file imported before session 30)."""
+    meta = meta or {}
+    recipe = meta.get("config")
+    for side in ((recipe or {}).get("image_size") if isinstance(recipe, dict) else None,
+                 meta.get("image_size")):
+        if isinstance(side, int) and not isinstance(side, bool) and side >= 8:
+            return side
+    return None
+
+
+def backbone_file_side(path: str | Path) -> int | None:
+    """:func:`backbone_side` of a backbone file, read from its header without its tensors."""
+    return backbone_side({"config": header_field(path, "config"),
+                          "image_size": header_field(path, "image_size")})
 
 
 def find_cached_backbone(backbone_hash: str) -> Path | None:
