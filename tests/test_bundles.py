@@ -19,10 +19,10 @@ from xbm.train.pretrain import PretrainConfig, load_backbone, pretrain
 ARCH = {"name": "small_cnn", "num_classes": 4, "in_channels": 1, "width": None}
 
 
-def build(seed=0, rows=16):
+def build(seed=0, rows=16, **spec):
     torch.manual_seed(seed)
     return MultiTaskModel(create_model("small_cnn", num_classes=4, in_channels=1),
-                          get_spec(rows=rows, cols=16), arch=ARCH)
+                          get_spec(**{"rows": rows, "cols": 16} | spec), arch=ARCH)
 
 
 @pytest.fixture
@@ -33,6 +33,10 @@ def trained(tmp_path):
         mtm.add_task(method, 3, method, dataset="fixture")
         loader, _ = data.loaders(16, seed=0)
         train_task(mtm, method, loader, 1, torch.device("cpu"), progress=False)
+        with torch.no_grad():  # one epoch switches nothing off: a lost score would not show
+            for _, _, st in mtm.layer_states(method):
+                st.score.view(-1)[::3] = -1.0
+    assert mtm.masked_off_columns("xbm") > 0 and mtm.reprogrammed_cells("piggyback") > 0
     path = tmp_path / "tasks.safetensors"
     mtm.save_bundle(path)
     return mtm, path
@@ -48,20 +52,41 @@ def test_bundle_round_trip_restores_outputs(trained):
     for t in ("xbm", "piggyback", "base"):
         with mtm.use_task(t), other.use_task(t):
             assert torch.equal(mtm(x), other(x))
+    for t in ("xbm", "piggyback"):
+        want, got = mtm.task_state_dict(t), other.task_state_dict(t)
+        assert want.keys() == got.keys()
+        assert all(torch.equal(v, got[k]) for k, v in want.items())
+        assert other.masked_off_columns(t) == mtm.masked_off_columns(t)
+        assert other.reprogrammed_cells(t) == mtm.reprogrammed_cells(t)
     assert other.tasks["xbm"].method == "xbm" and other.tasks["xbm"].dataset == "fixture"
 
 
 def test_bundle_refuses_another_backbone(trained):
+    """Other weights, and a backbone that differs in one BatchNorm statistic alone (the
+    backbone's hash covers its buffers too)."""
     _, path = trained
     with pytest.raises(BundleError, match="backbone"):
         build(seed=1).load_bundle(path)
+    nudged = build()
+    with torch.no_grad():
+        next(b for n, b in nudged.model.named_buffers() if n.endswith("running_var"))[0] += 1e-3
+    with pytest.raises(BundleError, match="backbone"):
+        nudged.load_bundle(path)
 
 
-def test_bundle_refuses_another_spec(trained):
+@pytest.mark.parametrize("change, said", [
+    ({"rows": 8}, "rows 16 against this model's 8"),
+    ({"cols": 32}, "cols 16 against this model's 32"),
+    ({"cell_bits": 4}, "cell_bits 2 against this model's 4"),
+    ({"pe_rows": 1}, "pe_rows 2 against this model's 1"),
+])
+def test_bundle_refuses_another_spec(trained, change, said):
+    """Every field of the geometry counts, not only the rows that shape a mask: bit widths
+    decide a task's re-programmed cells, the PE shape XMA2's grid."""
     _, path = trained
-    with pytest.raises(BundleError, match=r"another crossbar spec \(rows 16 against this "
-                                          r"model's 8\); build the model with the bundle's spec"):
-        build(rows=8).load_bundle(path)
+    with pytest.raises(BundleError, match=rf"another crossbar spec \({said}\); build the "
+                                          r"model with the bundle's spec"):
+        build(**change).load_bundle(path)
 
 
 def assert_untouched(fresh: MultiTaskModel) -> None:

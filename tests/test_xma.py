@@ -237,19 +237,22 @@ def _states_after_add(mtm: MultiTaskModel):
 
 @pytest.mark.parametrize("warmup", [None, 2])
 def test_budget_zero_is_xma_exactly(warmup):
-    """With XMA's score lr (XMA2's own default is tuned for training beside re-programmed PEs).
-    A warm-up of 2 steps makes the PE selection run (8 steps train here; the default warm-up
-    of 10 never ends), so selecting nothing is checked to change nothing too."""
-    from xbm.methods.xma import XMAConfig
-
+    """Both at one score lr, high enough that every level is reached (at XMA's default lr 8
+    steps reach only 0.5 and 1, so a level-0 column computed otherwise went unseen). A warm-up
+    of 2 steps makes the PE selection run (8 steps train here; the default warm-up of 10 never
+    ends), so selecting nothing is checked to change nothing too."""
     runs = {}
-    cfg2 = {"pe_budget": 0.0, "lr": XMAConfig().lr} | (
-        {"warmup_steps": warmup} if warmup else {})
-    for method, cfg in (("xma", {}), ("xma2", cfg2)):
+    cfg = {"lr": 1.0}
+    cfg2 = cfg | {"pe_budget": 0.0} | ({"warmup_steps": warmup} if warmup else {})
+    for method, c in (("xma", cfg), ("xma2", cfg2)):
         mtm = _mtm(SMALL_SPEC)
-        _train(mtm, "t", method, cfg, epochs=2)
+        _train(mtm, "t", method, c, epochs=2)
         runs[method] = mtm
     a, b = runs["xma"], runs["xma2"]
+    reached = set()
+    for _, layer, st in a.layer_states("t"):
+        reached |= {v for v, n in a.methods["t"].level_histogram(layer, st).items() if n}
+    assert reached == set(XMAConfig().levels)  # every level is compared below
     if warmup:  # the selection ran during training, not only at the task's end
         assert b.methods["t"]._selected
         assert all(int(st.phase) == 1 for _, _, st in b.layer_states("t"))
