@@ -1138,6 +1138,14 @@ def test_eval_of_a_moved_image_folder_names_the_flag(tmp_path, capsys):
                  "--dataset", f"folder:{imgs}", "--test-subset", "50"]) == 0
     assert "xbm: warning: task 't': --test-subset 50 is more than the 2 test images of " \
         "folder:" in capsys.readouterr().err
+    # simulate's default of 1000 test images is no request for more: said only when asked
+    sim = ["simulate", "--bundle", str(path), "--backbone", str(bb), "--device", "cpu",
+           "--dataset", f"folder:{imgs}", "--adc-bits", "8", "--train-subset", "4",
+           "--no-progress"]
+    assert main(sim) == 0
+    assert "--test-subset" not in capsys.readouterr().err
+    assert main([*sim, "--test-subset", "1000"]) == 0
+    assert "--test-subset 1000 is more than the 2 test images" in capsys.readouterr().err
 
 
 def test_simulate_refuses_bn_recalibration_of_the_programmed_models_statistics(tmp_path,
@@ -2021,6 +2029,28 @@ def test_an_imported_backbone_records_its_image_side_and_every_command_feeds_it(
     with pytest.raises(XbmError, match="--image-size must be an integer in"):
         import_backbone("small_cnn", state, tmp_path / "e.safetensors", num_classes=2,
                         width=4, image_size=4)
+
+
+def test_map_takes_a_backbone_file(tmp_path, capsys):
+    """cost took --backbone FILE, map wanted --model: it now maps a file's recorded
+    architecture (its header alone), as --model with the same sizes does."""
+    bb = _rgb_backbone_file(tmp_path / "rgb.safetensors")
+    assert main(["map", "--backbone", str(bb), "--rows", "32", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(["map", "--model", "small_cnn", "--width", "4", "--in-channels", "3", "--rows",
+                 "32", "--json"]) == 0
+    assert got == json.loads(capsys.readouterr().out)
+    for argv, said in ((["--backbone", str(bb), "--width", "8"], "--width 8 contradicts the "
+                        "backbone"),
+                       (["--backbone", str(bb), "--in-channels", "1"], "--in-channels 1 "
+                        "contradicts the backbone"),
+                       (["--backbone", str(tmp_path / "nope.safetensors")], "does not exist"),
+                       ([], "pass --model NAME (e.g. resnet50) or --backbone FILE")):
+        assert main(["map", *argv]) == 2
+        assert said in _one_line_error(capsys)
+    torch.save({"w": torch.ones(1)}, tmp_path / "w.pth")
+    assert main(["map", "--backbone", str(tmp_path / "w.pth")]) == 2
+    assert "no xbm backbone file" in _one_line_error(capsys)
 
 
 def test_models_lists_the_registry_with_default_sizes(capsys):

@@ -197,6 +197,65 @@ def test_load_strips_module_prefix_and_unwraps_checkpoint():
     assert torch.equal(dst.fc.weight, compiled["_orig_mod.fc.weight"])
 
 
+def test_load_strips_a_wrappers_prefix_and_names_what_it_cannot_guess():
+    """Lightning saves `model.`-prefixed keys, other trainers a `backbone.` or `net.`
+    attribute's: "267 missing, 320 unexpected; build the model with the checkpoint's
+    architecture" sent the user after a wrong cause. A prefix of every key is stripped when
+    the rest are the model's keys; a model's worth of keys beside other entries (an EMA copy)
+    is named, not guessed; a checkpoint without its classifier says so and how to import it."""
+    src = _small("small_cnn")
+    sd = src.state_dict()
+    for prefix in ("model.", "model.backbone."):
+        dst = _small("small_cnn")
+        load_torchvision_state_dict(dst, {"state_dict": {prefix + k: v for k, v in sd.items()}})
+        assert all(torch.equal(v, sd[k]) for k, v in dst.state_dict().items())
+    two = {**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.{k}": v for k, v in sd.items()},
+           "loss.weight": torch.ones(3)}
+    with pytest.raises(XbmError, match=r"the keys under 'ema.' and 'model.' are each this "
+                       r"model's, but the checkpoint holds other entries beside them "
+                       r"\(loss.\); save only the model's: \{k\[4:\]"):
+        load_torchvision_state_dict(_small("small_cnn"), two)
+    headless = {f"model.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
+    with pytest.raises(XbmError, match=r"has no classifier \(fc.weight, fc.bias\): a feature "
+                       r"extractor.*sd\['model.fc.weight'\] = torch.zeros\(N, \d+\) and "
+                       r"sd\['model.fc.bias'\] = torch.zeros\(N\).*--num-classes N"):
+        load_torchvision_state_dict(_small("small_cnn"), headless)
+    headless["model.fc.weight"], headless["model.fc.bias"] = sd["fc.weight"], sd["fc.bias"]
+    load_torchvision_state_dict(_small("small_cnn"), headless)  # as the hint says: it loads
+
+
+def test_a_mismatch_names_the_models_channels_or_the_model_the_keys_belong_to():
+    """A grayscale checkpoint for an RGB model names --in-channels, as a 10-class one names
+    --num-classes; a ResNet-50 checkpoint given for resnet18 names resnet50, not only the
+    hundreds of keys it does not have."""
+    grey = create_model("resnet18", num_classes=10, width=8, in_channels=1).state_dict()
+    with pytest.raises(ArchitectureMismatchError, match=r"its first convolution conv1.weight "
+                       r"takes 1 input channel\(s\): build the model with in_channels=1, or "
+                       r"xbm import-backbone --in-channels 1"):
+        load_torchvision_state_dict(create_model("resnet18", num_classes=10, width=8), grey)
+    r50 = create_model("resnet50", num_classes=10, width=8).state_dict()
+    with pytest.raises(ArchitectureMismatchError, match=r"its parameter names are those of the "
+                       r"registered model 'resnet50': create_model\('resnet50'\), or xbm "
+                       r"import-backbone --model resnet50"):
+        load_torchvision_state_dict(create_model("resnet18", num_classes=10, width=8), r50)
+    # resnet18 and resnet18_cifar share their names: no model is named for a width mismatch
+    with pytest.raises(ArchitectureMismatchError) as exc:
+        load_torchvision_state_dict(create_model("resnet18", num_classes=10, width=16),
+                                    create_model("resnet18", num_classes=10, width=8).state_dict())
+    assert "registered model" not in str(exc.value)
+
+
+def test_a_model_instead_of_its_weights_is_named():
+    """xbm.import_backbone("mine", net, ...) raised "TypeError: expected str, bytes or
+    os.PathLike object, not Sequential"."""
+    net = _small("small_cnn")
+    with pytest.raises(XbmError, match=r"pass the ConvNet's weights, net.state_dict\(\)"):
+        load_torchvision_state_dict(_small("small_cnn"), net)
+    with pytest.raises(XbmError, match="expected a state dict or the path of a checkpoint, "
+                                       "got a list"):
+        load_torchvision_state_dict(_small("small_cnn"), [1, 2])
+
+
 def test_load_accepts_checkpoints_without_bn_step_counters():
     src, dst = _small("resnet18"), _small("resnet18")
     old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}

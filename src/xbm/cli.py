@@ -466,7 +466,8 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
                       "training images; adapt it again to score it on held-out images",
                       XbmWarning, stacklevel=2)
     have = len(data.test_y)
-    if test_subset is not None and test_subset > have:  # as adapt says it
+    if test_subset is not None and test_subset > have and \
+            getattr(args, "test_subset_given", True):  # as adapt says it; not for a default
         warnings.warn(f"task {task.name!r}: --test-subset {test_subset} is more than the "
                       f"{have} test images of {ds}: all used", XbmWarning, stacklevel=2)
     # its training images only calibrate a simulation (eval takes none): no class goes untrained
@@ -1082,6 +1083,26 @@ def cmd_map(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     kw = {k: v for k, v in (("in_channels", args.in_channels), ("width", args.width))
           if v is not None}
+    if args.backbone:  # its architecture, from the header: no weights are read
+        from xbm.train.pretrain import backbone_file_arch
+
+        if not Path(args.backbone).is_file():
+            raise XbmError(f"--backbone {args.backbone} does not exist")
+        arch = backbone_file_arch(args.backbone)
+        if not arch or not arch.get("name"):
+            raise XbmError(f"--backbone {args.backbone}: no xbm backbone file (xbm pretrain or "
+                           "xbm import-backbone write one), or it is unreadable")
+        source = f"the backbone {args.backbone}"
+        _check_arch_flags(args, arch, source)
+        ch = args.in_channels
+        if ch is not None and arch.get("in_channels") is not None and ch != arch["in_channels"]:
+            raise ConfigError(f"--in-channels {ch} contradicts {source} "
+                              f"({arch['in_channels']}); drop the flag")
+        args.model = arch["name"]
+        kw = {k: arch[k] for k in ("in_channels", "width", "num_classes")
+              if arch.get(k) is not None}
+    elif not args.model:
+        raise ConfigError("pass --model NAME (e.g. resnet50) or --backbone FILE")
     with torch.device("meta"):
         model = create_model(args.model, **kw)
     report = map_model(model, spec)
@@ -1250,8 +1271,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "for, e.g. resnet50 (torchvision's key names)")
     im.add_argument("--checkpoint", required=True,
                     help=".pth/.pt (torch.save; weights only) or .safetensors state dict; a "
-                    "{'state_dict': ...} or {'model': ...} wrapper and a 'module.' prefix are "
-                    "accepted")
+                    "{'state_dict': ...} or {'model': ...} wrapper and a prefix of every key "
+                    "('module.', Lightning's 'model.') are accepted")
     im.add_argument("--out", required=True, help="backbone file to write (.safetensors)")
     im.add_argument("--num-classes", type=int, help="classes of the checkpoint's head "
                     "(default: the model's, e.g. 1000 for resnet50)")
@@ -1327,8 +1348,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     mp = sub.add_parser("map", help="per-layer crossbar mapping report of a registered model")
-    mp.add_argument("--model", required=True, help="a registered model, e.g. resnet18_cifar "
-                    "(the demo's backbone) or resnet50")
+    mp.add_argument("--model", help="a registered model, e.g. resnet18_cifar (the demo's "
+                    "backbone) or resnet50")
+    mp.add_argument("--backbone", help="a backbone file instead of --model: its recorded "
+                    "architecture is mapped (no weights are read)")
     mp.add_argument("--width", type=int, help="base width of models that take one (default: the "
                     "model's own; the demo's backbone is 16 on CPU, 64 on CUDA)")
     mp.add_argument("--in-channels", type=int, help="input channels (default: the model's own)")

@@ -31,6 +31,9 @@ from xbm.errors import ConfigError, XbmError
 from xbm.hardware.simulate import BACKENDS
 from xbm.train.pretrain import PRECISIONS
 
+#: Test images per task unless ``--test-subset`` says otherwise.
+DEFAULT_TEST_SUBSET = 1000
+
 
 def _floats(s: str, flag: str = "", lo: float = 0.0, hi: float = math.inf) -> list[float]:
     """A comma list of numbers in [lo, hi]; an empty entry is an error, not skipped."""
@@ -212,8 +215,9 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
                     help="training images: fault-aware mode trains on them; both modes "
                     "calibrate input scales and ADC ranges on two batches of them, never on "
                     "test images (default %(default)s)")
-    sp.add_argument("--test-subset", type=int, default=1000,
-                    help="test images (default %(default)s)")
+    sp.add_argument("--test-subset", type=int,
+                    help=f"test images (default {DEFAULT_TEST_SUBSET}; a task with fewer uses "
+                    "all of its own, said only when the flag asks for more)")
     sp.add_argument("--batch-size", type=int, default=128, help="default %(default)s")
     sp.add_argument("--chip-seed", type=seed_arg,
                     help="seed of the chip alone: its programming variation, read noise and "
@@ -701,6 +705,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     args.seed_given = args.seed is not None
     if args.seed is None:
         args.seed = 0
+    # the default asks for no more than a task has: a task of fewer test images is not
+    # warned about (it was, in every run on a small image folder)
+    args.test_subset_given = args.test_subset is not None
+    if args.test_subset is None:
+        args.test_subset = DEFAULT_TEST_SUBSET
     args.sa1_given = args.sa1_fraction is not None  # a saved map has its own split
     if args.sa1_fraction is None:
         args.sa1_fraction = 0.5

@@ -57,7 +57,8 @@ def _read(path: Path) -> Mapping[str, object]:
             "reference scripts save their argparse args with the weights), which are not "
             "loaded unasked: a pickle can run code. If you trust the file, load it yourself "
             f"with torch.load(path, weights_only=False) and pass its state dict (e.g. "
-            f"ckpt['model'])") from exc
+            f"ckpt['model']); a whole model saved with torch.save(model) is saved again as "
+            f"torch.save(model.state_dict(), path)") from exc
     except Exception as exc:  # corrupt, truncated, or a pickle of something other than tensors
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # no terminal colour codes
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -92,7 +93,8 @@ def load_torchvision_state_dict(
     """Load a torchvision-style state dict into ``model`` (strictly) and return ``model``.
 
     A leading ``module.`` prefix (left by ``DataParallel``/DDP) or ``_orig_mod.`` (left by
-    ``torch.compile``) is stripped, and a
+    ``torch.compile``) is stripped, as is any prefix of every key (a training wrapper's, such
+    as Lightning's ``model.``) where the keys under it are exactly the model's, and a
     ``{"state_dict": ...}`` or ``{"model": ...}`` training checkpoint is unwrapped. Loading is
     strict because a silently skipped key would leave random weights in a "pretrained" backbone;
     the only tolerated gap is BN ``num_batches_tracked``, which old checkpoints lack.
@@ -106,9 +108,15 @@ def load_torchvision_state_dict(
             ``model`` already holds learned tasks and the weights differ from its own
             (converted models take new weights only before their first ``add_task``).
     """
+    if isinstance(path_or_dict, nn.Module):  # Path() raised a bare TypeError
+        raise XbmError(f"pass the {type(path_or_dict).__name__}'s weights, "
+                       "net.state_dict(), or a file of them, not the model itself")
     if isinstance(path_or_dict, Mapping):
         raw: Mapping[str, object] = path_or_dict
         source = "state dict"
+    elif not isinstance(path_or_dict, (str, os.PathLike)):
+        raise XbmError(f"expected a state dict or the path of a checkpoint, got a "
+                       f"{type(path_or_dict).__name__}")
     else:
         path = Path(path_or_dict)
         raw = _read(path)
@@ -153,6 +161,7 @@ def load_torchvision_state_dict(
     # a torchvision checkpoint has none of it, and loading weights leaves it as it is
     full = model.state_dict()
     expected = {k: v for k, v in full.items() if "xbm_tasks." not in k}
+    state, prefix_hint, stripped = _strip_wrapper_prefix(state, expected)
     floats = [k for k, v in expected.items()
               if v.is_floating_point() and k in state and not state[k].is_floating_point()]
     if floats:  # int weights would be cast silently by load_state_dict
@@ -179,10 +188,18 @@ def load_torchvision_state_dict(
             parts.append(f"{len(unexpected)} unexpected key(s): {_shorten(unexpected)}")
         if wrong_shape:
             parts.append(f"{len(wrong_shape)} shape mismatch(es): {_shorten(wrong_shape)}")
+        # not the architecture's fault: no "build the model with ..." (nor the CLI's flags)
+        if prefix_hint:
+            raise XbmError(f"{source}: {prefix_hint}")
+        no_head = _no_head_hint(missing, unexpected, wrong_shape, expected, stripped)
+        if no_head:
+            raise XbmError(f"{source} {no_head}")
         raise ArchitectureMismatchError(
             f"{source} does not match {type(model).__name__}: " + "; ".join(parts)
             + "; build the model with the checkpoint's architecture, num_classes, in_channels "
-            "and width" + ("" if missing or unexpected else _head_hint(state, expected))
+            "and width" + ("" if missing or unexpected else
+                           _head_hint(state, expected) + _channels_hint(state, expected))
+            + (_other_model_hint(state, expected) if missing or unexpected else "")
         )
     tasks = _task_names(full)
     if tasks and any(not torch.equal(state[k].to(v.dtype), v.cpu()) for k, v in expected.items()):
@@ -196,6 +213,113 @@ def load_torchvision_state_dict(
     # strict above, on the backbone's keys; only task keys may be left out here
     assert not result.unexpected_keys and all("xbm_tasks." in k for k in result.missing_keys)
     return model
+
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                          ) -> tuple[dict[str, torch.Tensor], str | None, str]:
+    """The model's keys under a training wrapper's prefix (Lightning's ``model.``, a
+    ``backbone.`` or ``net.`` attribute), found by what the model expects rather than by a list
+    of names: where every key shares a dotted prefix and the keys without it are exactly the
+    model's, the prefix is stripped. Where only some keys carry such a prefix (an EMA copy or a
+    loss module beside the model), nothing is guessed: the second value is a message that names
+    the prefix and what else the checkpoint holds.
+
+    Returns:
+        (the state dict, stripped where that helps; a message, or None; the prefix stripped,
+        or "").
+    """
+    want = set(expected)
+    optional = {k for k in want if k.endswith(".num_batches_tracked")}  # filled in later
+
+    def fits(keys: set[str]) -> bool:
+        return not keys - want and not (want - keys) - optional
+
+    if not state or fits(set(state)):
+        return state, None, ""
+    prefixes: dict[str, int] = {}
+    for k in state:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            prefixes[".".join(parts[:i]) + "."] = prefixes.get(".".join(parts[:i]) + ".", 0) + 1
+    for p in sorted(prefixes, key=len):  # a prefix of every key: stripped where it helps
+        under = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        if prefixes[p] == len(state) and not set(under) - want:
+            return under, None, p  # keys still missing (a head) are said as for any other
+    whole = [p for p in sorted(prefixes, key=len) if prefixes[p] >= len(want - optional)
+             and fits({k[len(p):] for k in state if k.startswith(p)})]
+    if whole:  # a model's worth of keys under a prefix, beside other entries
+        others = sorted({k.split(".", 1)[0] + "." for k in state
+                         if not any(k.startswith(p) for p in whole)})
+        p = whole[0]
+        named = " and ".join(repr(q) for q in whole)
+        return state, ("the keys under " + f"{named} {'are' if len(whole) == 1 else 'are each'} "
+                       "this model's, but the checkpoint holds "
+                       + (f"other entries beside them ({_shorten(others)})" if others else
+                          "more than one copy")
+                       + f"; save only the model's: {{k[{len(p)}:]: v for k, v in sd.items() "
+                       f"if k.startswith({p!r})}}"), ""
+    return state, None, ""
+
+
+def _no_head_hint(missing: list[str], unexpected: list[str], wrong_shape: list[str],
+                  expected: Mapping[str, torch.Tensor], prefix: str = "") -> str:
+    """A checkpoint whose only gap is the classifier (a feature extractor, as self-supervised
+    checkpoints are): say so and how to import it, rather than "build the model with the
+    checkpoint's architecture", which is right already."""
+    heads = {k.rsplit(".", 1)[0] for k in missing}
+    if unexpected or wrong_shape or len(heads) != 1:
+        return ""
+    head = heads.pop()
+    w = expected.get(f"{head}.weight")
+    if w is None or w.dim() != 2 or set(missing) != {k for k in expected
+                                                     if k.rsplit(".", 1)[0] == head}:
+        return ""
+    bias = f" and sd['{prefix}{head}.bias'] = torch.zeros(N)" if f"{head}.bias" in expected \
+        else ""
+    return (f"has no classifier ({', '.join(missing)}): a feature extractor. Every xbm task "
+            "learns its own head; the backbone's serves only its own base task. Add a "
+            f"placeholder to the state dict, sd['{prefix}{head}.weight'] = torch.zeros(N, "
+            f"{w.shape[1]}){bias}, and import it with num_classes=N (xbm import-backbone "
+            "--num-classes N); its base task then scores nothing")
+
+
+def _channels_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """The checkpoint's input channels where its first convolution alone differs in them (a
+    grayscale checkpoint for an RGB model), as the classifier's class count is named."""
+    diff = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    convs = [k for k in diff if state[k].dim() == 4]
+    if len(convs) != 1 or convs[0] != next((k for k, v in expected.items() if v.dim() == 4), None):
+        return ""
+    got, want = state[convs[0]].shape, expected[convs[0]].shape
+    if got[1] == want[1] or (got[0], *got[2:]) != (want[0], *want[2:]):
+        return ""
+    c = got[1]
+    return f" (its first convolution {convs[0]} takes {c} input channel(s): build the model " \
+        f"with in_channels={c}, or xbm import-backbone --in-channels {c})"
+
+
+def _other_model_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """The registered model whose parameter names the checkpoint's are, where it is not the
+    model given (a ResNet-50 checkpoint for resnet18 listed hundreds of keys, not the cause).
+    Models are built on the meta device: names only, no memory, a few milliseconds."""
+    from xbm.models.registry import create_model, list_models
+
+    have = {k for k in state if not k.endswith(".num_batches_tracked")}
+    mine = {k for k in expected if not k.endswith(".num_batches_tracked")}
+    found = []
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                keys = {k for k in create_model(name).state_dict()
+                        if not k.endswith(".num_batches_tracked")}
+        except Exception:  # a user's model that cannot be built so: not a candidate
+            continue
+        if keys == have and keys != mine:
+            found.append(name)
+    if len(found) != 1:
+        return ""
+    return f" (its parameter names are those of the registered model {found[0]!r}: " \
+        f"create_model({found[0]!r}), or xbm import-backbone --model {found[0]})"
 
 
 def _head_hint(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
