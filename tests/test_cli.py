@@ -920,6 +920,40 @@ def test_a_task_trained_from_python_is_evaluated_at_the_side_it_learned(tmp_path
     assert row["accuracy"] == round(acc, 4)
 
 
+def test_a_bundle_from_python_records_the_backbone_it_was_loaded_from(tmp_path, capsys,
+                                                                      monkeypatch):
+    """MultiTaskModel on xbm.load_backbone's model records the file's architecture, recipe and
+    path without arch= (a bundle made so named none, and `xbm eval` could not find its
+    backbone); a bundle on a model of the user's own says what the command line needs."""
+    import xbm
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    monkeypatch.setenv("XBM_CACHE", str(tmp_path / "cache"))  # no cached backbone matches
+    imgs = _folder(tmp_path / "imgs", n=6)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    model, meta = xbm.load_backbone(bb)
+    mtm = MultiTaskModel(model, CrossbarSpec(rows=16, cols=16))
+    assert mtm.arch == meta["arch"] and mtm.backbone_file == str(bb.resolve())
+    mtm.add_task("t", 2, "xbm", dataset=f"folder:{imgs}")
+    mtm.save_bundle(tmp_path / "b.safetensors")
+    assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--no-progress",
+                 "--device", "cpu"]) == 0  # its backbone found at the recorded file
+    capsys.readouterr()
+    own = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2))
+    mine = MultiTaskModel(own, CrossbarSpec(rows=16, cols=16), head_name="4")
+    mine.add_task("t", 2, "xbm", dataset=f"folder:{imgs}")
+    mine.save_bundle(tmp_path / "own.safetensors")
+    assert main(["eval", "--bundle", str(tmp_path / "own.safetensors"), "--device",
+                 "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "the bundle records no architecture (a model of your own" in err
+    assert "--plugin MODULE --backbone FILE" in err and "docs/extending.md" in err
+
+
 def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
     from xbm.hardware import CrossbarSpec
     from xbm.multitask import MultiTaskModel

@@ -352,6 +352,9 @@ class MultiTaskModel(nn.Module):
         backbone_file: the file the backbone was loaded from, saved (as an absolute path) with
             bundles: a backbone kept outside the cache (``xbm pretrain --out``) is found there
             again, if its content hash still matches.
+
+    ``arch``, ``backbone_recipe`` and ``backbone_file`` default to what the file records for a
+    backbone that :func:`xbm.load_backbone` returned.
     """
 
     #: True while :meth:`load_bundle` adds a bundle's tasks (their names keep the old rule).
@@ -364,6 +367,12 @@ class MultiTaskModel(nn.Module):
                  backbone_file: str | os.PathLike | None = None) -> None:
         super().__init__()
         check_model_and_filter(backbone, filter_fn)
+        source = getattr(backbone, "_xbm_source", None)
+        if isinstance(source, dict):  # xbm.load_backbone's model: what its file records
+            arch = source.get("arch") if arch is None else arch
+            backbone_recipe = source.get("recipe") if backbone_recipe is None else \
+                backbone_recipe
+            backbone_file = source.get("file") if backbone_file is None else backbone_file
         head_name = resolve_head_name(backbone, head_name)
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})

@@ -466,6 +466,11 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise BundleError(f"{path}: weights do not fit {meta['arch']['name']} ({first})") from None
+    # where it came from, for MultiTaskModel's arch/backbone_recipe/backbone_file defaults: a
+    # bundle made from Python then records them without being told (and `xbm eval` finds its
+    # backbone); the bundle's content hash still decides whether a file is the right one
+    model._xbm_source = {"arch": dict(meta["arch"]), "recipe": meta.get("config"),
+                         "file": os.path.abspath(os.path.expanduser(os.fspath(path)))}
     return model, meta
 
 
@@ -654,6 +659,15 @@ def bundle_backbone_path(bundle: str | Path, bundle_meta: dict[str, Any]) -> Pat
                 f"{bundle}: its backbone (hash {h}) is not cached; the cache holds another "
                 f"backbone of the same recipe ({cfg.cache_name()}: another torch or machine "
                 "trained it). Pass the bundle's own backbone file with --backbone PATH")
+        if not (bundle_meta.get("arch") or {}).get("name"):
+            # learned from Python on a model of the user's own: no command can rebuild it
+            raise BundleError(
+                f"{bundle}: no cached backbone matches its backbone hash {h}{moved}, and the "
+                "bundle records no architecture (a model of your own, used from Python "
+                "without arch=), so the command line cannot build it: register the model in a "
+                "plugin and save its weights with xbm.import_backbone (docs/extending.md), then "
+                "pass --plugin MODULE --backbone FILE; or load the bundle from Python "
+                "(MultiTaskModel(model, spec).load_bundle)")
         rebuild = (f"or rebuild it with `{cmd}`, which gives the same hash with the same torch "
                    "on the same kind of machine" if cmd else
                    "or re-create it with the xbm pretrain command that made it")
