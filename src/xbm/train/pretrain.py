@@ -722,7 +722,8 @@ def get_backbone(cfg: PretrainConfig, device: torch.device, root: str | None = N
         # an unwritable cache fails now, not after the minutes of pretraining
         check_output(p, "file", "the backbone cache ($XBM_CACHE):",
                      fix="set XBM_CACHE to a writable folder")
-    with pretrain_lock(p, log):
+    # the cache's entries only: a file the user names gets no lock file beside it
+    with pretrain_lock(p, log) if not path else contextlib.nullcontext():
         if p.exists():  # another process pretrained it while this one waited
             return (*_load_cached(p, cfg, bool(path), log), p)
         if not path:
