@@ -310,6 +310,24 @@ def test_two_runs_of_one_recipe_pretrain_it_once(tmp_path, monkeypatch):
     assert results["first"][2] == results["second"][2]
 
 
+def test_the_pretrain_lock_steps_aside_where_locks_are_not_supported(tmp_path, monkeypatch):
+    """NFS without lockd (ENOLCK) or a FUSE mount (EOPNOTSUPP) cannot lock: the work goes ahead
+    unlocked, as before locks existed, rather than failing."""
+    import errno
+    import fcntl
+
+    from xbm.train.pretrain import pretrain_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pretrain_lock(tmp_path / "bb.safetensors", log=ran.append):
+        ran.append("body")
+    assert ran == ["body"]
+
+
 def _write_idx_root(root) -> None:
     """Four tiny MNIST-style IDX files (16 training, 8 test images) in ``root``."""
     import numpy as np

@@ -845,6 +845,31 @@ def test_default_backbone_pretrains_from_the_given_data_root(monkeypatch, tmp_pa
     assert seen["root"] == str(tmp_path)
 
 
+def test_adapt_on_the_default_backbone_of_an_imagenet_layout_feeds_its_recipes_side(
+        monkeypatch, tmp_path, capsys):
+    """Without --backbone the default backbone of --model is pretrained at the default recipe's
+    side (28): an ImageNet-layout model must not be fed at its family's 224 then, 64 times the
+    work of what it was pretrained at."""
+    import xbm.train.pretrain as pt
+    from xbm.io import tensors_hash
+    from xbm.models import create_model
+
+    arch = {"name": "resnet18", "num_classes": 10, "in_channels": 1, "width": 2}
+
+    def fake_get_backbone(cfg, device, root=None, **kw):
+        model = create_model("resnet18", num_classes=10, in_channels=1, width=2)
+        return model, {"arch": arch, "config": {"image_size": cfg.image_size},
+                       "dataset": "fashion-mnist", "accuracy": 0.0,
+                       "content_hash": tensors_hash(model.state_dict())}, None
+
+    monkeypatch.setattr(pt, "get_backbone", fake_get_backbone)
+    imgs = _folder(tmp_path / "imgs", size=40)
+    assert main(["adapt", "--dataset", str(imgs), "--model", "resnet18", "--width", "2",
+                 "--method", "linear-probe", "--out", str(tmp_path / "b.safetensors"),
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 28
+
+
 @pytest.mark.parametrize("as_json", [True, False])
 def test_backbone_notes_keep_json_stdout_clean(monkeypatch, capsys, as_json):
     """``adapt --json`` without --backbone printed "loaded cached backbone ..." before its
@@ -941,6 +966,24 @@ def test_a_bundle_from_python_records_the_backbone_it_was_loaded_from(tmp_path, 
     assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--no-progress",
                  "--device", "cpu"]) == 0  # its backbone found at the recorded file
     capsys.readouterr()
+    # weights changed after loading: the file is not this backbone's, so it is not recorded
+    # (eval said "the file it was learned from ... now holds another backbone"); a head of
+    # another class count makes the file's architecture stale too
+    from xbm.multitask import read_bundle_meta
+
+    for edit in ("weights", "head"):
+        model, _ = xbm.load_backbone(bb)
+        with torch.no_grad():
+            if edit == "weights":
+                next(model.parameters()).add_(0.01)
+            else:
+                model.fc = torch.nn.Linear(model.fc.in_features, 5)
+        edited = MultiTaskModel(model, CrossbarSpec(rows=16, cols=16))
+        edited.add_task("t", 2, "xbm")
+        edited.save_bundle(tmp_path / f"{edit}.safetensors")
+        meta = read_bundle_meta(tmp_path / f"{edit}.safetensors")[0]
+        assert "backbone_file" not in meta and "backbone_recipe" not in meta
+        assert meta["arch"] == ({} if edit == "head" else mtm.arch)
     own = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 2))
@@ -952,6 +995,34 @@ def test_a_bundle_from_python_records_the_backbone_it_was_loaded_from(tmp_path, 
     err = _one_line_error(capsys)
     assert "the bundle records no architecture (a model of your own" in err
     assert "--plugin MODULE --backbone FILE" in err and "docs/extending.md" in err
+
+
+def test_adapting_into_a_bundle_keeps_the_backbone_file_it_records(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A bundle's recorded backbone file survives a later adapt into it that finds the
+    backbone in the cache (the cache's path, from load_backbone, replaced it, and eval then
+    failed once the cache was cleared), and a cache entry is never recorded as the file."""
+    import shutil
+
+    from xbm.multitask import read_bundle_meta
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XBM_CACHE", str(cache))
+    imgs = _folder(tmp_path / "imgs", n=6)
+    bb = tmp_path / "bb.safetensors"
+    _tiny_backbone_file(bb)
+    bundle = tmp_path / "b.safetensors"
+    common = ["--dataset", str(imgs), "--method", "xbm", "--rows", "16", "--cols", "16",
+              "--device", "cpu", "--no-progress"]
+    assert main(["adapt", *common, "--backbone", str(bb), "--out", str(bundle),
+                 "--task", "t1"]) == 0
+    (cache / "backbones").mkdir(parents=True)
+    shutil.copy(bb, cache / "backbones" / "copy.safetensors")
+    assert main(["adapt", *common, "--bundle", str(bundle), "--task", "t2"]) == 0
+    assert read_bundle_meta(bundle)[0]["backbone_file"] == str(bb.resolve())
+    (cache / "backbones" / "copy.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--device", "cpu", "--no-progress"]) == 0
 
 
 def _folder_task_bundle(tmp_path, num_classes: int, dataset: str):
@@ -2049,6 +2120,23 @@ def test_an_imported_backbone_records_its_image_side_and_every_command_feeds_it(
     assert json.loads(capsys.readouterr().out)["tasks"][0]["image_size"] == 20
     assert main(["cost", "--backbone", str(bb), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 20, 20]
+    # a task that records no side (trained by a loop of the user's own) is taken at the
+    # backbone's by every command: eval, cost, and adapt into its bundle
+    from xbm.hardware import CrossbarSpec
+    from xbm.multitask import MultiTaskModel
+
+    mtm = MultiTaskModel(load_backbone(bb)[0], CrossbarSpec(rows=16, cols=16))
+    mtm.add_task("own", 2, "xbm", dataset=str(tmp_path / "imgs"))
+    mtm.save_bundle(tmp_path / "own.safetensors")
+    assert main(["eval", "--bundle", str(tmp_path / "own.safetensors"), "--json",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"][0]["image_size"] == 20
+    assert main(["cost", "--bundle", str(tmp_path / "own.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 20, 20]
+    assert main(["adapt", "--dataset", str(tmp_path / "imgs"), "--bundle",
+                 str(tmp_path / "own.safetensors"), "--task", "next", "--device", "cpu",
+                 "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 20
     # left out: the family's side, said
     assert main(["import-backbone", "--model", "small_cnn", "--checkpoint", str(ckpt),
                  "--out", str(tmp_path / "d.safetensors"), "--num-classes", "2",

@@ -213,7 +213,7 @@ def test_load_strips_a_wrappers_prefix_and_names_what_it_cannot_guess():
            "loss.weight": torch.ones(3)}
     with pytest.raises(XbmError, match=r"the keys under 'ema.' and 'model.' are each this "
                        r"model's, but the checkpoint holds other entries beside them "
-                       r"\(loss.\); save only the model's: \{k\[4:\]"):
+                       r"\(loss.\); save only the copy you mean, e.g. \{k\[4:\]"):
         load_torchvision_state_dict(_small("small_cnn"), two)
     headless = {f"model.{k}": v for k, v in sd.items() if not k.startswith("fc.")}
     with pytest.raises(XbmError, match=r"has no classifier \(fc.weight, fc.bias\): a feature "

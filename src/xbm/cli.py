@@ -478,10 +478,11 @@ def _task_data(args: argparse.Namespace, task: Any, train_subset: int | None,
 def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list[Any],
                     seed: int):
     """The backbone's own task (``--task base``): its pretraining dataset, or ``--dataset``, at
-    the side it was pretrained at (an imported backbone records none: the side its tasks were
-    learned at, else 28) and in its channels, ``--test-subset`` drawn with ``seed``; returns
-    what :func:`_task_data` does. The pretraining accuracy was measured on the subset
-    ``--test-subset N`` draws when N and ``seed`` are the recipe's test subset and seed."""
+    the side it was pretrained at (or import-backbone recorded; where it records none, the side
+    its tasks were learned at, else its family's) and in its channels, ``--test-subset``
+    drawn with ``seed``; returns what :func:`_task_data` does. The pretraining accuracy was
+    measured on the subset ``--test-subset N`` draws when N and ``seed`` are the recipe's test
+    subset and seed."""
     from xbm.data import load_dataset
     from xbm.data.registry import FOLDER_PREFIX
     from xbm.errors import DatasetNotFoundError
@@ -501,8 +502,8 @@ def _base_task_data(args: argparse.Namespace, bmeta: dict[str, Any], tasks: list
     _warn_unread_root(args.data_root, ds, " for the base task")
     from xbm.train.pretrain import backbone_side
 
-    sides = sorted({task_image_size(t) for t in tasks})
     arch = bmeta.get("arch") or {}
+    sides = sorted({task_image_size(t, _family_side(arch)) for t in tasks})
     side = backbone_side(bmeta) or (sides[0] if len(sides) == 1 else _family_side(arch))
     root = args.data_root or (recipe.get("data_root") if not args.dataset else None)
     try:
@@ -595,11 +596,11 @@ def _image_size(args: argparse.Namespace, bundle_tasks: list[Any],
     if args.image_size is not None:
         side = int(args.image_size)
     elif bundle_tasks:
-        sides = sorted({task_image_size(t) for t in bundle_tasks})
+        default = backbone_side or _family_side(arch)  # a task that records none: eval's side
+        sides = sorted({task_image_size(t, default) for t in bundle_tasks})
         if len(sides) > 1:  # no side is "the earlier tasks'": say so rather than pick one
-            by_side = "; ".join(
-                f"{s}: {', '.join(t.name for t in bundle_tasks if task_image_size(t) == s)}"
-                for s in sides)
+            by_side = "; ".join(f"{s}: " + ", ".join(
+                t.name for t in bundle_tasks if task_image_size(t, default) == s) for s in sides)
             raise XbmError(f"the bundle's tasks were learned at different image sides "
                            f"({by_side}); pass --image-size for the new task")
         side = sides[0]
@@ -821,7 +822,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         seed_everything,
         train_task,
     )
-    from xbm.train.pretrain import backbone_side, resolve_precision
+    from xbm.train.pretrain import PretrainConfig, backbone_side, resolve_precision
 
     cls = get_method_class(args.method)
     method_cfg = _load_yaml(args.method_config) if args.method_config else {}
@@ -887,7 +888,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     # else what the bundle's tasks were learned at, else the backbone's pretraining side, else
     # 28 (the default backbone's input)
     channels = (loaded[1].get("arch") or {}).get("in_channels") if loaded else None
-    image_size = _image_size(args, bundle_tasks, backbone_side(loaded[1]) if loaded else None,
+    # (no backbone loaded: the default one, pretrained at the default recipe's side)
+    image_size = _image_size(args, bundle_tasks, backbone_side(loaded[1]) if loaded else
+                             PretrainConfig.image_size,
                              loaded[1].get("arch") if loaded else
                              {"name": args.model or DEFAULT_MODEL, "width": _width(args, device)})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,
@@ -1087,7 +1090,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         from xbm.train.pretrain import backbone_file_arch
 
         if not Path(args.backbone).is_file():
-            raise XbmError(f"--backbone {args.backbone} does not exist")
+            raise XbmError(f"--backbone {args.backbone} "
+                           + ("is a folder, not a backbone file" if Path(args.backbone).is_dir()
+                              else "does not exist"))
         arch = backbone_file_arch(args.backbone)
         if not arch or not arch.get("name"):
             raise XbmError(f"--backbone {args.backbone}: no xbm backbone file (xbm pretrain or "
@@ -1302,8 +1307,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(with a note) if the file does not exist yet")
     ad.add_argument("--out", help="bundle to write (default: --bundle or TASK.safetensors)")
     ad.add_argument("--image-size", type=int, help="image side fed to the backbone (default: "
-                    "the bundle's tasks', else the side the backbone was pretrained at, else "
-                    "28); an image folder is read at this size and in the backbone's channels "
+                    "the bundle's tasks', else the side the backbone was pretrained at or "
+                    "import-backbone recorded, else its family's: 224 for an ImageNet layout, "
+                    "28 else); an image folder is read at this size and in the backbone's channels "
                     "(RGB for a 3-channel one), a built-in dataset resized to it and repeated "
                     "into RGB")
     ad.add_argument("--epochs", type=int, default=1, help="default: %(default)s")

@@ -368,7 +368,17 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         check_model_and_filter(backbone, filter_fn)
         source = getattr(backbone, "_xbm_source", None)
+        #: which of arch/backbone_recipe/backbone_file came from load_backbone's file rather
+        #: than the caller; they describe that file's weights (its hash below), so a bundle of
+        #: other weights does not record them (save_bundle), and a bundle's own win (load_bundle)
+        self._from_source: set[str] = set()
+        self._source_hash = source.get("hash") if isinstance(source, dict) else None
         if isinstance(source, dict):  # xbm.load_backbone's model: what its file records
+            for what, given, found in (("arch", arch, source.get("arch")),
+                                       ("backbone_recipe", backbone_recipe, source.get("recipe")),
+                                       ("backbone_file", backbone_file, source.get("file"))):
+                if given is None and found:
+                    self._from_source.add(what)
             arch = source.get("arch") if arch is None else arch
             backbone_recipe = source.get("recipe") if backbone_recipe is None else \
                 backbone_recipe
@@ -832,18 +842,20 @@ class MultiTaskModel(nn.Module):
                                "in training; retrain it (e.g. at a lower lr), or save the other "
                                "tasks with save_bundle(path, tasks=[...])")
             tensors.update(sd)
+        backbone_hash = self.backbone_hash
+        stale = self._stale_source(backbone_hash)
         meta = {
             "format": BUNDLE_FORMAT,
-            "backbone_hash": self.backbone_hash,
+            "backbone_hash": backbone_hash,
             "spec": self.spec.to_dict(),
-            "arch": self.arch,
+            "arch": {} if "arch" in stale else self.arch,
             "head_name": self.head_name,
             "tasks": [asdict(self.tasks[t]) for t in tasks],
             "content_hash": tensors_hash(tensors),
         }
-        if self.backbone_recipe:
+        if self.backbone_recipe and "backbone_recipe" not in stale:
             meta["backbone_recipe"] = self.backbone_recipe
-        if self.backbone_file:
+        if self.backbone_file and "backbone_file" not in stale:
             meta["backbone_file"] = self.backbone_file
         meta["meta_hash"] = metadata_hash(meta)
         save_safetensors(path, tensors, meta)
@@ -904,11 +916,29 @@ class MultiTaskModel(nn.Module):
             for p, f in zip(had, flags, strict=True):
                 p.requires_grad_(f)
             self.set_task(active)
-        if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
-            self.backbone_recipe = dict(meta["backbone_recipe"])  # kept when saved again
-        if self.backbone_file is None and isinstance(meta.get("backbone_file"), str):
+        # kept when saved again; a bundle's own beat what load_backbone's file said by default
+        if (self.backbone_recipe is None or "backbone_recipe" in self._from_source) and \
+                isinstance(meta.get("backbone_recipe"), dict):
+            self.backbone_recipe = dict(meta["backbone_recipe"])
+            self._from_source.discard("backbone_recipe")
+        if (self.backbone_file is None or "backbone_file" in self._from_source) and \
+                isinstance(meta.get("backbone_file"), str):
             self.backbone_file = meta["backbone_file"]
+            self._from_source.discard("backbone_file")
         return added
+
+    def _stale_source(self, backbone_hash: str) -> set[str]:
+        """The defaults taken from load_backbone's file that no longer describe the backbone:
+        its weights changed since (another hash), so the file and recipe are not its; the
+        architecture too where the classifier's class count changed (a head swapped)."""
+        if not self._from_source or backbone_hash == self._source_hash:
+            return set()
+        stale = self._from_source - {"arch"}
+        head = dict(self.model.named_modules()).get(self.head_name)
+        n = getattr(head, "out_features", None)
+        if "arch" in self._from_source and n is not None and n != self.arch.get("num_classes"):
+            stale.add("arch")
+        return stale
 
     def _add_bundle_tasks(self, path: str | Path, tensors: dict[str, torch.Tensor],
                           infos: list[TaskInfo], added: list[str]) -> None:

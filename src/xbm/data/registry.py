@@ -7,6 +7,7 @@ modules (or user code) can add datasets without editing this package.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,8 +127,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, seed: int = 0
     if folder is not None:
         data = load_image_folder(folder, image_size=28 if image_size is None else image_size,
                                  channels=1 if channels is None else channels, seed=seed)
-        if channels is None and data.colour_read_as_grey:
-            # grey by default, not by choice: said here, or a script never hears of it
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if channels is None and data.colour_read_as_grey and not caller.startswith("xbm."):
+            # grey by default, not by choice: said here, or a script never hears of it (the
+            # commands say it in their own words: say_if_colour_was_dropped)
             warnings.warn(f"{data.name}: the images are in colour and were read as grayscale "
                           "(an image folder's default); whatever told its classes apart by "
                           "hue is gone. To keep colour, read it with channels=3 for an RGB "

@@ -186,8 +186,10 @@ def _check_capable(rewrite: dict[str, float], off: dict[str, float]) -> None:
             raise ConfigError(f"--fraction {name}: {name} re-programs no cell{hint}")
 
 
-def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespace | None = None):
-    """A MultiTaskModel holding a bundle's tasks, on the bundle's own crossbar spec.
+def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespace | None = None,
+                      with_meta: bool = False):
+    """A MultiTaskModel holding a bundle's tasks, on the bundle's own crossbar spec (and, with
+    ``with_meta``, the backbone file's metadata beside it).
 
     Raises:
         BundleError: unreadable bundle, no matching backbone, or a backbone of another
@@ -213,7 +215,7 @@ def load_bundle_model(bundle: str, backbone: str | None, args: argparse.Namespac
     mtm = MultiTaskModel(model, spec, arch=bmeta.get("arch"),
                          head_name=meta.get("head_name", "fc"))
     mtm.load_bundle(bundle)
-    return mtm
+    return (mtm, bmeta) if with_meta else mtm
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -330,7 +332,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if args.energy_spec:
             raise ConfigError("--energy-spec does not apply to --bundle: the bundle fixes the "
                               "crossbar spec it was learned on")
-        mtm = load_bundle_model(args.bundle, args.backbone, args)
+        mtm, bmeta = load_bundle_model(args.bundle, args.backbone, args, with_meta=True)
         assumptions = _assumptions(args)
         picked = None if args.tasks is None else \
             [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -350,19 +352,20 @@ def cmd_cost(args: argparse.Namespace) -> int:
         arch = mtm.arch or {}
         costed = {"name": arch.get("name"), "width": arch.get("width"),
                   "what": f"--bundle {args.bundle}"}
-        # the side the tasks were fed at, where `xbm adapt` recorded it (one for the bundle)
-        from xbm.cli import task_image_size
+        # the side the tasks were fed at, where they record it (one for the bundle), else the
+        # backbone's, as eval feeds them
+        from xbm.cli import backbone_default_side, task_image_size
 
-        recorded = any("image_size" in mtm.tasks[t].extra for t in tasks)
-        sizes = sorted({task_image_size(mtm.tasks[t]) for t in tasks})
-        if args.input_size is None and recorded and len(sizes) > 1:
+        default = backbone_default_side(bmeta)
+        sizes = sorted({task_image_size(mtm.tasks[t], default) for t in tasks})
+        if args.input_size is None and len(sizes) > 1:
             by_side = "; ".join(
-                f"{s}: {','.join(t for t in tasks if task_image_size(mtm.tasks[t]) == s)}"
+                f"{s}: {','.join(t for t in tasks if task_image_size(mtm.tasks[t], default) == s)}"
                 for s in sizes)
             raise ConfigError(f"the tasks were learned at different image sides ({by_side}); "
                               "cost them at one with --input-size, or the tasks of one side "
                               "with --tasks")
-        size = args.input_size or (sizes[0] if recorded else None)
+        size = args.input_size or sizes[0]
         per_task, own = _recorded_workloads(args, mtm, tasks, assumptions)
         report = C.bundle_report(mtm, preset, assumptions, tasks, arch.get("name", "bundle"),
                                  size, args.in_channels, per_task=per_task)

@@ -204,7 +204,8 @@ def register(sub: argparse._SubParsersAction, common, add_spec_args) -> None:
     sp.add_argument("--out", help="fault-aware mode: save both tasks as a bundle here")
     sp.add_argument("--image-size", type=int,
                     help="fault-aware mode: image side fed to the backbone (default: the side "
-                    "it was pretrained at, else 28); the sweep feeds each task at its own")
+                    "it was pretrained at or import-backbone recorded, else its family's: 224 "
+                    "for an ImageNet layout, 28 else); the sweep feeds each task at its own")
     sp.add_argument("--epochs", type=int,
                     help=f"fault-aware mode: training epochs (default {FAULT_AWARE_EPOCHS})")
     sp.add_argument("--precision", choices=list(PRECISIONS),
@@ -518,14 +519,14 @@ def _fault_aware(args: argparse.Namespace) -> dict[str, Any]:
     # in the backbone's channels (read from a given file's header: the dataset's errors still
     # come before any pretraining of the default backbone, which is grayscale)
     from xbm.cli import DEFAULT_MODEL, _image_size
-    from xbm.train.pretrain import backbone_file_arch, backbone_file_side
+    from xbm.train.pretrain import PretrainConfig, backbone_file_arch, backbone_file_side
 
     channels = (backbone_file_arch(args.backbone) or {}).get("in_channels") \
         if args.backbone else None
     # the side: --image-size, else the one the backbone was pretrained at (the default
     # backbone's is 28)
     image_size = _image_size(args, [], backbone_file_side(args.backbone)
-                             if args.backbone else None,
+                             if args.backbone else PretrainConfig.image_size,
                              backbone_file_arch(args.backbone) if args.backbone else
                              {"name": args.model or DEFAULT_MODEL})
     data = load_dataset(args.dataset, root=args.data_root, channels=channels,

@@ -242,8 +242,10 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: Mapping[str,
         for i in range(1, len(parts)):
             prefixes[".".join(parts[:i]) + "."] = prefixes.get(".".join(parts[:i]) + ".", 0) + 1
     for p in sorted(prefixes, key=len):  # a prefix of every key: stripped where it helps
-        under = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-        if prefixes[p] == len(state) and not set(under) - want:
+        if prefixes[p] != len(state):
+            continue
+        under = {k[len(p):]: v for k, v in state.items()}
+        if not set(under) - want:
             return under, None, p  # keys still missing (a head) are said as for any other
     whole = [p for p in sorted(prefixes, key=len) if prefixes[p] >= len(want - optional)
              and fits({k[len(p):] for k in state if k.startswith(p)})]
@@ -256,8 +258,8 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor], expected: Mapping[str,
                        "this model's, but the checkpoint holds "
                        + (f"other entries beside them ({_shorten(others)})" if others else
                           "more than one copy")
-                       + f"; save only the model's: {{k[{len(p)}:]: v for k, v in sd.items() "
-                       f"if k.startswith({p!r})}}"), ""
+                       + f"; save only the copy you mean, e.g. {{k[{len(p)}:]: v for k, v "
+                       f"in sd.items() if k.startswith({p!r})}}"), ""
     return state, None, ""
 
 

@@ -469,8 +469,12 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     # where it came from, for MultiTaskModel's arch/backbone_recipe/backbone_file defaults: a
     # bundle made from Python then records them without being told (and `xbm eval` finds its
     # backbone); the bundle's content hash still decides whether a file is the right one
+    # (a cache entry is not recorded as a file: commands find it by its hash anyway)
+    file = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    in_cache = file.parent == (cache_dir() / "backbones").absolute()
     model._xbm_source = {"arch": dict(meta["arch"]), "recipe": meta.get("config"),
-                         "file": os.path.abspath(os.path.expanduser(os.fspath(path)))}
+                         "file": None if in_cache else str(file),
+                         "hash": meta.get("content_hash")}
     return model, meta
 
 
@@ -776,17 +780,24 @@ def pretrain_lock(p: Path, log=print) -> Iterator[None]:
             lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            pass
+            # another user's lock file in a shared cache: flock takes a read-only one
+            with contextlib.suppress(OSError):
+                fd = os.open(lock, os.O_RDONLY)
     if fd is None:
         yield
         return
     try:
+        # a file system without locks (NFS without lockd, some FUSE mounts) raises another
+        # OSError: the work goes ahead unlocked, as it did before locks existed
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log(f"another xbm process is pretraining {p.name}: waiting for it to finish, then "
                 f"loading what it caches (its lock: {lock})")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock; the empty lock file stays (removing it would race)
