@@ -42,7 +42,9 @@ from typing import Any
 
 import torch
 
+from xbm.config import positive_int, seed_arg
 from xbm.data import get_benchmark, load_dataset
+from xbm.errors import XbmError
 from xbm.hardware.cost import task_costs
 from xbm.io import atomic_path, write_json_atomic
 from xbm.methods.xma import XMAConfig
@@ -297,9 +299,6 @@ def _plan(p: argparse.ArgumentParser, args: argparse.Namespace, ranks: list[str]
             get_method_class(method).config_class.from_dict(cfg)
         except XbmError as exc:
             p.error(f"run {label}: {exc}")
-    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if v < 1:
-            p.error(f"{flag} must be at least 1, got {v}")
     try:
         check_output(args.out, "dir", "--out")
     except XbmError as exc:
@@ -316,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(get_benchmark(d.benchmark).tasks),
                    help="comma list of new tasks (default: the demo's, %(default)s; figures "
                    "recorded before session 29 without --tasks ran mnist,animal-mnist)")
-    p.add_argument("--epochs", type=int, default=d.epochs,
+    p.add_argument("--epochs", type=positive_int, default=d.epochs,
                    help="adaption epochs per task (as xbm demo; default %(default)s)")
-    p.add_argument("--train-subset", type=int, default=d.train_subset,
+    p.add_argument("--train-subset", type=positive_int, default=d.train_subset,
                    help="training images per task (as xbm demo; default %(default)s)")
-    p.add_argument("--test-subset", type=int, default=d.test_subset,
+    p.add_argument("--test-subset", type=positive_int, default=d.test_subset,
                    help="test images per task (as xbm demo; default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help="adaption batch size (as xbm demo; default %(default)s)")
     p.add_argument("--levels", default="2,3,5,7,5up",
                    help=f"XMA level sets to run, from {', '.join(LEVEL_SETS)}")
@@ -340,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                    + ", ".join(f"{v:g}" for v in WEIGHT_LR_SWEEP))
     p.add_argument("--random-control", action="store_true",
                    help="also XMA2 at 10%% with a random PE ranking")
-    p.add_argument("--width", type=int, default=d.width,
+    p.add_argument("--width", type=positive_int, default=d.width,
                    help="backbone width (as xbm demo; default: the device's, 16 on CPU)")
-    p.add_argument("--pretrain-subset", type=int, default=d.pretrain_subset,
+    p.add_argument("--pretrain-subset", type=positive_int, default=d.pretrain_subset,
                    help="the backbone's pretraining images (as xbm demo; default: all)")
-    p.add_argument("--pretrain-seed", type=int, default=d.pretrain_seed,
+    p.add_argument("--pretrain-seed", type=seed_arg, default=d.pretrain_seed,
                    help="the backbone's seed (as xbm demo; default: --seed)")
-    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+    p.add_argument("--pretrain-epochs", type=positive_int, default=d.pretrain_epochs,
                    help="the backbone's pretraining epochs (as xbm demo)")
     p.add_argument("--pretrain-augment", default=d.pretrain_augment,
                    help="the backbone's pretraining augmentation (as xbm demo)")
@@ -359,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                    help="adaption precision (as xbm demo; auto = bf16 autocast on CPUs with "
                    "native bf16 units)")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=seed_arg, default=d.seed,
                    help="adaption and data seed (as xbm demo; default %(default)s)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if present), cpu or cuda:N")
@@ -376,21 +375,29 @@ def main(argv: list[str] | None = None) -> int:
 
     plan, names = _plan(p, args, ranks)  # all checked before minutes of pretraining
     t0 = time.perf_counter()
-    device = resolve_device(args.device)
-    spec = d.spec()
-    d = dataclasses.replace(d, seed=args.seed, width=args.width,
-                            pretrain_subset=args.pretrain_subset,
-                            pretrain_seed=args.pretrain_seed,
-                            pretrain_epochs=args.pretrain_epochs,
-                            pretrain_augment=args.pretrain_augment,
-                            pretrain_mixup=args.pretrain_mixup,
-                            pretrain_precision=args.pretrain_precision,
-                            precision=args.precision)
-    pcfg = d.pretrain_config(device)
+    try:  # a bad device, recipe value or data root: one line, before any pretraining
+        device = resolve_device(args.device)
+        spec = d.spec()
+        d = dataclasses.replace(d, seed=args.seed, width=args.width,
+                                pretrain_subset=args.pretrain_subset,
+                                pretrain_seed=args.pretrain_seed,
+                                pretrain_epochs=args.pretrain_epochs,
+                                pretrain_augment=args.pretrain_augment,
+                                pretrain_mixup=args.pretrain_mixup,
+                                pretrain_precision=args.pretrain_precision,
+                                precision=args.precision)
+        pcfg = d.pretrain_config(device)
+        tasks = [load_dataset(n, root=args.data_root).subset(
+            args.train_subset, args.test_subset, seed=args.seed) for n in names]
+    except XbmError as exc:
+        p.error(str(exc))
+    short = [t.name for t in tasks if len(t.train_y) < args.batch_size]
+    if short:  # every step takes a full batch: no step at all, found after the pretraining
+        p.error(f"task(s) {', '.join(short)} have fewer training images than one batch "
+                f"(--batch-size {args.batch_size}); pass a larger --train-subset or a smaller "
+                "--batch-size")
     args.precision = d.precision_for(device)  # resolved, so run() and the resume key agree
     args.pretrain_precision = pcfg.precision  # resolved too (auto is bf16 or fp32 by CPU)
-    tasks = [load_dataset(n, root=args.data_root).subset(args.train_subset, args.test_subset,
-                                                         seed=args.seed) for n in names]
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)
     print(f"backbone {bpath.name} ({bmeta['accuracy']:.2f}% on {bmeta['dataset']}); "
           f"{len(plan)} runs x {len(tasks)} task(s) on {device}")

@@ -169,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             raise XbmError(f"--methods {args.methods!r}: name each method once")
         if args.json:
             check_output(args.json, "file", "--json")
+        from xbm.models.registry import model_defaults
+        from xbm.train.loop import resolve_device
+
+        model_defaults(args.model)  # an unknown name: one line, not a traceback
+        resolve_device(args.device)  # "bogus", or cuda where there is none
     except XbmError as exc:
         ap.error(str(exc))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here; pass --device cpu")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.bf16:

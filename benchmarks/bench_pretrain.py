@@ -38,6 +38,13 @@ def main() -> None:
                     help="timed repetitions; the median is reported (default %(default)s)")
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
+    from xbm.errors import XbmError
+    from xbm.models.registry import model_defaults
+
+    try:
+        model_defaults(args.model)  # an unknown name: one line, not a traceback
+    except XbmError as exc:
+        ap.error(str(exc))
     if args.batch % 2:  # xbm.train.pretrain runs such batches in the standard layout
         ap.error(f"--batch {args.batch} is odd: torch 2.13's oneDNN corrupts the heap in a "
                  "channels-last convolution's weight gradient on odd batches; pass an even one")

@@ -70,8 +70,17 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.json, "file", "--json")
         except XbmError as exc:
             ap.error(str(exc))
+    from xbm.train.loop import resolve_device
+
+    try:  # "bogus", or cuda where there is none; a GPU-only backend on a CPU
+        dev = resolve_device(args.device)
+        for b in args.backends.split(","):
+            if b == "triton" and dev.type != "cuda":
+                raise XbmError("--backends triton runs on CUDA only; pass --device cuda or "
+                               "leave triton out")
+    except XbmError as exc:
+        ap.error(str(exc))
     torch.manual_seed(0)
-    dev = torch.device(args.device)
     base = create_model("resnet18_cifar", width=16, in_channels=1).eval()
     plain = copy.deepcopy(base).to(dev).eval()
     plain_cl = copy.deepcopy(base).to(dev).eval().to(memory_format=torch.channels_last)

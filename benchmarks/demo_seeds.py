@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from xbm.errors import XbmError
-from xbm.io import write_json_atomic, write_text_atomic
+from xbm.io import check_output, write_json_atomic, write_text_atomic
+from xbm.methods import get_method_class
 
 # config fields that may differ between the runs of one table: the seeds, and which methods ran
 # (a method's statistics cover the seeds that ran it)
@@ -246,7 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summarize", nargs="+", metavar="PATH",
                     help="only tabulate existing results.json files or demo --out folders")
     args = ap.parse_args(argv)
+    if not math.isfinite(args.within) or args.within < 0:
+        ap.error(f"--within must be a finite number of points >= 0, got {args.within}")
     try:
+        if args.out:  # before any run: the summary is written there at the end
+            check_output(args.out, "dir", "--out")
+        if args.methods:
+            for m in (x.strip() for x in args.methods.split(",") if x.strip()):
+                get_method_class(m)  # an unknown name, before "--ref is not among them"
         if args.summarize:
             ignored = [f for f, v in (("--pretrain-seed", args.pretrain_seed),
                                       ("--methods", args.methods), ("--config", args.config),

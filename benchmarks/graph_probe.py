@@ -44,15 +44,22 @@ import threading
 import time
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--src", default="src")
-ap.add_argument("--out", default=os.environ.get("OUT", "."))
-ap.add_argument("--methods", default="piggyback,xbm,xma")
-ap.add_argument("--variants", default="as_test,same_stream,override,native,fn_noq")
+ap.add_argument("--src", default="src", help="the xbm sources to probe (default %(default)s)")
+ap.add_argument("--out", default=os.environ.get("OUT", "runs/graph_probe"),
+                help="folder for graph_probe.log, .json and the DOT dumps (default: $OUT, else "
+                "runs/graph_probe)")
+ap.add_argument("--methods", default="piggyback,xbm,xma",
+                help="comma list of piggyback, xbm, xma (default %(default)s)")
+ap.add_argument("--variants", default="as_test,same_stream,override,native,fn_noq",
+                help="comma list of the variants in the module docstring (default: all)")
 args = ap.parse_args()
 _KNOWN = ("as_test", "same_stream", "override", "native", "fn_noq")
 _bad = [v for v in args.variants.split(",") if v not in _KNOWN]
 if _bad:  # an unknown one ran as as_test under the typo's label, in a scarce GPU call
     ap.error(f"--variants: unknown {', '.join(_bad)}; choose from {', '.join(_KNOWN)}")
+_bad = [m for m in args.methods.split(",") if m not in ("piggyback", "xbm", "xma")]
+if _bad:  # before the log file is opened: no partial log for a typo
+    ap.error(f"--methods: unknown {', '.join(_bad)}; choose from piggyback, xbm, xma")
 sys.path.insert(0, args.src)
 
 import torch  # noqa: E402
@@ -61,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from xbm.data import make_fixture_task  # noqa: E402
 from xbm.hardware import get_spec  # noqa: E402
 from xbm.hardware import mapping as M  # noqa: E402
+from xbm.io import atomic_path  # noqa: E402
 from xbm.methods import base as B  # noqa: E402
 from xbm.methods import xbm as XBM_MOD  # noqa: E402
 from xbm.methods import xma as XMA_MOD  # noqa: E402
@@ -340,7 +348,7 @@ say("\nPython backwards ran on (stream, thread) by (Function, capturing):")
 for key, val in sorted(SEEN.items()):
     say("  ", key, val)
 say(f"\n{time.time() - t0:.0f} s")
-with open(os.path.join(args.out, "graph_probe.json"), "w") as f:
+with atomic_path(os.path.join(args.out, "graph_probe.json")) as tmp, open(tmp, "w") as f:
     json.dump({"summary": summary, "seen": {str(k): v for k, v in SEEN.items()}}, f, indent=1,
               default=str)
 LOG.close()

@@ -307,7 +307,12 @@ def test_reprogram_levels_counts_offset_cells(tmp_path):
     (["--tasks", "nope"], "--tasks: unknown dataset 'nope'"),
     (["--levels", "5,5"], "xma-5 would run twice"),
     (["--no-baselines", "--levels", "", "--budgets", ""], "nothing to run"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer"),
+    (["--tasks", "mnist", "--train-subset", "8", "--batch-size", "16"],
+     "fewer training images than one batch"),
+    (["--device", "bogus"], "invalid device 'bogus'"),
+    (["--pretrain-augment", "bogus"], "unknown augmentation 'bogus'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in"),
 ])
 def test_ablation_xma_checks_its_plan_before_the_backbone(argv, needle, tmp_path, monkeypatch,
                                                          capsys):
@@ -379,6 +384,8 @@ def test_ablation_xma_resume_keeps_runs_across_plans(tmp_path, monkeypatch, caps
     ran: list[str] = []
 
     class _Data:
+        name, train_y = "mnist", range(1000)
+
         def subset(self, *a, **k):
             return self
 
@@ -403,3 +410,19 @@ def test_ablation_xma_resume_keeps_runs_across_plans(tmp_path, monkeypatch, caps
     assert mod.main([*base, "--levels", "3"]) == 0 and ran == []  # the first plan's, still kept
     assert mod.main([*base, "--levels", "3", "--epochs", "3"]) == 0 and ran == ["xma-3"]
     assert "was run with other epochs; running every run again" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("bench_methods", ["--model", "nope"], "unknown model 'nope'"),
+    ("bench_methods", ["--device", "bogus"], "invalid device 'bogus'"),
+    ("bench_simulate", ["--device", "bogus"], "invalid device 'bogus'"),
+    ("bench_simulate", ["--device", "cpu", "--backends", "triton"], "triton runs on CUDA only"),
+    ("graph_step_check", ["--methods", "foo"], "unknown method 'foo'"),
+    ("graph_step_check", ["--methods", "xbm,"], "has an empty name"),
+    ("graph_step_check", ["--model", "nope"], "unknown model 'nope'"),
+])
+def test_benchmark_scripts_name_a_bad_name_in_one_line(script, argv, needle, capsys):
+    """An unknown model, method or device ended these scripts in a traceback."""
+    with pytest.raises(SystemExit) as info:
+        _load(script).main(argv)
+    assert info.value.code == 2 and needle in capsys.readouterr().err

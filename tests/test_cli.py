@@ -2808,6 +2808,29 @@ def test_a_folder_named_like_a_module_method_gets_a_task_name_that_works(tmp_pat
     assert "--task 'train' is taken by torch's module API" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("line, said", [
+    ("pretrain_augment: off", "demo pretrain_augment: unknown augmentation 'off'"),
+    ("pretrain_precision: fp16", "demo pretrain_precision: unknown pretraining precision"),
+    ("pretrain_mixup: -1", "demo pretrain_mixup: PretrainConfig.mixup must be"),
+    ("device: gpu", "demo device: invalid device 'gpu'"),
+    ("methods: [xbm, nope]", "demo methods: unknown method 'nope'"),
+    ("benchmark: nope", "demo benchmark: unknown benchmark 'nope'"),
+    ("model: nope", "demo model: unknown model 'nope'"),
+])
+def test_a_demo_config_name_error_names_the_field_and_the_file(tmp_path, capsys, monkeypatch,
+                                                              line, said):
+    """"unknown augmentation 'off'" alone (YAML 1.1 reads `off` as false elsewhere, so the
+    docs warn about it) did not say which field or file held it."""
+    import xbm.train.pretrain as pt
+
+    monkeypatch.setattr(pt, "get_backbone", lambda *a, **k: pytest.fail("got that far"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(line + "\n")
+    assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "d")]) == 2
+    err = _one_line_error(capsys)
+    assert said in err and err.endswith(f"(in --config {cfg})")
+
+
 def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys):
     """results.json is written through a symbolic link: a link to a bundle was overwritten with
     the results (exit 0); a folder there failed only after the whole run."""
@@ -2831,6 +2854,11 @@ def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys):
     assert main(argv) == 2
     assert "exists and is not an xbm demo results file" in _one_line_error(capsys)
     assert (out / "results.json").read_text() == "notes of mine"
+    # an earlier run's results are replaced, as they always were, but not unsaid
+    (out / "results.json").write_text('{"runs": []}')
+    assert main([*argv, "--methods", "nope"]) == 2  # stops right after the note
+    assert "holds an earlier run's results; this run replaces them when it ends" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,says", [

@@ -124,13 +124,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         cfg = DemoConfig.from_dict(fields)
         results = run_demo(cfg, args.out, progress=not args.no_progress)
-    except (ConfigError, UnknownNameError) as exc:  # a value the YAML gave: say where it is
+    except XbmError as exc:  # a value the YAML gave: say where it is
         # (a pretrain_* field is named by the PretrainConfig field it fills: only there, so
-        # the file's pretrain_epochs is not blamed for a bad --epochs, "demo epochs")
+        # the file's pretrain_epochs is not blamed for a bad --epochs, "demo epochs"). Other
+        # errors (an unavailable device) count only where they start with the demo field
         text = str(exc)
-        named = any(re.search(rf"(?<!\w){re.escape(str(k))}\b", text) for k in from_file) or \
-            any(re.search(rf"PretrainConfig\.{re.escape(str(k).removeprefix('pretrain_'))}\b",
-                          text) for k in from_file if str(k).startswith("pretrain_"))
+        if isinstance(exc, (ConfigError, UnknownNameError)):
+            named = any(re.search(rf"(?<!\w){re.escape(str(k))}\b", text)
+                        for k in from_file) or \
+                any(re.search(rf"PretrainConfig\.{re.escape(str(k).removeprefix('pretrain_'))}"
+                              r"\b", text) for k in from_file if str(k).startswith("pretrain_"))
+        else:
+            named = any(text.startswith(f"demo {k}:") for k in from_file)
         if not (args.config and named):
             raise
         raise type(exc)(f"{exc} (in --config {args.config})") from None
@@ -1642,7 +1647,8 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
                                ("sim_", ("SimConfig.", "CrossbarSpec."))):
             if name.startswith(prefix) and any(o in message for o in owners) and \
                     says(name.removeprefix(prefix)):
-                return f"{flag}: {message}"
+                # the flag says what "demo pretrain_mixup: " said for a --config file
+                return f"{flag}: {message.removeprefix(f'demo {name}: ')}"
     return message
 
 

@@ -14,9 +14,10 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -157,6 +158,12 @@ class DemoConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown demo precision {self.precision!r}; choose one of: "
                               f"{', '.join(PRECISIONS)}")
+        for f, field_ in (("pretrain_augment", "augment"), ("pretrain_mixup", "mixup"),
+                          ("pretrain_precision", "precision")):
+            try:  # checked as the recipe checks it, but named by the demo's field
+                PretrainConfig(**{field_: getattr(self, f)})
+            except ConfigError as exc:
+                raise ConfigError(f"demo {f}: {exc}") from None
         for f in ("seed", "pretrain_seed"):
             v = getattr(self, f)
             if v is not None or f == "seed":
@@ -261,6 +268,19 @@ def _check_subsets(cfg: DemoConfig, base: Any, tasks: list[Any], log=print) -> N
         log(f"note: {'; '.join(over)}")
 
 
+T = TypeVar("T")
+
+
+def _field(name: str, check: Callable[..., T], *args: Any) -> T:
+    """``check(*args)``, its error naming the demo field the value came from (``cmd_demo`` then
+    adds the ``--config`` file that set it): "unknown method 'nope'" alone did not say where
+    the name was written."""
+    try:
+        return check(*args)
+    except XbmError as exc:
+        raise type(exc)(f"demo {name}: {exc}") from None
+
+
 def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=print
              ) -> dict[str, Any]:
     """Run the main job and write ``out_dir/results.json``; returns the results object."""
@@ -269,9 +289,13 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     # fail fast on unknown names, bad method configs and an unwritable output, before minutes
     # of training
     check_output(out_dir, "dir", "--out")
-    _check_results_file(Path(out_dir).expanduser() / "results.json")
+    results_path = Path(out_dir).expanduser() / "results.json"
+    _check_results_file(results_path)
+    if results_path.exists() and xdist.is_main():
+        log(f"note: {results_path} holds an earlier run's results; this run replaces them when "
+            "it ends (another --out keeps both)")
     for m in cfg.methods:
-        get_method_class(m)
+        _field("methods", get_method_class, m)
     if not isinstance(cfg.method_configs, dict):
         raise ConfigError("demo config method_configs must map method names to their fields, "
                           f"e.g. {{xbm: {{lr: 1e-3}}}}; got {cfg.method_configs!r}")
@@ -292,10 +316,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
             f"method_configs for {', '.join(idle)} set but not used: the demo runs "
             f"{', '.join(cfg.methods)}; add {'them' if len(idle) > 1 else 'it'} to methods "
             "(--methods) to run with those fields", XbmWarning, stacklevel=user_stacklevel())
-    bench = get_benchmark(cfg.benchmark)
-    model_defaults(cfg.model)  # an unknown model name, before the datasets and pretraining
+    bench = _field("benchmark", get_benchmark, cfg.benchmark)
+    _field("model", model_defaults, cfg.model)  # before the datasets and pretraining
     spec = cfg.spec()
-    device = resolve_device(cfg.device)
+    device = _field("device", resolve_device, cfg.device)
     cuda_graph = resolve_cuda_graph(cfg.cuda_graph, device)  # what runs (torchrun: eager)
     t_start = time.perf_counter()
     pcfg = cfg.pretrain_config(device, bench.base)
@@ -390,7 +414,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     results = {
         "schema": RESULTS_SCHEMA,
         # width, precision and crossbar geometry as resolved (None meant "the default")
-        "config": dataclasses.asdict(cfg) | {"width": pcfg.width,
+        "config": dataclasses.asdict(cfg) | {"device": str(device), "width": pcfg.width,
                                              "pretrain_precision": pcfg.precision,
                                              "precision": precision,
                                              "cuda_graph": cuda_graph,
