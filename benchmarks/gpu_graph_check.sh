@@ -37,7 +37,7 @@ PYEOF
 }
 
 say "env: $($PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '-')")"
-$PY -c "from xbm.data import load_dataset; load_dataset('letters', root='$DATA')" >>"$LOG" 2>&1
+$PY -c "import sys; from xbm.data import load_dataset; load_dataset('letters', root=sys.argv[1])" "$DATA" >>"$LOG" 2>&1
 
 say "1. tests/test_cuda_graph.py on $DEV"
 timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py >"$WORK/pytest_graph.log" 2>&1

@@ -41,7 +41,7 @@ VARIANTS=(
 )
 
 say "env: $($PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else '-')")"
-$PY -c "from xbm.data import load_dataset; load_dataset('letters', root='$DATA')" >>"$LOG" 2>&1
+$PY -c "import sys; from xbm.data import load_dataset; load_dataset('letters', root=sys.argv[1])" "$DATA" >>"$LOG" 2>&1
 
 say "1. defaults: Piggyback, XBM, XMA, seeds 0 1 2 at once"
 pids=()

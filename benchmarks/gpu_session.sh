@@ -42,7 +42,7 @@ torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() el
 cat "$WORK/env.txt" >>"$LOG"
 
 say "letters (rendered once, before the concurrent demos read them)"
-$PY -c "from xbm.data import load_dataset; load_dataset('letters', root='$DATA')" >>"$LOG" 2>&1
+$PY -c "import sys; from xbm.data import load_dataset; load_dataset('letters', root=sys.argv[1])" "$DATA" >>"$LOG" 2>&1
 
 say "0. smoke: a tiny demo of every method on $DEV (stops the session early if it fails)"
 printf 'pretrain_subset: 512\ntrain_subset: 64\ntest_subset: 64\nwidth: 8\n' >"$WORK/smoke.yaml"
