@@ -214,6 +214,15 @@ def test_a_single_level_learns_only_the_head_and_norms():
     assert mtm.mask_bits("one") == 0
     for _, _, st in mtm.layer_states("one"):
         assert torch.all(st.score == XMAConfig().score_init)  # untouched by the optimizer
+    # XMA2 likewise: its re-programmed PEs' weights learn, its scores reach no output
+    _train(mtm, "two", "xma2", {"levels": [1], "pe_budget": 0.25, "warmup_steps": 1},
+           epochs=1)
+    method = mtm.methods["two"]
+    picked = sum(int(sel[1].sum()) for sel in (method._selection(layer, st)
+                                               for _, layer, st in mtm.layer_states("two"))
+                 if sel is not None)
+    assert picked > 0
+    assert mtm.trainable_params("two") == mtm.trainable_params("lp") + picked
 
 
 # -- XMA2: geometry and budget 0 -------------------------------------------------------------

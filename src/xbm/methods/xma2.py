@@ -538,9 +538,12 @@ class XMA2(XMA):
         storage): a selected PE's columns run at scale 1, so their scores learn nothing, and
         ``mask_bits`` leaves them out too."""
         selection = self._selection(layer, state)
+        # a single level (levels=[1]) leaves every score dead, as in XMA: they still step (the
+        # warm-up counts optimizer steps on them) but learn nothing the output sees
+        scores = state.score.numel() if len(self.config.levels) > 1 else 0
         if selection is None:
-            return state.score.numel()
-        return state.score.numel() - int(selection[0].sum()) + int(selection[1].sum())
+            return scores
+        return (scores - int(selection[0].sum()) if scores else 0) + int(selection[1].sum())
 
     def selected_pes(self, layer: nn.Module, state: nn.Module) -> int:
         """PEs this task re-programs in the layer (spare PEs used, when ``spare_pes``)."""
@@ -632,7 +635,7 @@ class XMA2(XMA):
         scores = [p for p in state_params if id(p) not in weights]
         wts = [p for p in state_params if id(p) in weights]
         groups = []
-        if scores:
+        if scores:  # with one level too: their optimizer steps are how the warm-up counts
             groups.append({"params": scores, "lr": self.config.lr})
         if wts:
             groups.append({"params": wts, "lr": self.config.weight_lr})
