@@ -391,11 +391,6 @@ def main(argv: list[str] | None = None) -> int:
             args.train_subset, args.test_subset, seed=args.seed) for n in names]
     except XbmError as exc:
         p.error(str(exc))
-    short = [t.name for t in tasks if len(t.train_y) < args.batch_size]
-    if short:  # every step takes a full batch: no step at all, found after the pretraining
-        p.error(f"task(s) {', '.join(short)} have fewer training images than one batch "
-                f"(--batch-size {args.batch_size}); pass a larger --train-subset or a smaller "
-                "--batch-size")
     args.precision = d.precision_for(device)  # resolved, so run() and the resume key agree
     args.pretrain_precision = pcfg.precision  # resolved too (auto is bf16 or fp32 by CPU)
     backbone, bmeta, bpath = get_backbone(pcfg, device, root=args.data_root, progress=False)

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         from xbm.train.loop import resolve_device
 
         model_defaults(args.model)  # an unknown name: one line, not a traceback
-        resolve_device(args.device)  # "bogus", or cuda where there is none
+        dev = resolve_device(args.device)  # "bogus", or cuda where there is none; auto
     except XbmError as exc:
         ap.error(str(exc))
     torch.set_num_threads(args.threads)
@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         if not {"xbm", "xma"} & set(methods):  # it added nothing, silently
             ap.error("--fast-path times xbm's and xma's fast path: add xbm or xma to --methods")
         methods += [f"{m}+fast" for m in ("xbm", "xma") if m in methods]
-    dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.cuda_graph:
         if not cuda:

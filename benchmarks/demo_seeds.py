@@ -102,6 +102,17 @@ def kept_run_mismatch(res: dict[str, Any], cfg: Any) -> list[str]:
     return diff
 
 
+def _same(field: str, a: Any, b: Any) -> bool:
+    """Two results' values of a config field as the same run. The device by its type: results
+    before session 30 record it as given (``auto``), later ones resolved (``cpu``, ``cuda``;
+    ``cuda:0`` under torchrun)."""
+    if field == "device":
+        if a in (None, "auto") or b in (None, "auto"):
+            return True
+        return str(a).split(":")[0] == str(b).split(":")[0]
+    return a == b
+
+
 def summarize(results: list[dict[str, Any]], ref: str = "piggyback", within: float = 2.0
               ) -> dict[str, Any]:
     """Per seed each method's mean new-task accuracy and its gap to ``ref``; the gaps' mean,
@@ -117,7 +128,7 @@ def summarize(results: list[dict[str, Any]], ref: str = "piggyback", within: flo
     for r in results[1:]:
         # a field only one side has is newer than the other results.json, not a difference
         diff = sorted(k for k in set(first) & set(r["config"])
-                      if k not in VARYING and first[k] != r["config"][k])
+                      if k not in VARYING and not _same(k, first[k], r["config"][k]))
         if diff:
             raise XbmError(f"{r['_path']} differs from {results[0]['_path']} in "
                            f"{', '.join(diff)}; summarize runs that differ only in the seed")

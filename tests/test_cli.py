@@ -966,6 +966,20 @@ def test_a_bundle_from_python_records_the_backbone_it_was_loaded_from(tmp_path, 
     assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--no-progress",
                  "--device", "cpu"]) == 0  # its backbone found at the recorded file
     capsys.readouterr()
+    # the backbone moved: a model loaded from the new place keeps it when it takes in the
+    # bundle's tasks (the bundle's old path is gone), and saves it
+    import shutil
+
+    (tmp_path / "moved").mkdir()
+    shutil.move(bb, tmp_path / "moved" / "bb.safetensors")
+    again = MultiTaskModel(xbm.load_backbone(tmp_path / "moved" / "bb.safetensors")[0],
+                           CrossbarSpec(rows=16, cols=16))
+    again.load_bundle(tmp_path / "b.safetensors")
+    again.save_bundle(tmp_path / "b.safetensors")
+    assert main(["eval", "--bundle", str(tmp_path / "b.safetensors"), "--no-progress",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    bb = tmp_path / "moved" / "bb.safetensors"
     # weights changed after loading: the file is not this backbone's, so it is not recorded
     # (eval said "the file it was learned from ... now holds another backbone"); a head of
     # another class count makes the file's architecture stale too
@@ -2829,9 +2843,22 @@ def test_a_demo_config_name_error_names_the_field_and_the_file(tmp_path, capsys,
     assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "d")]) == 2
     err = _one_line_error(capsys)
     assert said in err and err.endswith(f"(in --config {cfg})")
+    if "unknown" in said and "augmentation" not in said and "precision" not in said:
+        assert "; one of your own: pass --plugin MODULE" in err  # the registries' hint stays
 
 
-def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys):
+def test_a_demo_flags_name_error_names_the_flag(tmp_path, capsys):
+    """Typed as a flag, the demo field's name gives way to the flag's."""
+    out = str(tmp_path / "d")
+    assert main(["demo", "--device", "gpu", "--out", out]) == 2
+    assert _one_line_error(capsys).startswith("xbm: error: --device: invalid device 'gpu'")
+    assert main(["demo", "--methods", "xbm,nope", "--out", out]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("xbm: error: --methods: unknown method 'nope'")
+    assert err.endswith("; one of your own: pass --plugin MODULE, the module that registers it")
+
+
+def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys, monkeypatch):
     """results.json is written through a symbolic link: a link to a bundle was overwritten with
     the results (exit 0); a folder there failed only after the whole run."""
     import os
@@ -2854,9 +2881,19 @@ def test_demo_refuses_a_results_file_it_would_clobber(tmp_path, capsys):
     assert main(argv) == 2
     assert "exists and is not an xbm demo results file" in _one_line_error(capsys)
     assert (out / "results.json").read_text() == "notes of mine"
-    # an earlier run's results are replaced, as they always were, but not unsaid
+    # an earlier run's results are replaced, as they always were, but not unsaid; and not by
+    # a run that refuses its arguments
     (out / "results.json").write_text('{"runs": []}')
-    assert main([*argv, "--methods", "nope"]) == 2  # stops right after the note
+    assert main([*argv, "--methods", "nope"]) == 2
+    assert "holds an earlier run's results" not in capsys.readouterr().out
+    import xbm.data
+    from xbm.errors import XbmError
+
+    def stop(*a, **k):
+        raise XbmError("stopped at the datasets")
+
+    monkeypatch.setattr(xbm.data, "load_dataset", stop)
+    assert main(argv) == 2  # stops right after the note
     assert "holds an earlier run's results; this run replaces them when it ends" in \
         capsys.readouterr().out
 

@@ -1567,7 +1567,8 @@ def main(argv: list[str] | None = None) -> int:
     except XbmError as exc:
         msg = _name_the_flag(str(exc), argv)
         if isinstance(exc, UnknownNameError) and re.match(
-                r"unknown (method|dataset|model|energy preset|crossbar preset|benchmark) ", msg):
+                r"(?:demo \w+: |--[\w-]+: )?unknown (method|dataset|model|energy preset|"
+                r"crossbar preset|benchmark) ", msg):
             hint = ("; check the spelling, or that your plugin registers it" if _PLUGINS_LOADED
                     else "; one of your own: pass --plugin MODULE, the module that registers it")
             at = re.search(r" \(in --config [^)]*\)$", msg)  # stays last: where it came from
@@ -1629,6 +1630,9 @@ def _name_the_flag(message: str, argv: list[str]) -> str:
     if message.startswith("--"):
         return message
     flags = [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
+    field = re.match(r"demo (\w+): ", message)  # the demo's field, typed as its flag
+    if field and f"--{field[1].replace('_', '-')}" in flags:
+        return f"--{field[1].replace('_', '-')}: {message[field.end():]}"
 
     def says(field: str) -> bool:
         # "rows must be ..." or a comparison, "dac_bits (9) exceeds input_bits (8)"; one

@@ -359,6 +359,9 @@ class MultiTaskModel(nn.Module):
 
     #: True while :meth:`load_bundle` adds a bundle's tasks (their names keep the old rule).
     _loading_bundle = False
+    #: defaults for a model pickled before these attributes existed (see ``__init__``)
+    _from_source: set[str] = frozenset()  # type: ignore[assignment]
+    _source_hash: str | None = None
 
     def __init__(self, backbone: nn.Module, spec: CrossbarSpec | str,
                  filter_fn: FilterFn | None = None, head_name: str | None = None,
@@ -916,15 +919,12 @@ class MultiTaskModel(nn.Module):
             for p, f in zip(had, flags, strict=True):
                 p.requires_grad_(f)
             self.set_task(active)
-        # kept when saved again; a bundle's own beat what load_backbone's file said by default
-        if (self.backbone_recipe is None or "backbone_recipe" in self._from_source) and \
-                isinstance(meta.get("backbone_recipe"), dict):
+        # kept when saved again (the file this model's backbone was loaded from stays: it is
+        # where the backbone is now; a cache entry is never recorded, see load_backbone)
+        if self.backbone_recipe is None and isinstance(meta.get("backbone_recipe"), dict):
             self.backbone_recipe = dict(meta["backbone_recipe"])
-            self._from_source.discard("backbone_recipe")
-        if (self.backbone_file is None or "backbone_file" in self._from_source) and \
-                isinstance(meta.get("backbone_file"), str):
+        if self.backbone_file is None and isinstance(meta.get("backbone_file"), str):
             self.backbone_file = meta["backbone_file"]
-            self._from_source.discard("backbone_file")
         return added
 
     def _stale_source(self, backbone_hash: str) -> set[str]:

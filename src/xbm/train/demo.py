@@ -291,9 +291,6 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
     check_output(out_dir, "dir", "--out")
     results_path = Path(out_dir).expanduser() / "results.json"
     _check_results_file(results_path)
-    if results_path.exists() and xdist.is_main():
-        log(f"note: {results_path} holds an earlier run's results; this run replaces them when "
-            "it ends (another --out keeps both)")
     for m in cfg.methods:
         _field("methods", get_method_class, m)
     if not isinstance(cfg.method_configs, dict):
@@ -332,9 +329,14 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, progress: bool = True, log=pr
         note = fp32_time_note(cfg, device, precision)
         if note:
             log(note)
+        if results_path.exists():  # after every check: a run that refuses replaces nothing
+            log(f"note: {results_path} holds an earlier run's results; this run replaces them "
+                "when it ends (another --out keeps both)")
     # every dataset first: a missing one or an oversized subset fails before the pretraining
     base_full = load_dataset(bench.base, root=cfg.data_root)
     full = [load_dataset(name, root=cfg.data_root) for name in bench.tasks]
+    for d in (base_full, *full):  # a colour folder of a registered benchmark, read as grey
+        d.say_if_colour_was_dropped()
     _check_subsets(cfg, base_full, full, log)
     base_data = base_full.subset(None, cfg.test_subset, seed=cfg.seed)
     del base_full

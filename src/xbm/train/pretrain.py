@@ -471,7 +471,7 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     # backbone); the bundle's content hash still decides whether a file is the right one
     # (a cache entry is not recorded as a file: commands find it by its hash anyway)
     file = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    in_cache = file.parent == (cache_dir() / "backbones").absolute()
+    in_cache = file.resolve().parent == (cache_dir() / "backbones").resolve()
     model._xbm_source = {"arch": dict(meta["arch"]), "recipe": meta.get("config"),
                          "file": None if in_cache else str(file),
                          "hash": meta.get("content_hash")}
