@@ -626,12 +626,11 @@ def backbone_default_side(bmeta: dict[str, Any]) -> int:
 def _family_side(arch: dict[str, Any] | None) -> int:
     """The side a backbone that records none is fed at: its family's usual one (224 for a model
     that defaults to 3 channels, an ImageNet layout; else 28), which ``xbm cost`` assumes too."""
-    from xbm.errors import XbmError as _Err
     from xbm.hardware.cost import default_input_size
 
     try:
         return default_input_size(arch["name"]) if arch and arch.get("name") else 28
-    except _Err:  # a model no longer registered: the file's own error comes later
+    except XbmError:  # a model no longer registered: the file's own error comes later
         return 28
 
 
