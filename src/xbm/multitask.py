@@ -373,19 +373,18 @@ class MultiTaskModel(nn.Module):
         source = getattr(backbone, "_xbm_source", None)
         #: which of arch/backbone_recipe/backbone_file came from load_backbone's file rather
         #: than the caller; they describe that file's weights (its hash below), so a bundle of
-        #: other weights does not record them (save_bundle), and a bundle's own win (load_bundle)
+        #: other weights does not record them (save_bundle)
         self._from_source: set[str] = set()
         self._source_hash = source.get("hash") if isinstance(source, dict) else None
         if isinstance(source, dict):  # xbm.load_backbone's model: what its file records
-            for what, given, found in (("arch", arch, source.get("arch")),
-                                       ("backbone_recipe", backbone_recipe, source.get("recipe")),
-                                       ("backbone_file", backbone_file, source.get("file"))):
-                if given is None and found:
-                    self._from_source.add(what)
-            arch = source.get("arch") if arch is None else arch
-            backbone_recipe = source.get("recipe") if backbone_recipe is None else \
-                backbone_recipe
-            backbone_file = source.get("file") if backbone_file is None else backbone_file
+            given = {"arch": arch, "backbone_recipe": backbone_recipe,
+                     "backbone_file": backbone_file}
+            found = {"arch": source.get("arch"), "backbone_recipe": source.get("recipe"),
+                     "backbone_file": source.get("file")}
+            self._from_source = {k for k, v in found.items() if given[k] is None and v}
+            arch, backbone_recipe, backbone_file = (
+                found[k] if given[k] is None else given[k]
+                for k in ("arch", "backbone_recipe", "backbone_file"))
         head_name = resolve_head_name(backbone, head_name)
         self.spec = _as_spec(spec)
         self.arch = dict(arch or {})

@@ -511,15 +511,14 @@ def import_backbone(model: str, checkpoint: str | os.PathLike | Mapping[str, tor
         raise XbmError(f"--accuracy must be a top-1 percentage in [0, 100], got {accuracy!r}")
     from xbm.models.registry import check_input_side, check_side_range
 
-    if image_size is not None:
+    if image_size is not None:  # before the checkpoint is read
         if isinstance(image_size, bool) or not isinstance(image_size, int):
             raise XbmError(f"--image-size must be an integer, got {image_size!r}")
         check_side_range(image_size, "--image-size")
-    net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
-    load_torchvision_state_dict(net, checkpoint)
-    if image_size is not None:
         check_input_side(model, image_size, in_channels=arch["in_channels"] or 1,
                          width=arch["width"])
+    net = create_model(model, **{k: v for k, v in arch.items() if k != "name" and v is not None})
+    load_torchvision_state_dict(net, checkpoint)
     state = net.state_dict()
     source = "the state dict" if isinstance(checkpoint, Mapping) else \
         os.path.abspath(os.fspath(checkpoint))
